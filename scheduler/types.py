@@ -1,0 +1,156 @@
+"""The scheduler's shared vocabulary: models, requests, devices, execution plans, stages.
+
+Pure data, no I/O. The runtime builds these from the config and the observed state; the simulator
+(`scheduler.simulator`), the latency model (`scheduler.latency`) and the planner (`scheduler.planner`)
+consume them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BLOCK_SIZE = 16  # vLLM's default KV block size (tokens per block)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model as the planner sees it: public architecture facts plus its engine limits."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int = 2
+    max_model_len: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_experts: int = 1  # MoE: experts per layer (1 = dense)
+    experts_per_token: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def param_count(self) -> int:
+        """Weights (embeddings + LM head untied + attention + gated MLP per expert)."""
+        h, kv = self.hidden_size, self.kv_dim
+        attn = h * h * 2 + h * kv * 2  # q, o, k, v
+        mlp = 3 * h * self.intermediate_size * self.num_experts
+        return self.num_layers * (attn + mlp) + 2 * self.vocab_size * h
+
+    @property
+    def active_param_count(self) -> int:
+        """Weights touched per token (MoE activates `experts_per_token` experts)."""
+        h, kv = self.hidden_size, self.kv_dim
+        attn = h * h * 2 + h * kv * 2
+        mlp = 3 * h * self.intermediate_size * self.experts_per_token
+        return self.num_layers * (attn + mlp) + 2 * self.vocab_size * h
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.param_count * self.dtype_bytes
+
+    @property
+    def flops_per_token(self) -> float:
+        """Dense linear-layer FLOPs of one token (2 per active weight): the planner's unit of work."""
+        return 2.0 * self.active_param_count
+
+    def kv_bytes_per_token(self, tp: int = 1) -> int:
+        """KV bytes one token occupies on one TP rank; KV heads are replicated when tp > kv heads."""
+        heads = max(1, self.num_kv_heads // tp)
+        return 2 * self.num_layers * heads * self.head_dim * self.dtype_bytes
+
+    def valid_tp(self, tp: int) -> bool:
+        return tp >= 1 and self.num_heads % tp == 0 and (
+            self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0
+        )
+
+
+@dataclass
+class SimRequest:
+    """A request as the simulator sees it. `output_len` is the total output target (sampled or known);
+    `generated` tokens already exist (a restarted engine re-prefills prompt + generated)."""
+
+    rid: int
+    prompt_len: int
+    output_len: int
+    generated: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.output_len - self.generated)
+
+
+@dataclass(frozen=True)
+class DevicePool:
+    """The devices a plan may use. On CPU a device is a core; on GPUs a GPU."""
+
+    kind: str  # "cpu" | "cuda" | a named GPU kind ("a100", "h100")
+    ids: tuple[int, ...]
+    memory_bytes: int  # per device (GPU memory; on CPU the KV space given to one engine)
+    groups: tuple[tuple[int, ...], ...] = ()  # fully connected groups; empty = one group of all
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def topology_groups(self) -> tuple[tuple[int, ...], ...]:
+        return self.groups or (tuple(self.ids),)
+
+    @property
+    def signature(self) -> str:
+        """Key for latency profiles: the device kind (profiles are per device kind, not per id)."""
+        return self.kind
+
+
+@dataclass(frozen=True)
+class ExecPlan:
+    """How one model runs in a stage: TP degree × DP replicas on concrete devices.
+    `devices` holds tp*dp ids, replica r on devices[r*tp:(r+1)*tp]."""
+
+    model: str
+    tp: int
+    dp: int
+    devices: tuple[int, ...] = ()
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp * self.dp
+
+    def replicas(self) -> list[tuple[int, ...]]:
+        return [self.devices[r * self.tp:(r + 1) * self.tp] for r in range(self.dp)]
+
+    def same_shape(self, other: "ExecPlan | None") -> bool:
+        return other is not None and (self.model, self.tp, self.dp, self.devices) == (
+            other.model, other.tp, other.dp, other.devices)
+
+
+@dataclass
+class Stage:
+    """Models running concurrently on disjoint devices. A stage ends when its first model finishes."""
+
+    plans: list[ExecPlan]
+    start_s: float
+    end_s: float
+    finished: list[str] = field(default_factory=list)  # models that finish at end_s
+    # predicted finish time of each model if it ran alone on this plan (for Gantt and diagnostics)
+    predicted_finish_s: dict[str, float] = field(default_factory=dict)
+    restarts: list[str] = field(default_factory=list)  # models (re)started at start_s
+
+
+@dataclass
+class Schedule:
+    """A complete plan: stages in order; `makespan_s` is the predicted end of the last stage."""
+
+    strategy: str
+    stages: list[Stage]
+    makespan_s: float
+    planning_time_s: float = 0.0
