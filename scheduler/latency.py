@@ -1,0 +1,175 @@
+"""Per-iteration latency of one engine replica, and how it is fitted.
+
+One forward pass ("iteration") of a vLLM engine costs, for a (model, TP degree, device kind):
+
+    T = c0 + c1·tokens + c2·Σ prefill attention work + c3·Σ decode context + c4·batch
+        + allreduce_s_per_token·tokens + allreduce_fixed_s
+
+- `tokens`: tokens scheduled in the iteration (prefill chunks + one per decode); the GEMMs.
+- prefill attention work of one chunk = `chunk · (ctx_before + chunk/2)`: the query×key pairs of a
+  causal chunk appended after `ctx_before` cached tokens (quadratic in the chunk).
+- decode context: Σ over decoding requests of the tokens each attends to (memory-bound KV reads).
+- batch: requests in the iteration (sampling, per-sequence bookkeeping).
+
+The coefficients are fitted with non-negative least squares from measured iterations
+(`fit_latency_model`, fed by the runtime's profiler) or composed from GPU operator timings
+(`scheduler.gpu_profiles`); `analytic_latency_model` is the roofline fallback when nothing was measured.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import nnls
+
+from scheduler.types import ModelSpec
+
+
+def prefill_attn_work(chunk: int, ctx_before: int) -> float:
+    """Causal attention pairs of a prefill chunk of `chunk` tokens after `ctx_before` cached tokens."""
+    return chunk * (ctx_before + chunk / 2.0)
+
+
+@dataclass(frozen=True)
+class IterationSample:
+    """One measured iteration: its features and its wall time in seconds."""
+
+    num_tokens: int
+    prefill_attn_work: float
+    decode_ctx_sum: int
+    batch_size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Linear per-iteration latency model (seconds); see the module docstring for the features.
+    `load_time_s` is the engine start time (weights + warm-up), used by the planner, not per iteration."""
+
+    c0: float
+    c1: float
+    c2: float
+    c3: float
+    c4: float
+    allreduce_s_per_token: float = 0.0
+    allreduce_fixed_s: float = 0.0
+    load_time_s: float = 0.0
+
+    def iteration_time(self, num_tokens: int, prefill_attn_work: float, decode_ctx_sum: float,
+                       batch_size: int) -> float:
+        return (self.c0 + self.allreduce_fixed_s
+                + (self.c1 + self.allreduce_s_per_token) * num_tokens
+                + self.c2 * prefill_attn_work + self.c3 * decode_ctx_sum + self.c4 * batch_size)
+
+    def with_load_time(self, load_time_s: float) -> "LatencyModel":
+        return LatencyModel(**{**asdict(self), "load_time_s": float(load_time_s)})
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LatencyModel":
+        return cls(**{k: float(d[k]) for k in ("c0", "c1", "c2", "c3", "c4")},
+                   allreduce_s_per_token=float(d.get("allreduce_s_per_token", 0.0)),
+                   allreduce_fixed_s=float(d.get("allreduce_fixed_s", 0.0)),
+                   load_time_s=float(d.get("load_time_s", 0.0)))
+
+
+def _features(samples: Sequence[IterationSample]) -> np.ndarray:
+    return np.array([[1.0, s.num_tokens, s.prefill_attn_work, s.decode_ctx_sum, s.batch_size]
+                     for s in samples], dtype=float)
+
+
+def fit_latency_model(samples: Sequence[IterationSample], load_time_s: float = 0.0) -> LatencyModel:
+    """Non-negative least squares fit of c0..c4 to measured iterations.
+
+    Each row is weighted by 1/seconds so the fit minimises *relative* error: short decode steps and
+    long prefills count alike (an absolute fit would let a few long prefills dominate). Features are
+    scaled to unit norm before NNLS so the solver is well conditioned across their very different
+    magnitudes. All-reduce is not separated here: on a measured profile it is part of c0/c1.
+    """
+    if len(samples) < 5:
+        raise ValueError(f"need at least 5 samples to fit 5 coefficients, got {len(samples)}")
+    x = _features(samples)
+    y = np.array([s.seconds for s in samples], dtype=float)
+    if np.any(y <= 0):
+        raise ValueError("sample times must be positive")
+    w = 1.0 / y
+    xw, yw = x * w[:, None], y * w
+    scale = np.linalg.norm(xw, axis=0)
+    scale[scale == 0] = 1.0  # a feature never exercised gets coefficient 0
+    coef, _ = nnls(xw / scale, yw)
+    coef = coef / scale
+    return LatencyModel(*(float(c) for c in coef), load_time_s=float(load_time_s))
+
+
+def relative_errors(model: LatencyModel, samples: Sequence[IterationSample]) -> np.ndarray:
+    """Signed relative error (predicted − measured) / measured of each sample."""
+    pred = np.array([model.iteration_time(s.num_tokens, s.prefill_attn_work, s.decode_ctx_sum,
+                                          s.batch_size) for s in samples])
+    meas = np.array([s.seconds for s in samples])
+    return (pred - meas) / meas
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A latency model for one (model, TP degree, device signature), with free-form provenance
+    in `meta` (e.g. number of samples, fit error, engine version). JSON-able via to_dict."""
+
+    model: str
+    tp: int
+    device: str
+    latency: LatencyModel
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.model, self.tp, self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "tp": self.tp, "device": self.device,
+                "latency": self.latency.to_dict(), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Profile":
+        return cls(model=str(d["model"]), tp=int(d["tp"]), device=str(d["device"]),
+                   latency=LatencyModel.from_dict(d["latency"]), meta=dict(d.get("meta", {})))
+
+
+# Roofline constants for `analytic_latency_model`, per device (one CPU core / one GPU):
+# (sustained linear-layer FLOP/s, memory bandwidth B/s, fixed per-iteration overhead s,
+#  per-sequence overhead s). CPU: ~20 GFLOP/s fp32 GEMM and ~10 GB/s per core, several ms of
+# Python/scheduler work per step. GPUs: dense fp16 peak × ~50% achieved, published HBM bandwidth.
+DEVICE_ROOFLINE: dict[str, tuple[float, float, float, float]] = {
+    "cpu": (20e9, 10e9, 4e-3, 5e-5),
+    "a100": (312e12 * 0.5, 2.039e12, 4e-3, 2e-5),
+    "h100": (989e12 * 0.5, 3.35e12, 3e-3, 1.5e-5),
+}
+DEVICE_ROOFLINE["cuda"] = DEVICE_ROOFLINE["a100"]
+
+
+def analytic_latency_model(spec: ModelSpec, tp: int, device: str = "cpu") -> LatencyModel:
+    """Rough roofline model for a model nothing was measured for; measured profiles override it.
+
+    c0: reading every weight shard once per iteration (the decode floor) + fixed overhead;
+    c1: 2 FLOPs per active weight per token, split over TP ranks;
+    c2: QKᵀ and AV cost 4·hidden FLOPs per query×key pair per layer;
+    c3: reading one token's K and V per layer from memory;
+    c4: per-sequence overhead (sampling, bookkeeping).
+    TP adds per-layer all-reduces, modelled as moving hidden·dtype bytes twice per layer at memory speed.
+    """
+    flops, bw, fixed, per_seq = DEVICE_ROOFLINE.get(device, DEVICE_ROOFLINE["cpu"])
+    c0 = spec.weight_bytes / tp / bw + fixed
+    c1 = spec.flops_per_token / tp / flops
+    c2 = 4.0 * spec.hidden_size * spec.num_layers / tp / flops
+    c3 = spec.kv_bytes_per_token(tp) / bw
+    ar_tok = 0.0
+    ar_fixed = 0.0
+    if tp > 1:
+        ar_tok = 2 * spec.num_layers * spec.hidden_size * spec.dtype_bytes * 2 * (tp - 1) / tp / bw
+        ar_fixed = 2 * spec.num_layers * 2e-5
+    return LatencyModel(c0, c1, c2, c3, per_seq, allreduce_s_per_token=ar_tok,
+                        allreduce_fixed_s=ar_fixed)

