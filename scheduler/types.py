@@ -154,3 +154,6 @@ class Schedule:
     stages: list[Stage]
     makespan_s: float
     planning_time_s: float = 0.0
+    # where the stages came from: "search" or "baseline:<name>" (samullm keeps a baseline's schedule
+    # when the cost model predicts it faster); "" for the baselines themselves
+    origin: str = ""

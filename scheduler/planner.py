@@ -1,0 +1,149 @@
+"""The multi-LLM planner: `plan(problem, strategy) -> Schedule`.
+
+The runtime calls `plan` at every event (batch added, engine finished, request finished, engine
+died) with what is left to do and what is running; `samullm plan` calls it once per strategy.
+
+Strategies (same cost model, same `Schedule` format; see `scheduler.baselines` for the competitors):
+- `samullm`: the paper's greedy stage search (`scheduler.search`), improved in two ways:
+  (1) it explores: the best `explore` first-stage groups are each completed greedily and the schedule
+  with the smallest predicted makespan is kept (the paper's `max_group_seq_num`, applied at the
+  root, where a wrong choice costs most);
+  (2) it then also evaluates every baseline's schedule with the same cost model and returns the
+  cheapest of all. So `samullm` is never predicted worse than the best baseline *by construction*:
+  when a baseline wins, its stages are returned unchanged with `origin = "baseline:<name>"`; when the
+  search wins, `origin = "search"`. Benchmarks report which one it was, so a speed-up over a
+  baseline is never a hidden re-labelling of the search's own result.
+- `sequential`, `even-split`, `per-model-best`, `muxserve-greedy`: see `scheduler.baselines`.
+
+Determinism: the search has no randomness (ties break on shapes and model names); `seed` is carried
+for callers that sample output lengths (`scheduler.workloads`). Pure: the caller times the planning
+(`Schedule.planning_time_s` is left at 0 here, since `scheduler/` never reads a clock).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from scheduler.baselines import PerModelBest, even_split, muxserve_greedy, sequential
+from scheduler.estimator import Estimator, Workload
+from scheduler.latency import LatencyModel
+from scheduler.search import greedy_chooser, rank_groups
+from scheduler.stages import Context, InfeasibleError, PlanState, run_policy, run_stage
+from scheduler.placement import place
+from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest
+
+STRATEGIES = ("samullm", "sequential", "even-split", "per-model-best", "muxserve-greedy")
+BASELINES = STRATEGIES[1:]
+
+__all__ = ["PlanningProblem", "plan", "plan_all", "STRATEGIES", "BASELINES", "InfeasibleError",
+           "Planner"]
+
+
+@dataclass
+class PlanningProblem:
+    """Everything the planner needs; nothing in here is mutated.
+
+    models: every model that may appear in `work` (name -> spec).
+    work: remaining requests per model; `output_len` is the (sampled or known) target and
+        `generated` the tokens already produced (a restarted engine re-prefills them).
+    pool: the devices; TP groups stay inside `pool.topology_groups()`.
+    latency: (spec, tp) -> per-iteration latency model, whose `load_time_s` is the engine start cost.
+    kv_bytes_per_rank: (spec, tp) -> KV memory one rank of such an engine gets (≤ 0 or less than one
+        max-length sequence: the plan is infeasible, e.g. the weights do not fit).
+    running: engines up now (model -> plan with devices); a plan kept unchanged pays no load time.
+    top_k: candidate stage groups kept per model expansion (the paper's 20).
+    seed: carried for length sampling; the search itself is deterministic.
+    explore: first-stage groups completed into full schedules by `samullm` (1 = pure greedy).
+    compare_baselines: `samullm` also returns a baseline's schedule when it is predicted faster.
+    """
+
+    models: dict[str, ModelSpec]
+    work: dict[str, list[SimRequest]]
+    pool: DevicePool
+    latency: Callable[[ModelSpec, int], LatencyModel]
+    kv_bytes_per_rank: Callable[[ModelSpec, int], int]
+    running: dict[str, ExecPlan] = field(default_factory=dict)
+    top_k: int = 20
+    seed: int = 0
+    explore: int = 3
+    compare_baselines: bool = True
+
+
+class Planner:
+    """One problem, one estimator cache shared by every strategy asked of it."""
+
+    def __init__(self, problem: PlanningProblem) -> None:
+        self.problem = problem
+        self.est = Estimator(problem.models, problem.latency, problem.kv_bytes_per_rank)
+        # largest first: the paper's expansion order, and the baselines' priority
+        order = sorted(problem.models, key=lambda m: (-problem.models[m].param_count, m))
+        self.ctx = Context(self.est, problem.pool, order)
+        self._done: dict[str, Schedule] = {}
+
+    def initial_state(self) -> PlanState:
+        work = {m: Workload.of(reqs) for m, reqs in sorted(self.problem.work.items())}
+        work = {m: w for m, w in work.items() if len(w)}
+        unknown = sorted(set(work) - set(self.problem.models))
+        if unknown:
+            raise KeyError(f"work for unknown model(s): {', '.join(unknown)}")
+        for m in work:
+            self.ctx.shapes(m)  # raises InfeasibleError early, naming the model
+        running = {m: p for m, p in self.problem.running.items() if m in work}
+        return PlanState(0.0, work, running, {})
+
+    def plan(self, strategy: str = "samullm") -> Schedule:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+        if strategy not in self._done:
+            self._done[strategy] = self._plan(strategy)
+        return self._done[strategy]
+
+    def _plan(self, strategy: str) -> Schedule:
+        state = self.initial_state()
+        if strategy == "sequential":
+            return run_policy(self.ctx, state, sequential, strategy)
+        if strategy == "even-split":
+            return run_policy(self.ctx, state, even_split, strategy)
+        if strategy == "per-model-best":
+            return run_policy(self.ctx, state, PerModelBest(), strategy)
+        if strategy == "muxserve-greedy":
+            return run_policy(self.ctx, state, muxserve_greedy, strategy)
+        best = self._search(state)
+        if self.problem.compare_baselines:
+            for name in BASELINES:
+                other = self.plan(name)
+                if other.makespan_s < best.makespan_s * (1 - 1e-9):
+                    best = Schedule("samullm", other.stages, other.makespan_s, origin=f"baseline:{name}")
+        return best
+
+    def _search(self, state: PlanState) -> Schedule:
+        """Greedy search with exploration of the top `explore` first stages."""
+        choose = greedy_chooser(self.problem.top_k)
+        if not state.work:
+            return Schedule("samullm", [], 0.0, origin="search")
+        best: Schedule | None = None
+        for group in rank_groups(self.ctx, state, self.problem.top_k)[:max(1, self.problem.explore)]:
+            plans = place(group.shapes, self.ctx.pool, state.running)
+            if plans is None:
+                continue
+            first, after = run_stage(self.ctx, state, plans)
+            rest = run_policy(self.ctx, after, choose, "samullm")
+            cand = Schedule("samullm", [first] + rest.stages, rest.makespan_s, origin="search")
+            if best is None or cand.makespan_s < best.makespan_s * (1 - 1e-9):
+                best = cand
+        if best is None:
+            raise InfeasibleError("samullm: no placeable first stage")
+        return best
+
+
+def plan(problem: PlanningProblem, strategy: str = "samullm") -> Schedule:
+    """Plan `problem` with `strategy` (one of STRATEGIES). Raises InfeasibleError if some model with
+    work fits no plan on the pool, ValueError for an unknown strategy."""
+    return Planner(problem).plan(strategy)
+
+
+def plan_all(problem: PlanningProblem, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, Schedule]:
+    """Several strategies on one problem, sharing the simulation cache."""
+    planner = Planner(problem)
+    return {s: planner.plan(s) for s in strategies}

@@ -1,0 +1,107 @@
+"""The SamuLLM greedy stage search (PAPER.md §3), as a chooser that ranks candidate stage groups.
+
+At each stage, for the state at hand:
+1. per unfinished model, per device count, the fastest plan (TP × DP) by simulated time, including
+   the load time if the plan differs from the engine running now (`Context.best_per_count`);
+2. groups (one option per model, or the model left out) are built model by model, largest first,
+   keeping the `top_k` best partial groups by throughput after each model;
+3. throughput = useful FLOPs of the requests finished by the stage end (the group's earliest model
+   finish) / stage duration;
+4. complete groups that leave devices idle while a left-out model could still use them are dropped;
+   dominated groups (same shapes, or a subset of an all-device group with higher throughput) too;
+5. the survivors are returned best first; `greedy` recurses on the best (via `run_policy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.placement import Shape, place
+from scheduler.stages import Context, Option, PlanState
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Group:
+    options: tuple[Option, ...]
+    devices: int
+    stage_s: float  # earliest finish among the options (inf for the empty group)
+    throughput: float
+
+    @property
+    def shapes(self) -> list[Shape]:
+        return [o.shape for o in self.options]
+
+    @property
+    def models(self) -> frozenset[str]:
+        return frozenset(o.shape[0] for o in self.options)
+
+    def key(self) -> tuple:
+        """Best first: higher throughput, fewer devices, then a deterministic shape order."""
+        return (-self.throughput, self.devices, tuple(o.shape for o in self.options))
+
+
+def _group(options: tuple[Option, ...]) -> Group:
+    if not options:
+        return Group((), 0, float("inf"), 0.0)
+    stage = min(o.finish_s for o in options)
+    work = sum(o.work_by(stage) for o in options)
+    return Group(options, sum(o.devices for o in options), stage,
+                 work / stage if stage > 0 else float("inf"))
+
+
+def rank_groups(ctx: Context, state: PlanState, top_k: int = 20) -> list[Group]:
+    """Candidate stage groups for `state`, best first (never empty while work remains)."""
+    n = ctx.pool.count
+    todo = [m for m in ctx.order if m in state.work]
+    per_model = {m: ctx.best_per_count(state, m, n) for m in todo}
+    groups = [_group(())]
+    for m in todo:
+        grown = list(groups)  # leaving m out of the stage
+        for g in groups:
+            for opt in per_model[m]:
+                if g.devices + opt.devices <= n:
+                    grown.append(_group(g.options + (opt,)))
+        grown.sort(key=Group.key)
+        # the empty group ranks last (throughput 0): it survives only while fewer than top_k others
+        groups = grown[:top_k]
+    complete = [g for g in groups if g.options and _no_idle(g, todo, per_model, n)]
+    ranked = _prune(complete) or sorted((g for g in groups if g.options), key=Group.key)
+    placeable = [g for g in ranked if place(g.shapes, ctx.pool, state.running) is not None]
+    return placeable or ranked
+
+
+def _no_idle(g: Group, todo: list[str], per_model: dict[str, list[Option]], n: int) -> bool:
+    """False if some left-out model has an option fitting in the devices the group leaves idle."""
+    free = n - g.devices
+    if free == 0:
+        return True
+    used = g.models
+    return not any(o.devices <= free for m in todo if m not in used for o in per_model[m])
+
+
+def _prune(groups: list[Group]) -> list[Group]:
+    """Dominance: drop a group if another with the same shapes is better, or if a group that
+    extends it with more models has higher throughput (it reaches further with the same engines)."""
+    seen: dict[frozenset, Group] = {}
+    for g in sorted(groups, key=Group.key):
+        seen.setdefault(frozenset(g.shapes), g)
+    uniq = sorted(seen.values(), key=Group.key)
+    out = []
+    for g in uniq:
+        mine = set(g.shapes)
+        if any(h is not g and mine < set(h.shapes) and h.throughput > g.throughput + EPS
+               for h in uniq):
+            continue
+        out.append(g)
+    return out
+
+
+def greedy_chooser(top_k: int):
+    """The paper's greedy: always take the best-ranked group."""
+
+    def choose(ctx: Context, state: PlanState) -> list[Shape]:
+        return rank_groups(ctx, state, top_k)[0].shapes
+
+    return choose

@@ -1,0 +1,176 @@
+"""Stage mechanics shared by every strategy: the planning state, running one stage, per-model options.
+
+A strategy is a *chooser*: given the state (time, remaining work, engines up) it returns the shapes
+(model, tp, dp) to run next. `run_policy` places them on devices, runs the stage until its first
+model finishes (or until named models finish, when replaying a schedule), charges restarts and
+repeats until every model is done. All strategies thus share one cost model and one output format.
+
+Restart charging: an engine whose plan (tp, dp, devices) is unchanged keeps running and pays only
+what is left of its start-up; a new or changed plan pays the full load time, and its in-flight
+requests are re-prefilled with prompt + generated tokens (the simulator does that for generated > 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from scheduler.estimator import Estimator, PlanRun, Workload
+from scheduler.placement import Shape, max_replicas, place, tp_degrees
+from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
+
+EPS = 1e-9
+
+
+class InfeasibleError(ValueError):
+    """A model has no plan that fits the devices (memory, heads, topology)."""
+
+
+@dataclass
+class PlanState:
+    """Where a (partial) schedule stands: `work` holds unfinished models only."""
+
+    t: float
+    work: dict[str, Workload]
+    running: dict[str, ExecPlan] = field(default_factory=dict)
+    warmup: dict[str, float] = field(default_factory=dict)  # start-up time still owed by engines
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a model in the next stage, with its predicted cost from now."""
+
+    shape: Shape
+    warm_s: float  # load time charged before the engine serves (0 if kept and warm)
+    run: PlanRun
+
+    @property
+    def devices(self) -> int:
+        return self.shape[1] * self.shape[2]
+
+    @property
+    def finish_s(self) -> float:
+        return self.warm_s + self.run.total_s
+
+    def work_by(self, t: float) -> float:
+        return self.run.work_done(t - self.warm_s)
+
+
+@dataclass
+class Context:
+    """What every chooser can use: the estimator, the pool and the model order (largest first)."""
+
+    est: Estimator
+    pool: DevicePool
+    order: list[str]
+    _shapes: dict[str, list[Shape]] = field(default_factory=dict)
+
+    def shapes(self, model: str) -> list[Shape]:
+        """Feasible (model, tp, dp): TP a power of two within a topology group, valid for the heads,
+        weights + a max-length sequence of KV fit per rank, dp replicas fit the pool."""
+        if model not in self._shapes:
+            spec = self.est.models[model]
+            out = [(model, tp, dp) for tp in tp_degrees(self.pool)
+                   if spec.valid_tp(tp) and self.est.fits(model, tp)
+                   for dp in range(1, max_replicas(self.pool, tp) + 1)]
+            if not out:
+                raise InfeasibleError(f"model {model!r} fits no plan on {self.pool.count} "
+                                      f"{self.pool.kind} device(s) (memory, heads or topology)")
+            self._shapes[model] = out
+        return self._shapes[model]
+
+    def option(self, state: PlanState, shape: Shape) -> Option:
+        m, tp, dp = shape
+        cur = state.running.get(m)
+        kept = cur is not None and (cur.tp, cur.dp) == (tp, dp)
+        warm = state.warmup.get(m, 0.0) if kept else self.est.load_time(m, tp)
+        return Option(shape, warm, self.est.run(m, tp, dp, state.work[m]))
+
+    def best_per_count(self, state: PlanState, model: str, max_devices: int | None = None) -> list[Option]:
+        """Per device count, the option that finishes soonest (ties: smaller TP), ascending count."""
+        best: dict[int, Option] = {}
+        for shape in self.shapes(model):
+            n = shape[1] * shape[2]
+            if max_devices is not None and n > max_devices:
+                continue
+            opt = self.option(state, shape)
+            cur = best.get(n)
+            if cur is None or (opt.finish_s, opt.shape[1]) < (cur.finish_s, cur.shape[1]):
+                best[n] = opt
+        return [best[n] for n in sorted(best)]
+
+    def best(self, state: PlanState, model: str, max_devices: int | None = None) -> Option | None:
+        opts = self.best_per_count(state, model, max_devices)
+        return min(opts, key=lambda o: (o.finish_s, o.devices)) if opts else None
+
+
+def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
+              finishers: set[str] | None = None) -> tuple[Stage, PlanState]:
+    """Run `plans` from state.t until the first model finishes (or, if `finishers` is given, until
+    those of them still unfinished finish; models done earlier idle). Returns the stage and the state
+    after it."""
+    est = ctx.est
+    plans = [p for p in plans if p.model in state.work]
+    restarts, warm, runs = [], {}, {}
+    for p in plans:
+        cur = state.running.get(p.model)
+        if p.same_shape(cur):
+            warm[p.model] = state.warmup.get(p.model, 0.0)
+        else:
+            warm[p.model] = est.load_time(p.model, p.tp)
+            restarts.append(p.model)
+        runs[p.model] = est.run(p.model, p.tp, p.dp, state.work[p.model])
+    finish = {m: warm[m] + runs[m].total_s for m in runs}
+    targets = [m for m in finish if finishers is None or m in finishers] or list(finish)
+    dur = (max if finishers is not None and any(m in finishers for m in finish) else min)(
+        finish[m] for m in targets)
+    done = sorted(m for m in finish if finish[m] <= dur * (1 + EPS) + EPS)
+    work = {m: w for m, w in state.work.items() if m not in done}
+    warmup: dict[str, float] = {}
+    for p in plans:
+        m = p.model
+        if m in done:
+            continue
+        ready_for = dur - warm[m]
+        if ready_for < 0:
+            warmup[m] = -ready_for
+        else:
+            work[m] = est.advance(m, p.tp, p.dp, state.work[m], ready_for)
+    stage = Stage(plans=list(plans), start_s=state.t, end_s=state.t + dur, finished=done,
+                  predicted_finish_s={m: state.t + f for m, f in finish.items()}, restarts=restarts)
+    running = {p.model: p for p in plans if p.model not in done}
+    return stage, PlanState(state.t + dur, work, running, warmup)
+
+
+Chooser = Callable[[Context, PlanState], list[Shape]]
+
+
+def run_policy(ctx: Context, state: PlanState, choose: Chooser, strategy: str) -> Schedule:
+    """Repeat choose → place → run_stage until no work is left."""
+    stages: list[Stage] = []
+    while state.work:
+        shapes = choose(ctx, state)
+        plans = place(shapes, ctx.pool, state.running)
+        if not shapes or plans is None:
+            raise InfeasibleError(f"{strategy}: chose an unplaceable stage {shapes}")
+        stage, state = run_stage(ctx, state, plans)
+        stages.append(stage)
+    return Schedule(strategy=strategy, stages=stages, makespan_s=state.t)
+
+
+def replay(ctx: Context, state: PlanState, schedule: Schedule) -> float:
+    """Makespan of `schedule`'s stages executed on another workload draw: stage k runs its plans until
+    the models it was planned to finish are done. Models left over (none, when every model is planned
+    to finish somewhere) run one after another on their last plan."""
+    last: dict[str, ExecPlan] = {}
+    for st in schedule.stages:
+        for p in st.plans:
+            last[p.model] = p
+        if not any(p.model in state.work for p in st.plans):
+            continue
+        _, state = run_stage(ctx, state, st.plans, finishers=set(st.finished))
+    while state.work:
+        m = next(m for m in ctx.order if m in state.work)
+        plan = last.get(m) or place([ctx.best(state, m).shape], ctx.pool, state.running)[0]
+        _, state = run_stage(ctx, state, [plan])
+    return state.t
