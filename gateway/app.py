@@ -1,0 +1,119 @@
+"""The aiohttp application: one factory, one route table, state opened and closed in `cleanup_ctx`.
+
+`create_app(cfg, executor)` wires SQLite, the file store, the batch service and the executor. On
+startup it resumes every live batch; on shutdown it closes the executor first (no more outcomes), then
+stops the runners, so a batch in progress keeps its status and resumes with the next app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from aiohttp import web
+
+from gateway import batches_views, files_views
+from gateway.auth import auth_middleware
+from gateway.batches import BatchService
+from gateway.db import Database
+from gateway.errors import error_middleware
+from gateway.filestore import FileStore
+from gateway.metrics import GatewayMetrics
+from gateway.state import CONFIG, DB, METRICS, SERVICE, STORE
+from runtime.config import Config
+from runtime.executor_api import Executor
+
+log = logging.getLogger("samullm.gateway")
+CONTROL_BODY_LIMIT = 1 << 20  # JSON bodies; uploads stream and have their own limit
+
+
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def models(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "samullm"}
+            for m in cfg.models]
+    return web.json_response({"object": "list", "data": data})
+
+
+ROUTES = [
+    web.get("/health", health),
+    web.get("/metrics", metrics),
+    web.get("/v1/models", models),
+    web.post("/v1/files", files_views.upload),
+    web.get("/v1/files", files_views.list_files),
+    web.get("/v1/files/{file_id}", files_views.retrieve),
+    web.get("/v1/files/{file_id}/content", files_views.content),
+    web.delete("/v1/files/{file_id}", files_views.delete),
+    web.post("/v1/batches", batches_views.create),
+    web.get("/v1/batches", batches_views.list_batches),
+    web.get("/v1/batches/{batch_id}", batches_views.retrieve),
+    web.post("/v1/batches/{batch_id}/cancel", batches_views.cancel),
+]
+
+
+def default_executor(cfg: Config) -> Executor:
+    """The real executor on vLLM engines. Imported here so that building an app with a given
+    executor (tests, tools) never imports the engine stack."""
+    from runtime.engine import VllmLauncher
+    from runtime.executor import PoolExecutor
+
+    return PoolExecutor(cfg, VllmLauncher())
+
+
+def create_app(cfg: Config, executor: Executor | None = None, *,
+               clock: Callable[[], float] = time.time,
+               expiry_interval_s: float = 5.0) -> web.Application:
+    """The gateway app. It owns `executor` (closes it on shutdown); None = the real one."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware(cfg.auth.api_keys)],
+                          client_max_size=CONTROL_BODY_LIMIT)
+    app[CONFIG] = cfg
+    app.router.add_routes(ROUTES)
+
+    async def state(app: web.Application) -> AsyncIterator[None]:
+        state_dir = cfg.state_dir
+        db = Database(state_dir / "samullm.db")
+        store = FileStore(state_dir / "files")
+        store.sweep()
+        ex = executor if executor is not None else default_executor(cfg)
+        gm = GatewayMetrics()
+        service = BatchService(cfg, db, store, ex, gm, clock)
+        gm.bind(db.count_by_status, service.queue_depth)
+        app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
+        await ex.start()
+        await service.start()
+        try:
+            yield
+        finally:
+            await ex.close()
+            await service.close()
+            db.close()
+
+    async def expiry(app: web.Application) -> AsyncIterator[None]:
+        async def loop() -> None:
+            while True:
+                try:
+                    app[SERVICE].expire_due()
+                except Exception:  # keep expiring later batches even if one check failed
+                    log.exception("expiry check failed")
+                await asyncio.sleep(expiry_interval_s)
+
+        task = asyncio.create_task(loop(), name="expiry")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(state)
+    app.cleanup_ctx.append(expiry)
+    return app

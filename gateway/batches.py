@@ -1,0 +1,275 @@
+"""Batch orchestration: create, validate, hand to the executor, journal outcomes, finalize, cancel,
+expire, and resume after a restart.
+
+One runner task per live batch drives it through the lifecycle (`gateway.lifecycle`). Cancel and
+expiry never finalize themselves: they mark the batch's `end_reason`, ask the executor to stop it, and
+the runner (once `Executor.wait` returns) writes the files. The journal (`runtime.journal`) is the truth
+for progress: live `request_counts` are rebuilt from it on resume and only journaled requests are not
+re-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from gateway import lifecycle as lc
+from gateway.db import Database
+from gateway.filestore import FileStore
+from gateway.finalize import Counts, input_requests, write_result_files
+from gateway.ids import new_batch_id
+from gateway.metrics import GatewayMetrics
+from gateway.tokens import TokenCounter
+from gateway.validation import ValidationResult, validate_file
+from runtime.config import Config
+from runtime.executor_api import Executor, Outcome
+from runtime.journal import Journal, journal_path, load
+
+log = logging.getLogger("samullm.batches")
+
+
+@dataclass
+class LiveBatch:
+    """In-memory state of a batch that has a runner."""
+
+    batch_id: str
+    counts: Counts | None = None
+    done: set[str] = field(default_factory=set)
+    journal: Journal | None = None
+    end_reason: str | None = None  # lc.CANCELLED or lc.EXPIRED once asked to stop early
+    submitted: bool = False
+    stop_task: asyncio.Task[None] | None = None
+    runner: asyncio.Task[None] | None = None
+
+
+class BatchService:
+    def __init__(self, cfg: Config, db: Database, store: FileStore, executor: Executor,
+                 metrics: GatewayMetrics, clock: Callable[[], float] = time.time) -> None:
+        self.cfg, self.db, self.store, self.executor = cfg, db, store, executor
+        self.metrics, self.clock = metrics, clock
+        self.tokens = TokenCounter(cfg)
+        self.live: dict[str, LiveBatch] = {}
+        self.journals_dir = cfg.state_dir / "journals"
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    # --- API operations ----------------------------------------------------------------------------
+    def create(self, owner: str, input_file_id: str, endpoint: str, window: str,
+               metadata: dict[str, str] | None, strategy: str | None) -> dict[str, Any]:
+        now = self.now()
+        row = {"id": new_batch_id(), "owner": owner, "endpoint": endpoint,
+               "input_file_id": input_file_id, "completion_window": window,
+               "status": lc.VALIDATING, "created_at": now,
+               "expires_at": now + lc.window_seconds(window), "metadata": metadata,
+               "strategy": strategy, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+               "model_request_counts": {}}
+        self.db.insert_batch(row)
+        self._start_runner(row["id"])
+        return self.db.get_batch(row["id"])
+
+    def cancel(self, batch_id: str, owner: str) -> dict[str, Any] | None:
+        """Start cancelling; returns the batch, or None when its status does not allow it."""
+        row = self.db.get_batch(batch_id, owner)
+        if row["status"] in (lc.CANCELLING, lc.CANCELLED):
+            return row
+        live = self.live.get(batch_id)
+        if live is None or live.end_reason is not None:
+            return None if row["status"] != lc.CANCELLING else row
+        if not self.db.transition(batch_id, lc.ALLOWED_FROM[lc.CANCELLING], lc.CANCELLING,
+                                  cancelling_at=self.now()):
+            return None
+        self._stop(live, lc.CANCELLED)
+        return self.db.get_batch(batch_id)
+
+    def expire_due(self) -> list[str]:
+        """Ask every running batch past its `expires_at` to stop; the runner writes `expired`."""
+        now, hit = self.now(), []
+        for row in self.db.batches_in((lc.VALIDATING, lc.IN_PROGRESS)):
+            live = self.live.get(row["id"])
+            if row["expires_at"] is not None and row["expires_at"] <= now and live is not None \
+                    and live.end_reason is None:
+                self._stop(live, lc.EXPIRED)
+                hit.append(row["id"])
+        return hit
+
+    def view(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The OpenAI `Batch` object (plus `model_request_counts`), counts live while running."""
+        live = self.live.get(row["id"])
+        counts, per_model, usage = row["request_counts"], row["model_request_counts"], row["usage"]
+        if live is not None and live.counts is not None and row["status"] not in lc.TERMINAL:
+            counts, per_model = live.counts.request_counts(), live.counts.per_model
+            usage = live.counts.usage()
+        out = {"id": row["id"], "object": "batch", "endpoint": row["endpoint"],
+               "model": row["model"], "errors": row["errors"],
+               "input_file_id": row["input_file_id"],
+               "completion_window": row["completion_window"], "status": row["status"],
+               "output_file_id": row["output_file_id"], "error_file_id": row["error_file_id"],
+               "created_at": row["created_at"], "expires_at": row["expires_at"]}
+        out.update({k: row[k] for k in lc.STAMP.values()})
+        out.update({"request_counts": counts, "metadata": row["metadata"], "usage": usage,
+                    "model_request_counts": per_model})
+        return out
+
+    def queue_depth(self) -> int:
+        """Requests handed to the executor and not finished yet, over all batches."""
+        return sum(lv.counts.total - lv.counts.completed - lv.counts.failed
+                   for lv in self.live.values() if lv.submitted and lv.counts is not None)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resume every live batch: re-validate, re-submit what the journal lacks, re-finalize."""
+        for row in self.db.batches_in(lc.LIVE):
+            log.info("resuming batch %s (%s)", row["id"], row["status"])
+            self._start_runner(row["id"])
+
+    async def close(self) -> None:
+        """Stop runners (the executor must already be closed); journals are flushed and closed.
+        Batches keep their status, so the next start resumes them."""
+        tasks = [lv.runner for lv in self.live.values() if lv.runner is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lv in list(self.live.values()):
+            if lv.journal is not None:
+                await lv.journal.close()
+        self.live.clear()
+
+    def _start_runner(self, batch_id: str) -> None:
+        live = self.live.setdefault(batch_id, LiveBatch(batch_id))
+        live.runner = asyncio.create_task(self._run(live), name=f"batch-{batch_id}")
+
+    def _stop(self, live: LiveBatch, reason: str) -> None:
+        live.end_reason = reason
+        if live.submitted:
+            live.stop_task = asyncio.create_task(self.executor.cancel(live.batch_id))
+
+    async def _run(self, live: LiveBatch) -> None:
+        try:
+            await self._drive(live)
+        except asyncio.CancelledError:
+            raise  # shutdown: the batch keeps its status and resumes on the next start
+        except Exception:
+            log.exception("batch %s: runner failed; it resumes on the next start", live.batch_id)
+        if live.journal is not None:
+            await live.journal.close()
+        self.live.pop(live.batch_id, None)
+
+    async def _drive(self, live: LiveBatch) -> None:
+        bid = live.batch_id
+        row = self.db.get_batch(bid)
+        if row["status"] == lc.FINALIZING:
+            await self._finalize(live, lc.COMPLETED)
+            return
+        if row["status"] == lc.CANCELLING:
+            live.end_reason = lc.CANCELLED
+        result = await asyncio.to_thread(
+            validate_file, self.store.path(row["input_file_id"]), row["endpoint"], self.cfg,
+            self.tokens)
+        if row["status"] == lc.VALIDATING and not await self._accept(live, result):
+            return
+        await self._execute(live, row, result)
+        if live.stop_task is not None:
+            await live.stop_task
+        if live.journal is not None:
+            await live.journal.close()  # every outcome durable before the files are built
+        if live.end_reason is not None:
+            await self._finalize(live, live.end_reason)
+        elif self.db.transition(bid, lc.ALLOWED_FROM[lc.FINALIZING], lc.FINALIZING,
+                                finalizing_at=self.now()):
+            await self._finalize(live, lc.COMPLETED)
+
+    async def _accept(self, live: LiveBatch, result: ValidationResult) -> bool:
+        """validating -> in_progress or failed. False when the batch does not go on running."""
+        bid, now = live.batch_id, self.now()
+        if live.end_reason is not None and not result.ok:  # cancelled/expired while validating
+            self.db.transition(bid, lc.ALLOWED_FROM[live.end_reason], live.end_reason,
+                               **{lc.STAMP[live.end_reason]: now})
+            return False
+        if not result.ok:
+            self.db.transition(bid, lc.ALLOWED_FROM[lc.FAILED], lc.FAILED, failed_at=now,
+                               errors={"object": "list", "data": result.errors})
+            return False
+        totals = Counter(it.model for it in result.items)
+        counts = Counts.of_totals(dict(totals))
+        models = result.models
+        fields = {"model": models[0] if len(models) == 1 else None,
+                  "request_counts": counts.request_counts(),
+                  "model_request_counts": counts.per_model}
+        if not self.db.transition(bid, lc.ALLOWED_FROM[lc.IN_PROGRESS], lc.IN_PROGRESS,
+                                  in_progress_at=now, **fields):
+            self.db.update_batch(bid, **fields)  # cancelled meanwhile: still record the totals
+        return True
+
+    async def _execute(self, live: LiveBatch, row: dict[str, Any], result: ValidationResult) -> None:
+        bid = live.batch_id
+        path = journal_path(self.cfg.state_dir, bid)
+        done = await asyncio.to_thread(load, path)
+        live.counts = Counts.of_totals(dict(Counter(it.model for it in result.items)))
+        for o in done:
+            live.counts.add(o)
+            live.done.add(o.custom_id)
+        live.journal = Journal(path)
+        if row["expires_at"] is not None and row["expires_at"] <= self.now() \
+                and live.end_reason is None:
+            live.end_reason = lc.EXPIRED
+        pending = [it for it in result.items if it.custom_id not in live.done]
+        if live.end_reason is not None or not pending:
+            return
+        live.submitted = True
+        self.executor.submit(bid, pending, self._sink(live), row["strategy"])
+        await self.executor.wait(bid)
+
+    def _sink(self, live: LiveBatch) -> Callable[[Outcome], Any]:
+        async def sink(o: Outcome) -> None:
+            if o.custom_id in live.done:  # a retry reported twice: the first outcome stands
+                return
+            live.done.add(o.custom_id)
+            assert live.journal is not None and live.counts is not None
+            try:
+                await live.journal.append(o)
+            except BaseException:
+                live.done.discard(o.custom_id)
+                raise
+            live.counts.add(o)
+            self.metrics.observe_outcome(o)
+        return sink
+
+    async def _finalize(self, live: LiveBatch, to: str) -> None:
+        bid = live.batch_id
+        row = self.db.get_batch(bid)
+        input_path = self.store.path(row["input_file_id"])
+        outcomes = await asyncio.to_thread(load, journal_path(self.cfg.state_dir, bid))
+        files = await asyncio.to_thread(write_result_files, self.store, bid, input_path, outcomes,
+                                        lc.UNFINISHED_CODE[to])
+        counts = await asyncio.to_thread(_final_counts, input_path, outcomes)
+        now = self.now()
+        with self.db.tx():
+            for fid, size, kind in ((files.output_file_id, files.output_bytes, "output"),
+                                    (files.error_file_id, files.error_bytes, "error")):
+                if fid is not None:
+                    self.db.insert_file({"id": fid, "owner": row["owner"], "bytes": size,
+                                         "created_at": now, "filename": f"{bid}_{kind}.jsonl",
+                                         "purpose": "batch_output", "batch_id": bid})
+            moved = self.db.transition(
+                bid, lc.ALLOWED_FROM[to], to, **{lc.STAMP[to]: now},
+                output_file_id=files.output_file_id, error_file_id=files.error_file_id,
+                request_counts=counts.request_counts(), model_request_counts=counts.per_model,
+                usage=counts.usage())
+        if moved:
+            self.metrics.observe_final(to, counts)
+        log.info("batch %s %s: %d output lines, %d error lines", bid, to if moved else "unchanged",
+                 files.output_lines, files.error_lines)
+
+
+def _final_counts(input_path: Path, outcomes: list[Outcome]) -> Counts:
+    totals: Counter[str] = Counter(model for _, _, model in input_requests(input_path))
+    counts = Counts.of_totals(dict(totals))
+    for o in outcomes:
+        counts.add(o)
+    return counts

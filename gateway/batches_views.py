@@ -1,0 +1,106 @@
+"""`/v1/batches`: create, retrieve, list, cancel."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.auth import OWNER
+from gateway.errors import bad_request, conflict
+from gateway.state import CONFIG, DB, SERVICE
+from gateway.views_util import int_param
+from runtime.config import STRATEGIES
+
+META_KEYS, META_KEY_LEN, META_VALUE_LEN = 16, 64, 512
+STRATEGY_KEY = "strategy"  # metadata key choosing the planning strategy (our extension)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad_request("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def _check_metadata(meta: Any) -> dict[str, str] | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise bad_request("`metadata` must be an object of strings.", param="metadata")
+    if len(meta) > META_KEYS:
+        raise bad_request(f"`metadata` may have at most {META_KEYS} keys.", param="metadata")
+    for k, v in meta.items():
+        if len(k) > META_KEY_LEN:
+            raise bad_request(f"metadata key {k[:20]!r}… is longer than {META_KEY_LEN} characters.",
+                              param="metadata")
+        if not isinstance(v, str) or len(v) > META_VALUE_LEN:
+            raise bad_request(f"metadata value of {k!r} must be a string of at most "
+                              f"{META_VALUE_LEN} characters.", param="metadata")
+    if STRATEGY_KEY in meta and meta[STRATEGY_KEY] not in STRATEGIES:
+        raise bad_request(f"metadata.{STRATEGY_KEY} must be one of {', '.join(STRATEGIES)}.",
+                          param=f"metadata.{STRATEGY_KEY}")
+    return dict(meta)
+
+
+def _required_str(body: dict[str, Any], name: str) -> str:
+    v = body.get(name)
+    if v is None:
+        raise bad_request(f"Missing required parameter: '{name}'.", param=name,
+                          code="missing_required_parameter")
+    if not isinstance(v, str) or not v:
+        raise bad_request(f"`{name}` must be a non-empty string.", param=name)
+    return v
+
+
+async def create(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    cfg, owner = request.app[CONFIG], request[OWNER]
+    input_file_id = _required_str(body, "input_file_id")
+    endpoint = _required_str(body, "endpoint")
+    window = _required_str(body, "completion_window")
+    if window not in cfg.limits.completion_windows:
+        raise bad_request(f"Invalid completion_window {window!r}; allowed: "
+                          f"{', '.join(cfg.limits.completion_windows)}.",
+                          param="completion_window", code="invalid_completion_window")
+    metadata = _check_metadata(body.get("metadata"))
+    f = request.app[DB].get_file(input_file_id, owner)  # 404 for unknown or another key's file
+    if f["purpose"] != "batch":
+        raise bad_request(f"File {input_file_id} has purpose {f['purpose']!r}; a batch input needs "
+                          "purpose 'batch'.", param="input_file_id", code="invalid_file_purpose")
+    service = request.app[SERVICE]
+    row = service.create(owner, input_file_id, endpoint, window, metadata,
+                         (metadata or {}).get(STRATEGY_KEY))
+    return web.json_response(service.view(row))
+
+
+async def retrieve(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    row = request.app[DB].get_batch(request.match_info["batch_id"], request[OWNER])
+    return web.json_response(service.view(row))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    limit = int_param(request.query, "limit", 20, 1, 100)
+    service = request.app[SERVICE]
+    rows, more = request.app[DB].list_batches(request[OWNER],
+                                             after=request.query.get("after") or None, limit=limit)
+    data = [service.view(r) for r in rows]
+    return web.json_response({"object": "list", "data": data,
+                              "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None, "has_more": more})
+
+
+async def cancel(request: web.Request) -> web.Response:
+    service, batch_id = request.app[SERVICE], request.match_info["batch_id"]
+    row = service.cancel(batch_id, request[OWNER])
+    if row is None:
+        status = request.app[DB].get_batch(batch_id)["status"]
+        raise conflict(f"Cannot cancel a batch with status '{status}'.")
+    return web.json_response(service.view(row))
+
+

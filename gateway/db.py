@@ -1,0 +1,207 @@
+"""SQLite (WAL) metadata store for files and batches.
+
+Rows are plain dicts with JSON columns decoded. Storage raises its own exceptions (`NotFound`,
+`Conflict`); the HTTP layer maps them. Listing is ordered by an insertion sequence (`seq`), so the
+`after` cursor is stable even when many objects share a `created_at` second. Status changes go through
+`transition`, a compare-and-set on the current status, so two tasks can never both move a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class StoreError(Exception):
+    pass
+
+
+class NotFound(StoreError):
+    def __init__(self, kind: str, obj_id: str) -> None:
+        super().__init__(f"no such {kind}: {obj_id}")
+        self.kind, self.obj_id = kind, obj_id
+
+
+class Conflict(StoreError):
+    pass
+
+
+# Schema versions: index i holds the statements that move a database from version i to i+1.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE files (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, bytes INTEGER NOT NULL,
+            created_at INTEGER NOT NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+            batch_id TEXT)""",
+        "CREATE INDEX files_owner ON files(owner, seq)",
+        """CREATE TABLE batches (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT UNIQUE NOT NULL, owner TEXT NOT NULL, endpoint TEXT NOT NULL,
+            input_file_id TEXT NOT NULL, completion_window TEXT NOT NULL, status TEXT NOT NULL,
+            created_at INTEGER NOT NULL, expires_at INTEGER,
+            in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER,
+            failed_at INTEGER, expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
+            output_file_id TEXT, error_file_id TEXT, model TEXT,
+            errors TEXT, metadata TEXT, strategy TEXT,
+            request_counts TEXT NOT NULL, model_request_counts TEXT NOT NULL, usage TEXT)""",
+        "CREATE INDEX batches_owner ON batches(owner, seq)",
+        "CREATE INDEX batches_status ON batches(status)",
+    ],
+]
+
+_JSON_COLS = ("errors", "metadata", "request_counts", "model_request_counts", "usage")
+TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+              "cancelling_at", "cancelled_at")
+
+
+def _row(r: sqlite3.Row | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    d = dict(r)
+    for col in _JSON_COLS:
+        if col in d and d[col] is not None:
+            d[col] = json.loads(d[col])
+    return d
+
+
+class Database:
+    """One connection, used from the event loop thread (statements are small and local)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        for i in range(version, len(MIGRATIONS)):
+            with self.tx():
+                for stmt in MIGRATIONS[i]:
+                    self._db.execute(stmt)
+                self._db.execute(f"PRAGMA user_version = {i + 1}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def tx(self) -> "_Tx":
+        return _Tx(self._db)
+
+    # --- files -----------------------------------------------------------------------------------
+    def insert_file(self, row: dict[str, Any]) -> None:
+        cols = ("id", "owner", "bytes", "created_at", "filename", "purpose", "batch_id")
+        self._db.execute(
+            f"INSERT OR REPLACE INTO files ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            [row.get(c) for c in cols])
+
+    def get_file(self, file_id: str, owner: str) -> dict[str, Any]:
+        r = self._db.execute("SELECT * FROM files WHERE id = ? AND owner = ?",
+                             (file_id, owner)).fetchone()
+        if r is None:
+            raise NotFound("File", file_id)
+        return dict(r)
+
+    def list_files(self, owner: str, *, after: str | None, limit: int, order: str,
+                   purpose: str | None) -> tuple[list[dict[str, Any]], bool]:
+        where, args = ["owner = ?"], [owner]
+        if purpose:
+            where.append("purpose = ?")
+            args.append(purpose)
+        if after:
+            seq = self._seq("files", after, owner, "File")
+            where.append("seq > ?" if order == "asc" else "seq < ?")
+            args.append(seq)
+        sql = (f"SELECT * FROM files WHERE {' AND '.join(where)} "
+               f"ORDER BY seq {'ASC' if order == 'asc' else 'DESC'} LIMIT ?")
+        rows = [dict(r) for r in self._db.execute(sql, [*args, limit + 1])]
+        return rows[:limit], len(rows) > limit
+
+    def delete_file(self, file_id: str, owner: str) -> None:
+        self.get_file(file_id, owner)
+        live = self._db.execute(
+            "SELECT id FROM batches WHERE input_file_id = ? AND status IN "
+            "('validating', 'in_progress', 'finalizing', 'cancelling') LIMIT 1", (file_id,)).fetchone()
+        if live is not None:
+            raise Conflict(f"File {file_id} is the input of batch {live[0]}, which is still running.")
+        self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+
+    # --- batches ---------------------------------------------------------------------------------
+    def insert_batch(self, row: dict[str, Any]) -> None:
+        row = {k: (json.dumps(v) if k in _JSON_COLS and v is not None else v) for k, v in row.items()}
+        cols = list(row)
+        self._db.execute(
+            f"INSERT INTO batches ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            [row[c] for c in cols])
+
+    def get_batch(self, batch_id: str, owner: str | None = None) -> dict[str, Any]:
+        if owner is None:
+            r = self._db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        else:
+            r = self._db.execute("SELECT * FROM batches WHERE id = ? AND owner = ?",
+                                 (batch_id, owner)).fetchone()
+        if r is None:
+            raise NotFound("Batch", batch_id)
+        return _row(r)  # type: ignore[return-value]
+
+    def list_batches(self, owner: str, *, after: str | None,
+                     limit: int) -> tuple[list[dict[str, Any]], bool]:
+        where, args = ["owner = ?"], [owner]
+        if after:
+            where.append("seq < ?")
+            args.append(self._seq("batches", after, owner, "Batch"))
+        sql = f"SELECT * FROM batches WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        rows = [_row(r) for r in self._db.execute(sql, [*args, limit + 1])]
+        return rows[:limit], len(rows) > limit  # type: ignore[return-value]
+
+    def batches_in(self, statuses: Iterable[str]) -> list[dict[str, Any]]:
+        st = list(statuses)
+        sql = f"SELECT * FROM batches WHERE status IN ({', '.join('?' * len(st))}) ORDER BY seq"
+        return [_row(r) for r in self._db.execute(sql, st)]  # type: ignore[misc]
+
+    def count_by_status(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self._db.execute(
+            "SELECT status, COUNT(*) FROM batches GROUP BY status")}
+
+    def update_batch(self, batch_id: str, **fields: Any) -> None:
+        fields = {k: (json.dumps(v) if k in _JSON_COLS and v is not None else v)
+                  for k, v in fields.items()}
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE batches SET {sets} WHERE id = ?", [*fields.values(), batch_id])
+
+    def transition(self, batch_id: str, allowed_from: Iterable[str], to: str,
+                   **fields: Any) -> bool:
+        """Move the batch to `to` if its status is in `allowed_from`; False (no change) otherwise."""
+        fields = {k: (json.dumps(v) if k in _JSON_COLS and v is not None else v)
+                  for k, v in {"status": to, **fields}.items()}
+        frm = list(allowed_from)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        cur = self._db.execute(
+            f"UPDATE batches SET {sets} WHERE id = ? AND status IN ({', '.join('?' * len(frm))})",
+            [*fields.values(), batch_id, *frm])
+        return cur.rowcount == 1
+
+    def _seq(self, table: str, obj_id: str, owner: str, kind: str) -> int:
+        r = self._db.execute(f"SELECT seq FROM {table} WHERE id = ? AND owner = ?",
+                             (obj_id, owner)).fetchone()
+        if r is None:
+            raise NotFound(kind, obj_id)
+        return int(r[0])
+
+
+class _Tx:
+    """`with db.tx():` — BEGIN IMMEDIATE … COMMIT, ROLLBACK on error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._c = conn
+
+    def __enter__(self) -> None:
+        self._c.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self._c.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,74 @@
+"""OpenAI-shaped errors. Views raise `ApiError`; one middleware (`error_middleware`) renders every error,
+ours or aiohttp's, as `{"error": {"message", "type", "param", "code"}}` with the right status."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.db import Conflict, NotFound
+
+log = logging.getLogger("samullm.gateway")
+
+
+class ApiError(Exception):
+    """An error for the client. `type` follows OpenAI: invalid_request_error, authentication_error, ..."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def not_found(kind: str, obj_id: str) -> ApiError:
+    return ApiError(404, f"No such {kind} object: {obj_id}", param="id", code="not_found")
+
+
+def conflict(message: str) -> ApiError:
+    # The SDK retries 409 by default; a state conflict never heals by retrying.
+    return ApiError(409, message, headers={"x-should-retry": "false"})
+
+
+def render(err: ApiError) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=err.headers)
+
+
+_HTTP_TYPES = {401: "authentication_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return render(err)
+    except NotFound as err:
+        return render(not_found(err.kind, err.obj_id))
+    except Conflict as err:
+        return render(conflict(str(err)))
+    except web.HTTPException as exc:  # unknown route, wrong method, body too large
+        if exc.status < 400:
+            raise
+        err = ApiError(exc.status, exc.reason if exc.text is None else exc.reason,
+                       type=_HTTP_TYPES.get(exc.status, "invalid_request_error"))
+        if exc.status == 404:
+            err.message = f"Unknown path: {request.method} {request.path}"
+        return render(err)
+    except Exception:  # a bug, never user input: log it, answer 500 without internals
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return render(ApiError(500, "Internal server error", type="server_error"))

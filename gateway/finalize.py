@@ -1,0 +1,123 @@
+"""Building a batch's output and error files from its journal.
+
+Lines follow input order. Successful requests (HTTP 200) go to the output file; the error file gets
+HTTP failures (with the engine's response), non-HTTP failures (`error`), and one line per request that
+never ran (`batch_expired`, `batch_cancelled`). Every custom_id of the input lands in exactly one of the
+two files. File ids derive from the batch id, so finalizing twice (after a crash) rewrites the same
+files instead of leaking new ones. Runs in a worker thread; the caller commits the metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from gateway.filestore import FileStore
+from gateway.ids import derived_id
+from runtime.executor_api import Outcome
+
+UNFINISHED = {
+    "batch_expired": "This request could not be executed before the completion window expired.",
+    "batch_cancelled": "This request was cancelled before it was executed.",
+    "batch_incomplete": "This request did not run to completion.",
+}
+
+
+@dataclass
+class Counts:
+    """Live `request_counts`, per model too, and token usage, all derived from outcomes."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    per_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @classmethod
+    def of_totals(cls, model_totals: dict[str, int]) -> "Counts":
+        c = cls(total=sum(model_totals.values()))
+        c.per_model = {m: {"total": n, "completed": 0, "failed": 0}
+                       for m, n in sorted(model_totals.items())}
+        return c
+
+    def add(self, o: Outcome) -> None:
+        key = "completed" if o.ok else "failed"
+        setattr(self, key, getattr(self, key) + 1)
+        pm = self.per_model.setdefault(o.model, {"total": 0, "completed": 0, "failed": 0})
+        pm[key] += 1
+        usage = (o.response_body or {}).get("usage") or {}
+        self.input_tokens += int(usage.get("prompt_tokens") or 0)
+        self.output_tokens += int(usage.get("completion_tokens") or 0)
+
+    def request_counts(self) -> dict[str, int]:
+        return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+    def usage(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": self.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.input_tokens + self.output_tokens}
+
+
+@dataclass
+class FinalFiles:
+    output_file_id: str | None
+    output_bytes: int
+    error_file_id: str | None
+    error_bytes: int
+    output_lines: int
+    error_lines: int
+
+
+def input_requests(path: Path) -> Iterator[tuple[int, str, str]]:
+    """(line, custom_id, model) of each request of an already validated input file."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                obj = orjson.loads(raw)
+                yield lineno, obj["custom_id"], obj["body"]["model"]
+
+
+def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
+                unfinished_code: str) -> tuple[bool, bytes]:
+    """(goes to the output file?, the JSONL line)."""
+    rid = derived_id("batch_req_", batch_id, line)
+    if o is None:
+        rec = {"id": rid, "custom_id": custom_id, "response": None,
+               "error": {"code": unfinished_code, "message": UNFINISHED[unfinished_code]}}
+        return False, orjson.dumps(rec) + b"\n"
+    request_id = o.request_id or derived_id("req_", batch_id, line)
+    if o.response_body is not None:
+        response = {"status_code": o.status_code, "request_id": request_id, "body": o.response_body}
+        rec = {"id": rid, "custom_id": custom_id, "response": response, "error": None}
+    else:
+        rec = {"id": rid, "custom_id": custom_id, "response": None, "error": o.error}
+    return o.ok, orjson.dumps(rec) + b"\n"
+
+
+def write_result_files(store: FileStore, batch_id: str, input_path: Path,
+                       outcomes: list[Outcome], unfinished_code: str) -> FinalFiles:
+    by_id = {o.custom_id: o for o in outcomes}
+    out_id = derived_id("file-", batch_id, "output")
+    err_id = derived_id("file-", batch_id, "error")
+    n_out = n_err = 0
+    with store.writer(out_id) as out, store.writer(err_id) as err:
+        for line, cid, _model in input_requests(input_path):
+            ok, data = result_line(batch_id, line, cid, by_id.get(cid), unfinished_code)
+            if ok:
+                out.write(data)
+                n_out += 1
+            else:
+                err.write(data)
+                n_err += 1
+    # An empty file is not published: OpenAI leaves the id null when there is nothing to report.
+    if n_out == 0:
+        store.delete(out_id)
+    if n_err == 0:
+        store.delete(err_id)
+    return FinalFiles(out_id if n_out else None, out.size, err_id if n_err else None, err.size,
+                      n_out, n_err)

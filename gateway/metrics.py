@@ -1,0 +1,56 @@
+"""Prometheus metrics (`GET /metrics`): batches by status, requests done/failed per model, tokens,
+queue depth. Each app owns its registry, so several apps (tests) never clash."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.lifecycle import STATUSES
+from runtime.executor_api import Outcome
+
+
+class _LiveCollector(Collector):
+    """Values read at scrape time: they live in SQLite and in the running batches."""
+
+    def __init__(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int]) -> None:
+        self._by_status, self._depth = by_status, depth
+
+    def collect(self) -> Iterator[Any]:
+        g = GaugeMetricFamily("samullm_batches", "Batches by status", labels=["status"])
+        counts = self._by_status()
+        for st in STATUSES:
+            g.add_metric([st], counts.get(st, 0))
+        yield g
+        yield GaugeMetricFamily("samullm_queue_depth",
+                                "Requests submitted to the executor and not finished",
+                                value=self._depth())
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("samullm_requests", "Finished requests", ["model", "result"],
+                                registry=self.registry)
+        self.tokens = Counter("samullm_tokens", "Tokens processed", ["model", "kind"],
+                              registry=self.registry)
+        self.finished = Counter("samullm_batches_finished", "Batches that reached a final status",
+                                ["status"], registry=self.registry)
+
+    def bind(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int]) -> None:
+        self.registry.register(_LiveCollector(by_status, depth))
+
+    def observe_outcome(self, o: Outcome) -> None:
+        self.requests.labels(o.model, "completed" if o.ok else "failed").inc()
+        usage = (o.response_body or {}).get("usage") or {}
+        self.tokens.labels(o.model, "input").inc(int(usage.get("prompt_tokens") or 0))
+        self.tokens.labels(o.model, "output").inc(int(usage.get("completion_tokens") or 0))
+
+    def observe_final(self, status: str, _counts: Any) -> None:
+        self.finished.labels(status).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

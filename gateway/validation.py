@@ -1,0 +1,158 @@
+"""Validation of a batch input file, streamed line by line (a 200 MB file is never held whole).
+
+Every rule yields an error `{code, message, param, line}` with the 1-based line number; a file with any
+error fails the whole batch (never a half-accepted batch). A clean file yields one `WorkItem` per
+request, in input order. Runs in a worker thread: it is CPU work (JSON, tokenizers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.tokens import TokenCounter
+from runtime.config import Config
+from runtime.executor_api import WorkItem
+
+CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+MAX_REPORTED_ERRORS = 100  # errors.data keeps the first ones; `error_count` has them all
+
+
+@dataclass
+class ValidationResult:
+    items: list[WorkItem] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    error_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({it.model for it in self.items})
+
+    def add(self, code: str, message: str, line: int | None, param: str | None = None) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"code": code, "message": message, "param": param, "line": line})
+
+
+class _LineError(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) -> ValidationResult:
+    res = ValidationResult()
+    if endpoint not in SUPPORTED_ENDPOINTS:
+        res.add("unsupported_endpoint", f"Endpoint {endpoint} is not supported; use one of "
+                f"{', '.join(SUPPORTED_ENDPOINTS)}.", None, "endpoint")
+        return res
+    seen: set[str] = set()
+    limit = cfg.limits.max_requests_per_batch
+    requests = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            requests += 1
+            if requests > limit:
+                res.add("too_many_tasks", f"The file has more than {limit} requests; the limit per "
+                        "batch is [limits].max_requests_per_batch.", lineno)
+                return res
+            try:
+                res.items.append(_check_line(raw, lineno, endpoint, cfg, tokens, seen))
+            except _LineError as err:
+                res.add(err.code, err.message, lineno, err.param)
+    if requests == 0:
+        res.add("empty_file", "The input file has no requests.", None)
+    return res
+
+
+def _check_line(raw: bytes, lineno: int, endpoint: str, cfg: Config, tokens: TokenCounter,
+                seen: set[str]) -> WorkItem:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _LineError("invalid_json_line", "This line is not parseable as valid JSON.") from None
+    if not isinstance(obj, dict):
+        raise _LineError("invalid_request", "Each line must be a JSON object.")
+    cid = obj.get("custom_id")
+    if cid is None:
+        raise _LineError("missing_custom_id", "The line has no `custom_id`.", "custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise _LineError("invalid_custom_id", "`custom_id` must be a non-empty string.", "custom_id")
+    if cid in seen:
+        raise _LineError("duplicate_custom_id", f"The custom_id {cid!r} appears more than once; "
+                         "custom_ids must be unique within a batch.", "custom_id")
+    seen.add(cid)
+    if obj.get("method") != "POST":
+        raise _LineError("invalid_method", "`method` must be \"POST\".", "method")
+    url = obj.get("url")
+    if url != endpoint:
+        raise _LineError("url_mismatch", f"The url {url!r} does not match the batch endpoint "
+                         f"{endpoint!r}.", "url")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise _LineError("invalid_body", "`body` must be a JSON object.", "body")
+    model_name = body.get("model")
+    if model_name is None:
+        raise _LineError("missing_model", "`body.model` is required.", "body.model")
+    model = cfg.model(model_name) if isinstance(model_name, str) else None
+    if model is None:
+        names = ", ".join(m.name for m in cfg.models)
+        raise _LineError("model_not_found", f"The model {model_name!r} is not configured here "
+                         f"(available: {names}).", "body.model")
+    if endpoint == EMBEDDINGS and not model.supports_embeddings:
+        raise _LineError("unsupported_endpoint", f"Model {model.name!r} does not serve "
+                         f"{EMBEDDINGS}.", "url")
+    if body.get("stream"):
+        raise _LineError("stream_unsupported", "`stream: true` is not supported in a batch.",
+                         "body.stream")
+    need = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}[endpoint]
+    value = body.get(need)
+    if value is None:
+        raise _LineError(f"missing_{need}", f"`body.{need}` is required for {endpoint}.",
+                         f"body.{need}")
+    if endpoint == CHAT and (not isinstance(value, list) or not value
+                             or not all(isinstance(m, dict) for m in value)):
+        raise _LineError("invalid_messages", "`body.messages` must be a non-empty list of "
+                         "message objects.", "body.messages")
+    if endpoint != CHAT and not isinstance(value, (str, list)):
+        raise _LineError(f"invalid_{need}", f"`body.{need}` must be a string or a list.",
+                         f"body.{need}")
+    prompt = tokens.count_body(model.name, endpoint, body)
+    max_tokens = _max_tokens(body, endpoint)
+    ctx = model.max_model_len
+    if endpoint == EMBEDDINGS:
+        if prompt > ctx:
+            raise _LineError("context_length_exceeded", f"The input has about {prompt} tokens; "
+                             f"the model's context is {ctx}.", f"body.{need}")
+        return WorkItem(lineno, cid, model.name, endpoint, body, prompt, 0)
+    if max_tokens is not None and prompt + max_tokens > ctx:
+        raise _LineError("context_length_exceeded", f"max_tokens {max_tokens} plus the prompt "
+                         f"(about {prompt} tokens) exceeds the model's context of {ctx} tokens.",
+                         "body.max_tokens")
+    if prompt >= ctx:
+        raise _LineError("context_length_exceeded", f"The prompt has about {prompt} tokens; the "
+                         f"model's context is {ctx} tokens.", f"body.{need}")
+    return WorkItem(lineno, cid, model.name, endpoint, body, prompt,
+                    max_tokens if max_tokens is not None else ctx - prompt)
+
+
+def _max_tokens(body: dict[str, Any], endpoint: str) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens") if endpoint == CHAT else ("max_tokens",):
+        v = body.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _LineError("invalid_max_tokens", f"`body.{key}` must be a positive integer.",
+                             f"body.{key}")
+        return v
+    return None

@@ -1,0 +1,91 @@
+"""An in-process executor double for gateway tests that need no engines (validation, listing, auth,
+cancel, restart). It honours the `Executor` protocol: each item yields exactly one Outcome through
+the sink, cancel stops the rest without outcomes. Requests whose prompt contains "FAIL" get the HTTP
+400 an engine would send. `hold()` makes requests wait until `release(n)` lets n of them finish."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Sequence
+
+from runtime.executor_api import Outcome, OutcomeSink, WorkItem
+
+
+class EchoExecutor:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.submitted: dict[str, list[WorkItem]] = {}
+        self.strategies: dict[str, str | None] = {}
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._gate: asyncio.Semaphore | None = None
+        self.started = self.closed = False
+        self.finished = 0
+
+    def hold(self) -> None:
+        self._gate = asyncio.Semaphore(0)
+
+    def release(self, n: int) -> None:
+        assert self._gate is not None
+        for _ in range(n):
+            self._gate.release()
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+        for bid in list(self._tasks):
+            await self.cancel(bid)
+
+    def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
+               strategy: str | None = None) -> None:
+        self.submitted.setdefault(batch_id, []).extend(items)
+        self.strategies[batch_id] = strategy
+        tasks = self._tasks.setdefault(batch_id, [])
+        tasks.extend(asyncio.create_task(self._run(it, sink)) for it in items)
+
+    async def _run(self, it: WorkItem, sink: OutcomeSink) -> None:
+        if self._gate is not None:
+            await self._gate.acquire()
+        await asyncio.sleep(self.delay_s)
+        await sink(outcome_for(it))
+        self.finished += 1
+
+    async def cancel(self, batch_id: str) -> None:
+        tasks = self._tasks.pop(batch_id, [])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait(self, batch_id: str) -> None:
+        while batch_id in self._tasks:
+            tasks = list(self._tasks[batch_id])
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._tasks.get(batch_id) == tasks:
+                self._tasks.pop(batch_id, None)
+
+    def events(self, batch_id: str) -> list[dict[str, Any]]:
+        return [{"event": "submit", "items": len(self.submitted.get(batch_id, []))}]
+
+
+def _text(it: WorkItem) -> str:
+    if "messages" in it.body:
+        return " ".join(str(m.get("content", "")) for m in it.body["messages"])
+    return str(it.body.get("prompt", ""))
+
+
+def outcome_for(it: WorkItem) -> Outcome:
+    text = _text(it)
+    if "FAIL" in text:
+        body = {"object": "error", "message": "simulated engine rejection", "type": "BadRequestError",
+                "param": None, "code": 400}
+        return Outcome(it.custom_id, it.line, it.model, 400, response_body=body,
+                       request_id=f"req-{it.custom_id}")
+    completion = 3
+    body = {"id": f"cmpl-{it.custom_id}", "object": "chat.completion", "model": it.model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"echo {text[:20]}"}}],
+            "usage": {"prompt_tokens": it.prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": it.prompt_tokens + completion}}
+    return Outcome(it.custom_id, it.line, it.model, 200, response_body=body,
+                   request_id=f"req-{it.custom_id}")
