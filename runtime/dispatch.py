@@ -1,0 +1,191 @@
+"""One engine replica ("slot") and the loop that feeds it from its model's shared queue.
+
+A slot launches its engine, then keeps about `limit` (1.5 × max_num_seqs) requests in flight: enough to
+keep vLLM's running batch full while later requests stay in the shared queue, where the other DP
+replicas of the model (and a re-plan) can still take them. Each request is one task awaiting
+`Engine.post`; cancelling that task aborts the request inside vLLM (the HTTP connection closes).
+
+Ownership rule that keeps every request accounted for exactly once: whoever removes a request from
+`slot.inflight` owns it. A request task that got its answer pops itself and reports the outcome; a
+stopper (preemption, engine death, cancel) pops the requests synchronously, then cancels their tasks and
+decides their fate (re-queue, error outcome, drop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from runtime.engine import Engine, EngineDied, EngineSpec, Launcher
+from runtime.executor_api import Outcome
+from runtime.pool_state import ModelQueues, Req
+
+log = logging.getLogger(__name__)
+
+
+class SlotState(enum.IntEnum):
+    STARTING = 0
+    RUNNING = 1
+    SLEEPING = 2  # GPU sleep mode level 1: weights offloaded, devices usable by others
+    STOPPING = 3
+    STOPPED = 4
+    FAILED = 5
+
+    @property
+    def active(self) -> bool:
+        return self in (SlotState.STARTING, SlotState.RUNNING)
+
+
+@dataclass(eq=False)
+class Slot:
+    sid: int
+    spec: EngineSpec
+    limit: int  # requests kept in flight
+    state: SlotState = SlotState.STARTING
+    engine: Engine | None = None
+    inflight: dict[Req, asyncio.Task] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None  # launch, then the dispatch loop
+
+    @property
+    def model(self) -> str:
+        return self.spec.model.name
+
+    @property
+    def key(self) -> tuple[str, int, tuple[int, ...]]:
+        """What a plan's replica is compared by: same key = keep this engine across a re-plan."""
+        return (self.model, self.spec.tp, tuple(self.spec.devices))
+
+    def describe(self) -> dict[str, Any]:
+        return {"slot": self.sid, "model": self.model, "tp": self.spec.tp,
+                "devices": list(self.spec.devices),
+                "pid": getattr(self.engine, "pid", None) if self.engine else None}
+
+
+class SlotHost(Protocol):
+    """What a slot needs from the executor."""
+
+    launcher: Launcher
+    queues: ModelQueues
+
+    def slot_started(self, slot: Slot) -> None: ...
+    def slot_start_failed(self, slot: Slot, message: str) -> None: ...
+    def slot_died(self, slot: Slot, message: str) -> None: ...
+    def check_drained(self, model: str) -> None: ...
+    async def finish(self, req: Req, outcome: Outcome) -> None: ...
+
+
+async def run_slot(slot: Slot, host: SlotHost) -> None:
+    """Launch the engine, then dispatch until cancelled (by a stop) or the engine dies."""
+    try:
+        slot.engine = await host.launcher.launch(slot.spec)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # EngineError (bad path, OOM, timeout) or anything the launcher raised
+        host.slot_start_failed(slot, str(exc) or type(exc).__name__)
+        return
+    slot.state = SlotState.RUNNING
+    host.slot_started(slot)
+    await serve_slot(slot, host)
+
+
+async def serve_slot(slot: Slot, host: SlotHost) -> None:
+    """Dispatch on a running engine while watching its process (also after a wake-up)."""
+    watcher = asyncio.create_task(_watch_exit(slot, host))
+    try:
+        await dispatch_loop(slot, host)
+    finally:
+        watcher.cancel()
+
+
+async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
+    while slot.state is SlotState.RUNNING:
+        while len(slot.inflight) < slot.limit:
+            req = host.queues.pop(slot.model)
+            if req is None:
+                break
+            req.dispatch()
+            slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
+        host.check_drained(slot.model)
+        # no await between filling and clearing: a wake-up cannot be lost
+        slot.wake.clear()
+        await slot.wake.wait()
+
+
+async def _watch_exit(slot: Slot, host: SlotHost) -> None:
+    assert slot.engine is not None
+    code = await slot.engine.wait_exit()
+    if slot.state is SlotState.RUNNING:  # an exit we did not ask for
+        host.slot_died(slot, f"engine process exited with code {code}")
+
+
+async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
+    assert slot.engine is not None
+    try:
+        status, body = await slot.engine.post(req.item.url, req.item.body)
+    except EngineDied as exc:
+        if req in slot.inflight:
+            host.slot_died(slot, str(exc))  # pops and re-queues (or fails) every in-flight request
+        return
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a transport error on a live engine: a per-request failure, like a 5xx
+        if req not in slot.inflight:
+            return
+        if not slot.engine.alive():
+            host.slot_died(slot, f"{type(exc).__name__}: {exc}")
+            return
+        status, body = 502, {"error": {"code": "engine_error", "message": f"{type(exc).__name__}: {exc}"}}
+    else:
+        if req not in slot.inflight:
+            return  # a stopper took it over
+        if status >= 500 and not slot.engine.alive():
+            host.slot_died(slot, f"engine answered {status} and exited")
+            return
+    del slot.inflight[req]
+    slot.wake.set()  # room for one more
+    await host.finish(req, make_outcome(req, status, body))
+
+
+def make_outcome(req: Req, status: int, body: dict[str, Any]) -> Outcome:
+    item = req.item
+    rid = str(body.get("id", "")) if isinstance(body, dict) else ""
+    if status == 200:
+        return Outcome(custom_id=item.custom_id, line=item.line, model=item.model, status_code=200,
+                       response_body=body, request_id=rid, attempts=req.attempts)
+    # 4xx (and a 5xx from a live engine): a per-request error, never retried. vLLM's error body is
+    # {"error": {"message", "type", "param", "code"}}; older servers return the fields at top level.
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        err = body if isinstance(body, dict) else {"message": str(body)}
+    err = {"code": err.get("code") or str(status), "message": str(err.get("message", "")), **{
+        k: v for k, v in err.items() if k not in ("code", "message")}}
+    return Outcome(custom_id=item.custom_id, line=item.line, model=item.model, status_code=status,
+                   error=err, request_id=rid, attempts=req.attempts, extra={"body": body})
+
+
+# GPU sleep mode, level 1 (vLLM offloads the weights to host memory and drops the KV cache, so the
+# GPUs are free for another engine while this one waits to be needed again; waking is much faster
+# than a reload). vLLM serves /sleep and /wake_up only when the engine runs with
+# `--enable-sleep-mode` (a model's `engine_args = { enable_sleep_mode = true }`) and the environment
+# has VLLM_SERVER_DEV_MODE=1. Enabled by `[devices] sleep_mode`; GPU only; untested on this CPU machine.
+# Any failure answers False and the executor stops the engine instead.
+async def sleep_engine(engine: Engine) -> bool:
+    try:
+        status, _ = await engine.post("/sleep?level=1", {})
+    except Exception as exc:  # an engine that cannot sleep is stopped instead
+        log.warning("sleep failed for %r: %s", engine, exc)
+        return False
+    return status == 200
+
+
+async def wake_engine(engine: Engine) -> bool:
+    try:
+        status, _ = await engine.post("/wake_up", {})
+    except Exception as exc:
+        log.warning("wake_up failed for %r: %s", engine, exc)
+        return False
+    return status == 200 and engine.alive()

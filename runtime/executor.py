@@ -1,0 +1,464 @@
+"""`PoolExecutor`: runs pooled batches on vLLM engines and re-plans at every real event.
+
+One control task owns every engine start and stop. Events (a batch submitted, a model's queue drained,
+an engine died or failed to start, a cancel) are coalesced into *passes*; each pass builds a planning
+problem from the observed state (`runtime.replan`), calls the planner and applies only the FIRST stage
+of the returned schedule: engines whose (model, tp, devices) are unchanged keep running, the others are
+stopped (their in-flight requests go back to the queue and are re-run from scratch), the new ones start
+concurrently. Later stages are re-decided at the next event, with what has been learned since.
+
+Each engine replica pulls from its model's shared queue (`runtime.dispatch`). A request is done once
+its batch's sink returned; its output length then updates the `LengthModel`, which is saved under the
+state dir at each re-plan and survives restarts (`runtime.lengths_store`).
+
+Failures: an engine that dies has its in-flight requests re-queued (each at most
+`limits.max_retries` times, then an `engine_failed` error outcome) and the pass restarts one; an engine
+that fails to start turns every queued request of its model into an `engine_start_failed` error
+(other models keep running); a 4xx answer is that request's error, never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from runtime import dispatch
+from runtime.config import STRATEGIES, Config
+from runtime.devices import discover_pool
+from runtime.dispatch import Slot, SlotState
+from runtime.engine import EngineSpec, Launcher
+from runtime.executor_api import Outcome, OutcomeSink, WorkItem
+from runtime.lengths_store import load_length_model, save_length_model
+from runtime.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
+from runtime.replan import (EMBEDDINGS_URL, LatencySource, build_problem, describe_stage, model_specs,
+                            running_plans, sample_work, stage_replicas)
+from scheduler.planner import PlanningProblem, plan
+from scheduler.types import DevicePool, Schedule, Stage
+
+log = logging.getLogger(__name__)
+INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max_num_seqs
+
+Planner = Callable[[PlanningProblem, str], Schedule]
+
+
+class PoolExecutor:
+    """The `runtime.executor_api.Executor` implementation (see the module docstring)."""
+
+    def __init__(self, cfg: Config, launcher: Launcher, *, planner: Planner = plan,
+                 state_dir: Path | None = None, pool: DevicePool | None = None) -> None:
+        self.cfg = cfg
+        self.launcher = launcher
+        self.queues = ModelQueues()
+        self.pool = pool  # None: discovered by start()
+        self.state_dir = Path(state_dir) if state_dir is not None else cfg.state_dir
+        self._planner = planner
+        self._specs = model_specs(cfg)
+        self._lengths = load_length_model(self.state_dir)
+        self._batches: dict[str, BatchState] = {}
+        self._pools: list[Pool] = []  # FIFO; the head is the active one
+        self._slots: list[Slot] = []  # engines starting, running or sleeping
+        self._dying: set[asyncio.Task] = set()  # stops of engines that died (devices not free yet)
+        self._delivering: set[asyncio.Task] = set()
+        self._sid = itertools.count(1)
+        self._reasons: list[str] = []
+        self._pass_waiters: list[asyncio.Future] = []
+        self._wake = asyncio.Event()
+        self._control: asyncio.Task | None = None
+        self._closing = False
+        self._start_times: dict[tuple[str, int], float] = {}  # measured engine start, (model, tp)
+
+    # -- Executor protocol -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.pool is None:
+            self.pool = discover_pool(self.cfg)
+        self._control = asyncio.create_task(self._control_loop(), name="executor-control")
+        log.info("executor ready: %s devices %s", self.pool.kind, list(self.pool.ids))
+
+    def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
+               strategy: str | None = None) -> None:
+        if self._closing:
+            raise RuntimeError("executor is closed")
+        strategy = strategy or self.cfg.scheduler.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+        old = self._batches.get(batch_id)
+        if old is not None and not old.finished.is_set():
+            raise ValueError(f"batch {batch_id} is already running")
+        batch = BatchState(batch_id, sink, strategy, [Req(batch_id, it) for it in items])
+        self._batches[batch_id] = batch
+        if self._pools and self._pools[-1].strategy == strategy:
+            pool = self._pools[-1]
+        else:
+            pool = Pool(strategy)
+            self._pools.append(pool)
+        pool.batches.append(batch)
+        self._emit("batch_submitted", [batch], requests=len(batch.reqs), strategy=strategy,
+                   pooled_with=[b for b in pool.batch_ids if b != batch_id])
+        for req in batch.reqs:
+            if self.cfg.model(req.model) is None:
+                self._fail_queued(req, "model_not_found", f"model {req.model!r} is not configured")
+            elif pool.active:
+                self._push(req)
+        batch.check_finished()
+        self._request_pass(f"batch_submitted:{batch_id}")
+
+    async def cancel(self, batch_id: str) -> None:
+        batch = self._batches.get(batch_id)
+        if batch is None or batch.finished.is_set():
+            return
+        batch.cancelled = True
+        aborted: list[asyncio.Task] = []
+        for slot in self._slots:
+            for req in [r for r in slot.inflight if r.batch_id == batch_id]:
+                task = slot.inflight.pop(req)
+                req.cancel()
+                task.cancel()
+                aborted.append(task)
+            slot.wake.set()
+        for req in batch.reqs:
+            if req.state is ReqState.QUEUED:
+                req.cancel()
+        self.queues.purge()
+        self._emit("batch_cancelled", [batch], aborted=len(aborted))
+        batch.finished.set()
+        # wait for aborted requests and for outcomes being delivered; then let a pass free engines
+        pending = [r.task for r in batch.reqs if r.task is not None and not r.task.done()]
+        await asyncio.gather(*aborted, *pending, return_exceptions=True)
+        await self._request_pass(f"batch_cancelled:{batch_id}")
+
+    async def wait(self, batch_id: str) -> None:
+        await self._batches[batch_id].finished.wait()
+
+    def events(self, batch_id: str) -> list[dict[str, Any]]:
+        batch = self._batches.get(batch_id)
+        return list(batch.events) if batch else []
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._control is not None:
+            self._control.cancel()
+            await asyncio.gather(self._control, return_exceptions=True)
+        await asyncio.gather(*(self._stop_slot(s, "close") for s in list(self._slots)),
+                             return_exceptions=True)
+        await asyncio.gather(*self._dying, *self._delivering, return_exceptions=True)
+        save_length_model(self.state_dir, self._lengths)
+        for waiter in self._pass_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- what dispatch.SlotHost asks of us --------------------------------------------------------
+    def slot_started(self, slot: Slot) -> None:
+        assert slot.engine is not None
+        start_s = getattr(slot.engine, "start_time_s", None)
+        if isinstance(start_s, (int, float)) and start_s > 0:
+            key = (slot.model, slot.spec.tp)
+            old = self._start_times.get(key)  # smoothed: starts vary with what else is starting
+            self._start_times[key] = start_s if old is None else 0.5 * (old + start_s)
+        self._emit("engine_started", **slot.describe(), start_s=start_s)
+
+    def slot_start_failed(self, slot: Slot, message: str) -> None:
+        slot.state = SlotState.FAILED
+        self._slots.remove(slot)
+        self._emit("engine_start_failed", **slot.describe(), message=message[-2000:])
+        log.error("engine for %s on %s failed to start:\n%s", slot.model, slot.spec.devices, message)
+        for req in self.queues.drain(slot.model):
+            self._fail_queued(req, "engine_start_failed", message)
+        self._request_pass(f"engine_start_failed:{slot.model}")
+
+    def slot_died(self, slot: Slot, message: str) -> None:
+        if not slot.state.active:
+            return  # already stopping (we asked) or handled
+        slot.state = SlotState.FAILED
+        self._slots.remove(slot)
+        reqs = self._take_inflight(slot)
+        self._emit("engine_failed", **slot.describe(), message=message, requeued=len(reqs))
+        log.error("engine for %s on %s died: %s", slot.model, slot.spec.devices, message)
+        for req in reqs:
+            req.requeue()
+            req.failures += 1
+            if req.failures > self.cfg.limits.max_retries:
+                self._fail_queued(req, "engine_failed",
+                                  f"the engine died {req.failures} times under this request; "
+                                  f"last: {message}")
+        for req in reversed([r for r in reqs if r.state is ReqState.QUEUED]):
+            self._push(req, front=True)
+        if slot.task is not None and slot.task is not asyncio.current_task():
+            slot.task.cancel()
+        if slot.engine is not None:  # reap the process group; its devices are busy until then
+            task = asyncio.create_task(slot.engine.stop())
+            self._dying.add(task)
+            task.add_done_callback(self._dying.discard)
+        self._request_pass(f"engine_failed:{slot.model}")
+
+    def check_drained(self, model: str) -> None:
+        if self.queues.finish_signalled.get(model, True) or self.queues.has_queued(model):
+            return
+        if any(s.inflight for s in self._slots if s.model == model):
+            return
+        self.queues.finish_signalled[model] = True
+        self._emit("model_finished", model=model)
+        self._request_pass(f"model_finished:{model}")
+
+    async def finish(self, req: Req, outcome: Outcome) -> None:
+        req.report()
+        await self._deliver(req, outcome)
+
+    # -- requests ------------------------------------------------------------------------------
+    def _push(self, req: Req, front: bool = False) -> None:
+        self.queues.push(req, front)
+        for slot in self._slots:
+            if slot.model == req.model:
+                slot.wake.set()
+
+    def _take_inflight(self, slot: Slot) -> list[Req]:
+        """Pop (own) and abort every in-flight request of `slot`, in dispatch order."""
+        reqs = list(slot.inflight)
+        for task in slot.inflight.values():
+            task.cancel()
+        slot.inflight.clear()
+        return reqs
+
+    def _fail_queued(self, req: Req, code: str, message: str) -> None:
+        """An error outcome for a request that no engine will answer."""
+        req.report()
+        outcome = Outcome(custom_id=req.item.custom_id, line=req.item.line, model=req.model,
+                          status_code=None, error={"code": code, "message": message},
+                          attempts=req.attempts)
+        task = asyncio.create_task(self._deliver(req, outcome))
+        req.task = task
+        self._delivering.add(task)
+        task.add_done_callback(self._delivering.discard)
+
+    async def _deliver(self, req: Req, outcome: Outcome) -> None:
+        batch = self._batches[req.batch_id]
+        if outcome.ok:
+            self._observe(req, outcome)
+        try:
+            await batch.sink(outcome)
+        except Exception:  # the journal's problem; the request must not run again in this process
+            log.exception("sink of batch %s failed for %s", batch.batch_id, req.item.custom_id)
+        req.done()
+        if not batch.cancelled and batch.check_finished():
+            self._emit("batch_finished", [batch])
+        if self._pools and batch in self._pools[0].batches and not self._pools[0].open_reqs():
+            self._request_pass("pool_finished")
+
+    def _observe(self, req: Req, outcome: Outcome) -> None:
+        """Feed a finished request's output length to the length model (censored when capped)."""
+        body = outcome.response_body or {}
+        if req.item.url == EMBEDDINGS_URL:
+            return
+        usage = body.get("usage") or {}
+        tokens = usage.get("completion_tokens")
+        choices = body.get("choices") or [{}]
+        if not isinstance(tokens, int):
+            return
+        per_choice = max(1, round(tokens / len(choices)))
+        for choice in choices:
+            capped = isinstance(choice, dict) and choice.get("finish_reason") == "length"
+            self._lengths.observe(req.model, req.item.url, per_choice, capped)
+
+    # -- control ----------------------------------------------------------------------------------
+    def _request_pass(self, reason: str) -> asyncio.Future:
+        """Ask the control task for a re-plan; the future resolves when a pass after now completed."""
+        fut = asyncio.get_running_loop().create_future()
+        self._reasons.append(reason)
+        self._pass_waiters.append(fut)
+        self._wake.set()
+        return fut
+
+    async def _control_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            reasons, self._reasons = self._reasons, []
+            waiters, self._pass_waiters = self._pass_waiters, []
+            try:
+                await self._pass(reasons)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("executor pass failed (reasons %s)", reasons)
+            finally:
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+
+    def _active_pool(self) -> Pool | None:
+        """Retire finished pools; activate the next one (its requests enter the queues)."""
+        while self._pools and not self._pools[0].open_reqs():
+            self._pools.pop(0)
+        if not self._pools:
+            return None
+        head = self._pools[0]
+        if not head.active:
+            head.active = True
+            for batch in head.batches:
+                for req in batch.reqs:
+                    if req.state is ReqState.QUEUED:
+                        self._push(req)
+        return head
+
+    async def _pass(self, reasons: list[str]) -> None:
+        head = self._active_pool()
+        todo = [r for r in head.open_reqs() if r.state in (ReqState.QUEUED, ReqState.INFLIGHT)] \
+            if head else []
+        if not todo:  # nothing left to run: free every device, keep what was learned
+            await asyncio.gather(*(self._stop_slot(s, "no work") for s in list(self._slots)))
+            await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
+            return
+        assert head is not None
+        schedule = await self._plan(head, todo, reasons)
+        if schedule is None:
+            return
+        await self._apply(schedule.stages[0] if schedule.stages else None, head)
+        if not any(s.state.active for s in self._slots) and not self._dying:
+            # nothing runs and nothing will produce an event: the plan left queued work stranded
+            for req in [r for r in head.open_reqs() if r.state is ReqState.QUEUED]:
+                self._fail_queued(req, "planning_failed", "the plan runs no engine for this model")
+
+    async def _plan(self, head: Pool, todo: list[Req], reasons: list[str]) -> Schedule | None:
+        assert self.pool is not None
+        head.plans += 1
+        await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
+        rng = np.random.default_rng([self.cfg.scheduler.seed, head.plans])
+        work = sample_work(todo, {}, self._lengths, rng)
+        alive = [s.key for s in self._slots if s.state.active]
+        latency = LatencySource.load(self.state_dir, self.pool, list(work), self._start_times)
+        problem = build_problem(self.cfg, self.pool, self._specs, latency, work,
+                                running_plans(alive), seed=self.cfg.scheduler.seed + head.plans)
+        t0 = time.monotonic()
+        try:
+            schedule = await asyncio.to_thread(self._planner, problem, head.strategy)
+        except Exception as exc:
+            log.exception("planner failed (%s)", head.strategy)
+            self._emit("plan_failed", strategy=head.strategy, message=str(exc))
+            for req in [r for r in todo if r.state is ReqState.QUEUED]:
+                self._fail_queued(req, "planning_failed", f"{type(exc).__name__}: {exc}")
+            return None
+        first = schedule.stages[0] if schedule.stages else None
+        self._emit("plan" if head.plans == 1 else "replan", strategy=head.strategy,
+                   reasons=reasons, stage=describe_stage(first) if first else [],
+                   stages=len(schedule.stages), predicted_makespan_s=schedule.makespan_s,
+                   planning_time_s=round(time.monotonic() - t0, 4),
+                   remaining={m: len(w) for m, w in work.items()},
+                   running=[{"model": k[0], "tp": k[1], "devices": list(k[2])} for k in alive])
+        return schedule
+
+    async def _apply(self, stage: Stage | None, head: Pool) -> None:
+        desired = stage_replicas(stage) if stage is not None else {}
+        keep = {s.key: s for s in self._slots if s.state.active and s.key in desired}
+        wake = {s.key: s for s in self._slots
+                if s.state is SlotState.SLEEPING and s.key in desired and s.key not in keep}
+        new = [k for k in desired if k not in keep and k not in wake]
+        needed = {d for k in new for d in k[2]}
+        busy = {m for m in (r.model for r in head.open_reqs() if r.state is ReqState.QUEUED)}
+        stops, sleeps = [], []
+        for s in self._slots:
+            if s.key in keep or s.key in wake:
+                continue
+            if s.state.active and self._may_sleep(s, needed, busy):
+                sleeps.append(s)
+            elif s.state.active or s.state is SlotState.SLEEPING and (
+                    needed & set(s.spec.devices) or s.model not in busy):
+                stops.append(s)
+        await asyncio.gather(*(self._stop_slot(s, "re-plan") for s in stops),
+                             *(self._sleep_slot(s) for s in sleeps))
+        await asyncio.gather(*list(self._dying), return_exceptions=True)
+        for slot in wake.values():
+            await self._wake_slot(slot)
+        for key in new:
+            if key[0] in busy or any(r.model == key[0] for r in head.open_reqs()):
+                self._start_slot(key)
+
+    def _start_slot(self, key: tuple[str, int, tuple[int, ...]]) -> None:
+        assert self.pool is not None
+        model, tp, devices = key
+        mc = self.cfg.model(model)
+        assert mc is not None
+        sid = next(self._sid)
+        path = mc.resolved_path(self.cfg.base_dir)
+        spec = EngineSpec(
+            model=mc, model_path=path or Path("."), devices=devices,
+            device_kind="cpu" if self.pool.kind == "cpu" else "cuda", tp=tp,
+            kv_cache_gib=self.cfg.devices.cpu_kvcache_gib,
+            gpu_memory_utilization=self.cfg.devices.gpu_memory_utilization,
+            log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")
+        slot = Slot(sid, spec, limit=max(1, math.ceil(INFLIGHT_FACTOR * mc.max_num_seqs)))
+        self._slots.append(slot)
+        self._emit("engine_start", **slot.describe())
+        if path is None:
+            self.slot_start_failed(slot, f"model {model!r} has no `path` (plan-only model)")
+            return
+        slot.task = asyncio.create_task(dispatch.run_slot(slot, self), name=f"slot-{sid}-{model}")
+
+    async def _stop_slot(self, slot: Slot, why: str) -> None:
+        if slot.state in (SlotState.STOPPING, SlotState.STOPPED, SlotState.FAILED):
+            return
+        slot.state = SlotState.STOPPING
+        reqs = self._take_inflight(slot)
+        for req in reversed(reqs):  # preempted, not failed: re-run later, no retry consumed
+            req.requeue()
+            self._push(req, front=True)
+        self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
+        if slot.task is not None:
+            slot.task.cancel()
+            await asyncio.gather(slot.task, return_exceptions=True)
+        if slot.engine is not None:
+            await slot.engine.stop()
+        slot.state = SlotState.STOPPED
+        if slot in self._slots:
+            self._slots.remove(slot)
+
+    # -- GPU sleep mode (see dispatch.sleep_engine) -----------------------------------------------
+    def _may_sleep(self, slot: Slot, needed: set[int], busy: set[str]) -> bool:
+        """Sleep instead of stop: a GPU engine whose model has work left for later, on devices the
+        new stage does not use (a sleeping engine still holds its CUDA context)."""
+        return (self.cfg.devices.sleep_mode and slot.spec.device_kind == "cuda"
+                and slot.model in busy and not needed & set(slot.spec.devices))
+
+    async def _sleep_slot(self, slot: Slot) -> None:
+        reqs = self._take_inflight(slot)
+        slot.state = SlotState.SLEEPING
+        for req in reversed(reqs):
+            req.requeue()
+            self._push(req, front=True)
+        if slot.task is not None:
+            slot.task.cancel()
+            await asyncio.gather(slot.task, return_exceptions=True)
+        assert slot.engine is not None
+        if await dispatch.sleep_engine(slot.engine):
+            self._emit("engine_sleep", **slot.describe(), requeued=len(reqs))
+        else:
+            slot.state = SlotState.RUNNING  # so that _stop_slot handles it
+            await self._stop_slot(slot, "sleep failed")
+
+    async def _wake_slot(self, slot: Slot) -> None:
+        assert slot.engine is not None
+        if await dispatch.wake_engine(slot.engine):
+            slot.state = SlotState.RUNNING
+            self._emit("engine_wake", **slot.describe())
+            slot.task = asyncio.create_task(dispatch.serve_slot(slot, self))
+        else:
+            slot.state = SlotState.RUNNING
+            await self._stop_slot(slot, "wake failed")
+            self._start_slot(slot.key)
+
+    # -- events -----------------------------------------------------------------------------------
+    def _emit(self, kind: str, batches: list[BatchState] | None = None, **data: Any) -> None:
+        """Record an event for `batches` (default: every batch of the active pool) and log it."""
+        if batches is None:
+            batches = [b for b in self._pools[0].batches if not b.finished.is_set()] \
+                if self._pools else []
+        event = {"time": round(time.time(), 3), "event": kind, **data}
+        for b in batches:
+            b.events.append(event)
+        log.info("%s %s", kind, {k: v for k, v in data.items() if k != "message"} | (
+            {"batches": [b.batch_id for b in batches]}))

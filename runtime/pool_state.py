@@ -1,0 +1,157 @@
+"""The executor's bookkeeping: requests, batches, pools of batches, per-model queues.
+
+Pure state with guarded transitions (no engines, no I/O). One request moves
+QUEUED -> INFLIGHT -> (QUEUED again after a preemption or an engine death) -> REPORTING -> DONE;
+CANCELLED from QUEUED or INFLIGHT. A request counts as DONE only once its batch's sink returned.
+
+A *pool* is a group of batches that share a strategy and are planned as one multi-LLM job. Pools run
+one after another in submission order; a new batch joins the newest pool when the strategies match
+(it then never overtakes an earlier batch of another strategy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.executor_api import OutcomeSink, WorkItem
+
+
+class ReqState(enum.IntEnum):
+    QUEUED = 0
+    INFLIGHT = 1
+    REPORTING = 2  # the engine answered; the sink is being awaited (never aborted)
+    DONE = 3
+    CANCELLED = 4
+
+    @property
+    def finished(self) -> bool:
+        return self >= ReqState.DONE
+
+
+class TransitionError(RuntimeError):
+    """A request was moved out of a state it was not in (a bug in the executor)."""
+
+
+@dataclass(eq=False)  # identity semantics: requests live in sets and dicts
+class Req:
+    batch_id: str
+    item: WorkItem
+    state: ReqState = ReqState.QUEUED
+    attempts: int = 0  # times sent to an engine (preemptions and failures included)
+    failures: int = 0  # times its engine died under it (bounded by limits.max_retries)
+    task: asyncio.Task | None = None  # the task sending it or reporting its outcome (cancel awaits it)
+
+    @property
+    def model(self) -> str:
+        return self.item.model
+
+    def _move(self, frm: tuple[ReqState, ...], to: ReqState) -> None:
+        if self.state not in frm:
+            raise TransitionError(f"{self.item.custom_id}: {self.state.name} -> {to.name}")
+        self.state = to
+
+    def dispatch(self) -> None:
+        self._move((ReqState.QUEUED,), ReqState.INFLIGHT)
+        self.attempts += 1
+
+    def requeue(self) -> None:
+        self._move((ReqState.INFLIGHT,), ReqState.QUEUED)
+
+    def report(self) -> None:
+        # QUEUED -> REPORTING: an error outcome for a request that never reached an engine
+        self._move((ReqState.QUEUED, ReqState.INFLIGHT), ReqState.REPORTING)
+
+    def done(self) -> None:
+        self._move((ReqState.REPORTING,), ReqState.DONE)
+
+    def cancel(self) -> None:
+        self._move((ReqState.QUEUED, ReqState.INFLIGHT), ReqState.CANCELLED)
+
+
+@dataclass(eq=False)
+class BatchState:
+    batch_id: str
+    sink: OutcomeSink
+    strategy: str
+    reqs: list[Req]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    cancelled: bool = False
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def open_reqs(self) -> list[Req]:
+        return [r for r in self.reqs if not r.state.finished]
+
+    def check_finished(self) -> bool:
+        if self.cancelled or not self.open_reqs:
+            self.finished.set()
+        return self.finished.is_set()
+
+
+@dataclass(eq=False)
+class Pool:
+    """Batches planned together. Only the head pool of the executor is active (has queued requests)."""
+
+    strategy: str
+    batches: list[BatchState] = field(default_factory=list)
+    active: bool = False  # its requests are in the model queues
+    plans: int = 0  # plans made for it (the first is a "plan", later ones "replan")
+
+    def open_reqs(self) -> list[Req]:
+        return [r for b in self.batches for r in b.open_reqs]
+
+    @property
+    def batch_ids(self) -> list[str]:
+        return [b.batch_id for b in self.batches]
+
+
+class ModelQueues:
+    """FIFO queues of QUEUED requests per model for the active pool; DP replicas pull from the same one.
+
+    `finish_signalled[model]` remembers that a "model finished" event was emitted for the queue's current
+    contents, so the event fires once per drain (a push resets it)."""
+
+    def __init__(self) -> None:
+        self._q: dict[str, deque[Req]] = {}
+        self.finish_signalled: dict[str, bool] = {}
+
+    def push(self, req: Req, front: bool = False) -> None:
+        q = self._q.setdefault(req.model, deque())
+        # re-queued requests go first: they were admitted earlier (input order is kept where possible)
+        q.appendleft(req) if front else q.append(req)
+        self.finish_signalled[req.model] = False
+
+    def pop(self, model: str) -> Req | None:
+        q = self._q.get(model)
+        while q:
+            req = q.popleft()
+            if req.state is ReqState.QUEUED:  # cancelled ones are skipped lazily
+                return req
+        return None
+
+    def has_queued(self, model: str) -> bool:
+        q = self._q.get(model)
+        while q and q[0].state is not ReqState.QUEUED:
+            q.popleft()  # drop cancelled heads: the new head, if any, is queued
+        return bool(q)
+
+    def queued(self, model: str) -> list[Req]:
+        return [r for r in self._q.get(model, ()) if r.state is ReqState.QUEUED]
+
+    def models(self) -> list[str]:
+        return [m for m in self._q if self.queued(m)]
+
+    def drain(self, model: str) -> list[Req]:
+        """Remove and return every queued request of `model`."""
+        reqs = self.queued(model)
+        self._q.pop(model, None)
+        return reqs
+
+    def purge(self) -> None:
+        """Forget cancelled entries (they are skipped anyway; this bounds memory)."""
+        for m in list(self._q):
+            self._q[m] = deque(r for r in self._q[m] if r.state is ReqState.QUEUED)

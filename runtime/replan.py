@@ -1,0 +1,144 @@
+"""From the executor's observed state to a `PlanningProblem`, and from a plan's first stage to engines.
+
+Planning inputs (all observed, never the submission-time guesses):
+- work: every unfinished request of the active pool (queued or in flight), its output length drawn
+  from the learned `LengthModel` (updated by every finished request) and capped by its `max_tokens`;
+  in-flight requests count from scratch (the engine does not tell us how far they are);
+- running: the plans of the engines alive now, so the planner can keep them (no reload);
+- latency per (model, tp): a measured profile stored under `<state_dir>/profiles/` when there is
+  one, else the analytic roofline model of `scheduler.latency`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from runtime import profiles
+from runtime.config import Config
+from runtime.pool_state import Req
+from scheduler.latency import LatencyModel, analytic_latency_model
+from scheduler.lengths import LengthModel
+from scheduler.placement import gpu_kv_bytes_per_rank, tp_degrees
+from scheduler.planner import PlanningProblem
+from scheduler.types import DevicePool, ExecPlan, ModelSpec, SimRequest, Stage
+
+EMBEDDINGS_URL = "/v1/embeddings"
+# vLLM CPU engine start (spawn, weights, KV allocation, warm-up) measured on this machine: 21-30 s;
+# planning with a zero reload cost would make re-plans churn engines for nothing.
+DEFAULT_CPU_LOAD_S = 25.0
+ReplicaKey = tuple[str, int, tuple[int, ...]]  # (model, tp, devices of one replica)
+
+
+def model_specs(cfg: Config) -> dict[str, ModelSpec]:
+    """The planner's view of every configured model (architecture + engine limits)."""
+    out = {}
+    for m in cfg.models:
+        a = m.architecture(cfg.base_dir)
+        out[m.name] = ModelSpec(
+            name=m.name, num_layers=a.num_layers, hidden_size=a.hidden_size, num_heads=a.num_heads,
+            num_kv_heads=a.num_kv_heads, intermediate_size=a.intermediate_size,
+            vocab_size=a.vocab_size, dtype_bytes=m.dtype_bytes, max_model_len=m.max_model_len,
+            max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
+            num_experts=a.num_experts, experts_per_token=a.experts_per_token)
+    return out
+
+
+@dataclass
+class LatencySource:
+    """Latency per (model, tp) for the planner: the profile stored under `<state_dir>/profiles/` when
+    one was measured, else the analytic roofline. Loaded before planning (profiles may have been
+    written since the last plan), so the planner's thread does no I/O."""
+
+    table: dict[tuple[str, int], LatencyModel]
+    device: str
+    # engine start seconds measured by this runtime per (model, tp), used when a profile has no
+    # load time; without either, CPU engines are assumed to take DEFAULT_CPU_LOAD_S to start
+    start_times: dict[tuple[str, int], float]
+
+    @classmethod
+    def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
+             start_times: dict[tuple[str, int], float]) -> "LatencySource":
+        table = {}
+        for m in models:
+            for tp in tp_degrees(pool):
+                prof = profiles.load_profile(state_dir, m, tp, pool.signature)
+                if prof is not None:
+                    table[(m, tp)] = prof.latency
+        return cls(table, pool.signature, dict(start_times))
+
+    def __call__(self, spec: ModelSpec, tp: int) -> LatencyModel:
+        lat = self.table.get((spec.name, tp)) or analytic_latency_model(spec, tp, self.device)
+        if lat.load_time_s > 0:
+            return lat
+        measured = self.start_times.get((spec.name, tp))
+        if measured is not None:
+            return lat.with_load_time(measured)
+        return lat.with_load_time(DEFAULT_CPU_LOAD_S) if self.device == "cpu" else lat
+
+
+def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int]:
+    """KV bytes one TP rank gets: the configured CPU KV space, or what a GPU has left after weights."""
+    if pool.kind == "cpu":
+        per_rank = int(cfg.devices.cpu_kvcache_gib * (1 << 30))
+        return lambda spec, tp: per_rank
+    util = cfg.devices.gpu_memory_utilization
+    return lambda spec, tp: gpu_kv_bytes_per_rank(spec, tp, pool.memory_bytes, util)
+
+
+def sample_work(reqs: Sequence[Req], rids: dict[int, Req], lengths: LengthModel,
+                rng: np.random.Generator) -> dict[str, list[SimRequest]]:
+    """SimRequests per model with sampled output lengths. `rids` gets rid -> Req (for diagnostics)."""
+    groups: dict[tuple[str, str], list[Req]] = {}
+    for r in reqs:
+        groups.setdefault((r.model, r.item.url), []).append(r)
+    work: dict[str, list[SimRequest]] = {}
+    for (model, url), group in sorted(groups.items()):
+        caps = np.array([max(1, r.item.max_tokens) for r in group], dtype=np.int64)
+        if url == EMBEDDINGS_URL:
+            outs = np.ones(len(group), dtype=np.int64)  # one forward pass, no decode
+        else:
+            outs = np.minimum(lengths.sample(model, url, caps, rng), caps)
+        for r, out in zip(group, outs):
+            rid = len(rids)
+            rids[rid] = r
+            work.setdefault(model, []).append(
+                SimRequest(rid=rid, prompt_len=max(1, r.item.prompt_tokens), output_len=max(1, int(out))))
+    return work
+
+
+def running_plans(keys: Iterable[ReplicaKey]) -> dict[str, ExecPlan]:
+    """Group the live replicas of each model into one ExecPlan (replicas in device order)."""
+    by_model: dict[str, list[ReplicaKey]] = {}
+    for k in keys:
+        by_model.setdefault(k[0], []).append(k)
+    plans = {}
+    for model, ks in by_model.items():
+        tp = ks[0][1]
+        ks = sorted(k for k in ks if k[1] == tp)  # mixed TP cannot happen; keep the first degree
+        plans[model] = ExecPlan(model=model, tp=tp, dp=len(ks),
+                                devices=tuple(d for k in ks for d in k[2]))
+    return plans
+
+
+def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,
+                  work: dict[str, list[SimRequest]], running: dict[str, ExecPlan],
+                  seed: int) -> PlanningProblem:
+    models = {m: specs[m] for m in work}
+    return PlanningProblem(
+        models=models, work=work, pool=pool, latency=latency, kv_bytes_per_rank=kv_bytes_fn(cfg, pool),
+        running={m: p for m, p in running.items() if m in models}, top_k=cfg.scheduler.top_k,
+        seed=seed)
+
+
+def stage_replicas(stage: Stage) -> dict[ReplicaKey, ExecPlan]:
+    """Replica keys the stage wants, one engine each."""
+    return {(p.model, p.tp, tuple(devs)): p for p in stage.plans for devs in p.replicas()}
+
+
+def describe_stage(stage: Stage) -> list[dict]:
+    return [{"model": p.model, "tp": p.tp, "dp": p.dp, "devices": list(p.devices)}
+            for p in stage.plans]

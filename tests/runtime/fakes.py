@@ -1,0 +1,108 @@
+"""A test-double launcher: engines that answer chat completions after a short delay, can be killed,
+can fail to start, and check the invariants a real node enforces (one engine per device at a time)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.engine import EngineDied, EngineError, EngineSpec
+
+
+class FakeEngine:
+    def __init__(self, spec: EngineSpec, launcher: "FakeLauncher", pid: int) -> None:
+        self.spec = spec
+        self.launcher = launcher
+        self.pid = pid
+        self.base_url = f"fake://{pid}"
+        self.start_time_s = launcher.start_delay_s
+        self.inflight = 0
+        self.max_inflight = 0
+        self.served = 0
+        self.stopped = False
+        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def alive(self) -> bool:
+        return not self._exit.done()
+
+    def kill(self, code: int = -9) -> None:
+        """The process dies (as if SIGKILLed or OOM-killed)."""
+        if not self._exit.done():
+            self._exit.set_result(code)
+
+    async def stop(self, timeout_s: float = 30) -> None:
+        self.stopped = True
+        self.kill(0)
+
+    async def wait_exit(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    async def post(self, url: str, body: dict) -> tuple[int, dict]:
+        if not self.alive():
+            raise EngineDied(f"engine {self.pid} is gone")
+        self.launcher.posts.append((self.spec.model.name, body.get("custom_tag")))
+        if body.get("model") != self.spec.model.name:
+            return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                   "type": "NotFoundError", "param": None, "code": 404}}
+        if "messages" not in body:
+            return 400, {"error": {"message": "messages: field required", "type": "BadRequestError",
+                                   "param": None, "code": 400}}
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            if self.launcher.die_on_post.get(self.spec.model.name):
+                self.kill(-9)
+            sleep = asyncio.ensure_future(asyncio.sleep(self.launcher.delay_s.get(self.spec.model.name,
+                                                                                  0.01)))
+            done, _ = await asyncio.wait({sleep, self._exit}, return_when=asyncio.FIRST_COMPLETED)
+            if sleep not in done:
+                sleep.cancel()
+                raise EngineDied(f"engine {self.pid} died with code {self._exit.result()}")
+        finally:
+            self.inflight -= 1
+        self.served += 1
+        cap = int(body.get("max_tokens", 16))
+        n = min(cap, self.launcher.output_tokens)
+        return 200, {
+            "id": f"chatcmpl-{self.pid}-{self.served}", "object": "chat.completion",
+            "model": self.spec.model.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * n},
+                         "finish_reason": "length" if n == cap else "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n},
+        }
+
+
+@dataclass
+class FakeLauncher:
+    start_delay_s: float = 0.02
+    delay_s: dict[str, float] = field(default_factory=dict)  # per-request service time per model
+    output_tokens: int = 8
+    fail_start: set[str] = field(default_factory=set)  # models whose engines fail to start
+    die_on_post: dict[str, bool] = field(default_factory=dict)  # models whose engines die when used
+    engines: list[FakeEngine] = field(default_factory=list)
+    posts: list[tuple[str, Any]] = field(default_factory=list)
+    overlaps: list[str] = field(default_factory=list)  # invariant violations: devices double-booked
+    _pids: Any = field(default_factory=lambda: itertools.count(1000))
+
+    def alive(self, model: str | None = None) -> list[FakeEngine]:
+        return [e for e in self.engines if e.alive() and (model is None or e.spec.model.name == model)]
+
+    async def launch(self, spec: EngineSpec) -> FakeEngine:
+        for other in self.alive():
+            if set(other.spec.devices) & set(spec.devices):
+                self.overlaps.append(f"{spec.model.name}{spec.devices} vs "
+                                     f"{other.spec.model.name}{other.spec.devices}")
+        engine = FakeEngine(spec, self, next(self._pids))
+        self.engines.append(engine)
+        try:
+            await asyncio.sleep(self.start_delay_s)
+        except asyncio.CancelledError:
+            engine.kill(0)  # like Engine.start: a cancelled start leaves no process
+            raise
+        if spec.model.name in self.fail_start:
+            engine.kill(1)
+            raise EngineError(f"engine {spec.model.name!r} exited with code 1 while starting; log:\n"
+                              "torch.OutOfMemoryError: CUDA out of memory (fake)")
+        return engine

@@ -1,0 +1,286 @@
+"""The executor's state machine with the test-double launcher and the real planner.
+
+Every test also checks, on teardown, that no device was ever given to two live engines and that no
+engine is left running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from runtime.config import Config, parse_config
+from runtime.executor import INFLIGHT_FACTOR, PoolExecutor
+from runtime.executor_api import Outcome, WorkItem
+from runtime.lengths_store import load_length_model
+from scheduler.types import DevicePool
+
+from .fakes import FakeLauncher
+
+pytestmark = pytest.mark.timeout(60)
+
+ARCHS = {
+    "a": {"num_layers": 2, "hidden_size": 128, "num_heads": 2, "num_kv_heads": 1},
+    "b": {"num_layers": 4, "hidden_size": 256, "num_heads": 4, "num_kv_heads": 2},
+    "c": {"num_layers": 8, "hidden_size": 512, "num_heads": 8, "num_kv_heads": 2},
+}
+CHAT = "/v1/chat/completions"
+
+
+def make_cfg(tmp_path: Path, *, max_num_seqs: int = 4, max_retries: int = 2,
+             strategy: str = "samullm") -> Config:
+    models = [{"name": name, "path": f"/nonexistent/{name}", "max_model_len": 1024,
+               "max_num_seqs": max_num_seqs, "max_num_batched_tokens": 1024,
+               "arch": {**arch, "intermediate_size": 4 * arch["hidden_size"], "vocab_size": 2048}}
+              for name, arch in ARCHS.items()]
+    return parse_config({"server": {"state_dir": str(tmp_path / "state")},
+                         "devices": {"kind": "cpu", "cpu_kvcache_gib": 0.25},
+                         "limits": {"max_retries": max_retries},
+                         "scheduler": {"strategy": strategy}, "models": models})
+
+
+def items(model: str, n: int, prefix: str = "", start: int = 1, **body: Any) -> list[WorkItem]:
+    out = []
+    for i in range(n):
+        b = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+             "custom_tag": f"{prefix}{model}-{i}", **body}
+        out.append(WorkItem(line=start + i, custom_id=f"{prefix}{model}-{i}", model=model, url=CHAT,
+                            body=b, prompt_tokens=20, max_tokens=16))
+    return out
+
+
+class Sink:
+    """Records outcomes in delivery order; slow on purpose (a journal fsyncs)."""
+
+    def __init__(self, log: list[tuple[str, Outcome]] | None = None, batch: str = "") -> None:
+        self.outcomes: list[Outcome] = []
+        self.log = log if log is not None else []
+        self.batch = batch
+
+    async def __call__(self, outcome: Outcome) -> None:
+        await asyncio.sleep(0.001)
+        self.outcomes.append(outcome)
+        self.log.append((self.batch, outcome))
+
+    def by_id(self) -> dict[str, Outcome]:
+        counts = Counter(o.custom_id for o in self.outcomes)
+        assert max(counts.values(), default=1) == 1, f"duplicate outcomes: {counts.most_common(3)}"
+        return {o.custom_id: o for o in self.outcomes}
+
+
+@pytest.fixture
+def launcher() -> FakeLauncher:
+    return FakeLauncher(delay_s={"a": 0.01, "b": 0.02, "c": 0.03})
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def run(tmp_path: Path, launcher: FakeLauncher) -> AsyncIterator[Any]:
+    made: list[PoolExecutor] = []
+
+    async def factory(cfg: Config | None = None, devices: int = 4) -> PoolExecutor:
+        cfg = cfg or make_cfg(tmp_path)
+        pool = DevicePool("cpu", tuple(range(devices)), int(cfg.devices.cpu_kvcache_gib * 2**30))
+        ex = PoolExecutor(cfg, launcher, pool=pool)
+        await ex.start()
+        made.append(ex)
+        return ex
+
+    yield factory
+    for ex in made:
+        await ex.close()
+    assert launcher.overlaps == [], "a device was given to two live engines"
+    assert launcher.alive() == [], "engines left running after close()"
+
+
+def kinds(events: list[dict]) -> list[str]:
+    return [e["event"] for e in events]
+
+
+async def test_pooled_batches_complete_exactly_once(run, launcher: FakeLauncher) -> None:
+    ex = await run()
+    s1, s2 = Sink(), Sink()
+    ex.submit("b1", items("a", 12) + items("b", 8), s1)
+    ex.submit("b2", items("c", 6, prefix="x") + items("a", 5, prefix="x"), s2)
+    await asyncio.wait_for(asyncio.gather(ex.wait("b1"), ex.wait("b2")), 30)
+    got1, got2 = s1.by_id(), s2.by_id()
+    assert set(got1) == {f"a-{i}" for i in range(12)} | {f"b-{i}" for i in range(8)}
+    assert set(got2) == {f"xc-{i}" for i in range(6)} | {f"xa-{i}" for i in range(5)}
+    assert all(o.ok and o.attempts >= 1 for o in s1.outcomes + s2.outcomes)
+    assert all(o.response_body["model"] == o.model for o in s1.outcomes + s2.outcomes)
+    ev = ex.events("b1")
+    assert kinds(ev)[0] == "batch_submitted" and "plan" in kinds(ev) and "engine_started" in kinds(ev)
+    # b2 joined the running pool: it sees the re-plan its submission caused
+    replans = [e for e in ex.events("b2") if e["event"] in ("plan", "replan")]
+    assert any("batch_submitted:b2" in e["reasons"] for e in replans)
+    assert all(e["strategy"] == "samullm" for e in replans)
+
+
+async def test_replan_when_first_model_finishes(run, launcher: FakeLauncher) -> None:
+    ex = await run()
+    sink = Sink()
+    ex.submit("b", items("a", 3) + items("c", 30), sink)
+    await asyncio.wait_for(ex.wait("b"), 30)
+    ev = ex.events("b")
+    finished = [e["model"] for e in ev if e["event"] == "model_finished"]
+    assert finished[0] == "a" and "c" in finished
+    first = kinds(ev).index("model_finished")
+    later = [e for e in ev[first:] if e["event"] == "replan"]
+    assert later and "model_finished:a" in later[0]["reasons"]
+    assert later[0]["remaining"].get("a") is None  # the finished model is not planned again
+    assert len(sink.by_id()) == 33
+
+
+async def test_inflight_per_engine_is_bounded_and_full(run, launcher: FakeLauncher) -> None:
+    launcher.delay_s["a"] = 0.05
+    ex = await run(devices=1)
+    ex.submit("b", items("a", 40), sink := Sink())
+    await asyncio.wait_for(ex.wait("b"), 30)
+    limit = math.ceil(INFLIGHT_FACTOR * 4)
+    assert len(sink.by_id()) == 40
+    assert max(e.max_inflight for e in launcher.engines) == limit
+
+
+async def test_engine_killed_mid_run_requeues_and_completes(run, launcher: FakeLauncher) -> None:
+    launcher.delay_s["a"] = 0.05
+    ex = await run(devices=2)
+    ex.submit("b", items("a", 40), sink := Sink())
+    while len(sink.outcomes) < 5:
+        await asyncio.sleep(0.01)
+    victims = launcher.alive("a")
+    victims[0].kill()
+    await asyncio.wait_for(ex.wait("b"), 30)
+    got = sink.by_id()
+    assert len(got) == 40 and all(o.ok for o in got.values())
+    assert any(o.attempts == 2 for o in got.values())  # re-run after the death
+    ev = ex.events("b")
+    failed = [e for e in ev if e["event"] == "engine_failed"]
+    assert failed and failed[0]["pid"] == victims[0].pid and failed[0]["requeued"] > 0
+    assert any(e["event"] == "replan" and any(r.startswith("engine_failed") for r in e["reasons"])
+               for e in ev)
+
+
+async def test_retries_are_bounded_then_engine_failed(run, launcher: FakeLauncher, tmp_path) -> None:
+    launcher.die_on_post["b"] = True
+    ex = await run(make_cfg(tmp_path, max_retries=1), devices=2)
+    ex.submit("x", items("a", 6) + items("b", 8), sink := Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    got = sink.by_id()
+    assert len(got) == 14
+    assert all(got[f"a-{i}"].ok for i in range(6))
+    for i in range(8):
+        o = got[f"b-{i}"]
+        assert o.error["code"] == "engine_failed" and o.status_code is None
+        assert o.attempts == 2  # the first run + max_retries=1
+    assert len(launcher.engines) >= 3  # restarted, then gave up
+
+
+async def test_start_failure_fails_that_model_only(run, launcher: FakeLauncher) -> None:
+    launcher.fail_start.add("b")
+    ex = await run()
+    ex.submit("x", items("a", 6) + items("b", 5), sink := Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    got = sink.by_id()
+    assert all(got[f"a-{i}"].ok for i in range(6))
+    for i in range(5):
+        err = got[f"b-{i}"].error
+        assert err["code"] == "engine_start_failed" and "out of memory" in err["message"]
+    assert "engine_start_failed" in kinds(ex.events("x"))
+
+
+async def test_client_errors_are_per_request_and_not_retried(run, launcher: FakeLauncher) -> None:
+    ex = await run()
+    bad = [WorkItem(line=99, custom_id="bad", model="a", url=CHAT,
+                    body={"model": "a", "prompt": "no messages", "custom_tag": "bad"},
+                    prompt_tokens=3, max_tokens=16)]
+    ex.submit("x", items("a", 4) + bad + items("nope", 1), sink := Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    got = sink.by_id()
+    assert got["bad"].status_code == 400 and got["bad"].error["code"] == 400
+    assert "messages" in got["bad"].error["message"] and got["bad"].response_body is None
+    assert [p for p in launcher.posts if p[1] == "bad"] == [("a", "bad")]  # sent once
+    assert got["nope-0"].error["code"] == "model_not_found"
+    assert all(got[f"a-{i}"].ok for i in range(4))
+
+
+async def test_cancel_mid_run_aborts_and_frees_every_engine(run, launcher: FakeLauncher) -> None:
+    launcher.delay_s.update(a=0.2, b=0.2)
+    ex = await run()
+    ex.submit("x", items("a", 60) + items("b", 60), sink := Sink())
+    other = Sink()
+    while len(sink.outcomes) < 3:
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(ex.cancel("x"), 10)
+    n = len(sink.outcomes)
+    assert n < 120
+    assert launcher.alive() == []  # nothing else had work: every engine stopped
+    await asyncio.wait_for(ex.wait("x"), 1)
+    await asyncio.sleep(0.3)
+    assert len(sink.outcomes) == n  # nothing reported after cancel returned
+    sink.by_id()
+    assert "batch_cancelled" in kinds(ex.events("x"))
+    # the executor keeps serving after a cancel
+    ex.submit("y", items("a", 3, prefix="y"), other)
+    await asyncio.wait_for(ex.wait("y"), 30)
+    assert len(other.by_id()) == 3
+
+
+async def test_cancel_keeps_other_batches_running(run, launcher: FakeLauncher) -> None:
+    launcher.delay_s.update(a=0.05)
+    ex = await run()
+    ex.submit("x", items("a", 30), sx := Sink())
+    ex.submit("y", items("a", 10, prefix="y"), sy := Sink())
+    while not sx.outcomes:
+        await asyncio.sleep(0.01)
+    await ex.cancel("x")
+    await asyncio.wait_for(ex.wait("y"), 30)
+    assert len(sy.by_id()) == 10 and all(o.ok for o in sy.outcomes)
+
+
+async def test_strategies_are_never_pooled(run, launcher: FakeLauncher) -> None:
+    ex = await run()
+    order: list[tuple[str, Outcome]] = []
+    ex.submit("seq", items("a", 8) + items("b", 4), Sink(order, "seq"), strategy="sequential")
+    ex.submit("even", items("a", 5, prefix="e"), Sink(order, "even"), strategy="even-split")
+    ex.submit("seq2", items("c", 3, prefix="s"), Sink(order, "seq2"), strategy="sequential")
+    await asyncio.wait_for(asyncio.gather(*(ex.wait(b) for b in ("seq", "even", "seq2"))), 30)
+    batches = [b for b, _ in order]
+    # FIFO by submission: the even-split pool runs after the first sequential pool, and the later
+    # sequential batch does not overtake it
+    assert batches.index("even") > max(i for i, b in enumerate(batches) if b == "seq")
+    assert batches.index("seq2") > max(i for i, b in enumerate(batches) if b == "even")
+    plans = [e for e in ex.events("even") if e["event"] in ("plan", "replan")]
+    assert plans and all(e["strategy"] == "even-split" for e in plans)
+    assert plans[0]["remaining"] == {"a": 5}
+
+
+async def test_lengths_are_learned_and_persisted(run, launcher: FakeLauncher, tmp_path) -> None:
+    cfg = make_cfg(tmp_path)
+    ex = await run(cfg)
+    ex.submit("x", items("a", 10), Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    await ex.close()
+    lm = load_length_model(cfg.state_dir)
+    dist = lm.distribution("a", CHAT)
+    assert dist.num_observations == 10  # 8 tokens, natural endings (cap 16)
+    saved = json.loads((cfg.state_dir / "lengths.json").read_text())
+    assert saved["distributions"][0]["model"] == "a"
+
+
+async def test_empty_batch_and_close_mid_run(run, launcher: FakeLauncher) -> None:
+    launcher.delay_s["a"] = 0.5
+    ex = await run()
+    ex.submit("empty", [], Sink())
+    await asyncio.wait_for(ex.wait("empty"), 1)
+    ex.submit("x", items("a", 20), Sink())
+    while not launcher.alive("a") or not any(e.inflight for e in launcher.alive("a")):
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(ex.close(), 10)
+    assert launcher.alive() == []
+    with pytest.raises(RuntimeError):
+        ex.submit("late", items("a", 1), Sink())
