@@ -95,8 +95,7 @@ def create_app(cfg: Config, executor: Executor | None = None, *,
         try:
             yield
         finally:
-            await ex.close()
-            await service.close()
+            await service.close()  # stops runners, then closes the executor
             db.close()
 
     async def expiry(app: web.Application) -> AsyncIterator[None]:

@@ -54,6 +54,7 @@ class BatchService:
         self.metrics, self.clock = metrics, clock
         self.tokens = TokenCounter(cfg)
         self.live: dict[str, LiveBatch] = {}
+        self.closing = False
         self.journals_dir = cfg.state_dir / "journals"
 
     def now(self) -> int:
@@ -129,12 +130,16 @@ class BatchService:
             self._start_runner(row["id"])
 
     async def close(self) -> None:
-        """Stop runners (the executor must already be closed); journals are flushed and closed.
-        Batches keep their status, so the next start resumes them."""
+        """Stop runners, then close the executor (aborting in-flight requests; outcomes that still
+        arrive are journaled), then flush and close the journals. Runners stop first so that a
+        `wait` returning because of the shutdown never finalizes a half-run batch: every batch keeps
+        its status and the next start resumes it."""
+        self.closing = True
         tasks = [lv.runner for lv in self.live.values() if lv.runner is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.executor.close()
         for lv in list(self.live.values()):
             if lv.journal is not None:
                 await lv.journal.close()
@@ -156,6 +161,8 @@ class BatchService:
             raise  # shutdown: the batch keeps its status and resumes on the next start
         except Exception:
             log.exception("batch %s: runner failed; it resumes on the next start", live.batch_id)
+        if self.closing:
+            return
         if live.journal is not None:
             await live.journal.close()
         self.live.pop(live.batch_id, None)
@@ -174,6 +181,8 @@ class BatchService:
         if row["status"] == lc.VALIDATING and not await self._accept(live, result):
             return
         await self._execute(live, row, result)
+        if self.closing:  # the executor stopped because we are shutting down: resume later
+            return
         if live.stop_task is not None:
             await live.stop_task
         if live.journal is not None:
