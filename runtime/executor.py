@@ -64,7 +64,8 @@ class PoolExecutor:
         self._batches: dict[str, BatchState] = {}
         self._pools: list[Pool] = []  # FIFO; the head is the active one
         self._slots: list[Slot] = []  # engines starting, running or sleeping
-        self._dying: set[asyncio.Task] = set()  # stops of engines that died (devices not free yet)
+        self._dying: set[asyncio.Task] = set()  # engine stops in progress (devices not free yet)
+        self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
         self._delivering: set[asyncio.Task] = set()
         self._sid = itertools.count(1)
         self._reasons: list[str] = []
@@ -145,8 +146,11 @@ class PoolExecutor:
         if self._control is not None:
             self._control.cancel()
             await asyncio.gather(self._control, return_exceptions=True)
-        await asyncio.gather(*(self._stop_slot(s, "close") for s in list(self._slots)),
+        # the cancelled pass may have left slots half-stopped: finish every one of them here
+        slots = list(self._slots)
+        await asyncio.gather(*(self._stop_slot(s, "close", force=True) for s in slots),
                              return_exceptions=True)
+        await asyncio.gather(*(s.task for s in slots if s.task), return_exceptions=True)
         await asyncio.gather(*self._dying, *self._delivering, return_exceptions=True)
         save_length_model(self.state_dir, self._lengths)
         for waiter in self._pass_waiters:
@@ -192,9 +196,7 @@ class PoolExecutor:
         if slot.task is not None and slot.task is not asyncio.current_task():
             slot.task.cancel()
         if slot.engine is not None:  # reap the process group; its devices are busy until then
-            task = asyncio.create_task(slot.engine.stop())
-            self._dying.add(task)
-            task.add_done_callback(self._dying.discard)
+            self._reap(slot.engine)
         self._request_pass(f"engine_failed:{slot.model}")
 
     def check_drained(self, model: str) -> None:
@@ -224,6 +226,21 @@ class PoolExecutor:
             task.cancel()
         slot.inflight.clear()
         return reqs
+
+    def _reap(self, engine: Any) -> asyncio.Task:
+        """Stop `engine` in a task of its own that nothing cancels: a stop cut short by a cancel
+        (close() interrupting a pass) would leave its process group running. One task per engine."""
+        task = self._reaping.get(id(engine))
+        if task is None:
+            task = asyncio.create_task(engine.stop(), name=f"stop-{getattr(engine, 'pid', '?')}")
+            self._reaping[id(engine)] = task
+            self._dying.add(task)
+
+            def done(t: asyncio.Task, key: int = id(engine)) -> None:
+                self._dying.discard(t)
+                self._reaping.pop(key, None)
+            task.add_done_callback(done)
+        return task
 
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
         """An error outcome for a request that no engine will answer."""
@@ -399,8 +416,11 @@ class PoolExecutor:
             return
         slot.task = asyncio.create_task(dispatch.run_slot(slot, self), name=f"slot-{sid}-{model}")
 
-    async def _stop_slot(self, slot: Slot, why: str) -> None:
-        if slot.state in (SlotState.STOPPING, SlotState.STOPPED, SlotState.FAILED):
+    async def _stop_slot(self, slot: Slot, why: str, force: bool = False) -> None:
+        """Preempt: re-queue its requests, stop the dispatch loop, reap the engine. `force` also
+        finishes a stop that an interrupted pass left half done."""
+        if slot.state in (SlotState.STOPPED, SlotState.FAILED) or (
+                slot.state is SlotState.STOPPING and not force):
             return
         slot.state = SlotState.STOPPING
         reqs = self._take_inflight(slot)
@@ -412,7 +432,7 @@ class PoolExecutor:
             slot.task.cancel()
             await asyncio.gather(slot.task, return_exceptions=True)
         if slot.engine is not None:
-            await slot.engine.stop()
+            await asyncio.shield(self._reap(slot.engine))
         slot.state = SlotState.STOPPED
         if slot in self._slots:
             self._slots.remove(slot)
@@ -437,7 +457,6 @@ class PoolExecutor:
         if await dispatch.sleep_engine(slot.engine):
             self._emit("engine_sleep", **slot.describe(), requeued=len(reqs))
         else:
-            slot.state = SlotState.RUNNING  # so that _stop_slot handles it
             await self._stop_slot(slot, "sleep failed")
 
     async def _wake_slot(self, slot: Slot) -> None:
@@ -447,7 +466,6 @@ class PoolExecutor:
             self._emit("engine_wake", **slot.describe())
             slot.task = asyncio.create_task(dispatch.serve_slot(slot, self))
         else:
-            slot.state = SlotState.RUNNING
             await self._stop_slot(slot, "wake failed")
             self._start_slot(slot.key)
 

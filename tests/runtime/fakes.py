@@ -33,7 +33,11 @@ class FakeEngine:
             self._exit.set_result(code)
 
     async def stop(self, timeout_s: float = 30) -> None:
+        # like Engine.stop: idempotent from its first line, so a stop cut short leaves an orphan
+        if self.stopped:
+            return
         self.stopped = True
+        await asyncio.sleep(self.launcher.stop_delay_s)
         self.kill(0)
 
     async def wait_exit(self) -> int:
@@ -78,6 +82,7 @@ class FakeEngine:
 class FakeLauncher:
     start_delay_s: float = 0.02
     delay_s: dict[str, float] = field(default_factory=dict)  # per-request service time per model
+    stop_delay_s: float = 0.0
     output_tokens: int = 8
     fail_start: set[str] = field(default_factory=set)  # models whose engines fail to start
     die_on_post: dict[str, bool] = field(default_factory=dict)  # models whose engines die when used

@@ -284,3 +284,14 @@ async def test_empty_batch_and_close_mid_run(run, launcher: FakeLauncher) -> Non
     assert launcher.alive() == []
     with pytest.raises(RuntimeError):
         ex.submit("late", items("a", 1), Sink())
+
+
+async def test_close_during_a_replan_stop_leaves_no_engine(run, launcher: FakeLauncher) -> None:
+    launcher.stop_delay_s = 0.3
+    launcher.delay_s["c"] = 0.2
+    ex = await run()
+    ex.submit("x", items("a", 2) + items("c", 40), Sink())
+    while "engine_stop" not in kinds(ex.events("x")):
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(ex.close(), 10)  # interrupts the pass that is stopping a's engine
+    assert launcher.alive() == [] and all(e.stopped for e in launcher.engines)
