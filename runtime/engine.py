@@ -1,0 +1,391 @@
+"""One vLLM engine = one `vllm.entrypoints.openai.api_server` process group on a loopback port.
+
+Why a server process and not an in-process `AsyncLLM`: its response bodies are exactly vLLM's (batch
+output lines carry them verbatim), it validates request bodies like vLLM's server, it aborts a request
+when the HTTP connection closes (so cancelling `Engine.post` aborts the work), it has `/health`, and a
+crash stays in its own process.
+
+Process hygiene (the invariant the tests check): each engine runs in its own session/process group;
+`stop()` SIGTERMs the group (vLLM then shuts its engine-core and worker processes down and unlinks its
+shared memory), SIGKILLs whatever is left after the timeout and unlinks the `/dev/shm` segments the
+group had mapped. The server gets PR_SET_PDEATHSIG=SIGTERM, so a SIGKILLed parent still takes its
+engines down, and an atexit hook stops engines left running at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from runtime.config import ModelConfig
+
+PR_SET_PDEATHSIG = 1
+HEALTH_POLL_S = 0.5
+LOG_TAIL_BYTES = 6000
+
+
+class EngineError(RuntimeError):
+    """The engine failed to start; the message carries the tail of its log."""
+
+
+class EngineDied(EngineError):
+    """The engine process exited (or refused connections) while it was supposed to be running."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model: ModelConfig
+    model_path: Path
+    devices: tuple[int, ...]  # CPU core ids or GPU ids; for CPU TP, split evenly across ranks
+    device_kind: str = "cpu"  # "cpu" | "cuda"
+    tp: int = 1
+    kv_cache_gib: float = 1.0  # CPU: KV cache bytes per rank (--kv-cache-memory-bytes)
+    gpu_memory_utilization: float = 0.9
+    log_path: Path | None = None
+
+
+def cpu_bind_string(devices: tuple[int, ...], tp: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND: cores of one rank as ranges ("0-3,6"), ranks separated by '|'."""
+    if not devices or len(devices) % tp:
+        raise ValueError(f"{len(devices)} cores cannot be split evenly over tp={tp}")
+    per = len(devices) // tp
+    ranks = [sorted(devices[r * per:(r + 1) * per]) for r in range(tp)]
+    return "|".join(_ranges(r) for r in ranks)
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out: list[str] = []
+    start = prev = ids[0]
+    for cur in ids[1:] + [-2]:
+        if cur == prev + 1:
+            prev = cur
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = cur
+    return ",".join(out)
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    """One engine arg as CLI tokens: True → --flag, False → --no-flag, lists → repeated values."""
+    name = "--" + key.replace("_", "-")
+    if value is True:
+        return [name]
+    if value is False:
+        return ["--no-" + key.replace("_", "-")]
+    if isinstance(value, (list, tuple)):
+        return [name, *map(str, value)]
+    if isinstance(value, dict):
+        import json
+
+        return [name, json.dumps(value)]
+    return [name, str(value)]
+
+
+def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> tuple[list[str], dict]:
+    """The api_server command line and environment for `spec` (pure; exposed for tests/diagnostics)."""
+    m = spec.model
+    args: dict[str, Any] = {
+        "model": str(spec.model_path),
+        "served_model_name": m.name,
+        "host": "127.0.0.1",
+        "port": port,
+        "dtype": m.dtype,
+        "max_model_len": m.max_model_len,
+        "max_num_seqs": m.max_num_seqs,
+        "max_num_batched_tokens": m.max_num_batched_tokens,
+        "tensor_parallel_size": spec.tp,
+        # The cost model simulates vLLM without prefix caching; a model can opt in via engine_args.
+        "enable_prefix_caching": False,
+        "disable_log_stats": True,
+        "disable_uvicorn_access_log": True,
+    }
+    env = dict(os.environ)
+    env.update({
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if spec.device_kind == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(spec.devices, spec.tp)
+        # VLLM_CPU_KVCACHE_SPACE only takes whole GiB (and overrides the flag); the flag is exact.
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        args["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * (1 << 30))
+        if spec.tp > 1:
+            args["distributed_executor_backend"] = "mp"
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
+        args["gpu_memory_utilization"] = spec.gpu_memory_utilization
+    args.update(m.engine_args)  # the config's extra args win
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server"]
+    for key, value in args.items():
+        if value is not None:
+            cmd += _flag(key, value)
+    return cmd, env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(entry))
+    return pids
+
+
+def _shm_of(pids: list[int]) -> set[str]:
+    """/dev/shm files mapped or open in `pids` (to unlink after a SIGKILL skipped vLLM's cleanup)."""
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    found.add(line[line.index("/dev/shm/"):].removesuffix(" (deleted)"))
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    found.add(target.removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return found
+
+
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+class Engine:
+    """A started (or startable) vLLM server for one `EngineSpec`. Not reusable after `stop()`."""
+
+    def __init__(self, spec: EngineSpec, python: str = sys.executable) -> None:
+        self.spec = spec
+        self.python = python
+        self.port = 0
+        self.base_url = ""
+        self.pid: int | None = None
+        self.log_path = spec.log_path
+        self.start_time_s: float | None = None  # seconds from spawn to healthy
+        self._proc: asyncio.subprocess.Process | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._shm: set[str] = set()
+        self._stopped = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, timeout_s: float = 300) -> None:
+        """Spawn the server and wait until /health answers 200. Raises EngineError (log tail)."""
+        if self._proc is not None:
+            raise RuntimeError("engine already started")
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix=f"engine-{self.spec.model.name}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd, env = build_command(self.spec, self.port, self.python)
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            log.flush()
+            self._proc = await asyncio.create_subprocess_exec(
+                *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_set_pdeathsig,
+            )
+        self.pid = self._proc.pid
+        _LIVE.add(self)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+            connector=aiohttp.TCPConnector(limit=1024),
+        )
+        try:
+            await self._wait_healthy(t0 + timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
+        self.start_time_s = time.monotonic() - t0
+
+    async def _wait_healthy(self, deadline: float) -> None:
+        assert self._proc is not None and self._session is not None
+        while True:
+            if self._proc.returncode is not None:
+                raise EngineError(f"engine {self.spec.model.name!r} exited with code "
+                                  f"{self._proc.returncode} while starting; log "
+                                  f"{self.log_path}:\n{self.log_tail()}")
+            try:
+                async with self._session.get(self.base_url + "/health",
+                                             timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise EngineError(f"engine {self.spec.model.name!r} not healthy in time; log "
+                                  f"{self.log_path}:\n{self.log_tail()}")
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None and not self._stopped
+
+    async def wait_exit(self) -> int:
+        assert self._proc is not None, "engine not started"
+        return await self._proc.wait()
+
+    async def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM the process group, SIGKILL what is left after `timeout_s`; idempotent."""
+        if self._stopped or self._proc is None:
+            self._stopped = True
+            return
+        self._stopped = True
+        _LIVE.discard(self)
+        if self._session is not None:
+            await self._session.close()
+        pgid = self._proc.pid
+        self._shm |= _shm_of(group_pids(pgid))
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.returncode is not None and not group_pids(pgid):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            self._shm |= _shm_of(group_pids(pgid))
+            _signal_group(pgid, signal.SIGKILL)
+        await self._proc.wait()
+        while group_pids(pgid):  # SIGKILLed processes vanish within milliseconds
+            await asyncio.sleep(0.05)
+        _unlink(self._shm)
+
+    def kill_sync(self) -> None:
+        """Best-effort synchronous stop (atexit): SIGTERM, a short grace period, SIGKILL."""
+        if self._proc is None or self._stopped:
+            return
+        self._stopped = True
+        pgid = self._proc.pid
+        shm = _shm_of(group_pids(pgid))
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(pgid, signal.SIGKILL)
+        _unlink(shm)
+
+    # -- requests ------------------------------------------------------------------------------
+    async def post(self, url: str, body: dict) -> tuple[int, dict]:
+        """POST `body` to `url` ("/v1/chat/completions", ...); returns (status, JSON body), 4xx
+        included. Raises EngineDied when the server is gone. Cancelling the caller's task closes
+        the connection, which makes vLLM abort the request."""
+        if self._session is None or self._proc is None:
+            raise EngineDied("engine not started")
+        try:
+            async with self._session.post(self.base_url + url, json=body) as r:
+                try:
+                    data = await r.json(content_type=None)
+                except ValueError:
+                    data = {"error": {"message": (await r.text())[:2000], "type": "engine_error"}}
+                return r.status, data
+        except (aiohttp.ClientConnectionError, RuntimeError) as exc:
+            # RuntimeError: the session was closed by stop() under us.
+            if not self.alive() or isinstance(exc, aiohttp.ClientConnectorError):
+                raise EngineDied(f"engine {self.spec.model.name!r} is gone: {exc}") from exc
+            raise
+
+    async def get(self, url: str) -> tuple[int, Any]:
+        if self._session is None:
+            raise EngineDied("engine not started")
+        try:
+            async with self._session.get(self.base_url + url) as r:
+                return r.status, await r.json(content_type=None)
+        except aiohttp.ClientConnectionError as exc:
+            raise EngineDied(f"engine {self.spec.model.name!r} is gone: {exc}") from exc
+
+    def log_tail(self, nbytes: int = LOG_TAIL_BYTES) -> str:
+        try:
+            with open(self.log_path, "rb") as f:  # type: ignore[arg-type]
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - nbytes))
+                return f.read().decode(errors="replace")
+        except (OSError, TypeError):
+            return ""
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.spec.model.name!r}, devices={self.spec.devices}, tp={self.spec.tp}, "
+                f"pid={self.pid}, url={self.base_url!r})")
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _unlink(paths: set[str]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+@atexit.register
+def kill_all_engines() -> None:
+    """Stop every engine this process started and has not stopped (atexit, signal handlers)."""
+    for engine in list(_LIVE):
+        engine.kill_sync()
+
+
+class Launcher(Protocol):
+    async def launch(self, spec: EngineSpec) -> Engine:
+        """Return a started, healthy engine for `spec` (raises EngineError)."""
+
+
+class VllmLauncher:
+    """The real launcher: `Engine(spec).start()`; log files go under `log_dir` when given."""
+
+    def __init__(self, log_dir: Path | None = None, start_timeout_s: float = 300,
+                 python: str = sys.executable) -> None:
+        self.log_dir = log_dir
+        self.start_timeout_s = start_timeout_s
+        self.python = python
+
+    async def launch(self, spec: EngineSpec) -> Engine:
+        if spec.log_path is None and self.log_dir is not None:
+            devs = "-".join(map(str, spec.devices))
+            name = f"{spec.model.name}-tp{spec.tp}-d{devs}-{int(time.time() * 1000)}.log"
+            spec = EngineSpec(**{**spec.__dict__, "log_path": self.log_dir / name})
+        engine = Engine(spec, python=self.python)
+        await engine.start(self.start_timeout_s)
+        return engine
