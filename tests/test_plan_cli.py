@@ -1,0 +1,118 @@
+"""`samullm plan` end to end through the real CLI parser: CPU config with demo-sized models, and the
+shipped plan-only paper config on 8 A100s (no weights on this machine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.cli import main
+
+CPU_CONF = """
+[server]
+state_dir = "{state}"
+[devices]
+kind = "cpu"
+ids = [0, 1, 2, 3]
+cpu_kvcache_gib = 0.25
+[scheduler]
+samples = 2
+{models}
+"""
+MODEL = """
+[[models]]
+name = "{name}"
+max_model_len = 1024
+max_num_seqs = 16
+max_num_batched_tokens = 1024
+arch = {{ num_layers = {layers}, hidden_size = {hidden}, num_heads = 4, num_kv_heads = 2, intermediate_size = {inter}, vocab_size = 2048 }}
+"""
+
+
+def _line(i: int, model: str, text: str, max_tokens: int | None = 64, url="/v1/chat/completions"):
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": body})
+
+
+@pytest.fixture()
+def cpu_setup(tmp_path):
+    models = "".join(MODEL.format(name=n, layers=l, hidden=h, inter=4 * h)
+                     for n, l, h in (("tiny", 2, 128), ("small", 4, 256), ("medium", 8, 512)))
+    conf = tmp_path / "c.toml"
+    conf.write_text(CPU_CONF.format(state=tmp_path / "state", models=models))
+    inp = tmp_path / "in.jsonl"
+    lines = [_line(i, m, "word " * (10 + 7 * i), 32 + i) for i in range(30)
+             for m in ("tiny", "small", "medium")]
+    inp.write_text("\n".join(lines) + "\n")
+    return conf, inp
+
+
+def test_plan_json_has_every_strategy_and_consistent_speedups(cpu_setup, capsys):
+    conf, inp = cpu_setup
+    assert main(["plan", str(inp), "--config", str(conf), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["strategies"]) == {"samullm", "sequential", "even-split", "per-model-best",
+                                      "muxserve-greedy"}
+    assert out["requests"] == 90 and out["planning_time_s"] > 0
+    ref = out["strategies"]["samullm"]["makespan_s"]
+    for name, s in out["strategies"].items():
+        assert s["makespan_s"] >= ref * (1 - 1e-9)
+        assert s["samples"]["samples"] == 2 and s["samples"]["min_s"] <= s["samples"]["max_s"]
+        assert s["stages"][-1]["end_s"] == pytest.approx(s["makespan_s"], abs=1e-3)
+        used = [d for st in s["stages"] for p in st["plans"] for d in p["devices"]]
+        assert set(used) <= {0, 1, 2, 3}
+        if name != "samullm":
+            assert out["speedup_of_samullm"][name] == pytest.approx(s["makespan_s"] / ref)
+    done = sorted(m for st in out["strategies"]["samullm"]["stages"] for m in st["finished"])
+    assert done == ["medium", "small", "tiny"]
+
+
+def test_plan_text_table_and_gantt_svg(cpu_setup, capsys, tmp_path):
+    conf, inp = cpu_setup
+    svg = tmp_path / "g.svg"
+    rc = main(["plan", str(inp), "--config", str(conf), "--devices", "cpu:2", "--samples", "1",
+               "--gantt", str(svg)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "samullm speedup" in text and "stage 1:" in text and "2x cpu" in text
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg")) and "TP1" in svg.read_text()
+
+
+def test_plan_single_strategy_and_unknown_model(cpu_setup, capsys, tmp_path):
+    conf, inp = cpu_setup
+    assert main(["plan", str(inp), "--config", str(conf), "--strategy", "sequential", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["strategies"]) == ["sequential"] and "speedup_of_samullm" not in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_line(0, "nope", "hi") + "\n")
+    assert main(["plan", str(bad), "--config", str(conf)]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_paper_config_plans_on_a100s_without_weights(tmp_path, capsys):
+    inp = tmp_path / "p.jsonl"
+    lines = [_line(i, m, "tell me about " + "things " * (i % 40), 256) for i in range(40)
+             for m in ("Llama-2-70b-chat", "Mistral-7B-Instruct", "vicuna-13b-v1.5")]
+    inp.write_text("\n".join(lines) + "\n")
+    png = tmp_path / "g.png"
+    rc = main(["plan", str(inp), "--config", "conf/paper-a100.toml", "--json", "--samples", "2",
+               "--gantt", str(png)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for s in out["strategies"].values():
+        for st in s["stages"]:
+            for p in st["plans"]:
+                if p["model"] == "Llama-2-70b-chat":
+                    assert p["tp"] >= 2  # 138 GB of fp16 weights do not fit one 80 GB A100
+                for r in range(p["dp"]):  # TP groups stay inside an NVLink pair
+                    devs = p["devices"][r * p["tp"]:(r + 1) * p["tp"]]
+                    assert len({d // 2 for d in devs}) == 1
+    # 4 GPUs give a longer plan than 8
+    assert main(["plan", str(inp), "--config", "conf/paper-a100.toml", "--json", "--samples", "1",
+                 "--devices", "a100x4-nvlink-pairs", "--strategy", "samullm"]) == 0
+    four = json.loads(capsys.readouterr().out)["strategies"]["samullm"]["makespan_s"]
+    assert four > out["strategies"]["samullm"]["makespan_s"]
