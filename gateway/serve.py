@@ -1,0 +1,89 @@
+"""`samullm serve`: load the config, optionally write missing demo models, print where things are,
+and run the gateway with the real executor until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.auth import check_bind
+from runtime.config import Config, load_config
+
+log = logging.getLogger("samullm.serve")
+
+
+def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
+    """`--host/--port/--state-dir` win over `[server]` (then re-validated)."""
+    server = cfg.server
+    for flag, key in (("host", "host"), ("port", "port"), ("state_dir", "state_dir")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            server = dataclasses.replace(server, **{key: value})
+    cfg = dataclasses.replace(cfg, server=server)
+    cfg.validate()
+    return cfg
+
+
+def make_demo_models(cfg: Config) -> list[Path]:
+    """Write each configured model that has a `demo` table and no weights on disk yet."""
+    from runtime.tinymodel import write_tiny_model  # torch/safetensors: only when asked
+
+    written = []
+    for m in cfg.models:
+        path = m.resolved_path(cfg.base_dir)
+        if m.demo is None or path is None or (path / "config.json").exists():
+            continue
+        d = m.demo
+        print(f"writing demo model {m.name!r} to {path} ...", flush=True)
+        write_tiny_model(path, layers=d.layers, hidden=d.hidden, heads=d.heads,
+                         kv_heads=d.kv_heads, seed=d.seed,
+                         max_position=max(4096, m.max_model_len))
+        written.append(path)
+    return written
+
+
+def _setup_logging(cfg: Config) -> None:
+    if cfg.server.log_json:
+        class _Json(logging.Formatter):
+            def format(self, r: logging.LogRecord) -> str:
+                return json.dumps({"t": r.created, "level": r.levelname, "logger": r.name,
+                                   "msg": r.getMessage()})
+        handler = logging.StreamHandler()
+        handler.setFormatter(_Json())
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    else:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    cfg = apply_overrides(load_config(args.config), args)
+    check_bind(cfg.server.host, cfg.auth.api_keys)  # ConfigError -> exit code 2 in the CLI
+    _setup_logging(cfg)
+    if getattr(args, "make_demo_models", False):
+        make_demo_models(cfg)
+    from runtime.devices import discover_pool
+
+    pool = discover_pool(cfg)
+    print(f"state dir: {cfg.state_dir.resolve()}")
+    for m in cfg.models:
+        path = m.resolved_path(cfg.base_dir)
+        print(f"model {m.name}: {path if path is not None else 'plan only'}")
+    print(f"devices: {pool.kind} {list(pool.ids)}")
+    print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
+    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, print=None,
+                handle_signals=True)
+    return 0
+
+
+if __name__ == "__main__":
+    from gateway.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
