@@ -24,6 +24,7 @@ from runtime.executor_api import Outcome
 from runtime.pool_state import ModelQueues, Req
 
 log = logging.getLogger(__name__)
+DEATH_GRACE_S = 3.0  # how long a 5xx / dropped connection waits for the engine process to exit
 
 
 class SlotState(enum.IntEnum):
@@ -132,22 +133,32 @@ async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
         return
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # a transport error on a live engine: a per-request failure, like a 5xx
-        if req not in slot.inflight:
-            return
-        if not slot.engine.alive():
-            host.slot_died(slot, f"{type(exc).__name__}: {exc}")
-            return
+    except Exception as exc:  # a dropped connection: the engine is dying, or one request broke
         status, body = 502, {"error": {"code": "engine_error", "message": f"{type(exc).__name__}: {exc}"}}
-    else:
-        if req not in slot.inflight:
-            return  # a stopper took it over
-        if status >= 500 and not slot.engine.alive():
-            host.slot_died(slot, f"engine answered {status} and exited")
-            return
+    if req not in slot.inflight:
+        return  # a stopper took it over
+    if status >= 500 and await _engine_gone(slot.engine):
+        if req in slot.inflight:
+            host.slot_died(slot, f"engine exited after answering {status}: {body}")
+        return
+    if req not in slot.inflight:
+        return
     del slot.inflight[req]
     slot.wake.set()  # room for one more
     await host.finish(req, make_outcome(req, status, body))
+
+
+async def _engine_gone(engine: Engine) -> bool:
+    """Whether a 5xx or a dropped connection means the engine died: a killed server drops its
+    connections a moment before its process is reaped, and vLLM's server exits after its engine core
+    died, so wait a little for the exit before calling it a per-request error."""
+    if not engine.alive():
+        return True
+    try:
+        await asyncio.wait_for(engine.wait_exit(), DEATH_GRACE_S)
+    except asyncio.TimeoutError:
+        return not engine.alive()
+    return True
 
 
 def make_outcome(req: Req, status: int, body: dict[str, Any]) -> Outcome:

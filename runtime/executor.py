@@ -31,7 +31,7 @@ import numpy as np
 
 from runtime import dispatch
 from runtime.config import STRATEGIES, Config
-from runtime.devices import discover_pool
+from runtime.devices import discover_pool, engine_device_kind
 from runtime.dispatch import Slot, SlotState
 from runtime.engine import EngineSpec, Launcher
 from runtime.executor_api import Outcome, OutcomeSink, WorkItem
@@ -404,7 +404,7 @@ class PoolExecutor:
         path = mc.resolved_path(self.cfg.base_dir)
         spec = EngineSpec(
             model=mc, model_path=path or Path("."), devices=devices,
-            device_kind="cpu" if self.pool.kind == "cpu" else "cuda", tp=tp,
+            device_kind=engine_device_kind(self.pool.kind), tp=tp,
             kv_cache_gib=self.cfg.devices.cpu_kvcache_gib,
             gpu_memory_utilization=self.cfg.devices.gpu_memory_utilization,
             log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")

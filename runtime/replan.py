@@ -20,6 +20,7 @@ import numpy as np
 from runtime import profiles
 from runtime.config import Config
 from runtime.pool_state import Req
+from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model
 from scheduler.lengths import LengthModel
 from scheduler.placement import gpu_kv_bytes_per_rank, tp_degrees
@@ -49,14 +50,15 @@ def model_specs(cfg: Config) -> dict[str, ModelSpec]:
 
 @dataclass
 class LatencySource:
-    """Latency per (model, tp) for the planner: the profile stored under `<state_dir>/profiles/` when
-    one was measured, else the analytic roofline. Loaded before planning (profiles may have been
-    written since the last plan), so the planner's thread does no I/O."""
+    """Latency per (model, tp) for the planner. Per-iteration costs: the profile stored under
+    `<state_dir>/profiles/` when one was measured, else on GPUs the committed operator-level model
+    (`scheduler.gpu_profiles`), else the analytic roofline. Load time: the engine start time this
+    runtime measured for (model, tp) when it has one (the truth on this machine), else the profile's
+    or GPU model's estimate, else DEFAULT_CPU_LOAD_S. Loaded before planning (the profiler may have
+    written a profile since), so the planner's thread does no I/O."""
 
     table: dict[tuple[str, int], LatencyModel]
     device: str
-    # engine start seconds measured by this runtime per (model, tp), used when a profile has no
-    # load time; without either, CPU engines are assumed to take DEFAULT_CPU_LOAD_S to start
     start_times: dict[tuple[str, int], float]
 
     @classmethod
@@ -70,14 +72,27 @@ class LatencySource:
                     table[(m, tp)] = prof.latency
         return cls(table, pool.signature, dict(start_times))
 
+    def _base(self, spec: ModelSpec, tp: int) -> LatencyModel:
+        hit = self.table.get((spec.name, tp))
+        if hit is not None:
+            return hit
+        if self.device == "cpu":
+            return analytic_latency_model(spec, tp, "cpu")
+        for gpu in (self.device, "cuda"):  # a GPU kind without coefficients: the generic ones
+            try:
+                return gpu_latency_model(spec, tp, gpu)
+            except ValueError:
+                continue
+        return analytic_latency_model(spec, tp, "cuda")
+
     def __call__(self, spec: ModelSpec, tp: int) -> LatencyModel:
-        lat = self.table.get((spec.name, tp)) or analytic_latency_model(spec, tp, self.device)
-        if lat.load_time_s > 0:
-            return lat
+        lat = self._base(spec, tp)
         measured = self.start_times.get((spec.name, tp))
         if measured is not None:
             return lat.with_load_time(measured)
-        return lat.with_load_time(DEFAULT_CPU_LOAD_S) if self.device == "cpu" else lat
+        if lat.load_time_s > 0 or self.device != "cpu":
+            return lat
+        return lat.with_load_time(DEFAULT_CPU_LOAD_S)
 
 
 def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int]:

@@ -53,6 +53,11 @@ class FakeEngine:
         if "messages" not in body:
             return 400, {"error": {"message": "messages: field required", "type": "BadRequestError",
                                    "param": None, "code": 400}}
+        if body.get("fail_with") == 500:  # a live engine failing one request
+            return 500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}}
+        if body.get("fail_with") == "drop":  # the server drops the connection, then exits
+            asyncio.get_running_loop().call_later(0.05, self.kill, -9)
+            raise ConnectionResetError("Server disconnected")
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:

@@ -208,6 +208,21 @@ async def test_client_errors_are_per_request_and_not_retried(run, launcher: Fake
     assert all(got[f"a-{i}"].ok for i in range(4))
 
 
+async def test_server_errors_wait_for_the_process_to_tell_death(run, launcher, monkeypatch) -> None:
+    monkeypatch.setattr("runtime.dispatch.DEATH_GRACE_S", 0.3)
+    ex = await run(devices=1)
+    ex.submit("x", items("a", 3) + items("a", 1, prefix="e", fail_with=500), sink := Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    got = sink.by_id()
+    assert got["ea-0"].status_code == 500 and got["ea-0"].attempts == 1  # engine lived: not retried
+    assert "engine_failed" not in kinds(ex.events("x"))
+    ex.submit("y", items("a", 1, prefix="d", fail_with="drop"), sink2 := Sink())
+    await asyncio.wait_for(ex.wait("y"), 30)
+    # the connection dropped and the process exited: a death, re-queued until retries ran out
+    assert sink2.by_id()["da-0"].error["code"] == "engine_failed"
+    assert sink2.outcomes[0].attempts == 3 and "engine_failed" in kinds(ex.events("y"))
+
+
 async def test_cancel_mid_run_aborts_and_frees_every_engine(run, launcher: FakeLauncher) -> None:
     launcher.delay_s.update(a=0.2, b=0.2)
     ex = await run()
