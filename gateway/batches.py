@@ -80,8 +80,8 @@ class BatchService:
         if row["status"] in (lc.CANCELLING, lc.CANCELLED):
             return row
         live = self.live.get(batch_id)
-        if live is None or live.end_reason is not None:
-            return None if row["status"] != lc.CANCELLING else row
+        if live is None or live.end_reason is not None:  # finished, or expiring right now
+            return None
         if not self.db.transition(batch_id, lc.ALLOWED_FROM[lc.CANCELLING], lc.CANCELLING,
                                   cancelling_at=self.now()):
             return None
@@ -175,6 +175,11 @@ class BatchService:
             return
         if row["status"] == lc.CANCELLING:
             live.end_reason = lc.CANCELLED
+        if row["status"] != lc.VALIDATING:  # resuming: show journaled progress while re-validating
+            counts = Counts.of_totals({m: c["total"] for m, c in row["model_request_counts"].items()})
+            for o in await asyncio.to_thread(load, journal_path(self.cfg.state_dir, bid)):
+                counts.add(o)
+            live.counts = counts
         result = await asyncio.to_thread(
             validate_file, self.store.path(row["input_file_id"]), row["endpoint"], self.cfg,
             self.tokens)

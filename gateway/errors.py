@@ -64,7 +64,7 @@ async def error_middleware(request: web.Request,
     except web.HTTPException as exc:  # unknown route, wrong method, body too large
         if exc.status < 400:
             raise
-        err = ApiError(exc.status, exc.reason if exc.text is None else exc.reason,
+        err = ApiError(exc.status, exc.reason,
                        type=_HTTP_TYPES.get(exc.status, "invalid_request_error"))
         if exc.status == 404:
             err.message = f"Unknown path: {request.method} {request.path}"

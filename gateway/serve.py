@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.auth import check_bind
 from runtime.config import Config, load_config
+from runtime.devices import discover_pool
 
 log = logging.getLogger("samullm.serve")
 
@@ -69,8 +70,6 @@ def serve_main(args: argparse.Namespace) -> int:
     _setup_logging(cfg)
     if getattr(args, "make_demo_models", False):
         make_demo_models(cfg)
-    from runtime.devices import discover_pool
-
     pool = discover_pool(cfg)
     print(f"state dir: {cfg.state_dir.resolve()}")
     for m in cfg.models:

@@ -1,0 +1,115 @@
+"""End to end on real vLLM engines: the OpenAI SDK -> the gateway -> the real `PoolExecutor` ->
+`VllmLauncher` engines (tiny random-weight models on CPU). One app and its engines serve the whole
+module (engine starts take ~30 s each)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from gateway.app import default_executor
+from runtime.config import parse_config
+from runtime.tinymodel import write_tiny_model
+
+from .conftest import chat_line, jsonl, poll, read_lines, running
+
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.engine,
+              pytest.mark.timeout(900)]
+CHAT = "/v1/chat/completions"
+MODELS_DIR = Path(__file__).resolve().parents[2] / ".samullm" / "test-models"
+
+
+def _model(name: str, seed: int) -> Path:
+    path = MODELS_DIR / name
+    if not (path / "config.json").exists():
+        write_tiny_model(path, layers=2, hidden=128, heads=2, kv_heads=1, seed=seed)
+    return path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engines_server(tmp_path_factory):
+    state = tmp_path_factory.mktemp("e2e")
+    model = {"max_model_len": 1024, "max_num_seqs": 32, "max_num_batched_tokens": 1024}
+    cfg = parse_config({
+        "server": {"state_dir": str(state)},
+        "devices": {"kind": "cpu", "ids": [0, 1], "cpu_kvcache_gib": 0.25},
+        "models": [{"name": "tiny-a", "path": str(_model("gw-tiny-a", 0)), **model},
+                   {"name": "tiny-b", "path": str(_model("gw-tiny-b", 1)), **model}],
+    })
+    async with running(cfg, default_executor(cfg)) as srv:
+        yield srv
+
+
+async def test_multi_model_batch_on_real_engines(engines_server):
+    srv = engines_server
+    client = srv.client()
+    lines = [chat_line(f"r{i}", model=("tiny-a", "tiny-b")[i % 2], text=f"tell me {i}",
+                       max_tokens=6, temperature=0) for i in range(8)]
+    lines.append(chat_line("too-long", model="tiny-a", max_tokens=1000,
+                           text="word " * 200))  # passes our estimate, the engine rejects it?
+    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    b = await client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
+    done = await poll(client, b.id, timeout_s=600)
+    assert done.status == "completed", done
+    out = await read_lines(client, done.output_file_id)
+    err = await read_lines(client, done.error_file_id)
+    ids = [x["custom_id"] for x in out + err]
+    assert sorted(ids) == sorted(ln["custom_id"] for ln in lines)  # each exactly once
+    assert done.request_counts.total == 9
+    assert done.request_counts.completed == len(out) and done.request_counts.failed == len(err)
+    by_id = {o["custom_id"]: o for o in out}
+    for i in range(8):
+        body = by_id[f"r{i}"]["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == ("tiny-a", "tiny-b")[i % 2]
+        assert 1 <= body["usage"]["completion_tokens"] <= 6
+    assert done.usage.output_tokens == sum(o["response"]["body"]["usage"]["completion_tokens"]
+                                           for o in out)
+    assert done.usage.input_tokens == sum(o["response"]["body"]["usage"]["prompt_tokens"]
+                                          for o in out)
+    per_model = done.model_extra["model_request_counts"]
+    assert per_model["tiny-a"]["total"] == 5 and per_model["tiny-b"]["total"] == 4
+    events = srv.executor.events(b.id)
+    assert events, "the executor reports what it did for the batch"
+
+
+async def test_completions_endpoint_on_real_engine(engines_server):
+    client = engines_server.client()
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "tiny-b", "prompt": f"the number {i} is", "max_tokens": 5}}
+             for i in range(3)]
+    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    b = await client.batches.create(input_file_id=f.id, endpoint="/v1/completions",
+                                    completion_window="24h")
+    done = await poll(client, b.id, timeout_s=600)
+    assert done.status == "completed" and done.request_counts.completed == 3, done
+    assert done.model == "tiny-b"
+    out = await read_lines(client, done.output_file_id)
+    assert [o["custom_id"] for o in out] == ["c0", "c1", "c2"]  # input order
+    assert all(o["response"]["body"]["object"] == "text_completion" for o in out)
+
+
+async def test_cancel_mid_run_on_real_engines(engines_server):
+    client = engines_server.client()
+    # a few short requests finish early; the long ones (ignore_eos) are still running at cancel
+    lines = [chat_line(f"s{i}", max_tokens=2) for i in range(3)]
+    lines += [chat_line(f"l{i}", max_tokens=900, ignore_eos=True, text=f"long {i}")
+              for i in range(24)]
+    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    b = await client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
+    await poll(client, b.id, lambda x: x.request_counts.completed >= 3, timeout_s=600)
+    cancelled = await client.batches.cancel(b.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    done = await poll(client, b.id, timeout_s=120)
+    assert done.status == "cancelled", done
+    out = await read_lines(client, done.output_file_id)
+    err = await read_lines(client, done.error_file_id)
+    assert sorted(x["custom_id"] for x in out + err) == sorted(ln["custom_id"] for ln in lines)
+    assert done.request_counts.completed == len(out) >= 3
+    assert len(out) < len(lines), "cancel arrived after everything finished"
+    unfinished = [e for e in err if e["response"] is None]
+    assert unfinished and {e["error"]["code"] for e in unfinished} == {"batch_cancelled"}
+    assert done.request_counts.failed == len(err) - len(unfinished)
+    await asyncio.sleep(0)
