@@ -25,8 +25,12 @@ def journal_path(state_dir: Path, batch_id: str) -> Path:
     return state_dir / "journals" / f"{batch_id}.jsonl"
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(Outcome))
+
+
 def _encode(o: Outcome) -> bytes:
-    return orjson.dumps(dataclasses.asdict(o)) + b"\n"
+    # not dataclasses.asdict: it deep-copies the response body only to serialize it
+    return orjson.dumps({k: getattr(o, k) for k in _FIELDS}) + b"\n"
 
 
 def load(path: Path) -> list[Outcome]:
