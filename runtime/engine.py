@@ -166,7 +166,7 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
-def _shm_of(pids: list[int]) -> set[str]:
+def shm_files(pids: list[int]) -> set[str]:
     """/dev/shm files mapped or open in `pids` (to unlink after a SIGKILL skipped vLLM's cleanup)."""
     found: set[str] = set()
     for pid in pids:
@@ -273,7 +273,7 @@ class Engine:
         if self._session is not None:
             await self._session.close()
         pgid = self._proc.pid
-        self._shm |= _shm_of(group_pids(pgid))
+        self._shm |= shm_files(group_pids(pgid))
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -281,7 +281,7 @@ class Engine:
                 break
             await asyncio.sleep(0.1)
         else:
-            self._shm |= _shm_of(group_pids(pgid))
+            self._shm |= shm_files(group_pids(pgid))
             _signal_group(pgid, signal.SIGKILL)
         await self._proc.wait()
         while group_pids(pgid):  # SIGKILLed processes vanish within milliseconds
@@ -294,7 +294,7 @@ class Engine:
             return
         self._stopped = True
         pgid = self._proc.pid
-        shm = _shm_of(group_pids(pgid))
+        shm = shm_files(group_pids(pgid))
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         while group_pids(pgid) and time.monotonic() < deadline:

@@ -1,0 +1,58 @@
+"""Config loading: errors name the offending key; the shipped default loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+MODEL = '[[models]]\nname = "m"\npath = "x"\n'
+
+
+def _load(tmp_path: Path, text: str):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return load_config(p)
+
+
+def test_default_config_loads():
+    cfg = load_config(REPO / "conf" / "default.toml")
+    assert len(cfg.models) >= 3
+    assert len({m.name for m in cfg.models}) == len(cfg.models)
+
+
+def test_missing_file_is_reported(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_unknown_key_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"models\[0\]\.max_seqs: unknown key"):
+        _load(tmp_path, MODEL + "max_seqs = 3\n")
+    with pytest.raises(ConfigError, match=r"config\.srever: unknown key"):
+        _load(tmp_path, "[srever]\nport = 1\n")
+
+
+def test_bad_type_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"models\[0\]\.max_num_seqs: expected int, got str"):
+        _load(tmp_path, MODEL + 'max_num_seqs = "64"\n')
+    with pytest.raises(ConfigError, match=r"server\.port: expected int, got bool"):
+        _load(tmp_path, "[server]\nport = true\n")
+
+
+def test_bad_value_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"models\[0\]\.max_model_len: must be positive"):
+        _load(tmp_path, MODEL + "max_model_len = 0\n")
+    with pytest.raises(ConfigError, match=r"devices\.kind"):
+        _load(tmp_path, '[devices]\nkind = "tpu"\n')
+    with pytest.raises(ConfigError, match=r"models\[1\]\.name: duplicate"):
+        _load(tmp_path, MODEL + MODEL)
+
+
+def test_invalid_toml_is_reported(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        _load(tmp_path, "[server\n")
