@@ -20,8 +20,8 @@ import pytest
 
 from runtime.config import Config, ModelConfig
 from runtime.devices import discover_pool
-from runtime.engine import Engine, EngineError, EngineSpec, VllmLauncher, build_command, group_pids,
-                            shm_files
+from runtime.engine import (Engine, EngineError, EngineSpec, VllmLauncher, build_command, group_pids,
+                            shm_files)
 
 pytestmark = pytest.mark.engine
 aio = pytest.mark.asyncio(loop_scope="session")
