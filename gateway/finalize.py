@@ -91,8 +91,11 @@ def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
                "error": {"code": unfinished_code, "message": UNFINISHED[unfinished_code]}}
         return False, orjson.dumps(rec) + b"\n"
     request_id = o.request_id or derived_id("req_", batch_id, line)
-    if o.response_body is not None:
-        response = {"status_code": o.status_code, "request_id": request_id, "body": o.response_body}
+    # An HTTP answer (any status) keeps its response, as OpenAI does; `error` is for failures
+    # without one (engine gone for good). The executor may carry a 4xx body in `extra["body"]`.
+    body = o.response_body if o.response_body is not None else o.extra.get("body")
+    if o.status_code is not None and body is not None:
+        response = {"status_code": o.status_code, "request_id": request_id, "body": body}
         rec = {"id": rid, "custom_id": custom_id, "response": response, "error": None}
     else:
         rec = {"id": rid, "custom_id": custom_id, "response": None, "error": o.error}

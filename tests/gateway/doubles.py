@@ -1,7 +1,7 @@
 """An in-process executor double for gateway tests that need no engines (validation, listing, auth,
 cancel, restart). It honours the `Executor` protocol: each item yields exactly one Outcome through
 the sink, cancel stops the rest without outcomes. Requests whose prompt contains "FAIL" get the HTTP
-400 an engine would send. `hold()` makes requests wait until `release(n)` lets n of them finish."""
+400 an engine would send, "CRASH" an `engine_failed` error without any HTTP answer. `hold()` makes requests wait until `release(n)` lets n of them finish."""
 
 from __future__ import annotations
 
@@ -79,8 +79,13 @@ def outcome_for(it: WorkItem) -> Outcome:
     if "FAIL" in text:
         body = {"object": "error", "message": "simulated engine rejection", "type": "BadRequestError",
                 "param": None, "code": 400}
-        return Outcome(it.custom_id, it.line, it.model, 400, response_body=body,
-                       request_id=f"req-{it.custom_id}")
+        # the shape the real executor gives a 4xx: `error` set, the engine's body in `extra`
+        return Outcome(it.custom_id, it.line, it.model, 400,
+                       error={"code": "400", "message": body["message"]},
+                       request_id=f"req-{it.custom_id}", extra={"body": body})
+    if "CRASH" in text:  # no HTTP answer at all: the engine died on every attempt
+        return Outcome(it.custom_id, it.line, it.model, None,
+                       error={"code": "engine_failed", "message": "engine died"}, attempts=3)
     completion = 3
     body = {"id": f"cmpl-{it.custom_id}", "object": "chat.completion", "model": it.model,
             "choices": [{"index": 0, "finish_reason": "stop",

@@ -48,14 +48,15 @@ async def test_multi_model_batch_on_real_engines(engines_server):
     client = srv.client()
     lines = [chat_line(f"r{i}", model=("tiny-a", "tiny-b")[i % 2], text=f"tell me {i}",
                        max_tokens=6, temperature=0) for i in range(8)]
-    lines.append(chat_line("too-long", model="tiny-a", max_tokens=1000,
-                           text="word " * 200))  # passes our estimate, the engine rejects it?
+    lines.append(chat_line("bad-temp", model="tiny-a", temperature=-1.0))  # the engine says 400
     f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
     b = await client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
     done = await poll(client, b.id, timeout_s=600)
-    assert done.status == "completed", done
+    assert done.status == "completed", done.errors
     out = await read_lines(client, done.output_file_id)
     err = await read_lines(client, done.error_file_id)
+    assert [e["custom_id"] for e in err] == ["bad-temp"]
+    assert err[0]["response"]["status_code"] == 400 and err[0]["error"] is None
     ids = [x["custom_id"] for x in out + err]
     assert sorted(ids) == sorted(ln["custom_id"] for ln in lines)  # each exactly once
     assert done.request_counts.total == 9

@@ -13,6 +13,7 @@ async def test_upload_create_poll_download(cfg):
     lines = [chat_line(f"r{i}", model="tiny-a" if i % 2 else "tiny-b", text=f"q{i}")
              for i in range(10)]
     lines[3] = chat_line("r3", text="please FAIL")
+    lines[6] = chat_line("r6", model="tiny-b", text="CRASH")
     async with running(cfg) as srv:
         client = srv.client()
         f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
@@ -25,25 +26,27 @@ async def test_upload_create_poll_download(cfg):
         done = await poll(client, b.id)
         assert done.status == "completed", done
         assert done.request_counts.total == 10
-        assert (done.request_counts.completed, done.request_counts.failed) == (9, 1)
+        assert (done.request_counts.completed, done.request_counts.failed) == (8, 2)
         assert done.model is None  # two models
         per_model = done.model_extra["model_request_counts"]
         assert per_model["tiny-a"]["total"] == 5 and per_model["tiny-b"]["total"] == 5
-        assert sum(m["failed"] for m in per_model.values()) == 1
+        assert per_model["tiny-a"]["failed"] == 1 and per_model["tiny-b"]["failed"] == 1
         for ts in ("in_progress_at", "finalizing_at", "completed_at"):
             assert getattr(done, ts) is not None
         assert done.in_progress_at <= done.finalizing_at <= done.completed_at
         out = await read_lines(client, done.output_file_id)
         err = await read_lines(client, done.error_file_id)
-        assert [o["custom_id"] for o in out] == [f"r{i}" for i in range(10) if i != 3]
-        assert [e["custom_id"] for e in err] == ["r3"]
+        assert [o["custom_id"] for o in out] == [f"r{i}" for i in range(10) if i not in (3, 6)]
+        assert [e["custom_id"] for e in err] == ["r3", "r6"]
         assert err[0]["response"]["status_code"] == 400 and err[0]["error"] is None
+        assert err[0]["response"]["body"]["message"] == "simulated engine rejection"
+        assert err[1]["response"] is None and err[1]["error"]["code"] == "engine_failed"
         for o in out:
             assert o["id"].startswith("batch_req_") and o["error"] is None
             assert o["response"]["status_code"] == 200
             assert o["response"]["body"]["choices"][0]["message"]["content"].startswith("echo")
         usage = done.usage
-        assert usage.output_tokens == 9 * 3
+        assert usage.output_tokens == 8 * 3
         assert usage.input_tokens == sum(o["response"]["body"]["usage"]["prompt_tokens"]
                                          for o in out)
         assert usage.total_tokens == usage.input_tokens + usage.output_tokens
