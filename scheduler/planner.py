@@ -80,8 +80,14 @@ class Planner:
         order = sorted(problem.models, key=lambda m: (-problem.models[m].param_count, m))
         self.ctx = Context(self.est, problem.pool, order)
         self._done: dict[str, Schedule] = {}
+        self._initial: PlanState | None = None
 
     def initial_state(self) -> PlanState:
+        if self._initial is None:
+            self._initial = self._make_initial_state()
+        return self._initial
+
+    def _make_initial_state(self) -> PlanState:
         work = {m: Workload.of(reqs) for m, reqs in sorted(self.problem.work.items())}
         work = {m: w for m, w in work.items() if len(w)}
         unknown = sorted(set(work) - set(self.problem.models))

@@ -5,11 +5,15 @@ At each stage, for the state at hand:
    the load time if the plan differs from the engine running now (`Context.best_per_count`);
 2. groups (one option per model, or the model left out) are built model by model, largest first,
    keeping the `top_k` best partial groups by throughput after each model;
-3. throughput = useful FLOPs of the requests finished by the stage end (the group's earliest model
-   finish) / stage duration;
+3. throughput = useful FLOPs of the tokens produced by the stage end (the group's earliest model
+   finish) / stage duration; the paper keeps the top_k partial groups by throughput. We keep those
+   *and* the top_k by an estimated makespan (`Outlook`: stage time + max(device-seconds left /
+   devices, longest single-model finish left)), because throughput alone happily defers models to
+   later stages where they run alone after a restart (it does not see the work a group leaves out);
 4. complete groups that leave devices idle while a left-out model could still use them are dropped;
    dominated groups (same shapes, or a subset of an all-device group with higher throughput) too;
-5. the survivors are returned best first; `greedy` recurses on the best (via `run_policy`).
+5. the survivors are returned best first by estimated makespan (then throughput); `greedy` recurses
+   on the best (via `run_policy`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Group:
     devices: int
     stage_s: float  # earliest finish among the options (inf for the empty group)
     throughput: float
+    est_makespan_s: float = float("inf")  # stage + lower-bound-style estimate of what is left
 
     @property
     def shapes(self) -> list[Shape]:
@@ -38,17 +43,43 @@ class Group:
         return frozenset(o.shape[0] for o in self.options)
 
     def key(self) -> tuple:
-        """Best first: higher throughput, fewer devices, then a deterministic shape order."""
+        """The paper's order: higher throughput, fewer devices, then a deterministic shape order."""
         return (-self.throughput, self.devices, tuple(o.shape for o in self.options))
 
+    def est_key(self) -> tuple:
+        """Our order: smaller estimated makespan, then the paper's."""
+        return (self.est_makespan_s,) + self.key()
 
-def _group(options: tuple[Option, ...]) -> Group:
+
+@dataclass(frozen=True)
+class Outlook:
+    """Per model, what finishing it alone would take from now: device-seconds (area) of its most
+    device-efficient option and its fastest finish (critical path)."""
+
+    area: dict[str, float]
+    crit: dict[str, float]
+    devices: int
+
+    def estimate(self, options: tuple[Option, ...], stage: float) -> float:
+        """stage + max(area left / devices, longest critical path left): a makespan estimate that
+        sees the models a group leaves out, which throughput alone does not."""
+        left = dict.fromkeys(self.area, 1.0)
+        for o in options:
+            total = o.run.total_work
+            left[o.shape[0]] = 1.0 - (o.work_by(stage) / total if total > 0 else 1.0)
+        area = sum(self.area[m] * f for m, f in left.items())
+        crit = max((self.crit[m] * f for m, f in left.items()), default=0.0)
+        return stage + max(area / self.devices, crit)
+
+
+def _group(options: tuple[Option, ...], outlook: Outlook | None = None) -> Group:
     if not options:
         return Group((), 0, float("inf"), 0.0)
     stage = min(o.finish_s for o in options)
     work = sum(o.work_by(stage) for o in options)
+    est = outlook.estimate(options, stage) if outlook is not None else float("inf")
     return Group(options, sum(o.devices for o in options), stage,
-                 work / stage if stage > 0 else float("inf"))
+                 work / stage if stage > 0 else float("inf"), est)
 
 
 def rank_groups(ctx: Context, state: PlanState, top_k: int = 20) -> list[Group]:
@@ -56,18 +87,23 @@ def rank_groups(ctx: Context, state: PlanState, top_k: int = 20) -> list[Group]:
     n = ctx.pool.count
     todo = [m for m in ctx.order if m in state.work]
     per_model = {m: ctx.best_per_count(state, m, n) for m in todo}
+    outlook = Outlook({m: min(o.devices * o.finish_s for o in per_model[m]) for m in todo},
+                      {m: min(o.finish_s for o in per_model[m]) for m in todo}, n)
     groups = [_group(())]
     for m in todo:
         grown = list(groups)  # leaving m out of the stage
         for g in groups:
             for opt in per_model[m]:
                 if g.devices + opt.devices <= n:
-                    grown.append(_group(g.options + (opt,)))
-        grown.sort(key=Group.key)
-        # the empty group ranks last (throughput 0): it survives only while fewer than top_k others
-        groups = grown[:top_k]
+                    grown.append(_group(g.options + (opt,), outlook))
+        # keep the paper's top_k by throughput and our top_k by estimated makespan; the empty
+        # group ranks last in both and survives only while fewer than top_k others exist
+        by_tp = sorted(grown, key=Group.key)[:top_k]
+        by_est = sorted(grown, key=Group.est_key)[:top_k]
+        groups = sorted({g.key(): g for g in by_tp + by_est}.values(), key=Group.key)
     complete = [g for g in groups if g.options and _no_idle(g, todo, per_model, n)]
     ranked = _prune(complete) or sorted((g for g in groups if g.options), key=Group.key)
+    ranked.sort(key=Group.est_key)
     placeable = [g for g in ranked if place(g.shapes, ctx.pool, state.running) is not None]
     return placeable or ranked
 
