@@ -81,6 +81,8 @@ class Planner:
         self.ctx = Context(self.est, problem.pool, order)
         self._done: dict[str, Schedule] = {}
         self._initial: PlanState | None = None
+        # the search's own schedule (before the comparison with the baselines), once planned
+        self.search_schedule: Schedule | None = None
 
     def initial_state(self) -> PlanState:
         if self._initial is None:
@@ -115,7 +117,7 @@ class Planner:
             return run_policy(self.ctx, state, PerModelBest(), strategy)
         if strategy == "muxserve-greedy":
             return run_policy(self.ctx, state, muxserve_greedy, strategy)
-        best = self._search(state)
+        best = self.search_schedule = self._search(state)
         if self.problem.compare_baselines:
             for name in BASELINES:
                 other = self.plan(name)

@@ -254,3 +254,19 @@ def test_sample_workloads_respects_caps_and_progress_and_is_reproducible():
         assert all(1 <= r.output_len <= 50 for r in draw["a"])
         assert draw["a"][0].output_len >= 21 and draw["a"][0].generated == 20
         assert draw["e"][0].output_len == 1
+
+
+def test_large_workload_line_estimate_tracks_exact_simulation():
+    from scheduler.estimator import Estimator
+    problem = cpu_problem([cpu_spec("a", 2, 128)], n=600, seed=7)
+    w = Workload.of(problem.work["a"])
+    exact = Estimator(problem.models, problem.latency, problem.kv_bytes_per_rank)
+    approx = Estimator(problem.models, problem.latency, problem.kv_bytes_per_rank,
+                       exact_limit=200, line_sample=200)
+    for dp in (1, 2, 3):
+        e, a = exact.run("a", 1, dp, w), approx.run("a", 1, dp, w)
+        assert a.total_s == pytest.approx(e.total_s, rel=0.15)
+        assert a.total_work == pytest.approx(e.total_work)
+    assert approx.simulations == 2  # one line per (model, tp), shared by every dp
+    left = approx.advance("a", 1, 2, w, exact.run("a", 1, 2, w).total_s / 2)
+    assert 0.3 * len(w) < len(left) < 0.7 * len(w)
