@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -171,8 +172,6 @@ def resolve_devices(spec: str, cfg: Config, gpu: str = "a100") -> Devices:
             raise ConfigError("devices.ids: a cuda config needs ids (or topology_groups) to plan")
         mem = d.memory_gib or GPU_MEMORY_GIB[gpu]
         return Devices(DevicePool(gpu, ids, int(mem * GiB), groups), gpu)
-    import os
-
     ids = tuple(d.ids) or tuple(sorted(os.sched_getaffinity(0)))
     return Devices(DevicePool("cpu", ids, int(d.cpu_kvcache_gib * GiB), groups), None)
 
