@@ -1,0 +1,276 @@
+"""`samullm profile`: measure a model's per-iteration latency on this machine and store the fit.
+
+How: a worker subprocess (so vLLM's env is set before it is imported) builds an in-process engine
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core and its scheduler live in the worker, the model
+runs in vLLM's mp worker process with the same OpenMP core binding as a served engine), feeds it
+controlled request sets with `llm_engine.add_request` and times each `llm_engine.step()`. The batch
+composition of every step is read from vLLM's own scheduler output (tokens scheduled per request and
+how many each had computed before), so the features are exact even with chunked prefill. The
+samples are fitted with `scheduler.latency.fit_latency_model`; the engine start time is measured
+separately as the time to a healthy api_server (`runtime.engine.Engine`), what the runtime pays.
+
+The sweep (prefill-heavy, decode-heavy, mixed arrivals, batch sizes 1…max_num_seqs) takes about a
+minute on the tiny models; `--quick` halves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.config import Config, ConfigError, ModelConfig, load_config
+from runtime.devices import discover_pool, engine_device_kind
+from runtime.engine import Engine, EngineSpec, cpu_bind_string
+from runtime.profiles import save_profile
+from scheduler.latency import IterationSample, Profile, fit_latency_model, relative_errors
+
+
+@dataclass(frozen=True)
+class Case:
+    """A request set fed to the engine: (step at which it is added, prompt tokens, output tokens)."""
+
+    name: str
+    requests: tuple[tuple[int, int, int], ...]
+
+
+def default_sweep(max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+                  quick: bool = False) -> list[Case]:
+    """Shapes that exercise every feature of the latency model within the engine's limits."""
+    cap = max_model_len - 2
+    long_p = min(cap - 64, max(256, max_model_len * 3 // 4))
+    batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_num_seqs}
+                     | {max_num_seqs})
+    if quick:
+        batches = batches[::2] + ([max_num_seqs] if batches[-1] != max_num_seqs else [])
+    out_len = 24 if quick else 48
+    cases = []
+    # prefill-heavy: long prompts, few output tokens (also chunked when > the token budget)
+    for b, p in ((1, long_p), (4, long_p // 2), (8, 64), (2, min(cap - 8, 2 * max_num_batched_tokens)),
+                 (16, 200)):
+        cases.append(Case(f"prefill b={b} p={p}", tuple((0, p, 4) for _ in range(b))))
+    # decode-heavy: every batch size, short and long contexts
+    for b in batches:
+        cases.append(Case(f"decode b={b} p=16", tuple((0, 16, out_len) for _ in range(b))))
+    for b in batches[::2]:
+        p = min(long_p, cap - out_len)
+        cases.append(Case(f"decode b={b} p={p}", tuple((0, p, out_len) for _ in range(b))))
+    # mixed: requests arriving while others decode (prefill chunks share steps with decodes)
+    n = min(max_num_seqs, 24)
+    cases.append(Case(f"mixed n={n}", tuple((3 * i, 32 + (97 * i) % max(1, long_p // 2),
+                                               out_len // 2 + (13 * i) % out_len) for i in range(n))))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
+# worker side (runs in a subprocess: `python -m runtime.profiler WORKER_JSON`)
+
+def _worker(job: dict) -> None:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=job["model_path"], dtype=job["dtype"], max_model_len=job["max_model_len"],
+              max_num_seqs=job["max_num_seqs"], max_num_batched_tokens=job["max_num_batched_tokens"],
+              tensor_parallel_size=job["tp"], kv_cache_memory_bytes=job["kv_bytes"],
+              enable_prefix_caching=False, distributed_executor_backend="mp",
+              disable_log_stats=True, seed=0, **job["engine_args"])
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    steps: list[dict] = []
+    current: dict = {}
+
+    original = scheduler.schedule
+
+    def schedule_and_record(*a, **kw):  # wraps vLLM's schedule(): what ran in this step, exactly
+        before = {rid: (r.num_computed_tokens, r.num_prompt_tokens)
+                  for rid, r in scheduler.requests.items()}
+        out = original(*a, **kw)
+        tokens = prefill_work = decode_ctx = 0
+        for rid, n in out.num_scheduled_tokens.items():
+            computed, prompt = before.get(rid, (0, n))
+            tokens += n
+            if computed >= prompt:  # decode: attends to everything computed plus the new token
+                decode_ctx += computed + n
+            else:
+                prefill_work += n * (computed + n / 2.0)
+        current.update(tokens=tokens, prefill=prefill_work, decode=decode_ctx,
+                       batch=len(out.num_scheduled_tokens))
+        return out
+
+    scheduler.schedule = schedule_and_record
+    vocab = llm.get_tokenizer().vocab_size if hasattr(llm, "get_tokenizer") else 2000
+    ids_rng = __import__("random").Random(0)
+
+    def run_case(case: dict, record: bool) -> None:
+        pending = sorted(case["requests"])
+        step_no, added, finished = 0, 0, 0
+        while finished < len(pending):
+            while added < len(pending) and pending[added][0] <= step_no:
+                _, p, o = pending[added]
+                prompt = {"prompt_token_ids": [ids_rng.randrange(10, vocab - 1) for _ in range(p)]}
+                engine.add_request(f"{case['name']}-{added}-{record}", prompt,
+                                   SamplingParams(max_tokens=o, ignore_eos=True, temperature=1.0))
+                added += 1
+            current.clear()
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            finished += sum(1 for o in outs if o.finished)
+            step_no += 1
+            if record and current.get("tokens"):
+                steps.append({**current, "seconds": dt})
+
+    cases = job["cases"]
+    run_case(cases[0], record=False)  # warm-up: first steps pay one-off allocation costs
+    for i, case in enumerate(cases):
+        run_case(case, record=True)
+        print(f"PROGRESS {i + 1} {len(cases)}", flush=True)
+    Path(job["out"]).write_text(json.dumps(steps))
+
+
+# --------------------------------------------------------------------------------------------
+# parent side
+
+def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int, ...], tp: int,
+                       kv_bytes: int, cases: list[Case], work_dir: Path,
+                       progress: bool = True) -> list[IterationSample]:
+    """Run the sweep in a worker subprocess pinned like a served engine; return timed iterations."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out = work_dir / f"steps-{model.name}-tp{tp}.json"
+    job = {"model_path": str(model_path), "dtype": model.dtype, "max_model_len": model.max_model_len,
+           "max_num_seqs": model.max_num_seqs, "max_num_batched_tokens": model.max_num_batched_tokens,
+           "tp": tp, "kv_bytes": kv_bytes, "engine_args": dict(model.engine_args),
+           "cases": [{"name": c.name, "requests": list(c.requests)} for c in cases], "out": str(out)}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false",
+               VLLM_CPU_OMP_THREADS_BIND=cpu_bind_string(devices, tp))
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    log_path = work_dir / f"profile-{model.name}-tp{tp}.log"
+    bar = _bar(len(cases), f"profile {model.name} tp={tp}", progress)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.profiler", json.dumps(job)],
+                                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("PROGRESS"):
+                    bar.update(1)
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+            bar.close()
+    if rc != 0:
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"profiling worker failed (exit {rc}); log {log_path}:\n{tail}")
+    return [IterationSample(num_tokens=s["tokens"], prefill_attn_work=s["prefill"],
+                            decode_ctx_sum=s["decode"], batch_size=s["batch"], seconds=s["seconds"])
+            for s in json.loads(out.read_text())]
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="case", disable=not enabled, file=sys.stderr)
+
+
+async def measure_start_time(spec: EngineSpec, timeout_s: float = 600) -> float:
+    """Seconds from spawning the api_server to a healthy /health (then stops it)."""
+    engine = Engine(spec)
+    try:
+        await engine.start(timeout_s)
+        assert engine.start_time_s is not None
+        return engine.start_time_s
+    finally:
+        await engine.stop()
+
+
+def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] | None = None,
+                  quick: bool = False, measure_start: bool = True, progress: bool = True) -> Profile:
+    """Measure, fit and store the profile of model `name` at TP `tp`; returns it."""
+    model = cfg.model(name)
+    if model is None:
+        raise ConfigError(f"--model: no model named {name!r} in the config")
+    path = model.resolved_path(cfg.base_dir)
+    if path is None:
+        raise ConfigError(f"models[{name}].path: a plan-only model cannot be profiled")
+    pool = discover_pool(cfg)
+    if devices is None:
+        devices = pool.ids[:tp]
+    if len(devices) < tp:
+        raise ConfigError(f"--tp {tp}: only {len(devices)} devices available")
+    if engine_device_kind(pool.kind) != "cpu":
+        raise ConfigError("profiling drives CPU engines here; GPU profiles come from "
+                          "scheduler.gpu_profiles")
+    kv_bytes = int(cfg.devices.cpu_kvcache_gib * (1 << 30))
+    cases = default_sweep(model.max_model_len, model.max_num_seqs, model.max_num_batched_tokens, quick)
+    work = cfg.state_dir / "profiles" / "work"
+    t0 = time.monotonic()
+    samples = measure_iterations(model, path, devices, tp, kv_bytes, cases, work, progress)
+    sweep_s = time.monotonic() - t0
+    load_s = 0.0
+    if measure_start:
+        spec = EngineSpec(model=model, model_path=path, devices=devices, tp=tp,
+                          kv_cache_gib=cfg.devices.cpu_kvcache_gib,
+                          log_path=work / f"start-{model.name}-tp{tp}.log")
+        load_s = asyncio.run(measure_start_time(spec))
+    fit = fit_latency_model(samples, load_time_s=load_s)
+    err = relative_errors(fit, samples)
+    import numpy as np
+
+    profile = Profile(model=name, tp=tp, device=pool.signature, latency=fit, meta={
+        "samples": len(samples), "sweep_s": round(sweep_s, 2), "devices": list(devices),
+        "median_abs_rel_err": float(np.median(np.abs(err))),
+        "p90_abs_rel_err": float(np.quantile(np.abs(err), 0.9)),
+        "cpu": _cpu_name(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "load_time_measured": measure_start,
+    })
+    save_profile(cfg.state_dir, profile)
+    return profile
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="conf/default.toml")
+    p.add_argument("--model", required=True, help="a configured model name")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--devices", default=None, help="comma-separated core ids (default: the first tp)")
+    p.add_argument("--state-dir", default=None, help="overrides [server].state_dir")
+    p.add_argument("--quick", action="store_true", help="a shorter sweep")
+    p.add_argument("--no-start-time", action="store_true", help="skip measuring engine start time")
+
+
+def profile_main(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    cfg = load_config(args.config)
+    if args.state_dir:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, state_dir=args.state_dir))
+    devices = tuple(int(x) for x in args.devices.split(",")) if args.devices else None
+    prof = profile_model(cfg, args.model, args.tp, devices, quick=args.quick,
+                         measure_start=not args.no_start_time)
+    lat = prof.latency
+    print(f"{prof.model} tp={prof.tp} {prof.device}: c0={lat.c0:.3e} c1={lat.c1:.3e} "
+          f"c2={lat.c2:.3e} c3={lat.c3:.3e} c4={lat.c4:.3e} load={lat.load_time_s:.1f}s "
+          f"samples={prof.meta['samples']} median|err|={prof.meta['median_abs_rel_err']:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))
