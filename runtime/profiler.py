@@ -48,7 +48,7 @@ def default_sweep(max_model_len: int, max_num_seqs: int, max_num_batched_tokens:
     batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_num_seqs}
                      | {max_num_seqs})
     if quick:
-        batches = batches[::2] + ([max_num_seqs] if batches[-1] != max_num_seqs else [])
+        batches = batches[::2] if batches[::2][-1] == max_num_seqs else batches[::2] + [max_num_seqs]
     out_len = 24 if quick else 48
     cases = []
     # prefill-heavy: long prompts, few output tokens (also chunked when > the token budget)
