@@ -21,7 +21,9 @@ from gateway.batches import BatchService
 from gateway.db import Database
 from gateway.errors import error_middleware
 from gateway.filestore import FileStore
+from gateway.logs import request_id_middleware
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import openapi_json
 from gateway.state import CONFIG, DB, METRICS, SERVICE, STORE
 from runtime.config import Config
 from runtime.executor_api import Executor
@@ -50,6 +52,7 @@ ROUTES = [
     web.get("/health", health),
     web.get("/metrics", metrics),
     web.get("/v1/models", models),
+    web.get("/openapi.json", openapi_json),
     web.post("/v1/files", files_views.upload),
     web.get("/v1/files", files_views.list_files),
     web.get("/v1/files/{file_id}", files_views.retrieve),
@@ -75,7 +78,8 @@ def create_app(cfg: Config, executor: Executor | None = None, *,
                clock: Callable[[], float] = time.time,
                expiry_interval_s: float = 5.0) -> web.Application:
     """The gateway app. It owns `executor` (closes it on shutdown); None = the real one."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware(cfg.auth.api_keys)],
+    app = web.Application(middlewares=[request_id_middleware, error_middleware,
+                                       auth_middleware(cfg.auth.api_keys)],
                           client_max_size=CONTROL_BODY_LIMIT)
     app[CONFIG] = cfg
     app.router.add_routes(ROUTES)

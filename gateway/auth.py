@@ -19,7 +19,7 @@ from runtime.config import ConfigError
 
 OWNER = web.RequestKey("owner", str)
 ANONYMOUS = "anonymous"
-PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
 
 
 def owner_tag(key: str) -> str:

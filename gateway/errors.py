@@ -65,7 +65,8 @@ async def error_middleware(request: web.Request,
         if exc.status < 400:
             raise
         err = ApiError(exc.status, exc.reason,
-                       type=_HTTP_TYPES.get(exc.status, "invalid_request_error"))
+                       type=_HTTP_TYPES.get(exc.status, "invalid_request_error"),
+                       headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         if exc.status == 404:
             err.message = f"Unknown path: {request.method} {request.path}"
         return render(err)

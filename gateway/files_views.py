@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.auth import OWNER
 from gateway.errors import ApiError, bad_request
@@ -31,10 +32,10 @@ async def upload(request: web.Request) -> web.Response:
         raise ApiError(415, "Uploads must be multipart/form-data with fields `file` and `purpose`.",
                        code="unsupported_media_type")
     cfg, store = request.app[CONFIG], request.app[STORE]
-    reader = await request.multipart()
     purpose: str | None = None
     file_id, filename, size, problem = None, "", 0, None
     try:
+        reader = await request.multipart()  # ValueError without a (valid) boundary
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise bad_request("Nested multipart bodies are not supported.")
@@ -46,7 +47,7 @@ async def upload(request: web.Request) -> web.Response:
                 size, problem = await _receive(part, store.writer(file_id, cfg.limits.max_file_bytes))
             else:
                 await part.release()
-    except (ValueError, AssertionError) as exc:  # malformed multipart framing
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # malformed multipart framing
         raise bad_request(f"Malformed multipart body: {exc}") from None
     if problem is not None:
         raise problem

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.auth import check_bind
+from gateway.logs import setup_logging
 from runtime.config import Config, load_config
 from runtime.devices import discover_pool
 
@@ -50,24 +50,10 @@ def make_demo_models(cfg: Config) -> list[Path]:
     return written
 
 
-def _setup_logging(cfg: Config) -> None:
-    if cfg.server.log_json:
-        class _Json(logging.Formatter):
-            def format(self, r: logging.LogRecord) -> str:
-                return json.dumps({"t": r.created, "level": r.levelname, "logger": r.name,
-                                   "msg": r.getMessage()})
-        handler = logging.StreamHandler()
-        handler.setFormatter(_Json())
-        logging.basicConfig(level=logging.INFO, handlers=[handler])
-    else:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def serve_main(args: argparse.Namespace) -> int:
     cfg = apply_overrides(load_config(args.config), args)
     check_bind(cfg.server.host, cfg.auth.api_keys)  # ConfigError -> exit code 2 in the CLI
-    _setup_logging(cfg)
+    setup_logging(cfg.server.log_json)
     if getattr(args, "make_demo_models", False):
         make_demo_models(cfg)
     pool = discover_pool(cfg)
@@ -78,7 +64,7 @@ def serve_main(args: argparse.Namespace) -> int:
     print(f"devices: {pool.kind} {list(pool.ids)}")
     print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
     web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, print=None,
-                handle_signals=True)
+                handle_signals=True, access_log=None)  # gateway.logs writes access lines
     return 0
 
 
