@@ -109,7 +109,7 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
             if req is None:
                 break
             req.dispatch()
-            slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
+            req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
         host.check_drained(slot.model)
         # no await between filling and clearing: a wake-up cannot be lost
         slot.wake.clear()

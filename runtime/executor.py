@@ -48,6 +48,24 @@ INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max
 Planner = Callable[[PlanningProblem, str], Schedule]
 
 
+async def settle(*tasks: asyncio.Task | None) -> None:
+    """Wait for `tasks` to end. Unlike gather, being cancelled does not cancel them: an engine stop
+    or a sink call must never be cut short by whoever was waiting for it."""
+    pending = [t for t in tasks if t is not None and not t.done()]
+    if pending:
+        await asyncio.wait(pending)
+
+
+async def stop_task(task: asyncio.Task | None) -> None:
+    """Cancel `task` once (a second cancel would interrupt the clean-up of the first, e.g. a
+    cancelled engine start stopping its half-started process) and wait for it to end."""
+    if task is None:
+        return
+    if not task.done() and not task.cancelling():
+        task.cancel()
+    await settle(task)
+
+
 class PoolExecutor:
     """The `runtime.executor_api.Executor` implementation (see the module docstring)."""
 
@@ -131,7 +149,7 @@ class PoolExecutor:
         batch.finished.set()
         # wait for aborted requests and for outcomes being delivered; then let a pass free engines
         pending = [r.task for r in batch.reqs if r.task is not None and not r.task.done()]
-        await asyncio.gather(*aborted, *pending, return_exceptions=True)
+        await settle(*aborted, *pending)
         await self._request_pass(f"batch_cancelled:{batch_id}")
 
     async def wait(self, batch_id: str) -> None:
@@ -150,8 +168,7 @@ class PoolExecutor:
         slots = list(self._slots)
         await asyncio.gather(*(self._stop_slot(s, "close", force=True) for s in slots),
                              return_exceptions=True)
-        await asyncio.gather(*(s.task for s in slots if s.task), return_exceptions=True)
-        await asyncio.gather(*self._dying, *self._delivering, return_exceptions=True)
+        await settle(*(s.task for s in slots), *self._dying, *self._delivering)
         save_length_model(self.state_dir, self._lengths)
         for waiter in self._pass_waiters:
             if not waiter.done():
@@ -388,7 +405,7 @@ class PoolExecutor:
                 stops.append(s)
         await asyncio.gather(*(self._stop_slot(s, "re-plan") for s in stops),
                              *(self._sleep_slot(s) for s in sleeps))
-        await asyncio.gather(*list(self._dying), return_exceptions=True)
+        await settle(*self._dying)
         for slot in wake.values():
             await self._wake_slot(slot)
         for key in new:
@@ -428,9 +445,7 @@ class PoolExecutor:
             req.requeue()
             self._push(req, front=True)
         self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
-        if slot.task is not None:
-            slot.task.cancel()
-            await asyncio.gather(slot.task, return_exceptions=True)
+        await stop_task(slot.task)
         if slot.engine is not None:
             await asyncio.shield(self._reap(slot.engine))
         slot.state = SlotState.STOPPED
@@ -450,9 +465,7 @@ class PoolExecutor:
         for req in reversed(reqs):
             req.requeue()
             self._push(req, front=True)
-        if slot.task is not None:
-            slot.task.cancel()
-            await asyncio.gather(slot.task, return_exceptions=True)
+        await stop_task(slot.task)
         assert slot.engine is not None
         if await dispatch.sleep_engine(slot.engine):
             self._emit("engine_sleep", **slot.describe(), requeued=len(reqs))

@@ -22,6 +22,7 @@ class FakeEngine:
         self.max_inflight = 0
         self.served = 0
         self.stopped = False
+        self.reaped = False  # stop() completed: the whole process group is gone (kill() is not enough)
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     def alive(self) -> bool:
@@ -39,6 +40,7 @@ class FakeEngine:
         self.stopped = True
         await asyncio.sleep(self.launcher.stop_delay_s)
         self.kill(0)
+        self.reaped = True
 
     async def wait_exit(self) -> int:
         return await asyncio.shield(self._exit)
@@ -109,10 +111,10 @@ class FakeLauncher:
         try:
             await asyncio.sleep(self.start_delay_s)
         except asyncio.CancelledError:
-            engine.kill(0)  # like Engine.start: a cancelled start leaves no process
+            await engine.stop()  # like Engine.start: a cancelled start stops what it spawned
             raise
         if spec.model.name in self.fail_start:
-            engine.kill(1)
+            await engine.stop()
             raise EngineError(f"engine {spec.model.name!r} exited with code 1 while starting; log:\n"
                               "torch.OutOfMemoryError: CUDA out of memory (fake)")
         return engine

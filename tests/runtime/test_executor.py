@@ -96,6 +96,7 @@ async def run(tmp_path: Path, launcher: FakeLauncher) -> AsyncIterator[Any]:
         await ex.close()
     assert launcher.overlaps == [], "a device was given to two live engines"
     assert launcher.alive() == [], "engines left running after close()"
+    assert all(e.reaped for e in launcher.engines), "an engine's process group was never reaped"
 
 
 def kinds(events: list[dict]) -> list[str]:
@@ -122,13 +123,14 @@ async def test_pooled_batches_complete_exactly_once(run, launcher: FakeLauncher)
 
 
 async def test_replan_when_first_model_finishes(run, launcher: FakeLauncher) -> None:
+    launcher.delay_s["c"] = 0.3  # c still runs when a is done, even on a busy machine
     ex = await run()
     sink = Sink()
     ex.submit("b", items("a", 3) + items("c", 30), sink)
     await asyncio.wait_for(ex.wait("b"), 30)
     ev = ex.events("b")
     finished = [e["model"] for e in ev if e["event"] == "model_finished"]
-    assert finished[0] == "a" and "c" in finished
+    assert finished[0] == "a" and "c" in finished, [{k: v for k, v in e.items() if k != "time"} for e in ev]
     first = kinds(ev).index("model_finished")
     later = [e for e in ev[first:] if e["event"] == "replan"]
     assert later and "model_finished:a" in later[0]["reasons"]
@@ -309,4 +311,18 @@ async def test_close_during_a_replan_stop_leaves_no_engine(run, launcher: FakeLa
     while "engine_stop" not in kinds(ex.events("x")):
         await asyncio.sleep(0.005)
     await asyncio.wait_for(ex.close(), 10)  # interrupts the pass that is stopping a's engine
-    assert launcher.alive() == [] and all(e.stopped for e in launcher.engines)
+    assert launcher.alive() == [] and all(e.reaped for e in launcher.engines)
+
+
+async def test_close_while_a_pass_waits_for_a_dead_engine_reap(run, launcher: FakeLauncher) -> None:
+    launcher.stop_delay_s = 0.5
+    launcher.delay_s["a"] = 0.1
+    ex = await run(devices=2)
+    ex.submit("x", items("a", 40), sink := Sink())
+    while not sink.outcomes:
+        await asyncio.sleep(0.005)
+    launcher.alive("a")[0].kill()  # reaped in the background; the re-plan pass waits for it
+    while "replan" not in kinds(ex.events("x")):
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(ex.close(), 10)
+    assert launcher.alive() == [] and all(e.reaped for e in launcher.engines)

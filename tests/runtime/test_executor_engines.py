@@ -1,0 +1,137 @@
+"""The executor on real vLLM engines (tiny random-weight models on the CPU cores [0, 1]).
+
+Few and slow on purpose (an engine start takes 20-30 s): a pooled multi-model job completes with a
+re-plan when the first model finishes; a killed engine process does not lose the batch; a cancel
+mid-run frees every engine, its process group included."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from typing import Any, AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from runtime.config import Config
+from runtime.engine import Engine, EngineSpec, VllmLauncher, group_pids
+from runtime.executor import PoolExecutor
+from runtime.executor_api import Outcome, WorkItem
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
+CHAT = "/v1/chat/completions"
+
+
+class RecordingLauncher:
+    """The real launcher, remembering the engines it started (to kill one, to check they are gone)."""
+
+    def __init__(self, inner: VllmLauncher) -> None:
+        self.inner = inner
+        self.engines: list[Engine] = []
+
+    async def launch(self, spec: EngineSpec) -> Engine:
+        engine = await self.inner.launch(spec)
+        self.engines.append(engine)
+        return engine
+
+    def running(self, model: str | None = None) -> list[Engine]:
+        return [e for e in self.engines
+                if e.alive() and (model is None or e.spec.model.name == model)]
+
+
+def chat(model: str, n: int, max_tokens: int, prefix: str = "") -> list[WorkItem]:
+    return [WorkItem(line=i + 1, custom_id=f"{prefix}{model}-{i}", model=model, url=CHAT,
+                     body={"model": model, "max_tokens": max_tokens, "temperature": 0,
+                           "ignore_eos": True,  # random weights: fixed lengths, no early EOS
+                           "messages": [{"role": "user", "content": f"count to {i}"}]},
+                     prompt_tokens=12, max_tokens=max_tokens) for i in range(n)]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+
+    async def __call__(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+    def once(self) -> dict[str, Outcome]:
+        counts = Counter(o.custom_id for o in self.outcomes)
+        assert max(counts.values(), default=1) == 1, counts.most_common(3)
+        return {o.custom_id: o for o in self.outcomes}
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def executor(test_config: Config, tmp_path) -> AsyncIterator[tuple[PoolExecutor, Any]]:
+    launcher = RecordingLauncher(VllmLauncher(log_dir=tmp_path / "logs"))
+    ex = PoolExecutor(test_config, launcher, state_dir=tmp_path / "state")
+    await ex.start()
+    try:
+        yield ex, launcher
+    finally:
+        await ex.close()
+        for e in launcher.engines:  # no orphans: every process group is gone
+            assert not e.alive() and group_pids(e.pid) == [], e
+
+
+def kinds(events: list[dict]) -> list[str]:
+    return [e["event"] for e in events]
+
+
+async def test_pooled_job_completes_and_replans_when_a_model_finishes(executor) -> None:
+    ex, launcher = executor
+    sink = Sink()
+    ex.submit("pooled", chat("tiny-a", 4, 8) + chat("tiny-b", 24, 96), sink)
+    await asyncio.wait_for(ex.wait("pooled"), 500)
+    got = sink.once()
+    assert len(got) == 28 and all(o.ok for o in got.values()), [o.error for o in got.values()]
+    for o in got.values():  # vLLM's own response bodies, lengths as asked
+        assert o.response_body["model"] == o.model
+        assert o.response_body["usage"]["completion_tokens"] == (8 if o.model == "tiny-a" else 96)
+    ev = ex.events("pooled")
+    first = next(e["model"] for e in ev if e["event"] == "model_finished")
+    replans = [e for e in ev if e["event"] == "replan"]
+    assert any(f"model_finished:{first}" in e["reasons"] for e in replans), ev
+    assert first not in replans[-1]["remaining"]
+    started = [e for e in ev if e["event"] == "engine_started"]
+    assert {e["model"] for e in started} == {"tiny-a", "tiny-b"}
+    assert all(e["pid"] for e in started)
+    await asyncio.sleep(0)  # the pass after the last outcome stops every engine
+    for _ in range(100):
+        if not launcher.running():
+            break
+        await asyncio.sleep(0.2)
+    assert launcher.running() == []
+
+
+async def test_killed_engine_process_does_not_lose_the_batch(executor) -> None:
+    ex, launcher = executor
+    sink = Sink()
+    ex.submit("kill", chat("tiny-a", 24, 128), sink)
+    while len(sink.outcomes) < 2 or not launcher.running("tiny-a"):
+        await asyncio.sleep(0.1)
+    victim = launcher.running("tiny-a")[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    await asyncio.wait_for(ex.wait("kill"), 500)
+    got = sink.once()
+    assert len(got) == 24 and all(o.ok for o in got.values()), [o.error for o in got.values()]
+    assert any(o.attempts > 1 for o in got.values())  # the killed engine's requests were re-run
+    ev = ex.events("kill")
+    failed = [e for e in ev if e["event"] == "engine_failed"]
+    assert failed and failed[0]["pid"] == victim.pid
+    assert sum(e["event"] == "engine_started" for e in ev) >= 2  # a replacement engine
+
+
+async def test_cancel_mid_run_frees_every_engine(executor) -> None:
+    ex, launcher = executor
+    sink = Sink()
+    ex.submit("cancel", chat("tiny-a", 40, 256) + chat("tiny-b", 40, 256), sink)
+    while not sink.outcomes:
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(ex.cancel("cancel"), 120)
+    assert len(sink.once()) < 80
+    assert launcher.running() == []
+    for e in launcher.engines:
+        assert group_pids(e.pid) == []
+    await asyncio.wait_for(ex.wait("cancel"), 1)
