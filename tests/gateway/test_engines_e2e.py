@@ -29,8 +29,32 @@ def _model(name: str, seed: int) -> Path:
     return path
 
 
+def _chat_batch():
+    lines = [chat_line(f"r{i}", model=("tiny-a", "tiny-b")[i % 2], text=f"tell me {i}",
+                       max_tokens=6, temperature=0) for i in range(8)]
+    lines.append(chat_line("bad-temp", model="tiny-a", temperature=-1.0))  # the engine says 400
+    return CHAT, lines
+
+
+def _completions_batch():
+    return "/v1/completions", [
+        {"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "tiny-b", "prompt": f"the number {i} is", "max_tokens": 5}}
+        for i in range(3)]
+
+
+def _long_batch():
+    # a few short requests finish early; the long ones (ignore_eos) are still running at cancel
+    lines = [chat_line(f"s{i}", max_tokens=2) for i in range(3)]
+    lines += [chat_line(f"l{i}", max_tokens=900, ignore_eos=True, text=f"long {i}")
+              for i in range(24)]
+    return CHAT, lines
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def engines_server(tmp_path_factory):
+async def e2e(tmp_path_factory):
+    """One app on real engines; three batches submitted at once (pooled into one job, so engines
+    start once), and the long one cancelled as soon as its short requests are done."""
     state = tmp_path_factory.mktemp("e2e")
     model = {"max_model_len": 1024, "max_num_seqs": 32, "max_num_batched_tokens": 1024}
     cfg = parse_config({
@@ -40,18 +64,29 @@ async def engines_server(tmp_path_factory):
                    {"name": "tiny-b", "path": str(_model("gw-tiny-b", 1)), **model}],
     })
     async with running(cfg, default_executor(cfg)) as srv:
-        yield srv
+        client = srv.client()
+        batches = {}
+        for name, (endpoint, lines) in (("chat", _chat_batch()), ("completions",
+                                        _completions_batch()), ("long", _long_batch())):
+            f = await client.files.create(file=(f"{name}.jsonl", jsonl(lines)), purpose="batch")
+            b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
+                                            completion_window="24h")
+            batches[name] = (b.id, lines)
+
+        async def cancel_when_short_ones_done() -> str:
+            bid = batches["long"][0]
+            await poll(client, bid, lambda x: x.request_counts.completed >= 3, timeout_s=800)
+            return (await client.batches.cancel(bid)).status
+
+        canceller = asyncio.create_task(cancel_when_short_ones_done())
+        yield srv, client, batches, canceller
+        canceller.cancel()
 
 
-async def test_multi_model_batch_on_real_engines(engines_server):
-    srv = engines_server
-    client = srv.client()
-    lines = [chat_line(f"r{i}", model=("tiny-a", "tiny-b")[i % 2], text=f"tell me {i}",
-                       max_tokens=6, temperature=0) for i in range(8)]
-    lines.append(chat_line("bad-temp", model="tiny-a", temperature=-1.0))  # the engine says 400
-    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    b = await client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
-    done = await poll(client, b.id, timeout_s=600)
+async def test_multi_model_batch_on_real_engines(e2e):
+    srv, client, batches, _ = e2e
+    bid, lines = batches["chat"]
+    done = await poll(client, bid, timeout_s=800)
     assert done.status == "completed", done.errors
     out = await read_lines(client, done.output_file_id)
     err = await read_lines(client, done.error_file_id)
@@ -72,19 +107,14 @@ async def test_multi_model_batch_on_real_engines(engines_server):
                                           for o in out)
     per_model = done.model_extra["model_request_counts"]
     assert per_model["tiny-a"]["total"] == 5 and per_model["tiny-b"]["total"] == 4
-    events = srv.executor.events(b.id)
+    events = srv.executor.events(bid)
     assert events, "the executor reports what it did for the batch"
 
 
-async def test_completions_endpoint_on_real_engine(engines_server):
-    client = engines_server.client()
-    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": "tiny-b", "prompt": f"the number {i} is", "max_tokens": 5}}
-             for i in range(3)]
-    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    b = await client.batches.create(input_file_id=f.id, endpoint="/v1/completions",
-                                    completion_window="24h")
-    done = await poll(client, b.id, timeout_s=600)
+async def test_completions_endpoint_on_real_engine(e2e):
+    _, client, batches, _ = e2e
+    bid, _lines = batches["completions"]
+    done = await poll(client, bid, timeout_s=800)
     assert done.status == "completed" and done.request_counts.completed == 3, done
     assert done.model == "tiny-b"
     out = await read_lines(client, done.output_file_id)
@@ -92,18 +122,11 @@ async def test_completions_endpoint_on_real_engine(engines_server):
     assert all(o["response"]["body"]["object"] == "text_completion" for o in out)
 
 
-async def test_cancel_mid_run_on_real_engines(engines_server):
-    client = engines_server.client()
-    # a few short requests finish early; the long ones (ignore_eos) are still running at cancel
-    lines = [chat_line(f"s{i}", max_tokens=2) for i in range(3)]
-    lines += [chat_line(f"l{i}", max_tokens=900, ignore_eos=True, text=f"long {i}")
-              for i in range(24)]
-    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-    b = await client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h")
-    await poll(client, b.id, lambda x: x.request_counts.completed >= 3, timeout_s=600)
-    cancelled = await client.batches.cancel(b.id)
-    assert cancelled.status in ("cancelling", "cancelled")
-    done = await poll(client, b.id, timeout_s=120)
+async def test_cancel_mid_run_on_real_engines(e2e):
+    _, client, batches, canceller = e2e
+    bid, lines = batches["long"]
+    assert await canceller in ("cancelling", "cancelled")
+    done = await poll(client, bid, timeout_s=120)
     assert done.status == "cancelled", done
     out = await read_lines(client, done.output_file_id)
     err = await read_lines(client, done.error_file_id)
@@ -113,4 +136,3 @@ async def test_cancel_mid_run_on_real_engines(engines_server):
     unfinished = [e for e in err if e["response"] is None]
     assert unfinished and {e["error"]["code"] for e in unfinished} == {"batch_cancelled"}
     assert done.request_counts.failed == len(err) - len(unfinished)
-    await asyncio.sleep(0)
