@@ -439,12 +439,14 @@ class PoolExecutor:
         if slot.state in (SlotState.STOPPED, SlotState.FAILED) or (
                 slot.state is SlotState.STOPPING and not force):
             return
+        resumed = slot.state is SlotState.STOPPING
         slot.state = SlotState.STOPPING
         reqs = self._take_inflight(slot)
         for req in reversed(reqs):  # preempted, not failed: re-run later, no retry consumed
             req.requeue()
             self._push(req, front=True)
-        self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
+        if not resumed:
+            self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
         await stop_task(slot.task)
         if slot.engine is not None:
             await asyncio.shield(self._reap(slot.engine))

@@ -41,12 +41,14 @@ class RecordingLauncher:
                 if e.alive() and (model is None or e.spec.model.name == model)]
 
 
-def chat(model: str, n: int, max_tokens: int, prefix: str = "") -> list[WorkItem]:
-    return [WorkItem(line=i + 1, custom_id=f"{prefix}{model}-{i}", model=model, url=CHAT,
-                     body={"model": model, "max_tokens": max_tokens, "temperature": 0,
+def chat(model: str, n: int, max_tokens: int, step: int = 0) -> list[WorkItem]:
+    """`n` requests of exactly `max_tokens + i * step` output tokens (staggered: outcomes trickle
+    in instead of arriving together)."""
+    return [WorkItem(line=i + 1, custom_id=f"{model}-{i}", model=model, url=CHAT,
+                     body={"model": model, "max_tokens": max_tokens + i * step, "temperature": 0,
                            "ignore_eos": True,  # random weights: fixed lengths, no early EOS
                            "messages": [{"role": "user", "content": f"count to {i}"}]},
-                     prompt_tokens=12, max_tokens=max_tokens) for i in range(n)]
+                     prompt_tokens=12, max_tokens=max_tokens + i * step) for i in range(n)]
 
 
 class Sink:
@@ -108,7 +110,7 @@ async def test_pooled_job_completes_and_replans_when_a_model_finishes(executor) 
 async def test_killed_engine_process_does_not_lose_the_batch(executor) -> None:
     ex, launcher = executor
     sink = Sink()
-    ex.submit("kill", chat("tiny-a", 24, 128), sink)
+    ex.submit("kill", chat("tiny-a", 24, 16, step=32), sink)
     while len(sink.outcomes) < 2 or not launcher.running("tiny-a"):
         await asyncio.sleep(0.1)
     victim = launcher.running("tiny-a")[0]
@@ -126,7 +128,7 @@ async def test_killed_engine_process_does_not_lose_the_batch(executor) -> None:
 async def test_cancel_mid_run_frees_every_engine(executor) -> None:
     ex, launcher = executor
     sink = Sink()
-    ex.submit("cancel", chat("tiny-a", 40, 256) + chat("tiny-b", 40, 256), sink)
+    ex.submit("cancel", chat("tiny-a", 40, 8, step=24) + chat("tiny-b", 40, 8, step=24), sink)
     while not sink.outcomes:
         await asyncio.sleep(0.1)
     await asyncio.wait_for(ex.cancel("cancel"), 120)
