@@ -17,6 +17,7 @@ import orjson
 
 from gateway.filestore import FileStore
 from gateway.ids import derived_id
+from gateway.validation import strip_bom
 from runtime.executor_api import Outcome
 
 UNFINISHED = {
@@ -77,6 +78,8 @@ def input_requests(path: Path) -> Iterator[tuple[int, str, str]]:
     """(line, custom_id, model) of each request of an already validated input file."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = strip_bom(raw)  # accepted by validation
             if raw.strip():
                 obj = orjson.loads(raw)
                 yield lineno, obj["custom_id"], obj["body"]["model"]

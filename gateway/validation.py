@@ -7,6 +7,7 @@ request, in input order. Runs in a worker thread: it is CPU work (JSON, tokenize
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) 
     requests = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = strip_bom(raw)
             if not raw.strip():
                 continue
             requests += 1
@@ -73,6 +76,11 @@ def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) 
     if requests == 0:
         res.add("empty_file", "The input file has no requests.", None)
     return res
+
+
+def strip_bom(first_line: bytes) -> bytes:
+    """Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the JSON."""
+    return first_line[3:] if first_line.startswith(codecs.BOM_UTF8) else first_line
 
 
 def _check_line(raw: bytes, lineno: int, endpoint: str, cfg: Config, tokens: TokenCounter,
