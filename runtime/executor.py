@@ -20,6 +20,7 @@ that fails to start turns every queued request of its model into an `engine_star
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -44,6 +45,7 @@ from scheduler.types import DevicePool, Schedule, Stage
 
 log = logging.getLogger(__name__)
 INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max_num_seqs
+KEEP_FINISHED_BATCHES = 1000  # finished batches whose events stay available
 
 Planner = Callable[[PlanningProblem, str], Schedule]
 
@@ -64,6 +66,21 @@ async def stop_task(task: asyncio.Task | None) -> None:
     if not task.done() and not task.cancelling():
         task.cancel()
     await settle(task)
+
+
+def infeasible_models(planner: Planner, problem: PlanningProblem, strategy: str) -> set[str]:
+    """The models the planner cannot plan even alone (so that one model that fits no device does
+    not fail the others' requests). Empty when each plans alone: the failure is not one model's."""
+    bad = set()
+    for m in problem.work:
+        alone = dataclasses.replace(problem, models={m: problem.models[m]},
+                                    work={m: problem.work[m]},
+                                    running={k: v for k, v in problem.running.items() if k == m})
+        try:
+            planner(alone, strategy)
+        except Exception:
+            bad.add(m)
+    return bad
 
 
 class PoolExecutor:
@@ -279,10 +296,20 @@ class PoolExecutor:
         except Exception:  # the journal's problem; the request must not run again in this process
             log.exception("sink of batch %s failed for %s", batch.batch_id, req.item.custom_id)
         req.done()
+        batch.closed_one()
         if not batch.cancelled and batch.check_finished():
             self._emit("batch_finished", [batch])
-        if self._pools and batch in self._pools[0].batches and not self._pools[0].open_reqs():
+        if self._pools and batch in self._pools[0].batches and not self._pools[0].has_open():
             self._request_pass("pool_finished")
+
+    def _forget(self, batch: BatchState) -> None:
+        """Drop a finished batch's requests (its events stay for `events()`); bound the history."""
+        if any(r.state is ReqState.REPORTING for r in batch.reqs):
+            return  # outcomes still being delivered; forgotten with a later pool
+        batch.reqs = []
+        done = [b for b, st in self._batches.items() if st.finished.is_set() and not st.reqs]
+        for b in done[:max(0, len(done) - KEEP_FINISHED_BATCHES)]:
+            del self._batches[b]
 
     def _observe(self, req: Req, outcome: Outcome) -> None:
         """Feed a finished request's output length to the length model (censored when capped)."""
@@ -327,8 +354,9 @@ class PoolExecutor:
 
     def _active_pool(self) -> Pool | None:
         """Retire finished pools; activate the next one (its requests enter the queues)."""
-        while self._pools and not self._pools[0].open_reqs():
-            self._pools.pop(0)
+        while self._pools and not self._pools[0].has_open():
+            for batch in self._pools.pop(0).batches:
+                self._forget(batch)
         if not self._pools:
             return None
         head = self._pools[0]
@@ -371,11 +399,16 @@ class PoolExecutor:
         t0 = time.monotonic()
         try:
             schedule = await asyncio.to_thread(self._planner, problem, head.strategy)
-        except Exception as exc:
+        except Exception as exc:  # e.g. InfeasibleError: a model fits no plan on these devices
             log.exception("planner failed (%s)", head.strategy)
-            self._emit("plan_failed", strategy=head.strategy, message=str(exc))
+            bad = await asyncio.to_thread(infeasible_models, self._planner, problem, head.strategy)
+            self._emit("plan_failed", strategy=head.strategy, message=str(exc),
+                       models=sorted(bad or work))
             for req in [r for r in todo if r.state is ReqState.QUEUED]:
-                self._fail_queued(req, "planning_failed", f"{type(exc).__name__}: {exc}")
+                if not bad or req.model in bad:
+                    self._fail_queued(req, "planning_failed", f"{type(exc).__name__}: {exc}")
+            if bad and set(work) - bad:
+                self._request_pass("planning_failed")  # plan the others without them
             return None
         first = schedule.stages[0] if schedule.stages else None
         self._emit("plan" if head.plans == 1 else "replan", strategy=head.strategy,
@@ -393,15 +426,16 @@ class PoolExecutor:
                 if s.state is SlotState.SLEEPING and s.key in desired and s.key not in keep}
         new = [k for k in desired if k not in keep and k not in wake]
         needed = {d for k in new for d in k[2]}
-        busy = {m for m in (r.model for r in head.open_reqs() if r.state is ReqState.QUEUED)}
+        open_reqs = head.open_reqs()
+        has_work = {r.model for r in open_reqs if r.state in (ReqState.QUEUED, ReqState.INFLIGHT)}
         stops, sleeps = [], []
         for s in self._slots:
             if s.key in keep or s.key in wake:
                 continue
-            if s.state.active and self._may_sleep(s, needed, busy):
+            if s.state.active and self._may_sleep(s, needed, has_work):
                 sleeps.append(s)
             elif s.state.active or s.state is SlotState.SLEEPING and (
-                    needed & set(s.spec.devices) or s.model not in busy):
+                    needed & set(s.spec.devices) or s.model not in has_work):
                 stops.append(s)
         await asyncio.gather(*(self._stop_slot(s, "re-plan") for s in stops),
                              *(self._sleep_slot(s) for s in sleeps))
@@ -409,7 +443,7 @@ class PoolExecutor:
         for slot in wake.values():
             await self._wake_slot(slot)
         for key in new:
-            if key[0] in busy or any(r.model == key[0] for r in head.open_reqs()):
+            if key[0] in has_work:
                 self._start_slot(key)
 
     def _start_slot(self, key: tuple[str, int, tuple[int, ...]]) -> None:

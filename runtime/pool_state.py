@@ -81,13 +81,25 @@ class BatchState:
     events: list[dict[str, Any]] = field(default_factory=list)
     cancelled: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    open_count: int = -1  # requests without an outcome yet (a counter: checked at every outcome)
+
+    def __post_init__(self) -> None:
+        self.open_count = len(self.reqs)
 
     @property
     def open_reqs(self) -> list[Req]:
         return [r for r in self.reqs if not r.state.finished]
 
+    def closed_one(self) -> None:
+        """One request got its outcome (DONE)."""
+        self.open_count -= 1
+
+    @property
+    def running(self) -> bool:
+        return not self.cancelled and self.open_count > 0
+
     def check_finished(self) -> bool:
-        if self.cancelled or not self.open_reqs:
+        if not self.running:
             self.finished.set()
         return self.finished.is_set()
 
@@ -103,6 +115,9 @@ class Pool:
 
     def open_reqs(self) -> list[Req]:
         return [r for b in self.batches for r in b.open_reqs]
+
+    def has_open(self) -> bool:
+        return any(b.running for b in self.batches)
 
     @property
     def batch_ids(self) -> list[str]:

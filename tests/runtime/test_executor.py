@@ -39,6 +39,10 @@ def make_cfg(tmp_path: Path, *, max_num_seqs: int = 4, max_retries: int = 2,
                "max_num_seqs": max_num_seqs, "max_num_batched_tokens": 1024,
                "arch": {**arch, "intermediate_size": 4 * arch["hidden_size"], "vocab_size": 2048}}
               for name, arch in ARCHS.items()]
+    # one max-length sequence needs ~20 GiB of KV: fits no engine of 0.25 GiB
+    models.append({"name": "huge", "path": "/nonexistent/huge", "max_model_len": 32768,
+                   "arch": {"num_layers": 80, "hidden_size": 8192, "num_heads": 64,
+                            "num_kv_heads": 8, "intermediate_size": 28672, "vocab_size": 32000}})
     return parse_config({"server": {"state_dir": str(tmp_path / "state")},
                          "devices": {"kind": "cpu", "cpu_kvcache_gib": 0.25},
                          "limits": {"max_retries": max_retries},
@@ -193,6 +197,18 @@ async def test_start_failure_fails_that_model_only(run, launcher: FakeLauncher) 
         err = got[f"b-{i}"].error
         assert err["code"] == "engine_start_failed" and "out of memory" in err["message"]
     assert "engine_start_failed" in kinds(ex.events("x"))
+
+
+async def test_a_model_that_fits_nowhere_fails_alone(run, launcher: FakeLauncher) -> None:
+    ex = await run()
+    ex.submit("x", items("a", 4) + items("huge", 2), sink := Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    got = sink.by_id()
+    assert all(got[f"a-{i}"].ok for i in range(4))
+    assert {got[f"huge-{i}"].error["code"] for i in range(2)} == {"planning_failed"}
+    failed = [e for e in ex.events("x") if e["event"] == "plan_failed"]
+    assert failed and failed[0]["models"] == ["huge"]
+    assert not any(e.spec.model.name == "huge" for e in launcher.engines)
 
 
 async def test_client_errors_are_per_request_and_not_retried(run, launcher: FakeLauncher) -> None:
