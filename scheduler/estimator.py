@@ -14,6 +14,7 @@ plus its original prompt; re-prefilling prompt + generated tokens after a restar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -30,22 +31,49 @@ def _rid(r: SimRequest) -> int:
 
 
 @dataclass(frozen=True)
-class Workload:
-    """A model's remaining requests (sorted by rid, never mutated) and a fingerprint of them."""
+class Position:
+    """Where a derived workload stands: what is left of `root` after its run on shape (tp, dp) reached
+    `t_s` seconds (engine ready) with `work_s` useful FLOPs done. Positions always refer to runs of
+    the root workload, so estimates never compound across stages."""
 
-    requests: tuple[SimRequest, ...]
+    root: "Workload"
+    tp: int
+    dp: int
+    t_s: float
+    frac: float  # fraction of the root's requests finished by t_s on that run
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model's remaining requests (sorted by rid, never mutated) and a fingerprint of them.
+
+    A *derived* workload (`pos` set, made by `Estimator.advance`) is what is left of a root workload
+    after part of a run; its runs are read off the root's runs (`Estimator.run`), and its requests
+    are only built when someone asks for them (`requests`)."""
+
+    _requests: tuple[SimRequest, ...] | None
     fingerprint: str
-    tokens: np.ndarray  # per request: (rid, prompt_len, output_len, generated)
+    tokens: np.ndarray | None  # per request: (rid, prompt_len, output_len, generated); root only
+    pos: Position | None = None
+    _left: Callable[[], tuple[SimRequest, ...]] | None = field(default=None, compare=False)
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def of(requests: Sequence[SimRequest]) -> "Workload":
         # no copies: nothing in the planner or the simulator mutates a SimRequest, and copying
         # 10,000s of them per stage dominated planning time
         reqs = tuple(sorted((r for r in requests if r.output_len > r.generated), key=_rid))
-        arr = np.fromiter((x for r in reqs for x in (r.rid, r.prompt_len, r.output_len, r.generated)),
-                          dtype=np.int64, count=4 * len(reqs))
-        return Workload(reqs, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest(),
-                        arr.reshape(-1, 4))
+        arr = np.array([(r.rid, r.prompt_len, r.output_len, r.generated) for r in reqs],
+                       dtype=np.int64).reshape(-1, 4)
+        return Workload(reqs, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest(), arr)
+
+    @property
+    def requests(self) -> tuple[SimRequest, ...]:
+        if self._requests is not None:
+            return self._requests
+        if "r" not in self._cache:
+            self._cache["r"] = self._left()
+        return self._cache["r"]
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -62,6 +90,9 @@ class PlanRun:
     total_s: float  # slowest replica
     finish_sorted: np.ndarray  # finish time of every request, ascending
     work_cum: np.ndarray  # useful FLOPs finished by finish_sorted[i] (inclusive), cumulative
+    # request index (into the workload's requests) of each finish_sorted entry; None when the run
+    # is extrapolated from a subsample
+    order: np.ndarray | None = None
 
     @property
     def total_work(self) -> float:
@@ -85,6 +116,40 @@ class PlanRun:
         return max(linear, self.requests_done(elapsed_s))
 
 
+    def time_to(self, work: float) -> float:
+        """The earliest elapsed time at which `work_done` reaches `work` (inverse of work_done)."""
+        total = self.total_work
+        if work <= 0 or total <= 0:
+            return 0.0
+        if work >= total:
+            return self.total_s
+        i = int(np.searchsorted(self.work_cum, work * (1 - 1e-12), side="left"))
+        step = float(self.finish_sorted[i]) if i < len(self.finish_sorted) else self.total_s
+        return min(self.total_s * work / total, step)
+
+    def done_fraction(self, elapsed_s: float) -> float:
+        """Fraction of the requests finished within `elapsed_s`."""
+        n = len(self.finish_sorted)
+        if n == 0:
+            return 1.0
+        return int(np.searchsorted(self.finish_sorted, elapsed_s * (1 + 1e-12), side="right")) / n
+
+    def time_of_fraction(self, q: float) -> float:
+        """When the fraction `q` of the requests had finished (0 for q = 0)."""
+        n = len(self.finish_sorted)
+        k = int(round(q * n))
+        return float(self.finish_sorted[min(k, n) - 1]) if k > 0 and n else 0.0
+
+    def suffix(self, t_s: float) -> "PlanRun":
+        """The rest of this run after `t_s` seconds, as a run of its own (times from t_s on)."""
+        if t_s <= 0:
+            return self
+        i = int(np.searchsorted(self.finish_sorted, t_s * (1 + 1e-12), side="right"))
+        base = float(self.work_cum[i - 1]) if i else 0.0
+        return PlanRun(max(0.0, self.total_s - t_s), self.finish_sorted[i:] - t_s,
+                       self.work_cum[i:] - base)
+
+
 def useful_flops(spec: ModelSpec, r: SimRequest) -> float:
     return spec.flops_per_token * (r.remaining + (r.prompt_len if r.generated == 0 else 0))
 
@@ -100,13 +165,26 @@ class Estimator:
     _lat: dict[tuple[str, int], LatencyModel] = field(default_factory=dict)
     _limits: dict[tuple[str, int], EngineLimits] = field(default_factory=dict)
     _runs: dict[tuple[str, int, int, str], PlanRun] = field(default_factory=dict)
-    _advanced: dict[tuple[str, int, int, str, float], Workload] = field(default_factory=dict)
+    _advanced: dict[tuple, Workload] = field(default_factory=dict)
     _lines: dict[tuple[str, int], tuple[float, float, PlanRun]] = field(default_factory=dict)
     _work_total: dict[tuple[str, str], float] = field(default_factory=dict)
     # models with more remaining requests than this are not simulated request by request (`_line`)
     exact_limit: int = 1024
     line_sample: int = 512  # requests in the larger of the two subsamples a line is fitted on
-    simulations: int = 0  # simulate() calls made (for benchmarks and tests of the cache)
+    # cold engines on derived workloads: read off root runs (True) or simulated on the requests
+    # left (False, exact); see `_derived_run`
+    approx_restarts: bool = True
+    _count: list[int] = field(default_factory=lambda: [0])  # shared with `exact()` views
+
+    @property
+    def simulations(self) -> int:
+        """simulate() calls made (for benchmarks and tests of the cache)."""
+        return self._count[0]
+
+    def exact(self) -> "Estimator":
+        """A view of this estimator that simulates restarts on derived workloads (`approx_restarts`
+        False); it shares every cache (their keys tell the two apart)."""
+        return dataclasses.replace(self, approx_restarts=False)
 
     def latency(self, model: str, tp: int) -> LatencyModel:
         key = (model, tp)
@@ -140,8 +218,11 @@ class Estimator:
             )
         return self._limits[key]
 
-    def run(self, model: str, tp: int, dp: int, work: Workload) -> PlanRun:
-        """Simulate every replica to completion (cached)."""
+    def run(self, model: str, tp: int, dp: int, work: Workload, kept: bool = False) -> PlanRun:
+        """Every replica run to completion (cached). `kept`: the engine running this very shape
+        continues (no restart); it matters only for derived workloads (see `_derived_run`)."""
+        if work.pos is not None:
+            return self._derived_run(model, tp, dp, work, kept)
         key = (model, tp, dp, work.fingerprint)
         hit = self._runs.get(key)
         if hit is not None:
@@ -150,54 +231,137 @@ class Estimator:
             run = self._extrapolated(model, tp, dp, work)
             self._runs[key] = run
             return run
-        spec, lat, lim = self.models[model], self.latency(model, tp), self.limits(model, tp)
+        lat, lim = self.latency(model, tp), self.limits(model, tp)
+        flops = self._request_flops(model, work)
         finish: list[float] = []
-        work_of: list[float] = []
+        index: list[int] = []
         total = 0.0
-        for part in work.split(dp):
+        for r in range(dp):
+            part = work.requests[r::dp]
             if not part:
                 continue
-            by_rid = {r.rid: useful_flops(spec, r) for r in part}
             res = simulate(part, lim, lat)  # simulate never mutates its input
-            self.simulations += 1
+            self._count[0] += 1
             total = max(total, res.total_time_s)
-            for rid, t in res.finish_times_s.items():
-                finish.append(t)
-                work_of.append(by_rid.get(rid, 0.0))
-        order = np.argsort(np.asarray(finish, dtype=float), kind="stable")
-        run = PlanRun(total, np.asarray(finish, dtype=float)[order],
-                      np.cumsum(np.asarray(work_of, dtype=float)[order]))
+            ft = res.finish_times_s
+            finish.extend(ft[q.rid] for q in part)
+            index.extend(range(r, len(work), dp))
+        fin = np.asarray(finish, dtype=float)
+        order = np.argsort(fin, kind="stable")
+        idx = np.asarray(index, dtype=np.int64)[order]
+        run = PlanRun(total, fin[order], np.cumsum(flops[idx]), idx)
         self._runs[key] = run
         return run
 
-    def advance(self, model: str, tp: int, dp: int, work: Workload, elapsed_s: float) -> Workload:
-        """The work left after running `elapsed_s` seconds (engine ready) on this plan; requests in
-        flight keep their generated tokens (a later engine re-prefills them)."""
+    def _request_flops(self, model: str, work: Workload) -> np.ndarray:
+        t = work.tokens  # useful_flops, vectorised over the workload
+        tokens = (t[:, 2] - t[:, 3]).clip(0) + np.where(t[:, 3] == 0, t[:, 1], 0)
+        return self.models[model].flops_per_token * tokens.astype(float)
+
+    def _derived_run(self, model: str, tp: int, dp: int, work: Workload, kept: bool) -> PlanRun:
+        """A derived workload's run on (tp, dp).
+
+        The engine that produced the position keeps running (`kept`, same shape): exactly the rest
+        of its root run, no simulation (a stage cut at t is a prefix of the run to completion: the
+        simulator is deterministic and the engine's state at t is the same). Any other engine
+        starts cold on the requests left (in-flight ones re-prefilled with what they generated):
+        simulated on them (`approx_restarts` False), or read off the root's run on that shape from
+        the moment it had finished the same fraction of the requests, plus the re-prefill
+        (`_restart_run`)."""
+        pos = work.pos
+        cont = kept and (tp, dp) == (pos.tp, pos.dp)
+        key = (model, tp, dp, work.fingerprint, cont, self.approx_restarts and not cont)
+        hit = self._runs.get(key)
+        if hit is not None:
+            return hit
+        if cont:
+            run = self.run(model, tp, dp, pos.root).suffix(pos.t_s)
+        elif self.approx_restarts:
+            run = self._restart_run(model, tp, dp, work)
+        else:
+            run = self.run(model, tp, dp, self.materialize(work))
+        self._runs[key] = run
+        return run
+
+    def _restart_run(self, model: str, tp: int, dp: int, work: Workload) -> PlanRun:
+        """Estimated cold run of a derived workload: the root's run on this shape from when it had
+        finished the same fraction of the requests, delayed by re-prefilling what the requests in
+        flight hold (prompt + generated; a warm run has those tokens in its KV cache already)."""
+        root = self.run(model, tp, dp, work.pos.root)
+        rest = root.suffix(root.time_of_fraction(work.pos.frac))
+        ctx = np.array([r.prompt_len + r.generated for r in work.requests if r.generated > 0],
+                       dtype=float)
+        if not len(ctx):
+            return rest
+        lat, lim = self.latency(model, tp), self.limits(model, tp)
+        # per replica, at most what its KV cache holds: the rest waits and is prefilled in turn,
+        # as the not yet started requests of the warm run are
+        cap = lim.num_kv_blocks * lim.block_size
+        share = min(1.0, cap * dp / float(ctx.sum()))
+        tokens = float(ctx.sum()) / dp * share
+        iters = np.ceil(tokens / lim.max_num_batched_tokens)
+        delay = (iters * (lat.c0 + lat.allreduce_fixed_s) + tokens * (lat.c1 + lat.allreduce_s_per_token)
+                 + lat.c2 * float((ctx * ctx).sum()) / 2.0 / dp * share)
+        return PlanRun(rest.total_s + delay, rest.finish_sorted + delay, rest.work_cum)
+
+    def materialize(self, work: Workload) -> Workload:
+        """A derived workload as a root one: its requests with their generated tokens (cached)."""
+        if work.pos is None:
+            return work
+        if "root" not in work._cache:
+            work._cache["root"] = Workload.of(work.requests)
+        return work._cache["root"]
+
+    def advance(self, model: str, tp: int, dp: int, work: Workload, elapsed_s: float,
+                kept: bool = False) -> Workload:
+        """The work left after running `elapsed_s` seconds (engine ready) on this plan, as a
+        derived workload: a position on a run of a root workload (see `_derived_run`). Its
+        requests are only built when asked for (`_left`)."""
         if elapsed_s <= 0:
             return work
-        key = (model, tp, dp, work.fingerprint, round(elapsed_s, 9))
+        key = (model, tp, dp, work.fingerprint, round(elapsed_s, 9), kept, self.approx_restarts)
         hit = self._advanced.get(key)
         if hit is not None:
             return hit
+        root, start = work, 0.0
+        if work.pos is not None:
+            pos = work.pos
+            if kept and (tp, dp) == (pos.tp, pos.dp):
+                root, start = pos.root, pos.t_s
+            elif self.approx_restarts:
+                root = pos.root
+                start = self.run(model, tp, dp, root).time_of_fraction(pos.frac)
+            else:
+                root = self.materialize(work)
+        run = self.run(model, tp, dp, root)
+        t = start + elapsed_s
+        pos = Position(root, tp, dp, t, run.done_fraction(t))
+        out = Workload(None, f"{root.fingerprint}@{tp}x{dp}:{t!r}", None, pos,
+                       lambda: self._left(model, pos))
+        self._advanced[key] = out
+        return out
+
+    def _left(self, model: str, pos: Position) -> tuple[SimRequest, ...]:
+        """The root's requests unfinished `pos.t_s` into its run on (tp, dp), with the tokens they
+        generated by then: the run cut at t_s (exact; large roots: the first requests of each
+        replica's FCFS queue as many as the fitted line finishes, in-flight ones as they were)."""
+        root, tp, dp, t = pos.root, pos.tp, pos.dp, pos.t_s
         lat, lim = self.latency(model, tp), self.limits(model, tp)
-        big = len(work) > self.exact_limit
         left: list[SimRequest] = []
-        for part in work.split(dp):
+        big = len(root) > self.exact_limit
+        for part in root.split(dp):
             if not part:
                 continue
             if big:
-                # FCFS serves a large replica's queue in order at the fitted steady rate: the first
-                # n_done requests are done; the ones in flight are kept as they were
-                a, b, _ = self._line(model, tp, work)
-                n_done = int(np.clip((elapsed_s - a) / b, 0, len(part))) if b > 0 else len(part)
+                a, b, _ = self._line(model, tp, root)
+                n_done = int(np.clip((t - a) / b, 0, len(part))) if b > 0 else len(part)
                 left.extend(part[n_done:])
                 continue
-            res = simulate(part, lim, lat, until_s=elapsed_s)
-            self.simulations += 1
+            res = simulate(part, lim, lat, until_s=t)
+            self._count[0] += 1
             left.extend(res.remaining)
-        out = Workload.of(left)
-        self._advanced[key] = out
-        return out
+        left.sort(key=_rid)
+        return tuple(r for r in left if r.output_len > r.generated)
 
     def _line(self, model: str, tp: int, work: Workload) -> tuple[float, float, PlanRun]:
         """Engine time of n requests drawn like `work`'s, T(n) = a + b·n, from two exact simulations
@@ -223,7 +387,7 @@ class Estimator:
         sub1 = sub2[::2]
         r2 = simulate(sub2, lim, lat)
         r1 = simulate(sub1, lim, lat)
-        self.simulations += 2
+        self._count[0] += 2
         m1 = len(sub1)
         b = (r2.total_time_s - r1.total_time_s) / (m2 - m1) if m2 > m1 else 0.0
         if b <= 0:
@@ -251,7 +415,5 @@ class Estimator:
     def work_total(self, model: str, work: Workload) -> float:
         key = (model, work.fingerprint)
         if key not in self._work_total:
-            t = work.tokens  # vectorised useful_flops over the workload
-            tokens = (t[:, 2] - t[:, 3]).clip(0) + np.where(t[:, 3] == 0, t[:, 1], 0)
-            self._work_total[key] = self.models[model].flops_per_token * float(tokens.sum())
+            self._work_total[key] = float(self._request_flops(model, work).sum())
         return self._work_total[key]

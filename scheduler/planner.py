@@ -29,7 +29,8 @@ from scheduler.baselines import PerModelBest, even_split, muxserve_greedy, seque
 from scheduler.estimator import Estimator, Workload
 from scheduler.latency import LatencyModel
 from scheduler.search import greedy_chooser, rank_groups
-from scheduler.stages import Context, InfeasibleError, PlanState, run_policy, run_stage
+from scheduler.stages import (Context, InfeasibleError, PlanState, evaluate, run_policy,
+                             run_stage)
 from scheduler.placement import place
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest
 
@@ -79,6 +80,9 @@ class Planner:
         # largest first: the paper's expansion order, and the baselines' priority
         order = sorted(problem.models, key=lambda m: (-problem.models[m].param_count, m))
         self.ctx = Context(self.est, problem.pool, order)
+        # stages are chosen with `ctx` (restarts estimated from the root runs) and every schedule
+        # returned is re-run with `exact_ctx` (restarts simulated), which gives its stage times
+        self.exact_ctx = Context(self.est.exact(), problem.pool, order, self.ctx._shapes)
         self._done: dict[str, Schedule] = {}
         self._initial: PlanState | None = None
         # the search's own schedule (before the comparison with the baselines), once planned
@@ -109,14 +113,11 @@ class Planner:
 
     def _plan(self, strategy: str) -> Schedule:
         state = self.initial_state()
-        if strategy == "sequential":
-            return run_policy(self.ctx, state, sequential, strategy)
-        if strategy == "even-split":
-            return run_policy(self.ctx, state, even_split, strategy)
-        if strategy == "per-model-best":
-            return run_policy(self.ctx, state, PerModelBest(), strategy)
-        if strategy == "muxserve-greedy":
-            return run_policy(self.ctx, state, muxserve_greedy, strategy)
+        policies = {"sequential": sequential, "even-split": even_split,
+                    "per-model-best": PerModelBest(), "muxserve-greedy": muxserve_greedy}
+        if strategy in policies:
+            return evaluate(self.exact_ctx, state, run_policy(self.ctx, state, policies[strategy],
+                                                              strategy))
         best = self.search_schedule = self._search(state)
         if self.problem.compare_baselines:
             for name in BASELINES:
@@ -137,7 +138,8 @@ class Planner:
                 continue
             first, after = run_stage(self.ctx, state, plans)
             rest = run_policy(self.ctx, after, choose, "samullm")
-            cand = Schedule("samullm", [first] + rest.stages, rest.makespan_s, origin="search")
+            cand = evaluate(self.exact_ctx, state, Schedule("samullm", [first] + rest.stages,
+                                                            rest.makespan_s, origin="search"))
             if best is None or cand.makespan_s < best.makespan_s * (1 - 1e-9):
                 best = cand
         if best is None:

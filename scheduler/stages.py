@@ -84,7 +84,7 @@ class Context:
         cur = state.running.get(m)
         kept = cur is not None and (cur.tp, cur.dp) == (tp, dp)
         warm = state.warmup.get(m, 0.0) if kept else self.est.load_time(m, tp)
-        return Option(shape, warm, self.est.run(m, tp, dp, state.work[m]))
+        return Option(shape, warm, self.est.run(m, tp, dp, state.work[m], kept))
 
     def best_per_count(self, state: PlanState, model: str, max_devices: int | None = None) -> list[Option]:
         """Per device count, the option that finishes soonest (ties: smaller TP), ascending count."""
@@ -111,15 +111,15 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     after it."""
     est = ctx.est
     plans = [p for p in plans if p.model in state.work]
-    restarts, warm, runs = [], {}, {}
+    restarts, warm, runs, kept = [], {}, {}, {}
     for p in plans:
-        cur = state.running.get(p.model)
-        if p.same_shape(cur):
+        kept[p.model] = p.same_shape(state.running.get(p.model))
+        if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
         else:
             warm[p.model] = est.load_time(p.model, p.tp)
             restarts.append(p.model)
-        runs[p.model] = est.run(p.model, p.tp, p.dp, state.work[p.model])
+        runs[p.model] = est.run(p.model, p.tp, p.dp, state.work[p.model], kept[p.model])
     finish = {m: warm[m] + runs[m].total_s for m in runs}
     targets = [m for m in finish if finishers is None or m in finishers] or list(finish)
     dur = (max if finishers is not None and any(m in finishers for m in finish) else min)(
@@ -135,7 +135,7 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         if ready_for < 0:
             warmup[m] = -ready_for
         else:
-            work[m] = est.advance(m, p.tp, p.dp, state.work[m], ready_for)
+            work[m] = est.advance(m, p.tp, p.dp, state.work[m], ready_for, kept[m])
     stage = Stage(plans=list(plans), start_s=state.t, end_s=state.t + dur, finished=done,
                   predicted_finish_s={m: state.t + f for m, f in finish.items()}, restarts=restarts)
     running = {p.model: p for p in plans if p.model not in done}
@@ -158,8 +158,18 @@ def run_policy(ctx: Context, state: PlanState, choose: Chooser, strategy: str) -
     return Schedule(strategy=strategy, stages=stages, makespan_s=state.t)
 
 
-def replay(ctx: Context, state: PlanState, schedule: Schedule) -> float:
-    """Makespan of `schedule`'s stages executed on another workload draw: stage k runs its plans until
+def evaluate(ctx: Context, state: PlanState, schedule: Schedule) -> Schedule:
+    """`schedule`'s stages re-run with `ctx`'s estimator (`replay`), with their times recomputed:
+    the planner chooses stages with cheap estimates and reports what the exact ones predict."""
+    stages: list[Stage] = []
+    state = replay(ctx, state, schedule, stages)
+    return Schedule(schedule.strategy, stages, state.t, origin=schedule.origin)
+
+
+def replay(ctx: Context, state: PlanState, schedule: Schedule,
+           stages: list[Stage] | None = None) -> PlanState:
+    """`schedule`'s stages executed on another workload draw (the state after them; its `t` is the
+    makespan; the stages run are appended to `stages`): stage k runs its plans until
     the models it was planned to finish are done. Models left over (none, when every model is planned
     to finish somewhere) run one after another on their last plan."""
     last: dict[str, ExecPlan] = {}
@@ -168,9 +178,13 @@ def replay(ctx: Context, state: PlanState, schedule: Schedule) -> float:
             last[p.model] = p
         if not any(p.model in state.work for p in st.plans):
             continue
-        _, state = run_stage(ctx, state, st.plans, finishers=set(st.finished))
+        stage, state = run_stage(ctx, state, st.plans, finishers=set(st.finished))
+        if stages is not None:
+            stages.append(stage)
     while state.work:
         m = next(m for m in ctx.order if m in state.work)
         plan = last.get(m) or place([ctx.best(state, m).shape], ctx.pool, state.running)[0]
-        _, state = run_stage(ctx, state, [plan])
-    return state.t
+        stage, state = run_stage(ctx, state, [plan])
+        if stages is not None:
+            stages.append(stage)
+    return state

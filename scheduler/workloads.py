@@ -85,13 +85,13 @@ def makespan_stats(planner, schedule: Schedule,
     """Replay `schedule` (planned by `planner`, a `scheduler.planner.Planner`) on each draw of the
     work. Each draw replaces `output_len` of the same requests; the running engines are the
     planner's problem's."""
-    ctx, problem = planner.ctx, planner.problem
+    ctx, problem = planner.exact_ctx, planner.problem
     vals = []
     for draw in draws:
         work = {m: Workload.of(reqs) for m, reqs in sorted(draw.items())}
         work = {m: w for m, w in work.items() if len(w)}
         running = {m: p for m, p in problem.running.items() if m in work}
-        vals.append(replay(ctx, PlanState(0.0, work, running, {}), schedule))
+        vals.append(replay(ctx, PlanState(0.0, work, running, {}), schedule).t)
     arr = np.asarray(vals, dtype=float)
     if not len(arr):
         return MakespanStats(schedule.makespan_s, 0.0, schedule.makespan_s, schedule.makespan_s, 0)
