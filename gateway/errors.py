@@ -3,7 +3,9 @@ ours or aiohttp's, as `{"error": {"message", "type", "param", "code"}}` with the
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -49,6 +51,12 @@ _HTTP_TYPES = {401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error"}
 
 
+def _disk_full(exc: Exception) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "database or disk is full" in str(exc)
+
+
 @web.middleware
 async def error_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,6 +78,13 @@ async def error_middleware(request: web.Request,
         if exc.status == 404:
             err.message = f"Unknown path: {request.method} {request.path}"
         return render(err)
+    except (OSError, sqlite3.OperationalError) as exc:
+        if not _disk_full(exc):
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return render(ApiError(500, "Internal server error", type="server_error"))
+        log.error("%s %s: %s", request.method, request.path, exc)  # operators must see this
+        return render(ApiError(507, "The server is out of disk space; try again later.",
+                               type="server_error", code="insufficient_storage"))
     except Exception:  # a bug, never user input: log it, answer 500 without internals
         log.exception("unhandled error on %s %s", request.method, request.path)
         return render(ApiError(500, "Internal server error", type="server_error"))

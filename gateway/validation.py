@@ -138,6 +138,8 @@ def _check_line(raw: bytes, lineno: int, endpoint: str, cfg: Config, tokens: Tok
     prompt = tokens.count_body(model.name, endpoint, body)
     max_tokens = _max_tokens(body, endpoint)
     ctx = model.max_model_len
+    if prompt + (max_tokens or 0) >= ctx:  # an estimate never rejects: count exactly first
+        prompt = tokens.count_body(model.name, endpoint, body, exact=True)
     if endpoint == EMBEDDINGS:
         if prompt > ctx:
             raise _LineError("context_length_exceeded", f"The input has about {prompt} tokens; "

@@ -1,0 +1,135 @@
+"""Ingest benchmark: upload and validate a large batch input file (default 200 MB, 50,000 lines).
+
+Starts the gateway in-process on loopback (engine-free executor holding every request, so only upload
+and validation are measured), writes the input file to a temp dir, streams it up with aiohttp, then
+creates a batch and times validation (create -> `in_progress`). Token counts use a real tiny model's
+tokenizer (`runtime.tinymodel.write_tiny_model`), as a served model would. Prints MB/s for upload and
+validation and the peak RSS growth of the process (the file must never be held whole).
+
+    .venv/bin/python bench/ingest.py [--mb 200] [--lines 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from gateway.app import create_app  # noqa: E402
+from runtime.config import parse_config  # noqa: E402
+from tests.gateway.doubles import EchoExecutor  # noqa: E402
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda omicron sigma tau upsilon phi chi "
+         "psi omega river mountain cloud signal vector matrix kernel token").split()
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def write_input(path: Path, total_mb: int, lines: int) -> int:
+    """`lines` chat requests of about total_mb / lines bytes each, streamed to disk."""
+    rng = random.Random(0)
+    per_line = total_mb * 1024 * 1024 // lines
+    with open(path, "wb") as f:
+        for i in range(lines):
+            words: list[str] = []
+            size = 0
+            while size < per_line - 200:
+                w = rng.choice(WORDS)
+                words.append(w)
+                size += len(w) + 1
+            line = {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "tiny", "max_tokens": 16,
+                             "messages": [{"role": "user", "content": " ".join(words)}]}}
+            f.write(orjson.dumps(line) + b"\n")
+    return path.stat().st_size
+
+
+def model_dir(root: Path) -> Path:
+    cached = REPO / ".samullm" / "test-models" / "tiny-a"
+    if (cached / "tokenizer.json").exists():
+        return cached
+    from runtime.tinymodel import write_tiny_model
+
+    return write_tiny_model(root / "tiny")
+
+
+async def run(total_mb: int, lines: int) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="samullm-ingest-"))
+    path = tmp / "input.jsonl"
+    size = write_input(path, total_mb, lines)
+    cfg = parse_config({
+        "server": {"state_dir": str(tmp / "state")},
+        "limits": {"max_file_bytes": size + 1, "max_requests_per_batch": lines},
+        "models": [{"name": "tiny", "path": str(model_dir(tmp)), "max_model_len": 16384}],
+    })
+    executor = EchoExecutor()
+    executor.hold()  # nothing runs: this measures ingest only
+    runner = aiohttp.web.AppRunner(create_app(cfg, executor))
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    rss0 = rss_mb()
+    try:
+        async with aiohttp.ClientSession(url) as http:
+            t0 = time.perf_counter()
+            with open(path, "rb") as fh:
+                form = aiohttp.FormData()
+                form.add_field("purpose", "batch")
+                form.add_field("file", fh, filename="input.jsonl")
+                async with http.post("/v1/files", data=form) as r:
+                    assert r.status == 200, await r.text()
+                    fid = (await r.json())["id"]
+            t_up = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            async with http.post("/v1/batches", json={
+                    "input_file_id": fid, "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h"}) as r:
+                assert r.status == 200, await r.text()
+                bid = (await r.json())["id"]
+            while True:
+                async with http.get(f"/v1/batches/{bid}") as r:
+                    b = await r.json()
+                if b["status"] != "validating":
+                    break
+                await asyncio.sleep(0.05)
+            t_val = time.perf_counter() - t1
+            assert b["status"] == "in_progress", b.get("errors")
+            assert b["request_counts"]["total"] == lines
+    finally:
+        await runner.cleanup()
+    mb = size / 1e6
+    return {"mb": mb, "lines": lines, "upload_s": t_up, "upload_mb_s": mb / t_up,
+            "validate_s": t_val, "validate_mb_s": mb / t_val,
+            "ingest_mb_s": mb / (t_up + t_val), "rss_growth_mb": rss_mb() - rss0,
+            "peak_rss_mb": rss_mb()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mb", type=int, default=200)
+    p.add_argument("--lines", type=int, default=50_000)
+    args = p.parse_args()
+    r = asyncio.run(run(args.mb, args.lines))
+    print(f"file: {r['mb']:.1f} MB, {r['lines']} lines")
+    print(f"upload:     {r['upload_s']:.2f} s  {r['upload_mb_s']:.0f} MB/s")
+    print(f"validation: {r['validate_s']:.2f} s  {r['validate_mb_s']:.0f} MB/s")
+    print(f"ingest (upload + validation): {r['ingest_mb_s']:.0f} MB/s")
+    print(f"peak RSS {r['peak_rss_mb']:.0f} MB (growth during ingest {r['rss_growth_mb']:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Faults: SIGKILL of the gateway process at random points of a batch's life, a full disk while
+writing output, graceful shutdown of `samullm serve` on SIGTERM.
+
+Kill trials run the real gateway (`create_app` + `web.run_app`) as a subprocess with a paced
+engine-free executor (`serve_double.py`), so each trial costs seconds; the real-engine variant lives
+in `test_engine_faults.py`. After each restart every batch must reach a terminal state and its output
+and error files must hold each custom_id exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+CHAT = "/v1/chat/completions"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, state: Path, port: int, models: str | None = None) -> Path:
+    models = models or ('[[models]]\nname = "tiny-a"\narch = {num_layers = 2, hidden_size = 128, '
+                        'num_heads = 2, num_kv_heads = 1, intermediate_size = 512, '
+                        'vocab_size = 2048}\nmax_model_len = 1024\n')
+    path.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{state}"\n'
+                    f'[limits]\nmax_requests_per_batch = 50000\n{models}')
+    return path
+
+
+class Proc:
+    """A gateway subprocess; `url` answers once /health does."""
+
+    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        self.p = subprocess.Popen(argv, cwd=REPO, env=env, stdout=open(log, "ab"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"gateway did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(30)
+
+
+def double(cfg: Path, port: int, log: Path) -> Proc:
+    return Proc([sys.executable, "-m", "tests.hardening.serve_double", str(cfg)], port, log)
+
+
+def jsonl(ids: list[str], text: str = "hello") -> bytes:
+    return b"".join(json.dumps({"custom_id": c, "method": "POST", "url": CHAT, "body": {
+        "model": "tiny-a", "messages": [{"role": "user", "content": text}], "max_tokens": 4}}
+    ).encode() + b"\n" for c in ids)
+
+
+def create(url: str, ids: list[str], text: str = "hello") -> str:
+    f = requests.post(f"{url}/v1/files", files={"file": ("in.jsonl", jsonl(ids, text))},
+                      data={"purpose": "batch"}).json()
+    b = requests.post(f"{url}/v1/batches", json={"input_file_id": f["id"], "endpoint": CHAT,
+                                                 "completion_window": "24h"})
+    assert b.status_code == 200, b.text
+    return b.json()["id"]
+
+
+def get(url: str, bid: str) -> dict:
+    return requests.get(f"{url}/v1/batches/{bid}", timeout=5).json()
+
+
+def wait_for(url: str, bid: str, pred, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b = get(url, bid)
+        if pred(b):
+            return b
+        assert time.monotonic() < deadline, f"batch stuck: {b['status']} {b['request_counts']}"
+        time.sleep(0.005)
+
+
+def lines(url: str, fid: str | None) -> list[dict]:
+    if fid is None:
+        return []
+    r = requests.get(f"{url}/v1/files/{fid}/content")
+    assert r.status_code == 200
+    return [json.loads(x) for x in r.text.splitlines() if x.strip()]
+
+
+def check_exactly_once(url: str, bid: str, ids: list[str]) -> dict:
+    b = wait_for(url, bid, lambda x: x["status"] in TERMINAL)
+    assert b["status"] == "completed", b
+    out, err = lines(url, b["output_file_id"]), lines(url, b["error_file_id"])
+    got = [x["custom_id"] for x in out + err]
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got)), bid
+    assert b["request_counts"] == {"total": len(ids), "completed": len(out), "failed": len(err)}
+    return b
+
+
+# (phase, batch size): validating needs a file big enough to be caught validating, finalizing one
+# big enough to be caught writing its output.
+TRIALS = [("validating", 6_000), ("validating", 6_000), ("validating", 4_000),
+          ("in_progress", 300), ("in_progress", 300), ("in_progress", 500), ("in_progress", 200),
+          ("finalizing", 8_000), ("finalizing", 8_000), ("finalizing", 10_000)]
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_at_random_points_then_restart(tmp_path):
+    rng = random.Random(7)
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "state", port)
+    log = tmp_path / "gateway.log"
+    proc = double(cfg, port, log)
+    batches: dict[str, list[str]] = {}
+    hit: list[str] = []
+    try:
+        for trial, (phase, n) in enumerate(TRIALS):
+            ids = [f"t{trial}-{i}" for i in range(n)]
+            bid = create(proc.url, ids, "SLOW" if phase == "in_progress" else "hello")
+            batches[bid] = ids
+            if phase == "in_progress":
+                b = wait_for(proc.url, bid, lambda x: x["request_counts"]["completed"] > 0)
+                time.sleep(rng.uniform(0, 0.3))
+            elif phase == "finalizing":
+                b = wait_for(proc.url, bid, lambda x: x["status"] in ({"finalizing"} | TERMINAL))
+            else:
+                time.sleep(rng.uniform(0, 0.05))
+            b = get(proc.url, bid)
+            proc.kill()
+            hit.append(b["status"])
+            proc = double(cfg, port, log)
+            check_exactly_once(proc.url, bid, ids)
+        for old, old_ids in batches.items():  # and every earlier batch is still intact
+            b = get(proc.url, old)
+            assert b["status"] == "completed" and b["request_counts"]["total"] == len(old_ids)
+        db = sqlite3.connect(tmp_path / "state" / "samullm.db")
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        db.close()
+    finally:
+        proc.kill()
+    # the kills landed in each phase of the batch's life at least once
+    assert {"validating", "in_progress", "finalizing"} <= set(hit), hit
+    assert not list((tmp_path / "state" / "files").glob("*.tmp"))  # torn writes swept
+
+
+DISK_MB = 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root / CAP_SYS_ADMIN): {r.stderr}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.timeout(120)
+def test_disk_full_while_writing_output(tmp_path, small_disk):
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", small_disk / "state", port)
+    log = tmp_path / "gateway.log"
+    proc = double(cfg, port, log)
+    try:
+        ids = [f"d{i}" for i in range(3_000)]
+        bid = create(proc.url, ids)
+        wait_for(proc.url, bid, lambda x: x["request_counts"]["completed"] > 0)
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:  # take every free byte while the batch runs
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        time.sleep(3)  # the batch runs into ENOSPC (journal or output file)
+        b = get(proc.url, bid)
+        assert b["status"] in ("in_progress", "finalizing"), b  # paused, not falsely completed
+        assert requests.get(f"{proc.url}/health").status_code == 200  # still answering
+        assert requests.get(f"{proc.url}/v1/batches").status_code == 200
+        up = requests.post(f"{proc.url}/v1/files", files={"file": ("x.jsonl", jsonl(["z"] * 9000))},
+                           data={"purpose": "batch"})
+        assert up.status_code == 507, up.text
+        assert up.json()["error"]["code"] == "insufficient_storage"
+        assert "No space left on device" in log.read_text()  # the clear error, in the log
+        filler.unlink()  # space again: a restart resumes the batch and loses nothing
+        proc.kill()
+        proc = double(cfg, port, log)
+        check_exactly_once(proc.url, bid, ids)
+        db = sqlite3.connect(small_disk / "state" / "samullm.db")
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        db.close()
+    finally:
+        proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_samullm_serve_sigterm_is_graceful(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "state", port)
+    log = tmp_path / "serve.log"
+    argv = [str(REPO / ".venv" / "bin" / "samullm"), "serve", "--config", str(cfg)]
+    proc = Proc(argv, port, log)
+    fid = requests.post(f"{proc.url}/v1/files", files={"file": ("in.jsonl", jsonl(["a"]))},
+                        data={"purpose": "batch"}).json()["id"]
+    proc.p.send_signal(signal.SIGTERM)
+    assert proc.p.wait(30) == 0  # a clean exit, well before any SIGKILL would be needed
+    out = log.read_text()
+    assert f"state dir: {(tmp_path / 'state').resolve()}" in out
+    assert "model tiny-a: plan only" in out and "devices: cpu" in out
+    with pytest.raises(requests.ConnectionError):  # no longer accepting
+        requests.get(f"{proc.url}/health", timeout=2)
+    db = sqlite3.connect(tmp_path / "state" / "samullm.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT id FROM files").fetchall() == [(fid,)]
+    db.close()
