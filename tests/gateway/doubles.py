@@ -1,7 +1,8 @@
 """An in-process executor double for gateway tests that need no engines (validation, listing, auth,
 cancel, restart). It honours the `Executor` protocol: each item yields exactly one Outcome through
 the sink, cancel stops the rest without outcomes. Requests whose prompt contains "FAIL" get the HTTP
-400 an engine would send, "CRASH" an `engine_failed` error without any HTTP answer. `hold()` makes requests wait until `release(n)` lets n of them finish."""
+400 an engine would send, "CRASH" an `engine_failed` error without any HTTP answer. `hold()` makes
+requests wait until `release(n)` lets n of them finish."""
 
 from __future__ import annotations
 
