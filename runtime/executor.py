@@ -21,51 +21,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtime import dispatch
 from runtime.config import STRATEGIES, Config
-from runtime.devices import discover_pool, engine_device_kind
+from runtime.devices import discover_pool
 from runtime.dispatch import Slot, SlotState
-from runtime.engine import EngineSpec, Launcher
+from runtime.engine import Launcher
 from runtime.executor_api import Outcome, OutcomeSink, WorkItem
 from runtime.lengths_store import load_length_model, save_length_model
 from runtime.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
 from runtime.replan import (EMBEDDINGS_URL, LatencySource, build_problem, describe_stage, model_specs,
-                            running_plans, sample_work, stage_replicas)
+                            running_plans, sample_work)
+from runtime.slots import EngineSlots, settle
 from scheduler.planner import PlanningProblem, plan
-from scheduler.types import DevicePool, Schedule, Stage
+from scheduler.types import DevicePool, Schedule
 
 log = logging.getLogger(__name__)
-INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max_num_seqs
 KEEP_FINISHED_BATCHES = 1000  # finished batches whose events stay available
 
 Planner = Callable[[PlanningProblem, str], Schedule]
-
-
-async def settle(*tasks: asyncio.Task | None) -> None:
-    """Wait for `tasks` to end. Unlike gather, being cancelled does not cancel them: an engine stop
-    or a sink call must never be cut short by whoever was waiting for it."""
-    pending = [t for t in tasks if t is not None and not t.done()]
-    if pending:
-        await asyncio.wait(pending)
-
-
-async def stop_task(task: asyncio.Task | None) -> None:
-    """Cancel `task` once (a second cancel would interrupt the clean-up of the first, e.g. a
-    cancelled engine start stopping its half-started process) and wait for it to end."""
-    if task is None:
-        return
-    if not task.done() and not task.cancelling():
-        task.cancel()
-    await settle(task)
 
 
 def infeasible_models(planner: Planner, problem: PlanningProblem, strategy: str) -> set[str]:
@@ -83,7 +62,7 @@ def infeasible_models(planner: Planner, problem: PlanningProblem, strategy: str)
     return bad
 
 
-class PoolExecutor:
+class PoolExecutor(EngineSlots):
     """The `runtime.executor_api.Executor` implementation (see the module docstring)."""
 
     def __init__(self, cfg: Config, launcher: Launcher, *, planner: Planner = plan,
@@ -98,11 +77,8 @@ class PoolExecutor:
         self._lengths = load_length_model(self.state_dir)
         self._batches: dict[str, BatchState] = {}
         self._pools: list[Pool] = []  # FIFO; the head is the active one
-        self._slots: list[Slot] = []  # engines starting, running or sleeping
-        self._dying: set[asyncio.Task] = set()  # engine stops in progress (devices not free yet)
-        self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
         self._delivering: set[asyncio.Task] = set()
-        self._sid = itertools.count(1)
+        self._init_slots()
         self._reasons: list[str] = []
         self._pass_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
@@ -253,29 +229,6 @@ class PoolExecutor:
             if slot.model == req.model:
                 slot.wake.set()
 
-    def _take_inflight(self, slot: Slot) -> list[Req]:
-        """Pop (own) and abort every in-flight request of `slot`, in dispatch order."""
-        reqs = list(slot.inflight)
-        for task in slot.inflight.values():
-            task.cancel()
-        slot.inflight.clear()
-        return reqs
-
-    def _reap(self, engine: Any) -> asyncio.Task:
-        """Stop `engine` in a task of its own that nothing cancels: a stop cut short by a cancel
-        (close() interrupting a pass) would leave its process group running. One task per engine."""
-        task = self._reaping.get(id(engine))
-        if task is None:
-            task = asyncio.create_task(engine.stop(), name=f"stop-{getattr(engine, 'pid', '?')}")
-            self._reaping[id(engine)] = task
-            self._dying.add(task)
-
-            def done(t: asyncio.Task, key: int = id(engine)) -> None:
-                self._dying.discard(t)
-                self._reaping.pop(key, None)
-            task.add_done_callback(done)
-        return task
-
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
         """An error outcome for a request that no engine will answer."""
         req.report()
@@ -380,7 +333,8 @@ class PoolExecutor:
         schedule = await self._plan(head, todo, reasons)
         if schedule is None:
             return
-        await self._apply(schedule.stages[0] if schedule.stages else None, head)
+        has_work = {r.model for r in todo}
+        await self._apply(schedule.stages[0] if schedule.stages else None, has_work)
         if not any(s.state.active for s in self._slots) and not self._dying:
             # nothing runs and nothing will produce an event: the plan left queued work stranded
             for req in [r for r in head.open_reqs() if r.state is ReqState.QUEUED]:
@@ -418,105 +372,6 @@ class PoolExecutor:
                    remaining={m: len(w) for m, w in work.items()},
                    running=[{"model": k[0], "tp": k[1], "devices": list(k[2])} for k in alive])
         return schedule
-
-    async def _apply(self, stage: Stage | None, head: Pool) -> None:
-        desired = stage_replicas(stage) if stage is not None else {}
-        keep = {s.key: s for s in self._slots if s.state.active and s.key in desired}
-        wake = {s.key: s for s in self._slots
-                if s.state is SlotState.SLEEPING and s.key in desired and s.key not in keep}
-        new = [k for k in desired if k not in keep and k not in wake]
-        needed = {d for k in new for d in k[2]}
-        open_reqs = head.open_reqs()
-        has_work = {r.model for r in open_reqs if r.state in (ReqState.QUEUED, ReqState.INFLIGHT)}
-        stops, sleeps = [], []
-        for s in self._slots:
-            if s.key in keep or s.key in wake:
-                continue
-            if s.state.active and self._may_sleep(s, needed, has_work):
-                sleeps.append(s)
-            elif s.state.active or s.state is SlotState.SLEEPING and (
-                    needed & set(s.spec.devices) or s.model not in has_work):
-                stops.append(s)
-        await asyncio.gather(*(self._stop_slot(s, "re-plan") for s in stops),
-                             *(self._sleep_slot(s) for s in sleeps))
-        await settle(*self._dying)
-        for slot in wake.values():
-            await self._wake_slot(slot)
-        for key in new:
-            if key[0] in has_work:
-                self._start_slot(key)
-
-    def _start_slot(self, key: tuple[str, int, tuple[int, ...]]) -> None:
-        assert self.pool is not None
-        model, tp, devices = key
-        mc = self.cfg.model(model)
-        assert mc is not None
-        sid = next(self._sid)
-        path = mc.resolved_path(self.cfg.base_dir)
-        spec = EngineSpec(
-            model=mc, model_path=path or Path("."), devices=devices,
-            device_kind=engine_device_kind(self.pool.kind), tp=tp,
-            kv_cache_gib=self.cfg.devices.cpu_kvcache_gib,
-            gpu_memory_utilization=self.cfg.devices.gpu_memory_utilization,
-            log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")
-        slot = Slot(sid, spec, limit=max(1, math.ceil(INFLIGHT_FACTOR * mc.max_num_seqs)))
-        self._slots.append(slot)
-        self._emit("engine_start", **slot.describe())
-        if path is None:
-            self.slot_start_failed(slot, f"model {model!r} has no `path` (plan-only model)")
-            return
-        slot.task = asyncio.create_task(dispatch.run_slot(slot, self), name=f"slot-{sid}-{model}")
-
-    async def _stop_slot(self, slot: Slot, why: str, force: bool = False) -> None:
-        """Preempt: re-queue its requests, stop the dispatch loop, reap the engine. `force` also
-        finishes a stop that an interrupted pass left half done."""
-        if slot.state in (SlotState.STOPPED, SlotState.FAILED) or (
-                slot.state is SlotState.STOPPING and not force):
-            return
-        resumed = slot.state is SlotState.STOPPING
-        slot.state = SlotState.STOPPING
-        reqs = self._take_inflight(slot)
-        for req in reversed(reqs):  # preempted, not failed: re-run later, no retry consumed
-            req.requeue()
-            self._push(req, front=True)
-        if not resumed:
-            self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
-        await stop_task(slot.task)
-        if slot.engine is not None:
-            await asyncio.shield(self._reap(slot.engine))
-        slot.state = SlotState.STOPPED
-        if slot in self._slots:
-            self._slots.remove(slot)
-
-    # -- GPU sleep mode (see dispatch.sleep_engine) -----------------------------------------------
-    def _may_sleep(self, slot: Slot, needed: set[int], busy: set[str]) -> bool:
-        """Sleep instead of stop: a GPU engine whose model has work left for later, on devices the
-        new stage does not use (a sleeping engine still holds its CUDA context)."""
-        return (self.cfg.devices.sleep_mode and slot.spec.device_kind == "cuda"
-                and slot.model in busy and not needed & set(slot.spec.devices))
-
-    async def _sleep_slot(self, slot: Slot) -> None:
-        reqs = self._take_inflight(slot)
-        slot.state = SlotState.SLEEPING
-        for req in reversed(reqs):
-            req.requeue()
-            self._push(req, front=True)
-        await stop_task(slot.task)
-        assert slot.engine is not None
-        if await dispatch.sleep_engine(slot.engine):
-            self._emit("engine_sleep", **slot.describe(), requeued=len(reqs))
-        else:
-            await self._stop_slot(slot, "sleep failed")
-
-    async def _wake_slot(self, slot: Slot) -> None:
-        assert slot.engine is not None
-        if await dispatch.wake_engine(slot.engine):
-            slot.state = SlotState.RUNNING
-            self._emit("engine_wake", **slot.describe())
-            slot.task = asyncio.create_task(dispatch.serve_slot(slot, self))
-        else:
-            await self._stop_slot(slot, "wake failed")
-            self._start_slot(slot.key)
 
     # -- events -----------------------------------------------------------------------------------
     def _emit(self, kind: str, batches: list[BatchState] | None = None, **data: Any) -> None:

@@ -22,6 +22,7 @@ class FakeEngine:
         self.max_inflight = 0
         self.served = 0
         self.stopped = False
+        self.asleep = False
         self.reaped = False  # stop() completed: the whole process group is gone (kill() is not enough)
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -48,7 +49,10 @@ class FakeEngine:
     async def post(self, url: str, body: dict) -> tuple[int, dict]:
         if not self.alive():
             raise EngineDied(f"engine {self.pid} is gone")
-        self.launcher.posts.append((self.spec.model.name, body.get("custom_tag")))
+        self.launcher.posts.append((self.spec.model.name, body.get("custom_tag") or url))
+        if url in ("/sleep?level=1", "/wake_up"):  # vLLM's sleep-mode endpoints (dev mode)
+            self.asleep = url != "/wake_up"
+            return 200, {}
         if body.get("model") != self.spec.model.name:
             return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                    "type": "NotFoundError", "param": None, "code": 404}}

@@ -6,6 +6,7 @@ engine is left running."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -16,10 +17,11 @@ import pytest
 import pytest_asyncio
 
 from runtime.config import Config, parse_config
-from runtime.executor import INFLIGHT_FACTOR, PoolExecutor
+from runtime.executor import PoolExecutor
+from runtime.slots import INFLIGHT_FACTOR
 from runtime.executor_api import Outcome, WorkItem
 from runtime.lengths_store import load_length_model
-from scheduler.types import DevicePool
+from scheduler.types import DevicePool, ExecPlan, Stage
 
 from .fakes import FakeLauncher
 
@@ -341,4 +343,29 @@ async def test_close_while_a_pass_waits_for_a_dead_engine_reap(run, launcher: Fa
     while "replan" not in kinds(ex.events("x")):
         await asyncio.sleep(0.005)
     await asyncio.wait_for(ex.close(), 10)
+    assert launcher.alive() == [] and all(e.reaped for e in launcher.engines)
+
+
+async def test_gpu_sleep_mode_sleeps_a_preempted_engine_and_wakes_it(tmp_path, launcher) -> None:
+    """The slot lifecycle alone (no control loop): stage 1 runs a on GPU 0; stage 2 runs b on GPU 1
+    while a still has work, so a's engine sleeps (GPU 0 is not needed); stage 3 wants a on GPU 0
+    again: the same engine wakes instead of a reload."""
+    cfg = dataclasses.replace(make_cfg(tmp_path), devices=dataclasses.replace(
+        make_cfg(tmp_path).devices, sleep_mode=True))
+    ex = PoolExecutor(cfg, launcher, pool=DevicePool("h100", (0, 1), 80 * 2**30))
+    a, b = ExecPlan("a", 1, 1, (0,)), ExecPlan("b", 1, 1, (1,))
+    try:
+        await ex._apply(Stage([a], 0, 1), {"a", "b"})
+        while not launcher.alive("a"):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        await ex._apply(Stage([b], 0, 1), {"a", "b"})
+        engine_a = launcher.engines[0]
+        assert engine_a.alive() and engine_a.asleep
+        await ex._apply(Stage([a], 0, 1), {"a"})
+        assert engine_a.alive() and not engine_a.asleep
+        assert [e.spec.model.name for e in launcher.engines] == ["a", "b"]  # no reload of a
+        assert ("a", "/sleep?level=1") in launcher.posts and ("a", "/wake_up") in launcher.posts
+    finally:
+        await ex.close()
     assert launcher.alive() == [] and all(e.reaped for e in launcher.engines)

@@ -1,0 +1,189 @@
+"""The executor's engine replicas ("slots"): apply a plan's stage, start, stop, sleep, wake.
+
+`EngineSlots` is mixed into `PoolExecutor`; it uses the executor's `cfg`, `pool`, `state_dir`,
+`launcher`, `_slots`, `_sid`, `_push` (re-queue a request) and `_emit` (record an event).
+
+No orphans: an engine is stopped by exactly one task (`_reap`) that nothing cancels, and whoever
+waits for a stop or a slot task waits with `settle` (never `gather`, whose cancellation would cancel
+what it waits for: a stop cut short leaves the engine's process group running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from runtime import dispatch
+from runtime.config import Config
+from runtime.devices import engine_device_kind
+from runtime.dispatch import Slot, SlotState
+from runtime.engine import EngineSpec, Launcher
+from runtime.pool_state import Req
+from runtime.replan import ReplicaKey, stage_replicas
+from scheduler.types import DevicePool, Stage
+
+INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max_num_seqs
+
+
+async def settle(*tasks: asyncio.Task | None) -> None:
+    """Wait for `tasks` to end. Unlike gather, being cancelled does not cancel them: an engine stop
+    or a sink call must never be cut short by whoever was waiting for it."""
+    pending = [t for t in tasks if t is not None and not t.done()]
+    if pending:
+        await asyncio.wait(pending)
+
+
+async def stop_task(task: asyncio.Task | None) -> None:
+    """Cancel `task` once (a second cancel would interrupt the clean-up of the first, e.g. a
+    cancelled engine start stopping its half-started process) and wait for it to end."""
+    if task is None:
+        return
+    if not task.done() and not task.cancelling():
+        task.cancel()
+    await settle(task)
+
+
+class EngineSlots:
+    """Engine replicas of a `PoolExecutor` (which is also the slots' `dispatch.SlotHost`)."""
+
+    cfg: Config
+    pool: DevicePool | None
+    state_dir: Path
+    launcher: Launcher
+    _slots: list[Slot]
+    _sid: "itertools.count[int]"
+    _push: Callable[..., None]
+    _emit: Callable[..., None]
+    slot_start_failed: Callable[[Slot, str], None]
+
+    def _init_slots(self) -> None:
+        self._slots = []  # engines starting, running or sleeping
+        self._sid = itertools.count(1)
+        self._dying: set[asyncio.Task] = set()  # engine stops in progress (devices not free yet)
+        self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
+
+    def _take_inflight(self, slot: Slot) -> list[Req]:
+        """Pop (own) and abort every in-flight request of `slot`, in dispatch order."""
+        reqs = list(slot.inflight)
+        for task in slot.inflight.values():
+            task.cancel()
+        slot.inflight.clear()
+        return reqs
+
+    def _reap(self, engine: Any) -> asyncio.Task:
+        """Stop `engine` in a task of its own that nothing cancels: a stop cut short by a cancel
+        (close() interrupting a pass) would leave its process group running. One task per engine."""
+        task = self._reaping.get(id(engine))
+        if task is None:
+            task = asyncio.create_task(engine.stop(), name=f"stop-{getattr(engine, 'pid', '?')}")
+            self._reaping[id(engine)] = task
+            self._dying.add(task)
+
+            def done(t: asyncio.Task, key: int = id(engine)) -> None:
+                self._dying.discard(t)
+                self._reaping.pop(key, None)
+            task.add_done_callback(done)
+        return task
+
+    async def _apply(self, stage: Stage | None, has_work: set[str]) -> None:
+        """Make the engines match `stage`: keep replicas whose (model, tp, devices) it still wants,
+        stop (or put to sleep) the others, wait until their devices are free, start the new ones
+        (concurrently: each launch runs in its slot's task). `has_work`: models with requests left."""
+        desired = stage_replicas(stage) if stage is not None else {}
+        keep = {s.key: s for s in self._slots if s.state.active and s.key in desired}
+        wake = {s.key: s for s in self._slots
+                if s.state is SlotState.SLEEPING and s.key in desired and s.key not in keep}
+        new = [k for k in desired if k not in keep and k not in wake]
+        needed = {d for k in new for d in k[2]}
+        stops, sleeps = [], []
+        for s in self._slots:
+            if s.key in keep or s.key in wake:
+                continue
+            if s.state.active and self._may_sleep(s, needed, has_work):
+                sleeps.append(s)
+            elif s.state.active or s.state is SlotState.SLEEPING and (
+                    needed & set(s.spec.devices) or s.model not in has_work):
+                stops.append(s)
+        await asyncio.gather(*(self._stop_slot(s, "re-plan") for s in stops),
+                             *(self._sleep_slot(s) for s in sleeps))
+        await settle(*self._dying)
+        for slot in wake.values():
+            await self._wake_slot(slot)
+        for key in new:
+            if key[0] in has_work:
+                self._start_slot(key)
+
+    def _start_slot(self, key: ReplicaKey) -> None:
+        assert self.pool is not None
+        model, tp, devices = key
+        mc = self.cfg.model(model)
+        assert mc is not None
+        sid = next(self._sid)
+        path = mc.resolved_path(self.cfg.base_dir)
+        spec = EngineSpec(
+            model=mc, model_path=path or Path("."), devices=devices,
+            device_kind=engine_device_kind(self.pool.kind), tp=tp,
+            kv_cache_gib=self.cfg.devices.cpu_kvcache_gib,
+            gpu_memory_utilization=self.cfg.devices.gpu_memory_utilization,
+            log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")
+        slot = Slot(sid, spec, limit=max(1, math.ceil(INFLIGHT_FACTOR * mc.max_num_seqs)))
+        self._slots.append(slot)
+        self._emit("engine_start", **slot.describe())
+        if path is None:
+            self.slot_start_failed(slot, f"model {model!r} has no `path` (plan-only model)")
+            return
+        slot.task = asyncio.create_task(dispatch.run_slot(slot, self), name=f"slot-{sid}-{model}")
+
+    async def _stop_slot(self, slot: Slot, why: str, force: bool = False) -> None:
+        """Preempt: re-queue its requests, stop the dispatch loop, reap the engine. `force` also
+        finishes a stop that an interrupted pass left half done."""
+        if slot.state in (SlotState.STOPPED, SlotState.FAILED) or (
+                slot.state is SlotState.STOPPING and not force):
+            return
+        resumed = slot.state is SlotState.STOPPING
+        slot.state = SlotState.STOPPING
+        reqs = self._take_inflight(slot)
+        for req in reversed(reqs):  # preempted, not failed: re-run later, no retry consumed
+            req.requeue()
+            self._push(req, front=True)
+        if not resumed:
+            self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
+        await stop_task(slot.task)
+        if slot.engine is not None:
+            await asyncio.shield(self._reap(slot.engine))
+        slot.state = SlotState.STOPPED
+        if slot in self._slots:
+            self._slots.remove(slot)
+
+    # -- GPU sleep mode (see dispatch.sleep_engine) -----------------------------------------------
+    def _may_sleep(self, slot: Slot, needed: set[int], busy: set[str]) -> bool:
+        """Sleep instead of stop: a GPU engine whose model has work left for later, on devices the
+        new stage does not use (a sleeping engine still holds its CUDA context)."""
+        return (self.cfg.devices.sleep_mode and slot.spec.device_kind == "cuda"
+                and slot.model in busy and not needed & set(slot.spec.devices))
+
+    async def _sleep_slot(self, slot: Slot) -> None:
+        reqs = self._take_inflight(slot)
+        slot.state = SlotState.SLEEPING
+        for req in reversed(reqs):
+            req.requeue()
+            self._push(req, front=True)
+        await stop_task(slot.task)
+        assert slot.engine is not None
+        if await dispatch.sleep_engine(slot.engine):
+            self._emit("engine_sleep", **slot.describe(), requeued=len(reqs))
+        else:
+            await self._stop_slot(slot, "sleep failed")
+
+    async def _wake_slot(self, slot: Slot) -> None:
+        assert slot.engine is not None
+        if await dispatch.wake_engine(slot.engine):
+            slot.state = SlotState.RUNNING
+            self._emit("engine_wake", **slot.describe())
+            slot.task = asyncio.create_task(dispatch.serve_slot(slot, self))
+        else:
+            await self._stop_slot(slot, "wake failed")
+            self._start_slot(slot.key)
