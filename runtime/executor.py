@@ -161,7 +161,10 @@ class PoolExecutor(EngineSlots):
         slots = list(self._slots)
         await asyncio.gather(*(self._stop_slot(s, "close", force=True) for s in slots),
                              return_exceptions=True)
-        await settle(*(s.task for s in slots), *self._dying, *self._delivering)
+        # outcomes already answered are still delivered (the gateway closes its journals after us)
+        reporting = [r.task for b in self._batches.values() for r in b.reqs
+                     if r.state is ReqState.REPORTING]
+        await settle(*(s.task for s in slots), *self._dying, *self._delivering, *reporting)
         save_length_model(self.state_dir, self._lengths)
         for waiter in self._pass_waiters:
             if not waiter.done():
@@ -252,13 +255,15 @@ class PoolExecutor(EngineSlots):
         batch.closed_one()
         if not batch.cancelled and batch.check_finished():
             self._emit("batch_finished", [batch])
+        if batch.finished.is_set():
+            self._forget(batch)
         if self._pools and batch in self._pools[0].batches and not self._pools[0].has_open():
             self._request_pass("pool_finished")
 
     def _forget(self, batch: BatchState) -> None:
         """Drop a finished batch's requests (its events stay for `events()`); bound the history."""
         if any(r.state is ReqState.REPORTING for r in batch.reqs):
-            return  # outcomes still being delivered; forgotten with a later pool
+            return  # outcomes still being delivered: forgotten after the last one
         batch.reqs = []
         done = [b for b, st in self._batches.items() if st.finished.is_set() and not st.reqs]
         for b in done[:max(0, len(done) - KEEP_FINISHED_BATCHES)]:

@@ -369,3 +369,19 @@ async def test_gpu_sleep_mode_sleeps_a_preempted_engine_and_wakes_it(tmp_path, l
     finally:
         await ex.close()
     assert launcher.alive() == [] and all(e.reaped for e in launcher.engines)
+
+
+async def test_close_lets_outcomes_being_delivered_finish(run, launcher: FakeLauncher) -> None:
+    started, completed = [], []
+
+    async def slow_sink(outcome: Outcome) -> None:
+        started.append(outcome.custom_id)
+        await asyncio.sleep(0.3)  # a journal append + fsync, slowed down
+        completed.append(outcome.custom_id)
+
+    ex = await run()
+    ex.submit("x", items("a", 3), slow_sink)
+    while not started:
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(ex.close(), 10)
+    assert completed and sorted(completed) == sorted(started)
