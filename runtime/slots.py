@@ -73,6 +73,15 @@ class EngineSlots:
         slot.inflight.clear()
         return reqs
 
+    def _preempt(self, slot: Slot) -> list[Req]:
+        """Abort the slot's in-flight requests and put them back at the head of their queue, in
+        order. A preemption is not a failure: no retry is consumed (the attempt is counted)."""
+        reqs = self._take_inflight(slot)
+        for req in reversed(reqs):
+            req.requeue()
+            self._push(req, front=True)
+        return reqs
+
     def _reap(self, engine: Any) -> asyncio.Task:
         """Stop `engine` in a task of its own that nothing cancels: a stop cut short by a cancel
         (close() interrupting a pass) would leave its process group running. One task per engine."""
@@ -145,10 +154,7 @@ class EngineSlots:
             return
         resumed = slot.state is SlotState.STOPPING
         slot.state = SlotState.STOPPING
-        reqs = self._take_inflight(slot)
-        for req in reversed(reqs):  # preempted, not failed: re-run later, no retry consumed
-            req.requeue()
-            self._push(req, front=True)
+        reqs = self._preempt(slot)
         if not resumed:
             self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
         await stop_task(slot.task)
@@ -166,11 +172,8 @@ class EngineSlots:
                 and slot.model in busy and not needed & set(slot.spec.devices))
 
     async def _sleep_slot(self, slot: Slot) -> None:
-        reqs = self._take_inflight(slot)
         slot.state = SlotState.SLEEPING
-        for req in reversed(reqs):
-            req.requeue()
-            self._push(req, front=True)
+        reqs = self._preempt(slot)
         await stop_task(slot.task)
         assert slot.engine is not None
         if await dispatch.sleep_engine(slot.engine):

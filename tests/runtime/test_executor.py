@@ -21,7 +21,7 @@ from runtime.executor import PoolExecutor
 from runtime.slots import INFLIGHT_FACTOR
 from runtime.executor_api import Outcome, WorkItem
 from runtime.lengths_store import load_length_model
-from scheduler.types import DevicePool, ExecPlan, Stage
+from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 from .fakes import FakeLauncher
 
@@ -385,3 +385,35 @@ async def test_close_lets_outcomes_being_delivered_finish(run, launcher: FakeLau
         await asyncio.sleep(0.005)
     await asyncio.wait_for(ex.close(), 10)
     assert completed and sorted(completed) == sorted(started)
+
+
+async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp_path) -> None:
+    """A scripted planner (the executor's reaction to a changed plan is what is tested here): the
+    first plan runs a on core 0 with TP=1, every later one a on cores 0-1 with TP=2. The TP=1
+    engine is stopped, its in-flight requests go back to the queue and run on the new engine."""
+    calls: list[str] = []
+
+    def scripted(problem, strategy):
+        calls.append(strategy)
+        plan = ExecPlan("a", 1, 1, (0,)) if len(calls) == 1 else ExecPlan("a", 2, 1, (0, 1))
+        return Schedule(strategy, [Stage([plan], 0.0, 1.0)], 1.0)
+
+    launcher.delay_s["a"] = 0.2
+    cfg = make_cfg(tmp_path)
+    ex = PoolExecutor(cfg, launcher, planner=scripted,
+                      pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))
+    await ex.start()
+    try:
+        ex.submit("x", items("a", 10), sx := Sink())
+        while not any(e.inflight for e in launcher.alive("a")):
+            await asyncio.sleep(0.005)
+        ex.submit("y", items("a", 2, prefix="y"), sy := Sink())  # an event: re-plan
+        await asyncio.wait_for(asyncio.gather(ex.wait("x"), ex.wait("y")), 30)
+    finally:
+        await ex.close()
+    got = sx.by_id()
+    assert len(got) == 10 and len(sy.by_id()) == 2 and all(o.ok for o in got.values())
+    stop = next(e for e in ex.events("x") if e["event"] == "engine_stop")
+    assert stop["tp"] == 1 and stop["why"] == "re-plan" and stop["requeued"] >= 1
+    assert sum(o.attempts == 2 for o in got.values()) == stop["requeued"]  # re-run once each
+    assert [(e.spec.tp, e.spec.devices) for e in launcher.engines] == [(1, (0,)), (2, (0, 1))]
