@@ -1,0 +1,173 @@
+"""Load benchmark: N concurrent clients upload, create, poll and list for D seconds (loopback) while a
+batch executes on real tiny vLLM engines.
+
+Starts `samullm serve` as a subprocess with a temp state dir and a config whose model is a tiny
+random-weight model (`runtime.tinymodel.write_tiny_model`, reused from `.samullm/test-models/` when
+present), submits a long batch, waits until the engine produces output, then runs the clients and
+prints p50/p99 latency per endpoint and the error count. Stops the server with SIGTERM at the end.
+
+    .venv/bin/python bench/load.py [--clients 50] [--duration 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT = "/v1/chat/completions"
+
+
+def tiny_model(tmp: Path) -> Path:
+    cached = REPO / ".samullm" / "test-models" / "tiny-a"
+    if (cached / "config.json").exists():
+        return cached
+    sys.path.insert(0, str(REPO))
+    from runtime.tinymodel import write_tiny_model
+
+    return write_tiny_model(tmp / "tiny")
+
+
+def line(cid: str, max_tokens: int) -> bytes:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": CHAT, "body": {
+        "model": "tiny", "max_tokens": max_tokens, "ignore_eos": True,
+        "messages": [{"role": "user", "content": f"request {cid}"}]}}).encode() + b"\n"
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+async def client(http: aiohttp.ClientSession, main_batch: str, stop: float, rng: random.Random,
+                 lat: dict[str, list[float]], errors: dict[str, int]) -> None:
+    own_files: list[str] = []
+    while time.monotonic() < stop:
+        op = rng.choices(["upload", "create", "get_batch", "list_batches", "list_files",
+                          "get_file"], weights=[1, 1, 6, 2, 2, 1])[0]
+        t0 = time.perf_counter()
+        try:
+            if op == "upload":
+                form = aiohttp.FormData()
+                form.add_field("purpose", "batch")
+                form.add_field("file", line(f"u{rng.random()}", 2), filename="x.jsonl")
+                async with http.post("/v1/files", data=form) as r:
+                    ok = r.status == 200
+                    if ok:
+                        own_files.append((await r.json())["id"])
+            elif op == "create" and own_files:
+                async with http.post("/v1/batches", json={
+                        "input_file_id": own_files[-1], "endpoint": CHAT,
+                        "completion_window": "24h"}) as r:
+                    ok = r.status == 200
+                    await r.read()
+            elif op == "get_file" and own_files:
+                async with http.get(f"/v1/files/{rng.choice(own_files)}") as r:
+                    ok = r.status == 200
+                    await r.read()
+            elif op in ("create", "get_file"):
+                continue
+            else:
+                path = {"get_batch": f"/v1/batches/{main_batch}", "list_batches": "/v1/batches",
+                        "list_files": "/v1/files?limit=100"}[op]
+                async with http.get(path) as r:
+                    ok = r.status == 200
+                    await r.read()
+        except aiohttp.ClientError:
+            ok = False
+        lat[op].append((time.perf_counter() - t0) * 1000)
+        if not ok:
+            errors[op] += 1
+        await asyncio.sleep(rng.uniform(0, 0.05))
+
+
+async def run(n_clients: int, duration: float) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="samullm-load-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp / "load.toml"
+    cfg.write_text(
+        f'[server]\nport = {port}\nstate_dir = "{tmp / "state"}"\n'
+        '[devices]\nkind = "cpu"\nids = [1]\ncpu_kvcache_gib = 0.25\n'
+        '[scheduler]\nstrategy = "sequential"\n'
+        f'[[models]]\nname = "tiny"\npath = "{tiny_model(tmp)}"\nmax_model_len = 1024\n'
+        'max_num_seqs = 16\nmax_num_batched_tokens = 1024\nengine_args = {enforce_eager = true}\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    log = open(tmp / "serve.log", "wb")
+    proc = subprocess.Popen([str(REPO / ".venv/bin/samullm"), "serve", "--config", str(cfg)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(url) as http:
+            for _ in range(600):
+                try:
+                    async with http.get("/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", b"".join(line(f"m{i}", 200) for i in range(3000)),
+                           filename="main.jsonl")
+            async with http.post("/v1/files", data=form) as r:
+                fid = (await r.json())["id"]
+            async with http.post("/v1/batches", json={"input_file_id": fid, "endpoint": CHAT,
+                                                      "completion_window": "24h"}) as r:
+                main_batch = (await r.json())["id"]
+            t0 = time.monotonic()
+            while True:  # the engine has started once requests complete
+                async with http.get(f"/v1/batches/{main_batch}") as r:
+                    b = await r.json()
+                if b["request_counts"]["completed"] > 0 or b["status"] not in (
+                        "validating", "in_progress"):
+                    break
+                await asyncio.sleep(0.5)
+            print(f"engine up after {time.monotonic() - t0:.0f} s; load for {duration:.0f} s "
+                  f"with {n_clients} clients", flush=True)
+            lat: dict[str, list[float]] = defaultdict(list)
+            errors: dict[str, int] = defaultdict(int)
+            stop = time.monotonic() + duration
+            conn = aiohttp.TCPConnector(limit=n_clients)
+            async with aiohttp.ClientSession(url, connector=conn) as load:
+                await asyncio.gather(*(client(load, main_batch, stop, random.Random(i), lat,
+                                              errors) for i in range(n_clients)))
+            async with http.get(f"/v1/batches/{main_batch}") as r:
+                b = await r.json()
+            print(f"main batch while loaded: {b['status']} {b['request_counts']}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)  # SIGTERM stops the engines too (no orphans)
+    print(f"{'endpoint':<14}{'n':>7}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for op in sorted(lat):
+        xs = lat[op]
+        print(f"{op:<14}{len(xs):>7}{percentile(xs, .5):>9.1f}{percentile(xs, .99):>9.1f}"
+              f"{errors[op]:>8}")
+    print(f"total errors: {sum(errors.values())}; server exit code after SIGTERM: {code}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--duration", type=float, default=60)
+    args = p.parse_args()
+    asyncio.run(run(args.clients, args.duration))
+
+
+if __name__ == "__main__":
+    main()
