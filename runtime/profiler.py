@@ -106,14 +106,15 @@ def _worker(job: dict) -> None:
     vocab = llm.get_tokenizer().vocab_size if hasattr(llm, "get_tokenizer") else 2000
     ids_rng = __import__("random").Random(0)
 
-    def run_case(case: dict, record: bool) -> None:
+    def run_case(case: dict, tag: str) -> list[dict]:
+        recorded: list[dict] = []
         pending = sorted(case["requests"])
         step_no, added, finished = 0, 0, 0
         while finished < len(pending):
             while added < len(pending) and pending[added][0] <= step_no:
                 _, p, o = pending[added]
                 prompt = {"prompt_token_ids": [ids_rng.randrange(10, vocab - 1) for _ in range(p)]}
-                engine.add_request(f"{case['name']}-{added}-{record}", prompt,
+                engine.add_request(f"{case['name']}-{added}-{tag}", prompt,
                                    SamplingParams(max_tokens=o, ignore_eos=True, temperature=1.0))
                 added += 1
             current.clear()
@@ -122,13 +123,19 @@ def _worker(job: dict) -> None:
             dt = time.perf_counter() - t0
             finished += sum(1 for o in outs if o.finished)
             step_no += 1
-            if record and current.get("tokens"):
-                steps.append({**current, "seconds": dt})
+            if current.get("tokens"):
+                recorded.append({**current, "seconds": dt})
+        return recorded
 
     cases = job["cases"]
-    run_case(cases[0], record=False)  # warm-up: first steps pay one-off allocation costs
+    run_case(cases[0], "warm-up")  # the first steps pay one-off allocation costs
     for i, case in enumerate(cases):
-        run_case(case, record=True)
+        # vLLM schedules a case the same way every time, so repeats line up step by step; the
+        # fastest repeat of each step is the least disturbed by other processes on shared cores.
+        runs = [run_case(case, f"r{r}") for r in range(job.get("repeats", 1))]
+        for j, step in enumerate(runs[0]):
+            same = [run[j] for run in runs if len(run) == len(runs[0])]
+            steps.append({**step, "seconds": min(x["seconds"] for x in same)})
         print(f"PROGRESS {i + 1} {len(cases)}", flush=True)
     Path(job["out"]).write_text(json.dumps(steps))
 
@@ -138,14 +145,15 @@ def _worker(job: dict) -> None:
 
 def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int, ...], tp: int,
                        kv_bytes: int, cases: list[Case], work_dir: Path,
-                       progress: bool = True) -> list[IterationSample]:
+                       progress: bool = True, repeats: int = 2) -> list[IterationSample]:
     """Run the sweep in a worker subprocess pinned like a served engine; return timed iterations."""
     work_dir.mkdir(parents=True, exist_ok=True)
     out = work_dir / f"steps-{model.name}-tp{tp}.json"
     job = {"model_path": str(model_path), "dtype": model.dtype, "max_model_len": model.max_model_len,
            "max_num_seqs": model.max_num_seqs, "max_num_batched_tokens": model.max_num_batched_tokens,
            "tp": tp, "kv_bytes": kv_bytes, "engine_args": dict(model.engine_args),
-           "cases": [{"name": c.name, "requests": list(c.requests)} for c in cases], "out": str(out)}
+           "cases": [{"name": c.name, "requests": list(c.requests)} for c in cases], "out": str(out),
+           "repeats": repeats}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false",
                VLLM_CPU_OMP_THREADS_BIND=cpu_bind_string(devices, tp))
@@ -193,7 +201,8 @@ async def measure_start_time(spec: EngineSpec, timeout_s: float = 600) -> float:
 
 
 def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] | None = None,
-                  quick: bool = False, measure_start: bool = True, progress: bool = True) -> Profile:
+                  quick: bool = False, measure_start: bool = True, progress: bool = True,
+                  repeats: int = 2) -> Profile:
     """Measure, fit and store the profile of model `name` at TP `tp`; returns it."""
     model = cfg.model(name)
     if model is None:
@@ -213,7 +222,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     cases = default_sweep(model.max_model_len, model.max_num_seqs, model.max_num_batched_tokens, quick)
     work = cfg.state_dir / "profiles" / "work"
     t0 = time.monotonic()
-    samples = measure_iterations(model, path, devices, tp, kv_bytes, cases, work, progress)
+    samples = measure_iterations(model, path, devices, tp, kv_bytes, cases, work, progress, repeats)
     sweep_s = time.monotonic() - t0
     load_s = 0.0
     if measure_start:
@@ -230,7 +239,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         "median_abs_rel_err": float(np.median(np.abs(err))),
         "p90_abs_rel_err": float(np.quantile(np.abs(err), 0.9)),
         "cpu": _cpu_name(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "load_time_measured": measure_start,
+        "load_time_measured": measure_start, "repeats": repeats,
     })
     save_profile(cfg.state_dir, profile)
     return profile
@@ -253,6 +262,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default=None, help="comma-separated core ids (default: the first tp)")
     p.add_argument("--state-dir", default=None, help="overrides [server].state_dir")
     p.add_argument("--quick", action="store_true", help="a shorter sweep")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="run each case this many times, keep each step's fastest time")
     p.add_argument("--no-start-time", action="store_true", help="skip measuring engine start time")
 
 
@@ -264,7 +275,7 @@ def profile_main(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, state_dir=args.state_dir))
     devices = tuple(int(x) for x in args.devices.split(",")) if args.devices else None
     prof = profile_model(cfg, args.model, args.tp, devices, quick=args.quick,
-                         measure_start=not args.no_start_time)
+                         measure_start=not args.no_start_time, repeats=args.repeats)
     lat = prof.latency
     print(f"{prof.model} tp={prof.tp} {prof.device}: c0={lat.c0:.3e} c1={lat.c1:.3e} "
           f"c2={lat.c2:.3e} c3={lat.c3:.3e} c4={lat.c4:.3e} load={lat.load_time_s:.1f}s "

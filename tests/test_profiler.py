@@ -41,7 +41,7 @@ def test_measured_steps_account_for_all_work(test_config: Config, tmp_path: Path
     m = test_config.model("tiny-a")
     cases = [Case("a", ((0, 300, 5), (0, 40, 9))), Case("b", ((0, 16, 6),) * 3 + ((2, 700, 3),))]
     samples = measure_iterations(m, m.resolved_path(test_config.base_dir), (0,), 1, 1 << 27, cases,
-                                 tmp_path, progress=False)
+                                 tmp_path, progress=False, repeats=2)
     # case "a" is also the warm-up (not recorded); each recorded request costs prompt + output - 1
     # forward tokens (the last sampled token is never fed back)
     expected = sum(p + o - 1 for c in cases for _, p, o in c.requests)
