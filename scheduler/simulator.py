@@ -198,34 +198,45 @@ class _Run:
 
     # -- one iteration -------------------------------------------------------------------------
     def _schedule_running_slow(self) -> tuple[list[tuple[int, int]], int, int]:
-        """Exact in-order pass with preemption (only when the fast check says KV does not fit)."""
+        """Exact in-order pass with preemption (only when the fast check says KV does not fit).
+
+        Running = decoders (admission order) then prefilling requests. A decoder needs a block only
+        when its next token starts one (its residue class is (1 − t) mod block_size), and the token
+        budget never runs out among decoders (max_num_batched_tokens ≥ max_num_seqs), so only those
+        decoders are visited; victims are popped from the end as vLLM does."""
         order = list(self.running)
-        budget = self.lim.max_num_batched_tokens
-        sched: list[tuple[int, int]] = []
+        nd, bs, t = self.n_dec, self.bs, self.t
+        P, g, t0 = self.P, self.g, self.t0
+        r = (1 - t) % bs
+        end = len(order)  # order[end:] was preempted
         preempted = 0
-        idx = 0
-        while idx < len(order) and budget > 0:
-            i = order[idx]
-            if self.state[i] == _DEC:
-                comp, c = self.P[i] + self.g[i] + self.t - self.t0[i] - 1, 1
-            else:
-                comp = self.comp[i]
-                c = min(self.P[i] + self.g[i] - comp, budget)
-            blocks = _cdiv(comp + c, self.bs) - _cdiv(comp, self.bs)
-            self_preempted = False
-            while blocks > self.free:
-                v = order.pop()
-                self._preempt(v)
-                preempted += 1
-                if v == i:
-                    self_preempted = True
-                    break
-            if self_preempted:
+        for j in [k for k in range(nd) if (P[order[k]] + g[order[k]] - t0[order[k]]) % bs == r]:
+            if j >= end:
                 break
+            while self.free < 1:
+                end -= 1
+                self._preempt(order[end])
+                preempted += 1
+                if end == j:
+                    return [], self.lim.max_num_batched_tokens - j, preempted
+            self.free -= 1
+        budget = self.lim.max_num_batched_tokens - min(nd, end)
+        sched: list[tuple[int, int]] = []
+        idx = nd
+        while idx < end and budget > 0:
+            i = order[idx]
+            comp = self.comp[i]
+            c = min(P[i] + g[i] - comp, budget)
+            blocks = _cdiv(comp + c, bs) - _cdiv(comp, bs)
+            while blocks > self.free:
+                end -= 1
+                self._preempt(order[end])
+                preempted += 1
+                if end == idx:
+                    return sched, budget, preempted
             self.free -= blocks
             budget -= c
-            if self.state[i] == _PRE:
-                sched.append((i, c))
+            sched.append((i, c))
             idx += 1
         return sched, budget, preempted
 
@@ -320,14 +331,16 @@ class _Run:
         k_max = heap[0][0] - t  # iterations before the first finish step
         if k_max < 2:
             return 0
-        step_need = [self.bucket[(1 - t - j) % bs] for j in range(bs)]
         budget = lim.max_num_batched_tokens - n
         if self.waiting and budget > 0 and len(self.running) < lim.max_num_seqs:
             i = self.waiting[0]
             head = _cdiv(min(self.P[i] + self.g[i], budget), bs)
-            if head <= self.free - step_need[0]:
+            if head <= self.free - self.bucket[(1 - t) % bs]:
                 return 0  # admission would happen: not a quiet stretch
             # otherwise it fails now and keeps failing: free blocks only shrink until a finish
+        if self.free < n and self.free < self.bucket[(1 - t) % bs] + self.bucket[-t % bs]:
+            return 0  # blocks run out within two steps: the next step preempts
+        step_need = [self.bucket[(1 - t - j) % bs] for j in range(bs)]
         prefix = [0]
         for x in step_need:
             prefix.append(prefix[-1] + x)
