@@ -138,7 +138,9 @@ def _check_line(raw: bytes, lineno: int, endpoint: str, cfg: Config, tokens: Tok
     prompt = tokens.count_body(model.name, endpoint, body)
     max_tokens = _max_tokens(body, endpoint)
     ctx = model.max_model_len
-    if prompt + (max_tokens or 0) >= ctx:  # an estimate never rejects: count exactly first
+    # an estimate near the limit never rejects on its own: count exactly first (one estimated at
+    # twice the context is over it for any plausible characters-per-token ratio)
+    if ctx <= prompt + (max_tokens or 0) and prompt < 2 * ctx:
         prompt = tokens.count_body(model.name, endpoint, body, exact=True)
     if endpoint == EMBEDDINGS:
         if prompt > ctx:
