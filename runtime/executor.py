@@ -350,7 +350,7 @@ class PoolExecutor(EngineSlots):
         head.plans += 1
         await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
         rng = np.random.default_rng([self.cfg.scheduler.seed, head.plans])
-        work = sample_work(todo, {}, self._lengths, rng)
+        work = sample_work(todo, self._lengths, rng)
         alive = [s.key for s in self._slots if s.state.active]
         latency = LatencySource.load(self.state_dir, self.pool, list(work), self._start_times)
         problem = build_problem(self.cfg, self.pool, self._specs, latency, work,

@@ -104,24 +104,23 @@ def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int
     return lambda spec, tp: gpu_kv_bytes_per_rank(spec, tp, pool.memory_bytes, util)
 
 
-def sample_work(reqs: Sequence[Req], rids: dict[int, Req], lengths: LengthModel,
+def sample_work(reqs: Sequence[Req], lengths: LengthModel,
                 rng: np.random.Generator) -> dict[str, list[SimRequest]]:
-    """SimRequests per model with sampled output lengths. `rids` gets rid -> Req (for diagnostics)."""
-    groups: dict[tuple[str, str], list[Req]] = {}
-    for r in reqs:
-        groups.setdefault((r.model, r.item.url), []).append(r)
+    """SimRequests per model (rid = position in `reqs`), output lengths drawn from `lengths` and
+    capped by each request's max_tokens; an embedding request is one forward pass (length 1)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(reqs):
+        groups.setdefault((r.model, r.item.url), []).append(i)
     work: dict[str, list[SimRequest]] = {}
-    for (model, url), group in sorted(groups.items()):
-        caps = np.array([max(1, r.item.max_tokens) for r in group], dtype=np.int64)
+    for (model, url), idx in sorted(groups.items()):
+        caps = np.array([max(1, reqs[i].item.max_tokens) for i in idx], dtype=np.int64)
         if url == EMBEDDINGS_URL:
-            outs = np.ones(len(group), dtype=np.int64)  # one forward pass, no decode
+            outs = np.ones(len(idx), dtype=np.int64)
         else:
             outs = np.minimum(lengths.sample(model, url, caps, rng), caps)
-        for r, out in zip(group, outs):
-            rid = len(rids)
-            rids[rid] = r
-            work.setdefault(model, []).append(
-                SimRequest(rid=rid, prompt_len=max(1, r.item.prompt_tokens), output_len=max(1, int(out))))
+        work.setdefault(model, []).extend(
+            SimRequest(rid=i, prompt_len=max(1, reqs[i].item.prompt_tokens), output_len=max(1, int(o)))
+            for i, o in zip(idx, outs))
     return work
 
 

@@ -1,0 +1,76 @@
+"""Building the planner's inputs from observed state; request transitions; the length-model store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.executor_api import WorkItem
+from runtime.lengths_store import load_length_model, save_length_model
+from runtime.pool_state import Req, ReqState, TransitionError
+from runtime.profiles import save_profile
+from runtime.replan import DEFAULT_CPU_LOAD_S, LatencySource, running_plans, sample_work
+from scheduler.latency import LatencyModel, Profile, analytic_latency_model
+from scheduler.lengths import LengthModel
+from scheduler.types import DevicePool, ModelSpec
+
+SPEC = ModelSpec("a", num_layers=2, hidden_size=128, num_heads=2, num_kv_heads=1,
+                 intermediate_size=512, vocab_size=2048)
+
+
+def req(i: int, model: str = "a", url: str = "/v1/chat/completions", cap: int = 16) -> Req:
+    return Req("b", WorkItem(line=i, custom_id=f"r{i}", model=model, url=url, body={},
+                             prompt_tokens=10 + i, max_tokens=cap))
+
+
+def test_sample_work_caps_lengths_and_keeps_prompts() -> None:
+    lm = LengthModel()
+    for _ in range(50):
+        lm.observe("a", "/v1/chat/completions", 500, capped=False)  # long natural endings
+    reqs = [req(i, cap=4 + i) for i in range(6)] + [req(9, "e", "/v1/embeddings")]
+    work = sample_work(reqs, lm, np.random.default_rng(0))
+    a = {r.rid: r for r in work["a"]}
+    assert all(a[i].output_len <= 4 + i and a[i].prompt_len == 10 + i for i in range(6))
+    assert [(r.rid, r.output_len) for r in work["e"]] == [(6, 1)]
+
+
+def test_running_plans_group_replicas_per_model() -> None:
+    plans = running_plans([("a", 1, (2,)), ("a", 1, (0,)), ("b", 2, (4, 5))])
+    assert (plans["a"].tp, plans["a"].dp, plans["a"].devices) == (1, 2, (0, 2))
+    assert (plans["b"].tp, plans["b"].dp, plans["b"].devices) == (2, 1, (4, 5))
+
+
+def test_latency_source_prefers_profiles_and_measured_starts(tmp_path) -> None:
+    pool = DevicePool("cpu", (0, 1), 1 << 28)
+    measured = LatencyModel(1e-3, 2e-5, 0.0, 1e-7, 1e-4, load_time_s=12.0)
+    save_profile(tmp_path, Profile("a", 1, "cpu", measured, {}))
+    src = LatencySource.load(tmp_path, pool, ["a"], {("a", 2): 40.0})
+    assert src(SPEC, 1) == measured  # the stored profile, its load time included
+    tp2 = src(SPEC, 2)  # no profile: analytic, with the start time this runtime measured
+    assert tp2.c1 == analytic_latency_model(SPEC, 2, "cpu").c1 and tp2.load_time_s == 40.0
+    fresh = LatencySource.load(tmp_path / "none", pool, ["a"], {})
+    assert fresh(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S
+
+
+def test_request_transitions_are_guarded() -> None:
+    r = req(1)
+    r.dispatch()
+    assert (r.state, r.attempts) == (ReqState.INFLIGHT, 1)
+    r.requeue()
+    r.dispatch()
+    r.report()
+    with pytest.raises(TransitionError):
+        r.cancel()  # an answered request cannot be cancelled any more
+    r.done()
+    assert r.state.finished and r.attempts == 2
+
+
+def test_length_model_store_round_trip_and_corruption(tmp_path) -> None:
+    lm = LengthModel()
+    lm.observe("a", "/v1/chat/completions", 42, capped=True)
+    save_length_model(tmp_path, lm)
+    back = load_length_model(tmp_path)
+    assert back.to_dict() == lm.to_dict()
+    (tmp_path / "lengths.json").write_text("{not json")
+    assert load_length_model(tmp_path).to_dict() == LengthModel().to_dict()
+    assert not list(tmp_path.glob(".lengths-*"))  # no temp files left behind
