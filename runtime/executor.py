@@ -5,7 +5,9 @@ an engine died or failed to start, a cancel) are coalesced into *passes*; each p
 problem from the observed state (`runtime.replan`), calls the planner and applies only the FIRST stage
 of the returned schedule: engines whose (model, tp, devices) are unchanged keep running, the others are
 stopped (their in-flight requests go back to the queue and are re-run from scratch), the new ones start
-concurrently. Later stages are re-decided at the next event, with what has been learned since.
+concurrently (`runtime.slots`). Later stages are re-decided at the next event, with what has been
+learned since. Pools: batches of one strategy are planned together; batches of another strategy wait
+for the pool ahead of them (FIFO by submission, `runtime.pool_state`).
 
 Each engine replica pulls from its model's shared queue (`runtime.dispatch`). A request is done once
 its batch's sink returned; its output length then updates the `LengthModel`, which is saved under the
@@ -14,7 +16,10 @@ state dir at each re-plan and survives restarts (`runtime.lengths_store`).
 Failures: an engine that dies has its in-flight requests re-queued (each at most
 `limits.max_retries` times, then an `engine_failed` error outcome) and the pass restarts one; an engine
 that fails to start turns every queued request of its model into an `engine_start_failed` error
-(other models keep running); a 4xx answer is that request's error, never retried.
+(other models keep running); a 4xx answer is that request's error, never retried; a model the
+planner cannot place at all gets `planning_failed` errors. Events of each batch (plans with their
+reasons and predicted makespan, engine start/started/stop/failed, model finished, ...) are kept for
+`events(batch_id)` and logged.
 """
 
 from __future__ import annotations
