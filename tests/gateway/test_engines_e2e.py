@@ -1,32 +1,22 @@
 """End to end on real vLLM engines: the OpenAI SDK -> the gateway -> the real `PoolExecutor` ->
 `VllmLauncher` engines (tiny random-weight models on CPU). One app and its engines serve the whole
-module (engine starts take ~30 s each)."""
+module (engine starts take ~30 s each); the models are the shared `test_config` ones."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+import dataclasses
 
 import pytest
 import pytest_asyncio
 
 from gateway.app import default_executor
-from runtime.config import parse_config
-from runtime.tinymodel import write_tiny_model
 
 from .conftest import chat_line, jsonl, poll, read_lines, running
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.engine,
               pytest.mark.timeout(900)]
 CHAT = "/v1/chat/completions"
-MODELS_DIR = Path(__file__).resolve().parents[2] / ".samullm" / "test-models"
-
-
-def _model(name: str, seed: int) -> Path:
-    path = MODELS_DIR / name
-    if not (path / "config.json").exists():
-        write_tiny_model(path, layers=2, hidden=128, heads=2, kv_heads=1, seed=seed)
-    return path
 
 
 def _chat_batch():
@@ -52,17 +42,12 @@ def _long_batch():
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def e2e(tmp_path_factory):
+async def e2e(test_config, tmp_path_factory):
     """One app on real engines; three batches submitted at once (pooled into one job, so engines
     start once), and the long one cancelled as soon as its short requests are done."""
-    state = tmp_path_factory.mktemp("e2e")
-    model = {"max_model_len": 1024, "max_num_seqs": 32, "max_num_batched_tokens": 1024}
-    cfg = parse_config({
-        "server": {"state_dir": str(state)},
-        "devices": {"kind": "cpu", "ids": [0, 1], "cpu_kvcache_gib": 0.25},
-        "models": [{"name": "tiny-a", "path": str(_model("gw-tiny-a", 0)), **model},
-                   {"name": "tiny-b", "path": str(_model("gw-tiny-b", 1)), **model}],
-    })
+    # the shared test models (tiny-a, tiny-b, small: max_model_len 1024, cores 0-1), own state dir
+    server = dataclasses.replace(test_config.server, state_dir=str(tmp_path_factory.mktemp("e2e")))
+    cfg = dataclasses.replace(test_config, server=server)
     async with running(cfg, default_executor(cfg)) as srv:
         client = srv.client()
         batches = {}
