@@ -8,6 +8,13 @@ DP replicas get the model's requests round-robin in request-id order (as the pap
 split them); a model finishes when its slowest replica does. Load time is *not* included here: the
 stage logic adds it, because it depends on whether the engine is kept or (re)started.
 
+Stages do not re-simulate. What is left of a model after a stage is a derived workload (a position
+on the run that produced it, `scheduler.runs`): an engine kept for the next stage continues that run
+exactly (a stage cut is a prefix of the run to completion); an engine (re)started on it is, for
+ranking candidates, read off the root's run on its shape plus a re-prefill delay (`_restart_run`,
+no simulation), and simulated on the requests left in the `exact()` view, which the planner uses to
+re-run every schedule it returns. Per workload, each (model, tp, dp) is thus simulated once.
+
 Useful work of a request (what stage throughput counts) = FLOPs of the tokens it still has to produce
 plus its original prompt; re-prefilling prompt + generated tokens after a restart is waste, not work.
 """
@@ -15,143 +22,17 @@ plus its original prompt; re-prefilling prompt + generated tokens after a restar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
 from scheduler.latency import LatencyModel
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
+from scheduler.runs import PlanRun, Position, Workload, _rid, useful_flops
 from scheduler.types import BLOCK_SIZE, ModelSpec, SimRequest
 
-
-def _rid(r: SimRequest) -> int:
-    return r.rid
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a derived workload stands: what is left of `root` after its run on shape (tp, dp) reached
-    `t_s` seconds (engine ready) with `work_s` useful FLOPs done. Positions always refer to runs of
-    the root workload, so estimates never compound across stages."""
-
-    root: "Workload"
-    tp: int
-    dp: int
-    t_s: float
-    frac: float  # fraction of the root's requests finished by t_s on that run
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A model's remaining requests (sorted by rid, never mutated) and a fingerprint of them.
-
-    A *derived* workload (`pos` set, made by `Estimator.advance`) is what is left of a root workload
-    after part of a run; its runs are read off the root's runs (`Estimator.run`), and its requests
-    are only built when someone asks for them (`requests`)."""
-
-    _requests: tuple[SimRequest, ...] | None
-    fingerprint: str
-    tokens: np.ndarray | None  # per request: (rid, prompt_len, output_len, generated); root only
-    pos: Position | None = None
-    _left: Callable[[], tuple[SimRequest, ...]] | None = field(default=None, compare=False)
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @staticmethod
-    def of(requests: Sequence[SimRequest]) -> "Workload":
-        # no copies: nothing in the planner or the simulator mutates a SimRequest, and copying
-        # 10,000s of them per stage dominated planning time
-        reqs = tuple(sorted((r for r in requests if r.output_len > r.generated), key=_rid))
-        arr = np.array([(r.rid, r.prompt_len, r.output_len, r.generated) for r in reqs],
-                       dtype=np.int64).reshape(-1, 4)
-        return Workload(reqs, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest(), arr)
-
-    @property
-    def requests(self) -> tuple[SimRequest, ...]:
-        if self._requests is not None:
-            return self._requests
-        if "r" not in self._cache:
-            self._cache["r"] = self._left()
-        return self._cache["r"]
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    def split(self, dp: int) -> list[list[SimRequest]]:
-        """Round-robin in rid order: replica r gets requests r, r+dp, r+2dp, ..."""
-        return [list(self.requests[r::dp]) for r in range(dp)]
-
-
-@dataclass
-class PlanRun:
-    """One (model, tp, dp) run to completion on a workload, without load time."""
-
-    total_s: float  # slowest replica
-    finish_sorted: np.ndarray  # finish time of every request, ascending
-    work_cum: np.ndarray  # useful FLOPs finished by finish_sorted[i] (inclusive), cumulative
-    # request index (into the workload's requests) of each finish_sorted entry; None when the run
-    # is extrapolated from a subsample
-    order: np.ndarray | None = None
-
-    @property
-    def total_work(self) -> float:
-        return float(self.work_cum[-1]) if len(self.work_cum) else 0.0
-
-    def requests_done(self, elapsed_s: float) -> float:
-        """Useful FLOPs of the requests finished within `elapsed_s` of the engine being ready."""
-        if elapsed_s <= 0 or len(self.finish_sorted) == 0:
-            return 0.0
-        i = int(np.searchsorted(self.finish_sorted, elapsed_s * (1 + 1e-12), side="right"))
-        return float(self.work_cum[i - 1]) if i else 0.0
-
-    def work_done(self, elapsed_s: float) -> float:
-        """Useful FLOPs of the *tokens* produced within `elapsed_s` of the engine being ready (the
-        paper counts completed tokens, not only completed requests). Tokens of requests still in
-        flight are not in the finish times, so the run's average rate stands in for them; requests
-        already finished are a lower bound."""
-        if elapsed_s <= 0 or self.total_s <= 0:
-            return 0.0 if elapsed_s <= 0 else self.total_work
-        linear = self.total_work * min(1.0, elapsed_s / self.total_s)
-        return max(linear, self.requests_done(elapsed_s))
-
-
-    def time_to(self, work: float) -> float:
-        """The earliest elapsed time at which `work_done` reaches `work` (inverse of work_done)."""
-        total = self.total_work
-        if work <= 0 or total <= 0:
-            return 0.0
-        if work >= total:
-            return self.total_s
-        i = int(np.searchsorted(self.work_cum, work * (1 - 1e-12), side="left"))
-        step = float(self.finish_sorted[i]) if i < len(self.finish_sorted) else self.total_s
-        return min(self.total_s * work / total, step)
-
-    def done_fraction(self, elapsed_s: float) -> float:
-        """Fraction of the requests finished within `elapsed_s`."""
-        n = len(self.finish_sorted)
-        if n == 0:
-            return 1.0
-        return int(np.searchsorted(self.finish_sorted, elapsed_s * (1 + 1e-12), side="right")) / n
-
-    def time_of_fraction(self, q: float) -> float:
-        """When the fraction `q` of the requests had finished (0 for q = 0)."""
-        n = len(self.finish_sorted)
-        k = int(round(q * n))
-        return float(self.finish_sorted[min(k, n) - 1]) if k > 0 and n else 0.0
-
-    def suffix(self, t_s: float) -> "PlanRun":
-        """The rest of this run after `t_s` seconds, as a run of its own (times from t_s on)."""
-        if t_s <= 0:
-            return self
-        i = int(np.searchsorted(self.finish_sorted, t_s * (1 + 1e-12), side="right"))
-        base = float(self.work_cum[i - 1]) if i else 0.0
-        return PlanRun(max(0.0, self.total_s - t_s), self.finish_sorted[i:] - t_s,
-                       self.work_cum[i:] - base)
-
-
-def useful_flops(spec: ModelSpec, r: SimRequest) -> float:
-    return spec.flops_per_token * (r.remaining + (r.prompt_len if r.generated == 0 else 0))
+__all__ = ["Estimator", "PlanRun", "Position", "Workload", "useful_flops"]
 
 
 @dataclass
@@ -235,21 +116,24 @@ class Estimator:
         flops = self._request_flops(model, work)
         finish: list[float] = []
         index: list[int] = []
+        kv = []
         total = 0.0
         for r in range(dp):
             part = work.requests[r::dp]
             if not part:
                 continue
-            res = simulate(part, lim, lat)  # simulate never mutates its input
+            res = simulate(part, lim, lat, kv_trace=True)  # simulate never mutates its input
             self._count[0] += 1
             total = max(total, res.total_time_s)
+            times, used, running = res.kv_trace
+            kv.append((np.asarray(times), np.asarray(used) * lim.block_size, np.asarray(running)))
             ft = res.finish_times_s
             finish.extend(ft[q.rid] for q in part)
             index.extend(range(r, len(work), dp))
         fin = np.asarray(finish, dtype=float)
         order = np.argsort(fin, kind="stable")
         idx = np.asarray(index, dtype=np.int64)[order]
-        run = PlanRun(total, fin[order], np.cumsum(flops[idx]), idx)
+        run = PlanRun(total, fin[order], np.cumsum(flops[idx]), idx, kv)
         self._runs[key] = run
         return run
 
@@ -287,21 +171,28 @@ class Estimator:
         """Estimated cold run of a derived workload: the root's run on this shape from when it had
         finished the same fraction of the requests, delayed by re-prefilling what the requests in
         flight hold (prompt + generated; a warm run has those tokens in its KV cache already)."""
-        root = self.run(model, tp, dp, work.pos.root)
-        rest = root.suffix(root.time_of_fraction(work.pos.frac))
-        ctx = np.array([r.prompt_len + r.generated for r in work.requests if r.generated > 0],
-                       dtype=float)
-        if not len(ctx):
+        pos = work.pos
+        root = self.run(model, tp, dp, pos.root)
+        rest = root.suffix(root.time_of_fraction(pos.frac))
+        src = self.run(model, pos.tp, pos.dp, pos.root)
+        if src.kv is not None:  # what the cut run holds, from its trace
+            held, n = src.in_flight(pos.t_s)
+            sq = held * held / n if n else 0.0
+        else:  # extrapolated run: the requests left (cheap for those)
+            ctx = np.array([r.prompt_len + r.generated for r in work.requests if r.generated > 0],
+                           dtype=float)
+            held, sq = float(ctx.sum()), float((ctx * ctx).sum())
+        if held <= 0:
             return rest
         lat, lim = self.latency(model, tp), self.limits(model, tp)
         # per replica, at most what its KV cache holds: the rest waits and is prefilled in turn,
         # as the not yet started requests of the warm run are
         cap = lim.num_kv_blocks * lim.block_size
-        share = min(1.0, cap * dp / float(ctx.sum()))
-        tokens = float(ctx.sum()) / dp * share
+        share = min(1.0, cap * dp / held)
+        tokens = held / dp * share
         iters = np.ceil(tokens / lim.max_num_batched_tokens)
         delay = (iters * (lat.c0 + lat.allreduce_fixed_s) + tokens * (lat.c1 + lat.allreduce_s_per_token)
-                 + lat.c2 * float((ctx * ctx).sum()) / 2.0 / dp * share)
+                 + lat.c2 * sq / 2.0 / dp * share)
         return PlanRun(rest.total_s + delay, rest.finish_sorted + delay, rest.work_cum)
 
     def materialize(self, work: Workload) -> Workload:

@@ -96,6 +96,9 @@ class SimResult:
     iterations: list[IterationRecord] | None
     generated_tokens: int  # tokens sampled during this simulation
     num_preemptions: int = 0
+    # with kv_trace=True: (end time, KV blocks in use, requests running) after every scheduling
+    # event (a step or a jump); in between, the state only drifts by decode growth
+    kv_trace: tuple[list[float], list[int], list[int]] | None = None
 
 
 _WAIT, _PRE, _DEC, _DONE = 0, 1, 2, 3
@@ -106,19 +109,20 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def simulate(requests: Sequence[SimRequest], limits: EngineLimits, latency: LatencyModel, *,
-             until_s: float | None = None, record: bool = False, jump: bool = True) -> SimResult:
+             until_s: float | None = None, record: bool = False, jump: bool = True,
+             kv_trace: bool = False) -> SimResult:
     """Simulate one engine replica serving `requests` (all queued at time 0, in this order).
 
     Stops when every request finished or, with `until_s`, before the first iteration that would end
     after `until_s`; unfinished requests come back in `remaining` (running ones first, in admission
     order, then the waiting queue). Raises ValueError if a request can never fit in the KV cache.
     """
-    return _Run(requests, limits, latency, until_s, record, jump).run()
+    return _Run(requests, limits, latency, until_s, record, jump, kv_trace).run()
 
 
 class _Run:
     def __init__(self, requests: Sequence[SimRequest], limits: EngineLimits, lat: LatencyModel,
-                 until_s: float | None, record: bool, jump: bool) -> None:
+                 until_s: float | None, record: bool, jump: bool, kv_trace: bool = False) -> None:
         self.lim, self.until, self.jump = limits, until_s, jump
         self.bs = limits.block_size
         mml = limits.max_model_len
@@ -155,6 +159,7 @@ class _Run:
         self.a1 = lat.c1 + lat.allreduce_s_per_token
         self.c2, self.c3, self.c4 = lat.c2, lat.c3, lat.c4
         self.records: list[IterationRecord] | None = [] if record else None
+        self.trace = ([], [], []) if kv_trace else None
 
     # -- decoder bookkeeping -------------------------------------------------------------------
     def _enter_decode(self, i: int, t0: int) -> None:
@@ -391,6 +396,10 @@ class _Run:
                 break
             if k == 0 and not self._step():
                 break
+            if self.trace is not None:
+                self.trace[0].append(self.now)
+                self.trace[1].append(self.lim.num_kv_blocks - self.free)
+                self.trace[2].append(len(self.running))
         remaining: list[SimRequest] = []
         gen = 0
         for i, r in enumerate(self.reqs):
@@ -401,4 +410,4 @@ class _Run:
             r = self.reqs[i]
             remaining.append(SimRequest(r.rid, r.prompt_len, r.output_len, g))
         return SimResult(self.now, self.finish, remaining, self.t, self.records, gen,
-                         self.preemptions)
+                         self.preemptions, self.trace)

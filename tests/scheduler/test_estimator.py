@@ -66,7 +66,6 @@ def test_estimated_restarts_stay_near_exact_ones():
     for a in ((1, 1), (2, 2), (1, 4)):
         for frac in (0.3, 0.6):
             left = est.advance("m13b", *a, w, est.run("m13b", *a, w).total_s * frac)
-            left.requests  # the requests left (one simulation of the cut run)
             n0 = est.simulations
             for b in shapes:
                 if b == a:
