@@ -2,7 +2,8 @@
 
 Every rule yields an error `{code, message, param, line}` with the 1-based line number; a file with any
 error fails the whole batch (never a half-accepted batch). A clean file yields one `WorkItem` per
-request, in input order. Runs in a worker thread: it is CPU work (JSON, tokenizers).
+request, in input order, holding where its line lies rather than its body. Runs in a worker thread:
+it is CPU work (JSON; the tokenizer only for prompts near the context limit).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
 from gateway.tokens import TokenCounter
 from runtime.config import Config
-from runtime.executor_api import WorkItem
+from runtime.executor_api import LineRef, WorkItem
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
@@ -49,33 +50,79 @@ class _LineError(Exception):
         self.code, self.message, self.param = code, message, param
 
 
+READ_BYTES = 8 << 20  # large reads: per-line buffered reads cost more than the JSON parse
+# A prompt estimated within this fraction of the context is counted exactly before it is accepted or
+# rejected (the characters-per-token estimate is off by a few tens of percent on unusual text).
+NEAR_LIMIT = 0.5
+
+
 def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) -> ValidationResult:
+    """Validate the input file at `path` (streamed in READ_BYTES blocks). Items refer to their line
+    in `path` (`WorkItem.ref`): the file must stay in place while the batch lives."""
     res = ValidationResult()
     if endpoint not in SUPPORTED_ENDPOINTS:
         res.add("unsupported_endpoint", f"Endpoint {endpoint} is not supported; use one of "
                 f"{', '.join(SUPPORTED_ENDPOINTS)}.", None, "endpoint")
         return res
-    seen: set[str] = set()
+    check = _LineChecker(str(path), endpoint, cfg, tokens)
     limit = cfg.limits.max_requests_per_batch
     requests = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1:
-                raw = strip_bom(raw)
-            if not raw.strip():
-                continue
-            requests += 1
-            if requests > limit:
-                res.add("too_many_tasks", f"The file has more than {limit} requests; the limit per "
-                        "batch is [limits].max_requests_per_batch.", lineno)
-                return res
-            try:
-                res.items.append(_check_line(raw, lineno, endpoint, cfg, tokens, seen))
-            except _LineError as err:
-                res.add(err.code, err.message, lineno, err.param)
+    items = res.items
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for lineno, offset, raw in iter_lines(path):
+        try:
+            obj = loads(raw)
+        except decode_error:
+            if not bytes(raw).strip():
+                continue  # blank lines are allowed and are not requests
+            obj = _INVALID
+        requests += 1
+        if requests > limit:
+            res.add("too_many_tasks", f"The file has more than {limit} requests; the limit per "
+                    "batch is [limits].max_requests_per_batch.", lineno)
+            return res
+        try:
+            items.append(check(obj, lineno, offset, len(raw)))
+        except _LineError as err:
+            res.add(err.code, err.message, lineno, err.param)
     if requests == 0:
         res.add("empty_file", "The input file has no requests.", None)
     return res
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, int, memoryview]]:
+    """(1-based line number, byte offset, line without its newline) for every line of the file, a
+    leading UTF-8 BOM skipped. Read in READ_BYTES blocks; a line longer than a block is joined once."""
+    lineno, pos, first = 0, 0, True  # pos: file offset of the first byte of `buf`
+    pending: list[bytes] = []  # pieces of a line that spans blocks
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(READ_BYTES):
+            if first:
+                first = False
+                if block.startswith(codecs.BOM_UTF8):  # editors on Windows write one; not JSON
+                    block, pos = block[3:], 3
+            if pending:
+                nl = block.find(b"\n")
+                if nl < 0:
+                    pending.append(block)
+                    continue
+                pending.append(block[:nl])
+                line = b"".join(pending)
+                pending.clear()
+                lineno += 1
+                yield lineno, pos, memoryview(line)
+                pos += len(line) + 1
+                block = block[nl + 1:]
+            buf, start = memoryview(block), 0
+            while (nl := block.find(b"\n", start)) >= 0:
+                lineno += 1
+                yield lineno, pos + start, buf[start:nl]
+                start = nl + 1
+            pos += start
+            if start < len(block):
+                pending.append(block[start:])
+    if pending:
+        yield lineno + 1, pos, memoryview(b"".join(pending))
 
 
 def strip_bom(first_line: bytes) -> bytes:
@@ -83,79 +130,102 @@ def strip_bom(first_line: bytes) -> bytes:
     return first_line[3:] if first_line.startswith(codecs.BOM_UTF8) else first_line
 
 
-def _check_line(raw: bytes, lineno: int, endpoint: str, cfg: Config, tokens: TokenCounter,
-                seen: set[str]) -> WorkItem:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise _LineError("invalid_json_line", "This line is not parseable as valid JSON.") from None
-    if not isinstance(obj, dict):
-        raise _LineError("invalid_request", "Each line must be a JSON object.")
-    cid = obj.get("custom_id")
-    if cid is None:
-        raise _LineError("missing_custom_id", "The line has no `custom_id`.", "custom_id")
-    if not isinstance(cid, str) or not cid:
-        raise _LineError("invalid_custom_id", "`custom_id` must be a non-empty string.", "custom_id")
-    if cid in seen:
-        raise _LineError("duplicate_custom_id", f"The custom_id {cid!r} appears more than once; "
-                         "custom_ids must be unique within a batch.", "custom_id")
-    seen.add(cid)
-    if obj.get("method") != "POST":
-        raise _LineError("invalid_method", "`method` must be \"POST\".", "method")
-    url = obj.get("url")
-    if url != endpoint:
-        raise _LineError("url_mismatch", f"The url {url!r} does not match the batch endpoint "
-                         f"{endpoint!r}.", "url")
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        raise _LineError("invalid_body", "`body` must be a JSON object.", "body")
-    model_name = body.get("model")
-    if model_name is None:
-        raise _LineError("missing_model", "`body.model` is required.", "body.model")
-    model = cfg.model(model_name) if isinstance(model_name, str) else None
-    if model is None:
-        names = ", ".join(m.name for m in cfg.models)
-        raise _LineError("model_not_found", f"The model {model_name!r} is not configured here "
-                         f"(available: {names}).", "body.model")
-    if endpoint == EMBEDDINGS and not model.supports_embeddings:
-        raise _LineError("unsupported_endpoint", f"Model {model.name!r} does not serve "
-                         f"{EMBEDDINGS}.", "url")
-    if body.get("stream"):
-        raise _LineError("stream_unsupported", "`stream: true` is not supported in a batch.",
-                         "body.stream")
-    need = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}[endpoint]
-    value = body.get(need)
-    if value is None:
-        raise _LineError(f"missing_{need}", f"`body.{need}` is required for {endpoint}.",
-                         f"body.{need}")
-    if endpoint == CHAT and (not isinstance(value, list) or not value
-                             or not all(isinstance(m, dict) for m in value)):
-        raise _LineError("invalid_messages", "`body.messages` must be a non-empty list of "
-                         "message objects.", "body.messages")
-    if endpoint != CHAT and not isinstance(value, (str, list)):
-        raise _LineError(f"invalid_{need}", f"`body.{need}` must be a string or a list.",
-                         f"body.{need}")
-    prompt = tokens.count_body(model.name, endpoint, body)
-    max_tokens = _max_tokens(body, endpoint)
-    ctx = model.max_model_len
-    # an estimate near the limit never rejects on its own: count exactly first (one estimated at
-    # twice the context is over it for any plausible characters-per-token ratio)
-    if ctx <= prompt + (max_tokens or 0) and prompt < 2 * ctx:
-        prompt = tokens.count_body(model.name, endpoint, body, exact=True)
-    if endpoint == EMBEDDINGS:
-        if prompt > ctx:
-            raise _LineError("context_length_exceeded", f"The input has about {prompt} tokens; "
-                             f"the model's context is {ctx}.", f"body.{need}")
-        return WorkItem(lineno, cid, model.name, endpoint, body, prompt, 0)
-    if max_tokens is not None and prompt + max_tokens > ctx:
-        raise _LineError("context_length_exceeded", f"max_tokens {max_tokens} plus the prompt "
-                         f"(about {prompt} tokens) exceeds the model's context of {ctx} tokens.",
-                         "body.max_tokens")
-    if prompt >= ctx:
-        raise _LineError("context_length_exceeded", f"The prompt has about {prompt} tokens; the "
-                         f"model's context is {ctx} tokens.", f"body.{need}")
-    return WorkItem(lineno, cid, model.name, endpoint, body, prompt,
-                    max_tokens if max_tokens is not None else ctx - prompt)
+_INVALID = object()  # a line that is not JSON
+
+
+class _LineChecker:
+    """The per-line rules; state shared across lines (seen custom_ids, model lookups)."""
+
+    def __init__(self, path: str, endpoint: str, cfg: Config, tokens: TokenCounter) -> None:
+        self.path, self.endpoint, self.cfg, self.tokens = path, endpoint, cfg, tokens
+        self.need = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}[endpoint]
+        self.seen: set[str] = set()
+        self.models: dict[str, Any] = {}
+
+    def _model(self, name: Any) -> Any:
+        if not isinstance(name, str):
+            return None
+        m = self.models.get(name)
+        if m is None:
+            m = self.models[name] = self.cfg.model(name)
+        return m
+
+    def __call__(self, obj: Any, lineno: int, offset: int, length: int) -> WorkItem:
+        if obj is _INVALID:
+            raise _LineError("invalid_json_line", "This line is not parseable as valid JSON.")
+        if obj.__class__ is not dict:
+            raise _LineError("invalid_request", "Each line must be a JSON object.")
+        cid = obj.get("custom_id")
+        if cid is None:
+            raise _LineError("missing_custom_id", "The line has no `custom_id`.", "custom_id")
+        if not isinstance(cid, str) or not cid:
+            raise _LineError("invalid_custom_id", "`custom_id` must be a non-empty string.",
+                             "custom_id")
+        seen = self.seen
+        if cid in seen:
+            raise _LineError("duplicate_custom_id", f"The custom_id {cid!r} appears more than once; "
+                             "custom_ids must be unique within a batch.", "custom_id")
+        seen.add(cid)
+        if obj.get("method") != "POST":
+            raise _LineError("invalid_method", "`method` must be \"POST\".", "method")
+        endpoint = self.endpoint
+        url = obj.get("url")
+        if url != endpoint:
+            raise _LineError("url_mismatch", f"The url {url!r} does not match the batch endpoint "
+                             f"{endpoint!r}.", "url")
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            raise _LineError("invalid_body", "`body` must be a JSON object.", "body")
+        model_name = body.get("model")
+        if model_name is None:
+            raise _LineError("missing_model", "`body.model` is required.", "body.model")
+        model = self._model(model_name)
+        if model is None:
+            names = ", ".join(m.name for m in self.cfg.models)
+            raise _LineError("model_not_found", f"The model {model_name!r} is not configured here "
+                             f"(available: {names}).", "body.model")
+        if endpoint == EMBEDDINGS and not model.supports_embeddings:
+            raise _LineError("unsupported_endpoint", f"Model {model.name!r} does not serve "
+                             f"{EMBEDDINGS}.", "url")
+        if body.get("stream"):
+            raise _LineError("stream_unsupported", "`stream: true` is not supported in a batch.",
+                             "body.stream")
+        need = self.need
+        value = body.get(need)
+        if value is None:
+            raise _LineError(f"missing_{need}", f"`body.{need}` is required for {endpoint}.",
+                             f"body.{need}")
+        if endpoint == CHAT:
+            if not isinstance(value, list) or not value \
+                    or not all(isinstance(m, dict) for m in value):
+                raise _LineError("invalid_messages", "`body.messages` must be a non-empty list of "
+                                 "message objects.", "body.messages")
+        elif not isinstance(value, (str, list)):
+            raise _LineError(f"invalid_{need}", f"`body.{need}` must be a string or a list.",
+                             f"body.{need}")
+        tokens = self.tokens
+        prompt = tokens.estimate_body(model.name, endpoint, body)
+        max_tokens = _max_tokens(body, endpoint)
+        ctx = model.max_model_len
+        # an estimate near the limit never decides on its own: count exactly first (one estimated at
+        # twice the context is over it for any plausible characters-per-token ratio)
+        if ctx <= prompt * (1 + NEAR_LIMIT) + (max_tokens or 0) and prompt < 2 * ctx:
+            prompt = tokens.count_body(model.name, endpoint, body, exact=True)
+        ref = LineRef(self.path, offset, length)
+        if endpoint == EMBEDDINGS:
+            if prompt > ctx:
+                raise _LineError("context_length_exceeded", f"The input has about {prompt} tokens; "
+                                 f"the model's context is {ctx}.", f"body.{need}")
+            return WorkItem(lineno, cid, model.name, endpoint, None, prompt, 0, ref)
+        if max_tokens is not None and prompt + max_tokens > ctx:
+            raise _LineError("context_length_exceeded", f"max_tokens {max_tokens} plus the prompt "
+                             f"(about {prompt} tokens) exceeds the model's context of {ctx} "
+                             "tokens.", "body.max_tokens")
+        if prompt >= ctx:
+            raise _LineError("context_length_exceeded", f"The prompt has about {prompt} tokens; "
+                             f"the model's context is {ctx} tokens.", f"body.{need}")
+        return WorkItem(lineno, cid, model.name, endpoint, None, prompt,
+                        max_tokens if max_tokens is not None else ctx - prompt, ref)
 
 
 def _max_tokens(body: dict[str, Any], endpoint: str) -> int | None:

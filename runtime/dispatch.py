@@ -126,7 +126,18 @@ async def _watch_exit(slot: Slot, host: SlotHost) -> None:
 async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
     assert slot.engine is not None
     try:
-        status, body = await slot.engine.post(req.item.url, req.item.body)
+        payload = req.item.body  # read back from the stored input file only now (see WorkItem)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # input file gone or rewritten
+        del slot.inflight[req]
+        slot.wake.set()
+        await host.finish(req, Outcome(
+            custom_id=req.item.custom_id, line=req.item.line, model=req.item.model,
+            status_code=None, attempts=req.attempts,
+            error={"code": "input_unreadable", "message": f"the request's input line could not be "
+                   f"read back: {type(exc).__name__}: {exc}"}))
+        return
+    try:
+        status, body = await slot.engine.post(req.item.url, payload)
     except EngineDied as exc:
         if req in slot.inflight:
             host.slot_died(slot, str(exc))  # pops and re-queues (or fails) every in-flight request

@@ -1,6 +1,7 @@
 """The seam between the gateway and the runtime.
 
-The gateway validates a batch, then hands its not-yet-finished requests to an `Executor` as `WorkItem`s.
+The gateway validates a batch, then hands its not-yet-finished requests to an `Executor` as `WorkItem`s
+(bodies stay in the stored input file until sent).
 The executor pools every batch in progress into one multi-LLM job, runs it on engines, and reports each
 finished request exactly once as an `Outcome` to the batch's `OutcomeSink` (the gateway's durable
 journal). A request counts as done only once the sink has returned. The executor never writes the
@@ -12,16 +13,70 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
+import orjson
+
 
 @dataclass(frozen=True)
+class LineRef:
+    """Where a request's line lies in the stored input file. Bodies are read back when the request is
+    sent, so a queued 200 MB batch costs the executor a few dozen bytes per request, not its bodies."""
+
+    path: str
+    offset: int  # byte offset of the line in the file
+    length: int  # bytes, without the newline
+
+    def load_body(self) -> dict[str, Any]:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        body = orjson.loads(data)["body"]
+        if not isinstance(body, dict):
+            raise ValueError("the stored request line has no body object")
+        return body
+
+
 class WorkItem:
-    line: int  # 1-based line number in the input file (output files keep input order)
-    custom_id: str
-    model: str  # body.model, a configured model name
-    url: str  # "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
-    body: dict[str, Any]  # the request body, sent to the engine as is
-    prompt_tokens: int  # estimated prompt length in tokens (planning only)
-    max_tokens: int  # output cap (planning only): body max_tokens, else max_model_len - prompt
+    """One validated request. The body is either held (`body=`, small or synthetic work) or read back
+    from the input file on access (`ref=`): the executor plans with `model`, `prompt_tokens` and
+    `max_tokens` only and reads `body` once, when it sends the request. Reading `body` may raise
+    OSError/ValueError when the stored line is gone or no longer parses."""
+
+    __slots__ = ("line", "custom_id", "model", "url", "prompt_tokens", "max_tokens", "_body", "ref")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, line: int, custom_id: str, model: str, url: str,
+                 body: dict[str, Any] | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
+                 ref: LineRef | None = None) -> None:
+        if (body is None) == (ref is None):
+            raise ValueError("a WorkItem needs exactly one of `body` and `ref`")
+        self.line = line  # 1-based line number in the input file (output files keep input order)
+        self.custom_id = custom_id
+        self.model = model  # body.model, a configured model name
+        self.url = url  # "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
+        self.prompt_tokens = prompt_tokens  # estimated prompt length in tokens (planning only)
+        # output cap (planning only): body max_tokens, else max_model_len - prompt
+        self.max_tokens = max_tokens
+        self._body, self.ref = body, ref
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The request body, sent to the engine as is."""
+        if self._body is not None:
+            return self._body
+        assert self.ref is not None
+        return self.ref.load_body()
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.line, self.custom_id, self.model, self.url, self.prompt_tokens,
+                self.max_tokens, self._body, self.ref)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkItem) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return (f"WorkItem(line={self.line}, custom_id={self.custom_id!r}, model={self.model!r}, "
+                f"url={self.url!r}, prompt_tokens={self.prompt_tokens}, "
+                f"max_tokens={self.max_tokens})")
 
 
 @dataclass(frozen=True)
