@@ -175,13 +175,8 @@ class Estimator:
         root = self.run(model, tp, dp, pos.root)
         rest = root.suffix(root.time_of_fraction(pos.frac))
         src = self.run(model, pos.tp, pos.dp, pos.root)
-        if src.kv is not None:  # what the cut run holds, from its trace
-            held, n = src.in_flight(pos.t_s)
-            sq = held * held / n if n else 0.0
-        else:  # extrapolated run: the requests left (cheap for those)
-            ctx = np.array([r.prompt_len + r.generated for r in work.requests if r.generated > 0],
-                           dtype=float)
-            held, sq = float(ctx.sum()), float((ctx * ctx).sum())
+        held, n = src.in_flight(pos.t_s)  # what the cut run holds, from its trace
+        sq = held * held / n if n else 0.0
         if held <= 0:
             return rest
         lat, lim = self.latency(model, tp), self.limits(model, tp)
@@ -276,7 +271,7 @@ class Estimator:
         idx = (np.arange(m2) * n) // m2
         sub2 = [work.requests[i] for i in idx]
         sub1 = sub2[::2]
-        r2 = simulate(sub2, lim, lat)
+        r2 = simulate(sub2, lim, lat, kv_trace=True)
         r1 = simulate(sub1, lim, lat)
         self._count[0] += 2
         m1 = len(sub1)
@@ -288,20 +283,25 @@ class Estimator:
         fin = np.array(sorted(r2.finish_times_s.values()), dtype=float)
         order = sorted(r2.finish_times_s, key=lambda rid: r2.finish_times_s[rid])
         cum = np.cumsum([by_rid[rid] for rid in order])
-        out = (a, b, PlanRun(r2.total_time_s, fin, cum))
+        times, used, running = r2.kv_trace
+        kv = [(np.asarray(times), np.asarray(used) * lim.block_size, np.asarray(running))]
+        out = (a, b, PlanRun(r2.total_time_s, fin, cum, kv=kv))
         self._lines[key] = out
         return out
 
     def _extrapolated(self, model: str, tp: int, dp: int, work: Workload) -> PlanRun:
         """A dp-replica run of a large workload: every replica is a round-robin share of it, so
         its time is T(ceil(n/dp)) on the fitted line; the finish curve is the subsample's, stretched
-        to that time and scaled to the workload's total useful FLOPs."""
+        to that time and scaled to the workload's total useful FLOPs; every replica holds as much
+        KV over time as the subsample's run did."""
         a, b, sample = self._line(model, tp, work)
         total = a + b * -(-len(work) // dp)
         work_total = self.work_total(model, work)
         scale_t = total / sample.total_s if sample.total_s > 0 else 1.0
         scale_w = work_total / sample.total_work if sample.total_work > 0 else 1.0
-        return PlanRun(total, sample.finish_sorted * scale_t, sample.work_cum * scale_w)
+        (times, used, running), = sample.kv
+        return PlanRun(total, sample.finish_sorted * scale_t, sample.work_cum * scale_w,
+                       kv=[(times * scale_t, used, running)] * dp)
 
     def work_total(self, model: str, work: Workload) -> float:
         key = (model, work.fingerprint)
