@@ -9,12 +9,16 @@ the useful work done by each point in time, which the search reads instead of re
 from __future__ import annotations
 
 import hashlib
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from scheduler.types import ModelSpec, SimRequest
+
+
+_RID = attrgetter("rid")
 
 
 def _rid(r: SimRequest) -> int:
@@ -53,9 +57,10 @@ class Workload:
     def of(requests: Sequence[SimRequest]) -> "Workload":
         # no copies: nothing in the planner or the simulator mutates a SimRequest, and copying
         # 10,000s of them per stage dominated planning time
-        reqs = tuple(sorted((r for r in requests if r.output_len > r.generated), key=_rid))
-        arr = np.array([(r.rid, r.prompt_len, r.output_len, r.generated) for r in reqs],
-                       dtype=np.int64).reshape(-1, 4)
+        reqs = tuple(sorted([r for r in requests if r.output_len > r.generated], key=_RID))
+        cols = [[r.rid for r in reqs], [r.prompt_len for r in reqs], [r.output_len for r in reqs],
+                [r.generated for r in reqs]]
+        arr = np.ascontiguousarray(np.array(cols, dtype=np.int64).T).reshape(-1, 4)
         return Workload(reqs, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest(), arr)
 
     @property
