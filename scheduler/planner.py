@@ -127,19 +127,26 @@ class Planner:
         return best
 
     def _search(self, state: PlanState) -> Schedule:
-        """Greedy search with exploration of the top `explore` first stages."""
+        """Greedy search with exploration of the first stage: the top 2·`explore` first-stage groups
+        are completed greedily with the cheap restart estimates, and the `explore` schedules
+        predicted shortest are re-run with simulated restarts (`evaluate`); the shortest wins.
+        Completing is cheap (runs are read off cached root runs); re-running costs simulations."""
         choose = greedy_chooser(self.problem.top_k)
         if not state.work:
             return Schedule("samullm", [], 0.0, origin="search")
-        best: Schedule | None = None
-        for group in rank_groups(self.ctx, state, self.problem.top_k)[:max(1, self.problem.explore)]:
+        explore = max(1, self.problem.explore)
+        drafts: list[Schedule] = []
+        for group in rank_groups(self.ctx, state, self.problem.top_k)[:2 * explore]:
             plans = place(group.shapes, self.ctx.pool, state.running)
             if plans is None:
                 continue
             first, after = run_stage(self.ctx, state, plans)
             rest = run_policy(self.ctx, after, choose, "samullm")
-            cand = evaluate(self.exact_ctx, state, Schedule("samullm", [first] + rest.stages,
-                                                            rest.makespan_s, origin="search"))
+            drafts.append(Schedule("samullm", [first] + rest.stages, rest.makespan_s,
+                                   origin="search"))
+        best: Schedule | None = None
+        for draft in sorted(drafts, key=lambda d: d.makespan_s)[:explore]:  # stable: rank order
+            cand = evaluate(self.exact_ctx, state, draft)
             if best is None or cand.makespan_s < best.makespan_s * (1 - 1e-9):
                 best = cand
         if best is None:
