@@ -16,7 +16,7 @@ from gateway.state import CONFIG, DB, SERVICE, STORE
 from gateway.views_util import int_param
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
-CHUNK = 1 << 16
+CHUNK = 1 << 20  # an upper bound: read_chunk returns what has arrived, up to this
 MAX_FIELD = 4096
 
 

@@ -11,15 +11,15 @@ batch's output files: the gateway finalizes them from the journal when `Executor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol, Sequence
 
 import orjson
 
 
-@dataclass(frozen=True)
-class LineRef:
+class LineRef(NamedTuple):
     """Where a request's line lies in the stored input file. Bodies are read back when the request is
-    sent, so a queued 200 MB batch costs the executor a few dozen bytes per request, not its bodies."""
+    sent, so a queued 200 MB batch costs the executor a few dozen bytes per request, not its bodies.
+    (A tuple: validation makes one per request, and tuples are the cheapest objects to make.)"""
 
     path: str
     offset: int  # byte offset of the line in the file
