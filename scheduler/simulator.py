@@ -159,7 +159,7 @@ class _Run:
         self.a1 = lat.c1 + lat.allreduce_s_per_token
         self.c2, self.c3, self.c4 = lat.c2, lat.c3, lat.c4
         self.records: list[IterationRecord] | None = [] if record else None
-        self.trace = ([], [], []) if kv_trace else None
+        self.trace: list[tuple[float, int, int]] | None = [] if kv_trace else None
 
     # -- decoder bookkeeping -------------------------------------------------------------------
     def _enter_decode(self, i: int, t0: int) -> None:
@@ -390,16 +390,15 @@ class _Run:
         return k
 
     def run(self) -> SimResult:
+        trace = self.trace
         while self.running or self.waiting:
             k = self._try_jump() if self.jump else 0
             if k < 0:
                 break
             if k == 0 and not self._step():
                 break
-            if self.trace is not None:
-                self.trace[0].append(self.now)
-                self.trace[1].append(self.lim.num_kv_blocks - self.free)
-                self.trace[2].append(len(self.running))
+            if trace is not None:
+                trace.append((self.now, self.free, len(self.running)))
         remaining: list[SimRequest] = []
         gen = 0
         for i, r in enumerate(self.reqs):
@@ -409,5 +408,9 @@ class _Run:
             g = self.g[i] + self.t - self.t0[i] if self.state[i] == _DEC else self.g[i]
             r = self.reqs[i]
             remaining.append(SimRequest(r.rid, r.prompt_len, r.output_len, g))
+        kv = None
+        if trace is not None:
+            times, free, running = zip(*trace) if trace else ((), (), ())
+            kv = (list(times), [self.lim.num_kv_blocks - f for f in free], list(running))
         return SimResult(self.now, self.finish, remaining, self.t, self.records, gen,
-                         self.preemptions, self.trace)
+                         self.preemptions, kv)
