@@ -1,0 +1,470 @@
+"""Measured makespans per strategy through the real gateway, against `vllm run_batch` per model.
+
+For each workload (requests for 3-4 random-weight models of different sizes, prompt and output lengths
+drawn from the real conversation trace and scaled to the models' 1k context): start `samullm serve`
+(subprocess, generated config, state dir under `--root`), upload the input with the official `openai`
+SDK and create ONE pooled batch per strategy (`metadata={"strategy": ...}`); the makespan is the wall
+time from `batches.create` to the poll that sees `completed`. Output lengths are forced
+(`ignore_eos: true`, `max_tokens` = the drawn length), so every run does the same work. The anchor
+runs `python -m vllm.entrypoints.openai.run_batch` once per model, one after another, on the same
+requests split per model (same engine args, both cores: `VLLM_CPU_OMP_THREADS_BIND=0-1`).
+
+Predicted makespan: the executor's first `plan` event (read from the gateway's JSON log), which the
+planner made with the profiles stored under `<root>/state/profiles/` (`samullm profile` is run for each
+(model, TP) missing there). `samullm plan --json` on the same input shows every strategy's stages and
+predictions, to explain what the planner chose.
+
+    .venv/bin/python -m bench.makespan [--data ../shared/data] [--workloads mixed,big-vs-tiny,single]
+        [--strategies samullm,sequential,even-split] [--no-anchor] [--scale-requests 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT = "/v1/chat/completions"
+MODELS = {  # name -> samullm tiny-model arguments
+    "tiny-a": dict(layers=2, hidden=128, heads=2, kv_heads=1, seed=0),
+    "tiny-b": dict(layers=2, hidden=128, heads=2, kv_heads=1, seed=3),
+    "small": dict(layers=4, hidden=256, heads=4, kv_heads=2, seed=1),
+    "medium": dict(layers=8, hidden=512, heads=8, kv_heads=2, seed=2),
+}
+MAX_MODEL_LEN, MAX_SEQS, MAX_BATCHED, KV_GIB = 1024, 32, 1024, 0.25
+ENGINE_ARGS = {"enforce_eager": True}  # no graph compile: starts in ~20 s instead of minutes
+# workload -> {model: requests}; "big-vs-tiny" is the non-obvious one (TP=2 helps medium, hurts tiny)
+WORKLOADS = {
+    "mixed": {"tiny-a": 64, "small": 64, "medium": 32},
+    "big-vs-tiny": {"medium": 96, "tiny-a": 48, "tiny-b": 48},
+    "single": {"small": 96},
+    "smoke": {"tiny-a": 8, "tiny-b": 8},
+}
+STRATEGIES = ("samullm", "sequential", "even-split")
+
+
+# ---------------------------------------------------------------------------------------------
+# setup: models, config, profiles
+
+def write_models(root: Path) -> dict[str, Path]:
+    from runtime.tinymodel import write_tiny_model
+
+    out = {}
+    for name, args in MODELS.items():
+        path = root / "models" / name
+        if not (path / "config.json").exists():
+            print(f"writing model {name} ({args}) ...", flush=True)
+            write_tiny_model(path, **args)
+        out[name] = path
+    return out
+
+
+def write_config(root: Path, paths: dict[str, Path], port: int) -> Path:
+    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}",
+             f'state_dir = "{(root / "state").resolve()}"', "log_json = true", "",
+             "[devices]", 'kind = "cpu"', f"cpu_kvcache_gib = {KV_GIB}", ""]
+    for name, path in paths.items():
+        lines += ["[[models]]", f'name = "{name}"', f'path = "{path.resolve()}"', 'dtype = "float32"',
+                  f"max_model_len = {MAX_MODEL_LEN}", f"max_num_seqs = {MAX_SEQS}",
+                  f"max_num_batched_tokens = {MAX_BATCHED}",
+                  "engine_args = { " + ", ".join(f"{k} = {json.dumps(v)}"
+                                                 for k, v in ENGINE_ARGS.items()) + " }", ""]
+    cfg = root / "samullm.toml"
+    cfg.write_text("\n".join(lines))
+    return cfg
+
+
+def ensure_profiles(cfg_path: Path, root: Path, models: list[str], quick: bool) -> None:
+    """`samullm profile` for every (model, tp) without a stored profile."""
+    from runtime.profiles import load_profile
+
+    from runtime.profiles import save_profile
+
+    for m in models:
+        for tp in (1, 2):
+            if load_profile(root / "state", m, tp, "cpu") is not None:
+                continue
+            twin = same_architecture(m, lambda o: load_profile(root / "state", o, tp, "cpu"))
+            if twin is not None:  # same shapes, other random weights: the same latency
+                save_profile(root / "state", dataclasses.replace(
+                    twin, model=m, meta={**twin.meta, "copied_from": twin.model}))
+                continue
+            cmd = [sys.executable, "-m", "gateway.cli", "profile", "--config", str(cfg_path),
+                   "--model", m, "--tp", str(tp)] + (["--quick"] if quick else [])
+            print("$", " ".join(cmd[2:]), flush=True)
+            t0 = time.monotonic()
+            subprocess.run(cmd, check=True, cwd=REPO)
+            print(f"  profiled in {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def same_architecture(model: str, find):
+    """A profile (via `find(name)`) of another model with the same architecture, or None."""
+    shape = {k: v for k, v in MODELS[model].items() if k != "seed"}
+    for other, args in MODELS.items():
+        if other != model and {k: v for k, v in args.items() if k != "seed"} == shape:
+            prof = find(other)
+            if prof is not None:
+                return prof
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# requests
+
+def trace_pairs(data: Path | None, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """n (prompt, output) token pairs: joint rows of the conversation trace when `data` has it, else
+    independent draws from the shipped prior quantile tables."""
+    csv_path = data / "traces" / "splitwise_conv.csv" if data is not None else None
+    if csv_path is not None and csv_path.exists():
+        with open(csv_path) as f:
+            rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"]))
+                    for r in csv.DictReader(f)]
+        return [rows[i] for i in rng.choice(len(rows), size=n, replace=False)]
+    from scheduler.lengths import prior_quantiles
+
+    pre, dec = prior_quantiles("conversation", "prefill"), prior_quantiles("conversation", "decode")
+    return list(zip(rng.choice(pre, n).tolist(), rng.choice(dec, n).tolist()))
+
+
+def word_tokens(model_dir: Path) -> list[str]:
+    """Words that are one token each with a leading space (so a prompt of k words is k tokens)."""
+    from tokenizers import Tokenizer
+
+    from runtime.tinymodel import _WORDS
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return [w for w in _WORDS if len(tok.encode(" " + w, add_special_tokens=False).ids) == 1]
+
+
+def make_requests(workload: dict[str, int], data: Path | None, scale: float, seed: int,
+                  words: list[str]) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for model, n in workload.items():
+        for i, (p, o) in enumerate(trace_pairs(data, n, rng)):
+            p = max(4, min(int(p * scale), MAX_MODEL_LEN // 2))
+            o = max(2, min(int(o * scale), MAX_MODEL_LEN - p - 16))
+            text = " ".join(words[j] for j in rng.integers(0, len(words), p))
+            out.append({"custom_id": f"{model}-{i}", "method": "POST", "url": CHAT,
+                        "body": {"model": model, "messages": [{"role": "user", "content": text}],
+                                 "max_tokens": o, "ignore_eos": True, "temperature": 1.0}})
+    order = rng.permutation(len(out))  # interleave the models, like a real pooled file
+    return [out[i] for i in order]
+
+
+def write_jsonl(path: Path, reqs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the gateway
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class GatewayRun:
+    strategy: str
+    makespan_s: float
+    requests: int
+    events: list[dict] = field(default_factory=list)
+
+    def first(self, kind: str) -> dict | None:
+        return next((e for e in self.events if e["event"] == kind), None)
+
+    @property
+    def predicted_s(self) -> float | None:
+        plan = self.first("plan")
+        return plan["predicted_makespan_s"] if plan else None
+
+
+def executor_events(log_path: Path) -> list[dict]:
+    """The executor's events from the gateway's JSON log (`<kind> <dict repr>` messages)."""
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("logger") != "runtime.executor" or " {" not in rec.get("msg", ""):
+            continue
+        kind, _, rest = rec["msg"].partition(" ")
+        try:
+            data = ast.literal_eval(rest)
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(data, dict):
+            out.append({"event": kind, "t": rec["t"], **data})
+    return out
+
+
+def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, expected: list[dict],
+                timeout_s: float, tag: str) -> GatewayRun:
+    from openai import OpenAI
+
+    port = free_port()
+    log_path = root / "logs" / f"gateway-{tag}-{strategy}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
+           "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway did not start; see {log_path}")
+                time.sleep(0.3)
+        with open(input_path, "rb") as f:
+            fobj = client.files.create(file=f, purpose="batch")
+        t0 = time.monotonic()
+        batch = client.batches.create(input_file_id=fobj.id, endpoint=CHAT, completion_window="24h",
+                                      metadata={"strategy": strategy})
+        while batch.status not in ("completed", "failed", "cancelled", "expired"):
+            if time.monotonic() - t0 > timeout_s:
+                client.batches.cancel(batch.id)
+                raise RuntimeError(f"{strategy}: batch not done after {timeout_s} s")
+            time.sleep(0.25)
+            batch = client.batches.retrieve(batch.id)
+        makespan = time.monotonic() - t0
+        if batch.status != "completed":
+            raise RuntimeError(f"{strategy}: batch {batch.status}: {batch.errors}")
+        check_output(client.files.content(batch.output_file_id).text, expected, strategy)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return GatewayRun(strategy, makespan, len(expected), executor_events(log_path))
+
+
+def check_output(text: str, expected: list[dict], what: str) -> None:
+    """Every custom_id exactly once, status 200, exactly max_tokens generated (same work everywhere)."""
+    want = {r["custom_id"]: r["body"]["max_tokens"] for r in expected}
+    seen = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        resp = rec.get("response") or {}
+        if resp.get("status_code") != 200:
+            raise RuntimeError(f"{what}: {rec['custom_id']} failed: {rec.get('error') or resp}")
+        seen[rec["custom_id"]] = resp["body"]["usage"]["completion_tokens"]
+    if seen != want:
+        missing = set(want) - set(seen)
+        wrong = [k for k in want if k in seen and seen[k] != want[k]]
+        raise RuntimeError(f"{what}: output mismatch: {len(missing)} missing, "
+                           f"{len(wrong)} with another length (e.g. {wrong[:3]})")
+
+
+# ---------------------------------------------------------------------------------------------
+# the anchor: vllm run_batch per model, one after another
+
+def run_batch_cmd(model: str, path: Path, inp: Path, out: Path) -> tuple[list[str], dict]:
+    """Same engine args as the gateway's engines (runtime.engine.build_command), both cores."""
+    from runtime.config import ModelConfig
+    from runtime.engine import EngineSpec, build_command
+
+    spec = EngineSpec(model=ModelConfig(name=model, path=str(path), max_model_len=MAX_MODEL_LEN,
+                                        max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_BATCHED,
+                                        engine_args=dict(ENGINE_ARGS)),
+                      model_path=path, devices=(0, 1), tp=1, kv_cache_gib=KV_GIB)
+    cmd, env = build_command(spec, port=0)
+    args = cmd[3:]
+    drop = {"--host": 2, "--port": 2, "--disable-uvicorn-access-log": 1}
+    kept, i = [], 0
+    while i < len(args):
+        n = drop.get(args[i])
+        if n:
+            i += n
+            continue
+        kept.append(args[i])
+        i += 1
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
+    return ([sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(inp), "-o", str(out),
+             *kept], env)
+
+
+def run_anchor(root: Path, paths: dict[str, Path], reqs: list[dict], tag: str
+               ) -> tuple[float, dict[str, float]]:
+    """Total and per-model wall time of run_batch, one model after another."""
+    per = {}
+    work = root / "anchor"
+    work.mkdir(parents=True, exist_ok=True)
+    for model in sorted({r["body"]["model"] for r in reqs}, key=lambda m: -MODELS[m]["hidden"]):
+        mine = [r for r in reqs if r["body"]["model"] == model]
+        inp = write_jsonl(work / f"{tag}-{model}.jsonl", mine)
+        out = work / f"{tag}-{model}.out.jsonl"
+        out.unlink(missing_ok=True)
+        cmd, env = run_batch_cmd(model, paths[model], inp, out)
+        t0 = time.monotonic()
+        with open(root / "logs" / f"run_batch-{tag}-{model}.log", "w") as log:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True).returncode
+        per[model] = time.monotonic() - t0
+        if rc != 0:
+            raise RuntimeError(f"run_batch {model} exited {rc}; see logs/run_batch-{tag}-{model}.log")
+        check_output(out.read_text(), mine, f"run_batch {model}")
+    return sum(per.values()), per
+
+
+# ---------------------------------------------------------------------------------------------
+# offline plan (why the planner chose what it chose)
+
+def offline_plan(cfg_path: Path, inp: Path) -> dict:
+    cmd = [sys.executable, "-m", "gateway.cli", "plan", str(inp), "--config", str(cfg_path), "--json"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr[-500:]}
+    return json.loads(res.stdout)
+
+
+def describe_plan(result: dict) -> list[str]:
+    if "error" in result:
+        return [f"  samullm plan failed: {result['error']}"]
+    out = []
+    for s, r in (result.get("strategies") or {}).items():
+        stages = " | ".join(
+            ", ".join(f"{p['model']} tp{p['tp']}xdp{p['dp']}@{p['devices']}" for p in st["plans"])
+            + f" ({st['start_s']:.0f}-{st['end_s']:.0f}s)" for st in r.get("stages", []))
+        origin = f" [{r['origin']}]" if r.get("origin") else ""
+        out.append(f"  plan {s:<16} {r['makespan_s']:7.1f} s{origin}: {stages}")
+    return out
+
+
+def describe_events(run: GatewayRun) -> list[str]:
+    out = []
+    t0 = run.events[0]["t"] if run.events else 0.0
+    for e in run.events:
+        if e["event"] in ("plan", "replan"):
+            st = ", ".join(f"{p['model']} tp{p['tp']}xdp{p['dp']}@{p['devices']}" for p in e["stage"])
+            out.append(f"    +{e['t'] - t0:6.1f}s {e['event']:<7} predicted "
+                       f"{e['predicted_makespan_s']:.1f}s, {e['stages']} stages; now: {st}")
+        elif e["event"] == "engine_started":
+            out.append(f"    +{e['t'] - t0:6.1f}s started {e.get('model')} tp{e.get('tp')} on "
+                       f"{e.get('devices')} (start {e.get('start_s') or 0:.1f}s)")
+        elif e["event"] == "model_finished":
+            out.append(f"    +{e['t'] - t0:6.1f}s finished {e.get('model')}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def wait_quiet(max_load: float, max_wait_s: float) -> float:
+    t0 = time.monotonic()
+    while True:
+        load = os.getloadavg()[0]
+        if load < max_load or time.monotonic() - t0 > max_wait_s:
+            return load
+        print(f"load average {load:.2f} >= {max_load}: waiting", flush=True)
+        time.sleep(20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=None,
+                    help="shared data dir (traces/splitwise_conv.csv); default: shipped prior tables")
+    ap.add_argument("--root", type=Path, default=REPO / ".samullm" / "bench-makespan")
+    ap.add_argument("--workloads", default="mixed,big-vs-tiny,single")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--scale", type=float, default=0.25, help="trace lengths x this (4k -> 1k ctx)")
+    ap.add_argument("--scale-requests", type=float, default=1.0, help="requests per model x this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-anchor", action="store_true")
+    ap.add_argument("--quick-profile", action="store_true")
+    ap.add_argument("--timeout", type=float, default=300, help="per batch, seconds")
+    ap.add_argument("--max-load", type=float, default=99.0,
+                    help="wait (up to --max-wait) until the 1-min load average is below this")
+    ap.add_argument("--max-wait", type=float, default=1800)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    root = args.root.resolve()
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    paths = write_models(root)
+    cfg_path = write_config(root, paths, free_port())
+    workloads = {w: {m: max(1, round(n * args.scale_requests)) for m, n in WORKLOADS[w].items()}
+                 for w in args.workloads.split(",")}
+    ensure_profiles(cfg_path, root, sorted({m for w in workloads.values() for m in w}),
+                    args.quick_profile)
+    words = word_tokens(paths["tiny-a"])
+    strategies = args.strategies.split(",")
+    results = []
+    for wi, (wname, wl) in enumerate(workloads.items()):
+        reqs = make_requests(wl, args.data, args.scale, args.seed + wi, words)
+        inp = write_jsonl(root / f"{wname}.jsonl", reqs)
+        toks = sum(r["body"]["max_tokens"] for r in reqs)
+        print(f"\n== {wname}: {dict(wl)}, {len(reqs)} requests, {toks} output tokens", flush=True)
+        offline = offline_plan(cfg_path, inp)
+        for line in describe_plan(offline):
+            print(line)
+        row = {"workload": wname, "models": wl, "requests": len(reqs), "output_tokens": toks,
+               "offline_plan": offline, "runs": {}}
+        strats = ["samullm"] if len(wl) == 1 else strategies
+        for s in strats:
+            load = wait_quiet(args.max_load, args.max_wait)
+            run = run_gateway(cfg_path, root, inp, s, reqs, args.timeout, wname)
+            print(f"  {s:<12} measured {run.makespan_s:7.1f} s   predicted "
+                  f"{run.predicted_s or float('nan'):7.1f} s   (load avg {load:.2f} at start)",
+                  flush=True)
+            for line in describe_events(run):
+                print(line)
+            row["runs"][s] = {"measured_s": run.makespan_s, "predicted_s": run.predicted_s,
+                              "load": load, "events": run.events}
+        if not args.no_anchor:
+            load = wait_quiet(args.max_load, args.max_wait)
+            total, per = run_anchor(root, paths, reqs, wname)
+            print(f"  run_batch    measured {total:7.1f} s   per model "
+                  + ", ".join(f"{m} {t:.1f}s" for m, t in per.items()), flush=True)
+            row["runs"]["run_batch"] = {"measured_s": total, "per_model_s": per, "load": load}
+        results.append(row)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+    print()
+    for line in table(results):
+        print(line)
+    return 0
+
+
+def table(results: list[dict]) -> list[str]:
+    out = ["| workload | strategy | measured s | predicted s | error | samullm speed-up vs it |",
+           "|---|---|---:|---:|---:|---:|"]
+    for row in results:
+        runs = row["runs"]
+        ours = runs.get("samullm", {}).get("measured_s")
+        for s, r in runs.items():
+            pred = r.get("predicted_s")
+            err = f"{(pred - r['measured_s']) / r['measured_s']:+.1%}" if pred else "–"
+            speed = f"{r['measured_s'] / ours:.2f}×" if ours and s != "samullm" else "–"
+            out.append(f"| {row['workload']} ({row['requests']} req) | {s} | {r['measured_s']:.1f} | "
+                       f"{pred if pred is None else round(pred, 1)} | {err} | {speed} |")
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
