@@ -1,10 +1,10 @@
 """Ingest benchmark: upload and validate a large batch input file (default 200 MB, 50,000 lines).
 
-Starts the gateway in-process on loopback (engine-free executor holding every request, so only upload
-and validation are measured), writes the input file to a temp dir, streams it up with aiohttp, then
+Starts the gateway in its own process on loopback (engine-free executor holding every request, so only
+upload and validation are measured), writes the input file to a temp dir, streams it up with aiohttp, then
 creates a batch and times validation (create -> `in_progress`). Token counts use a real tiny model's
 tokenizer (`runtime.tinymodel.write_tiny_model`), as a served model would. Prints MB/s for upload and
-validation and the peak RSS growth of the process (the file must never be held whole).
+validation and the peak RSS growth of the gateway process (the file must never be held whole).
 
     .venv/bin/python bench/ingest.py [--mb 200] [--lines 50000]
 """
@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import resource
+import multiprocessing
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from multiprocessing.connection import Connection
+from typing import Any, Sequence
 
 import aiohttp
 import orjson
@@ -56,8 +57,26 @@ class HoldingExecutor(EchoExecutor):
         await self._stop.wait()
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    """A process's resident memory (`VmHWM`: its peak so far), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(key)
+
+
+def serve(cfg_raw: dict[str, Any], conn: Connection) -> None:
+    """The gateway in its own process, as deployed: the bench's client does not share its core."""
+    async def main() -> None:
+        runner = aiohttp.web.AppRunner(create_app(parse_config(cfg_raw), HoldingExecutor()))
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        conn.send(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to stop
+        await runner.cleanup()
+
+    asyncio.run(main())
 
 
 def write_input(path: Path, total_mb: int, lines: int) -> int:
@@ -85,22 +104,21 @@ def model_dir(root: Path) -> Path:
 
 async def run(total_mb: int, lines: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="samullm-ingest-"))
-    path = tmp / "input.jsonl"
-    size = write_input(path, total_mb, lines)
-    cfg = parse_config({
-        "server": {"state_dir": str(tmp / "state")},
-        "limits": {"max_file_bytes": size + 1, "max_requests_per_batch": lines},
-        "models": [{"name": "tiny", "path": str(model_dir(tmp)), "max_model_len": 16384}],
-    })
-    executor = HoldingExecutor()  # nothing runs: this measures ingest only
-    runner = aiohttp.web.AppRunner(create_app(cfg, executor))
-    await runner.setup()
-    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    rss0 = rss_mb()
+    server = None
     try:
-        async with aiohttp.ClientSession(url) as http:
+        path = tmp / "input.jsonl"
+        size = write_input(path, total_mb, lines)
+        cfg_raw = {
+            "server": {"state_dir": str(tmp / "state")},
+            "limits": {"max_file_bytes": size + 1, "max_requests_per_batch": lines},
+            "models": [{"name": "tiny", "path": str(model_dir(tmp)), "max_model_len": 16384}],
+        }
+        ours, theirs = multiprocessing.Pipe()
+        server = multiprocessing.get_context("spawn").Process(target=serve, args=(cfg_raw, theirs))
+        server.start()
+        port = await asyncio.to_thread(ours.recv)
+        rss0 = rss_mb(server.pid)  # type: ignore[arg-type]
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             t0 = time.perf_counter()
             with open(path, "rb") as fh:
                 form = aiohttp.FormData()
@@ -125,14 +143,18 @@ async def run(total_mb: int, lines: int) -> dict[str, float]:
             t_val = time.perf_counter() - t1
             assert b["status"] == "in_progress", b.get("errors")
             assert b["request_counts"]["total"] == lines
+        peak = rss_mb(server.pid, "VmHWM")  # type: ignore[arg-type]
+        ours.send("stop")
+        await asyncio.to_thread(server.join, 30)
     finally:
-        await runner.cleanup()
+        if server is not None and server.is_alive():
+            server.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     mb = size / 1e6
     return {"mb": mb, "lines": lines, "upload_s": t_up, "upload_mb_s": mb / t_up,
             "validate_s": t_val, "validate_mb_s": mb / t_val,
-            "ingest_mb_s": mb / (t_up + t_val), "rss_growth_mb": rss_mb() - rss0,
-            "peak_rss_mb": rss_mb()}
+            "ingest_mb_s": mb / (t_up + t_val), "rss_growth_mb": peak - rss0,
+            "peak_rss_mb": peak}
 
 
 def main() -> None:
@@ -145,7 +167,8 @@ def main() -> None:
     print(f"upload:     {r['upload_s']:.2f} s  {r['upload_mb_s']:.0f} MB/s")
     print(f"validation: {r['validate_s']:.2f} s  {r['validate_mb_s']:.0f} MB/s")
     print(f"ingest (upload + validation): {r['ingest_mb_s']:.0f} MB/s")
-    print(f"peak RSS {r['peak_rss_mb']:.0f} MB (growth during ingest {r['rss_growth_mb']:.0f} MB)")
+    print(f"gateway process: peak RSS {r['peak_rss_mb']:.0f} MB (growth during ingest "
+          f"{r['rss_growth_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class TokenCounter:
             msgs = body.get("messages") or []
             chars = 0
             for msg in msgs:
-                chars += len(_message_text(msg))
+                chars += len(message_text(msg))
             return MESSAGE_OVERHEAD * len(msgs) + math.ceil(chars / ratio)
         prompt = body.get("prompt" if endpoint == "/v1/completions" else "input")
         return _estimate_prompt(prompt, ratio)
@@ -89,7 +89,7 @@ class TokenCounter:
         if endpoint == "/v1/chat/completions":
             total = 0
             for msg in body.get("messages") or []:
-                total += MESSAGE_OVERHEAD + self.count_text(model, _message_text(msg), exact)
+                total += MESSAGE_OVERHEAD + self.count_text(model, message_text(msg), exact)
             return total
         key = "prompt" if endpoint == "/v1/completions" else "input"
         return self._count_prompt(model, body.get(key), exact)
@@ -114,7 +114,7 @@ def _estimate_prompt(prompt: Any, ratio: float) -> int:
     return 0
 
 
-def _message_text(msg: Any) -> str:
+def message_text(msg: Any) -> str:
     if not isinstance(msg, dict):
         return ""
     content = msg.get("content")
