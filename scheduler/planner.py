@@ -15,6 +15,12 @@ Strategies (same cost model, same `Schedule` format; see `scheduler.baselines` f
   baseline is never a hidden re-labelling of the search's own result.
 - `sequential`, `even-split`, `per-model-best`, `muxserve-greedy`: see `scheduler.baselines`.
 
+Cost: every strategy chooses its stages with `Planner.ctx`, whose estimator simulates each (model,
+tp, dp) once on the initial work and reads later stages off those runs (kept engines continue them
+exactly; restarts are estimated, `scheduler.estimator`); every schedule returned is then re-run with
+`Planner.exact_ctx`, which simulates the restarts, so the makespans reported are never the cheap
+estimates.
+
 Determinism: the search has no randomness (ties break on shapes and model names); `seed` is carried
 for callers that sample output lengths (`scheduler.workloads`). Pure: the caller times the planning
 (`Schedule.planning_time_s` is left at 0 here, since `scheduler/` never reads a clock).

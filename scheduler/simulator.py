@@ -96,8 +96,7 @@ class SimResult:
     iterations: list[IterationRecord] | None
     generated_tokens: int  # tokens sampled during this simulation
     num_preemptions: int = 0
-    # with kv_trace=True: (end time, KV blocks in use, requests running) after every scheduling
-    # event (a step or a jump); in between, the state only drifts by decode growth
+    # kv_trace=True: (end time, KV blocks in use, requests running) after every step or jump
     kv_trace: tuple[list[float], list[int], list[int]] | None = None
 
 
@@ -203,12 +202,10 @@ class _Run:
 
     # -- one iteration -------------------------------------------------------------------------
     def _schedule_running_slow(self) -> tuple[list[tuple[int, int]], int, int]:
-        """Exact in-order pass with preemption (only when the fast check says KV does not fit).
-
-        Running = decoders (admission order) then prefilling requests. A decoder needs a block only
-        when its next token starts one (its residue class is (1 − t) mod block_size), and the token
-        budget never runs out among decoders (max_num_batched_tokens ≥ max_num_seqs), so only those
-        decoders are visited; victims are popped from the end as vLLM does."""
+        """Exact in-order pass with preemption (when the fast check says KV does not fit). Running =
+        decoders then prefills; only decoders starting a block (residue (1 − t) mod block_size) need
+        one, and the budget never runs out among decoders (max_num_batched_tokens ≥ max_num_seqs),
+        so only those are visited; victims are popped from the end as vLLM does."""
         order = list(self.running)
         nd, bs, t = self.n_dec, self.bs, self.t
         P, g, t0 = self.P, self.g, self.t0
