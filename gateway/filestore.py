@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
 from pathlib import Path
 from typing import Iterable
+
+
+SYNC_EVERY = 32 << 20  # bytes between background write-backs of a large file (see AtomicWriter)
 
 
 class TooLarge(Exception):
@@ -61,7 +65,8 @@ class FileStore:
 
 class AtomicWriter:
     """Streams bytes to `<path>.tmp`; `commit()` (or leaving the `with` block cleanly) publishes them.
-    With `max_bytes`, writing past the limit raises `TooLarge`; `check_utf8` checks incrementally."""
+    With `max_bytes`, writing past the limit raises `TooLarge`; `check_utf8` checks incrementally.
+    Every SYNC_EVERY bytes a background fdatasync starts, so a large file is mostly on disk by then."""
 
     def __init__(self, path: Path, max_bytes: int | None = None) -> None:
         self.path, self.max_bytes, self.size = path, max_bytes, 0
@@ -69,6 +74,9 @@ class AtomicWriter:
         self._f = open(self._tmp, "wb")
         self._decoder: codecs.IncrementalDecoder | None = None
         self._done = False
+        self._synced = 0  # bytes handed to a background fdatasync so far
+        self._syncer: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def check_utf8(self) -> "AtomicWriter":
         self._decoder = codecs.getincrementaldecoder("utf-8")()
@@ -86,8 +94,36 @@ class AtomicWriter:
             except UnicodeDecodeError as exc:
                 raise NotUtf8(f"not UTF-8 near byte {self.size - len(chunk) + exc.start}") from None
         self._f.write(chunk)
+        if self.size - self._synced >= SYNC_EVERY and \
+                (self._syncer is None or not self._syncer.is_alive()):
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        """Write back what is written so far in a thread (the disk works while the upload goes on),
+        so commit's fsync waits for the tail only. An error is kept for commit to raise: a failed
+        writeback may not be reported again to a later fsync of the same file."""
+        self._f.flush()
+        self._synced = self.size
+        fd = self._f.fileno()
+
+        def sync() -> None:
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                self._sync_error = exc
+
+        self._syncer = threading.Thread(target=sync, name="filestore-sync", daemon=True)
+        self._syncer.start()
+
+    def _join_sync(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
 
     def commit(self) -> None:
+        self._join_sync()
+        if self._sync_error is not None:
+            raise self._sync_error
         if self._decoder is not None:
             try:
                 self._decoder.decode(b"", final=True)
@@ -102,6 +138,7 @@ class AtomicWriter:
 
     def abort(self) -> None:
         if not self._done:
+            self._join_sync()  # never close the fd under a running fdatasync
             self._f.close()
             self._tmp.unlink(missing_ok=True)
             self._done = True
