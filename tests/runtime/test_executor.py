@@ -19,7 +19,7 @@ import pytest_asyncio
 from runtime.config import Config, parse_config
 from runtime.executor import PoolExecutor
 from runtime.slots import INFLIGHT_FACTOR
-from runtime.executor_api import Outcome, WorkItem
+from runtime.executor_api import LineRef, Outcome, WorkItem
 from runtime.lengths_store import load_length_model
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
@@ -417,3 +417,23 @@ async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp
     assert stop["tp"] == 1 and stop["why"] == "re-plan" and stop["requeued"] >= 1
     assert sum(o.attempts == 2 for o in got.values()) == stop["requeued"]  # re-run once each
     assert [(e.spec.tp, e.spec.devices) for e in launcher.engines] == [(1, (0,)), (2, (0, 1))]
+
+
+async def test_bodies_are_read_from_the_input_file_when_sent(run, tmp_path) -> None:
+    """Items that refer to their input line (as validation makes them) carry no body until sent;
+    a line that cannot be read back fails alone with `input_unreadable`."""
+    path, data, refs = tmp_path / "in.jsonl", b"", []
+    for i in range(3):
+        line = json.dumps({"custom_id": f"f-{i}", "method": "POST", "url": CHAT,
+                           "body": items("a", 1, prefix=f"f{i}")[0].body}).encode()
+        refs.append(LineRef(str(path), len(data), len(line)))
+        data += line + b"\n"
+    path.write_bytes(data)
+    lazy = [WorkItem(i + 1, f"f-{i}", "a", CHAT, None, 20, 16, ref) for i, ref in enumerate(refs)]
+    gone = WorkItem(9, "gone", "a", CHAT, None, 20, 16, LineRef(str(tmp_path / "none"), 0, 9))
+    ex = await run()
+    ex.submit("x", lazy + [gone], sink := Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    got = sink.by_id()
+    assert all(got[f"f-{i}"].ok for i in range(3))
+    assert got["gone"].status_code is None and got["gone"].error["code"] == "input_unreadable"
