@@ -389,7 +389,7 @@ class _Run:
     def run(self) -> SimResult:
         trace = self.trace
         while self.running or self.waiting:
-            k = self._try_jump() if self.jump else 0
+            k = self._try_jump() if self.jump and not self.prefilling else 0
             if k < 0:
                 break
             if k == 0 and not self._step():
