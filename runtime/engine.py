@@ -8,8 +8,9 @@ crash stays in its own process.
 Process hygiene (the invariant the tests check): each engine runs in its own session/process group;
 `stop()` SIGTERMs the group (vLLM then shuts its engine-core and worker processes down and unlinks its
 shared memory), SIGKILLs whatever is left after the timeout and unlinks the `/dev/shm` segments the
-group had mapped. The server gets PR_SET_PDEATHSIG=SIGTERM, so a SIGKILLed parent still takes its
-engines down, and an atexit hook stops engines left running at interpreter exit.
+group had mapped. The group leader is `runtime.engine_guard` (PR_SET_PDEATHSIG + parent watch): a
+SIGKILLed parent still takes its engines down, even mid-start; an atexit hook stops engines left
+running at interpreter exit.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> 
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
         args["gpu_memory_utilization"] = spec.gpu_memory_utilization
     args.update(m.engine_args)  # the config's extra args win
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server"]
+    # runtime.engine_guard leads the process group and takes it down if this process dies.
+    cmd = [python, "-m", "runtime.engine_guard", python, "-m", "vllm.entrypoints.openai.api_server"]
     for key, value in args.items():
         if value is not None:
             cmd += _flag(key, value)

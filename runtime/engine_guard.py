@@ -1,0 +1,78 @@
+"""Process-group leader of one engine: `python -m runtime.engine_guard CMD...`.
+
+Why: PR_SET_PDEATHSIG alone is not enough. vLLM's api_server loses a SIGTERM that arrives while it
+is still starting (before uvicorn installs its handlers), and its engine-core/worker processes do
+not watch their parent; a gateway killed during an engine start left the engine running. This guard
+runs CMD as its child in its own process group and, when its parent dies (PDEATHSIG, or its parent
+pid changes) or it receives SIGTERM, SIGTERMs the group, waits a grace period, then SIGKILLs what is
+left. It exits with CMD's exit code. Standard library only, so it starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+GRACE_S = 20.0
+POLL_S = 0.25
+
+
+def _others_in_group(pgid: int) -> list[int]:
+    me, out = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def main(cmd: list[str]) -> int:
+    parent = os.getppid()
+    pgid = os.getpgid(0)
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    stopping = False
+
+    def shutdown(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    child = subprocess.Popen(cmd)
+    while child.poll() is None and not stopping:
+        if os.getppid() != parent:
+            stopping = True
+            break
+        time.sleep(POLL_S)
+    if stopping:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    while _others_in_group(pgid) and time.monotonic() < deadline:
+        child.poll()  # reap the direct child so it does not count as alive
+        time.sleep(POLL_S)
+    rest = _others_in_group(pgid)
+    for pid in rest:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    rc = child.wait()
+    return rc if rc >= 0 else 128 - rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
