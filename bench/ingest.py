@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import random
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -63,6 +64,13 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024  # kB
     raise KeyError(key)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: on a shared machine, the figure that does not
+    depend on what else runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve(cfg_raw: dict[str, Any], conn: Connection) -> None:
@@ -117,7 +125,8 @@ async def run(total_mb: int, lines: int) -> dict[str, float]:
         server = multiprocessing.get_context("spawn").Process(target=serve, args=(cfg_raw, theirs))
         server.start()
         port = await asyncio.to_thread(ours.recv)
-        rss0 = rss_mb(server.pid)  # type: ignore[arg-type]
+        pid: int = server.pid  # type: ignore[assignment]
+        rss0, cpu0 = rss_mb(pid), cpu_s(pid)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
             t0 = time.perf_counter()
             with open(path, "rb") as fh:
@@ -128,6 +137,7 @@ async def run(total_mb: int, lines: int) -> dict[str, float]:
                     assert r.status == 200, await r.text()
                     fid = (await r.json())["id"]
             t_up = time.perf_counter() - t0
+            cpu1 = cpu_s(pid)
             t1 = time.perf_counter()
             async with http.post("/v1/batches", json={
                     "input_file_id": fid, "endpoint": "/v1/chat/completions",
@@ -141,9 +151,10 @@ async def run(total_mb: int, lines: int) -> dict[str, float]:
                     break
                 await asyncio.sleep(0.01)
             t_val = time.perf_counter() - t1
+            cpu2 = cpu_s(pid)
             assert b["status"] == "in_progress", b.get("errors")
             assert b["request_counts"]["total"] == lines
-        peak = rss_mb(server.pid, "VmHWM")  # type: ignore[arg-type]
+        peak = rss_mb(pid, "VmHWM")
         ours.send("stop")
         await asyncio.to_thread(server.join, 30)
     finally:
@@ -154,7 +165,7 @@ async def run(total_mb: int, lines: int) -> dict[str, float]:
     return {"mb": mb, "lines": lines, "upload_s": t_up, "upload_mb_s": mb / t_up,
             "validate_s": t_val, "validate_mb_s": mb / t_val,
             "ingest_mb_s": mb / (t_up + t_val), "rss_growth_mb": peak - rss0,
-            "peak_rss_mb": peak}
+            "peak_rss_mb": peak, "upload_cpu_s": cpu1 - cpu0, "validate_cpu_s": cpu2 - cpu1}
 
 
 def main() -> None:
@@ -164,8 +175,10 @@ def main() -> None:
     args = p.parse_args()
     r = asyncio.run(run(args.mb, args.lines))
     print(f"file: {r['mb']:.1f} MB, {r['lines']} lines")
-    print(f"upload:     {r['upload_s']:.2f} s  {r['upload_mb_s']:.0f} MB/s")
-    print(f"validation: {r['validate_s']:.2f} s  {r['validate_mb_s']:.0f} MB/s")
+    print(f"upload:     {r['upload_s']:.2f} s  {r['upload_mb_s']:.0f} MB/s  (gateway CPU "
+          f"{r['upload_cpu_s']:.2f} s: {r['mb'] / max(r['upload_cpu_s'], 1e-9):.0f} MB per CPU-s)")
+    print(f"validation: {r['validate_s']:.2f} s  {r['validate_mb_s']:.0f} MB/s  (gateway CPU "
+          f"{r['validate_cpu_s']:.2f} s: {r['mb'] / max(r['validate_cpu_s'], 1e-9):.0f} MB per CPU-s)")
     print(f"ingest (upload + validation): {r['ingest_mb_s']:.0f} MB/s")
     print(f"gateway process: peak RSS {r['peak_rss_mb']:.0f} MB (growth during ingest "
           f"{r['rss_growth_mb']:.0f} MB)")
