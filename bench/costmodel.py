@@ -7,6 +7,11 @@ context), run it on a real api_server engine (`runtime.engine.Engine`; prompts s
 lengths), and compare with `scheduler.simulator.simulate` under the profiled latency model, excluding
 and including engine start-up. Also reports simulation speed (requests simulated per second).
 
+Engines run eager (`enforce_eager`), as the runtime's configs start them (`conf/default.toml`; a
+compiled CPU engine costs 50-90 s more to start); `--compiled` measures compiled engines instead. A
+stored profile is reused only if it was measured with the same engine arguments and step timing.
+Each row carries the 1-minute load average: on a shared machine the figures move with it.
+
     .venv/bin/python -m bench.costmodel --data ../shared/data [--cases tiny:1,small:1,medium:1,tiny:2]
 """
 
@@ -16,6 +21,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -91,7 +97,8 @@ async def run_real(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int
         rng = np.random.default_rng(1)
         bodies = [{"model": name, "prompt": [int(x) for x in rng.integers(10, 2000, p)],
                    "max_tokens": o, "ignore_eos": True, "temperature": 1.0} for p, o in lengths]
-        await engine.post("/v1/completions", {**bodies[0], "max_tokens": 2})  # connection warm-up
+        # No warm-up request: the runtime dispatches its work to a just-started engine, so the
+        # first steps' one-off costs belong to the measured time as they do to the runtime's.
         t0 = time.perf_counter()
         results = await asyncio.gather(*(engine.post("/v1/completions", b) for b in bodies))
         elapsed = time.perf_counter() - t0
@@ -102,6 +109,14 @@ async def run_real(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int
         return engine.start_time_s or 0.0, elapsed
     finally:
         await engine.stop()
+
+
+def profile_matches(cfg: Config, name: str, meta: dict) -> bool:
+    """A stored profile describes this bench's engines: same engine args (eager vs compiled) and
+    engine-core step timing (profiles from before `timing` was recorded timed whole LLM steps)."""
+    m = cfg.model(name)
+    assert m is not None
+    return meta.get("engine_args") == dict(m.engine_args) and meta.get("timing") == "core_s"
 
 
 def predict(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int]], latency) -> float:
@@ -127,27 +142,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--scale", type=float, default=0.25, help="trace lengths x this (4k -> 1k ctx)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eager", action="store_true", help="--enforce-eager engines (no compile)")
+    ap.add_argument("--eager", action="store_true", help="(the default) --enforce-eager engines")
+    ap.add_argument("--compiled", action="store_true", help="torch.compile'd engines, not eager")
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--reprofile", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    cfg = bench_config(args.root, args.eager)
+    cfg = bench_config(args.root, eager=not args.compiled)
     rows = []
     for case in args.cases.split(","):
         name, tp = case.split(":")[0], int(case.split(":")[1])
         prof = None if args.reprofile else load_profile(cfg.state_dir, name, tp, "cpu")
+        if prof is not None and not profile_matches(cfg, name, prof.meta):
+            prof = None
         if prof is None:
             prof = profile_model(cfg, name, tp, quick=args.quick_profile)
+        load_before = os.getloadavg()[0]
         lengths = trace_lengths(args.data, args.requests, args.seed, args.scale)
         pred = predict(cfg, name, tp, lengths, prof.latency)
         start_s, meas = asyncio.run(run_real(cfg, name, tp, lengths, args.root / "logs"))
         rows.append({"case": f"{name} tp={tp}", "requests": len(lengths), "pred_s": pred,
+                     "load_1m": max(load_before, os.getloadavg()[0]),
+                     "profile_load_1m": prof.meta.get("loadavg_1m"), "start_s": start_s,
+                     "profile_start_s": prof.latency.load_time_s,
                      "meas_s": meas, "err": (pred - meas) / meas,
                      "pred_total_s": pred + prof.latency.load_time_s, "meas_total_s": meas + start_s,
                      "err_total": (pred + prof.latency.load_time_s - meas - start_s) / (meas + start_s),
                      "fit_median_err": prof.meta.get("median_abs_rel_err")})
         _print(rows[-1:], header=len(rows) == 1)
+        if args.json:  # after every case: a long run interrupted keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=2))
     errs = [abs(r["err"]) for r in rows]
     print(f"\nexcluding start-up: median |error| {statistics.median(errs):.1%}, worst {max(errs):.1%}")
     errs_t = [abs(r["err_total"]) for r in rows]
@@ -165,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 def _print(rows: list[dict], header: bool) -> None:
     if header:
         print(f"{'case':<14}{'reqs':>5}{'pred s':>9}{'meas s':>9}{'error':>8}"
-              f"{'pred+start':>12}{'meas+start':>12}{'error':>8}{'fit|err|':>9}", flush=True)
+              f"{'pred+start':>12}{'meas+start':>12}{'error':>8}{'fit|err|':>9}{'load':>6}",
+              flush=True)
     for r in rows:
         print(f"{r['case']:<14}{r['requests']:>5}{r['pred_s']:>9.2f}{r['meas_s']:>9.2f}"
               f"{r['err']:>+8.1%}{r['pred_total_s']:>12.1f}{r['meas_total_s']:>12.1f}"
-              f"{r['err_total']:>+8.1%}{(r['fit_median_err'] or 0):>9.1%}", flush=True)
+              f"{r['err_total']:>+8.1%}{(r['fit_median_err'] or 0):>9.1%}{r['load_1m']:>6.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":

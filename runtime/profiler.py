@@ -3,7 +3,10 @@
 How: a worker subprocess (so vLLM's env is set before it is imported) builds an in-process engine
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core and its scheduler live in the worker, the model
 runs in vLLM's mp worker process with the same OpenMP core binding as a served engine), feeds it
-controlled request sets with `llm_engine.add_request` and times each `llm_engine.step()`. The batch
+controlled request sets with `llm_engine.add_request` and times each engine-core step (schedule +
+forward + update; the output processing a served engine does in its API server process is timed
+apart and not fitted). The engine arguments are the model's own (`engine_args`: eager or compiled,
+as the runtime starts it), stored in the profile's meta. The batch
 composition of every step is read from vLLM's own scheduler output (tokens scheduled per request and
 how many each had computed before), so the features are exact even with chunked prefill. The
 samples are fitted with `scheduler.latency.fit_latency_model`; the engine start time is measured
@@ -103,6 +106,21 @@ def _worker(job: dict) -> None:
         return out
 
     scheduler.schedule = schedule_and_record
+
+    # What a served engine pays per iteration is its engine core's serial loop: schedule, run the
+    # model in the worker, update from its output. Its API server detokenizes and answers in another
+    # process, overlapped with the next step; here that work (`process_outputs`) runs in the same
+    # process after each core step, so it is timed apart and left out of the fitted time.
+    core_client = engine.engine_core
+    get_output = core_client.get_output
+
+    def timed_get_output(*a, **kw):
+        t = time.perf_counter()
+        out = get_output(*a, **kw)
+        current["core_s"] = time.perf_counter() - t
+        return out
+
+    core_client.get_output = timed_get_output
     vocab = llm.get_tokenizer().vocab_size if hasattr(llm, "get_tokenizer") else 2000
     ids_rng = __import__("random").Random(0)
 
@@ -124,7 +142,7 @@ def _worker(job: dict) -> None:
             finished += sum(1 for o in outs if o.finished)
             step_no += 1
             if current.get("tokens"):
-                recorded.append({**current, "seconds": dt})
+                recorded.append({**current, "step_s": dt})
         return recorded
 
     cases = job["cases"]
@@ -135,7 +153,8 @@ def _worker(job: dict) -> None:
         runs = [run_case(case, f"r{r}") for r in range(job.get("repeats", 1))]
         for j, step in enumerate(runs[0]):
             same = [run[j] for run in runs if len(run) == len(runs[0])]
-            steps.append({**step, "seconds": min(x["seconds"] for x in same)})
+            steps.append({**step, "core_s": min(x["core_s"] for x in same),
+                          "step_s": min(x["step_s"] for x in same)})
         print(f"PROGRESS {i + 1} {len(cases)}", flush=True)
     Path(job["out"]).write_text(json.dumps(steps))
 
@@ -178,9 +197,15 @@ def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int,
     if rc != 0:
         tail = log_path.read_text()[-4000:]
         raise RuntimeError(f"profiling worker failed (exit {rc}); log {log_path}:\n{tail}")
+    return read_steps(out)
+
+
+def read_steps(path: Path, timing: str = "core_s") -> list[IterationSample]:
+    """The timed iterations a worker wrote: `core_s` (engine-core step, what a served engine pays;
+    the default) or `step_s` (core step + in-process output processing)."""
     return [IterationSample(num_tokens=s["tokens"], prefill_attn_work=s["prefill"],
-                            decode_ctx_sum=s["decode"], batch_size=s["batch"], seconds=s["seconds"])
-            for s in json.loads(out.read_text())]
+                            decode_ctx_sum=s["decode"], batch_size=s["batch"], seconds=s[timing])
+            for s in json.loads(Path(path).read_text())]
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -221,6 +246,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     kv_bytes = int(cfg.devices.cpu_kvcache_gib * (1 << 30))
     cases = default_sweep(model.max_model_len, model.max_num_seqs, model.max_num_batched_tokens, quick)
     work = cfg.state_dir / "profiles" / "work"
+    load_before = os.getloadavg()[0]  # recorded: a profile taken on a busy machine is suspect
     t0 = time.monotonic()
     samples = measure_iterations(model, path, devices, tp, kv_bytes, cases, work, progress, repeats)
     sweep_s = time.monotonic() - t0
@@ -240,6 +266,10 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         "p90_abs_rel_err": float(np.quantile(np.abs(err), 0.9)),
         "cpu": _cpu_name(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "load_time_measured": measure_start, "repeats": repeats,
+        # the compile mode etc. the profile holds for: a profile of a compiled engine does not
+        # describe an eager one (callers compare this with the config they run)
+        "engine_args": dict(model.engine_args), "timing": "core_s",
+        "loadavg_1m": round(load_before, 2),
     })
     save_profile(cfg.state_dir, profile)
     return profile
