@@ -30,9 +30,10 @@ import numpy as np
 
 from runtime.config import Config, DevicesConfig, ModelConfig, ServerConfig
 from runtime.engine import Engine, EngineSpec
-from runtime.profiler import profile_model
+from runtime.profiler import profile_model, read_steps
 from runtime.profiles import load_profile
 from runtime.tinymodel import write_tiny_model
+from scheduler.latency import fit_latency_model
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.types import ModelSpec, SimRequest
 
@@ -160,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()[0]
         lengths = trace_lengths(args.data, args.requests, args.seed, args.scale)
         pred = predict(cfg, name, tp, lengths, prof.latency)
+        # diagnostic: the same steps fitted on whole LLM-step times (output processing included)
+        steps = cfg.state_dir / "profiles" / "work" / f"steps-{name}-tp{tp}.json"
+        pred_step = (predict(cfg, name, tp, lengths, fit_latency_model(read_steps(steps, "step_s")))
+                     if steps.exists() else None)
         start_s, meas = asyncio.run(run_real(cfg, name, tp, lengths, args.root / "logs"))
         rows.append({"case": f"{name} tp={tp}", "requests": len(lengths), "pred_s": pred,
-                     "load_1m": max(load_before, os.getloadavg()[0]),
+                     "pred_step_s": pred_step, "load_1m": max(load_before, os.getloadavg()[0]),
                      "profile_load_1m": prof.meta.get("loadavg_1m"), "start_s": start_s,
                      "profile_start_s": prof.latency.load_time_s,
                      "meas_s": meas, "err": (pred - meas) / meas,
