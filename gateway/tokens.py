@@ -1,6 +1,8 @@
-"""Prompt-length estimates for planning: the model's own `tokenizer.json` when it has weights on disk,
-else characters / 4. Estimates only steer the planner and the context-length check; the engine's
-`usage` is what gets reported."""
+"""Prompt-length estimates for planning: characters divided by the model's characters per token
+(measured once with its own `tokenizer.json` when it has weights on disk, else 4). Validation
+estimates every request (`estimate_body`) and counts exactly with the tokenizer only near the context
+limit (`count_body(..., exact=True)`). Estimates only steer the planner and the context-length check;
+the engine's `usage` is what gets reported."""
 
 from __future__ import annotations
 
