@@ -263,8 +263,12 @@ def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, exp
     port = free_port()
     log_path = root / "logs" / f"gateway-{tag}-{strategy}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh state dir per run: no batch of an earlier (interrupted) run resumes in front of this
+    # one, and every strategy starts from the same length prior; the profiles are shared
+    state = Path(tempfile.mkdtemp(prefix=f"state-{tag}-{strategy}-", dir=root / "runs"))
+    (state / "profiles").symlink_to(root / "state" / "profiles")
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
-           "--port", str(port)]
+           "--port", str(port), "--state-dir", str(state)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -448,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = args.root.resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "runs").mkdir(parents=True, exist_ok=True)
     paths = write_models(root)
     cfg_path = write_config(root, paths, free_port())
     workloads = {w: {m: max(1, round(n * args.scale_requests)) for m, n in WORKLOADS[w].items()}
