@@ -340,7 +340,7 @@ def run_batch_cmd(model: str, path: Path, inp: Path, out: Path) -> tuple[list[st
                                         engine_args=dict(ENGINE_ARGS)),
                       model_path=path, devices=(0, 1), tp=1, kv_cache_gib=KV_GIB)
     cmd, env = build_command(spec, port=0)
-    args = cmd[3:]
+    args = cmd[cmd.index("vllm.entrypoints.openai.api_server") + 1:]  # after any wrapper
     drop = {"--host": 2, "--port": 2, "--disable-uvicorn-access-log": 1}
     kept, i = [], 0
     while i < len(args):
