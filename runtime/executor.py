@@ -43,6 +43,7 @@ from runtime.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
 from runtime.replan import (EMBEDDINGS_URL, LatencySource, build_problem, describe_stage, model_specs,
                             running_plans, sample_work)
 from runtime.slots import EngineSlots, settle
+from runtime.start_times_store import blend, load_start_times, save_start_times
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
 
@@ -89,7 +90,8 @@ class PoolExecutor(EngineSlots):
         self._wake = asyncio.Event()
         self._control: asyncio.Task | None = None
         self._closing = False
-        self._start_times: dict[tuple[str, int], float] = {}  # measured engine start, (model, tp)
+        # measured engine starts per (model, tp), kept across restarts (runtime.start_times_store)
+        self._start_times = load_start_times(self.state_dir)
 
     # -- Executor protocol -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,6 +173,7 @@ class PoolExecutor(EngineSlots):
                      if r.state is ReqState.REPORTING]
         await settle(*(s.task for s in slots), *self._dying, *self._delivering, *reporting)
         save_length_model(self.state_dir, self._lengths)
+        save_start_times(self.state_dir, self._start_times)
         for waiter in self._pass_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -181,8 +184,7 @@ class PoolExecutor(EngineSlots):
         start_s = getattr(slot.engine, "start_time_s", None)
         if isinstance(start_s, (int, float)) and start_s > 0:
             key = (slot.model, slot.spec.tp)
-            old = self._start_times.get(key)  # smoothed: starts vary with what else is starting
-            self._start_times[key] = start_s if old is None else 0.5 * (old + start_s)
+            self._start_times[key] = blend(self._start_times.get(key), start_s)
         self._emit("engine_started", **slot.describe(), start_s=start_s)
 
     def slot_start_failed(self, slot: Slot, message: str) -> None:
@@ -354,6 +356,7 @@ class PoolExecutor(EngineSlots):
         assert self.pool is not None
         head.plans += 1
         await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
+        await asyncio.to_thread(save_start_times, self.state_dir, dict(self._start_times))
         rng = np.random.default_rng([self.cfg.scheduler.seed, head.plans])
         work = sample_work(todo, self._lengths, rng)
         alive = [s.key for s in self._slots if s.state.active]

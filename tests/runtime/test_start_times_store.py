@@ -1,0 +1,73 @@
+"""Persisted engine start times: round trip, bad files, smoothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.start_times_store import FILENAME, blend, load_start_times, save_start_times
+
+
+def test_round_trip_keeps_model_names_with_separators(tmp_path: Path) -> None:
+    times = {("tiny-a", 1): 21.5, ("org/model|x", 2): 40.25}
+    save_start_times(tmp_path, times)
+    assert load_start_times(tmp_path) == times
+
+
+def test_missing_or_unreadable_file_gives_nothing(tmp_path: Path) -> None:
+    assert load_start_times(tmp_path) == {}
+    (tmp_path / FILENAME).write_text("{not json")
+    assert load_start_times(tmp_path) == {}
+    (tmp_path / FILENAME).write_text('["a list"]')
+    assert load_start_times(tmp_path) == {}
+
+
+def test_non_positive_entries_are_ignored(tmp_path: Path) -> None:
+    (tmp_path / FILENAME).write_text('{"a|1": 0, "b|2": 12.5}')
+    assert load_start_times(tmp_path) == {("b", 2): 12.5}
+
+
+def test_blend_moves_halfway() -> None:
+    assert blend(None, 30.0) == 30.0
+    assert blend(20.0, 40.0) == 30.0
+
+
+async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_path: Path) -> None:
+    """A restarted executor's first plan uses the engine start time the previous one measured,
+    not the profile's or the default."""
+    import asyncio
+
+    from runtime.executor import PoolExecutor
+    from runtime.replan import DEFAULT_CPU_LOAD_S
+    from scheduler.planner import plan
+    from scheduler.types import DevicePool
+
+    from .fakes import FakeLauncher
+    from .test_executor import Sink, items, make_cfg
+
+    cfg = make_cfg(tmp_path)
+    pool = DevicePool("cpu", (0, 1), int(cfg.devices.cpu_kvcache_gib * 2**30))
+    seen: list[dict[int, float]] = []  # per plan: tp -> load time the planner was given for "a"
+
+    def recording(problem, strategy):
+        spec = problem.models["a"]
+        seen.append({tp: problem.latency(spec, tp).load_time_s for tp in (1, 2)})
+        return plan(problem, strategy)
+
+    launcher = FakeLauncher(start_delay_s=0.3, delay_s={"a": 0.001})
+    for run in range(2):
+        ex = PoolExecutor(cfg, launcher, planner=recording, pool=pool)
+        await ex.start()
+        try:
+            ex.submit(f"b{run}", items("a", 2, prefix=f"r{run}"), Sink())
+            await asyncio.wait_for(ex.wait(f"b{run}"), 30)
+        finally:
+            await ex.close()
+        if run == 0:
+            assert seen[0] == {1: DEFAULT_CPU_LOAD_S, 2: DEFAULT_CPU_LOAD_S}  # nothing measured
+            measured = load_start_times(tmp_path / "state")
+            assert len(measured) == 1
+            (key, start_s), = measured.items()
+            assert key[0] == "a" and 0.3 <= start_s < 5
+            plans_before = len(seen)
+    # the restarted executor's first plan already knows the start time measured before
+    assert seen[plans_before][key[1]] == start_s
