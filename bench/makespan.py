@@ -53,7 +53,10 @@ WORKLOADS = {
     "big-vs-tiny": {"medium": 96, "tiny-a": 48, "tiny-b": 48},
     "single": {"small": 96},
     "smoke": {"tiny-a": 8, "tiny-b": 8},
+    # the gateway's own overhead: one model, the same single engine on core 0 on both sides
+    "overhead": {"small": 96},
 }
+ONE_CORE = ("overhead",)
 STRATEGIES = ("samullm", "sequential", "even-split")
 
 
@@ -73,17 +76,18 @@ def write_models(root: Path) -> dict[str, Path]:
     return out
 
 
-def write_config(root: Path, paths: dict[str, Path], port: int) -> Path:
+def write_config(root: Path, paths: dict[str, Path], port: int, cores: tuple[int, ...] = (),
+                 name: str = "samullm.toml") -> Path:
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}",
              f'state_dir = "{(root / "state").resolve()}"', "log_json = true", "",
-             "[devices]", 'kind = "cpu"', f"cpu_kvcache_gib = {KV_GIB}", ""]
+             "[devices]", 'kind = "cpu"', f"ids = {list(cores)}", f"cpu_kvcache_gib = {KV_GIB}", ""]
     for name, path in paths.items():
         lines += ["[[models]]", f'name = "{name}"', f'path = "{path.resolve()}"', 'dtype = "float32"',
                   f"max_model_len = {MAX_MODEL_LEN}", f"max_num_seqs = {MAX_SEQS}",
                   f"max_num_batched_tokens = {MAX_BATCHED}",
                   "engine_args = { " + ", ".join(f"{k} = {json.dumps(v)}"
                                                  for k, v in ENGINE_ARGS.items()) + " }", ""]
-    cfg = root / "samullm.toml"
+    cfg = root / name
     cfg.write_text("\n".join(lines))
     return cfg
 
@@ -330,7 +334,8 @@ def check_output(text: str, expected: list[dict], what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # the anchor: vllm run_batch per model, one after another
 
-def run_batch_cmd(model: str, path: Path, inp: Path, out: Path) -> tuple[list[str], dict]:
+def run_batch_cmd(model: str, path: Path, inp: Path, out: Path, bind: str = "0-1"
+                  ) -> tuple[list[str], dict]:
     """Same engine args as the gateway's engines (runtime.engine.build_command), both cores."""
     from runtime.config import ModelConfig
     from runtime.engine import EngineSpec, build_command
@@ -350,12 +355,12 @@ def run_batch_cmd(model: str, path: Path, inp: Path, out: Path) -> tuple[list[st
             continue
         kept.append(args[i])
         i += 1
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"
+    env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     return ([sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(inp), "-o", str(out),
              *kept], env)
 
 
-def run_anchor(root: Path, paths: dict[str, Path], reqs: list[dict], tag: str
+def run_anchor(root: Path, paths: dict[str, Path], reqs: list[dict], tag: str, bind: str = "0-1"
                ) -> tuple[float, dict[str, float]]:
     """Total and per-model wall time of run_batch, one model after another."""
     per = {}
@@ -366,7 +371,7 @@ def run_anchor(root: Path, paths: dict[str, Path], reqs: list[dict], tag: str
         inp = write_jsonl(work / f"{tag}-{model}.jsonl", mine)
         out = work / f"{tag}-{model}.out.jsonl"
         out.unlink(missing_ok=True)
-        cmd, env = run_batch_cmd(model, paths[model], inp, out)
+        cmd, env = run_batch_cmd(model, paths[model], inp, out, bind)
         t0 = time.monotonic()
         with open(root / "logs" / f"run_batch-{tag}-{model}.log", "w") as log:
             rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -470,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         inp = write_jsonl(root / f"{wname}.jsonl", reqs)
         toks = sum(r["body"]["max_tokens"] for r in reqs)
         print(f"\n== {wname}: {dict(wl)}, {len(reqs)} requests, {toks} output tokens", flush=True)
-        offline = offline_plan(cfg_path, inp)
+        one_core = wname in ONE_CORE
+        wcfg = write_config(root, paths, free_port(), (0,), "one-core.toml") if one_core else cfg_path
+        offline = offline_plan(wcfg, inp)
         for line in describe_plan(offline):
             print(line)
         row = {"workload": wname, "models": wl, "requests": len(reqs), "output_tokens": toks,
@@ -478,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         strats = ["samullm"] if len(wl) == 1 else strategies
         for s in strats:
             load = wait_quiet(args.max_load, args.max_wait)
-            run = run_gateway(cfg_path, root, inp, s, reqs, args.timeout, wname)
+            run = run_gateway(wcfg, root, inp, s, reqs, args.timeout, wname)
             print(f"  {s:<12} measured {run.makespan_s:7.1f} s   predicted "
                   f"{run.predicted_s or float('nan'):7.1f} s   (load avg {load:.2f} at start)",
                   flush=True)
@@ -488,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                               "load": load, "events": run.events}
         if not args.no_anchor:
             load = wait_quiet(args.max_load, args.max_wait)
-            total, per = run_anchor(root, paths, reqs, wname)
+            total, per = run_anchor(root, paths, reqs, wname, "0" if one_core else "0-1")
             print(f"  run_batch    measured {total:7.1f} s   per model "
                   + ", ".join(f"{m} {t:.1f}s" for m, t in per.items()), flush=True)
             row["runs"]["run_batch"] = {"measured_s": total, "per_model_s": per, "load": load}
