@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 
 import pytest
 import pytest_asyncio
 
 from gateway.app import default_executor
+from runtime.config import ModelConfig
 
 from .conftest import chat_line, jsonl, poll, read_lines, running
 
@@ -41,18 +43,37 @@ def _long_batch():
     return CHAT, lines
 
 
+def _broken_batch():
+    # "broken" has a valid config and tokenizer but no weights: its engine fails to start
+    lines = [chat_line(f"ok{i}", model="tiny-a", max_tokens=3) for i in range(2)]
+    lines += [chat_line(f"broken{i}", model="broken", max_tokens=3) for i in range(2)]
+    return CHAT, lines
+
+
+def _broken_model(tiny_model_dir, root) -> ModelConfig:
+    path = root / "broken"
+    path.mkdir()
+    for f in (tiny_model_dir / "tiny-a").iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, path / f.name)
+    return ModelConfig(name="broken", path=str(path), max_model_len=1024, max_num_seqs=32,
+                       max_num_batched_tokens=1024, engine_args={"enforce_eager": True})
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def e2e(test_config, tmp_path_factory):
+async def e2e(test_config, tiny_model_dir, tmp_path_factory):
     """One app on real engines; three batches submitted at once (pooled into one job, so engines
     start once), and the long one cancelled as soon as its short requests are done."""
     # the shared test models (tiny-a, tiny-b, small: max_model_len 1024, cores 0-1), own state dir
     server = dataclasses.replace(test_config.server, state_dir=str(tmp_path_factory.mktemp("e2e")))
-    cfg = dataclasses.replace(test_config, server=server)
+    broken = _broken_model(tiny_model_dir, tmp_path_factory.mktemp("broken"))
+    cfg = dataclasses.replace(test_config, server=server, models=[*test_config.models, broken])
     async with running(cfg, default_executor(cfg)) as srv:
         client = srv.client()
         batches = {}
         for name, (endpoint, lines) in (("chat", _chat_batch()), ("completions",
-                                        _completions_batch()), ("long", _long_batch())):
+                                        _completions_batch()), ("long", _long_batch()),
+                                        ("broken", _broken_batch())):
             f = await client.files.create(file=(f"{name}.jsonl", jsonl(lines)), purpose="batch")
             b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
                                             completion_window="24h")
@@ -121,3 +142,18 @@ async def test_cancel_mid_run_on_real_engines(e2e):
     unfinished = [e for e in err if e["response"] is None]
     assert unfinished and {e["error"]["code"] for e in unfinished} == {"batch_cancelled"}
     assert done.request_counts.failed == len(err) - len(unfinished)
+
+
+async def test_engine_start_failure_fails_only_that_model(e2e):
+    _, client, batches, _ = e2e
+    bid, lines = batches["broken"]
+    done = await poll(client, bid, timeout_s=800)
+    assert done.status == "completed", done
+    out = await read_lines(client, done.output_file_id)
+    err = await read_lines(client, done.error_file_id)
+    assert sorted(o["custom_id"] for o in out) == ["ok0", "ok1"]  # the other model finished
+    assert sorted(e["custom_id"] for e in err) == ["broken0", "broken1"]
+    for e in err:
+        assert e["error"]["code"] in ("engine_start_failed", "planning_failed"), e
+        assert e["error"]["message"], "the error line says why"
+    assert done.request_counts.completed == 2 and done.request_counts.failed == 2
