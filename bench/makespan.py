@@ -509,19 +509,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: list[dict]) -> list[str]:
-    out = ["| workload | strategy | measured s | predicted s | error | samullm speed-up vs it |",
-           "|---|---|---:|---:|---:|---:|"]
+    """The README's Markdown table (rows of `--json` output)."""
+    out = ["| workload | strategy | measured s | predicted s | error | load | samullm speed-up over it |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     for row in results:
         runs = row["runs"]
         ours = runs.get("samullm", {}).get("measured_s")
+        models = ", ".join(f"{m} {n}" for m, n in row["models"].items())
         for s, r in runs.items():
             pred = r.get("predicted_s")
-            err = f"{(pred - r['measured_s']) / r['measured_s']:+.1%}" if pred else "–"
+            err = f"{(pred - r['measured_s']) / r['measured_s']:+.0%}" if pred else "–"
             speed = f"{r['measured_s'] / ours:.2f}×" if ours and s != "samullm" else "–"
-            out.append(f"| {row['workload']} ({row['requests']} req) | {s} | {r['measured_s']:.1f} | "
-                       f"{pred if pred is None else round(pred, 1)} | {err} | {speed} |")
+            out.append(f"| {row['workload']} ({models}) | {s} | {r['measured_s']:.1f} | "
+                       f"{f'{pred:.1f}' if pred else '–'} | {err} | {r.get('load', 0):.1f} | {speed} |")
     return out
 
 
+def print_table(path: Path) -> int:
+    for line in table(json.loads(path.read_text())):
+        print(line)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--table"]:  # re-print the table of an earlier --json file
+        raise SystemExit(print_table(Path(sys.argv[2])))
     raise SystemExit(main())
