@@ -11,6 +11,10 @@ composition of every step is read from vLLM's own scheduler output (tokens sched
 how many each had computed before), so the features are exact even with chunked prefill. The
 samples are fitted with `scheduler.latency.fit_latency_model`; the engine start time is measured
 separately as the time to a healthy api_server (`runtime.engine.Engine`), what the runtime pays.
+That started engine then serves a synthetic full batch (`calibration_set`); the gap between its
+measured time and the fit's simulation, per iteration, goes into c0 (`served_overhead`): with TP
+over both cores of this machine a served engine's steps took ~4x the in-process ones, because its
+API server and engine-core processes have no core of their own.
 
 The sweep (prefill-heavy, decode-heavy, mixed arrivals, batch sizes 1…max_num_seqs) takes about a
 minute on the tiny models; `--quick` halves it.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,7 +37,11 @@ from runtime.config import Config, ConfigError, ModelConfig, load_config
 from runtime.devices import discover_pool, engine_device_kind
 from runtime.engine import Engine, EngineSpec, cpu_bind_string
 from runtime.profiles import save_profile
-from scheduler.latency import IterationSample, Profile, fit_latency_model, relative_errors
+from runtime.replan import model_specs
+from scheduler.latency import (IterationSample, LatencyModel, Profile, fit_latency_model,
+                               relative_errors)
+from scheduler.simulator import EngineLimits, kv_blocks, simulate
+from scheduler.types import ModelSpec, SimRequest
 
 
 @dataclass(frozen=True)
@@ -216,13 +225,49 @@ def _bar(total: int, desc: str, enabled: bool):
 
 async def measure_start_time(spec: EngineSpec, timeout_s: float = 600) -> float:
     """Seconds from spawning the api_server to a healthy /health (then stops it)."""
+    return (await measure_served(spec, [], timeout_s))[0]
+
+
+def calibration_set(max_num_seqs: int, max_model_len: int) -> list[tuple[int, int]]:
+    """(prompt, output) pairs of the served-engine check: one full batch, short prompts, decode-
+    heavy (where per-step overheads weigh most). Synthetic, not drawn from any benchmark's set."""
+    return [(min(64, max_model_len // 4), min(48, max_model_len // 4))] * max_num_seqs
+
+
+async def measure_served(spec: EngineSpec, requests: list[tuple[int, int]], timeout_s: float = 600,
+                         runs: int = 2) -> tuple[float, float | None]:
+    """(start seconds, fastest of `runs` times to finish `requests` sent at once) on a real
+    api_server, as the runtime drives it: token-id prompts, `ignore_eos`, `max_tokens` = output."""
     engine = Engine(spec)
     try:
         await engine.start(timeout_s)
         assert engine.start_time_s is not None
-        return engine.start_time_s
+        best = None
+        rng = __import__("random").Random(0)
+        for _ in range(runs if requests else 0):
+            bodies = [{"model": spec.model.name, "prompt": [rng.randrange(10, 1000) for _ in range(p)],
+                       "max_tokens": o, "ignore_eos": True, "temperature": 1.0} for p, o in requests]
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(engine.post("/v1/completions", b) for b in bodies))
+            elapsed = time.perf_counter() - t0
+            if any(status != 200 for status, _ in results):
+                raise RuntimeError(f"calibration request failed: {results[0]}")
+            best = elapsed if best is None else min(best, elapsed)
+        return engine.start_time_s, best
     finally:
         await engine.stop()
+
+
+def served_overhead(fit: LatencyModel, spec: ModelSpec, tp: int, kv_bytes: int,
+                    requests: list[tuple[int, int]], measured_s: float) -> tuple[float, float, int]:
+    """Per-iteration time a served engine adds to the in-process step times: (measured − simulated)
+    / iterations for the calibration set, and the simulated time and iteration count. On a CPU
+    engine that uses every core (TP over all of them, or engines on every core) its API server and
+    engine-core processes have no core of their own and every step waits for them; the in-process
+    sweep cannot see that."""
+    limits = EngineLimits.for_spec(spec, kv_blocks(spec, tp, kv_bytes))
+    sim = simulate([SimRequest(i, p, o) for i, (p, o) in enumerate(requests)], limits, fit)
+    return (measured_s - sim.total_time_s) / sim.num_iterations, sim.total_time_s, sim.num_iterations
 
 
 def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] | None = None,
@@ -251,13 +296,23 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     samples = measure_iterations(model, path, devices, tp, kv_bytes, cases, work, progress, repeats)
     sweep_s = time.monotonic() - t0
     load_s = 0.0
+    fit = fit_latency_model(samples)
+    err = relative_errors(fit, samples)
+    calib: dict = {}
     if measure_start:
+        # the engine started to time its start also runs the served-engine check (a few seconds)
         spec = EngineSpec(model=model, model_path=path, devices=devices, tp=tp,
                           kv_cache_gib=cfg.devices.cpu_kvcache_gib,
                           log_path=work / f"start-{model.name}-tp{tp}.log")
-        load_s = asyncio.run(measure_start_time(spec))
-    fit = fit_latency_model(samples, load_time_s=load_s)
-    err = relative_errors(fit, samples)
+        reqs = calibration_set(model.max_num_seqs, model.max_model_len)
+        load_s, served_s = asyncio.run(measure_served(spec, reqs))
+        assert served_s is not None
+        over, sim_s, iters = served_overhead(fit, model_specs(cfg)[name], tp, kv_bytes, reqs, served_s)
+        # c0 absorbs it (never below 0: a served engine faster than the sweep lowers c0 only so far)
+        fit = dataclasses.replace(fit, c0=max(0.0, fit.c0 + over))
+        calib = {"served_check_s": round(served_s, 4), "served_check_sim_s": round(sim_s, 4),
+                 "served_check_iterations": iters, "served_overhead_s_per_step": over}
+    fit = fit.with_load_time(load_s)
     import numpy as np
 
     profile = Profile(model=name, tp=tp, device=pool.signature, latency=fit, meta={
@@ -269,7 +324,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         # the compile mode etc. the profile holds for: a profile of a compiled engine does not
         # describe an eager one (callers compare this with the config they run)
         "engine_args": dict(model.engine_args), "timing": "core_s",
-        "loadavg_1m": round(load_before, 2),
+        "loadavg_1m": round(load_before, 2), **calib,
     })
     save_profile(cfg.state_dir, profile)
     return profile

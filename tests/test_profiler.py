@@ -51,3 +51,24 @@ def test_measured_steps_account_for_all_work(test_config: Config, tmp_path: Path
     # prefill work of the 700-token prompt, in however many chunks it ran: 700²/2
     assert sum(s.prefill_attn_work for s in samples) == pytest.approx(
         sum(p * p / 2 for c in cases for _, p, _ in c.requests))
+
+
+def test_served_overhead_is_the_per_step_gap():
+    # measured = simulated + δ per iteration  ->  served_overhead returns δ, and a latency model
+    # with c0 + δ simulates the measured time
+    from runtime.profiler import calibration_set, served_overhead
+    from scheduler.simulator import EngineLimits, kv_blocks, simulate
+    from scheduler.types import ModelSpec, SimRequest
+
+    spec = ModelSpec("t", 2, 128, 2, 1, 512, 2048, dtype_bytes=4, max_model_len=1024,
+                     max_num_seqs=32, max_num_batched_tokens=1024)
+    fit = LatencyModel(5e-3, 2e-5, 1e-9, 1.6e-7, 9e-5)
+    reqs = calibration_set(32, 1024)
+    assert len(reqs) == 32 and all(p + o <= 1024 for p, o in reqs)
+    _, sim_s, iters = served_overhead(fit, spec, 1, 1 << 28, reqs, 1.0)
+    over, _, _ = served_overhead(fit, spec, 1, 1 << 28, reqs, sim_s + iters * 0.004)
+    assert over == pytest.approx(0.004)
+    limits = EngineLimits.for_spec(spec, kv_blocks(spec, 1, 1 << 28))
+    adjusted = LatencyModel(fit.c0 + over, fit.c1, fit.c2, fit.c3, fit.c4)
+    total = simulate([SimRequest(i, p, o) for i, (p, o) in enumerate(reqs)], limits, adjusted)
+    assert total.total_time_s == pytest.approx(sim_s + iters * 0.004)
