@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compiled", action="store_true", help="torch.compile'd engines, not eager")
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--reprofile", action="store_true")
+    ap.add_argument("--reuse-sweep", action="store_true",
+                    help="when (re)profiling, refit the stored sweep steps; re-measure start + check")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     cfg = bench_config(args.root, eager=not args.compiled)
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if prof is not None and not profile_matches(cfg, name, prof.meta):
             prof = None
         if prof is None:
-            prof = profile_model(cfg, name, tp, quick=args.quick_profile)
+            prof = profile_model(cfg, name, tp, quick=args.quick_profile,
+                                 reuse_sweep=args.reuse_sweep)
         load_before = os.getloadavg()[0]
         lengths = trace_lengths(args.data, args.requests, args.seed, args.scale)
         pred = predict(cfg, name, tp, lengths, prof.latency)

@@ -272,8 +272,9 @@ def served_overhead(fit: LatencyModel, spec: ModelSpec, tp: int, kv_bytes: int,
 
 def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] | None = None,
                   quick: bool = False, measure_start: bool = True, progress: bool = True,
-                  repeats: int = 2) -> Profile:
-    """Measure, fit and store the profile of model `name` at TP `tp`; returns it."""
+                  repeats: int = 2, reuse_sweep: bool = False) -> Profile:
+    """Measure, fit and store the profile of model `name` at TP `tp`; returns it. `reuse_sweep`:
+    refit the steps an earlier sweep left in the work dir (when there) instead of sweeping again."""
     model = cfg.model(name)
     if model is None:
         raise ConfigError(f"--model: no model named {name!r} in the config")
@@ -293,7 +294,12 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     work = cfg.state_dir / "profiles" / "work"
     load_before = os.getloadavg()[0]  # recorded: a profile taken on a busy machine is suspect
     t0 = time.monotonic()
-    samples = measure_iterations(model, path, devices, tp, kv_bytes, cases, work, progress, repeats)
+    steps = work / f"steps-{model.name}-tp{tp}.json"
+    if reuse_sweep and steps.exists():
+        samples = read_steps(steps)
+    else:
+        samples = measure_iterations(model, path, devices, tp, kv_bytes, cases, work, progress,
+                                     repeats)
     sweep_s = time.monotonic() - t0
     load_s = 0.0
     fit = fit_latency_model(samples)
