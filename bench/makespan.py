@@ -14,7 +14,7 @@ planner made with the profiles stored under `<root>/state/profiles/` (`samullm p
 (model, TP) missing there). `samullm plan --json` on the same input shows every strategy's stages and
 predictions, to explain what the planner chose.
 
-    .venv/bin/python -m bench.makespan [--data ../shared/data] [--workloads mixed,big-vs-tiny,single]
+    .venv/bin/python -m bench.makespan [--data ../shared/data] [--workloads single,mixed,big-vs-tiny,overhead]
         [--strategies samullm,sequential,even-split] [--no-anchor] [--scale-requests 1.0]
 """
 
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None,
                     help="shared data dir (traces/splitwise_conv.csv); default: shipped prior tables")
     ap.add_argument("--root", type=Path, default=REPO / ".samullm" / "bench-makespan")
-    ap.add_argument("--workloads", default="single,mixed,big-vs-tiny")
+    ap.add_argument("--workloads", default="single,mixed,big-vs-tiny,overhead")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--scale", type=float, default=0.25, help="trace lengths x this (4k -> 1k ctx)")
     ap.add_argument("--scale-requests", type=float, default=1.0, help="requests per model x this")
