@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from runtime.atomic import write_json_atomic
 from scheduler.lengths import LengthModel
 
 log = logging.getLogger(__name__)
@@ -31,20 +30,4 @@ def load_length_model(state_dir: Path) -> LengthModel:
 
 
 def save_length_model(state_dir: Path, model: LengthModel) -> Path:
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".lengths-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(model.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_json_atomic(Path(state_dir) / FILENAME, model.to_dict())

@@ -7,11 +7,10 @@ atomically (temp file + rename) so a reader never sees half a profile.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from runtime.atomic import write_json_atomic
 from scheduler.latency import Profile
 
 
@@ -25,14 +24,8 @@ def profile_path(state_dir: str | Path, model: str, tp: int, device: str) -> Pat
 
 
 def save_profile(state_dir: str | Path, profile: Profile) -> Path:
-    path = profile_path(state_dir, *profile.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(profile.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(profile_path(state_dir, *profile.key), profile.to_dict(), indent=2,
+                             sort_keys=True)
 
 
 def load_profile(state_dir: str | Path, model: str, tp: int, device: str) -> Profile | None:

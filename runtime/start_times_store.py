@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
+
+from runtime.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 FILENAME = "start_times.json"
@@ -44,18 +44,5 @@ def load_start_times(state_dir: Path) -> StartTimes:
 
 
 def save_start_times(state_dir: Path, times: StartTimes) -> Path:
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".start-times-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({f"{m}|{tp}": round(s, 3) for (m, tp), s in sorted(times.items())}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_json_atomic(Path(state_dir) / FILENAME,
+                             {f"{m}|{tp}": round(s, 3) for (m, tp), s in sorted(times.items())})
