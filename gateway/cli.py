@@ -10,6 +10,8 @@ import argparse
 import sys
 
 from runtime.config import ConfigError
+from runtime.plan_cli import add_plan_args
+from runtime.profiler import add_profile_args
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -52,10 +54,6 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="predict stages and makespan of a batch input for each strategy")
     p.set_defaults(func=_plan)
-    try:
-        from runtime.plan_cli import add_plan_args
-    except ImportError:
-        return
     add_plan_args(p)
 
 
@@ -68,10 +66,6 @@ def _plan(args: argparse.Namespace) -> int:
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure a model's per-iteration latency on this machine")
     p.set_defaults(func=_profile)
-    try:
-        from runtime.profiler import add_profile_args
-    except ImportError:
-        return
     add_profile_args(p)
 
 
