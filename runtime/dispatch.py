@@ -75,6 +75,7 @@ class SlotHost(Protocol):
     def slot_started(self, slot: Slot) -> None: ...
     def slot_start_failed(self, slot: Slot, message: str) -> None: ...
     def slot_died(self, slot: Slot, message: str) -> None: ...
+    def request_dropped(self, slot: Slot, req: Req, message: str) -> None: ...
     def check_drained(self, model: str) -> None: ...
     async def finish(self, req: Req, outcome: Outcome) -> None: ...
 
@@ -144,7 +145,14 @@ async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
         return
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # a dropped connection: the engine is dying, or one request broke
+    except Exception as exc:  # a dropped connection: the engine is dying, or the connection broke
+        if req not in slot.inflight:
+            return
+        if not await _engine_gone(slot.engine):
+            if req in slot.inflight:  # the engine lives: the request itself never got an answer
+                del slot.inflight[req]
+                host.request_dropped(slot, req, f"{type(exc).__name__}: {exc}")
+            return
         status, body = 502, {"error": {"code": "engine_error", "message": f"{type(exc).__name__}: {exc}"}}
     if req not in slot.inflight:
         return  # a stopper took it over

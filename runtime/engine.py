@@ -230,7 +230,10 @@ class Engine:
         _LIVE.add(self)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
-            connector=aiohttp.TCPConnector(limit=1024),
+            # vLLM's server (uvicorn) closes idle keep-alive connections after 5 s
+            # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); aiohttp keeps them 15 s by default and would reuse one
+            # the server has just closed ("Server disconnected"). Drop ours first.
+            connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=2.0),
         )
         try:
             await self._wait_healthy(t0 + timeout_s)

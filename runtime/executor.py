@@ -219,6 +219,20 @@ class PoolExecutor(EngineSlots):
             self._reap(slot.engine)
         self._request_pass(f"engine_failed:{slot.model}")
 
+    def request_dropped(self, slot: Slot, req: Req, message: str) -> None:
+        """A live engine's connection broke before the answer came: run the request again (vLLM
+        aborted it when the connection closed), up to the same bound as an engine death."""
+        req.requeue()
+        req.failures += 1
+        slot.wake.set()
+        log.warning("request %s on %s lost its connection (%s); %s", req.item.custom_id, slot.model,
+                    message, "giving up" if req.failures > self.cfg.limits.max_retries else "re-queued")
+        if req.failures > self.cfg.limits.max_retries:
+            self._fail_queued(req, "engine_error", f"the connection to the engine broke "
+                              f"{req.failures} times under this request; last: {message}")
+        else:
+            self._push(req, front=True)
+
     def check_drained(self, model: str) -> None:
         if self.queues.finish_signalled.get(model, True) or self.queues.has_queued(model):
             return

@@ -61,6 +61,11 @@ class FakeEngine:
                                    "param": None, "code": 400}}
         if body.get("fail_with") == 500:  # a live engine failing one request
             return 500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}}
+        if body.get("fail_with") in ("drop_live", "drop_live_once"):  # the server lives on
+            tag = body.get("custom_tag")
+            if body["fail_with"] == "drop_live" or tag not in self.launcher.dropped:
+                self.launcher.dropped.add(tag)
+                raise ConnectionResetError("Server disconnected")
         if body.get("fail_with") == "drop":  # the server drops the connection, then exits
             asyncio.get_running_loop().call_later(0.05, self.kill, -9)
             raise ConnectionResetError("Server disconnected")
@@ -99,6 +104,7 @@ class FakeLauncher:
     die_on_post: dict[str, bool] = field(default_factory=dict)  # models whose engines die when used
     engines: list[FakeEngine] = field(default_factory=list)
     posts: list[tuple[str, Any]] = field(default_factory=list)
+    dropped: set[Any] = field(default_factory=set)  # tags whose connection was dropped once
     overlaps: list[str] = field(default_factory=list)  # invariant violations: devices double-booked
     _pids: Any = field(default_factory=lambda: itertools.count(1000))
 

@@ -243,6 +243,21 @@ async def test_server_errors_wait_for_the_process_to_tell_death(run, launcher, m
     assert sink2.outcomes[0].attempts == 3 and "engine_failed" in kinds(ex.events("y"))
 
 
+async def test_a_dropped_connection_to_a_live_engine_is_retried(run, launcher, monkeypatch) -> None:
+    monkeypatch.setattr("runtime.dispatch.DEATH_GRACE_S", 0.2)
+    ex = await run(devices=1)
+    ex.submit("x", items("a", 2) + items("a", 1, prefix="o", fail_with="drop_live_once")
+              + items("a", 1, prefix="l", fail_with="drop_live"), sink := Sink())
+    await asyncio.wait_for(ex.wait("x"), 30)
+    got = sink.by_id()
+    assert got["oa-0"].ok and got["oa-0"].attempts == 2  # re-sent once, answered
+    # a connection that keeps breaking is bounded like an engine death (max_retries = 2)
+    assert got["la-0"].error["code"] == "engine_error" and got["la-0"].attempts == 3
+    assert "broke 3 times" in got["la-0"].error["message"]
+    assert "engine_failed" not in kinds(ex.events("x"))  # the engine lived throughout
+    assert len(launcher.engines) == 1
+
+
 async def test_cancel_mid_run_aborts_and_frees_every_engine(run, launcher: FakeLauncher) -> None:
     launcher.delay_s.update(a=0.2, b=0.2)
     ex = await run()
