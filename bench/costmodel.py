@@ -115,11 +115,11 @@ async def run_real(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int
 def profile_matches(cfg: Config, name: str, meta: dict) -> bool:
     """A stored profile describes this bench's engines: same engine args (eager vs compiled) and
     engine-core step timing (profiles from before `timing` was recorded timed whole LLM steps),
-    checked against a served engine (`served_overhead_s_per_step`, see runtime.profiler)."""
+    calibrated against a served engine (`served_calibration`, see runtime.profiler)."""
     m = cfg.model(name)
     assert m is not None
     return (meta.get("engine_args") == dict(m.engine_args) and meta.get("timing") == "core_s"
-            and "served_overhead_s_per_step" in meta)
+            and "served_calibration" in meta)
 
 
 def predict(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int]], latency) -> float:

@@ -11,10 +11,14 @@ composition of every step is read from vLLM's own scheduler output (tokens sched
 how many each had computed before), so the features are exact even with chunked prefill. The
 samples are fitted with `scheduler.latency.fit_latency_model`; the engine start time is measured
 separately as the time to a healthy api_server (`runtime.engine.Engine`), what the runtime pays.
-That started engine then serves a synthetic full batch (`calibration_set`); the gap between its
-measured time and the fit's simulation, per iteration, goes into c0 (`served_overhead`): with TP
-over both cores of this machine a served engine's steps took ~4x the in-process ones, because its
-API server and engine-core processes have no core of their own.
+That started engine then serves three synthetic request sets (`calibration_sets`: prefill-heavy,
+decode-heavy, mixed), timed end to end as a benchmark or the runtime sees them, and
+`scheduler.calibration.fit_served_scales` scales the fit's per-token terms (c1, c2) and per-step
+terms (c0, c3, c4) so its simulation matches them: a served engine is slower than the in-process
+steps, and not uniformly (with TP over both cores of this machine its API server and engine-core
+processes have no core of their own, and prefill-heavy sets slowed most; a tiny model's per-step
+Python overhead dominates its compute). The unscaled fit and the per-set errors before and after
+go into the profile's meta.
 
 The sweep (prefill-heavy, decode-heavy, mixed arrivals, batch sizes 1…max_num_seqs) takes about a
 minute on the tiny models; `--quick` halves it.
@@ -38,10 +42,9 @@ from runtime.devices import discover_pool, engine_device_kind
 from runtime.engine import Engine, EngineSpec, cpu_bind_string
 from runtime.profiles import save_profile
 from runtime.replan import model_specs
-from scheduler.latency import (IterationSample, LatencyModel, Profile, fit_latency_model,
-                               relative_errors)
-from scheduler.simulator import EngineLimits, kv_blocks, simulate
-from scheduler.types import ModelSpec, SimRequest
+from scheduler.calibration import CalibrationSet, fit_served_scales
+from scheduler.latency import IterationSample, Profile, fit_latency_model, relative_errors
+from scheduler.simulator import EngineLimits, kv_blocks
 
 
 @dataclass(frozen=True)
@@ -228,46 +231,52 @@ async def measure_start_time(spec: EngineSpec, timeout_s: float = 600) -> float:
     return (await measure_served(spec, [], timeout_s))[0]
 
 
-def calibration_set(max_num_seqs: int, max_model_len: int) -> list[tuple[int, int]]:
-    """(prompt, output) pairs of the served-engine check: one full batch, short prompts, decode-
-    heavy (where per-step overheads weigh most). Synthetic, not drawn from any benchmark's set."""
-    return [(min(64, max_model_len // 4), min(48, max_model_len // 4))] * max_num_seqs
+def calibration_sets(max_num_seqs: int, max_model_len: int,
+                     max_num_batched_tokens: int) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(name, [(prompt, output), ...]) of the served-engine calibration: three synthetic shapes
+    (lengths from fixed arithmetic sequences, not drawn from any benchmark's set), so that the
+    per-token and per-step scales (`scheduler.calibration`) are both pinned down:
+    prefill-heavy (long prompts, 4 output tokens), decode-heavy (short prompts, long outputs, one
+    full batch) and mixed (twice max_num_seqs requests: admission waves, chunked prefills sharing
+    steps with decodes)."""
+    n = max_num_seqs
+    lo_p, hi_p = max(8, max_model_len // 8), max(16, max_model_len // 2)
+    long_o = max(8, min(max_model_len // 8, max_model_len - 64))
+    prefill = [(lo_p + (i * 97) % (hi_p - lo_p + 1), 4) for i in range(n)]
+    decode = [(min(32, max_model_len // 4), long_o)] * n
+    mixed = [(16 + (i * 61) % (hi_p - 15), 8 + (i * 37) % (long_o - 7)) for i in range(2 * n)]
+    return [("prefill", prefill), ("decode", decode), ("mixed", mixed)]
 
 
-async def measure_served(spec: EngineSpec, requests: list[tuple[int, int]], timeout_s: float = 600,
-                         runs: int = 2) -> tuple[float, float | None]:
-    """(start seconds, fastest of `runs` times to finish `requests` sent at once) on a real
-    api_server, as the runtime drives it: token-id prompts, `ignore_eos`, `max_tokens` = output."""
+async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
+                         timeout_s: float = 600, runs: int = 2) -> tuple[float, list[float]]:
+    """(start seconds, for each set the fastest of `runs` times to finish its requests sent at
+    once) on a real api_server, as the runtime drives it: token-id prompts, `ignore_eos`,
+    `max_tokens` = output."""
     engine = Engine(spec)
     try:
         await engine.start(timeout_s)
         assert engine.start_time_s is not None
-        best = None
         rng = __import__("random").Random(0)
-        for _ in range(runs if requests else 0):
-            bodies = [{"model": spec.model.name, "prompt": [rng.randrange(10, 1000) for _ in range(p)],
-                       "max_tokens": o, "ignore_eos": True, "temperature": 1.0} for p, o in requests]
-            t0 = time.perf_counter()
-            results = await asyncio.gather(*(engine.post("/v1/completions", b) for b in bodies))
-            elapsed = time.perf_counter() - t0
-            if any(status != 200 for status, _ in results):
-                raise RuntimeError(f"calibration request failed: {results[0]}")
-            best = elapsed if best is None else min(best, elapsed)
-        return engine.start_time_s, best
+        times = []
+        for requests in sets:
+            best = None
+            for _ in range(runs):
+                bodies = [{"model": spec.model.name,
+                           "prompt": [rng.randrange(10, 1000) for _ in range(p)],
+                           "max_tokens": o, "ignore_eos": True, "temperature": 1.0}
+                          for p, o in requests]
+                t0 = time.perf_counter()
+                results = await asyncio.gather(*(engine.post("/v1/completions", b) for b in bodies))
+                elapsed = time.perf_counter() - t0
+                if any(status != 200 for status, _ in results):
+                    raise RuntimeError(f"calibration request failed: {results[0]}")
+                best = elapsed if best is None else min(best, elapsed)
+            assert best is not None
+            times.append(best)
+        return engine.start_time_s, times
     finally:
         await engine.stop()
-
-
-def served_overhead(fit: LatencyModel, spec: ModelSpec, tp: int, kv_bytes: int,
-                    requests: list[tuple[int, int]], measured_s: float) -> tuple[float, float, int]:
-    """Per-iteration time a served engine adds to the in-process step times: (measured − simulated)
-    / iterations for the calibration set, and the simulated time and iteration count. On a CPU
-    engine that uses every core (TP over all of them, or engines on every core) its API server and
-    engine-core processes have no core of their own and every step waits for them; the in-process
-    sweep cannot see that."""
-    limits = EngineLimits.for_spec(spec, kv_blocks(spec, tp, kv_bytes))
-    sim = simulate([SimRequest(i, p, o) for i, (p, o) in enumerate(requests)], limits, fit)
-    return (measured_s - sim.total_time_s) / sim.num_iterations, sim.total_time_s, sim.num_iterations
 
 
 def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] | None = None,
@@ -306,18 +315,20 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     err = relative_errors(fit, samples)
     calib: dict = {}
     if measure_start:
-        # the engine started to time its start also runs the served-engine check (a few seconds)
+        # the engine started to time its start also serves the calibration sets (tens of seconds)
         spec = EngineSpec(model=model, model_path=path, devices=devices, tp=tp,
                           kv_cache_gib=cfg.devices.cpu_kvcache_gib,
                           log_path=work / f"start-{model.name}-tp{tp}.log")
-        reqs = calibration_set(model.max_num_seqs, model.max_model_len)
-        load_s, served_s = asyncio.run(measure_served(spec, reqs))
-        assert served_s is not None
-        over, sim_s, iters = served_overhead(fit, model_specs(cfg)[name], tp, kv_bytes, reqs, served_s)
-        # c0 absorbs it (never below 0: a served engine faster than the sweep lowers c0 only so far)
-        fit = dataclasses.replace(fit, c0=max(0.0, fit.c0 + over))
-        calib = {"served_check_s": round(served_s, 4), "served_check_sim_s": round(sim_s, 4),
-                 "served_check_iterations": iters, "served_overhead_s_per_step": over}
+        named = calibration_sets(model.max_num_seqs, model.max_model_len,
+                                 model.max_num_batched_tokens)
+        load_s, served = asyncio.run(measure_served(spec, [r for _, r in named]))
+        sets = [CalibrationSet(n, tuple(r), t) for (n, r), t in zip(named, served)]
+        mspec = model_specs(cfg)[name]
+        limits = EngineLimits.for_spec(mspec, kv_blocks(mspec, tp, kv_bytes))
+        cal = fit_served_scales(fit, limits, sets)
+        calib = {"in_process_latency": fit.to_dict(), "served_calibration": cal.to_dict(),
+                 "loadavg_1m_after": round(os.getloadavg()[0], 2)}
+        fit = cal.apply(fit)
     fit = fit.with_load_time(load_s)
     import numpy as np
 

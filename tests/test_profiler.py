@@ -53,22 +53,32 @@ def test_measured_steps_account_for_all_work(test_config: Config, tmp_path: Path
         sum(p * p / 2 for c in cases for _, p, _ in c.requests))
 
 
-def test_served_overhead_is_the_per_step_gap():
-    # measured = simulated + δ per iteration  ->  served_overhead returns δ, and a latency model
-    # with c0 + δ simulates the measured time
-    from runtime.profiler import calibration_set, served_overhead
-    from scheduler.simulator import EngineLimits, kv_blocks, simulate
-    from scheduler.types import ModelSpec, SimRequest
+def test_calibration_sets_are_distinct_shapes_within_limits():
+    from runtime.profiler import calibration_sets
 
-    spec = ModelSpec("t", 2, 128, 2, 1, 512, 2048, dtype_bytes=4, max_model_len=1024,
-                     max_num_seqs=32, max_num_batched_tokens=1024)
+    for mml, seqs, budget in ((1024, 32, 1024), (256, 8, 256), (64, 4, 64)):
+        sets = dict(calibration_sets(seqs, mml, budget))
+        assert set(sets) == {"prefill", "decode", "mixed"}
+        for reqs in sets.values():
+            assert all(p > 0 and o > 0 and p + o <= mml for p, o in reqs)
+        assert len(sets["prefill"]) == len(sets["decode"]) == seqs
+        assert len(sets["mixed"]) == 2 * seqs  # more than one batch: admission waves
+        ratio = {n: sum(p for p, _ in r) / sum(o for _, o in r) for n, r in sets.items()}
+        assert ratio["prefill"] > ratio["mixed"] > ratio["decode"]
+
+
+def test_profile_meta_with_calibration_round_trips(tmp_path: Path):
+    from scheduler.calibration import CalibrationSet, ServedCalibration, fit_served_scales
+    from scheduler.simulator import EngineLimits
+
     fit = LatencyModel(5e-3, 2e-5, 1e-9, 1.6e-7, 9e-5)
-    reqs = calibration_set(32, 1024)
-    assert len(reqs) == 32 and all(p + o <= 1024 for p, o in reqs)
-    _, sim_s, iters = served_overhead(fit, spec, 1, 1 << 28, reqs, 1.0)
-    over, _, _ = served_overhead(fit, spec, 1, 1 << 28, reqs, sim_s + iters * 0.004)
-    assert over == pytest.approx(0.004)
-    limits = EngineLimits.for_spec(spec, kv_blocks(spec, 1, 1 << 28))
-    adjusted = LatencyModel(fit.c0 + over, fit.c1, fit.c2, fit.c3, fit.c4)
-    total = simulate([SimRequest(i, p, o) for i, (p, o) in enumerate(reqs)], limits, adjusted)
-    assert total.total_time_s == pytest.approx(sim_s + iters * 0.004)
+    sets = [CalibrationSet("prefill", ((300, 4),) * 8, 2.0),
+            CalibrationSet("decode", ((32, 64),) * 8, 1.0)]
+    cal = fit_served_scales(fit, EngineLimits(8, 512, 1024, 500), sets)
+    prof = Profile("m", 2, "cpu", cal.apply(fit).with_load_time(30.0),
+                   meta={"in_process_latency": fit.to_dict(), "served_calibration": cal.to_dict()})
+    save_profile(tmp_path, prof)
+    back = load_profile(tmp_path, "m", 2, "cpu")
+    assert back == prof
+    assert ServedCalibration.from_dict(back.meta["served_calibration"]) == cal
+    assert cal.apply(LatencyModel.from_dict(back.meta["in_process_latency"])).c1 == back.latency.c1
