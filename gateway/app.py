@@ -70,8 +70,12 @@ def default_executor(cfg: Config) -> Executor:
     executor (tests, tools) never imports the engine stack."""
     from runtime.engine import VllmLauncher
     from runtime.executor import PoolExecutor
+    from runtime.planner_process import ProcessPlanner
 
-    return PoolExecutor(cfg, VllmLauncher())
+    # the planner in its own process: in a thread it would hold the GIL the event loop needs
+    planner = ProcessPlanner()
+    planner.warm_up()  # from this (the main) thread: the worker's parent-death signal is tied to it
+    return PoolExecutor(cfg, VllmLauncher(), planner=planner)
 
 
 def create_app(cfg: Config, executor: Executor | None = None, *,

@@ -98,10 +98,23 @@ class LatencySource:
 def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int]:
     """KV bytes one TP rank gets: the configured CPU KV space, or what a GPU has left after weights."""
     if pool.kind == "cpu":
-        per_rank = int(cfg.devices.cpu_kvcache_gib * (1 << 30))
-        return lambda spec, tp: per_rank
-    util = cfg.devices.gpu_memory_utilization
-    return lambda spec, tp: gpu_kv_bytes_per_rank(spec, tp, pool.memory_bytes, util)
+        return KvBytes(cpu_bytes=int(cfg.devices.cpu_kvcache_gib * (1 << 30)))
+    return KvBytes(gpu_memory=pool.memory_bytes, gpu_util=cfg.devices.gpu_memory_utilization)
+
+
+@dataclass(frozen=True)
+class KvBytes:
+    """`kv_bytes_fn`'s answer: a plain object rather than a closure, so a `PlanningProblem` pickles
+    (the planner runs in a process of its own, `runtime.planner_process`)."""
+
+    cpu_bytes: int | None = None  # CPU: the configured KV space, the same for every engine
+    gpu_memory: int = 0
+    gpu_util: float = 0.9
+
+    def __call__(self, spec: ModelSpec, tp: int) -> int:
+        if self.cpu_bytes is not None:
+            return self.cpu_bytes
+        return gpu_kv_bytes_per_rank(spec, tp, self.gpu_memory, self.gpu_util)
 
 
 def sample_work(reqs: Sequence[Req], lengths: LengthModel,

@@ -1,0 +1,90 @@
+"""The planner in a process of its own.
+
+Why: the planner is pure Python (the simulator's loop) and takes 0.1–2 s per pass on a pool of a
+few thousand requests. In a thread of the gateway it holds the GIL for that long, and every request
+the event loop serves meanwhile waits for the GIL after each system call (the "convoy effect"): with
+50 clients and a re-plan on every new batch the gateway's p99 went to 3–5 s (`bench/load.py`). In a
+separate process it only competes for a core, which the OS shares out in milliseconds.
+
+`ProcessPlanner` is a drop-in for `scheduler.planner.plan` (same call signature), so the executor
+still calls it from `asyncio.to_thread`: that thread only pickles the problem and waits on a pipe.
+One worker, started on first use with the spawn method (the gateway has threads and an event loop,
+which fork would copy half-alive) and kept warm; a worker that died (killed, out of memory) is
+replaced once per call. The worker gets SIGTERM when the gateway dies (`PR_SET_PDEATHSIG`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from scheduler.planner import PlanningProblem, plan
+from scheduler.types import Schedule
+
+PR_SET_PDEATHSIG = 1
+
+
+def _init_worker() -> None:
+    """Die with the gateway (a SIGKILLed gateway must leave no process behind: the worker would
+    otherwise wait on its queue forever), and import the scheduler before the first problem."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    if os.getppid() == 1:  # the gateway died before the line above ran
+        os._exit(0)
+    import scheduler.planner  # noqa: F401
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+class ProcessPlanner:
+    """Callable like `plan(problem, strategy)`, computed in a worker process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker)
+            return self._pool
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def __call__(self, problem: PlanningProblem, strategy: str = "samullm", **kw: Any) -> Schedule:
+        for attempt in (1, 2):
+            pool = self._executor()
+            try:
+                return pool.submit(plan, problem, strategy, **kw).result()
+            except BrokenProcessPool:
+                self._discard(pool)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def warm_up(self) -> int:
+        """Start the worker now, from the calling thread (the parent-death signal is tied to the
+        thread that starts the worker: call it from the main thread); returns the worker's pid."""
+        return self._executor().submit(_ping).result()
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
