@@ -5,7 +5,10 @@ present), draw a request set from the real traces (`<data>/traces/`, lengths sca
 context), run it on a real api_server engine (`runtime.engine.Engine`; prompts sent as token ids and
 `ignore_eos` + `max_tokens` = the drawn output length, so prediction and measurement see the same
 lengths), and compare with `scheduler.simulator.simulate` under the profiled latency model, excluding
-and including engine start-up. Also reports simulation speed (requests simulated per second).
+and including engine start-up. The prediction adds the profile's cold-shape cost (a fresh engine's
+first steps of each size are slow; `scheduler.calibration`) for the step sizes the set runs; the
+bench engine is fresh and gets no warm-up, as the runtime's engines. Also reports simulation speed
+(requests simulated per second).
 
 Engines run eager (`enforce_eager`), as the runtime's configs start them (`conf/default.toml`; a
 compiled CPU engine costs 50-90 s more to start); `--compiled` measures compiled engines instead. A
@@ -33,6 +36,7 @@ from runtime.engine import Engine, EngineSpec
 from runtime.profiler import profile_model, read_steps
 from runtime.profiles import load_profile
 from runtime.tinymodel import write_tiny_model
+from scheduler.calibration import ServedCalibration
 from scheduler.latency import fit_latency_model
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.types import ModelSpec, SimRequest
@@ -119,15 +123,28 @@ def profile_matches(cfg: Config, name: str, meta: dict) -> bool:
     m = cfg.model(name)
     assert m is not None
     return (meta.get("engine_args") == dict(m.engine_args) and meta.get("timing") == "core_s"
-            and "served_calibration" in meta)
+            and "new_shape_s" in meta.get("served_calibration", {}))
+
+
+def limits_for(cfg: Config, name: str, tp: int) -> EngineLimits:
+    spec = model_spec(cfg, name)
+    return EngineLimits(MAX_SEQS, MAX_BATCHED, MAX_MODEL_LEN,
+                        kv_blocks(spec, tp, int(KV_GIB * (1 << 30))))
 
 
 def predict(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int]], latency) -> float:
-    spec = model_spec(cfg, name)
-    limits = EngineLimits(MAX_SEQS, MAX_BATCHED, MAX_MODEL_LEN,
-                          kv_blocks(spec, tp, int(KV_GIB * (1 << 30))))
     reqs = [SimRequest(i, p, o) for i, (p, o) in enumerate(lengths)]
-    return simulate(reqs, limits, latency).total_time_s
+    return simulate(reqs, limits_for(cfg, name, tp), latency).total_time_s
+
+
+def cold_extra(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int]], prof) -> float:
+    """Seconds the bench's fresh engine adds for step sizes it runs for the first time (the
+    profile's served calibration, `scheduler.calibration`); 0 for profiles without it."""
+    cal = prof.meta.get("served_calibration")
+    if cal is None:
+        return 0.0
+    return ServedCalibration.from_dict(cal).cold_extra(limits_for(cfg, name, tp), lengths,
+                                                       prof.latency)
 
 
 def sim_speed(cfg: Config, latency, data: Path) -> float:
@@ -165,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
                                  reuse_sweep=args.reuse_sweep)
         load_before = os.getloadavg()[0]
         lengths = trace_lengths(args.data, args.requests, args.seed, args.scale)
-        pred = predict(cfg, name, tp, lengths, prof.latency)
+        pred_warm = predict(cfg, name, tp, lengths, prof.latency)
+        cold = cold_extra(cfg, name, tp, lengths, prof)
+        pred = pred_warm + cold
         # diagnostic: the same steps fitted on whole LLM-step times (output processing included)
         steps = cfg.state_dir / "profiles" / "work" / f"steps-{name}-tp{tp}.json"
         pred_step = (predict(cfg, name, tp, lengths, fit_latency_model(read_steps(steps, "step_s")))
                      if steps.exists() else None)
         start_s, meas = asyncio.run(run_real(cfg, name, tp, lengths, args.root / "logs"))
         rows.append({"case": f"{name} tp={tp}", "requests": len(lengths), "pred_s": pred,
+                     "pred_warm_s": pred_warm, "cold_s": cold,
                      "pred_step_s": pred_step, "load_1m": max(load_before, os.getloadavg()[0]),
                      "profile_load_1m": prof.meta.get("loadavg_1m"), "start_s": start_s,
                      "profile_start_s": prof.latency.load_time_s,
@@ -198,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(rows: list[dict], header: bool) -> None:
     if header:
-        print(f"{'case':<14}{'reqs':>5}{'pred s':>9}{'meas s':>9}{'error':>8}"
+        print(f"{'case':<14}{'reqs':>5}{'cold s':>7}{'pred s':>9}{'meas s':>9}{'error':>8}"
               f"{'pred+start':>12}{'meas+start':>12}{'error':>8}{'fit|err|':>9}{'load':>6}",
               flush=True)
     for r in rows:
-        print(f"{r['case']:<14}{r['requests']:>5}{r['pred_s']:>9.2f}{r['meas_s']:>9.2f}"
+        print(f"{r['case']:<14}{r['requests']:>5}{r.get('cold_s', 0.0):>7.2f}{r['pred_s']:>9.2f}{r['meas_s']:>9.2f}"
               f"{r['err']:>+8.1%}{r['pred_total_s']:>12.1f}{r['meas_total_s']:>12.1f}"
               f"{r['err_total']:>+8.1%}{(r['fit_median_err'] or 0):>9.1%}{r['load_1m']:>6.1f}",
               flush=True)

@@ -17,8 +17,10 @@ decode-heavy, mixed), timed end to end as a benchmark or the runtime sees them, 
 terms (c0, c3, c4) so its simulation matches them: a served engine is slower than the in-process
 steps, and not uniformly (with TP over both cores of this machine its API server and engine-core
 processes have no core of their own, and prefill-heavy sets slowed most; a tiny model's per-step
-Python overhead dominates its compute). The unscaled fit and the per-set errors before and after
-go into the profile's meta.
+Python overhead dominates its compute). Each set runs twice: the scales fit the second (warm) run;
+the first run's excess, per step token count new to the engine, is the cold-shape cost
+(`new_shape_s`: a fresh engine runs its first steps of each new size ~2x slower in total on a
+64-request set). The unscaled fit and the per-set errors before and after go into the meta.
 
 The sweep (prefill-heavy, decode-heavy, mixed arrivals, batch sizes 1…max_num_seqs) takes about a
 minute on the tiny models; `--quick` halves it.
@@ -249,10 +251,12 @@ def calibration_sets(max_num_seqs: int, max_model_len: int,
 
 
 async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
-                         timeout_s: float = 600, runs: int = 2) -> tuple[float, list[float]]:
-    """(start seconds, for each set the fastest of `runs` times to finish its requests sent at
-    once) on a real api_server, as the runtime drives it: token-id prompts, `ignore_eos`,
-    `max_tokens` = output."""
+                         timeout_s: float = 600,
+                         runs: int = 2) -> tuple[float, list[tuple[float, float]]]:
+    """(start seconds, for each set (its first run's seconds, the fastest of its other `runs` − 1
+    runs') to finish its requests sent at once) on a real api_server, as the runtime drives it:
+    token-id prompts, `ignore_eos`, `max_tokens` = output. The first run of a set pays for step
+    shapes new to the engine (`scheduler.calibration`), the later ones run warm."""
     engine = Engine(spec)
     try:
         await engine.start(timeout_s)
@@ -260,8 +264,8 @@ async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
         rng = __import__("random").Random(0)
         times = []
         for requests in sets:
-            best = None
-            for _ in range(runs):
+            first = best = None
+            for r in range(max(2, runs)):
                 bodies = [{"model": spec.model.name,
                            "prompt": [rng.randrange(10, 1000) for _ in range(p)],
                            "max_tokens": o, "ignore_eos": True, "temperature": 1.0}
@@ -271,9 +275,12 @@ async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
                 elapsed = time.perf_counter() - t0
                 if any(status != 200 for status, _ in results):
                     raise RuntimeError(f"calibration request failed: {results[0]}")
-                best = elapsed if best is None else min(best, elapsed)
-            assert best is not None
-            times.append(best)
+                if r == 0:
+                    first = elapsed
+                else:
+                    best = elapsed if best is None else min(best, elapsed)
+            assert first is not None and best is not None
+            times.append((first, best))
         return engine.start_time_s, times
     finally:
         await engine.stop()
@@ -322,7 +329,8 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         named = calibration_sets(model.max_num_seqs, model.max_model_len,
                                  model.max_num_batched_tokens)
         load_s, served = asyncio.run(measure_served(spec, [r for _, r in named]))
-        sets = [CalibrationSet(n, tuple(r), t) for (n, r), t in zip(named, served)]
+        sets = [CalibrationSet(n, tuple(r), warm, first)
+                for (n, r), (first, warm) in zip(named, served)]
         mspec = model_specs(cfg)[name]
         limits = EngineLimits.for_spec(mspec, kv_blocks(mspec, tp, kv_bytes))
         cal = fit_served_scales(fit, limits, sets)

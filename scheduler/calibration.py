@@ -14,6 +14,13 @@ on the latency model; the simulated total is then exactly `token_scale·P + step
 and D are the totals simulated with only the per-token, resp. only the per-step terms. Fitting the
 scales to relative errors of the totals is a small non-negative linear least squares problem,
 solved exactly; `simulate` under the scaled model confirms it (the "after" errors).
+
+Cold shapes: a fresh CPU engine pays a one-off cost the first time it runs a step with a token
+count it has not run before (measured here: ~90 ms per new count for the small model at TP 2,
+the same per count on two different sets; the first run of a 64-request set took 2x its second).
+The scales are fitted to warm runs (each set's fastest repeat); `new_shape_s` is fitted to the
+first runs' excess over them, per token count new to the engine (sets run in order on one engine).
+`cold_extra` predicts it for a set sent to a fresh engine.
 Pure: no I/O, no wall clock.
 """
 
@@ -44,7 +51,8 @@ class CalibrationSet:
 
     name: str
     requests: tuple[tuple[int, int], ...]
-    measured_s: float
+    measured_s: float  # warm: fastest repeat
+    first_s: float | None = None  # the set's first run on the engine (cold shapes), when measured
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,8 @@ class SetFit:
     measured_s: float
     sim_before_s: float
     sim_after_s: float
+    first_s: float | None = None
+    new_shapes: int = 0  # token counts this set ran that no earlier set had
 
     @property
     def err_before(self) -> float:
@@ -73,20 +83,29 @@ class ServedCalibration:
     token_scale: float
     step_scale: float
     sets: tuple[SetFit, ...]
+    new_shape_s: float = 0.0  # one-off seconds per token count new to a fresh engine
 
     def apply(self, model: LatencyModel) -> LatencyModel:
         return scale_latency(model, self.token_scale, self.step_scale)
 
+    def cold_extra(self, limits: EngineLimits, requests: Sequence[tuple[int, int]],
+                   model: LatencyModel) -> float:
+        """Seconds a fresh engine adds to `requests` (all queued at 0) for its new token counts."""
+        return self.new_shape_s * len(token_shapes(limits, requests, model))
+
     def to_dict(self) -> dict[str, Any]:
         return {"token_scale": self.token_scale, "step_scale": self.step_scale,
-                "sets": [{**asdict(s), "err_before": s.err_before, "err_after": s.err_after}
+                "new_shape_s": self.new_shape_s, "sets": [{**asdict(s), "err_before": s.err_before, "err_after": s.err_after}
                          for s in self.sets]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ServedCalibration":
         sets = tuple(SetFit(str(s["name"]), int(s["requests"]), float(s["measured_s"]),
-                            float(s["sim_before_s"]), float(s["sim_after_s"])) for s in d["sets"])
-        return cls(float(d["token_scale"]), float(d["step_scale"]), sets)
+                            float(s["sim_before_s"]), float(s["sim_after_s"]),
+                            None if s.get("first_s") is None else float(s["first_s"]),
+                            int(s.get("new_shapes", 0))) for s in d["sets"])
+        return cls(float(d["token_scale"]), float(d["step_scale"]), sets,
+                   float(d.get("new_shape_s", 0.0)))
 
 
 def scale_latency(model: LatencyModel, token_scale: float, step_scale: float) -> LatencyModel:
@@ -101,6 +120,15 @@ def _sim_total(requests: Sequence[tuple[int, int]], limits: EngineLimits,
                model: LatencyModel) -> float:
     reqs = [SimRequest(i, p, o) for i, (p, o) in enumerate(requests)]
     return simulate(reqs, limits, model).total_time_s
+
+
+def token_shapes(limits: EngineLimits, requests: Sequence[tuple[int, int]],
+                 model: LatencyModel) -> set[int]:
+    """The distinct token counts of the steps that serve `requests` (all queued at time 0)."""
+    res = simulate([SimRequest(i, p, o) for i, (p, o) in enumerate(requests)], limits, model,
+                   record=True)
+    assert res.iterations is not None
+    return {it.num_tokens for it in res.iterations}
 
 
 def split_totals(model: LatencyModel, limits: EngineLimits,
@@ -129,7 +157,19 @@ def fit_served_scales(model: LatencyModel, limits: EngineLimits,
     sol = lsq_linear(np.array(rows), np.array(rhs), bounds=SCALE_BOUNDS, method="bvls")
     token_scale, step_scale = (float(x) for x in sol.x)
     scaled = scale_latency(model, token_scale, step_scale)
+    # cold shapes: the first runs' excess over the warm ones, per token count new to the engine
+    # (least squares through 0, never negative: a first run faster than the fastest is noise)
+    seen: set[int] = set()
+    new = []
+    for s in sets:
+        shapes = token_shapes(limits, s.requests, model)
+        new.append(len(shapes - seen))
+        seen |= shapes
+    cold = [(n, s.first_s - s.measured_s) for n, s in zip(new, sets) if s.first_s is not None]
+    nn = sum(n * n for n, _ in cold)
+    new_shape_s = max(0.0, sum(n * g for n, g in cold) / nn) if nn else 0.0
     fits = tuple(SetFit(s.name, len(s.requests), s.measured_s,
                         _sim_total(s.requests, limits, model),
-                        _sim_total(s.requests, limits, scaled)) for s in sets)
-    return ServedCalibration(token_scale, step_scale, fits)
+                        _sim_total(s.requests, limits, scaled), s.first_s, n)
+                 for s, n in zip(sets, new))
+    return ServedCalibration(token_scale, step_scale, fits, new_shape_s)

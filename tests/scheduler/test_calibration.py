@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from scheduler.calibration import (SCALE_BOUNDS, CalibrationSet, ServedCalibration,
-                                   fit_served_scales, scale_latency, split_totals)
+                                   fit_served_scales, scale_latency, split_totals,
+                                   token_shapes)
 from scheduler.latency import LatencyModel
 from scheduler.simulator import EngineLimits, simulate
 from scheduler.types import SimRequest
@@ -90,3 +91,27 @@ def test_calibration_round_trips_through_json():
     d = cal.to_dict()
     assert {s["name"] for s in d["sets"]} == set(SHAPES)
     assert all(s["err_after"] == pytest.approx(s["sim_after_s"] / s["measured_s"] - 1) for s in d["sets"])
+
+
+def test_cold_shape_cost_is_fitted_per_new_token_count():
+    # first runs pay 0.09 s per token count the engine has not run before (sets in order)
+    warm = measured_sets(FIT)
+    seen: set[int] = set()
+    sets = []
+    for s in warm:
+        shapes = token_shapes(LIMITS, s.requests, FIT)
+        sets.append(CalibrationSet(s.name, s.requests, s.measured_s,
+                                   s.measured_s + 0.09 * len(shapes - seen)))
+        seen |= shapes
+    cal = fit_served_scales(FIT, LIMITS, sets)
+    assert cal.new_shape_s == pytest.approx(0.09, rel=1e-6)
+    assert cal.token_scale == pytest.approx(1.0, rel=1e-3)  # scales come from the warm runs
+    assert [s.new_shapes for s in cal.sets][0] == len(token_shapes(LIMITS, SHAPES["prefill"], FIT))
+    held_out = [(300, 20)] * 20 + [(40, 90)] * 30
+    n = len(token_shapes(LIMITS, held_out, FIT))
+    assert 3 <= n and cal.cold_extra(LIMITS, held_out, FIT) == pytest.approx(0.09 * n)
+    assert ServedCalibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    # first runs faster than warm ones (noise) never give a negative cost; no first runs: 0
+    fast = [CalibrationSet(s.name, s.requests, s.measured_s, s.measured_s * 0.9) for s in warm]
+    assert fit_served_scales(FIT, LIMITS, fast).new_shape_s == 0.0
+    assert fit_served_scales(FIT, LIMITS, warm).new_shape_s == 0.0
