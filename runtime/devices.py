@@ -11,9 +11,15 @@ from __future__ import annotations
 import os
 
 from runtime.config import Config, ConfigError
-from scheduler.types import DevicePool
+from scheduler.types import DevicePool, default_start_contention
 
 GiB = 1 << 30
+
+
+def start_contention(cfg: Config, pool_kind: str) -> float:
+    """β of a pool: `[devices] start_contention`, else the pool kind's default."""
+    beta = cfg.devices.start_contention
+    return default_start_contention(pool_kind) if beta is None else float(beta)
 
 
 def engine_device_kind(pool_kind: str) -> str:
@@ -34,7 +40,8 @@ def discover_pool(cfg: Config) -> DevicePool:
     found = sorted(os.sched_getaffinity(0))
     ids = _restrict(found, d.ids, "cores this process may use")
     memory = int((d.memory_gib or d.cpu_kvcache_gib) * GiB)
-    return DevicePool("cpu", tuple(ids), memory, _groups(d.topology_groups, ids))
+    return DevicePool("cpu", tuple(ids), memory, _groups(d.topology_groups, ids),
+                      start_contention(cfg, "cpu"))
 
 
 def _restrict(found: list[int], wanted: list[int], what: str) -> list[int]:
@@ -59,7 +66,8 @@ def _gpu_pool(cfg: Config, gpus: list[dict]) -> DevicePool:
     memory = int(d.memory_gib * GiB) if d.memory_gib else min(g["memory"] for g in chosen)
     groups = (_groups(d.topology_groups, ids) if d.topology_groups
               else _cliques(ids, {g["index"]: g["nvlink"] for g in chosen}))
-    return DevicePool(_gpu_kind(chosen[0]["name"]), tuple(ids), memory, groups)
+    kind = _gpu_kind(chosen[0]["name"])
+    return DevicePool(kind, tuple(ids), memory, groups, start_contention(cfg, kind))
 
 
 def _gpu_kind(name: str) -> str:

@@ -50,6 +50,9 @@ class Slot:
     inflight: dict[Req, asyncio.Task] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # launch, then the dispatch loop
+    # most engines seen starting at once while this one started (itself included): its measured
+    # start is divided by the pool's contention factor for that many (`slots.EngineSlots._apply`)
+    starting_with: int = 1
 
     @property
     def model(self) -> str:

@@ -43,7 +43,7 @@ from runtime.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
 from runtime.replan import (EMBEDDINGS_URL, LatencySource, build_problem, describe_stage, model_specs,
                             running_plans, sample_work)
 from runtime.slots import EngineSlots, settle
-from runtime.start_times_store import blend, load_start_times, save_start_times
+from runtime.start_times_store import alone_start_s, blend, load_start_times, save_start_times
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
 
@@ -182,10 +182,15 @@ class PoolExecutor(EngineSlots):
     def slot_started(self, slot: Slot) -> None:
         assert slot.engine is not None
         start_s = getattr(slot.engine, "start_time_s", None)
+        alone_s = None
         if isinstance(start_s, (int, float)) and start_s > 0:
+            assert self.pool is not None
             key = (slot.model, slot.spec.tp)
-            self._start_times[key] = blend(self._start_times.get(key), start_s)
-        self._emit("engine_started", **slot.describe(), start_s=start_s)
+            # stored as the alone start: the planner multiplies it by the contention factor again
+            alone_s = alone_start_s(start_s, self.pool.start_factor(slot.starting_with))
+            self._start_times[key] = blend(self._start_times.get(key), alone_s)
+        self._emit("engine_started", **slot.describe(), start_s=start_s,
+                   starting_with=slot.starting_with, alone_start_s=alone_s)
 
     def slot_start_failed(self, slot: Slot, message: str) -> None:
         slot.state = SlotState.FAILED

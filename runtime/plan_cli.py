@@ -16,6 +16,7 @@ the analytic roofline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runtime.config import Config, ConfigError, load_config
+from runtime.devices import start_contention
 from runtime.lengths_store import load_length_model
 from runtime.replan import DEFAULT_CPU_LOAD_S, kv_bytes_fn, model_specs
 from scheduler.latency import LatencyModel, Profile, analytic_latency_model
@@ -149,7 +151,14 @@ class Devices:
 
 
 def resolve_devices(spec: str, cfg: Config, gpu: str = "a100") -> Devices:
-    """`auto` reads [devices] of the config (cuda configs use `gpu`'s profiles)."""
+    """`auto` reads [devices] of the config (cuda configs use `gpu`'s profiles). The pool's start
+    contention is `[devices] start_contention`, else its kind's default (`runtime.devices`)."""
+    dev = _resolve_devices(spec, cfg, gpu)
+    beta = start_contention(cfg, dev.pool.kind)
+    return Devices(dataclasses.replace(dev.pool, start_contention=beta), dev.gpu)
+
+
+def _resolve_devices(spec: str, cfg: Config, gpu: str) -> Devices:
     m = _PRESET.match(spec)
     if m:
         kind, n = m.group(1), int(m.group(2))
@@ -275,6 +284,7 @@ def plan_main(args: argparse.Namespace) -> int:
     result = {
         "devices": f"{devices.pool.count}x {devices.pool.kind}"
                    + (f" groups {list(map(list, devices.pool.groups))}" if devices.pool.groups else ""),
+        "start_contention": devices.pool.start_contention,
         "requests": sum(len(v) for v in shapes.values()),
         "samples": samples, "seed": seed, "planning_time_s": planning,
         "strategies": {n: {"makespan_s": s.makespan_s, "origin": s.origin,

@@ -124,6 +124,11 @@ class EngineSlots:
         for key in new:
             if key[0] in has_work:
                 self._start_slot(key)
+        # every engine starting now competes with the others for the cores (or the host): each
+        # remembers the most it saw, so its measured start can be normalised to an alone start
+        starting = [s for s in self._slots if s.state is SlotState.STARTING]
+        for s in starting:
+            s.starting_with = max(s.starting_with, len(starting))
 
     def _start_slot(self, key: ReplicaKey) -> None:
         assert self.pool is not None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from scheduler.placement import Shape, place
 from scheduler.stages import Context, Option, PlanState
+from scheduler.types import DevicePool
 
 EPS = 1e-12
 
@@ -72,9 +73,15 @@ class Outlook:
         return stage + max(area / self.devices, crit)
 
 
-def _group(options: tuple[Option, ...], outlook: Outlook | None = None) -> Group:
+def _group(options: tuple[Option, ...], outlook: Outlook | None = None,
+           pool: DevicePool | None = None) -> Group:
+    """A candidate group; with `pool`, its options' starts are priced with every engine the group
+    starts at once (start contention, `scheduler.stages`)."""
     if not options:
         return Group((), 0, float("inf"), 0.0)
+    if pool is not None:
+        starting = sum(o.starting for o in options)
+        options = tuple(o.in_group(starting, pool) for o in options)
     stage = min(o.finish_s for o in options)
     work = sum(o.work_by(stage) for o in options)
     est = outlook.estimate(options, stage) if outlook is not None else float("inf")
@@ -95,7 +102,7 @@ def rank_groups(ctx: Context, state: PlanState, top_k: int = 20) -> list[Group]:
         for g in groups:
             for opt in per_model[m]:
                 if g.devices + opt.devices <= n:
-                    grown.append(_group(g.options + (opt,), outlook))
+                    grown.append(_group(g.options + (opt,), outlook, ctx.pool))
         # keep the paper's top_k by throughput and our top_k by estimated makespan; the empty
         # group ranks last in both and survives only while fewer than top_k others exist
         by_tp = sorted(grown, key=Group.key)[:top_k]

@@ -8,10 +8,19 @@ repeats until every model is done. All strategies thus share one cost model and 
 Restart charging: an engine whose plan (tp, dp, devices) is unchanged keeps running and pays only
 what is left of its start-up; a new or changed plan pays the full load time, and its in-flight
 requests are re-prefilled with prompt + generated tokens (the simulator does that for generated > 0).
+
+Start contention: engines started at the same time compete (on CPU for the very cores they will
+run on), so each of n engines starting together pays `load × pool.start_factor(n)`
+(`DevicePool.start_contention`). In a stage, n counts every engine (re)started in it, each DP
+replica being one engine, plus the kept engines still warming up from an earlier stage (their own
+remaining start-up is left as it was charged). An option (`Context.option`), priced alone, counts
+its own replicas; a candidate group re-prices its options' starts with the group's count
+(`Option.in_group`, used by `scheduler.search`), and `run_stage` charges the whole stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -43,6 +52,14 @@ class Option:
     shape: Shape
     warm_s: float  # load time charged before the engine serves (0 if kept and warm)
     run: PlanRun
+    starting: int = 0  # engines of this option starting (or still warming up) in the stage
+    load_s: float = 0.0  # alone start time of a (re)started engine; 0 when kept
+
+    def in_group(self, starting: int, pool: DevicePool) -> "Option":
+        """This option when `starting` engines in all start with it (its warm-up re-priced)."""
+        if self.load_s <= 0:
+            return self
+        return dataclasses.replace(self, warm_s=self.load_s * pool.start_factor(starting))
 
     @property
     def devices(self) -> int:
@@ -83,8 +100,15 @@ class Context:
         m, tp, dp = shape
         cur = state.running.get(m)
         kept = cur is not None and (cur.tp, cur.dp) == (tp, dp)
-        warm = state.warmup.get(m, 0.0) if kept else self.est.load_time(m, tp)
-        return Option(shape, warm, self.est.run(m, tp, dp, state.work[m], kept))
+        run = self.est.run(m, tp, dp, state.work[m], kept)
+        if kept:
+            warming = state.warmup.get(m, 0.0)
+            return Option(shape, warming, run, dp if warming > 0 else 0)
+        return Option(shape, self.start_s(m, tp, dp), run, dp, self.est.load_time(m, tp))
+
+    def start_s(self, model: str, tp: int, starting: int) -> float:
+        """Start time of one (model, tp) engine while `starting` engines (itself included) start."""
+        return self.est.load_time(model, tp) * self.pool.start_factor(starting)
 
     def best_per_count(self, state: PlanState, model: str, max_devices: int | None = None) -> list[Option]:
         """Per device count, the option that finishes soonest (ties: smaller TP), ascending count."""
@@ -114,10 +138,13 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     restarts, warm, runs, kept = [], {}, {}, {}
     for p in plans:
         kept[p.model] = p.same_shape(state.running.get(p.model))
+    # engines starting together: every replica (re)started now, plus kept ones still warming up
+    starting = sum(p.dp for p in plans if not kept[p.model] or state.warmup.get(p.model, 0.0) > 0)
+    for p in plans:
         if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
         else:
-            warm[p.model] = est.load_time(p.model, p.tp)
+            warm[p.model] = ctx.start_s(p.model, p.tp, starting)
             restarts.append(p.model)
         runs[p.model] = est.run(p.model, p.tp, p.dp, state.work[p.model], kept[p.model])
     finish = {m: warm[m] + runs[m].total_s for m in runs}

@@ -89,18 +89,48 @@ class SimRequest:
         return max(0, self.output_len - self.generated)
 
 
+# Start contention β (see `DevicePool.start_factor`) when the config names none.
+# CPU: measured on this 2-core machine with `bench/start_contention.py` (the `small` test model,
+# enforce_eager, one core per engine; 2026-11-22 03:13-03:30 UTC, other engineers' work running):
+# five repeats of "alone, then two at once" gave β = 0.42 (alone 50.7 s, pair 72.6 + 71.1 s, load
+# average 3.1), −0.01 (44.7; 44.3 + 44.3; load 2.6), 0.03, 0.03 (43.7; 47.3 + 42.2; load 1.9-2.6)
+# and 0.08 (50.2; 56.3 + 52.3; load 1.6): mean 0.11, median 0.03. Contention is small on a quiet
+# machine and large on a busy one (the makespan bench's starts, 58 and 62 s against ~49 s alone,
+# imply 0.22). We take the mean, 0.1: an engine alone already spreads its API server and engine-core
+# processes over both cores, so two starting together share them.
+CPU_START_CONTENTION = 0.1
+# GPU: an assumption, not a measurement (no GPU here). Weights load onto each GPU's own memory and
+# CUDA init is per device; what engines share is the host (disk, Python imports, host RAM), so
+# concurrent GPU starts overlap well.
+GPU_START_CONTENTION = 0.1
+
+
+def default_start_contention(kind: str) -> float:
+    """β for a pool kind when the config does not set `[devices] start_contention`."""
+    return CPU_START_CONTENTION if kind == "cpu" else GPU_START_CONTENTION
+
+
 @dataclass(frozen=True)
 class DevicePool:
-    """The devices a plan may use. On CPU a device is a core; on GPUs a GPU."""
+    """The devices a plan may use. On CPU a device is a core; on GPUs a GPU.
+
+    `start_contention` (β): n engines started at the same time each take `load × (1 + β·(n−1))`
+    (`start_factor`); 0 = starts never slow each other (the planner's behaviour before β existed).
+    The runtime sets it from `[devices] start_contention` or `default_start_contention(kind)`."""
 
     kind: str  # "cpu" | "cuda" | a named GPU kind ("a100", "h100")
     ids: tuple[int, ...]
     memory_bytes: int  # per device (GPU memory; on CPU the KV space given to one engine)
     groups: tuple[tuple[int, ...], ...] = ()  # fully connected groups; empty = one group of all
+    start_contention: float = 0.0
 
     @property
     def count(self) -> int:
         return len(self.ids)
+
+    def start_factor(self, starting: int) -> float:
+        """How much longer each of `starting` engines started together takes than one alone."""
+        return 1.0 + self.start_contention * max(0, starting - 1)
 
     def topology_groups(self) -> tuple[tuple[int, ...], ...]:
         return self.groups or (tuple(self.ids),)

@@ -56,3 +56,19 @@ def test_bad_value_is_named(tmp_path: Path):
 def test_invalid_toml_is_reported(tmp_path: Path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         _load(tmp_path, "[server\n")
+
+
+def test_start_contention_sets_the_pool_and_bad_values_are_named(tmp_path: Path):
+    from runtime.devices import start_contention
+    from scheduler.types import default_start_contention
+
+    assert _load(tmp_path, "[devices]\nstart_contention = 0\n").devices.start_contention == 0.0
+    cfg = _load(tmp_path, "[devices]\nstart_contention = 0.4\n")
+    assert start_contention(cfg, "cpu") == start_contention(cfg, "a100") == 0.4
+    unset = _load(tmp_path, "[devices]\n")
+    assert start_contention(unset, "cpu") == default_start_contention("cpu")
+    assert start_contention(unset, "h100") == default_start_contention("h100")
+    with pytest.raises(ConfigError, match=r"devices\.start_contention: must be a number in \[0"):
+        _load(tmp_path, "[devices]\nstart_contention = -0.5\n")
+    with pytest.raises(ConfigError, match=r"devices\.start_contention: expected float, got str"):
+        _load(tmp_path, '[devices]\nstart_contention = "high"\n')

@@ -71,3 +71,46 @@ async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_pat
             plans_before = len(seen)
     # the restarted executor's first plan already knows the start time measured before
     assert seen[plans_before][key[1]] == start_s
+
+
+def test_alone_start_round_trips_through_the_contention_factor() -> None:
+    from scheduler.types import DevicePool
+
+    from runtime.start_times_store import alone_start_s
+
+    pool = DevicePool("cpu", (0, 1, 2), 1 << 30, start_contention=0.25)
+    for n, measured in ((1, 30.0), (2, 37.5), (3, 45.0)):
+        alone = alone_start_s(measured, pool.start_factor(n))
+        assert alone == 30.0
+        assert alone * pool.start_factor(n) == measured  # what the planner charges n starts again
+
+
+async def test_executor_stores_concurrent_starts_as_alone_starts(tmp_path: Path) -> None:
+    """Two replicas started by one pass: each measured start is divided by 1 + β·(2 − 1) before
+    it is stored, so the planner (which multiplies it in again) predicts what was measured."""
+    import asyncio
+
+    from runtime.executor import PoolExecutor
+    from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
+
+    from .fakes import FakeLauncher
+    from .test_executor import Sink, items, make_cfg
+
+    cfg = make_cfg(tmp_path)
+    pool = DevicePool("cpu", (0, 1), int(cfg.devices.cpu_kvcache_gib * 2**30), start_contention=0.5)
+
+    def two_replicas(problem, strategy):
+        return Schedule(strategy, [Stage([ExecPlan("a", 1, 2, (0, 1))], 0.0, 1.0, ["a"])], 1.0)
+
+    launcher = FakeLauncher(start_delay_s=0.3, delay_s={"a": 0.001})
+    ex = PoolExecutor(cfg, launcher, planner=two_replicas, pool=pool)
+    await ex.start()
+    try:
+        ex.submit("b", items("a", 4), Sink())
+        await asyncio.wait_for(ex.wait("b"), 30)
+    finally:
+        await ex.close()
+    started = [e for e in ex.events("b") if e["event"] == "engine_started"]
+    assert len(started) == 2 and all(e["starting_with"] == 2 for e in started)
+    assert all(e["alone_start_s"] == e["start_s"] / 1.5 for e in started)
+    assert load_start_times(tmp_path / "state") == {("a", 1): round(0.3 / 1.5, 3)}
