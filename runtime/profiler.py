@@ -17,7 +17,7 @@ decode-heavy, mixed), timed end to end as a benchmark or the runtime sees them, 
 terms (c0, c3, c4) so its simulation matches them: a served engine is slower than the in-process
 steps, and not uniformly (with TP over both cores of this machine its API server and engine-core
 processes have no core of their own, and prefill-heavy sets slowed most; a tiny model's per-step
-Python overhead dominates its compute). Each set runs twice: the scales fit the second (warm) run;
+Python overhead dominates its compute). Each set runs 3 times: the scales fit the fastest warm repeat;
 the first run's excess, per step token count new to the engine, is the cold-shape cost
 (`new_shape_s`: a fresh engine runs its first steps of each new size ~2x slower in total on a
 64-request set). The unscaled fit and the per-set errors before and after go into the meta.
@@ -181,7 +181,9 @@ def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int,
                        progress: bool = True, repeats: int = 2) -> list[IterationSample]:
     """Run the sweep in a worker subprocess pinned like a served engine; return timed iterations."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    out = work_dir / f"steps-{model.name}-tp{tp}.json"
+    threads = len(devices) // tp  # cores per rank
+    shape = f"tp{tp}" if threads == 1 else f"tp{tp}-t{threads}"
+    out = work_dir / f"steps-{model.name}-{shape}.json"
     job = {"model_path": str(model_path), "dtype": model.dtype, "max_model_len": model.max_model_len,
            "max_num_seqs": model.max_num_seqs, "max_num_batched_tokens": model.max_num_batched_tokens,
            "tp": tp, "kv_bytes": kv_bytes, "engine_args": dict(model.engine_args),
@@ -191,7 +193,7 @@ def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int,
                TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false",
                VLLM_CPU_OMP_THREADS_BIND=cpu_bind_string(devices, tp))
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    log_path = work_dir / f"profile-{model.name}-tp{tp}.log"
+    log_path = work_dir / f"profile-{model.name}-{shape}.log"
     bar = _bar(len(cases), f"profile {model.name} tp={tp}", progress)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "runtime.profiler", json.dumps(job)],
@@ -250,9 +252,23 @@ def calibration_sets(max_num_seqs: int, max_model_len: int,
     return [("prefill", prefill), ("decode", decode), ("mixed", mixed)]
 
 
+async def _post_retrying(engine: Engine, body: dict, tries: int = 3) -> tuple[int, dict]:
+    """engine.post, sent again when a kept-alive connection turns out closed by the server (a
+    live engine answers 'Server disconnected' for a stale connection; the retry costs ~ms)."""
+    import aiohttp
+
+    for attempt in range(tries):
+        try:
+            return await engine.post("/v1/completions", body)
+        except aiohttp.ServerDisconnectedError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
                          timeout_s: float = 600,
-                         runs: int = 2) -> tuple[float, list[tuple[float, float]]]:
+                         runs: int = 3) -> tuple[float, list[tuple[float, float]]]:
     """(start seconds, for each set (its first run's seconds, the fastest of its other `runs` − 1
     runs') to finish its requests sent at once) on a real api_server, as the runtime drives it:
     token-id prompts, `ignore_eos`, `max_tokens` = output. The first run of a set pays for step
@@ -271,7 +287,7 @@ async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
                            "max_tokens": o, "ignore_eos": True, "temperature": 1.0}
                           for p, o in requests]
                 t0 = time.perf_counter()
-                results = await asyncio.gather(*(engine.post("/v1/completions", b) for b in bodies))
+                results = await asyncio.gather(*(_post_retrying(engine, b) for b in bodies))
                 elapsed = time.perf_counter() - t0
                 if any(status != 200 for status, _ in results):
                     raise RuntimeError(f"calibration request failed: {results[0]}")
@@ -288,9 +304,11 @@ async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
 
 def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] | None = None,
                   quick: bool = False, measure_start: bool = True, progress: bool = True,
-                  repeats: int = 2, reuse_sweep: bool = False) -> Profile:
-    """Measure, fit and store the profile of model `name` at TP `tp`; returns it. `reuse_sweep`:
-    refit the steps an earlier sweep left in the work dir (when there) instead of sweeping again."""
+                  repeats: int = 2, reuse_sweep: bool = False, threads: int = 1) -> Profile:
+    """Measure, fit and store the profile of model `name` at TP `tp`, each rank on `threads` cores
+    (`devices` then holds tp × threads cores, rank k on [k·threads, (k+1)·threads)); returns it.
+    `reuse_sweep`: refit the steps an earlier sweep left in the work dir (when there) instead of
+    sweeping again."""
     model = cfg.model(name)
     if model is None:
         raise ConfigError(f"--model: no model named {name!r} in the config")
@@ -298,10 +316,13 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     if path is None:
         raise ConfigError(f"models[{name}].path: a plan-only model cannot be profiled")
     pool = discover_pool(cfg)
+    if threads < 1:
+        raise ConfigError(f"--threads {threads}: must be >= 1")
     if devices is None:
-        devices = pool.ids[:tp]
-    if len(devices) < tp:
-        raise ConfigError(f"--tp {tp}: only {len(devices)} devices available")
+        devices = pool.ids[:tp * threads]
+    if len(devices) != tp * threads:
+        raise ConfigError(f"--tp {tp} --threads {threads}: needs {tp * threads} devices, "
+                          f"got {len(devices)}")
     if engine_device_kind(pool.kind) != "cpu":
         raise ConfigError("profiling drives CPU engines here; GPU profiles come from "
                           "scheduler.gpu_profiles")
@@ -310,7 +331,8 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     work = cfg.state_dir / "profiles" / "work"
     load_before = os.getloadavg()[0]  # recorded: a profile taken on a busy machine is suspect
     t0 = time.monotonic()
-    steps = work / f"steps-{model.name}-tp{tp}.json"
+    shape = f"tp{tp}" if threads == 1 else f"tp{tp}-t{threads}"
+    steps = work / f"steps-{model.name}-{shape}.json"
     if reuse_sweep and steps.exists():
         samples = read_steps(steps)
     else:
@@ -325,7 +347,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         # the engine started to time its start also serves the calibration sets (tens of seconds)
         spec = EngineSpec(model=model, model_path=path, devices=devices, tp=tp,
                           kv_cache_gib=cfg.devices.cpu_kvcache_gib,
-                          log_path=work / f"start-{model.name}-tp{tp}.log")
+                          log_path=work / f"start-{model.name}-{shape}.log")
         named = calibration_sets(model.max_num_seqs, model.max_model_len,
                                  model.max_num_batched_tokens)
         load_s, served = asyncio.run(measure_served(spec, [r for _, r in named]))
@@ -340,7 +362,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     fit = fit.with_load_time(load_s)
     import numpy as np
 
-    profile = Profile(model=name, tp=tp, device=pool.signature, latency=fit, meta={
+    profile = Profile(model=name, tp=tp, device=pool.signature, latency=fit, threads=threads, meta={
         "samples": len(samples), "sweep_s": round(sweep_s, 2), "devices": list(devices),
         "median_abs_rel_err": float(np.median(np.abs(err))),
         "p90_abs_rel_err": float(np.quantile(np.abs(err), 0.9)),
@@ -369,6 +391,8 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="conf/default.toml")
     p.add_argument("--model", required=True, help="a configured model name")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU cores per TP rank (OpenMP threads; VLLM_CPU_OMP_THREADS_BIND=0-1)")
     p.add_argument("--devices", default=None, help="comma-separated core ids (default: the first tp)")
     p.add_argument("--state-dir", default=None, help="overrides [server].state_dir")
     p.add_argument("--quick", action="store_true", help="a shorter sweep")
@@ -385,10 +409,12 @@ def profile_main(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, state_dir=args.state_dir))
     devices = tuple(int(x) for x in args.devices.split(",")) if args.devices else None
     prof = profile_model(cfg, args.model, args.tp, devices, quick=args.quick,
-                         measure_start=not args.no_start_time, repeats=args.repeats)
+                         measure_start=not args.no_start_time, repeats=args.repeats,
+                         threads=args.threads)
     lat = prof.latency
-    print(f"{prof.model} tp={prof.tp} {prof.device}: c0={lat.c0:.3e} c1={lat.c1:.3e} "
-          f"c2={lat.c2:.3e} c3={lat.c3:.3e} c4={lat.c4:.3e} load={lat.load_time_s:.1f}s "
+    print(f"{prof.model} tp={prof.tp} threads={prof.threads} {prof.device}: c0={lat.c0:.3e} "
+          f"c1={lat.c1:.3e} c2={lat.c2:.3e} c3={lat.c3:.3e} c4={lat.c4:.3e} "
+          f"load={lat.load_time_s:.1f}s "
           f"samples={prof.meta['samples']} median|err|={prof.meta['median_abs_rel_err']:.1%}")
     return 0
 
