@@ -144,11 +144,15 @@ class DevicesConfig:
     cpu_kvcache_gib: float = field(default=1.0, metadata={"help": "VLLM_CPU_KVCACHE_SPACE per engine"})
     gpu_memory_utilization: float = 0.9
     sleep_mode: bool = field(default=False, metadata={"help": "GPU only: sleep engines needed later"})
+    max_threads_per_rank: int = field(default=0, metadata={
+        "help": "CPU: most cores one TP rank may run on (OpenMP threads); 0 = every core, 1 = one"})
     start_contention: float | None = field(default=None, metadata={
         "help": "β: n engines started together each take load × (1 + β·(n−1)); "
                 "unset = the measured CPU default, or 0.1 on GPUs (scheduler.types)"})
 
     def validate(self, where: str) -> None:
+        if self.max_threads_per_rank < 0:
+            raise ConfigError(f"{where}.max_threads_per_rank: must be >= 0 (0 = every core)")
         if self.start_contention is not None and not 0 <= self.start_contention < 100:
             raise ConfigError(f"{where}.start_contention: must be a number in [0, 100), "
                               f"got {self.start_contention!r}")

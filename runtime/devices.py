@@ -22,6 +22,12 @@ def start_contention(cfg: Config, pool_kind: str) -> float:
     return default_start_contention(pool_kind) if beta is None else float(beta)
 
 
+def max_threads(cfg: Config, cores: int) -> int:
+    """Most cores one CPU rank may use: `[devices] max_threads_per_rank`, 0 = every core."""
+    limit = cfg.devices.max_threads_per_rank
+    return max(1, min(cores, limit) if limit else cores)
+
+
 def engine_device_kind(pool_kind: str) -> str:
     """The engine launcher's device kind for a pool kind ("cpu" stays, any GPU kind is "cuda")."""
     return "cpu" if pool_kind == "cpu" else "cuda"
@@ -41,7 +47,7 @@ def discover_pool(cfg: Config) -> DevicePool:
     ids = _restrict(found, d.ids, "cores this process may use")
     memory = int((d.memory_gib or d.cpu_kvcache_gib) * GiB)
     return DevicePool("cpu", tuple(ids), memory, _groups(d.topology_groups, ids),
-                      start_contention(cfg, "cpu"))
+                      start_contention(cfg, "cpu"), max_threads(cfg, len(ids)))
 
 
 def _restrict(found: list[int], wanted: list[int], what: str) -> list[int]:

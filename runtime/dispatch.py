@@ -64,9 +64,13 @@ class Slot:
         return (self.model, self.spec.tp, tuple(self.spec.devices))
 
     def describe(self) -> dict[str, Any]:
-        return {"slot": self.sid, "model": self.model, "tp": self.spec.tp,
-                "devices": list(self.spec.devices),
-                "pid": getattr(self.engine, "pid", None) if self.engine else None}
+        threads = len(self.spec.devices) // max(1, self.spec.tp)  # CPU cores per rank
+        out = {"slot": self.sid, "model": self.model, "tp": self.spec.tp,
+               "devices": list(self.spec.devices)}
+        if threads > 1:
+            out["threads"] = threads
+        out["pid"] = getattr(self.engine, "pid", None) if self.engine else None
+        return out
 
 
 class SlotHost(Protocol):

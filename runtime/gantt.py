@@ -67,7 +67,9 @@ def write_gantt(schedules: dict[str, Schedule], pool: DevicePool, path: str | Pa
                         edgecolor="black", linewidth=0.4)
                 if width > horizon * 0.04:
                     ax.text(run.start_s + width / 2, row[d],
-                            f"{run.plan.model} TP{run.plan.tp}", ha="center", va="center",
+                            f"{run.plan.model} TP{run.plan.tp}"
+                            + (f"×{run.plan.threads}t" if run.plan.threads > 1 else ""),
+                            ha="center", va="center",
                             fontsize=7, clip_on=True)
         for st in s.stages:
             ax.axvline(st.end_s, color="grey", linewidth=0.5, linestyle=":")

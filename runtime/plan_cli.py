@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runtime.config import Config, ConfigError, load_config
-from runtime.devices import start_contention
+from runtime.devices import max_threads, start_contention
 from runtime.lengths_store import load_length_model
 from runtime.replan import DEFAULT_CPU_LOAD_S, kv_bytes_fn, model_specs
-from scheduler.latency import LatencyModel, Profile, analytic_latency_model
+from scheduler.latency import LatencyModel, Profile, analytic_latency_model, assumed_threads_latency
 from scheduler.planner import STRATEGIES, Planner, PlanningProblem
 from scheduler.types import DevicePool, ModelSpec, Schedule
 from scheduler.workloads import RequestShape, makespan_stats, sample_workloads
@@ -155,7 +155,9 @@ def resolve_devices(spec: str, cfg: Config, gpu: str = "a100") -> Devices:
     contention is `[devices] start_contention`, else its kind's default (`runtime.devices`)."""
     dev = _resolve_devices(spec, cfg, gpu)
     beta = start_contention(cfg, dev.pool.kind)
-    return Devices(dataclasses.replace(dev.pool, start_contention=beta), dev.gpu)
+    threads = max_threads(cfg, dev.pool.count) if dev.pool.kind == "cpu" else 1
+    pool = dataclasses.replace(dev.pool, start_contention=beta, max_threads=threads)
+    return Devices(pool, dev.gpu)
 
 
 def _resolve_devices(spec: str, cfg: Config, gpu: str) -> Devices:
@@ -185,16 +187,18 @@ def _resolve_devices(spec: str, cfg: Config, gpu: str) -> Devices:
     return Devices(DevicePool("cpu", ids, int(d.cpu_kvcache_gib * GiB), groups), None)
 
 
-def cpu_profiles(state_dir: Path) -> dict[tuple[str, int], LatencyModel]:
-    """Measured CPU profiles under `<state_dir>/profiles/*.json`, by (model, tp)."""
-    table: dict[tuple[str, int], LatencyModel] = {}
+def cpu_profiles(state_dir: Path) -> dict[tuple, LatencyModel]:
+    """Measured CPU profiles under `<state_dir>/profiles/*.json`, by (model, tp), or
+    (model, tp, threads) for ranks on several cores."""
+    table: dict[tuple, LatencyModel] = {}
     for f in sorted((state_dir / "profiles").glob("*.json")):
         try:
             prof = Profile.from_dict(json.loads(f.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if prof.device == "cpu":
-            table[(prof.model, prof.tp)] = prof.latency
+            threads = (prof.threads,) if prof.threads > 1 else ()
+            table[(prof.model, prof.tp) + threads] = prof.latency
     return table
 
 
@@ -218,6 +222,23 @@ def latency_fn(devices: Devices, cfg: Config) -> Callable[[ModelSpec, int], Late
     return cpu_lat
 
 
+def threads_latency_fn(devices: Devices, cfg: Config
+                       ) -> Callable[[ModelSpec, int, int], LatencyModel] | None:
+    """CPU ranks on several cores: the measured profile of that shape, else the assumed speed-up
+    over threads = 1 (as the runtime's `LatencySource.threads`); None on GPUs."""
+    if devices.gpu is not None:
+        return None
+    table, one = cpu_profiles(cfg.state_dir), latency_fn(devices, cfg)
+
+    def threads_lat(spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
+        base = one(spec, tp)
+        hit = table.get((spec.name, tp, threads))
+        return (assumed_threads_latency(base, threads) if hit is None
+                else hit.with_load_time(base.load_time_s))
+
+    return threads_lat
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 
@@ -225,6 +246,7 @@ def stage_rows(s: Schedule) -> list[dict[str, Any]]:
     return [{"start_s": round(st.start_s, 3), "end_s": round(st.end_s, 3),
              "finished": st.finished, "restarts": st.restarts,
              "plans": [{"model": p.model, "tp": p.tp, "dp": p.dp, "devices": list(p.devices)}
+                       | ({"threads": p.threads} if p.threads > 1 else {})
                        for p in st.plans]} for st in s.stages]
 
 
@@ -240,7 +262,9 @@ def render_text(result: dict[str, Any]) -> str:
         origin = f" (stages of {s['origin'][9:]})" if s["origin"].startswith("baseline:") else ""
         lines.append(f"\n== {name}{origin}: predicted makespan {_fmt_s(s['makespan_s'])}")
         for i, st in enumerate(s["stages"], 1):
-            plans = ", ".join(f"{p['model']} TP{p['tp']}xDP{p['dp']} @{_ids(p['devices'])}"
+            plans = ", ".join(f"{p['model']} TP{p['tp']}xDP{p['dp']}"
+                              + (f"x{p['threads']}threads" if p.get("threads", 1) > 1 else "")
+                              + f" @{_ids(p['devices'])}"
                               for p in st["plans"])
             lines.append(f"  stage {i}: {_fmt_s(st['start_s'])} -> {_fmt_s(st['end_s'])}  {plans}"
                          f"  | done: {', '.join(st['finished'])}"
@@ -275,7 +299,8 @@ def plan_main(args: argparse.Namespace) -> int:
     draws = sample_workloads(shapes, load_length_model(cfg.state_dir), samples, seed)
     problem = PlanningProblem({m: specs[m] for m in shapes}, draws[0], devices.pool,
                               latency_fn(devices, cfg), kv_bytes_fn(cfg, devices.pool),
-                              top_k=top_k, seed=seed)
+                              top_k=top_k, seed=seed,
+                              threads_latency=threads_latency_fn(devices, cfg))
     names = STRATEGIES if args.strategy == "all" else (args.strategy,)
     planner = Planner(problem)
     t0 = time.perf_counter()

@@ -1,6 +1,9 @@
-"""Measured latency profiles on disk: `<state_dir>/profiles/<model>--tp<N>--<device>.json`.
+"""Measured latency profiles on disk: `<state_dir>/profiles/<model>--tp<N>--<device>.json`, and
+`<model>--tp<N>-t<T>--<device>.json` for CPU ranks on T cores each (threads; files from before
+threads existed are the T = 1 ones).
 
-One JSON file per `scheduler.latency.Profile` key (model, TP degree, device signature), written
+One JSON file per `scheduler.latency.Profile` key (model, TP degree, device signature[, threads]),
+written
 atomically (temp file + rename) so a reader never sees half a profile.
 """
 
@@ -18,9 +21,10 @@ def profiles_dir(state_dir: str | Path) -> Path:
     return Path(state_dir) / "profiles"
 
 
-def profile_path(state_dir: str | Path, model: str, tp: int, device: str) -> Path:
+def profile_path(state_dir: str | Path, model: str, tp: int, device: str, threads: int = 1) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", model)
-    return profiles_dir(state_dir) / f"{safe}--tp{tp}--{device}.json"
+    shape = f"tp{tp}" if threads == 1 else f"tp{tp}-t{threads}"
+    return profiles_dir(state_dir) / f"{safe}--{shape}--{device}.json"
 
 
 def save_profile(state_dir: str | Path, profile: Profile) -> Path:
@@ -28,18 +32,20 @@ def save_profile(state_dir: str | Path, profile: Profile) -> Path:
                              sort_keys=True)
 
 
-def load_profile(state_dir: str | Path, model: str, tp: int, device: str) -> Profile | None:
+def load_profile(state_dir: str | Path, model: str, tp: int, device: str,
+                 threads: int = 1) -> Profile | None:
     """The stored profile for the key, or None when none was measured (or the file is unreadable)."""
-    path = profile_path(state_dir, model, tp, device)
+    path = profile_path(state_dir, model, tp, device, threads)
     try:
-        return Profile.from_dict(json.loads(path.read_text()))
+        prof = Profile.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return prof if prof.threads == threads else None
 
 
-def load_profiles(state_dir: str | Path) -> dict[tuple[str, int, str], Profile]:
+def load_profiles(state_dir: str | Path) -> dict[tuple, Profile]:
     """Every readable profile under the state dir, by key."""
-    out: dict[tuple[str, int, str], Profile] = {}
+    out: dict[tuple, Profile] = {}
     d = profiles_dir(state_dir)
     for path in sorted(d.glob("*.json")) if d.is_dir() else []:
         try:

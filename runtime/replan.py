@@ -6,12 +6,14 @@ Planning inputs (all observed, never the submission-time guesses):
   in-flight requests count from scratch (the engine does not tell us how far they are);
 - running: the plans of the engines alive now, so the planner can keep them (no reload);
 - latency per (model, tp): a measured profile stored under `<state_dir>/profiles/` when there is
-  one, else the analytic roofline model of `scheduler.latency`.
+  one, else the analytic roofline model of `scheduler.latency`; per (model, tp, threads) for CPU
+  ranks on several cores: the profile of that shape, else the threads = 1 latency with the assumed
+  speed-up of `scheduler.latency.assumed_threads_latency`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -21,9 +23,9 @@ from runtime import profiles
 from runtime.config import Config
 from runtime.pool_state import Req
 from scheduler.gpu_profiles import gpu_latency_model
-from scheduler.latency import LatencyModel, analytic_latency_model
+from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
 from scheduler.lengths import LengthModel
-from scheduler.placement import gpu_kv_bytes_per_rank, tp_degrees
+from scheduler.placement import gpu_kv_bytes_per_rank, thread_counts, tp_degrees
 from scheduler.planner import PlanningProblem
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, SimRequest, Stage
 
@@ -60,17 +62,21 @@ class LatencySource:
     table: dict[tuple[str, int], LatencyModel]
     device: str
     start_times: dict[tuple[str, int], float]
+    threaded: dict[tuple[str, int, int], LatencyModel] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
              start_times: dict[tuple[str, int], float]) -> "LatencySource":
-        table = {}
+        table, threaded = {}, {}
         for m in models:
             for tp in tp_degrees(pool):
-                prof = profiles.load_profile(state_dir, m, tp, pool.signature)
-                if prof is not None:
-                    table[(m, tp)] = prof.latency
-        return cls(table, pool.signature, dict(start_times))
+                for th in thread_counts(pool):
+                    prof = profiles.load_profile(state_dir, m, tp, pool.signature, th)
+                    if prof is not None and th == 1:
+                        table[(m, tp)] = prof.latency
+                    elif prof is not None:
+                        threaded[(m, tp, th)] = prof.latency
+        return cls(table, pool.signature, dict(start_times), threaded)
 
     def _base(self, spec: ModelSpec, tp: int) -> LatencyModel:
         hit = self.table.get((spec.name, tp))
@@ -93,6 +99,15 @@ class LatencySource:
         if lat.load_time_s > 0 or self.device != "cpu":
             return lat
         return lat.with_load_time(DEFAULT_CPU_LOAD_S)
+
+    def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
+        """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over
+        threads = 1. The start time is the (model, tp) one either way (one engine starts alike)."""
+        one = self(spec, tp)
+        hit = self.threaded.get((spec.name, tp, threads))
+        if hit is None:
+            return assumed_threads_latency(one, threads)
+        return hit.with_load_time(one.load_time_s)
 
 
 def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int]:
@@ -147,7 +162,8 @@ def running_plans(keys: Iterable[ReplicaKey]) -> dict[str, ExecPlan]:
         tp = ks[0][1]
         ks = sorted(k for k in ks if k[1] == tp)  # mixed TP cannot happen; keep the first degree
         plans[model] = ExecPlan(model=model, tp=tp, dp=len(ks),
-                                devices=tuple(d for k in ks for d in k[2]))
+                                devices=tuple(d for k in ks for d in k[2]),
+                                threads=max(1, len(ks[0][2]) // tp))
     return plans
 
 
@@ -158,7 +174,7 @@ def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], la
     return PlanningProblem(
         models=models, work=work, pool=pool, latency=latency, kv_bytes_per_rank=kv_bytes_fn(cfg, pool),
         running={m: p for m, p in running.items() if m in models}, top_k=cfg.scheduler.top_k,
-        seed=seed)
+        seed=seed, threads_latency=latency.threads)
 
 
 def stage_replicas(stage: Stage) -> dict[ReplicaKey, ExecPlan]:
@@ -168,4 +184,4 @@ def stage_replicas(stage: Stage) -> dict[ReplicaKey, ExecPlan]:
 
 def describe_stage(stage: Stage) -> list[dict]:
     return [{"model": p.model, "tp": p.tp, "dp": p.dp, "devices": list(p.devices)}
-            for p in stage.plans]
+            | ({"threads": p.threads} if p.threads > 1 else {}) for p in stage.plans]

@@ -19,7 +19,7 @@ unchanged are kept (no restart) by the placement.
 from __future__ import annotations
 
 from scheduler.stages import Context, Option, PlanState
-from scheduler.placement import Shape
+from scheduler.placement import Shape, shape_devices, unpack
 
 
 def _order(ctx: Context, state: PlanState) -> list[str]:
@@ -36,7 +36,7 @@ def sequential(ctx: Context, state: PlanState) -> list[Shape]:
 
 
 def _min_devices(ctx: Context, m: str) -> int:
-    return min(tp * dp for _, tp, dp in ctx.shapes(m))
+    return min(shape_devices(s) for s in ctx.shapes(m))
 
 
 def even_split(ctx: Context, state: PlanState) -> list[Shape]:
@@ -55,8 +55,10 @@ def even_split(ctx: Context, state: PlanState) -> list[Shape]:
         budget = share + (1 if i < extra else 0)
         reserve = sum(_min_devices(ctx, x) for x in chosen[i + 1:])
         budget = min(max(budget, _min_devices(ctx, m)), left - reserve)
-        tps = [tp for _, tp, dp in ctx.shapes(m) if dp == 1 and tp <= budget]
-        tp = max(tps) if tps else min(tp for _, tp, dp in ctx.shapes(m) if dp == 1)
+        # one engine of one core per rank each (the usual manual split; no threads shapes)
+        ones = [unpack(s)[1] for s in ctx.shapes(m) if len(s) == 3 and s[2] == 1]
+        tps = [tp for tp in ones if tp <= budget]
+        tp = max(tps) if tps else min(ones)
         out.append((m, tp, 1))
         left -= tp
     return out
@@ -80,10 +82,10 @@ class PerModelBest:
                 self.best[m] = opt.shape
         free, out = ctx.pool.count, []
         for m in _order(ctx, state):
-            _, tp, dp = self.best[m]
-            if tp * dp <= free:
+            need = shape_devices(self.best[m])
+            if need <= free:
                 out.append(self.best[m])
-                free -= tp * dp
+                free -= need
         return out
 
 

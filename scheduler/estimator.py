@@ -15,6 +15,11 @@ ranking candidates, read off the root's run on its shape plus a re-prefill delay
 no simulation), and simulated on the requests left in the `exact()` view, which the planner uses to
 re-run every schedule it returns. Per workload, each (model, tp, dp) is thus simulated once.
 
+CPU ranks on several cores (threads > 1) are *variants* of a model (`variant`): the same spec and
+workloads under another name, whose latency is `threads_fn(spec, tp, threads)` (a measured profile)
+or, without one, the threads = 1 model with the assumed speed-up of
+`scheduler.latency.assumed_threads_latency`. Every cache then keeps them apart by name.
+
 Useful work of a request (what stage throughput counts) = FLOPs of the tokens it still has to produce
 plus its original prompt; re-prefilling prompt + generated tokens after a restart is waste, not work.
 """
@@ -27,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from scheduler.latency import LatencyModel
+from scheduler.latency import LatencyModel, assumed_threads_latency
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.runs import PlanRun, Position, Workload, _rid, useful_flops
 from scheduler.types import BLOCK_SIZE, ModelSpec, SimRequest
@@ -43,6 +48,9 @@ class Estimator:
     models: dict[str, ModelSpec]
     latency_fn: Callable[[ModelSpec, int], LatencyModel]
     kv_bytes_fn: Callable[[ModelSpec, int], int]
+    # (spec, tp, threads) -> latency of ranks on `threads` cores; None: assumed from threads = 1
+    threads_fn: Callable[[ModelSpec, int, int], LatencyModel] | None = None
+    _variants: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (model, threads)
     _lat: dict[tuple[str, int], LatencyModel] = field(default_factory=dict)
     _limits: dict[tuple[str, int], EngineLimits] = field(default_factory=dict)
     _runs: dict[tuple[str, int, int, str], PlanRun] = field(default_factory=dict)
@@ -67,10 +75,31 @@ class Estimator:
         False); it shares every cache (their keys tell the two apart)."""
         return dataclasses.replace(self, approx_restarts=False)
 
+    def variant(self, model: str, threads: int) -> str:
+        """The name this estimator knows `model`'s engines with `threads` cores per rank by (the
+        model's own name for threads = 1). Registers the variant in `models` (a copy of the
+        problem's, see `Planner`), shared with the `exact()` views."""
+        if threads == 1:
+            return model
+        name = f"{model}@threads={threads}"
+        while name in self.models and self._variants.get(name) != (model, threads):
+            name += "'"  # a configured model already has that name
+        if name not in self._variants:
+            self._variants[name] = (model, threads)
+            self.models[name] = self.models[model]
+        return name
+
     def latency(self, model: str, tp: int) -> LatencyModel:
         key = (model, tp)
         if key not in self._lat:
-            self._lat[key] = self.latency_fn(self.models[model], tp)
+            base = self._variants.get(model)
+            if base is None:
+                self._lat[key] = self.latency_fn(self.models[model], tp)
+            else:
+                real, threads = base
+                self._lat[key] = (self.threads_fn(self.models[real], tp, threads)
+                                  if self.threads_fn is not None
+                                  else assumed_threads_latency(self.latency(real, tp), threads))
         return self._lat[key]
 
     def load_time(self, model: str, tp: int) -> float:

@@ -149,19 +149,44 @@ class Profile:
     device: str
     latency: LatencyModel
     meta: dict[str, Any] = field(default_factory=dict)
+    threads: int = 1  # CPU cores per TP rank (OpenMP threads); 1 = one core per rank
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.model, self.tp, self.device)
+    def key(self) -> tuple:
+        """(model, tp, device), with threads appended when > 1 (profiles from before threads
+        existed, and their keys, are the threads = 1 ones)."""
+        base = (self.model, self.tp, self.device)
+        return base if self.threads == 1 else base + (self.threads,)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "tp": self.tp, "device": self.device,
-                "latency": self.latency.to_dict(), "meta": dict(self.meta)}
+        out = {"model": self.model, "tp": self.tp, "device": self.device,
+               "latency": self.latency.to_dict(), "meta": dict(self.meta)}
+        if self.threads != 1:
+            out["threads"] = self.threads
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Profile":
         return cls(model=str(d["model"]), tp=int(d["tp"]), device=str(d["device"]),
-                   latency=LatencyModel.from_dict(d["latency"]), meta=dict(d.get("meta", {})))
+                   latency=LatencyModel.from_dict(d["latency"]), meta=dict(d.get("meta", {})),
+                   threads=int(d.get("threads", 1)))
+
+
+# How much faster a CPU rank runs on `threads` cores than on one, where nothing was measured for
+# that shape (`samullm profile --threads N` measures it): the compute terms (GEMMs c1, prefill
+# attention c2, decode KV reads c3) are divided by threads ** THREADS_SPEEDUP_EXPONENT, the fixed
+# per-step and per-sequence costs (c0, c4: Python scheduling, sampling, which run on one thread)
+# not at all. An assumption, chosen conservative: √2 on 2 cores where OpenMP GEMMs on tiny models
+# scale sub-linearly and the engine's own processes share those cores.
+THREADS_SPEEDUP_EXPONENT = 0.5
+
+
+def assumed_threads_latency(lat: LatencyModel, threads: int) -> LatencyModel:
+    """`lat` (one core per rank) for ranks on `threads` cores, by the assumption above."""
+    if threads <= 1:
+        return lat
+    f = float(threads) ** THREADS_SPEEDUP_EXPONENT
+    return LatencyModel(**{**asdict(lat), "c1": lat.c1 / f, "c2": lat.c2 / f, "c3": lat.c3 / f})
 
 
 # Roofline constants for `analytic_latency_model`, per device (one CPU core / one GPU):

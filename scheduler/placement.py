@@ -12,7 +12,24 @@ from typing import Sequence
 
 from scheduler.types import DevicePool, ExecPlan, ModelSpec
 
-Shape = tuple[str, int, int]  # (model, tp, dp)
+# (model, tp, dp), or (model, tp, dp, threads) for CPU ranks on several cores each (threads > 1);
+# threads = 1 shapes stay 3-tuples, so plans without threads look exactly as before
+Shape = tuple
+
+
+def unpack(shape: Shape) -> tuple[str, int, int, int]:
+    """(model, tp, dp, threads) of a 3- or 4-tuple shape."""
+    return (shape[0], shape[1], shape[2], shape[3] if len(shape) > 3 else 1)
+
+
+def make_shape(model: str, tp: int, dp: int, threads: int = 1) -> Shape:
+    return (model, tp, dp) if threads == 1 else (model, tp, dp, threads)
+
+
+def shape_devices(shape: Shape) -> int:
+    """Devices a shape occupies: tp × threads × dp."""
+    _, tp, dp, th = unpack(shape)
+    return tp * th * dp
 
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default fraction of a GPU an engine may use
 # Per-rank memory besides weights and KV: activations of a max_num_batched_tokens forward pass,
@@ -38,8 +55,20 @@ def tp_degrees(pool: DevicePool) -> list[int]:
 
 
 def max_replicas(pool: DevicePool, tp: int) -> int:
-    """How many disjoint TP-`tp` groups the pool holds."""
+    """How many disjoint groups of `tp` devices (a replica's tp × threads) the pool holds."""
     return sum(len(g) // tp for g in pool.topology_groups())
+
+
+def thread_counts(pool: DevicePool) -> list[int]:
+    """Cores per rank a plan may use: powers of two up to `pool.max_threads` (CPU pools only)."""
+    if pool.kind != "cpu":
+        return [1]
+    biggest = max(len(g) for g in pool.topology_groups())
+    out, th = [1], 2
+    while th <= min(pool.max_threads, biggest):
+        out.append(th)
+        th *= 2
+    return out
 
 
 def place(shapes: Sequence[Shape], pool: DevicePool,
@@ -54,9 +83,10 @@ def place(shapes: Sequence[Shape], pool: DevicePool,
     running = running or {}
     kept: dict[str, tuple[int, ...]] = {}
     taken: set[int] = set()
-    for m, tp, dp in shapes:
+    for shape in shapes:
+        m, tp, dp, th = unpack(shape)
         cur = running.get(m)
-        if cur is not None and (cur.tp, cur.dp) == (tp, dp) and cur.devices \
+        if cur is not None and (cur.tp, cur.dp, cur.threads) == (tp, dp, th) and cur.devices \
                 and not taken & set(cur.devices) and set(cur.devices) <= set(pool.ids):
             kept[m] = cur.devices
             taken |= set(cur.devices)
@@ -70,18 +100,21 @@ def _pack(shapes: Sequence[Shape], pool: DevicePool,
           kept: dict[str, tuple[int, ...]]) -> list[ExecPlan] | None:
     used = {d for devs in kept.values() for d in devs}
     free = [[d for d in g if d not in used] for g in pool.topology_groups()]
-    replicas = [(tp, i, r) for i, (m, tp, dp) in enumerate(shapes) if m not in kept for r in range(dp)]
+    parts = [unpack(s) for s in shapes]
+    # a replica needs tp × threads devices of one group (its ranks on consecutive cores)
+    replicas = [(tp * th, i, r) for i, (m, tp, dp, th) in enumerate(parts) if m not in kept
+                for r in range(dp)]
     replicas.sort(key=lambda x: (-x[0], x[1], x[2]))
     got: dict[int, list[tuple[int, ...]]] = {}
-    for tp, i, _r in replicas:
-        fits = [g for g in range(len(free)) if len(free[g]) >= tp]
+    for width, i, _r in replicas:
+        fits = [g for g in range(len(free)) if len(free[g]) >= width]
         if not fits:
             return None
         g = min(fits, key=lambda j: (len(free[j]), j))
-        got.setdefault(i, []).append(tuple(free[g][:tp]))
-        free[g] = free[g][tp:]
+        got.setdefault(i, []).append(tuple(free[g][:width]))
+        free[g] = free[g][width:]
     plans = []
-    for i, (m, tp, dp) in enumerate(shapes):
+    for i, (m, tp, dp, th) in enumerate(parts):
         devices = kept[m] if m in kept else tuple(d for rep in got[i] for d in rep)
-        plans.append(ExecPlan(m, tp, dp, devices))
+        plans.append(ExecPlan(m, tp, dp, devices, th))
     return plans

@@ -63,6 +63,9 @@ class PlanningProblem:
     seed: carried for length sampling; the search itself is deterministic.
     explore: first-stage groups completed into full schedules by `samullm` (1 = pure greedy).
     compare_baselines: `samullm` also returns a baseline's schedule when it is predicted faster.
+    threads_latency: (spec, tp, threads) -> latency of an engine whose ranks run on `threads` CPU
+        cores each (shapes offered when `pool.max_threads` > 1); None: the threads = 1 latency with
+        the assumed speed-up of `scheduler.latency.assumed_threads_latency`.
     """
 
     models: dict[str, ModelSpec]
@@ -75,6 +78,7 @@ class PlanningProblem:
     seed: int = 0
     explore: int = 3
     compare_baselines: bool = True
+    threads_latency: Callable[[ModelSpec, int, int], LatencyModel] | None = None
 
 
 class Planner:
@@ -82,7 +86,9 @@ class Planner:
 
     def __init__(self, problem: PlanningProblem) -> None:
         self.problem = problem
-        self.est = Estimator(problem.models, problem.latency, problem.kv_bytes_per_rank)
+        # a copy of the models: the estimator registers thread variants in it (`Estimator.variant`)
+        self.est = Estimator(dict(problem.models), problem.latency, problem.kv_bytes_per_rank,
+                             problem.threads_latency)
         # largest first: the paper's expansion order, and the baselines' priority
         order = sorted(problem.models, key=lambda m: (-problem.models[m].param_count, m))
         self.ctx = Context(self.est, problem.pool, order)

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from scheduler.estimator import Estimator, PlanRun, Workload
-from scheduler.placement import Shape, max_replicas, place, tp_degrees
+from scheduler.placement import (Shape, make_shape, max_replicas, place, shape_devices,
+                                 thread_counts, tp_degrees, unpack)
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 EPS = 1e-9
@@ -63,7 +64,7 @@ class Option:
 
     @property
     def devices(self) -> int:
-        return self.shape[1] * self.shape[2]
+        return shape_devices(self.shape)
 
     @property
     def finish_s(self) -> float:
@@ -83,13 +84,15 @@ class Context:
     _shapes: dict[str, list[Shape]] = field(default_factory=dict)
 
     def shapes(self, model: str) -> list[Shape]:
-        """Feasible (model, tp, dp): TP a power of two within a topology group, valid for the heads,
-        weights + a max-length sequence of KV fit per rank, dp replicas fit the pool."""
+        """Feasible (model, tp, dp[, threads]): TP a power of two within a topology group, valid for
+        the heads, weights + a max-length sequence of KV fit per rank, dp replicas fit the pool; on
+        CPU pools also ranks on `threads` cores each (`thread_counts`; a replica: tp × threads)."""
         if model not in self._shapes:
             spec = self.est.models[model]
-            out = [(model, tp, dp) for tp in tp_degrees(self.pool)
+            out = [make_shape(model, tp, dp, th) for th in thread_counts(self.pool)
+                   for tp in tp_degrees(self.pool)
                    if spec.valid_tp(tp) and self.est.fits(model, tp)
-                   for dp in range(1, max_replicas(self.pool, tp) + 1)]
+                   for dp in range(1, max_replicas(self.pool, tp * th) + 1)]
             if not out:
                 raise InfeasibleError(f"model {model!r} fits no plan on {self.pool.count} "
                                       f"{self.pool.kind} device(s) (memory, heads or topology)")
@@ -97,10 +100,10 @@ class Context:
         return self._shapes[model]
 
     def option(self, state: PlanState, shape: Shape) -> Option:
-        m, tp, dp = shape
+        m, tp, dp, th = unpack(shape)
         cur = state.running.get(m)
-        kept = cur is not None and (cur.tp, cur.dp) == (tp, dp)
-        run = self.est.run(m, tp, dp, state.work[m], kept)
+        kept = cur is not None and (cur.tp, cur.dp, cur.threads) == (tp, dp, th)
+        run = self.est.run(self.est.variant(m, th), tp, dp, state.work[m], kept)
         if kept:
             warming = state.warmup.get(m, 0.0)
             return Option(shape, warming, run, dp if warming > 0 else 0)
@@ -111,15 +114,17 @@ class Context:
         return self.est.load_time(model, tp) * self.pool.start_factor(starting)
 
     def best_per_count(self, state: PlanState, model: str, max_devices: int | None = None) -> list[Option]:
-        """Per device count, the option that finishes soonest (ties: smaller TP), ascending count."""
+        """Per device count, the option that finishes soonest (ties: smaller TP, fewer DP
+        replicas, fewer threads), ascending count."""
         best: dict[int, Option] = {}
         for shape in self.shapes(model):
-            n = shape[1] * shape[2]
+            n = shape_devices(shape)
             if max_devices is not None and n > max_devices:
                 continue
             opt = self.option(state, shape)
             cur = best.get(n)
-            if cur is None or (opt.finish_s, opt.shape[1]) < (cur.finish_s, cur.shape[1]):
+            if cur is None or (opt.finish_s, unpack(opt.shape)[1:]) < (cur.finish_s,
+                                                                      unpack(cur.shape)[1:]):
                 best[n] = opt
         return [best[n] for n in sorted(best)]
 
@@ -146,7 +151,8 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         else:
             warm[p.model] = ctx.start_s(p.model, p.tp, starting)
             restarts.append(p.model)
-        runs[p.model] = est.run(p.model, p.tp, p.dp, state.work[p.model], kept[p.model])
+        runs[p.model] = est.run(est.variant(p.model, p.threads), p.tp, p.dp, state.work[p.model],
+                                kept[p.model])
     finish = {m: warm[m] + runs[m].total_s for m in runs}
     targets = [m for m in finish if finishers is None or m in finishers] or list(finish)
     dur = (max if finishers is not None and any(m in finishers for m in finish) else min)(
@@ -162,7 +168,8 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         if ready_for < 0:
             warmup[m] = -ready_for
         else:
-            work[m] = est.advance(m, p.tp, p.dp, state.work[m], ready_for, kept[m])
+            work[m] = est.advance(est.variant(m, p.threads), p.tp, p.dp, state.work[m], ready_for,
+                                  kept[m])
     stage = Stage(plans=list(plans), start_s=state.t, end_s=state.t + dur, finished=done,
                   predicted_finish_s={m: state.t + f for m, f in finish.items()}, restarts=restarts)
     running = {p.model: p for p in plans if p.model not in done}

@@ -123,6 +123,9 @@ class DevicePool:
     memory_bytes: int  # per device (GPU memory; on CPU the KV space given to one engine)
     groups: tuple[tuple[int, ...], ...] = ()  # fully connected groups; empty = one group of all
     start_contention: float = 0.0
+    # CPU: most cores one TP rank may use (OpenMP threads, `VLLM_CPU_OMP_THREADS_BIND=0-1`);
+    # 1 = one core per rank (the only shape before threads existed). Always 1 on GPUs.
+    max_threads: int = 1
 
     @property
     def count(self) -> int:
@@ -143,24 +146,33 @@ class DevicePool:
 
 @dataclass(frozen=True)
 class ExecPlan:
-    """How one model runs in a stage: TP degree × DP replicas on concrete devices.
-    `devices` holds tp*dp ids, replica r on devices[r*tp:(r+1)*tp]."""
+    """How one model runs in a stage: TP degree × DP replicas on concrete devices, each TP rank on
+    `threads` devices (CPU cores running the rank's OpenMP threads; 1 on GPUs).
+    `devices` holds tp*threads*dp ids, replica r on devices[r*w:(r+1)*w] with w = tp*threads,
+    rank k of a replica on its cores [k*threads:(k+1)*threads]."""
 
     model: str
     tp: int
     dp: int
     devices: tuple[int, ...] = ()
+    threads: int = 1
+
+    @property
+    def width(self) -> int:
+        """Devices of one replica."""
+        return self.tp * self.threads
 
     @property
     def num_devices(self) -> int:
-        return self.tp * self.dp
+        return self.width * self.dp
 
     def replicas(self) -> list[tuple[int, ...]]:
-        return [self.devices[r * self.tp:(r + 1) * self.tp] for r in range(self.dp)]
+        w = self.width
+        return [self.devices[r * w:(r + 1) * w] for r in range(self.dp)]
 
     def same_shape(self, other: "ExecPlan | None") -> bool:
-        return other is not None and (self.model, self.tp, self.dp, self.devices) == (
-            other.model, other.tp, other.dp, other.devices)
+        return other is not None and (self.model, self.tp, self.dp, self.devices, self.threads) == (
+            other.model, other.tp, other.dp, other.devices, other.threads)
 
 
 @dataclass

@@ -72,3 +72,16 @@ def test_start_contention_sets_the_pool_and_bad_values_are_named(tmp_path: Path)
         _load(tmp_path, "[devices]\nstart_contention = -0.5\n")
     with pytest.raises(ConfigError, match=r"devices\.start_contention: expected float, got str"):
         _load(tmp_path, '[devices]\nstart_contention = "high"\n')
+
+
+def test_max_threads_per_rank_sets_cpu_pools(tmp_path: Path):
+    import os
+
+    from runtime.devices import discover_pool
+
+    cores = len(os.sched_getaffinity(0))
+    assert discover_pool(_load(tmp_path, '[devices]\nkind = "cpu"\n')).max_threads == cores
+    one = _load(tmp_path, '[devices]\nkind = "cpu"\nmax_threads_per_rank = 1\n')
+    assert discover_pool(one).max_threads == 1
+    with pytest.raises(ConfigError, match=r"devices\.max_threads_per_rank: must be >= 0"):
+        _load(tmp_path, "[devices]\nmax_threads_per_rank = -1\n")

@@ -1,0 +1,98 @@
+"""CPU ranks on several cores in the runtime: bind strings, profile keys, latencies, executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.engine import EngineSpec, build_command, cpu_bind_string
+from runtime.profiles import load_profile, load_profiles, profile_path, save_profile
+from runtime.replan import LatencySource, describe_stage, running_plans, stage_replicas
+from scheduler.latency import LatencyModel, Profile, assumed_threads_latency
+from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, Stage
+
+from .fakes import FakeLauncher
+from .test_executor import Sink, items, make_cfg
+
+GiB = 1 << 30
+LAT = LatencyModel(0.01, 1e-4, 1e-7, 1e-7, 1e-5, load_time_s=20.0)
+
+
+def test_bind_strings_give_each_rank_its_cores() -> None:
+    assert cpu_bind_string((0,), 1) == "0"
+    assert cpu_bind_string((0, 1), 1) == "0-1"  # TP=1 on both cores
+    assert cpu_bind_string((0, 1), 2) == "0|1"
+    assert cpu_bind_string((0, 1, 2, 3), 2) == "0-1|2-3"  # TP=2, two cores per rank
+    with pytest.raises(ValueError):
+        cpu_bind_string((0, 1, 2), 2)
+
+
+def test_profile_key_round_trip_and_old_files_load_as_one_thread(tmp_path: Path) -> None:
+    one = Profile("m", 1, "cpu", LAT)
+    two = Profile("m", 1, "cpu", LAT.with_load_time(21.0), threads=2)
+    save_profile(tmp_path, one)
+    path = save_profile(tmp_path, two)
+    assert path == profile_path(tmp_path, "m", 1, "cpu", 2) != profile_path(tmp_path, "m", 1, "cpu")
+    assert load_profile(tmp_path, "m", 1, "cpu") == one
+    assert load_profile(tmp_path, "m", 1, "cpu", 2) == two
+    assert load_profiles(tmp_path) == {("m", 1, "cpu"): one, ("m", 1, "cpu", 2): two}
+    # a profile file written before threads existed (no "threads" field) is the threads = 1 one
+    old = {"model": "o", "tp": 2, "device": "cpu", "latency": LAT.to_dict(), "meta": {}}
+    profile_path(tmp_path, "o", 2, "cpu").write_text(json.dumps(old))
+    assert load_profile(tmp_path, "o", 2, "cpu") == Profile("o", 2, "cpu", LAT)
+
+
+def test_latency_source_uses_the_threads_profile_else_the_assumption(tmp_path: Path) -> None:
+    spec = ModelSpec("m", 2, 128, 2, 1, 512, 2048, dtype_bytes=4)
+    fast = LatencyModel(0.005, 5e-5, 1e-7, 1e-7, 1e-5, load_time_s=99.0)
+    save_profile(tmp_path, Profile("m", 1, "cpu", LAT))
+    save_profile(tmp_path, Profile("m", 1, "cpu", fast, threads=2))
+    pool = DevicePool("cpu", (0, 1), GiB, max_threads=2)
+    src = LatencySource.load(tmp_path, pool, ["m"], {("m", 1): 30.0})
+    assert src.threads(spec, 1, 2) == fast.with_load_time(30.0)  # the measured start time wins
+    src = LatencySource.load(tmp_path, pool, ["m"], {})
+    assert src.threads(spec, 1, 2) == fast.with_load_time(LAT.load_time_s)
+    save_profile(tmp_path / "none", Profile("m", 1, "cpu", LAT))
+    src = LatencySource.load(tmp_path / "none", pool, ["m"], {})
+    assert src.threads(spec, 1, 2) == assumed_threads_latency(LAT, 2)
+
+
+def test_replicas_and_running_plans_keep_threads() -> None:
+    stage = Stage([ExecPlan("a", 1, 1, (0, 1), threads=2), ExecPlan("b", 1, 2, (2, 3))], 0, 1)
+    keys = list(stage_replicas(stage))
+    assert keys == [("a", 1, (0, 1)), ("b", 1, (2,)), ("b", 1, (3,))]
+    assert running_plans(keys) == {"a": ExecPlan("a", 1, 1, (0, 1), threads=2),
+                                   "b": ExecPlan("b", 1, 2, (2, 3))}
+    assert describe_stage(stage)[0]["threads"] == 2 and "threads" not in describe_stage(stage)[1]
+
+
+async def test_executor_launches_one_engine_on_both_cores(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    pool = DevicePool("cpu", (0, 1), int(cfg.devices.cpu_kvcache_gib * GiB), max_threads=2)
+
+    def threads_plan(problem, strategy):
+        plan = ExecPlan("a", 1, 1, (0, 1), threads=2)
+        return Schedule(strategy, [Stage([plan], 0.0, 1.0, ["a"])], 1.0)
+
+    launcher = FakeLauncher(start_delay_s=0.05, delay_s={"a": 0.001})
+    from runtime.executor import PoolExecutor
+
+    ex = PoolExecutor(cfg, launcher, planner=threads_plan, pool=pool)
+    await ex.start()
+    try:
+        ex.submit("b", items("a", 6), Sink())
+        await asyncio.wait_for(ex.wait("b"), 30)
+    finally:
+        await ex.close()
+    (engine,) = launcher.engines
+    spec: EngineSpec = engine.spec
+    assert (spec.tp, spec.devices) == (1, (0, 1)) and not launcher.overlaps
+    _, env = build_command(spec, port=1)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    events = ex.events("b")
+    started = next(e for e in events if e["event"] == "engine_started")
+    assert started["threads"] == 2 and started["devices"] == [0, 1]
+    assert next(e for e in events if e["event"] == "plan")["stage"][0]["threads"] == 2

@@ -1,0 +1,86 @@
+"""CPU ranks on several cores (threads): shapes, placement, pricing with a threads latency, and the
+planner's choice between one engine on all cores and one engine per core."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
+from scheduler.placement import place, shape_devices, unpack
+from scheduler.planner import Planner, PlanningProblem
+from scheduler.types import DevicePool, ExecPlan, ModelSpec, SimRequest
+
+GiB = 1 << 30
+# one attention head: TP=2 is invalid, so the choice is one core, two engines or two threads
+SPEC = ModelSpec("small", 4, 256, 1, 1, 1024, 2048, dtype_bytes=4, max_model_len=1024,
+                 max_num_seqs=32, max_num_batched_tokens=1024)
+
+
+def lat(spec: ModelSpec, tp: int) -> LatencyModel:
+    return dataclasses.replace(analytic_latency_model(spec, tp, "cpu"), load_time_s=25.0)
+
+
+def planner(speedup: float | None, n: int = 96, out: int = 8, beta: float = 0.3,
+            max_threads: int = 2) -> Planner:
+    pool = DevicePool("cpu", (0, 1), GiB // 4, start_contention=beta, max_threads=max_threads)
+    work = {"small": [SimRequest(i, 100, out) for i in range(n)]}
+
+    def threads_latency(spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
+        base = lat(spec, tp)
+        assert threads == 2
+        return dataclasses.replace(base, **{c: getattr(base, c) / speedup
+                                            for c in ("c0", "c1", "c2", "c3", "c4")})
+
+    return Planner(PlanningProblem({"small": SPEC}, work, pool, lat, lambda s, tp: GiB // 4,
+                                   threads_latency=threads_latency if speedup else None))
+
+
+def test_exec_plan_replicas_and_placement_with_threads() -> None:
+    p = ExecPlan("m", 2, 2, tuple(range(8)), threads=2)
+    assert p.width == 4 and p.num_devices == 8
+    assert p.replicas() == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert not p.same_shape(ExecPlan("m", 2, 2, tuple(range(8))))
+    pool = DevicePool("cpu", tuple(range(4)), GiB)
+    (a, b) = place([("a", 1, 1, 2), ("b", 1, 2)], pool)
+    assert (a.threads, a.devices, b.threads, b.devices) == (2, (0, 1), 1, (2, 3))
+    assert place([("a", 1, 1, 4), ("b", 1, 1)], pool) is None
+    assert shape_devices(("a", 2, 3, 2)) == 12 and unpack(("a", 2, 3)) == ("a", 2, 3, 1)
+
+
+def test_threads_shapes_only_on_cpu_pools_that_allow_them() -> None:
+    assert ("small", 1, 1, 2) in planner(None).ctx.shapes("small")
+    assert all(len(s) == 3 for s in planner(None, max_threads=1).ctx.shapes("small"))
+    gpu = DevicePool("a100", (0, 1), 80 * GiB, max_threads=2)
+    p = Planner(PlanningProblem({"small": SPEC}, {"small": [SimRequest(0, 10, 10)]}, gpu, lat,
+                                lambda s, tp: GiB))
+    assert all(len(s) == 3 for s in p.ctx.shapes("small"))
+
+
+def test_picks_one_engine_on_both_cores_when_its_profile_is_faster_and_starts_cost() -> None:
+    """Short decoding, β > 0: one start beats two; threads = 2 at 1.8× beats TP=2 and one core."""
+    p = planner(1.8)
+    plans = p.plan("samullm").stages[0].plans
+    assert [(q.tp, q.dp, q.threads, q.devices) for q in plans] == [(1, 1, 2, (0, 1))]
+    run = p.est.run(p.est.variant("small", 2), 1, 1, p.initial_state().work["small"])
+    assert p.plan("samullm").makespan_s == pytest.approx(25.0 + run.total_s)
+
+
+def test_threads_not_chosen_when_no_faster() -> None:
+    plans = planner(1.0).plan("samullm").stages[0].plans
+    assert all(q.threads == 1 for q in plans)
+
+
+def test_long_decoding_still_prefers_two_engines_over_sqrt2_assumption() -> None:
+    plans = planner(None, n=512, out=512).plan("samullm").stages[0].plans
+    assert [(q.tp, q.dp, q.threads) for q in plans] == [(1, 2, 1)]
+
+
+def test_assumed_speedup_divides_compute_terms_only() -> None:
+    base = lat(SPEC, 1)
+    two = assumed_threads_latency(base, 2)
+    assert two.c1 == pytest.approx(base.c1 / 2 ** 0.5)
+    assert two.c3 == pytest.approx(base.c3 / 2 ** 0.5)
+    assert (two.c0, two.c4, two.load_time_s) == (base.c0, base.c4, base.load_time_s)
+    assert assumed_threads_latency(base, 1) is base
