@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -49,6 +50,7 @@ from scheduler.types import DevicePool, Schedule
 
 log = logging.getLogger(__name__)
 KEEP_FINISHED_BATCHES = 1000  # finished batches whose events stay available
+ARRIVAL_PASS_INTERVAL_S = 1.0  # least time between the end of a pass and one for new batches only
 
 Planner = Callable[[PlanningProblem, str], Schedule]
 
@@ -320,8 +322,17 @@ class PoolExecutor(EngineSlots):
         return fut
 
     async def _control_loop(self) -> None:
+        last_pass_end = -math.inf
         while True:
             await self._wake.wait()
+            if all(r.startswith("batch_submitted:") for r in self._reasons):
+                # New batches alone do not need a pass at once (their requests for running models
+                # are dispatched already); a stream of small batches would otherwise keep the
+                # planner busy back to back and starve the gateway of CPU. Engine events and model
+                # finishes never wait. Arrivals during the pause join the same pass.
+                pause = last_pass_end + ARRIVAL_PASS_INTERVAL_S - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
             self._wake.clear()
             reasons, self._reasons = self._reasons, []
             waiters, self._pass_waiters = self._pass_waiters, []
@@ -332,6 +343,7 @@ class PoolExecutor(EngineSlots):
             except Exception:
                 log.exception("executor pass failed (reasons %s)", reasons)
             finally:
+                last_pass_end = time.monotonic()
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)

@@ -28,6 +28,7 @@ from scheduler.planner import PlanningProblem, plan
 from scheduler.types import Schedule
 
 PR_SET_PDEATHSIG = 1
+WORKER_NICE = 10
 
 
 def _init_worker() -> None:
@@ -39,6 +40,9 @@ def _init_worker() -> None:
         pass
     if os.getppid() == 1:  # the gateway died before the line above ran
         os._exit(0)
+    # Planning is background work: when cores are short (engines busy, CPU node) the gateway's
+    # event loop must win the core, or every API call waits behind a re-plan.
+    os.nice(WORKER_NICE)
     import scheduler.planner  # noqa: F401
 
 

@@ -258,6 +258,25 @@ async def test_a_dropped_connection_to_a_live_engine_is_retried(run, launcher, m
     assert len(launcher.engines) == 1
 
 
+async def test_a_stream_of_new_batches_is_planned_in_few_passes(run, launcher) -> None:
+    """Arrivals alone wait for ARRIVAL_PASS_INTERVAL_S after the last pass and share one pass; their
+    requests for a running model are served meanwhile."""
+    launcher.delay_s["a"] = 0.05
+    ex = await run(devices=1)
+    ex.submit("first", items("a", 200), Sink())  # ~2 s of work: in the pool throughout
+    sinks = []
+    for i in range(20):  # 20 one-request batches within ~0.4 s
+        await asyncio.sleep(0.02)
+        ex.submit(f"s{i}", items("a", 1, prefix=f"s{i}"), sink := Sink())
+        sinks.append(sink)
+    await asyncio.wait_for(asyncio.gather(*(ex.wait(f"s{i}") for i in range(20))), 30)
+    assert all(s.outcomes and s.outcomes[0].ok for s in sinks)
+    await ex.wait("first")
+    passes = [e for e in ex.events("first") if e["event"] in ("plan", "replan")]
+    arrivals = {r for e in passes for r in e["reasons"] if r.startswith("batch_submitted:s")}
+    assert len(arrivals) == 20 and len(passes) <= 4  # coalesced, not one pass per batch
+
+
 async def test_cancel_mid_run_aborts_and_frees_every_engine(run, launcher: FakeLauncher) -> None:
     launcher.delay_s.update(a=0.2, b=0.2)
     ex = await run()
@@ -402,7 +421,8 @@ async def test_close_lets_outcomes_being_delivered_finish(run, launcher: FakeLau
     assert completed and sorted(completed) == sorted(started)
 
 
-async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp_path) -> None:
+async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp_path,
+                                                              monkeypatch) -> None:
     """A scripted planner (the executor's reaction to a changed plan is what is tested here): the
     first plan runs a on core 0 with TP=1, every later one a on cores 0-1 with TP=2. The TP=1
     engine is stopped, its in-flight requests go back to the queue and run on the new engine."""
@@ -414,6 +434,7 @@ async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp
         return Schedule(strategy, [Stage([plan], 0.0, 1.0)], 1.0)
 
     launcher.delay_s["a"] = 0.2
+    monkeypatch.setattr("runtime.executor.ARRIVAL_PASS_INTERVAL_S", 0.0)  # y's arrival re-plans now
     cfg = make_cfg(tmp_path)
     ex = PoolExecutor(cfg, launcher, planner=scripted,
                       pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))

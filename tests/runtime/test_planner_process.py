@@ -54,6 +54,7 @@ def test_a_killed_worker_is_replaced(tmp_path, planner) -> None:
     prob = problem(tmp_path)
     pid = planner.warm_up()
     assert pid != os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
     os.kill(pid, signal.SIGKILL)
     assert planner(prob, "sequential").stages  # a new worker answers
     assert planner.warm_up() != pid
