@@ -18,9 +18,11 @@ solved exactly; `simulate` under the scaled model confirms it (the "after" error
 Cold shapes: a fresh CPU engine pays a one-off cost the first time it runs a step with a token
 count it has not run before (measured here: ~90 ms per new count for the small model at TP 2,
 the same per count on two different sets; the first run of a 64-request set took 2x its second).
-The scales are fitted to warm runs (each set's fastest repeat); `new_shape_s` is fitted to the
-first runs' excess over them, per token count new to the engine (sets run in order on one engine).
-`cold_extra` predicts it for a set sent to a fresh engine.
+At TP 2 the very first request of a fresh engine also pays a fixed few seconds (tiny/small
+models: ~5 s on prefill sets that warm take 0.4-1.4 s; ~0.05 s at TP 1). The scales are fitted to
+warm runs (each set's fastest repeat); `new_shape_s` to the later sets' first-run excess per token
+count new to the engine (sets run in order on one engine), and `first_request_s` to what is left of
+the first set's. `cold_extra` predicts both for a set sent to a fresh engine.
 Pure: no I/O, no wall clock.
 """
 
@@ -84,18 +86,21 @@ class ServedCalibration:
     step_scale: float
     sets: tuple[SetFit, ...]
     new_shape_s: float = 0.0  # one-off seconds per token count new to a fresh engine
+    first_request_s: float = 0.0  # one-off seconds of a fresh engine's first requests
 
     def apply(self, model: LatencyModel) -> LatencyModel:
         return scale_latency(model, self.token_scale, self.step_scale)
 
     def cold_extra(self, limits: EngineLimits, requests: Sequence[tuple[int, int]],
                    model: LatencyModel) -> float:
-        """Seconds a fresh engine adds to `requests` (all queued at 0) for its new token counts."""
-        return self.new_shape_s * len(token_shapes(limits, requests, model))
+        """Seconds a fresh engine adds to `requests` (all queued at 0): its first requests and
+        the token counts it runs for the first time."""
+        return self.first_request_s + self.new_shape_s * len(token_shapes(limits, requests, model))
 
     def to_dict(self) -> dict[str, Any]:
         return {"token_scale": self.token_scale, "step_scale": self.step_scale,
-                "new_shape_s": self.new_shape_s, "sets": [{**asdict(s), "err_before": s.err_before, "err_after": s.err_after}
+                "new_shape_s": self.new_shape_s, "first_request_s": self.first_request_s,
+                "sets": [{**asdict(s), "err_before": s.err_before, "err_after": s.err_after}
                          for s in self.sets]}
 
     @classmethod
@@ -105,7 +110,7 @@ class ServedCalibration:
                             None if s.get("first_s") is None else float(s["first_s"]),
                             int(s.get("new_shapes", 0))) for s in d["sets"])
         return cls(float(d["token_scale"]), float(d["step_scale"]), sets,
-                   float(d.get("new_shape_s", 0.0)))
+                   float(d.get("new_shape_s", 0.0)), float(d.get("first_request_s", 0.0)))
 
 
 def scale_latency(model: LatencyModel, token_scale: float, step_scale: float) -> LatencyModel:
@@ -166,10 +171,13 @@ def fit_served_scales(model: LatencyModel, limits: EngineLimits,
         new.append(len(shapes - seen))
         seen |= shapes
     cold = [(n, s.first_s - s.measured_s) for n, s in zip(new, sets) if s.first_s is not None]
-    nn = sum(n * n for n, _ in cold)
-    new_shape_s = max(0.0, sum(n * g for n, g in cold) / nn) if nn else 0.0
+    later = cold[1:] if len(cold) > 1 else cold  # the first set also pays the first-request cost
+    nn = sum(n * n for n, _ in later)
+    new_shape_s = max(0.0, sum(n * g for n, g in later) / nn) if nn else 0.0
+    first_request_s = (max(0.0, cold[0][1] - new_shape_s * cold[0][0])
+                       if len(cold) > 1 and sets[0].first_s is not None else 0.0)
     fits = tuple(SetFit(s.name, len(s.requests), s.measured_s,
                         _sim_total(s.requests, limits, model),
                         _sim_total(s.requests, limits, scaled), s.first_s, n)
                  for s, n in zip(sets, new))
-    return ServedCalibration(token_scale, step_scale, fits, new_shape_s)
+    return ServedCalibration(token_scale, step_scale, fits, new_shape_s, first_request_s)

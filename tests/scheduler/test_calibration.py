@@ -105,11 +105,18 @@ def test_cold_shape_cost_is_fitted_per_new_token_count():
         seen |= shapes
     cal = fit_served_scales(FIT, LIMITS, sets)
     assert cal.new_shape_s == pytest.approx(0.09, rel=1e-6)
+    assert cal.first_request_s == pytest.approx(0.0, abs=1e-9)
+    # the first set also pays a fresh engine's first-request cost: it is separated
+    sets[0] = CalibrationSet(sets[0].name, sets[0].requests, sets[0].measured_s,
+                             sets[0].first_s + 4.0)
+    cal = fit_served_scales(FIT, LIMITS, sets)
+    assert cal.new_shape_s == pytest.approx(0.09, rel=1e-6)
+    assert cal.first_request_s == pytest.approx(4.0, rel=1e-6)
     assert cal.token_scale == pytest.approx(1.0, rel=1e-3)  # scales come from the warm runs
     assert [s.new_shapes for s in cal.sets][0] == len(token_shapes(LIMITS, SHAPES["prefill"], FIT))
     held_out = [(300, 20)] * 20 + [(40, 90)] * 30
     n = len(token_shapes(LIMITS, held_out, FIT))
-    assert 3 <= n and cal.cold_extra(LIMITS, held_out, FIT) == pytest.approx(0.09 * n)
+    assert 3 <= n and cal.cold_extra(LIMITS, held_out, FIT) == pytest.approx(4.0 + 0.09 * n)
     assert ServedCalibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
     # first runs faster than warm ones (noise) never give a negative cost; no first runs: 0
     fast = [CalibrationSet(s.name, s.requests, s.measured_s, s.measured_s * 0.9) for s in warm]
