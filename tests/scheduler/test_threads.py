@@ -72,7 +72,7 @@ def test_threads_not_chosen_when_no_faster() -> None:
     assert all(q.threads == 1 for q in plans)
 
 
-def test_long_decoding_still_prefers_two_engines_over_sqrt2_assumption() -> None:
+def test_long_decoding_still_prefers_two_engines_over_the_assumed_speedup() -> None:
     plans = planner(None, n=512, out=512).plan("samullm").stages[0].plans
     assert [(q.tp, q.dp, q.threads) for q in plans] == [(1, 2, 1)]
 
@@ -80,7 +80,7 @@ def test_long_decoding_still_prefers_two_engines_over_sqrt2_assumption() -> None
 def test_assumed_speedup_divides_compute_terms_only() -> None:
     base = lat(SPEC, 1)
     two = assumed_threads_latency(base, 2)
-    assert two.c1 == pytest.approx(base.c1 / 2 ** 0.5)
-    assert two.c3 == pytest.approx(base.c3 / 2 ** 0.5)
+    assert two.c1 == pytest.approx(base.c1 / 2 ** 0.25)
+    assert two.c3 == pytest.approx(base.c3 / 2 ** 0.25)
     assert (two.c0, two.c4, two.load_time_s) == (base.c0, base.c4, base.load_time_s)
     assert assumed_threads_latency(base, 1) is base
