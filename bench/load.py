@@ -6,7 +6,7 @@ random-weight model (`runtime.tinymodel.write_tiny_model`, reused from `.samullm
 present), submits a long batch, waits until the engine produces output, then runs the clients and
 prints p50/p99 latency per endpoint and the error count. Stops the server with SIGTERM at the end.
 
-    .venv/bin/python bench/load.py [--clients 50] [--duration 60]
+    .venv/bin/python bench/load.py [--clients 50] [--duration 60] [--think-ms 25]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 async def client(http: aiohttp.ClientSession, main_batch: str, stop: float, rng: random.Random,
-                 lat: dict[str, list[float]], errors: dict[str, int]) -> None:
+                 lat: dict[str, list[float]], errors: dict[str, int], think_s: float) -> None:
     own_files: list[str] = []
     while time.monotonic() < stop:
         op = rng.choices(["upload", "create", "get_batch", "list_batches", "list_files",
@@ -91,10 +91,11 @@ async def client(http: aiohttp.ClientSession, main_batch: str, stop: float, rng:
         lat[op].append((time.perf_counter() - t0) * 1000)
         if not ok:
             errors[op] += 1
-        await asyncio.sleep(rng.uniform(0, 0.05))
+        await asyncio.sleep(rng.uniform(0, 2 * think_s))
 
 
-async def run(n_clients: int, duration: float) -> None:
+async def run(n_clients: int, duration: float, think_s: float) -> None:
+    served = float("nan")
     tmp = Path(tempfile.mkdtemp(prefix="samullm-load-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,14 +140,16 @@ async def run(n_clients: int, duration: float) -> None:
                     break
                 await asyncio.sleep(0.5)
             print(f"engine up after {time.monotonic() - t0:.0f} s; load for {duration:.0f} s "
-                  f"with {n_clients} clients", flush=True)
+                  f"with {n_clients} clients, mean think time {think_s * 1000:.0f} ms", flush=True)
             lat: dict[str, list[float]] = defaultdict(list)
             errors: dict[str, int] = defaultdict(int)
             stop = time.monotonic() + duration
             conn = aiohttp.TCPConnector(limit=n_clients)
             async with aiohttp.ClientSession(url, connector=conn) as load:
+                t_load = time.monotonic()
                 await asyncio.gather(*(client(load, main_batch, stop, random.Random(i), lat,
-                                              errors) for i in range(n_clients)))
+                                              errors, think_s) for i in range(n_clients)))
+                served = sum(len(x) for x in lat.values()) / (time.monotonic() - t_load)
             async with http.get(f"/v1/batches/{main_batch}") as r:
                 b = await r.json()
             print(f"main batch while loaded: {b['status']} {b['request_counts']}")
@@ -158,15 +161,19 @@ async def run(n_clients: int, duration: float) -> None:
         xs = lat[op]
         print(f"{op:<14}{len(xs):>7}{percentile(xs, .5):>9.1f}{percentile(xs, .99):>9.1f}"
               f"{errors[op]:>8}")
-    print(f"total errors: {sum(errors.values())}; server exit code after SIGTERM: {code}")
+    print(f"total errors: {sum(errors.values())}; {served:.0f} requests/s served; "
+          f"server exit code after SIGTERM: {code}; load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--duration", type=float, default=60)
+    p.add_argument("--think-ms", type=float, default=25,
+                   help="mean pause between one client's calls (uniform 0..2x); 25 ms saturates "
+                        "the gateway (closed loop), ~500 ms is a team of pollers")
     args = p.parse_args()
-    asyncio.run(run(args.clients, args.duration))
+    asyncio.run(run(args.clients, args.duration, args.think_ms / 1000))
 
 
 if __name__ == "__main__":

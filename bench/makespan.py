@@ -92,34 +92,37 @@ def write_config(root: Path, paths: dict[str, Path], port: int, cores: tuple[int
     return cfg
 
 
-def ensure_profiles(cfg_path: Path, root: Path, models: list[str], quick: bool) -> None:
-    """`samullm profile` for every (model, tp) without a stored profile."""
-    from runtime.profiles import load_profile
+# (tp, cores per rank) shapes the planner can choose on 2 cores: each gets a measured profile
+SHAPES = ((1, 1), (2, 1), (1, 2))
 
-    from runtime.profiles import save_profile
+
+def ensure_profiles(cfg_path: Path, root: Path, models: list[str], quick: bool) -> None:
+    """`samullm profile` for every (model, tp, threads) shape without a stored profile."""
+    from runtime.profiles import load_profile, save_profile
 
     for m in models:
-        for tp in (1, 2):
-            if load_profile(root / "state", m, tp, "cpu") is not None:
+        for tp, th in SHAPES:
+            if load_profile(root / "state", m, tp, "cpu", th) is not None:
                 continue
-            twin = same_architecture(m, lambda o: load_profile(root / "state", o, tp, "cpu"))
+            twin = same_architecture(m, lambda o: load_profile(root / "state", o, tp, "cpu", th))
             if twin is not None:  # same shapes, other random weights: the same latency
                 save_profile(root / "state", dataclasses.replace(
                     twin, model=m, meta={**twin.meta, "copied_from": twin.model}))
                 continue
             # engine start time barely depends on these models' size (imports, process spawns and
             # warm-up dominate): when another model's start at this TP was measured, borrow it
-            donor = next((p for p in (load_profile(root / "state", o, tp, "cpu") for o in MODELS)
+            donor = next((p for p in (load_profile(root / "state", o, tp, "cpu", th) for o in MODELS)
                           if p is not None and p.meta.get("load_time_measured")), None)
             cmd = [sys.executable, "-m", "gateway.cli", "profile", "--config", str(cfg_path),
-                   "--model", m, "--tp", str(tp)] + (["--quick", "--repeats", "1"] if quick else [])
+                   "--model", m, "--tp", str(tp), "--threads", str(th)] + (
+                       ["--quick", "--repeats", "1"] if quick else [])
             if donor is not None:
                 cmd.append("--no-start-time")
             print("$", " ".join(cmd[2:]), flush=True)
             t0 = time.monotonic()
             subprocess.run(cmd, check=True, cwd=REPO)
             print(f"  profiled in {time.monotonic() - t0:.0f} s", flush=True)
-            prof = load_profile(root / "state", m, tp, "cpu")
+            prof = load_profile(root / "state", m, tp, "cpu", th)
             if donor is not None and prof is not None:
                 save_profile(root / "state", dataclasses.replace(
                     prof, latency=prof.latency.with_load_time(donor.latency.load_time_s),
@@ -149,16 +152,16 @@ def refresh_start_times(cfg_path: Path, root: Path, models: list[str]) -> None:
 
     cfg = load_config(cfg_path)
     for m in models:
-        for tp in (1, 2):
-            prof = load_profile(root / "state", m, tp, "cpu")
+        for tp, th in SHAPES:
+            prof = load_profile(root / "state", m, tp, "cpu", th)
             mc = cfg.model(m)
             if prof is None or mc is None:
                 continue
             spec = EngineSpec(model=mc, model_path=mc.resolved_path(cfg.base_dir),
-                              devices=tuple(range(tp)), tp=tp, kv_cache_gib=KV_GIB,
-                              log_path=root / "logs" / f"start-{m}-tp{tp}.log")
+                              devices=tuple(range(tp * th)), tp=tp, kv_cache_gib=KV_GIB,
+                              log_path=root / "logs" / f"start-{m}-tp{tp}-t{th}.log")
             t = asyncio.run(measure_start_time(spec))
-            print(f"  start time {m} tp{tp}: {t:.1f} s (profile had "
+            print(f"  start time {m} tp{tp} threads{th}: {t:.1f} s (profile had "
                   f"{prof.latency.load_time_s:.1f} s)", flush=True)
             save_profile(root / "state", dataclasses.replace(
                 prof, latency=prof.latency.with_load_time(t),
@@ -394,13 +397,18 @@ def offline_plan(cfg_path: Path, inp: Path) -> dict:
     return json.loads(res.stdout)
 
 
+def _threads(p: dict) -> str:
+    return f"x{p['threads']}threads" if p.get("threads", 1) > 1 else ""
+
+
 def describe_plan(result: dict) -> list[str]:
     if "error" in result:
         return [f"  samullm plan failed: {result['error']}"]
     out = []
     for s, r in (result.get("strategies") or {}).items():
         stages = " | ".join(
-            ", ".join(f"{p['model']} tp{p['tp']}xdp{p['dp']}@{p['devices']}" for p in st["plans"])
+            ", ".join(f"{p['model']} tp{p['tp']}xdp{p['dp']}{_threads(p)}@{p['devices']}"
+                      for p in st["plans"])
             + f" ({st['start_s']:.0f}-{st['end_s']:.0f}s)" for st in r.get("stages", []))
         origin = f" [{r['origin']}]" if r.get("origin") else ""
         out.append(f"  plan {s:<16} {r['makespan_s']:7.1f} s{origin}: {stages}")
@@ -412,7 +420,8 @@ def describe_events(run: GatewayRun) -> list[str]:
     t0 = run.events[0]["t"] if run.events else 0.0
     for e in run.events:
         if e["event"] in ("plan", "replan"):
-            st = ", ".join(f"{p['model']} tp{p['tp']}xdp{p['dp']}@{p['devices']}" for p in e["stage"])
+            st = ", ".join(f"{p['model']} tp{p['tp']}xdp{p['dp']}{_threads(p)}@{p['devices']}"
+                           for p in e["stage"])
             out.append(f"    +{e['t'] - t0:6.1f}s {e['event']:<7} predicted "
                        f"{e['predicted_makespan_s']:.1f}s, {e['stages']} stages; now: {st}")
         elif e["event"] == "engine_started":
