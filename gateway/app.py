@@ -24,6 +24,7 @@ from gateway.filestore import FileStore
 from gateway.logs import request_id_middleware
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_json
+from gateway.responses import json_response
 from gateway.state import CONFIG, DB, METRICS, SERVICE, STORE
 from runtime.config import Config
 from runtime.executor_api import Executor
@@ -33,7 +34,7 @@ CONTROL_BODY_LIMIT = 1 << 20  # JSON bodies; uploads stream and have their own l
 
 
 async def health(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -45,7 +46,7 @@ async def models(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "samullm"}
             for m in cfg.models]
-    return web.json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 ROUTES = [

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.auth import OWNER
 from gateway.errors import bad_request, conflict
+from gateway.responses import json_response
 from gateway.state import CONFIG, DB, SERVICE
 from gateway.views_util import int_param
 from runtime.config import STRATEGIES
@@ -75,13 +76,13 @@ async def create(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     row = service.create(owner, input_file_id, endpoint, window, metadata,
                          (metadata or {}).get(STRATEGY_KEY))
-    return web.json_response(service.view(row))
+    return json_response(service.view(row))
 
 
 async def retrieve(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     row = request.app[DB].get_batch(request.match_info["batch_id"], request[OWNER])
-    return web.json_response(service.view(row))
+    return json_response(service.view(row))
 
 
 async def list_batches(request: web.Request) -> web.Response:
@@ -90,7 +91,7 @@ async def list_batches(request: web.Request) -> web.Response:
     rows, more = request.app[DB].list_batches(request[OWNER],
                                              after=request.query.get("after") or None, limit=limit)
     data = [service.view(r) for r in rows]
-    return web.json_response({"object": "list", "data": data,
+    return json_response({"object": "list", "data": data,
                               "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None, "has_more": more})
 
@@ -101,6 +102,6 @@ async def cancel(request: web.Request) -> web.Response:
     if row is None:
         status = request.app[DB].get_batch(batch_id)["status"]
         raise conflict(f"Cannot cancel a batch with status '{status}'.")
-    return web.json_response(service.view(row))
+    return json_response(service.view(row))
 
 

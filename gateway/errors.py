@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from gateway.db import Conflict, NotFound
+from gateway.responses import json_response
 
 log = logging.getLogger("samullm.gateway")
 
@@ -44,7 +45,7 @@ def conflict(message: str) -> ApiError:
 
 
 def render(err: ApiError) -> web.Response:
-    return web.json_response(err.body(), status=err.status, headers=err.headers)
+    return json_response(err.body(), status=err.status, headers=err.headers)
 
 
 _HTTP_TYPES = {401: "authentication_error", 404: "invalid_request_error",

@@ -12,6 +12,7 @@ from gateway.auth import OWNER
 from gateway.errors import ApiError, bad_request
 from gateway.filestore import AtomicWriter, NotUtf8, TooLarge
 from gateway.ids import new_file_id
+from gateway.responses import json_response
 from gateway.state import CONFIG, DB, SERVICE, STORE
 from gateway.views_util import int_param
 
@@ -70,7 +71,7 @@ async def upload(request: web.Request) -> web.Response:
            "created_at": request.app[SERVICE].now(),
            "filename": filename, "purpose": purpose, "batch_id": None}
     request.app[DB].insert_file(row)
-    return web.json_response(file_object(row))
+    return json_response(file_object(row))
 
 
 async def _receive(part: BodyPartReader, w: AtomicWriter) -> tuple[int, ApiError | None]:
@@ -110,14 +111,14 @@ async def list_files(request: web.Request) -> web.Response:
                                            limit=limit, order=order,
                                            purpose=q.get("purpose") or None)
     data = [file_object(r) for r in rows]
-    return web.json_response({"object": "list", "data": data,
+    return json_response({"object": "list", "data": data,
                               "first_id": data[0]["id"] if data else None,
                               "last_id": data[-1]["id"] if data else None, "has_more": more})
 
 
 async def retrieve(request: web.Request) -> web.Response:
     row = request.app[DB].get_file(request.match_info["file_id"], request[OWNER])
-    return web.json_response(file_object(row))
+    return json_response(file_object(row))
 
 
 async def content(request: web.Request) -> web.StreamResponse:
@@ -130,4 +131,4 @@ async def delete(request: web.Request) -> web.Response:
     file_id = request.match_info["file_id"]
     request.app[DB].delete_file(file_id, request[OWNER])
     request.app[STORE].delete(file_id)
-    return web.json_response({"id": file_id, "object": "file", "deleted": True})
+    return json_response({"id": file_id, "object": "file", "deleted": True})

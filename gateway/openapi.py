@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.batches_views import META_KEY_LEN, META_KEYS, META_VALUE_LEN, STRATEGY_KEY
 from gateway.files_views import UPLOAD_PURPOSES
 from gateway.lifecycle import STATUSES
+from gateway.responses import json_response
 from gateway.state import CONFIG
 from runtime.config import STRATEGIES, Config
 
@@ -314,4 +315,4 @@ def document(cfg: Config | None = None, server_url: str | None = None) -> dict[s
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(document(request.app[CONFIG]))
+    return json_response(document(request.app[CONFIG]))

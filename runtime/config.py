@@ -133,6 +133,11 @@ class ModelConfig:
         )
 
 
+# nice 5 gives a process about a third of the CPU weight of a nice-0 one: a busy engine still gets
+# every cycle the gateway does not use, but the gateway's API calls wait behind it far less
+DEFAULT_CPU_ENGINE_NICE = 5
+
+
 @dataclass(frozen=True)
 class DevicesConfig:
     kind: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -149,8 +154,18 @@ class DevicesConfig:
     start_contention: float | None = field(default=None, metadata={
         "help": "β: n engines started together each take load × (1 + β·(n−1)); "
                 "unset = the measured CPU default, or 0.1 on GPUs (scheduler.types)"})
+    engine_nice: int | None = field(default=None, metadata={
+        "help": "niceness added to engine processes; unset = 5 on CPU (engines share the cores "
+                "with the gateway, whose API must stay responsive), 0 on GPUs"})
+
+    def effective_engine_nice(self, kind: str) -> int:
+        if self.engine_nice is not None:
+            return self.engine_nice
+        return DEFAULT_CPU_ENGINE_NICE if kind == "cpu" else 0
 
     def validate(self, where: str) -> None:
+        if self.engine_nice is not None and not 0 <= self.engine_nice <= 19:
+            raise ConfigError(f"{where}.engine_nice: an integer in [0, 19]")
         if self.max_threads_per_rank < 0:
             raise ConfigError(f"{where}.max_threads_per_rank: must be >= 0 (0 = every core)")
         if self.start_contention is not None and not 0 <= self.start_contention < 100:

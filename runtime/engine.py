@@ -27,7 +27,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import aiohttp
 
@@ -56,6 +56,7 @@ class EngineSpec:
     kv_cache_gib: float = 1.0  # CPU: KV cache bytes per rank (--kv-cache-memory-bytes)
     gpu_memory_utilization: float = 0.9
     log_path: Path | None = None
+    nice: int = 0  # added to the engine processes' niceness (see `[devices] engine_nice`)
 
 
 def cpu_bind_string(devices: tuple[int, ...], tp: int) -> str:
@@ -152,6 +153,16 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
+def _child_setup(nice: int) -> Callable[[], None]:
+    """preexec_fn for an engine: parent-death signal, then the niceness every process of the engine
+    inherits (the engine is throughput work; the gateway's event loop must win a contended core)."""
+    def setup() -> None:
+        _set_pdeathsig()
+        if nice:
+            os.nice(nice)
+    return setup
+
+
 def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group `pgid`, from /proc."""
     pids = []
@@ -224,7 +235,7 @@ class Engine:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_set_pdeathsig,
+                preexec_fn=_child_setup(self.spec.nice),
             )
         self.pid = self._proc.pid
         _LIVE.add(self)

@@ -85,3 +85,12 @@ def test_max_threads_per_rank_sets_cpu_pools(tmp_path: Path):
     assert discover_pool(one).max_threads == 1
     with pytest.raises(ConfigError, match=r"devices\.max_threads_per_rank: must be >= 0"):
         _load(tmp_path, "[devices]\nmax_threads_per_rank = -1\n")
+
+
+def test_engine_nice_defaults_per_device_kind_and_is_checked(tmp_path: Path):
+    unset = _load(tmp_path, "[devices]\n").devices
+    assert unset.effective_engine_nice("cpu") == 5 and unset.effective_engine_nice("cuda") == 0
+    assert _load(tmp_path, "[devices]\nengine_nice = 0\n").devices.effective_engine_nice("cpu") == 0
+    assert _load(tmp_path, "[devices]\nengine_nice = 12\n").devices.effective_engine_nice("a100") == 12
+    with pytest.raises(ConfigError, match=r"devices\.engine_nice: an integer in \[0, 19\]"):
+        _load(tmp_path, "[devices]\nengine_nice = 40\n")
