@@ -63,20 +63,27 @@ class LatencySource:
     device: str
     start_times: dict[tuple[str, int], float]
     threaded: dict[tuple[str, int, int], LatencyModel] = field(default_factory=dict)
+    # a fresh engine's one-off slowness after it is healthy (its first requests, and every token
+    # count it runs for the first time), from the profile's served calibration; charged with the
+    # start, since every (re)started engine pays it once
+    cold: dict[tuple[str, int, int], float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
              start_times: dict[tuple[str, int], float]) -> "LatencySource":
-        table, threaded = {}, {}
+        table, threaded, cold = {}, {}, {}
         for m in models:
             for tp in tp_degrees(pool):
                 for th in thread_counts(pool):
                     prof = profiles.load_profile(state_dir, m, tp, pool.signature, th)
-                    if prof is not None and th == 1:
+                    if prof is None:
+                        continue
+                    if th == 1:
                         table[(m, tp)] = prof.latency
-                    elif prof is not None:
+                    else:
                         threaded[(m, tp, th)] = prof.latency
-        return cls(table, pool.signature, dict(start_times), threaded)
+                    cold[(m, tp, th)] = cold_start_s(prof.meta)
+        return cls(table, pool.signature, dict(start_times), threaded, cold)
 
     def _base(self, spec: ModelSpec, tp: int) -> LatencyModel:
         hit = self.table.get((spec.name, tp))
@@ -92,6 +99,11 @@ class LatencySource:
         return analytic_latency_model(spec, tp, "cuda")
 
     def __call__(self, spec: ModelSpec, tp: int) -> LatencyModel:
+        lat = self._start(spec, tp)
+        cold = self.cold.get((spec.name, tp, 1), 0.0)
+        return lat.with_load_time(lat.load_time_s + cold) if cold else lat
+
+    def _start(self, spec: ModelSpec, tp: int) -> LatencyModel:
         lat = self._base(spec, tp)
         measured = self.start_times.get((spec.name, tp))
         if measured is not None:
@@ -107,7 +119,22 @@ class LatencySource:
         hit = self.threaded.get((spec.name, tp, threads))
         if hit is None:
             return assumed_threads_latency(one, threads)
-        return hit.with_load_time(one.load_time_s)
+        start = self._start(spec, tp).load_time_s
+        return hit.with_load_time(start + self.cold.get((spec.name, tp, threads), 0.0))
+
+
+def cold_start_s(meta: dict) -> float:
+    """A profile's fresh-engine cost: the first requests' extra plus the new-token-count cost times
+    the most new counts one of its calibration sets ran (the shapes a whole run visits)."""
+    cal = meta.get("served_calibration") if isinstance(meta, dict) else None
+    if not isinstance(cal, dict):
+        return 0.0
+    try:
+        shapes = max((int(s.get("new_shapes", 0)) for s in cal.get("sets", [])), default=0)
+        return max(0.0, float(cal.get("first_request_s", 0.0))
+                   + float(cal.get("new_shape_s", 0.0)) * shapes)
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
 
 
 def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int]:

@@ -74,3 +74,20 @@ def test_length_model_store_round_trip_and_corruption(tmp_path) -> None:
     (tmp_path / "lengths.json").write_text("{not json")
     assert load_length_model(tmp_path).to_dict() == LengthModel().to_dict()
     assert not list(tmp_path.glob(".lengths-*"))  # no temp files left behind
+
+
+def test_a_profiles_cold_start_cost_is_charged_with_the_start(tmp_path) -> None:
+    from runtime.replan import cold_start_s
+
+    pool = DevicePool("cpu", (0, 1), 1 << 28)
+    lat = LatencyModel(1e-3, 2e-5, 0.0, 1e-7, 1e-4, load_time_s=30.0)
+    cal = {"token_scale": 1.2, "step_scale": 1.1, "first_request_s": 2.0, "new_shape_s": 0.05,
+           "sets": [{"name": "prefill", "new_shapes": 10}, {"name": "mixed", "new_shapes": 40}]}
+    assert cold_start_s({"served_calibration": cal}) == pytest.approx(2.0 + 0.05 * 40)
+    assert cold_start_s({}) == 0.0 and cold_start_s({"served_calibration": {"sets": "x"}}) == 0.0
+    save_profile(tmp_path, Profile("a", 1, "cpu", lat, {"served_calibration": cal}))
+    src = LatencySource.load(tmp_path, pool, ["a"], {})
+    assert src(SPEC, 1).load_time_s == pytest.approx(34.0)  # profile start + cold cost
+    measured = LatencySource.load(tmp_path, pool, ["a"], {("a", 1): 20.0})
+    assert measured(SPEC, 1).load_time_s == pytest.approx(24.0)  # measured start + cold cost
+    assert measured(SPEC, 1).c1 == lat.c1
