@@ -109,24 +109,15 @@ def ensure_profiles(cfg_path: Path, root: Path, models: list[str], quick: bool) 
                 save_profile(root / "state", dataclasses.replace(
                     twin, model=m, meta={**twin.meta, "copied_from": twin.model}))
                 continue
-            # engine start time barely depends on these models' size (imports, process spawns and
-            # warm-up dominate): when another model's start at this TP was measured, borrow it
-            donor = next((p for p in (load_profile(root / "state", o, tp, "cpu", th) for o in MODELS)
-                          if p is not None and p.meta.get("load_time_measured")), None)
+            # every shape is measured in full: the profiler's served calibration (scales, cold
+            # costs) needs the engine it starts to time the start-up (`--no-start-time` skips both)
             cmd = [sys.executable, "-m", "gateway.cli", "profile", "--config", str(cfg_path),
                    "--model", m, "--tp", str(tp), "--threads", str(th)] + (
                        ["--quick", "--repeats", "1"] if quick else [])
-            if donor is not None:
-                cmd.append("--no-start-time")
             print("$", " ".join(cmd[2:]), flush=True)
             t0 = time.monotonic()
             subprocess.run(cmd, check=True, cwd=REPO)
             print(f"  profiled in {time.monotonic() - t0:.0f} s", flush=True)
-            prof = load_profile(root / "state", m, tp, "cpu", th)
-            if donor is not None and prof is not None:
-                save_profile(root / "state", dataclasses.replace(
-                    prof, latency=prof.latency.with_load_time(donor.latency.load_time_s),
-                    meta={**prof.meta, "load_time_from": donor.model}))
 
 
 def same_architecture(model: str, find):
