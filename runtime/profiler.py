@@ -398,7 +398,9 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a shorter sweep")
     p.add_argument("--repeats", type=int, default=2,
                    help="run each case this many times, keep each step's fastest time")
-    p.add_argument("--no-start-time", action="store_true", help="skip measuring engine start time (and with it the served calibration, which runs on that engine)")
+    p.add_argument("--no-start-time", action="store_true",
+                   help="skip measuring engine start time (and with it the served calibration, "
+                        "which runs on that engine)")
 
 
 def profile_main(args: argparse.Namespace) -> int:
