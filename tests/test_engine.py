@@ -119,31 +119,6 @@ async def test_engines_pinned_to_their_cores(pair):
     assert _bound_cores(b.pid) == {"1"}
 
 
-async def _workload(eng: Engine) -> float:
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(eng.post("/v1/chat/completions",
-                                              _chat(eng.spec.model.name, f"story {i}", 160))
-                                     for i in range(4)))
-    assert all(status == 200 for status, _ in results)
-    return time.perf_counter() - t0
-
-
-@aio
-async def test_two_engines_run_concurrently(pair):
-    """Both at once take about as long as the slower alone, not the sum (the cores are disjoint).
-    The machine is shared, so the best of three tries counts."""
-    a, b = pair
-    await asyncio.gather(_workload(a), _workload(b))  # warm-up
-    ratios = []
-    for _ in range(3):
-        alone = max(await _workload(a), await _workload(b))
-        t0 = time.perf_counter()
-        await asyncio.gather(_workload(a), _workload(b))
-        together = time.perf_counter() - t0
-        ratios.append(together / alone)
-    assert min(ratios) < 1.4, ratios  # serialized execution would give ~2.0
-
-
 @aio
 async def test_start_failure_raises_with_log_tail(test_config: Config, tmp_path: Path):
     spec = _spec(test_config, "tiny-a", (0,), engine_args={"no_such_vllm_flag": 1})
