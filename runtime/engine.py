@@ -146,7 +146,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def set_pdeathsig() -> None:
+    """SIGTERM this process when its parent dies (engine children between fork and exec, the
+    planner worker at start)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -157,7 +159,7 @@ def _child_setup(nice: int) -> Callable[[], None]:
     """preexec_fn for an engine: parent-death signal, then the niceness every process of the engine
     inherits (the engine is throughput work; the gateway's event loop must win a contended core)."""
     def setup() -> None:
-        _set_pdeathsig()
+        set_pdeathsig()
         if nice:
             os.nice(nice)
     return setup

@@ -15,29 +15,24 @@ replaced once per call. The worker gets SIGTERM when the gateway dies (`PR_SET_P
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from runtime.engine import set_pdeathsig
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import Schedule
 
-PR_SET_PDEATHSIG = 1
 WORKER_NICE = 10
 
 
 def _init_worker() -> None:
     """Die with the gateway (a SIGKILLed gateway must leave no process behind: the worker would
     otherwise wait on its queue forever), and import the scheduler before the first problem."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    set_pdeathsig()
     if os.getppid() == 1:  # the gateway died before the line above ran
         os._exit(0)
     # Planning is background work: when cores are short (engines busy, CPU node) the gateway's
@@ -72,15 +67,12 @@ class ProcessPlanner:
         pool.shutdown(wait=False, cancel_futures=True)
 
     def __call__(self, problem: PlanningProblem, strategy: str = "samullm", **kw: Any) -> Schedule:
-        for attempt in (1, 2):
-            pool = self._executor()
-            try:
-                return pool.submit(plan, problem, strategy, **kw).result()
-            except BrokenProcessPool:
-                self._discard(pool)
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        pool = self._executor()
+        try:
+            return pool.submit(plan, problem, strategy, **kw).result()
+        except BrokenProcessPool:  # the worker died: one more try on a fresh one
+            self._discard(pool)
+        return self._executor().submit(plan, problem, strategy, **kw).result()
 
     def warm_up(self) -> int:
         """Start the worker now, from the calling thread (the parent-death signal is tied to the

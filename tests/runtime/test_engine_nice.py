@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 
 from runtime.engine import _child_setup
 from scheduler.types import DevicePool
 from tests.runtime.fakes import FakeLauncher
-from tests.runtime.test_executor import Sink, items, make_cfg
+from tests.runtime.test_executor import items, make_cfg, run_once
 
 
 def test_child_setup_adds_niceness_to_the_process() -> None:
@@ -24,15 +23,6 @@ def test_child_setup_adds_niceness_to_the_process() -> None:
 
 
 async def test_cpu_engines_are_started_nice(tmp_path) -> None:
-    from runtime.executor import PoolExecutor
-
     launcher = FakeLauncher()
-    cfg = make_cfg(tmp_path)
-    ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0, 1), 1 << 28))
-    await ex.start()
-    try:
-        ex.submit("x", items("a", 2), Sink())
-        await asyncio.wait_for(ex.wait("x"), 30)
-    finally:
-        await ex.close()
+    await run_once(make_cfg(tmp_path), launcher, DevicePool("cpu", (0, 1), 1 << 28), items("a", 2))
     assert [e.spec.nice for e in launcher.engines] == [5]

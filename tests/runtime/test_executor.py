@@ -80,6 +80,19 @@ class Sink:
         return {o.custom_id: o for o in self.outcomes}
 
 
+async def run_once(cfg: Config, launcher: FakeLauncher, pool: DevicePool, work: list[WorkItem],
+                   planner: Any = None, batch: str = "b") -> PoolExecutor:
+    """Start an executor, run one batch of `work` to the end, close it; returns it (its events stay)."""
+    ex = PoolExecutor(cfg, launcher, pool=pool, **({"planner": planner} if planner else {}))
+    await ex.start()
+    try:
+        ex.submit(batch, work, Sink())
+        await asyncio.wait_for(ex.wait(batch), 30)
+    finally:
+        await ex.close()
+    return ex
+
+
 @pytest.fixture
 def launcher() -> FakeLauncher:
     return FakeLauncher(delay_s={"a": 0.01, "b": 0.02, "c": 0.03})

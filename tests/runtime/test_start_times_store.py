@@ -88,13 +88,10 @@ def test_alone_start_round_trips_through_the_contention_factor() -> None:
 async def test_executor_stores_concurrent_starts_as_alone_starts(tmp_path: Path) -> None:
     """Two replicas started by one pass: each measured start is divided by 1 + β·(2 − 1) before
     it is stored, so the planner (which multiplies it in again) predicts what was measured."""
-    import asyncio
-
-    from runtime.executor import PoolExecutor
     from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
     from .fakes import FakeLauncher
-    from .test_executor import Sink, items, make_cfg
+    from .test_executor import items, make_cfg, run_once
 
     cfg = make_cfg(tmp_path)
     pool = DevicePool("cpu", (0, 1), int(cfg.devices.cpu_kvcache_gib * 2**30), start_contention=0.5)
@@ -103,13 +100,7 @@ async def test_executor_stores_concurrent_starts_as_alone_starts(tmp_path: Path)
         return Schedule(strategy, [Stage([ExecPlan("a", 1, 2, (0, 1))], 0.0, 1.0, ["a"])], 1.0)
 
     launcher = FakeLauncher(start_delay_s=0.3, delay_s={"a": 0.001})
-    ex = PoolExecutor(cfg, launcher, planner=two_replicas, pool=pool)
-    await ex.start()
-    try:
-        ex.submit("b", items("a", 4), Sink())
-        await asyncio.wait_for(ex.wait("b"), 30)
-    finally:
-        await ex.close()
+    ex = await run_once(cfg, launcher, pool, items("a", 4), planner=two_replicas)
     started = [e for e in ex.events("b") if e["event"] == "engine_started"]
     assert len(started) == 2 and all(e["starting_with"] == 2 for e in started)
     assert all(e["alone_start_s"] == e["start_s"] / 1.5 for e in started)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from scheduler.latency import LatencyModel, Profile, assumed_threads_latency
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, Stage
 
 from .fakes import FakeLauncher
-from .test_executor import Sink, items, make_cfg
+from .test_executor import items, make_cfg, run_once
 
 GiB = 1 << 30
 LAT = LatencyModel(0.01, 1e-4, 1e-7, 1e-7, 1e-5, load_time_s=20.0)
@@ -78,15 +77,7 @@ async def test_executor_launches_one_engine_on_both_cores(tmp_path: Path) -> Non
         return Schedule(strategy, [Stage([plan], 0.0, 1.0, ["a"])], 1.0)
 
     launcher = FakeLauncher(start_delay_s=0.05, delay_s={"a": 0.001})
-    from runtime.executor import PoolExecutor
-
-    ex = PoolExecutor(cfg, launcher, planner=threads_plan, pool=pool)
-    await ex.start()
-    try:
-        ex.submit("b", items("a", 6), Sink())
-        await asyncio.wait_for(ex.wait("b"), 30)
-    finally:
-        await ex.close()
+    ex = await run_once(cfg, launcher, pool, items("a", 6), planner=threads_plan)
     (engine,) = launcher.engines
     spec: EngineSpec = engine.spec
     assert (spec.tp, spec.devices) == (1, (0, 1)) and not launcher.overlaps
