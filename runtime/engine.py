@@ -162,7 +162,24 @@ def _child_setup(nice: int) -> Callable[[], None]:
         set_pdeathsig()
         if nice:
             os.nice(nice)
+            set_autogroup_nice(nice)
     return setup
+
+
+def set_autogroup_nice(nice: int) -> None:
+    """Give this process's autogroup the niceness `nice`. With CONFIG_SCHED_AUTOGROUP (on by default
+    in most distributions) every session is its own scheduling group, and a process's niceness only
+    weighs against processes of the same session: an engine started with start_new_session=True
+    (setsid runs before preexec_fn) at nice 5 still gets a full share against the gateway's session.
+    The group's own niceness is what weighs across sessions. Only a session leader touches it (in
+    any other process the autogroup is its parent's, the gateway's); no-op without the kernel option."""
+    if os.getsid(0) != os.getpid():
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass
 
 
 def group_pids(pgid: int) -> list[int]:

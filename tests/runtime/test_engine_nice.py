@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from runtime.engine import _child_setup
 from scheduler.types import DevicePool
 from tests.runtime.fakes import FakeLauncher
@@ -26,3 +28,26 @@ async def test_cpu_engines_are_started_nice(tmp_path) -> None:
     launcher = FakeLauncher()
     await run_once(make_cfg(tmp_path), launcher, DevicePool("cpu", (0, 1), 1 << 28), items("a", 2))
     assert [e.spec.nice for e in launcher.engines] == [5]
+
+
+def _autogroup(pid: int | str) -> list[str]:
+    with open(f"/proc/{pid}/autogroup") as f:
+        return f.read().split()  # ["/autogroup-N", "nice", "K"]
+
+
+def test_engine_session_gets_the_niceness_across_sessions() -> None:
+    """With autogroups a process's niceness only weighs inside its session; the engine's own session
+    (start_new_session=True) must carry it, and the gateway's session must keep its own."""
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("kernel without CONFIG_SCHED_AUTOGROUP: niceness alone is what counts")
+    before = _autogroup("self")
+    child = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(5), start_new_session=True)
+    same = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(5))
+    try:
+        group = _autogroup(child.pid)
+        assert group[0] != before[0] and group[2] == "5"
+        assert _autogroup("self") == before == _autogroup(same.pid)  # ours untouched
+    finally:
+        for c in (child, same):
+            c.kill()
+            c.wait()
