@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,48 @@ def line(cid: str, max_tokens: int) -> bytes:
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+async def own_loop_lag(stop: float, out: list[float], interval_s: float = 0.02) -> None:
+    """This client process's own event-loop lag (ms): latency it adds to every measured call."""
+    loop = asyncio.get_running_loop()
+    while time.monotonic() < stop:
+        due = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        out.append(max(0.0, loop.time() - due) * 1000)
+
+
+def lag_histogram(metrics_text: str) -> dict[float, float]:
+    """Cumulative bucket counts of the gateway's samullm_event_loop_lag_seconds (le -> count)."""
+    out = {}
+    for ln in metrics_text.splitlines():
+        m = re.match(r'samullm_event_loop_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)', ln)
+        if m:
+            out[float(m.group(1))] = float(m.group(2))
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Upper bound (ms) of the bucket holding quantile q of the observations between two scrapes."""
+    delta = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    for le, n in delta.items():
+        if total and n >= q * total:
+            return le * 1000
+    return float("nan")
+
+
+def server_times(log_path: Path) -> dict[str, list[float]]:
+    """Handler time (ms) per endpoint from the gateway's access log (what the server itself spent,
+    from the middleware's start to the answer; the loop lag before it is not in it)."""
+    pat = re.compile(r"samullm\.access .*?: (GET|POST) (\S+) \d+ ([0-9.]+)ms")
+    out: dict[str, list[float]] = defaultdict(list)
+    for ln in log_path.read_text(errors="replace").splitlines():
+        m = pat.search(ln)
+        if m:
+            path = re.sub(r"(batch_|file-)[0-9a-f]+", "{id}", m.group(2).split("?")[0])
+            out[f"{m.group(1)} {path}"].append(float(m.group(3)))
+    return out
 
 
 async def client(http: aiohttp.ClientSession, main_batch: str, stop: float, rng: random.Random,
@@ -96,6 +139,9 @@ async def client(http: aiohttp.ClientSession, main_batch: str, stop: float, rng:
 
 async def run(n_clients: int, duration: float, think_s: float) -> None:
     served = float("nan")
+    client_lag: list[float] = []
+    lag_before: dict[float, float] = {}
+    lag_after: dict[float, float] = {}
     tmp = Path(tempfile.mkdtemp(prefix="samullm-load-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,11 +191,16 @@ async def run(n_clients: int, duration: float, think_s: float) -> None:
             errors: dict[str, int] = defaultdict(int)
             stop = time.monotonic() + duration
             conn = aiohttp.TCPConnector(limit=n_clients)
+            async with http.get("/metrics") as r:
+                lag_before = lag_histogram(await r.text())
             async with aiohttp.ClientSession(url, connector=conn) as load:
                 t_load = time.monotonic()
-                await asyncio.gather(*(client(load, main_batch, stop, random.Random(i), lat,
+                await asyncio.gather(own_loop_lag(stop, client_lag),
+                                     *(client(load, main_batch, stop, random.Random(i), lat,
                                               errors, think_s) for i in range(n_clients)))
                 served = sum(len(x) for x in lat.values()) / (time.monotonic() - t_load)
+            async with http.get("/metrics") as r:
+                lag_after = lag_histogram(await r.text())
             async with http.get(f"/v1/batches/{main_batch}") as r:
                 b = await r.json()
             print(f"main batch while loaded: {b['status']} {b['request_counts']}")
@@ -161,6 +212,17 @@ async def run(n_clients: int, duration: float, think_s: float) -> None:
         xs = lat[op]
         print(f"{op:<14}{len(xs):>7}{percentile(xs, .5):>9.1f}{percentile(xs, .99):>9.1f}"
               f"{errors[op]:>8}")
+    print("gateway handler time (access log, ms):")
+    for ep, xs in sorted(server_times(tmp / "serve.log").items()):
+        if len(xs) >= 20:
+            print(f"  {ep:<24}{len(xs):>7}  p50 {percentile(xs, .5):7.1f}  p99 "
+                  f"{percentile(xs, .99):7.1f}")
+    if lag_after:
+        print(f"gateway event-loop lag (20 ms timer, bucket upper bounds): p50 <= "
+              f"{bucket_quantile(lag_before, lag_after, .5):.1f} ms, p99 <= "
+              f"{bucket_quantile(lag_before, lag_after, .99):.1f} ms")
+    print(f"load client's own event-loop lag: p50 {percentile(client_lag, .5):.1f} ms, p99 "
+          f"{percentile(client_lag, .99):.1f} ms, max {max(client_lag, default=float('nan')):.0f} ms")
     print(f"total errors: {sum(errors.values())}; {served:.0f} requests/s served; "
           f"server exit code after SIGTERM: {code}; load average {os.getloadavg()[0]:.1f}")
 

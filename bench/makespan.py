@@ -354,6 +354,15 @@ def run_batch_cmd(model: str, path: Path, inp: Path, out: Path, bind: str = "0-1
              *kept], env)
 
 
+def bind_cores(bind: str) -> set[int]:
+    """"0-1" / "0" / "0,2-3" -> the set of cores."""
+    out: set[int] = set()
+    for part in bind.replace("|", ",").split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def run_anchor(root: Path, paths: dict[str, Path], reqs: list[dict], tag: str, bind: str = "0-1"
                ) -> tuple[float, dict[str, float]]:
     """Total and per-model wall time of run_batch, one model after another."""
@@ -368,8 +377,11 @@ def run_anchor(root: Path, paths: dict[str, Path], reqs: list[dict], tag: str, b
         cmd, env = run_batch_cmd(model, paths[model], inp, out, bind)
         t0 = time.monotonic()
         with open(root / "logs" / f"run_batch-{tag}-{model}.log", "w") as log:
+            # confined to its cores like the gateway's engines (EngineSpec.confined_cores)
             rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True).returncode
+                                start_new_session=True,
+                                preexec_fn=lambda: os.sched_setaffinity(0, bind_cores(bind))
+                                ).returncode
         per[model] = time.monotonic() - t0
         if rc != 0:
             raise RuntimeError(f"run_batch {model} exited {rc}; see logs/run_batch-{tag}-{model}.log")

@@ -22,6 +22,7 @@ from gateway.db import Database
 from gateway.errors import error_middleware
 from gateway.filestore import FileStore
 from gateway.logs import request_id_middleware
+from gateway.looplag import LoopLagMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_json
 from gateway.responses import json_response
@@ -99,11 +100,14 @@ def create_app(cfg: Config, executor: Executor | None = None, *,
         service = BatchService(cfg, db, store, ex, gm, clock)
         gm.bind(db.count_by_status, service.queue_depth)
         app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
+        lag = LoopLagMonitor(gm.registry)
         await ex.start()
         await service.start()
+        lag.start()
         try:
             yield
         finally:
+            await lag.stop()
             await service.close()  # stops runners, then closes the executor
             db.close()
 

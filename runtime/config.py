@@ -154,6 +154,9 @@ class DevicesConfig:
     start_contention: float | None = field(default=None, metadata={
         "help": "β: n engines started together each take load × (1 + β·(n−1)); "
                 "unset = the measured CPU default, or 0.1 on GPUs (scheduler.types)"})
+    confine_cpu_engines: bool = field(default=True, metadata={
+        "help": "CPU: run all of an engine's processes (API server, engine core, workers) on its "
+                "planned cores, not only its OpenMP threads"})
     engine_nice: int | None = field(default=None, metadata={
         "help": "niceness added to engine processes; unset = 5 on CPU (engines share the cores "
                 "with the gateway, whose API must stay responsive), 0 on GPUs"})

@@ -57,6 +57,17 @@ class EngineSpec:
     gpu_memory_utilization: float = 0.9
     log_path: Path | None = None
     nice: int = 0  # added to the engine processes' niceness (see `[devices] engine_nice`)
+    # CPU: every process of the engine runs on `devices` only (see `confined_cores`)
+    confine: bool = True
+
+    def confined_cores(self) -> tuple[int, ...]:
+        """The CPU affinity of the whole engine, () = unrestricted. VLLM_CPU_OMP_THREADS_BIND pins
+        only the workers' OpenMP threads; the API server and the engine-core process (which waits
+        for its workers by spinning on sched_yield) would otherwise run on every core, so a
+        "one-core" engine used ~1.4 cores here and, on a kernel without preemption
+        (PREEMPT_NONE), stalled every other process of the machine for 0.2-0.6 s at a time
+        (the gateway's API, other engines)."""
+        return tuple(self.devices) if self.device_kind == "cpu" and self.confine else ()
 
 
 def cpu_bind_string(devices: tuple[int, ...], tp: int) -> str:
@@ -155,14 +166,17 @@ def set_pdeathsig() -> None:
         pass
 
 
-def _child_setup(nice: int) -> Callable[[], None]:
-    """preexec_fn for an engine: parent-death signal, then the niceness every process of the engine
-    inherits (the engine is throughput work; the gateway's event loop must win a contended core)."""
+def _child_setup(nice: int, cores: tuple[int, ...] = ()) -> Callable[[], None]:
+    """preexec_fn for an engine: parent-death signal, then the niceness and the CPU affinity every
+    process of the engine inherits (the engine is throughput work; the gateway's event loop must win
+    a contended core, and an engine keeps to the cores the plan gave it)."""
     def setup() -> None:
         set_pdeathsig()
         if nice:
             os.nice(nice)
             set_autogroup_nice(nice)
+        if cores:
+            os.sched_setaffinity(0, cores)
     return setup
 
 
@@ -254,7 +268,7 @@ class Engine:
             self._proc = await asyncio.create_subprocess_exec(
                 *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_child_setup(self.spec.nice),
+                preexec_fn=_child_setup(self.spec.nice, self.spec.confined_cores()),
             )
         self.pid = self._proc.pid
         _LIVE.add(self)

@@ -196,9 +196,11 @@ def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int,
     log_path = work_dir / f"profile-{model.name}-{shape}.log"
     bar = _bar(len(cases), f"profile {model.name} tp={tp}", progress)
     with open(log_path, "w") as log:
+        # on its cores only, like a confined served engine (EngineSpec.confined_cores)
         proc = subprocess.Popen([sys.executable, "-m", "runtime.profiler", json.dumps(job)],
                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: os.sched_setaffinity(0, devices))
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -347,6 +349,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         # the engine started to time its start also serves the calibration sets (tens of seconds)
         spec = EngineSpec(model=model, model_path=path, devices=devices, tp=tp,
                           kv_cache_gib=cfg.devices.cpu_kvcache_gib,
+                          confine=cfg.devices.confine_cpu_engines,
                           log_path=work / f"start-{model.name}-{shape}.log")
         named = calibration_sets(model.max_num_seqs, model.max_model_len,
                                  model.max_num_batched_tokens)

@@ -143,6 +143,7 @@ class EngineSlots:
             kv_cache_gib=self.cfg.devices.cpu_kvcache_gib,
             gpu_memory_utilization=self.cfg.devices.gpu_memory_utilization,
             nice=self.cfg.devices.effective_engine_nice(self.pool.kind),
+            confine=self.cfg.devices.confine_cpu_engines,
             log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")
         slot = Slot(sid, spec, limit=max(1, math.ceil(INFLIGHT_FACTOR * mc.max_num_seqs)))
         self._slots.append(slot)

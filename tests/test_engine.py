@@ -119,6 +119,34 @@ async def test_engines_pinned_to_their_cores(pair):
     assert _bound_cores(b.pid) == {"1"}
 
 
+def _all_affinities(pgid: int) -> set[frozenset[int]]:
+    """The CPU affinity of every thread of every process in the group."""
+    out = set()
+    for pid in group_pids(pgid):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out.add(frozenset(os.sched_getaffinity(int(tid))))
+            except OSError:
+                continue
+    return out
+
+
+@aio
+async def test_whole_engine_confined_to_its_cores(pair):
+    """Not only the OpenMP threads: the API server and the engine core (which spins on
+    sched_yield waiting for its worker) stay on the engine's core too."""
+    a, b = pair
+    assert _all_affinities(a.pid) == {frozenset({0})}
+    assert _all_affinities(b.pid) == {frozenset({1})}
+
+
+def test_confined_cores_only_for_cpu_engines(test_config: Config):
+    spec = _spec(test_config, "tiny-a", (1,))
+    assert spec.confined_cores() == (1,)
+    assert EngineSpec(**{**spec.__dict__, "confine": False}).confined_cores() == ()
+    assert EngineSpec(**{**spec.__dict__, "device_kind": "cuda"}).confined_cores() == ()
+
+
 @aio
 async def test_start_failure_raises_with_log_tail(test_config: Config, tmp_path: Path):
     spec = _spec(test_config, "tiny-a", (0,), engine_args={"no_such_vllm_flag": 1})

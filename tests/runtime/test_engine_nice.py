@@ -51,3 +51,27 @@ def test_engine_session_gets_the_niceness_across_sessions() -> None:
         for c in (child, same):
             c.kill()
             c.wait()
+
+
+async def test_cpu_engines_are_confined_unless_configured_off(tmp_path) -> None:
+    import dataclasses
+
+    cfg = make_cfg(tmp_path)
+    for confine in (True, False):
+        c = dataclasses.replace(cfg, devices=dataclasses.replace(cfg.devices,
+                                                                 confine_cpu_engines=confine))
+        launcher = FakeLauncher()
+        await run_once(c, launcher, DevicePool("cpu", (0, 1), 1 << 28), items("a", 2))
+        assert [e.spec.confine for e in launcher.engines] == [confine]
+        assert launcher.engines[0].spec.confined_cores() == (
+            launcher.engines[0].spec.devices if confine else ())
+
+
+def test_child_setup_sets_the_affinity() -> None:
+    core = min(os.sched_getaffinity(0))
+    child = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(0, (core,)))
+    try:
+        assert os.sched_getaffinity(child.pid) == {core}
+    finally:
+        child.kill()
+        child.wait()
