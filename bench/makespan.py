@@ -81,8 +81,8 @@ def write_config(root: Path, paths: dict[str, Path], port: int, cores: tuple[int
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}",
              f'state_dir = "{(root / "state").resolve()}"', "log_json = true", "",
              "[devices]", 'kind = "cpu"', f"ids = {list(cores)}", f"cpu_kvcache_gib = {KV_GIB}", ""]
-    for name, path in paths.items():
-        lines += ["[[models]]", f'name = "{name}"', f'path = "{path.resolve()}"', 'dtype = "float32"',
+    for model, path in paths.items():
+        lines += ["[[models]]", f'name = "{model}"', f'path = "{path.resolve()}"', 'dtype = "float32"',
                   f"max_model_len = {MAX_MODEL_LEN}", f"max_num_seqs = {MAX_SEQS}",
                   f"max_num_batched_tokens = {MAX_BATCHED}",
                   "engine_args = { " + ", ".join(f"{k} = {json.dumps(v)}"
@@ -466,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="wait (up to --max-wait) until the 1-min load average is below this")
     ap.add_argument("--max-wait", type=float, default=1800)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per strategy and of the anchor (alternating); the table shows medians")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -495,22 +497,27 @@ def main(argv: list[str] | None = None) -> int:
         row = {"workload": wname, "models": wl, "requests": len(reqs), "output_tokens": toks,
                "offline_plan": offline, "runs": {}}
         strats = ["samullm"] if len(wl) == 1 else strategies
-        for s in strats:
-            load = wait_quiet(args.max_load, args.max_wait)
-            run = run_gateway(wcfg, root, inp, s, reqs, args.timeout, wname)
-            print(f"  {s:<12} measured {run.makespan_s:7.1f} s   predicted "
-                  f"{run.predicted_s or float('nan'):7.1f} s   (load avg {load:.2f} at start)",
-                  flush=True)
-            for line in describe_events(run):
-                print(line)
-            row["runs"][s] = {"measured_s": run.makespan_s, "predicted_s": run.predicted_s,
-                              "load": load, "events": run.events}
-        if not args.no_anchor:
-            load = wait_quiet(args.max_load, args.max_wait)
-            total, per = run_anchor(root, paths, reqs, wname, "0" if one_core else "0-1")
-            print(f"  run_batch    measured {total:7.1f} s   per model "
-                  + ", ".join(f"{m} {t:.1f}s" for m, t in per.items()), flush=True)
-            row["runs"]["run_batch"] = {"measured_s": total, "per_model_s": per, "load": load}
+        # repeats alternate the sides (gateway strategies, then the anchor, again), so that a slow
+        # spell of the machine does not fall on one side only; the table shows the median
+        for rep in range(args.repeats):
+            for s in strats:
+                load = wait_quiet(args.max_load, args.max_wait)
+                run = run_gateway(wcfg, root, inp, s, reqs, args.timeout, f"{wname}-r{rep}")
+                print(f"  {s:<12} measured {run.makespan_s:7.1f} s   predicted "
+                      f"{run.predicted_s or float('nan'):7.1f} s   (load avg {load:.2f} at start)",
+                      flush=True)
+                for line in describe_events(run):
+                    print(line)
+                add_run(row["runs"], s, {"measured_s": run.makespan_s,
+                                         "predicted_s": run.predicted_s, "load": load,
+                                         "events": run.events})
+            if not args.no_anchor:
+                load = wait_quiet(args.max_load, args.max_wait)
+                total, per = run_anchor(root, paths, reqs, wname, "0" if one_core else "0-1")
+                print(f"  run_batch    measured {total:7.1f} s   per model "
+                      + ", ".join(f"{m} {t:.1f}s" for m, t in per.items()), flush=True)
+                add_run(row["runs"], "run_batch", {"measured_s": total, "per_model_s": per,
+                                                   "load": load})
         results.append(row)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -518,6 +525,16 @@ def main(argv: list[str] | None = None) -> int:
     for line in table(results):
         print(line)
     return 0
+
+
+def add_run(runs: dict, name: str, rec: dict) -> None:
+    """Keep every repeat under "repeats"; the row's own fields are the median repeat's."""
+    reps = runs.setdefault(name, {"repeats": []})["repeats"]
+    reps.append(rec)
+    by_time = sorted(reps, key=lambda r: r["measured_s"])
+    median = by_time[(len(by_time) - 1) // 2]
+    runs[name].update({k: v for k, v in median.items() if k != "events"})
+    runs[name]["events"] = median.get("events", [])
 
 
 def table(results: list[dict]) -> list[str]:
@@ -532,7 +549,10 @@ def table(results: list[dict]) -> list[str]:
             pred = r.get("predicted_s")
             err = f"{(pred - r['measured_s']) / r['measured_s']:+.0%}" if pred else "–"
             speed = f"{r['measured_s'] / ours:.2f}×" if ours and s != "samullm" else "–"
-            out.append(f"| {row['workload']} ({models}) | {s} | {r['measured_s']:.1f} | "
+            reps = [x["measured_s"] for x in r.get("repeats", [])]
+            measured = f"{r['measured_s']:.1f}" + (
+                f" ({', '.join(f'{x:.1f}' for x in reps)})" if len(reps) > 1 else "")
+            out.append(f"| {row['workload']} ({models}) | {s} | {measured} | "
                        f"{f'{pred:.1f}' if pred else '–'} | {err} | {r.get('load', 0):.1f} | {speed} |")
     return out
 
