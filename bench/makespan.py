@@ -151,7 +151,7 @@ def refresh_start_times(cfg_path: Path, root: Path, models: list[str]) -> None:
             spec = EngineSpec(model=mc, model_path=mc.resolved_path(cfg.base_dir),
                               devices=tuple(range(tp * th)), tp=tp, kv_cache_gib=KV_GIB,
                               log_path=root / "logs" / f"start-{m}-tp{tp}-t{th}.log")
-            t = asyncio.run(measure_start_time(spec))
+            t = asyncio.run(measure_start_time(spec, spare=True))  # as the gateway starts them
             print(f"  start time {m} tp{tp} threads{th}: {t:.1f} s (profile had "
                   f"{prof.latency.load_time_s:.1f} s)", flush=True)
             save_profile(root / "state", dataclasses.replace(
@@ -281,6 +281,8 @@ def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, exp
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"gateway did not start; see {log_path}")
                 time.sleep(0.3)
+        ready_s = wait_spares(port, deadline=time.monotonic() + 120)
+        print(f"  gateway ready: spare engine processes imported after {ready_s:.1f} s", flush=True)
         with open(input_path, "rb") as f:
             fobj = client.files.create(file=f, purpose="batch")
         t0 = time.monotonic()
@@ -304,6 +306,22 @@ def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, exp
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return GatewayRun(strategy, makespan, len(expected), executor_events(log_path))
+
+
+def wait_spares(port: int, deadline: float) -> float:
+    """Wait until the gateway's spare engine processes (runtime.spares) are ready, as they are on a
+    gateway that has been up a while; seconds waited. A one-off CLI like run_batch has none: the
+    README reports what this is worth (engine start with and without a spare)."""
+    import urllib.request
+
+    t0 = time.monotonic()
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            spares = json.loads(r.read()).get("spare_engines")
+        if spares is None or spares["ready"] >= spares["target"]:
+            break
+        time.sleep(0.2)
+    return time.monotonic() - t0
 
 
 def check_output(text: str, expected: list[dict], what: str) -> None:
@@ -429,7 +447,8 @@ def describe_events(run: GatewayRun) -> list[str]:
                        f"{e['predicted_makespan_s']:.1f}s, {e['stages']} stages; now: {st}")
         elif e["event"] == "engine_started":
             out.append(f"    +{e['t'] - t0:6.1f}s started {e.get('model')} tp{e.get('tp')} on "
-                       f"{e.get('devices')} (start {e.get('start_s') or 0:.1f}s)")
+                       f"{e.get('devices')} (start {e.get('start_s') or 0:.1f}s"
+                       f"{', in a spare' if e.get('spare') else ''})")
         elif e["event"] == "model_finished":
             out.append(f"    +{e['t'] - t0:6.1f}s finished {e.get('model')}")
     return out

@@ -34,8 +34,13 @@ log = logging.getLogger("samullm.gateway")
 CONTROL_BODY_LIMIT = 1 << 20  # JSON bodies; uploads stream and have their own limit
 
 
-async def health(_: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+async def health(request: web.Request) -> web.Response:
+    body: dict = {"status": "ok"}
+    service = request.app.get(SERVICE)
+    spares = getattr(getattr(getattr(service, "executor", None), "launcher", None), "spares", None)
+    if spares is not None:  # ready = an engine start now skips the API server's import
+        body["spare_engines"] = {"ready": spares.ready_count(), "target": spares.size}
+    return json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -70,14 +75,20 @@ ROUTES = [
 def default_executor(cfg: Config) -> Executor:
     """The real executor on vLLM engines. Imported here so that building an app with a given
     executor (tests, tools) never imports the engine stack."""
-    from runtime.engine import VllmLauncher
+    from runtime.devices import discover_pool
+    from runtime.engine import VllmLauncher, base_env
     from runtime.executor import PoolExecutor
     from runtime.planner_process import ProcessPlanner
+    from runtime.spares import SparePool
 
     # the planner in its own process: in a thread it would hold the GIL the event loop needs
     planner = ProcessPlanner()
     planner.warm_up()  # from this (the main) thread: the worker's parent-death signal is tied to it
-    return PoolExecutor(cfg, VllmLauncher(), planner=planner)
+    pool = discover_pool(cfg)
+    runnable = any(m.resolved_path(cfg.base_dir) is not None for m in cfg.models)
+    n_spares = cfg.devices.effective_spare_engines(pool.kind, len(pool.ids)) if runnable else 0
+    spares = SparePool(n_spares, cfg.state_dir / "logs", base_env) if n_spares else None
+    return PoolExecutor(cfg, VllmLauncher(spares=spares), planner=planner, pool=pool)
 
 
 def create_app(cfg: Config, executor: Executor | None = None, *,

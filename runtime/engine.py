@@ -27,11 +27,14 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import aiohttp
 
 from runtime.config import ModelConfig
+
+if TYPE_CHECKING:
+    from runtime.spares import Spare, SparePool
 
 PR_SET_PDEATHSIG = 1
 HEALTH_POLL_S = 0.5
@@ -126,16 +129,9 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> 
         "disable_log_stats": True,
         "disable_uvicorn_access_log": True,
     }
-    env = dict(os.environ)
-    env.update({
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-    })
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env = base_env()
     if spec.device_kind == "cpu":
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(spec.devices, spec.tp)
-        # VLLM_CPU_KVCACHE_SPACE only takes whole GiB (and overrides the flag); the flag is exact.
-        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         args["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * (1 << 30))
         if spec.tp > 1:
             args["distributed_executor_backend"] = "mp"
@@ -149,6 +145,20 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> 
         if value is not None:
             cmd += _flag(key, value)
     return cmd, env
+
+
+def base_env() -> dict[str, str]:
+    """The environment every engine gets, before its per-engine keys (devices); a spare engine
+    process (`runtime.spares`) is started with it."""
+    env = dict(os.environ)
+    env.update({
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    # VLLM_CPU_KVCACHE_SPACE only takes whole GiB (and overrides the flag); the flag is exact.
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    return env
 
 
 def free_port() -> int:
@@ -243,14 +253,16 @@ class Engine:
         self.pid: int | None = None
         self.log_path = spec.log_path
         self.start_time_s: float | None = None  # seconds from spawn to healthy
+        self.spare_used = False  # started in a spare process (runtime.spares): no API-server import
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
         self._shm: set[str] = set()
         self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self, timeout_s: float = 300) -> None:
-        """Spawn the server and wait until /health answers 200. Raises EngineError (log tail)."""
+    async def start(self, timeout_s: float = 300, spare: "Spare | None" = None) -> None:
+        """Spawn the server (or turn `spare`, a ready `runtime.spares.Spare`, into it) and wait
+        until /health answers 200. Raises EngineError (log tail)."""
         if self._proc is not None:
             raise RuntimeError("engine already started")
         if self.log_path is None:
@@ -263,13 +275,21 @@ class Engine:
         cmd, env = build_command(self.spec, self.port, self.python)
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            where = f" (in spare process {spare.pid})" if spare is not None else ""
+            log.write(("$ " + " ".join(cmd) + where + "\n").encode())
             log.flush()
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_child_setup(self.spec.nice, self.spec.confined_cores()),
-            )
+            if spare is not None:
+                # the spare waits at nice 19; it takes the niceness a spawned engine would have
+                nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.spec.nice)
+                self._proc = await spare.adopt(cmd, env, self.spec.confined_cores(), nice,
+                                               self.log_path)
+            else:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=_child_setup(self.spec.nice, self.spec.confined_cores()),
+                )
+        self.spare_used = spare is not None
         self.pid = self._proc.pid
         _LIVE.add(self)
         self._session = aiohttp.ClientSession(
@@ -409,11 +429,17 @@ def _unlink(paths: set[str]) -> None:
             pass
 
 
+_POOLS: "weakref.WeakSet[SparePool]" = weakref.WeakSet()
+
+
 @atexit.register
 def kill_all_engines() -> None:
-    """Stop every engine this process started and has not stopped (atexit, signal handlers)."""
+    """Stop every engine (and spare) this process started and has not stopped (atexit, signal
+    handlers)."""
     for engine in list(_LIVE):
         engine.kill_sync()
+    for pool in list(_POOLS):
+        pool.kill_sync()
 
 
 class Launcher(Protocol):
@@ -422,13 +448,25 @@ class Launcher(Protocol):
 
 
 class VllmLauncher:
-    """The real launcher: `Engine(spec).start()`; log files go under `log_dir` when given."""
+    """The real launcher: `Engine(spec).start()`; log files go under `log_dir` when given. With
+    `spares` (CPU), an engine starts in a ready spare process when there is one."""
 
     def __init__(self, log_dir: Path | None = None, start_timeout_s: float = 300,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, spares: "SparePool | None" = None) -> None:
         self.log_dir = log_dir
         self.start_timeout_s = start_timeout_s
         self.python = python
+        self.spares = spares
+        if spares is not None:
+            _POOLS.add(spares)
+
+    async def start(self) -> None:
+        if self.spares is not None:
+            await self.spares.start()
+
+    async def close(self) -> None:
+        if self.spares is not None:
+            await self.spares.close()
 
     async def launch(self, spec: EngineSpec) -> Engine:
         if spec.log_path is None and self.log_dir is not None:
@@ -436,5 +474,10 @@ class VllmLauncher:
             name = f"{spec.model.name}-tp{spec.tp}-d{devs}-{int(time.time() * 1000)}.log"
             spec = EngineSpec(**{**spec.__dict__, "log_path": self.log_dir / name})
         engine = Engine(spec, python=self.python)
-        await engine.start(self.start_timeout_s)
+        spare = self.spares.take() if self.spares is not None and spec.device_kind == "cpu" else None
+        try:
+            await engine.start(self.start_timeout_s, spare=spare)
+        finally:
+            if spare is not None:
+                self.spares.refill()  # not before: its import would compete with this start
         return engine

@@ -99,6 +99,9 @@ class PoolExecutor(EngineSlots):
     async def start(self) -> None:
         if self.pool is None:
             self.pool = discover_pool(self.cfg)
+        starting = getattr(self.launcher, "start", None)  # spare engine processes (runtime.spares)
+        if starting is not None:
+            await starting()
         self._control = asyncio.create_task(self._control_loop(), name="executor-control")
         log.info("executor ready: %s devices %s", self.pool.kind, list(self.pool.ids))
 
@@ -174,6 +177,9 @@ class PoolExecutor(EngineSlots):
         reporting = [r.task for b in self._batches.values() for r in b.reqs
                      if r.state is ReqState.REPORTING]
         await settle(*(s.task for s in slots), *self._dying, *self._delivering, *reporting)
+        closing = getattr(self.launcher, "close", None)
+        if closing is not None:
+            await closing()
         save_length_model(self.state_dir, self._lengths)
         save_start_times(self.state_dir, self._start_times)
         for waiter in self._pass_waiters:
@@ -192,7 +198,8 @@ class PoolExecutor(EngineSlots):
             alone_s = alone_start_s(start_s, self.pool.start_factor(slot.starting_with))
             self._start_times[key] = blend(self._start_times.get(key), alone_s)
         self._emit("engine_started", **slot.describe(), start_s=start_s,
-                   starting_with=slot.starting_with, alone_start_s=alone_s)
+                   starting_with=slot.starting_with, alone_start_s=alone_s,
+                   spare=bool(getattr(slot.engine, "spare_used", False)))
 
     def slot_start_failed(self, slot: Slot, message: str) -> None:
         slot.state = SlotState.FAILED

@@ -232,9 +232,10 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="case", disable=not enabled, file=sys.stderr)
 
 
-async def measure_start_time(spec: EngineSpec, timeout_s: float = 600) -> float:
-    """Seconds from spawning the api_server to a healthy /health (then stops it)."""
-    return (await measure_served(spec, [], timeout_s))[0]
+async def measure_start_time(spec: EngineSpec, timeout_s: float = 600, spare: bool = False) -> float:
+    """Seconds from spawning the api_server (or handing a ready spare process its command line,
+    `runtime.spares`) to a healthy /health (then stops it)."""
+    return (await measure_served(spec, [], timeout_s, spare=spare))[0]
 
 
 def calibration_sets(max_num_seqs: int, max_model_len: int,
@@ -269,15 +270,26 @@ async def _post_retrying(engine: Engine, body: dict, tries: int = 3) -> tuple[in
 
 
 async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
-                         timeout_s: float = 600,
-                         runs: int = 3) -> tuple[float, list[tuple[float, float]]]:
+                         timeout_s: float = 600, runs: int = 3,
+                         spare: bool = False) -> tuple[float, list[tuple[float, float]]]:
     """(start seconds, for each set (its first run's seconds, the fastest of its other `runs` − 1
     runs') to finish its requests sent at once) on a real api_server, as the runtime drives it:
     token-id prompts, `ignore_eos`, `max_tokens` = output. The first run of a set pays for step
     shapes new to the engine (`scheduler.calibration`), the later ones run warm."""
     engine = Engine(spec)
+    spares = None
     try:
-        await engine.start(timeout_s)
+        ready = None
+        if spare:  # time the start the gateway sees: in a spare process that is ready
+            from runtime.engine import base_env
+            from runtime.spares import SparePool
+
+            log_dir = spec.log_path.parent if spec.log_path is not None else Path(".")
+            spares = SparePool(1, log_dir, base_env)
+            await spares.start()
+            await spares.wait_ready(timeout_s)
+            ready = spares.take()
+        await engine.start(timeout_s, spare=ready)
         assert engine.start_time_s is not None
         rng = __import__("random").Random(0)
         times = []
@@ -302,6 +314,8 @@ async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
         return engine.start_time_s, times
     finally:
         await engine.stop()
+        if spares is not None:
+            await spares.close()
 
 
 def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] | None = None,
@@ -345,6 +359,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     fit = fit_latency_model(samples)
     err = relative_errors(fit, samples)
     calib: dict = {}
+    spare = False
     if measure_start:
         # the engine started to time its start also serves the calibration sets (tens of seconds)
         spec = EngineSpec(model=model, model_path=path, devices=devices, tp=tp,
@@ -353,7 +368,8 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
                           log_path=work / f"start-{model.name}-{shape}.log")
         named = calibration_sets(model.max_num_seqs, model.max_model_len,
                                  model.max_num_batched_tokens)
-        load_s, served = asyncio.run(measure_served(spec, [r for _, r in named]))
+        spare = cfg.devices.effective_spare_engines(pool.kind, len(pool.ids)) > 0
+        load_s, served = asyncio.run(measure_served(spec, [r for _, r in named], spare=spare))
         sets = [CalibrationSet(n, tuple(r), warm, first)
                 for (n, r), (first, warm) in zip(named, served)]
         mspec = model_specs(cfg)[name]
@@ -370,7 +386,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         "median_abs_rel_err": float(np.median(np.abs(err))),
         "p90_abs_rel_err": float(np.quantile(np.abs(err), 0.9)),
         "cpu": _cpu_name(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "load_time_measured": measure_start, "repeats": repeats,
+        "load_time_measured": measure_start, "repeats": repeats, "start_in_spare": spare,
         # the compile mode etc. the profile holds for: a profile of a compiled engine does not
         # describe an eager one (callers compare this with the config they run)
         "engine_args": dict(model.engine_args), "timing": "core_s",

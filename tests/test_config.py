@@ -94,3 +94,14 @@ def test_engine_nice_defaults_per_device_kind_and_is_checked(tmp_path: Path):
     assert _load(tmp_path, "[devices]\nengine_nice = 12\n").devices.effective_engine_nice("a100") == 12
     with pytest.raises(ConfigError, match=r"devices\.engine_nice: an integer in \[0, 19\]"):
         _load(tmp_path, "[devices]\nengine_nice = 40\n")
+
+
+def test_spare_engines_default_per_device_kind_and_is_checked(tmp_path: Path):
+    unset = _load(tmp_path, "").devices
+    assert unset.effective_spare_engines("cpu", 2) == 2 and unset.effective_spare_engines("cpu", 1) == 1
+    assert unset.effective_spare_engines("cpu", 16) == 2
+    assert unset.effective_spare_engines("a100", 8) == 0  # GPUs: never (untested there)
+    assert _load(tmp_path, "[devices]\nspare_engines = 0\n").devices.effective_spare_engines(
+        "cpu", 2) == 0
+    with pytest.raises(ConfigError, match=r"devices\.spare_engines: an integer in \[0, 64\]"):
+        _load(tmp_path, "[devices]\nspare_engines = -1\n")

@@ -140,6 +140,39 @@ async def test_whole_engine_confined_to_its_cores(pair):
     assert _all_affinities(b.pid) == {frozenset({1})}
 
 
+@aio
+async def test_engine_starts_in_a_spare_process(test_config: Config, tmp_path: Path):
+    """A ready spare (vLLM's API server imported) becomes the engine: it serves, keeps to its core
+    and niceness like a spawned engine, is replaced once the engine is up, and nothing of either
+    is left after stop/close."""
+    from runtime.engine import base_env
+    from runtime.spares import SparePool
+
+    pool = SparePool(1, tmp_path / "spares", base_env)
+    launcher = VllmLauncher(spares=pool)
+    await launcher.start()
+    assert await pool.wait_ready(180) == 1
+    spare_pid = pool._spares[0].pid
+    spec = EngineSpec(**{**_spec(test_config, "tiny-a", (1,)).__dict__, "nice": 3,
+                         "log_path": tmp_path / "engine.log"})
+    engine = await launcher.launch(spec)
+    try:
+        assert engine.spare_used and engine.pid == spare_pid
+        status, body = await engine.post("/v1/chat/completions", _chat("tiny-a", "hello", 4))
+        assert status == 200 and body["usage"]["completion_tokens"] == 4
+        assert _all_affinities(engine.pid) - {frozenset({0, 1})} == {frozenset({1})}
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        workers = [p for p in group_pids(engine.pid) if p != engine.pid]  # all but the guard
+        assert {os.getpriority(os.PRIO_PROCESS, p) for p in workers} == {base + 3}
+        assert "(in spare process" in engine.log_path.read_text()
+        assert len(pool._spares) == 1 and pool._spares[0].pid != spare_pid  # replaced
+        replacement = pool._spares[0].pid
+    finally:
+        await engine.stop()
+        await launcher.close()
+    assert not group_pids(engine.pid) and not group_pids(replacement)
+
+
 def test_confined_cores_only_for_cpu_engines(test_config: Config):
     spec = _spec(test_config, "tiny-a", (1,))
     assert spec.confined_cores() == (1,)
