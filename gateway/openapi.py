@@ -208,7 +208,12 @@ PATHS: dict[str, Any] = {
     "/health": {"get": {"operationId": "health", "security": [], "responses": {
         "200": {"description": "alive", "content": {JSON: {"schema": {
             "type": "object", "required": ["status"],
-            "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}}}}},
+            "properties": {
+                "status": {"type": "string", "enum": ["ok"]},
+                # with real CPU engines: spare processes ready to become one (runtime.spares)
+                "spare_engines": {"type": "object", "required": ["ready", "target"],
+                                  "properties": {"ready": {"type": "integer", "minimum": 0},
+                                                 "target": {"type": "integer", "minimum": 0}}}}}}}}}}},
     "/metrics": {"get": {"operationId": "metrics", "security": [], "responses": {
         "200": {"description": "Prometheus text exposition",
                 "content": {"text/plain": {"schema": _STR}}}}}},

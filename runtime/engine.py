@@ -281,9 +281,13 @@ class Engine:
             if spare is not None:
                 # the spare waits at nice 19; it takes the niceness a spawned engine would have
                 nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.spec.nice)
-                self._proc = await spare.adopt(cmd, env, self.spec.confined_cores(), nice,
-                                               self.log_path)
-            else:
+                try:
+                    self._proc = await spare.adopt(cmd, env, self.spec.confined_cores(), nice,
+                                                   self.log_path)
+                except OSError:  # it died since it was taken (broken pipe): spawn instead
+                    log.write(b"spare process gone; spawning the engine\n")
+                    spare = None
+            if spare is None:
                 self._proc = await asyncio.create_subprocess_exec(
                     *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                     stderr=asyncio.subprocess.STDOUT, start_new_session=True,

@@ -92,8 +92,9 @@ class Spare:
 
 class SparePool:
     def __init__(self, size: int, log_dir: Path, env: Callable[[], dict[str, str]],
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, module: str = "runtime.engine_spare") -> None:
         self.size = size
+        self.module = module  # the child's `python -m` module (tests put a double here)
         self.log_dir = log_dir
         self._env = env  # the engines' environment without per-engine keys (engine.base_env)
         self.python = python
@@ -118,7 +119,7 @@ class SparePool:
             with open(log_path, "ab") as logf:
                 proc = await asyncio.create_subprocess_exec(
                     self.python, "-m", "runtime.engine_guard", self.python, "-m",
-                    "runtime.engine_spare", env=self._env(), stdin=asyncio.subprocess.PIPE,
+                    self.module, env=self._env(), stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE, stderr=logf, start_new_session=True,
                     preexec_fn=_spare_setup)
             self._spares.append(Spare(proc, log_path))

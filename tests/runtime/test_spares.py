@@ -1,0 +1,61 @@
+"""The spare pool's bookkeeping, with a stand-in child (`tests.runtime.spare_double`); the real
+spare turning into a real engine is tested in tests/test_engine.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from runtime.engine import group_pids
+from runtime.engine_spare import SPARE_NICE
+from runtime.spares import SparePool
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _pool(tmp_path, size: int, **env: str) -> SparePool:
+    return SparePool(size, tmp_path / "logs",
+                     lambda: {**os.environ, "PYTHONPATH": REPO, **env},
+                     python=sys.executable, module="tests.runtime.spare_double")
+
+
+async def test_take_hands_out_only_ready_spares_and_refill_replaces_them(tmp_path) -> None:
+    pool = _pool(tmp_path, 2, SPARE_DOUBLE_DELAY="0.5")
+    await pool.start()
+    try:
+        assert pool.take() is None  # still "importing": never handed out
+        assert await pool.wait_ready(20) == 2
+        a, b = pool.take(), pool.take()
+        assert a is not None and b is not None and a.pid != b.pid and pool.take() is None
+        assert os.getpriority(os.PRIO_PROCESS, a.pid) == min(19, os.getpriority(
+            os.PRIO_PROCESS, 0) + SPARE_NICE)  # waits on idle CPU only
+        log = tmp_path / "engine.log"
+        proc = await a.adopt(["x", "-m", "vllm.entrypoints.openai.api_server", "--port", "1"],
+                             dict(os.environ), (), 19, log)
+        assert proc.pid == a.pid
+        for _ in range(100):
+            if log.exists() and log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert json.loads(log.read_text())["argv"] == ["--port", "1"]
+        pool.refill()
+        assert await pool.wait_ready(20) == 2  # both taken ones replaced
+        await b.stop()
+        os.killpg(a.pid, 9)
+        await a.proc.wait()
+    finally:
+        pids = [s.pid for s in pool._spares]
+        await pool.close()
+    assert pids and not any(group_pids(p) for p in pids)  # nothing left after close
+
+
+async def test_a_spare_that_died_is_never_handed_out(tmp_path) -> None:
+    pool = _pool(tmp_path, 1, SPARE_DOUBLE_FAIL="1")
+    await pool.start()
+    try:
+        await asyncio.wait_for(pool._spares[0].proc.wait(), 20)
+        assert pool.take() is None and pool.ready_count() == 0
+    finally:
+        await pool.close()
