@@ -62,6 +62,10 @@ def serve_main(args: argparse.Namespace) -> int:
         path = m.resolved_path(cfg.base_dir)
         print(f"model {m.name}: {path if path is not None else 'plan only'}")
     print(f"devices: {pool.kind} {list(pool.ids)}")
+    if pool.kind == "cpu":
+        spares = cfg.devices.effective_spare_engines(pool.kind, len(pool.ids))
+        print(f"cpu engines: confined to their cores: {cfg.devices.confine_cpu_engines}; "
+              f"spare engine processes: {spares}")
     print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
     web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, print=None,
                 handle_signals=True, access_log=None)  # gateway.logs writes access lines

@@ -175,7 +175,9 @@ class DevicesConfig:
             return 0
         if self.spare_engines is not None:
             return self.spare_engines
-        return min(2, n_devices)
+        # one per device for a first stage that starts an engine on each, and one more for the
+        # next start (its replacement imports on idle CPU only, so it may not be ready in time)
+        return min(3, n_devices + 1)
 
     def validate(self, where: str) -> None:
         if self.spare_engines is not None and not 0 <= self.spare_engines <= 64:

@@ -186,6 +186,14 @@ class PoolExecutor(EngineSlots):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _spares(self) -> Any:
+        return getattr(self.launcher, "spares", None)  # runtime.spares.SparePool, when configured
+
+    def _no_spare_s(self) -> float:
+        """Extra start time the planner charges while no spare engine process is ready."""
+        spares = self._spares()
+        return spares.import_s() if spares is not None and spares.ready_count() == 0 else 0.0
+
     # -- what dispatch.SlotHost asks of us --------------------------------------------------------
     def slot_started(self, slot: Slot) -> None:
         assert slot.engine is not None
@@ -196,6 +204,10 @@ class PoolExecutor(EngineSlots):
             key = (slot.model, slot.spec.tp)
             # stored as the alone start: the planner multiplies it by the contention factor again
             alone_s = alone_start_s(start_s, self.pool.start_factor(slot.starting_with))
+            spares = self._spares()
+            if spares is not None and not getattr(slot.engine, "spare_used", False):
+                # stored as a start in a spare (what the planner assumes while one is ready)
+                alone_s = max(1.0, alone_s - spares.import_s())
             self._start_times[key] = blend(self._start_times.get(key), alone_s)
         self._emit("engine_started", **slot.describe(), start_s=start_s,
                    starting_with=slot.starting_with, alone_start_s=alone_s,
@@ -398,7 +410,8 @@ class PoolExecutor(EngineSlots):
         rng = np.random.default_rng([self.cfg.scheduler.seed, head.plans])
         work = sample_work(todo, self._lengths, rng)
         alive = [s.key for s in self._slots if s.state.active]
-        latency = LatencySource.load(self.state_dir, self.pool, list(work), self._start_times)
+        latency = LatencySource.load(self.state_dir, self.pool, list(work), self._start_times,
+                                     self._no_spare_s())
         problem = build_problem(self.cfg, self.pool, self._specs, latency, work,
                                 running_plans(alive), seed=self.cfg.scheduler.seed + head.plans)
         t0 = time.monotonic()

@@ -67,10 +67,13 @@ class LatencySource:
     # count it runs for the first time), from the profile's served calibration; charged with the
     # start, since every (re)started engine pays it once
     cold: dict[tuple[str, int, int], float] = field(default_factory=dict)
+    # added to every start: spares are configured but none is ready (each start then pays the
+    # API server's import, runtime.spares; start times and profiles are those of spare starts)
+    no_spare_s: float = 0.0
 
     @classmethod
     def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
-             start_times: dict[tuple[str, int], float]) -> "LatencySource":
+             start_times: dict[tuple[str, int], float], no_spare_s: float = 0.0) -> "LatencySource":
         table, threaded, cold = {}, {}, {}
         for m in models:
             for tp in tp_degrees(pool):
@@ -83,7 +86,7 @@ class LatencySource:
                     else:
                         threaded[(m, tp, th)] = prof.latency
                     cold[(m, tp, th)] = cold_start_s(prof.meta)
-        return cls(table, pool.signature, dict(start_times), threaded, cold)
+        return cls(table, pool.signature, dict(start_times), threaded, cold, no_spare_s)
 
     def _base(self, spec: ModelSpec, tp: int) -> LatencyModel:
         hit = self.table.get((spec.name, tp))
@@ -107,10 +110,10 @@ class LatencySource:
         lat = self._base(spec, tp)
         measured = self.start_times.get((spec.name, tp))
         if measured is not None:
-            return lat.with_load_time(measured)
+            return lat.with_load_time(measured + self.no_spare_s)
         if lat.load_time_s > 0 or self.device != "cpu":
-            return lat
-        return lat.with_load_time(DEFAULT_CPU_LOAD_S)
+            return lat.with_load_time(lat.load_time_s + self.no_spare_s) if self.no_spare_s else lat
+        return lat.with_load_time(DEFAULT_CPU_LOAD_S + self.no_spare_s)
 
     def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
         """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over

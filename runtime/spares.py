@@ -26,6 +26,7 @@ from typing import Callable
 from runtime.engine_spare import API_SERVER, SPARE_NICE
 
 log = logging.getLogger(__name__)
+IMPORT_S_GUESS = 7.0  # API server import on one core of the development machine (measured 6.7-7.9 s)
 
 
 def _spare_setup() -> None:
@@ -99,9 +100,16 @@ class SparePool:
         self._env = env  # the engines' environment without per-engine keys (engine.base_env)
         self.python = python
         self._spares: list[Spare] = []
+        self._all: list[Spare] = []  # every spare started (recent), for import_s
         self._filling: asyncio.Task | None = None
         self._closed = False
         self._n = 0
+
+    def import_s(self) -> float:
+        """What an engine start without a ready spare costs more: the fastest import a spare of this
+        pool took (the first ones import on an idle machine), else IMPORT_S_GUESS."""
+        seen = [s.ready_after_s for s in self._all if s.ready_after_s is not None]
+        return min(seen) if seen else IMPORT_S_GUESS
 
     def ready_count(self) -> int:
         return sum(s.usable() for s in self._spares)
@@ -123,6 +131,8 @@ class SparePool:
                     stdout=asyncio.subprocess.PIPE, stderr=logf, start_new_session=True,
                     preexec_fn=_spare_setup)
             self._spares.append(Spare(proc, log_path))
+            self._all.append(self._spares[-1])
+            del self._all[:-16]  # recent ones are enough for import_s
             log.info("spare engine process %d started (log %s)", proc.pid, log_path)
 
     def take(self) -> Spare | None:

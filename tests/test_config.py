@@ -98,8 +98,8 @@ def test_engine_nice_defaults_per_device_kind_and_is_checked(tmp_path: Path):
 
 def test_spare_engines_default_per_device_kind_and_is_checked(tmp_path: Path):
     unset = _load(tmp_path, "").devices
-    assert unset.effective_spare_engines("cpu", 2) == 2 and unset.effective_spare_engines("cpu", 1) == 1
-    assert unset.effective_spare_engines("cpu", 16) == 2
+    assert unset.effective_spare_engines("cpu", 2) == 3 and unset.effective_spare_engines("cpu", 1) == 2
+    assert unset.effective_spare_engines("cpu", 16) == 3
     assert unset.effective_spare_engines("a100", 8) == 0  # GPUs: never (untested there)
     assert _load(tmp_path, "[devices]\nspare_engines = 0\n").devices.effective_spare_engines(
         "cpu", 2) == 0

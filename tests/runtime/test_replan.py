@@ -91,3 +91,11 @@ def test_a_profiles_cold_start_cost_is_charged_with_the_start(tmp_path) -> None:
     measured = LatencySource.load(tmp_path, pool, ["a"], {("a", 1): 20.0})
     assert measured(SPEC, 1).load_time_s == pytest.approx(24.0)  # measured start + cold cost
     assert measured(SPEC, 1).c1 == lat.c1
+
+
+def test_latency_source_charges_the_import_while_no_spare_is_ready() -> None:
+    base = LatencySource({}, "cpu", {("a", 1): 15.0})
+    short = LatencySource({}, "cpu", {("a", 1): 15.0}, no_spare_s=7.0)
+    assert base(SPEC, 1).load_time_s == 15.0 and short(SPEC, 1).load_time_s == 22.0
+    unmeasured = LatencySource({}, "cpu", {}, no_spare_s=7.0)
+    assert unmeasured(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S + 7.0
