@@ -85,6 +85,23 @@ def input_requests(path: Path) -> Iterator[tuple[int, str, str]]:
                 yield lineno, obj["custom_id"], obj["body"]["model"]
 
 
+# Characters that JSON leaves raw inside strings but that str.splitlines() (and some JSONL readers)
+# take for line ends: a model's output holds them now and then (random-weight models often), and
+# `client.files.content(id).text.splitlines()` would cut such a line in two. Their UTF-8 bytes
+# cannot occur in any other character, so replacing them with the JSON escape is exact.
+_LINE_BREAKERS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"),
+                  (b"\xc2\x85", b"\\u0085"))
+
+
+def jsonl_line(rec: dict) -> bytes:
+    """One output/error file line: JSON with no character any common reader splits lines on."""
+    out = orjson.dumps(rec)
+    for raw, escaped in _LINE_BREAKERS:
+        if raw in out:
+            out = out.replace(raw, escaped)
+    return out + b"\n"
+
+
 def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
                 unfinished_code: str) -> tuple[bool, bytes]:
     """(goes to the output file?, the JSONL line)."""
@@ -92,7 +109,7 @@ def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
     if o is None:
         rec = {"id": rid, "custom_id": custom_id, "response": None,
                "error": {"code": unfinished_code, "message": UNFINISHED[unfinished_code]}}
-        return False, orjson.dumps(rec) + b"\n"
+        return False, jsonl_line(rec)
     request_id = o.request_id or derived_id("req_", batch_id, line)
     # An HTTP answer (any status) keeps its response, as OpenAI does; `error` is for failures
     # without one (engine gone for good). The executor may carry a 4xx body in `extra["body"]`.
@@ -102,7 +119,7 @@ def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
         rec = {"id": rid, "custom_id": custom_id, "response": response, "error": None}
     else:
         rec = {"id": rid, "custom_id": custom_id, "response": None, "error": o.error}
-    return o.ok, orjson.dumps(rec) + b"\n"
+    return o.ok, jsonl_line(rec)
 
 
 def write_result_files(store: FileStore, batch_id: str, input_path: Path,

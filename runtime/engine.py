@@ -206,9 +206,9 @@ def set_autogroup_nice(nice: int) -> None:
         pass
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group `pgid`, from /proc."""
-    pids = []
+def proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -217,9 +217,13 @@ def group_pids(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
+        out.append((int(entry), fields[0], int(fields[1]), int(fields[2])))
+    return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc."""
+    return [pid for pid, state, _, group in proc_stats() if state != "Z" and group == pgid]
 
 
 def shm_files(pids: list[int]) -> set[str]:

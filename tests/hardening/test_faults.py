@@ -105,7 +105,7 @@ def lines(url: str, fid: str | None) -> list[dict]:
         return []
     r = requests.get(f"{url}/v1/files/{fid}/content")
     assert r.status_code == 200
-    return [json.loads(x) for x in r.text.splitlines() if x.strip()]
+    return [json.loads(x) for x in r.text.split("\n") if x.strip()]  # JSONL: "\n" ends a line
 
 
 def check_exactly_once(url: str, bid: str, ids: list[str]) -> dict:
