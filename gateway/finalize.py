@@ -86,9 +86,9 @@ def input_requests(path: Path) -> Iterator[tuple[int, str, str]]:
 
 
 # Characters that JSON leaves raw inside strings but that str.splitlines() (and some JSONL readers)
-# take for line ends: a model's output holds them now and then (random-weight models often), and
-# `client.files.content(id).text.splitlines()` would cut such a line in two. Their UTF-8 bytes
-# cannot occur in any other character, so replacing them with the JSON escape is exact.
+# take for line ends: generated text may hold them, and `client.files.content(id).text.splitlines()`
+# would cut such a line in two. Their UTF-8 bytes cannot occur in any other character, so replacing
+# them with the JSON escape is exact.
 _LINE_BREAKERS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"),
                   (b"\xc2\x85", b"\\u0085"))
 

@@ -105,7 +105,9 @@ def lines(url: str, fid: str | None) -> list[dict]:
         return []
     r = requests.get(f"{url}/v1/files/{fid}/content")
     assert r.status_code == 200
-    return [json.loads(x) for x in r.text.split("\n") if x.strip()]  # JSONL: "\n" ends a line
+    # UTF-8, as the SDK (httpx) decodes it: requests' `.text` guesses a charset for
+    # application/octet-stream, and a wrong guess (latin-1) turns UTF-8 bytes into U+0085
+    return [json.loads(x) for x in r.content.decode("utf-8").split("\n") if x.strip()]
 
 
 def check_exactly_once(url: str, bid: str, ids: list[str]) -> dict:
