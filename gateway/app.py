@@ -79,14 +79,13 @@ def default_executor(cfg: Config) -> Executor:
     from runtime.engine import VllmLauncher, base_env
     from runtime.executor import PoolExecutor
     from runtime.planner_process import ProcessPlanner
-    from runtime.spares import SparePool
+    from runtime.spares import SparePool, spare_count
 
     # the planner in its own process: in a thread it would hold the GIL the event loop needs
     planner = ProcessPlanner()
     planner.warm_up()  # from this (the main) thread: the worker's parent-death signal is tied to it
     pool = discover_pool(cfg)
-    runnable = any(m.resolved_path(cfg.base_dir) is not None for m in cfg.models)
-    n_spares = cfg.devices.effective_spare_engines(pool.kind, len(pool.ids)) if runnable else 0
+    n_spares = spare_count(cfg, pool)
     spares = SparePool(n_spares, cfg.state_dir / "logs", base_env) if n_spares else None
     return PoolExecutor(cfg, VllmLauncher(spares=spares), planner=planner, pool=pool)
 

@@ -63,9 +63,10 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"model {m.name}: {path if path is not None else 'plan only'}")
     print(f"devices: {pool.kind} {list(pool.ids)}")
     if pool.kind == "cpu":
-        spares = cfg.devices.effective_spare_engines(pool.kind, len(pool.ids))
+        from runtime.spares import spare_count
+
         print(f"cpu engines: confined to their cores: {cfg.devices.confine_cpu_engines}; "
-              f"spare engine processes: {spares}")
+              f"spare engine processes: {spare_count(cfg, pool)}")
     print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
     web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, print=None,
                 handle_signals=True, access_log=None)  # gateway.logs writes access lines

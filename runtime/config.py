@@ -160,7 +160,7 @@ class DevicesConfig:
     spare_engines: int | None = field(default=None, metadata={
         "help": "CPU: interpreters kept with vLLM's API server imported, so that an engine start "
                 "skips that import (~7 s each here, ~700 MB of memory each); unset = one per "
-                "core up to 2, 0 = none (GPUs: always none)"})
+                "core + 1, at most 3; 0 = none (GPUs: always none)"})
     engine_nice: int | None = field(default=None, metadata={
         "help": "niceness added to engine processes; unset = 5 on CPU (engines share the cores "
                 "with the gateway, whose API must stay responsive), 0 on GPUs"})

@@ -110,10 +110,12 @@ class LatencySource:
         lat = self._base(spec, tp)
         measured = self.start_times.get((spec.name, tp))
         if measured is not None:
-            return lat.with_load_time(measured + self.no_spare_s)
-        if lat.load_time_s > 0 or self.device != "cpu":
-            return lat.with_load_time(lat.load_time_s + self.no_spare_s) if self.no_spare_s else lat
-        return lat.with_load_time(DEFAULT_CPU_LOAD_S + self.no_spare_s)
+            load = measured
+        elif lat.load_time_s > 0 or self.device != "cpu":
+            load = lat.load_time_s
+        else:
+            load = DEFAULT_CPU_LOAD_S
+        return lat.with_load_time(load + self.no_spare_s)
 
     def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
         """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over

@@ -21,12 +21,23 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from runtime.engine_spare import API_SERVER, SPARE_NICE
 
+if TYPE_CHECKING:
+    from runtime.config import Config
+    from scheduler.types import DevicePool
+
 log = logging.getLogger(__name__)
 IMPORT_S_GUESS = 7.0  # API server import on one core of the development machine (measured 6.7-7.9 s)
+
+
+def spare_count(cfg: "Config", pool: "DevicePool") -> int:
+    """How many spares a gateway with `cfg` on `pool` keeps: none when no model can run."""
+    if not any(m.resolved_path(cfg.base_dir) is not None for m in cfg.models):
+        return 0
+    return cfg.devices.effective_spare_engines(pool.kind, len(pool.ids))
 
 
 def _spare_setup() -> None:
