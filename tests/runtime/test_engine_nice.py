@@ -45,6 +45,10 @@ def test_engine_session_gets_the_niceness_across_sessions() -> None:
     same = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(5))
     try:
         group = _autogroup(child.pid)
+        if not (before and group):
+            # The kernel prints nothing for a task left in the default group: CI's machine gave the
+            # new session no autogroup of its own (seen there, 1 Dec), so there is nothing to weigh.
+            pytest.skip("a new session gets no autogroup on this kernel: niceness alone counts")
         assert group[0] != before[0] and group[2] == "5"
         assert _autogroup("self") == before == _autogroup(same.pid)  # ours untouched
     finally:
