@@ -189,10 +189,13 @@ class PoolExecutor(EngineSlots):
     def _spares(self) -> Any:
         return getattr(self.launcher, "spares", None)  # runtime.spares.SparePool, when configured
 
-    def _no_spare_s(self) -> float:
-        """Extra start time the planner charges while no spare engine process is ready."""
+    def _spare_state(self) -> tuple[int | None, float]:
+        """For the planner: spare engine processes ready now (None: none kept), and what a start
+        without one costs more (the API server's import)."""
         spares = self._spares()
-        return spares.import_s() if spares is not None and spares.ready_count() == 0 else 0.0
+        if spares is None or spares.size <= 0:
+            return None, 0.0
+        return spares.ready_count(), spares.import_s()
 
     # -- what dispatch.SlotHost asks of us --------------------------------------------------------
     def slot_started(self, slot: Slot) -> None:
@@ -410,10 +413,11 @@ class PoolExecutor(EngineSlots):
         rng = np.random.default_rng([self.cfg.scheduler.seed, head.plans])
         work = sample_work(todo, self._lengths, rng)
         alive = [s.key for s in self._slots if s.state.active]
-        latency = LatencySource.load(self.state_dir, self.pool, list(work), self._start_times,
-                                     self._no_spare_s())
+        latency = LatencySource.load(self.state_dir, self.pool, list(work), self._start_times)
+        ready, no_spare_s = self._spare_state()
         problem = build_problem(self.cfg, self.pool, self._specs, latency, work,
-                                running_plans(alive), seed=self.cfg.scheduler.seed + head.plans)
+                                running_plans(alive), seed=self.cfg.scheduler.seed + head.plans,
+                                spares=ready, no_spare_s=no_spare_s)
         t0 = time.monotonic()
         try:
             schedule = await asyncio.to_thread(self._planner, problem, head.strategy)

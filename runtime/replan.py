@@ -67,13 +67,12 @@ class LatencySource:
     # count it runs for the first time), from the profile's served calibration; charged with the
     # start, since every (re)started engine pays it once
     cold: dict[tuple[str, int, int], float] = field(default_factory=dict)
-    # added to every start: spares are configured but none is ready (each start then pays the
-    # API server's import, runtime.spares; start times and profiles are those of spare starts)
-    no_spare_s: float = 0.0
+    # start times here are those of starts in a spare engine process (runtime.spares); what a
+    # start without one costs more is the planner's (`PlanningProblem.spares`, `no_spare_s`)
 
     @classmethod
     def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
-             start_times: dict[tuple[str, int], float], no_spare_s: float = 0.0) -> "LatencySource":
+             start_times: dict[tuple[str, int], float]) -> "LatencySource":
         table, threaded, cold = {}, {}, {}
         for m in models:
             for tp in tp_degrees(pool):
@@ -86,7 +85,7 @@ class LatencySource:
                     else:
                         threaded[(m, tp, th)] = prof.latency
                     cold[(m, tp, th)] = cold_start_s(prof.meta)
-        return cls(table, pool.signature, dict(start_times), threaded, cold, no_spare_s)
+        return cls(table, pool.signature, dict(start_times), threaded, cold)
 
     def _base(self, spec: ModelSpec, tp: int) -> LatencyModel:
         hit = self.table.get((spec.name, tp))
@@ -115,7 +114,7 @@ class LatencySource:
             load = lat.load_time_s
         else:
             load = DEFAULT_CPU_LOAD_S
-        return lat.with_load_time(load + self.no_spare_s)
+        return lat.with_load_time(load)
 
     def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
         """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over
@@ -201,12 +200,14 @@ def running_plans(keys: Iterable[ReplicaKey]) -> dict[str, ExecPlan]:
 
 def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,
                   work: dict[str, list[SimRequest]], running: dict[str, ExecPlan],
-                  seed: int) -> PlanningProblem:
+                  seed: int, spares: int | None = None, no_spare_s: float = 0.0) -> PlanningProblem:
+    """`spares`: spare engine processes ready now (None: the gateway keeps none), each start
+    without one costing `no_spare_s` more (`scheduler.stages`)."""
     models = {m: specs[m] for m in work}
     return PlanningProblem(
         models=models, work=work, pool=pool, latency=latency, kv_bytes_per_rank=kv_bytes_fn(cfg, pool),
         running={m: p for m, p in running.items() if m in models}, top_k=cfg.scheduler.top_k,
-        seed=seed, threads_latency=latency.threads)
+        seed=seed, threads_latency=latency.threads, spares=spares, no_spare_s=no_spare_s)
 
 
 def stage_replicas(stage: Stage) -> dict[ReplicaKey, ExecPlan]:

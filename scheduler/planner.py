@@ -66,6 +66,8 @@ class PlanningProblem:
     threads_latency: (spec, tp, threads) -> latency of an engine whose ranks run on `threads` CPU
         cores each (shapes offered when `pool.max_threads` > 1); None: the threads = 1 latency with
         the assumed speed-up of `scheduler.latency.assumed_threads_latency`.
+    spares: spare engine processes ready now (`runtime.spares`); each engine started takes one, and
+        a start without one costs `no_spare_s` more than its load time. None: not modelled.
     """
 
     models: dict[str, ModelSpec]
@@ -79,6 +81,8 @@ class PlanningProblem:
     explore: int = 3
     compare_baselines: bool = True
     threads_latency: Callable[[ModelSpec, int, int], LatencyModel] | None = None
+    spares: int | None = None
+    no_spare_s: float = 0.0
 
 
 class Planner:
@@ -91,10 +95,11 @@ class Planner:
                              problem.threads_latency)
         # largest first: the paper's expansion order, and the baselines' priority
         order = sorted(problem.models, key=lambda m: (-problem.models[m].param_count, m))
-        self.ctx = Context(self.est, problem.pool, order)
+        self.ctx = Context(self.est, problem.pool, order, no_spare_s=problem.no_spare_s)
         # stages are chosen with `ctx` (restarts estimated from the root runs) and every schedule
         # returned is re-run with `exact_ctx` (restarts simulated), which gives its stage times
-        self.exact_ctx = Context(self.est.exact(), problem.pool, order, self.ctx._shapes)
+        self.exact_ctx = Context(self.est.exact(), problem.pool, order, self.ctx._shapes,
+                                 problem.no_spare_s)
         self._done: dict[str, Schedule] = {}
         self._initial: PlanState | None = None
         # the search's own schedule (before the comparison with the baselines), once planned
@@ -114,7 +119,7 @@ class Planner:
         for m in work:
             self.ctx.shapes(m)  # raises InfeasibleError early, naming the model
         running = {m: p for m, p in self.problem.running.items() if m in work}
-        return PlanState(0.0, work, running, {})
+        return PlanState(0.0, work, running, {}, self.problem.spares)
 
     def plan(self, strategy: str = "samullm") -> Schedule:
         if strategy not in STRATEGIES:

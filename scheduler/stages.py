@@ -16,6 +16,13 @@ replica being one engine, plus the kept engines still warming up from an earlier
 remaining start-up is left as it was charged). An option (`Context.option`), priced alone, counts
 its own replicas; a candidate group re-prices its options' starts with the group's count
 (`Option.in_group`, used by `scheduler.search`), and `run_stage` charges the whole stage.
+
+Spare engine processes (`runtime.spares`, CPU): a start in a ready spare skips the API server's
+import; one without pays `Context.no_spare_s` more. `PlanState.spares` counts the spares ready now
+(None: not modelled, every start costs its load time). Each engine `run_stage` starts takes one, in
+the stage's plan order (the order the runtime starts them); a spare taken is not counted back later
+in the plan: its replacement imports at nice 19 behind engines that keep every core busy, and the
+re-plan at the next real event sees how many are ready by then.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class PlanState:
     work: dict[str, Workload]
     running: dict[str, ExecPlan] = field(default_factory=dict)
     warmup: dict[str, float] = field(default_factory=dict)  # start-up time still owed by engines
+    spares: int | None = None  # spare engine processes ready (None: spares not modelled)
 
 
 @dataclass(frozen=True)
@@ -55,12 +63,14 @@ class Option:
     run: PlanRun
     starting: int = 0  # engines of this option starting (or still warming up) in the stage
     load_s: float = 0.0  # alone start time of a (re)started engine; 0 when kept
+    no_spare_s: float = 0.0  # added to the start: too few spares ready for its replicas
 
     def in_group(self, starting: int, pool: DevicePool) -> "Option":
         """This option when `starting` engines in all start with it (its warm-up re-priced)."""
         if self.load_s <= 0:
             return self
-        return dataclasses.replace(self, warm_s=self.load_s * pool.start_factor(starting))
+        return dataclasses.replace(
+            self, warm_s=self.load_s * pool.start_factor(starting) + self.no_spare_s)
 
     @property
     def devices(self) -> int:
@@ -82,6 +92,7 @@ class Context:
     pool: DevicePool
     order: list[str]
     _shapes: dict[str, list[Shape]] = field(default_factory=dict)
+    no_spare_s: float = 0.0  # what a start costs more without a ready spare (`PlanState.spares`)
 
     def shapes(self, model: str) -> list[Shape]:
         """Feasible (model, tp, dp[, threads]): TP a power of two within a topology group, valid for
@@ -107,7 +118,14 @@ class Context:
         if kept:
             warming = state.warmup.get(m, 0.0)
             return Option(shape, warming, run, dp if warming > 0 else 0)
-        return Option(shape, self.start_s(m, tp, dp), run, dp, self.est.load_time(m, tp))
+        extra = self.spare_charge(state.spares, dp)
+        return Option(shape, self.start_s(m, tp, dp) + extra, run, dp, self.est.load_time(m, tp),
+                      extra)
+
+    def spare_charge(self, spares: int | None, engines: int) -> float:
+        """Extra start time of a model whose `engines` replicas start with `spares` ready (priced
+        alone; `run_stage` hands the spares out over the whole stage)."""
+        return self.no_spare_s if spares is not None and spares < engines else 0.0
 
     def start_s(self, model: str, tp: int, starting: int) -> float:
         """Start time of one (model, tp) engine while `starting` engines (itself included) start."""
@@ -145,11 +163,13 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         kept[p.model] = p.same_shape(state.running.get(p.model))
     # engines starting together: every replica (re)started now, plus kept ones still warming up
     starting = sum(p.dp for p in plans if not kept[p.model] or state.warmup.get(p.model, 0.0) > 0)
+    spares = state.spares
     for p in plans:
         if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
         else:
-            warm[p.model] = ctx.start_s(p.model, p.tp, starting)
+            warm[p.model] = ctx.start_s(p.model, p.tp, starting) + ctx.spare_charge(spares, p.dp)
+            spares = None if spares is None else max(0, spares - p.dp)
             restarts.append(p.model)
         runs[p.model] = est.run(est.variant(p.model, p.threads), p.tp, p.dp, state.work[p.model],
                                 kept[p.model])
@@ -173,7 +193,7 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     stage = Stage(plans=list(plans), start_s=state.t, end_s=state.t + dur, finished=done,
                   predicted_finish_s={m: state.t + f for m, f in finish.items()}, restarts=restarts)
     running = {p.model: p for p in plans if p.model not in done}
-    return stage, PlanState(state.t + dur, work, running, warmup)
+    return stage, PlanState(state.t + dur, work, running, warmup, spares)
 
 
 Chooser = Callable[[Context, PlanState], list[Shape]]

@@ -91,7 +91,7 @@ def makespan_stats(planner, schedule: Schedule,
         work = {m: Workload.of(reqs) for m, reqs in sorted(draw.items())}
         work = {m: w for m, w in work.items() if len(w)}
         running = {m: p for m, p in problem.running.items() if m in work}
-        vals.append(replay(ctx, PlanState(0.0, work, running, {}), schedule).t)
+        vals.append(replay(ctx, PlanState(0.0, work, running, {}, problem.spares), schedule).t)
     arr = np.asarray(vals, dtype=float)
     if not len(arr):
         return MakespanStats(schedule.makespan_s, 0.0, schedule.makespan_s, schedule.makespan_s, 0)

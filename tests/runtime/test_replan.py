@@ -93,9 +93,18 @@ def test_a_profiles_cold_start_cost_is_charged_with_the_start(tmp_path) -> None:
     assert measured(SPEC, 1).c1 == lat.c1
 
 
-def test_latency_source_charges_the_import_while_no_spare_is_ready() -> None:
-    base = LatencySource({}, "cpu", {("a", 1): 15.0})
-    short = LatencySource({}, "cpu", {("a", 1): 15.0}, no_spare_s=7.0)
-    assert base(SPEC, 1).load_time_s == 15.0 and short(SPEC, 1).load_time_s == 22.0
-    unmeasured = LatencySource({}, "cpu", {}, no_spare_s=7.0)
-    assert unmeasured(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S + 7.0
+def test_build_problem_carries_the_spares_and_latency_no_longer_adds_the_import(tmp_path) -> None:
+    """Start times are those of starts in a spare; the spare count and the import cost go to the
+    planner, which hands the spares out over the stages (`scheduler.stages`)."""
+    latency = LatencySource({}, "cpu", {("a", 1): 15.0})
+    assert latency(SPEC, 1).load_time_s == 15.0
+    assert LatencySource({}, "cpu", {})(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S
+    from runtime.replan import build_problem
+    from scheduler.types import SimRequest
+    from tests.runtime.test_executor import make_cfg
+
+    pool = DevicePool("cpu", (0, 1), 1 << 28)
+    args = (make_cfg(tmp_path), pool, {"a": SPEC}, latency, {"a": [SimRequest(0, 10, 10)]}, {}, 0)
+    problem = build_problem(*args, spares=2, no_spare_s=7.0)
+    assert (problem.spares, problem.no_spare_s) == (2, 7.0)
+    assert build_problem(*args).spares is None

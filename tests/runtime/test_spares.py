@@ -62,13 +62,15 @@ async def test_a_spare_that_died_is_never_handed_out(tmp_path) -> None:
 
 
 async def test_executor_prices_and_records_starts_by_whether_a_spare_was_used(tmp_path) -> None:
-    """While no spare is ready the planner is charged the import; a start without a spare is
-    stored as the start in a spare would have been (so the two kinds do not mix)."""
+    """The planner is told how many spares are ready and what a start without one costs; a start
+    without a spare is stored as the start in a spare would have been (the two kinds do not mix)."""
     from scheduler.types import DevicePool
     from tests.runtime.fakes import FakeLauncher
     from tests.runtime.test_executor import items, make_cfg, run_once
 
     class Pool:  # what the executor reads of a SparePool
+        size = 3
+
         def __init__(self, ready: int) -> None:
             self.ready = ready
 
@@ -82,9 +84,11 @@ async def test_executor_prices_and_records_starts_by_whether_a_spare_was_used(tm
     launcher.spares = Pool(0)
     ex = await run_once(make_cfg(tmp_path), launcher, DevicePool("cpu", (0, 1), 1 << 28),
                         items("a", 2))
-    assert ex._no_spare_s() == 7.0
+    assert ex._spare_state() == (0, 7.0)
     launcher.spares.ready = 1
-    assert ex._no_spare_s() == 0.0
+    assert ex._spare_state() == (1, 7.0)
+    launcher.spares.size = 0
+    assert ex._spare_state() == (None, 0.0)
     assert not getattr(launcher.engines[0], "spare_used", False)  # fakes never use one
     # 0.02 s measured without a spare: stored as that minus the import, floored at 1 s
     assert list(ex._start_times.values()) == [1.0]
