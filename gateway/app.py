@@ -39,7 +39,8 @@ async def health(request: web.Request) -> web.Response:
     service = request.app.get(SERVICE)
     spares = getattr(getattr(getattr(service, "executor", None), "launcher", None), "spares", None)
     if spares is not None:  # ready = an engine start now skips the API server's import
-        body["spare_engines"] = {"ready": spares.ready_count(), "target": spares.size}
+        body["spare_engines"] = {"ready": spares.ready_count(), "target": spares.size,
+                                 "import_s": round(spares.import_s(), 2)}
     return json_response(body)
 
 

@@ -213,7 +213,9 @@ PATHS: dict[str, Any] = {
                 # with real CPU engines: spare processes ready to become one (runtime.spares)
                 "spare_engines": {"type": "object", "required": ["ready", "target"],
                                   "properties": {"ready": {"type": "integer", "minimum": 0},
-                                                 "target": {"type": "integer", "minimum": 0}}}}}}}}}}},
+                                                 "target": {"type": "integer", "minimum": 0},
+                                                 # what a start without one costs more (CPU s)
+                                                 "import_s": {"type": "number", "minimum": 0}}}}}}}}}}},
     "/metrics": {"get": {"operationId": "metrics", "security": [], "responses": {
         "200": {"description": "Prometheus text exposition",
                 "content": {"text/plain": {"schema": _STR}}}}}},

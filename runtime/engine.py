@@ -221,6 +221,23 @@ def proc_stats() -> list[tuple[int, str, int, int]]:
     return out
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) the live processes of process group `pgid` have used, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is stat's 3rd field, state
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group `pgid`, from /proc."""
     return [pid for pid, state, _, group in proc_stats() if state != "Z" and group == pgid]

@@ -189,13 +189,13 @@ class PoolExecutor(EngineSlots):
     def _spares(self) -> Any:
         return getattr(self.launcher, "spares", None)  # runtime.spares.SparePool, when configured
 
-    def _spare_state(self) -> tuple[int | None, float]:
-        """For the planner: spare engine processes ready now (None: none kept), and what a start
-        without one costs more (the API server's import)."""
+    def _spare_state(self) -> tuple[tuple[float, ...] | None, float]:
+        """For the planner: per spare engine process, the import it has left (0: ready; None: the
+        gateway keeps none), and what a start without one costs more (the API server's import)."""
         spares = self._spares()
         if spares is None or spares.size <= 0:
             return None, 0.0
-        return spares.ready_count(), spares.import_s()
+        return spares.import_left(), spares.import_s()
 
     # -- what dispatch.SlotHost asks of us --------------------------------------------------------
     def slot_started(self, slot: Slot) -> None:

@@ -200,9 +200,10 @@ def running_plans(keys: Iterable[ReplicaKey]) -> dict[str, ExecPlan]:
 
 def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,
                   work: dict[str, list[SimRequest]], running: dict[str, ExecPlan],
-                  seed: int, spares: int | None = None, no_spare_s: float = 0.0) -> PlanningProblem:
-    """`spares`: spare engine processes ready now (None: the gateway keeps none), each start
-    without one costing `no_spare_s` more (`scheduler.stages`)."""
+                  seed: int, spares: tuple[float, ...] | None = None,
+                  no_spare_s: float = 0.0) -> PlanningProblem:
+    """`spares`: per spare engine process, the CPU seconds of import it has left (0: ready; None:
+    the gateway keeps none); a start without a ready one costs `no_spare_s` more (`scheduler.spares`)."""
     models = {m: specs[m] for m in work}
     return PlanningProblem(
         models=models, work=work, pool=pool, latency=latency, kv_bytes_per_rank=kv_bytes_fn(cfg, pool),

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 IMPORT_S_GUESS = 7.0  # API server import on one core of the development machine (measured 6.7-7.9 s)
+# A fresh start imports the API server on the engine's own core, so what it costs more than a start
+# in a spare is the import's CPU time, not a spare's wall time: three spares importing at once on
+# two cores took 9.5-11.3 s each (makespan bench, 1 Dec), while fresh starts were only ~5-7 s longer.
 
 
 def spare_count(cfg: "Config", pool: "DevicePool") -> int:
@@ -57,6 +60,7 @@ class Spare:
         self.log_path = log_path
         self.ready = asyncio.Event()
         self.ready_after_s: float | None = None
+        self.import_cpu_s: float | None = None  # CPU seconds its import took (guard included)
         self._t0 = time.monotonic()
         self._reader = asyncio.create_task(self._wait_ready(), name=f"spare-{proc.pid}")
 
@@ -65,7 +69,22 @@ class Spare:
         line = await self.proc.stdout.readline()
         if line.strip() == b"ready":
             self.ready_after_s = time.monotonic() - self._t0
+            self.import_cpu_s = self.cpu_s()
             self.ready.set()
+
+    def cpu_s(self) -> float:
+        from runtime.engine import group_cpu_s
+
+        return group_cpu_s(self.pid)
+
+    def import_left_s(self, import_s: float) -> float:
+        """CPU seconds of import it has left, for the planner: 0 once ready; a dead one is replaced
+        by a fresh import; one that used `import_s` already without being ready is near the end."""
+        if self.usable():
+            return 0.0
+        if self.proc.returncode is not None:
+            return import_s
+        return max(0.1 * import_s, import_s - self.cpu_s())
 
     def usable(self) -> bool:
         return self.ready.is_set() and self.proc.returncode is None
@@ -117,10 +136,17 @@ class SparePool:
         self._n = 0
 
     def import_s(self) -> float:
-        """What an engine start without a ready spare costs more: the fastest import a spare of this
-        pool took (the first ones import on an idle machine), else IMPORT_S_GUESS."""
-        seen = [s.ready_after_s for s in self._all if s.ready_after_s is not None]
+        """What an engine start without a ready spare costs more: the least CPU time the import of a
+        spare of this pool took, else IMPORT_S_GUESS."""
+        seen = [s.import_cpu_s for s in self._all if s.import_cpu_s]
         return min(seen) if seen else IMPORT_S_GUESS
+
+    def import_left(self) -> tuple[float, ...]:
+        """Per spare the pool keeps (`size` of them), the CPU seconds of import left (0: ready); a
+        spare taken and not replaced yet counts as a whole import."""
+        work = self.import_s()
+        live = [s.import_left_s(work) for s in self._spares]
+        return tuple(sorted(live + [work] * max(0, self.size - len(live))))
 
     def ready_count(self) -> int:
         return sum(s.usable() for s in self._spares)

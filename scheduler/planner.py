@@ -35,6 +35,7 @@ from scheduler.baselines import PerModelBest, even_split, muxserve_greedy, seque
 from scheduler.estimator import Estimator, Workload
 from scheduler.latency import LatencyModel
 from scheduler.search import greedy_chooser, rank_groups
+from scheduler.spares import slots_of
 from scheduler.stages import (Context, InfeasibleError, PlanState, evaluate, run_policy,
                              run_stage)
 from scheduler.placement import place
@@ -66,8 +67,10 @@ class PlanningProblem:
     threads_latency: (spec, tp, threads) -> latency of an engine whose ranks run on `threads` CPU
         cores each (shapes offered when `pool.max_threads` > 1); None: the threads = 1 latency with
         the assumed speed-up of `scheduler.latency.assumed_threads_latency`.
-    spares: spare engine processes ready now (`runtime.spares`); each engine started takes one, and
-        a start without one costs `no_spare_s` more than its load time. None: not modelled.
+    spares: per spare engine process of the pool (`runtime.spares`), the CPU seconds of import it
+        has left (0: ready); each engine started takes a ready one, a start without one costs
+        `no_spare_s` more than its load time, and a spare taken is re-imported at that cost on idle
+        cores (`scheduler.spares`). None: the pool keeps no spares.
     """
 
     models: dict[str, ModelSpec]
@@ -81,7 +84,7 @@ class PlanningProblem:
     explore: int = 3
     compare_baselines: bool = True
     threads_latency: Callable[[ModelSpec, int, int], LatencyModel] | None = None
-    spares: int | None = None
+    spares: tuple[float, ...] | None = None
     no_spare_s: float = 0.0
 
 
@@ -119,7 +122,7 @@ class Planner:
         for m in work:
             self.ctx.shapes(m)  # raises InfeasibleError early, naming the model
         running = {m: p for m, p in self.problem.running.items() if m in work}
-        return PlanState(0.0, work, running, {}, self.problem.spares)
+        return PlanState(0.0, work, running, {}, slots_of(self.problem.spares))
 
     def plan(self, strategy: str = "samullm") -> Schedule:
         if strategy not in STRATEGIES:

@@ -17,12 +17,10 @@ remaining start-up is left as it was charged). An option (`Context.option`), pri
 its own replicas; a candidate group re-prices its options' starts with the group's count
 (`Option.in_group`, used by `scheduler.search`), and `run_stage` charges the whole stage.
 
-Spare engine processes (`runtime.spares`, CPU): a start in a ready spare skips the API server's
-import; one without pays `Context.no_spare_s` more. `PlanState.spares` counts the spares ready now
-(None: not modelled, every start costs its load time). Each engine `run_stage` starts takes one, in
-the stage's plan order (the order the runtime starts them); a spare taken is not counted back later
-in the plan: its replacement imports at nice 19 behind engines that keep every core busy, and the
-re-plan at the next real event sees how many are ready by then.
+Spare engine processes (`runtime.spares`, CPU; `scheduler.spares`): each engine a stage starts
+takes a ready spare in plan order, and one that finds none pays `Context.no_spare_s` more; the
+replacements import on the stage's idle cores once their engines are up. `PlanState.spares` is
+None where the pool keeps no spares (every start costs its load time).
 """
 
 from __future__ import annotations
@@ -34,6 +32,8 @@ from typing import Callable, Sequence
 from scheduler.estimator import Estimator, PlanRun, Workload
 from scheduler.placement import (Shape, make_shape, max_replicas, place, shape_devices,
                                  thread_counts, tp_degrees, unpack)
+from scheduler import spares as spare_pool
+from scheduler.spares import SpareSlot
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 EPS = 1e-9
@@ -51,7 +51,7 @@ class PlanState:
     work: dict[str, Workload]
     running: dict[str, ExecPlan] = field(default_factory=dict)
     warmup: dict[str, float] = field(default_factory=dict)  # start-up time still owed by engines
-    spares: int | None = None  # spare engine processes ready (None: spares not modelled)
+    spares: tuple[SpareSlot, ...] | None = None  # spare engine processes (None: the pool has none)
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class Context:
         if kept:
             warming = state.warmup.get(m, 0.0)
             return Option(shape, warming, run, dp if warming > 0 else 0)
-        extra = self.spare_charge(state.spares, dp)
+        extra = self.spare_charge(spare_pool.ready_count(state.spares), dp)
         return Option(shape, self.start_s(m, tp, dp) + extra, run, dp, self.est.load_time(m, tp),
                       extra)
 
@@ -168,8 +168,10 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
         else:
-            warm[p.model] = ctx.start_s(p.model, p.tp, starting) + ctx.spare_charge(spares, p.dp)
-            spares = None if spares is None else max(0, spares - p.dp)
+            warm[p.model] = ctx.start_s(p.model, p.tp, starting) + ctx.spare_charge(
+                spare_pool.ready_count(spares), p.dp)
+            if spares is not None:
+                spares, _ = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)
             restarts.append(p.model)
         runs[p.model] = est.run(est.variant(p.model, p.threads), p.tp, p.dp, state.work[p.model],
                                 kept[p.model])
@@ -193,6 +195,9 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     stage = Stage(plans=list(plans), start_s=state.t, end_s=state.t + dur, finished=done,
                   predicted_finish_s={m: state.t + f for m, f in finish.items()}, restarts=restarts)
     running = {p.model: p for p in plans if p.model not in done}
+    if spares is not None:
+        idle = ctx.pool.count - sum(len(p.devices) for p in plans)
+        spares = spare_pool.advance(spares, dur, max(0, idle))
     return stage, PlanState(state.t + dur, work, running, warmup, spares)
 
 

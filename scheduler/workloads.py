@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from scheduler.estimator import Workload
+from scheduler.spares import slots_of
 from scheduler.stages import PlanState, replay
 from scheduler.types import Schedule, SimRequest
 
@@ -91,7 +92,8 @@ def makespan_stats(planner, schedule: Schedule,
         work = {m: Workload.of(reqs) for m, reqs in sorted(draw.items())}
         work = {m: w for m, w in work.items() if len(w)}
         running = {m: p for m, p in problem.running.items() if m in work}
-        vals.append(replay(ctx, PlanState(0.0, work, running, {}, problem.spares), schedule).t)
+        state = PlanState(0.0, work, running, {}, slots_of(problem.spares))
+        vals.append(replay(ctx, state, schedule).t)
     arr = np.asarray(vals, dtype=float)
     if not len(arr):
         return MakespanStats(schedule.makespan_s, 0.0, schedule.makespan_s, schedule.makespan_s, 0)

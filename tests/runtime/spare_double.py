@@ -1,6 +1,7 @@
 """A stand-in for `runtime.engine_spare` (no vLLM): says "ready" after SPARE_DOUBLE_DELAY seconds,
 then writes the command line it receives to its `log` and stays up until killed (as a serving
-engine would). Exits at once when SPARE_DOUBLE_FAIL is set (an import that fails)."""
+engine would). Exits at once when SPARE_DOUBLE_FAIL is set (an import that fails); with
+SPARE_DOUBLE_SPIN it first spins that many CPU seconds (an import's CPU time)."""
 
 import json
 import os
@@ -10,6 +11,9 @@ import time
 if __name__ == "__main__":
     if os.environ.get("SPARE_DOUBLE_FAIL"):
         sys.exit(3)
+    spin = float(os.environ.get("SPARE_DOUBLE_SPIN", "0"))
+    while time.process_time() < spin:
+        pass
     time.sleep(float(os.environ.get("SPARE_DOUBLE_DELAY", "0")))
     print("ready", flush=True)
     line = sys.stdin.readline()

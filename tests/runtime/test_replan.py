@@ -105,6 +105,6 @@ def test_build_problem_carries_the_spares_and_latency_no_longer_adds_the_import(
 
     pool = DevicePool("cpu", (0, 1), 1 << 28)
     args = (make_cfg(tmp_path), pool, {"a": SPEC}, latency, {"a": [SimRequest(0, 10, 10)]}, {}, 0)
-    problem = build_problem(*args, spares=2, no_spare_s=7.0)
-    assert (problem.spares, problem.no_spare_s) == (2, 7.0)
+    problem = build_problem(*args, spares=(0.0, 3.5), no_spare_s=7.0)
+    assert (problem.spares, problem.no_spare_s) == ((0.0, 3.5), 7.0)
     assert build_problem(*args).spares is None

@@ -51,6 +51,28 @@ async def test_take_hands_out_only_ready_spares_and_refill_replaces_them(tmp_pat
     assert pids and not any(group_pids(p) for p in pids)  # nothing left after close
 
 
+async def test_the_planner_is_told_each_spares_import_left_in_cpu_seconds(tmp_path) -> None:
+    from runtime.spares import IMPORT_S_GUESS
+
+    pool = _pool(tmp_path, 2, SPARE_DOUBLE_SPIN="0.4", SPARE_DOUBLE_DELAY="0.5")
+    assert pool.import_left() == (IMPORT_S_GUESS, IMPORT_S_GUESS)  # none spawned yet
+    await pool.start()
+    try:
+        left = pool.import_left()
+        assert all(0 < x <= IMPORT_S_GUESS for x in left)  # importing, nothing measured yet
+        assert await pool.wait_ready(20) == 2
+        # the import's CPU time, not its wall time (the double sleeps 0.5 s after spinning)
+        spins = [s.import_cpu_s for s in pool._spares]
+        assert all(0.4 <= x < 0.4 + 0.5 for x in spins)
+        assert pool.import_s() == min(spins) and pool.import_left() == (0.0, 0.0)
+        taken = pool.take()
+        assert taken is not None
+        assert pool.import_left() == (0.0, pool.import_s())  # taken: a whole import to come
+        await taken.stop()
+    finally:
+        await pool.close()
+
+
 async def test_a_spare_that_died_is_never_handed_out(tmp_path) -> None:
     pool = _pool(tmp_path, 1, SPARE_DOUBLE_FAIL="1")
     await pool.start()
@@ -80,13 +102,16 @@ async def test_executor_prices_and_records_starts_by_whether_a_spare_was_used(tm
         def import_s(self) -> float:
             return 7.0
 
+        def import_left(self) -> tuple[float, ...]:
+            return (0.0,) * self.ready + (7.0,) * (self.size - self.ready)
+
     launcher = FakeLauncher()
     launcher.spares = Pool(0)
     ex = await run_once(make_cfg(tmp_path), launcher, DevicePool("cpu", (0, 1), 1 << 28),
                         items("a", 2))
-    assert ex._spare_state() == (0, 7.0)
+    assert ex._spare_state() == ((7.0, 7.0, 7.0), 7.0)
     launcher.spares.ready = 1
-    assert ex._spare_state() == (1, 7.0)
+    assert ex._spare_state() == ((0.0, 7.0, 7.0), 7.0)
     launcher.spares.size = 0
     assert ex._spare_state() == (None, 0.0)
     assert not getattr(launcher.engines[0], "spare_used", False)  # fakes never use one
