@@ -206,8 +206,8 @@ def set_autogroup_nice(nice: int) -> None:
         pass
 
 
-def proc_stats() -> list[tuple[int, str, int, int]]:
-    """(pid, state, parent pid, process group) of every process, from /proc."""
+def _proc_stat_fields() -> list[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after "pid (comm) ": [0] is state) of every process."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -216,26 +216,19 @@ def proc_stats() -> list[tuple[int, str, int, int]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        out.append((int(entry), fields[0], int(fields[1]), int(fields[2])))
+        out.append((int(entry), stat[stat.rindex(")") + 2:].split()))
     return out
+
+
+def proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
+    return [(pid, f[0], int(f[1]), int(f[2])) for pid, f in _proc_stat_fields()]
 
 
 def group_cpu_s(pgid: int) -> float:
     """CPU seconds (user + system) the live processes of process group `pgid` have used, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is stat's 3rd field, state
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in _proc_stat_fields() if int(f[2]) == pgid)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def group_pids(pgid: int) -> list[int]:
