@@ -109,12 +109,10 @@ class LatencySource:
         lat = self._base(spec, tp)
         measured = self.start_times.get((spec.name, tp))
         if measured is not None:
-            load = measured
-        elif lat.load_time_s > 0 or self.device != "cpu":
-            load = lat.load_time_s
-        else:
-            load = DEFAULT_CPU_LOAD_S
-        return lat.with_load_time(load)
+            return lat.with_load_time(measured)
+        if lat.load_time_s > 0 or self.device != "cpu":
+            return lat
+        return lat.with_load_time(DEFAULT_CPU_LOAD_S)
 
     def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
         """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over

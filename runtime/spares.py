@@ -59,16 +59,13 @@ class Spare:
         self.pid = proc.pid
         self.log_path = log_path
         self.ready = asyncio.Event()
-        self.ready_after_s: float | None = None
         self.import_cpu_s: float | None = None  # CPU seconds its import took (guard included)
-        self._t0 = time.monotonic()
         self._reader = asyncio.create_task(self._wait_ready(), name=f"spare-{proc.pid}")
 
     async def _wait_ready(self) -> None:
         assert self.proc.stdout is not None
         line = await self.proc.stdout.readline()
         if line.strip() == b"ready":
-            self.ready_after_s = time.monotonic() - self._t0
             self.import_cpu_s = self.cpu_s()
             self.ready.set()
 

@@ -44,9 +44,9 @@ def ready_count(slots: Sequence[SpareSlot] | None) -> int | None:
 
 
 def take(slots: tuple[SpareSlot, ...], engines: int, up_s: float,
-         import_s: float) -> tuple[tuple[SpareSlot, ...], int]:
-    """`engines` engines that will be up in `up_s` each take a ready spare; the replacements begin
-    their `import_s` of import once the engines are up. Returns the slots and how many were taken."""
+         import_s: float) -> tuple[SpareSlot, ...]:
+    """`engines` engines that will be up in `up_s` each take a ready spare (while there are any);
+    the replacements begin their `import_s` of import once the engines are up."""
     out, taken = list(slots), 0
     for i, s in enumerate(out):
         if taken == engines:
@@ -54,7 +54,7 @@ def take(slots: tuple[SpareSlot, ...], engines: int, up_s: float,
         if s.ready:
             out[i] = SpareSlot(up_s, import_s)
             taken += 1
-    return tuple(out), taken
+    return tuple(out)
 
 
 def advance(slots: tuple[SpareSlot, ...], dur: float, idle_cores: int) -> tuple[SpareSlot, ...]:

@@ -33,7 +33,6 @@ from scheduler.estimator import Estimator, PlanRun, Workload
 from scheduler.placement import (Shape, make_shape, max_replicas, place, shape_devices,
                                  thread_counts, tp_degrees, unpack)
 from scheduler import spares as spare_pool
-from scheduler.spares import SpareSlot
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 EPS = 1e-9
@@ -51,7 +50,7 @@ class PlanState:
     work: dict[str, Workload]
     running: dict[str, ExecPlan] = field(default_factory=dict)
     warmup: dict[str, float] = field(default_factory=dict)  # start-up time still owed by engines
-    spares: tuple[SpareSlot, ...] | None = None  # spare engine processes (None: the pool has none)
+    spares: tuple[spare_pool.SpareSlot, ...] | None = None  # spare engine processes (None: the pool has none)
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
             warm[p.model] = ctx.start_s(p.model, p.tp, starting) + ctx.spare_charge(
                 spare_pool.ready_count(spares), p.dp)
             if spares is not None:
-                spares, _ = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)
+                spares = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)
             restarts.append(p.model)
         runs[p.model] = est.run(est.variant(p.model, p.threads), p.tp, p.dp, state.work[p.model],
                                 kept[p.model])
