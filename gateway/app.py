@@ -1,7 +1,8 @@
 """The aiohttp application: one factory, one route table, state opened and closed in `cleanup_ctx`.
 
 `create_app(cfg, executor)` wires SQLite, the file store, the batch service and the executor. On
-startup it resumes every live batch; on shutdown it closes the executor first (no more outcomes), then
+startup it takes the state dir's lock (`gateway.state_dir`: one gateway per state dir) before it opens
+or resumes anything, then resumes every live batch; on shutdown it closes the executor first (no more outcomes), then
 stops the runners, so a batch in progress keeps its status and resumes with the next app.
 """
 
@@ -18,7 +19,6 @@ from aiohttp import web
 from gateway import batches_views, files_views
 from gateway.auth import auth_middleware
 from gateway.batches import BatchService
-from gateway.db import Database
 from gateway.errors import error_middleware
 from gateway.filestore import FileStore
 from gateway.logs import request_id_middleware
@@ -27,6 +27,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_json
 from gateway.responses import json_response
 from gateway.state import CONFIG, DB, METRICS, SERVICE, STORE
+from gateway.state_dir import StateDirLock, open_database
 from runtime.config import Config
 from runtime.executor_api import Executor
 
@@ -93,8 +94,9 @@ def default_executor(cfg: Config) -> Executor:
 
 def create_app(cfg: Config, executor: Executor | None = None, *,
                clock: Callable[[], float] = time.time,
-               expiry_interval_s: float = 5.0) -> web.Application:
-    """The gateway app. It owns `executor` (closes it on shutdown); None = the real one."""
+               expiry_interval_s: float = 5.0, lock: StateDirLock | None = None) -> web.Application:
+    """The gateway app. It owns `executor` (closes it on shutdown); None = the real one. `lock`:
+    the state dir's lock when the caller took it already (`samullm serve`, before binding)."""
     app = web.Application(middlewares=[request_id_middleware, error_middleware,
                                        auth_middleware(cfg.auth.api_keys)],
                           client_max_size=CONTROL_BODY_LIMIT)
@@ -103,24 +105,29 @@ def create_app(cfg: Config, executor: Executor | None = None, *,
 
     async def state(app: web.Application) -> AsyncIterator[None]:
         state_dir = cfg.state_dir
-        db = Database(state_dir / "samullm.db")
-        store = FileStore(state_dir / "files")
-        store.sweep()
-        ex = executor if executor is not None else default_executor(cfg)
-        gm = GatewayMetrics()
-        service = BatchService(cfg, db, store, ex, gm, clock)
-        gm.bind(db.count_by_status, service.queue_depth)
-        app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
-        lag = LoopLagMonitor(gm.registry)
-        await ex.start()
-        await service.start()
-        lag.start()
+        own_lock = StateDirLock(state_dir).acquire() if lock is None else None
         try:
-            yield
+            db = open_database(state_dir)
+            store = FileStore(state_dir / "files")
+            store.sweep()
+            ex = executor if executor is not None else default_executor(cfg)
+            gm = GatewayMetrics()
+            service = BatchService(cfg, db, store, ex, gm, clock)
+            gm.bind(db.count_by_status, service.queue_depth)
+            app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
+            lag = LoopLagMonitor(gm.registry)
+            await ex.start()
+            await service.start()
+            lag.start()
+            try:
+                yield
+            finally:
+                await lag.stop()
+                await service.close()  # stops runners, then closes the executor
+                db.close()
         finally:
-            await lag.stop()
-            await service.close()  # stops runners, then closes the executor
-            db.close()
+            if own_lock is not None:
+                own_lock.release()
 
     async def expiry(app: web.Application) -> AsyncIterator[None]:
         async def loop() -> None:

@@ -6,6 +6,12 @@ expiry never finalize themselves: they mark the batch's `end_reason`, ask the ex
 the runner (once `Executor.wait` returns) writes the files. The journal (`runtime.journal`) is the truth
 for progress: live `request_counts` are rebuilt from it on resume and only journaled requests are not
 re-run.
+
+Every batch reaches a terminal state. A full disk (ENOSPC, SQLite's "disk is full") stops a runner
+only for a while: it drives the batch again from what is durable, as a restart would, with backoff,
+until space returns (meanwhile the executor holds outcomes it cannot journal). Any other exception in
+a runner, or an input file gone from disk, fails the batch with an error saying so, and writes what
+the journal holds to its output and error files.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from gateway import lifecycle as lc
 from gateway.db import Database
+from gateway.errors import disk_full
 from gateway.filestore import FileStore
-from gateway.finalize import Counts, input_requests, write_result_files
+from gateway.finalize import (Counts, final_counts, input_requests, journaled_requests,
+                              write_result_files)
 from gateway.ids import new_batch_id
 from gateway.metrics import GatewayMetrics
 from gateway.tokens import TokenCounter
@@ -31,6 +38,11 @@ from runtime.executor_api import Executor, Outcome
 from runtime.journal import Journal, journal_path, load
 
 log = logging.getLogger("samullm.batches")
+RETRY_S = (1.0, 30.0)  # first and longest wait before a runner stopped by a full disk tries again
+
+
+class InputMissing(Exception):
+    """The batch's stored input file is gone from disk (deleted outside the API, a lost volume)."""
 
 
 @dataclass
@@ -155,21 +167,68 @@ class BatchService:
             live.stop_task = asyncio.create_task(self.executor.cancel(live.batch_id))
 
     async def _run(self, live: LiveBatch) -> None:
-        try:
-            await self._drive(live)
-        except asyncio.CancelledError:
-            raise  # shutdown: the batch keeps its status and resumes on the next start
-        except Exception:
-            log.exception("batch %s: runner failed; it resumes on the next start", live.batch_id)
+        wait = RETRY_S[0]
+        while True:
+            try:
+                await self._drive(live)
+                break
+            except asyncio.CancelledError:
+                raise  # shutdown: the batch keeps its status and resumes on the next start
+            except Exception as exc:
+                if self.closing:
+                    return
+                if disk_full(exc):
+                    log.error("batch %s: out of disk space (%s); trying again in %.0f s",
+                              live.batch_id, exc, wait)
+                    await self._reset(live)
+                    await asyncio.sleep(wait)
+                    wait = min(RETRY_S[1], wait * 2)
+                    continue
+                if isinstance(exc, InputMissing):
+                    log.error("batch %s: %s", live.batch_id, exc)
+                    code, message = "input_file_missing", str(exc)
+                else:
+                    log.exception("batch %s: runner failed", live.batch_id)
+                    code = "internal_error"
+                    message = f"The batch failed on the server: {type(exc).__name__}: {exc}"
+                await self._fail(live, code, message)
+                break
         if self.closing:
             return
         if live.journal is not None:
             await live.journal.close()
         self.live.pop(live.batch_id, None)
 
+    async def _reset(self, live: LiveBatch) -> None:
+        """Forget what a failed drive held in memory; the next drive starts from what is durable."""
+        if live.journal is not None:
+            await live.journal.close()
+        live.journal, live.done, live.submitted, live.stop_task = None, set(), False, None
+
+    async def _fail(self, live: LiveBatch, code: str, message: str) -> None:
+        """Stop the batch's requests, then end it `failed` with `message`, writing what its journal
+        holds; if even that fails, end it failed without files (never a batch stuck live)."""
+        bid = live.batch_id
+        errors = {"object": "list",
+                  "data": [{"code": code, "message": message, "param": None, "line": None}]}
+        try:
+            if live.submitted:
+                await self.executor.cancel(bid)
+            if live.journal is not None:
+                await live.journal.close()
+            await self._finalize(live, lc.FAILED, errors=errors)
+        except Exception:
+            log.exception("batch %s: could not write its files; failing it without them", bid)
+            self.db.transition(bid, lc.ALLOWED_FROM[lc.FAILED], lc.FAILED, failed_at=self.now(),
+                               errors=errors)
+
     async def _drive(self, live: LiveBatch) -> None:
         bid = live.batch_id
         row = self.db.get_batch(bid)
+        if not self.store.path(row["input_file_id"]).is_file():
+            raise InputMissing(f"The input file {row['input_file_id']} is missing from the "
+                               "server's storage; the batch cannot run. Results journaled before "
+                               "it went missing are in the output and error files.")
         if row["status"] == lc.FINALIZING:
             await self._finalize(live, lc.COMPLETED)
             return
@@ -178,7 +237,8 @@ class BatchService:
         if row["status"] != lc.VALIDATING:  # resuming: show journaled progress while re-validating
             counts = Counts.of_totals({m: c["total"] for m, c in row["model_request_counts"].items()})
             for o in await asyncio.to_thread(load, journal_path(self.cfg.state_dir, bid)):
-                counts.add(o)
+                if o.model in counts.per_model:  # a preview; _execute counts by custom_id
+                    counts.add(o)
             live.counts = counts
         result = await asyncio.to_thread(
             validate_file, self.store.path(row["input_file_id"]), row["endpoint"], self.cfg,
@@ -225,9 +285,17 @@ class BatchService:
         path = journal_path(self.cfg.state_dir, bid)
         done = await asyncio.to_thread(load, path)
         live.counts = Counts.of_totals(dict(Counter(it.model for it in result.items)))
+        ids = {it.custom_id for it in result.items}
+        strangers = 0
         for o in done:
+            if o.custom_id not in ids:  # never counted: `completed` must not exceed `total`
+                strangers += 1
+                continue
             live.counts.add(o)
             live.done.add(o.custom_id)
+        if strangers:
+            log.warning("batch %s: %d journal record(s) name a custom_id the batch does not have; "
+                        "ignored", bid, strangers)
         live.journal = Journal(path)
         if row["expires_at"] is not None and row["expires_at"] <= self.now() \
                 and live.end_reason is None:
@@ -254,15 +322,22 @@ class BatchService:
             self.metrics.observe_outcome(o)
         return sink
 
-    async def _finalize(self, live: LiveBatch, to: str) -> None:
+    async def _finalize(self, live: LiveBatch, to: str,
+                        errors: dict[str, Any] | None = None) -> None:
         bid = live.batch_id
         row = self.db.get_batch(bid)
         input_path = self.store.path(row["input_file_id"])
         outcomes = await asyncio.to_thread(load, journal_path(self.cfg.state_dir, bid))
-        files = await asyncio.to_thread(write_result_files, self.store, bid, input_path, outcomes,
+
+        def requests() -> Any:
+            return input_requests(input_path) if input_path.is_file() \
+                else journaled_requests(outcomes)
+
+        files = await asyncio.to_thread(write_result_files, self.store, bid, requests(), outcomes,
                                         lc.UNFINISHED_CODE[to])
-        counts = await asyncio.to_thread(_final_counts, input_path, outcomes)
+        counts = await asyncio.to_thread(final_counts, requests(), outcomes)
         now = self.now()
+        extra = {"errors": errors} if errors is not None else {}
         with self.db.tx():
             for fid, size, kind in ((files.output_file_id, files.output_bytes, "output"),
                                     (files.error_file_id, files.error_bytes, "error")):
@@ -274,16 +349,9 @@ class BatchService:
                 bid, lc.ALLOWED_FROM[to], to, **{lc.STAMP[to]: now},
                 output_file_id=files.output_file_id, error_file_id=files.error_file_id,
                 request_counts=counts.request_counts(), model_request_counts=counts.per_model,
-                usage=counts.usage())
+                usage=counts.usage(), **extra)
         if moved:
             self.metrics.observe_final(to, counts)
         log.info("batch %s %s: %d output lines, %d error lines", bid, to if moved else "unchanged",
                  files.output_lines, files.error_lines)
 
-
-def _final_counts(input_path: Path, outcomes: list[Outcome]) -> Counts:
-    totals: Counter[str] = Counter(model for _, _, model in input_requests(input_path))
-    counts = Counts.of_totals(dict(totals))
-    for o in outcomes:
-        counts.add(o)
-    return counts

@@ -52,7 +52,8 @@ _HTTP_TYPES = {401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error"}
 
 
-def _disk_full(exc: Exception) -> bool:
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the OS, or SQLite's own way of saying it."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return "database or disk is full" in str(exc)
@@ -80,7 +81,7 @@ async def error_middleware(request: web.Request,
             err.message = f"Unknown path: {request.method} {request.path}"
         return render(err)
     except (OSError, sqlite3.OperationalError) as exc:
-        if not _disk_full(exc):
+        if not disk_full(exc):
             log.exception("unhandled error on %s %s", request.method, request.path)
             return render(ApiError(500, "Internal server error", type="server_error"))
         log.error("%s %s: %s", request.method, request.path, exc)  # operators must see this

@@ -24,6 +24,7 @@ UNFINISHED = {
     "batch_expired": "This request could not be executed before the completion window expired.",
     "batch_cancelled": "This request was cancelled before it was executed.",
     "batch_incomplete": "This request did not run to completion.",
+    "batch_failed": "This request was not run: the batch failed (see the batch's `errors`).",
 }
 
 
@@ -74,7 +75,10 @@ class FinalFiles:
     error_lines: int
 
 
-def input_requests(path: Path) -> Iterator[tuple[int, str, str]]:
+Requests = Iterator[tuple[int, str, str]]  # (line, custom_id, model) in input order
+
+
+def input_requests(path: Path) -> Requests:
     """(line, custom_id, model) of each request of an already validated input file."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -83,6 +87,27 @@ def input_requests(path: Path) -> Iterator[tuple[int, str, str]]:
             if raw.strip():
                 obj = orjson.loads(raw)
                 yield lineno, obj["custom_id"], obj["body"]["model"]
+
+
+def journaled_requests(outcomes: list[Outcome]) -> Requests:
+    """The requests of a batch whose input file is gone, as far as its journal knows them: the
+    ones that finished, in input order (the others cannot be named any more)."""
+    for o in sorted(outcomes, key=lambda o: o.line):
+        yield o.line, o.custom_id, o.model
+
+
+def final_counts(requests: Requests, outcomes: list[Outcome]) -> Counts:
+    """Counts over the batch's requests; a journal record of another custom_id counts for none."""
+    totals: dict[str, int] = {}
+    ids = set()
+    for _, cid, model in requests:
+        totals[model] = totals.get(model, 0) + 1
+        ids.add(cid)
+    counts = Counts.of_totals(totals)
+    for o in outcomes:
+        if o.custom_id in ids:
+            counts.add(o)
+    return counts
 
 
 # Characters that JSON leaves raw inside strings but that str.splitlines() (and some JSONL readers)
@@ -122,14 +147,14 @@ def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
     return o.ok, jsonl_line(rec)
 
 
-def write_result_files(store: FileStore, batch_id: str, input_path: Path,
+def write_result_files(store: FileStore, batch_id: str, requests: Requests,
                        outcomes: list[Outcome], unfinished_code: str) -> FinalFiles:
     by_id = {o.custom_id: o for o in outcomes}
     out_id = derived_id("file-", batch_id, "output")
     err_id = derived_id("file-", batch_id, "error")
     n_out = n_err = 0
     with store.writer(out_id) as out, store.writer(err_id) as err:
-        for line, cid, _model in input_requests(input_path):
+        for line, cid, _model in requests:
             ok, data = result_line(batch_id, line, cid, by_id.get(cid), unfinished_code)
             if ok:
                 out.write(data)

@@ -13,7 +13,8 @@ LIVE = frozenset(STATUSES) - TERMINAL
 # a crash mid-expiry leaves a running batch that the expiry loop expires again.
 ALLOWED_FROM: dict[str, tuple[str, ...]] = {
     IN_PROGRESS: (VALIDATING,),
-    FAILED: (VALIDATING,),
+    # validation fails a validating batch; a runner that hits a bug or lost input fails any live one
+    FAILED: (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING),
     FINALIZING: (IN_PROGRESS,),
     COMPLETED: (FINALIZING,),
     CANCELLING: (VALIDATING, IN_PROGRESS),
@@ -28,7 +29,7 @@ STAMP = {IN_PROGRESS: "in_progress_at", FAILED: "failed_at", FINALIZING: "finali
 
 # how unfinished requests are reported when a batch ends in this status
 UNFINISHED_CODE = {COMPLETED: "batch_incomplete", CANCELLED: "batch_cancelled",
-                   EXPIRED: "batch_expired"}
+                   EXPIRED: "batch_expired", FAILED: "batch_failed"}
 
 
 def window_seconds(window: str) -> int:

@@ -1,11 +1,15 @@
-"""`samullm serve`: load the config, optionally write missing demo models, print where things are,
-and run the gateway with the real executor until SIGINT/SIGTERM."""
+"""`samullm serve`: load the config, take the state dir's lock, bind the port, optionally write missing
+demo models, print where things are, and run the gateway with the real executor until SIGINT/SIGTERM.
+
+The lock and the port come first: a gateway that cannot own its state dir or cannot listen exits
+before it resumes a batch or starts a spare engine process (it would run work nobody can reach)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.auth import check_bind
 from gateway.logs import setup_logging
+from gateway.state_dir import StateDirError, StateDirLock
 from runtime.config import Config, load_config
 from runtime.devices import discover_pool
 
@@ -54,6 +59,17 @@ def serve_main(args: argparse.Namespace) -> int:
     cfg = apply_overrides(load_config(args.config), args)
     check_bind(cfg.server.host, cfg.auth.api_keys)  # ConfigError -> exit code 2 in the CLI
     setup_logging(cfg.server.log_json)
+    try:
+        lock = StateDirLock(cfg.state_dir).acquire()
+    except StateDirError as exc:
+        print(f"samullm: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sock = socket.create_server((cfg.server.host, cfg.server.port))
+    except OSError as exc:
+        print(f"samullm: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc}",
+              file=sys.stderr)
+        return 2
     if getattr(args, "make_demo_models", False):
         make_demo_models(cfg)
     pool = discover_pool(cfg)
@@ -68,8 +84,14 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"cpu engines: confined to their cores: {cfg.devices.confine_cpu_engines}; "
               f"spare engine processes: {spare_count(cfg, pool)}")
     print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
-    web.run_app(create_app(cfg), host=cfg.server.host, port=cfg.server.port, print=None,
-                handle_signals=True, access_log=None)  # gateway.logs writes access lines
+    try:
+        web.run_app(create_app(cfg, lock=lock), sock=sock, print=None, handle_signals=True,
+                    access_log=None)  # gateway.logs writes access lines
+    except StateDirError as exc:
+        print(f"samullm: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
     return 0
 
 

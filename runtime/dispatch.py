@@ -78,6 +78,7 @@ class SlotHost(Protocol):
 
     launcher: Launcher
     queues: ModelQueues
+    dispatch_paused: bool  # results cannot be made durable: send nothing new until they can
 
     def slot_started(self, slot: Slot) -> None: ...
     def slot_start_failed(self, slot: Slot, message: str) -> None: ...
@@ -112,7 +113,7 @@ async def serve_slot(slot: Slot, host: SlotHost) -> None:
 
 async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
     while slot.state is SlotState.RUNNING:
-        while len(slot.inflight) < slot.limit:
+        while len(slot.inflight) < slot.limit and not host.dispatch_paused:
             req = host.queues.pop(slot.model)
             if req is None:
                 break

@@ -13,6 +13,12 @@ Each engine replica pulls from its model's shared queue (`runtime.dispatch`). A 
 its batch's sink returned; its output length then updates the `LengthModel`, which is saved under the
 state dir at each re-plan and survives restarts (`runtime.lengths_store`).
 
+Storage: a request counts only once its outcome is durable (the sink returned). While the sink
+raises (a full disk under the journal), its outcome is kept and retried with backoff, and dispatch
+pauses for every batch (they share the state dir): engines finish what they hold, nothing new is sent,
+and the batch resumes when an append succeeds again. A cancel or a shutdown stops the retries: the
+cancelled batch reports such requests as cancelled; after a shutdown they re-run on the next start.
+
 Failures: an engine that dies has its in-flight requests re-queued (each at most
 `limits.max_retries` times, then an `engine_failed` error outcome) and the pass restarts one; an engine
 that fails to start turns every queued request of its model into an `engine_start_failed` error
@@ -51,6 +57,7 @@ from scheduler.types import DevicePool, Schedule
 log = logging.getLogger(__name__)
 KEEP_FINISHED_BATCHES = 1000  # finished batches whose events stay available
 ARRIVAL_PASS_INTERVAL_S = 1.0  # least time between the end of a pass and one for new batches only
+STORE_RETRY_S = (0.1, 2.0)  # first and longest wait between attempts to store an outcome
 
 Planner = Callable[[PlanningProblem, str], Schedule]
 
@@ -94,6 +101,12 @@ class PoolExecutor(EngineSlots):
         self._closing = False
         # measured engine starts per (model, tp), kept across restarts (runtime.start_times_store)
         self._start_times = load_start_times(self.state_dir)
+        self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
+        self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
+
+    @property
+    def dispatch_paused(self) -> bool:
+        return bool(self._stalled)
 
     # -- Executor protocol -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -138,6 +151,7 @@ class PoolExecutor(EngineSlots):
         if batch is None or batch.finished.is_set():
             return
         batch.cancelled = True
+        self._pulse_store_retry()  # its stalled outcomes stop waiting for the disk
         aborted: list[asyncio.Task] = []
         for slot in self._slots:
             for req in [r for r in slot.inflight if r.batch_id == batch_id]:
@@ -166,6 +180,7 @@ class PoolExecutor(EngineSlots):
 
     async def close(self) -> None:
         self._closing = True
+        self._pulse_store_retry()
         if self._control is not None:
             self._control.cancel()
             await asyncio.gather(self._control, return_exceptions=True)
@@ -180,8 +195,7 @@ class PoolExecutor(EngineSlots):
         closing = getattr(self.launcher, "close", None)
         if closing is not None:
             await closing()
-        save_length_model(self.state_dir, self._lengths)
-        save_start_times(self.state_dir, self._start_times)
+        await self._save_learned()
         for waiter in self._pass_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -297,10 +311,11 @@ class PoolExecutor(EngineSlots):
         batch = self._batches[req.batch_id]
         if outcome.ok:
             self._observe(req, outcome)
-        try:
-            await batch.sink(outcome)
-        except Exception:  # the journal's problem; the request must not run again in this process
-            log.exception("sink of batch %s failed for %s", batch.batch_id, req.item.custom_id)
+        if not await self._store(batch, req, outcome):
+            if batch.cancelled:  # reported as never run; counted like the cancelled ones
+                req.abandon()
+                self._forget(batch)
+            return  # shutting down: not journaled, so it runs again after the restart
         req.done()
         batch.closed_one()
         if not batch.cancelled and batch.check_finished():
@@ -309,6 +324,53 @@ class PoolExecutor(EngineSlots):
             self._forget(batch)
         if self._pools and batch in self._pools[0].batches and not self._pools[0].has_open():
             self._request_pass("pool_finished")
+
+    async def _store(self, batch: BatchState, req: Req, outcome: Outcome) -> bool:
+        """Hand the outcome to the batch's sink until it is durable (True), or until a cancel of
+        the batch or the executor's close makes that moot (False). Pauses dispatch meanwhile."""
+        wait = STORE_RETRY_S[0]
+        try:
+            while True:
+                try:
+                    await batch.sink(outcome)
+                    return True
+                except Exception as exc:  # ENOSPC under the journal, most likely
+                    if batch.cancelled or self._closing:
+                        return False
+                    if not self._stalled:
+                        self._emit("storage_stalled", message=f"{type(exc).__name__}: {exc}")
+                        log.error("outcomes cannot be stored (%s): dispatch paused until they can",
+                                  exc)
+                    self._stalled.add(req)
+                try:
+                    await asyncio.wait_for(self._store_retry.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                wait = min(STORE_RETRY_S[1], wait * 2)
+        finally:
+            if req in self._stalled:
+                self._stalled.discard(req)
+                if not self._stalled:
+                    self._pulse_store_retry()
+                    if not self._closing:
+                        self._emit("storage_resumed")
+                        log.warning("outcomes are stored again: dispatch resumed")
+                    for slot in self._slots:
+                        slot.wake.set()
+
+    def _pulse_store_retry(self) -> None:
+        """Wake every stalled outcome for an attempt now (space came back, a cancel, a close)."""
+        self._store_retry.set()
+        self._store_retry.clear()
+
+    async def _save_learned(self) -> None:
+        """Learned lengths and start times, best effort: a full disk must not stop a pass (they are
+        saved again at the next one)."""
+        try:
+            await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
+            await asyncio.to_thread(save_start_times, self.state_dir, dict(self._start_times))
+        except OSError as exc:
+            log.warning("could not save learned lengths/start times (%s); kept in memory", exc)
 
     def _forget(self, batch: BatchState) -> None:
         """Drop a finished batch's requests (its events stay for `events()`); bound the history."""
@@ -392,7 +454,7 @@ class PoolExecutor(EngineSlots):
             if head else []
         if not todo:  # nothing left to run: free every device, keep what was learned
             await asyncio.gather(*(self._stop_slot(s, "no work") for s in list(self._slots)))
-            await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
+            await self._save_learned()
             return
         assert head is not None
         schedule = await self._plan(head, todo, reasons)
@@ -408,8 +470,7 @@ class PoolExecutor(EngineSlots):
     async def _plan(self, head: Pool, todo: list[Req], reasons: list[str]) -> Schedule | None:
         assert self.pool is not None
         head.plans += 1
-        await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
-        await asyncio.to_thread(save_start_times, self.state_dir, dict(self._start_times))
+        await self._save_learned()
         rng = np.random.default_rng([self.cfg.scheduler.seed, head.plans])
         work = sample_work(todo, self._lengths, rng)
         alive = [s.key for s in self._slots if s.state.active]

@@ -3,8 +3,10 @@
 One JSON line per outcome in `<state_dir>/journals/<batch_id>.jsonl`. `append()` returns only after
 the line is on disk (fsync). Appends that arrive while a flush is pending or running share the next
 fsync (group commit), so a batch finishing thousands of requests per second costs a few fsyncs per
-second, not thousands. A crash can tear only the last line: `load()` skips it and `open_journal()`
-truncates it before appending, so the file stays a sequence of whole lines.
+second, not thousands. A crash can tear only the last line: `load()` skips it and `Journal()`
+truncates it before appending. A failed append (ENOSPC mid-record, a failed fsync) cuts the file back
+to its last committed length before it raises, so a later append never glues a record to a fragment:
+the file stays a sequence of whole lines, and a record that raised was never acknowledged.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import dataclasses
 import os
 from pathlib import Path
 
+import logging
+
 import orjson
 
 from runtime.executor_api import Outcome
 
+log = logging.getLogger(__name__)
 GROUP_WINDOW_S = 0.002  # how long the first append of a group waits for company before fsync
 
 
@@ -42,17 +47,22 @@ def load(path: Path) -> list[Outcome]:
         return []
     out: list[Outcome] = []
     seen: set[str] = set()
-    for raw in data.split(b"\n")[:-1]:  # the part after the last newline is torn or empty
+    bad: list[int] = []
+    for lineno, raw in enumerate(data.split(b"\n")[:-1], start=1):  # after the last \n: torn/empty
         if not raw.strip():
             continue
         try:
             rec = orjson.loads(raw)
             o = Outcome(**rec)
         except (orjson.JSONDecodeError, TypeError):
-            continue  # a torn line followed by newer appends cannot happen; be lenient anyway
+            bad.append(lineno)  # appends cannot leave one (see the docstring): damage from outside
+            continue
         if o.custom_id not in seen:
             seen.add(o.custom_id)
             out.append(o)
+    if bad:
+        log.warning("journal %s: %d unreadable line(s) skipped (line %s); their requests will be "
+                    "re-run", path, len(bad), ", ".join(map(str, bad[:10])))
     return out
 
 
@@ -64,6 +74,7 @@ class Journal:
         self.path = path
         _truncate_torn_tail(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._committed = os.fstat(self._fd).st_size  # length of the whole, fsynced records
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
@@ -96,11 +107,24 @@ class Journal:
                     fut.set_result(None)
 
     def _write_sync(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fsync(self._fd)
+        try:
+            if os.fstat(self._fd).st_size != self._committed:
+                os.ftruncate(self._fd, self._committed)  # an earlier cut that failed, retried
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fsync(self._fd)
+        except OSError:
+            # Cut what this group wrote: a fragment left here would glue the next record to it and
+            # load() would drop both. Truncating frees blocks, so it works on a full disk; if it
+            # fails anyway, the next append retries it before writing.
+            try:
+                os.ftruncate(self._fd, self._committed)
+            except OSError:
+                pass
+            raise
+        self._committed += len(data)
 
     async def close(self) -> None:
         """Wait for pending appends to be durable, then close."""

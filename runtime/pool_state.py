@@ -2,7 +2,8 @@
 
 Pure state with guarded transitions (no engines, no I/O). One request moves
 QUEUED -> INFLIGHT -> (QUEUED again after a preemption or an engine death) -> REPORTING -> DONE;
-CANCELLED from QUEUED or INFLIGHT. A request counts as DONE only once its batch's sink returned.
+CANCELLED from QUEUED or INFLIGHT, or from REPORTING when its batch was cancelled before the outcome
+could be made durable. A request counts as DONE only once its batch's sink returned.
 
 A *pool* is a group of batches that share a strategy and are planned as one multi-LLM job. Pools run
 one after another in submission order; a new batch joins the newest pool when the strategies match
@@ -70,6 +71,11 @@ class Req:
 
     def cancel(self) -> None:
         self._move((ReqState.QUEUED, ReqState.INFLIGHT), ReqState.CANCELLED)
+
+    def abandon(self) -> None:
+        """Its batch was cancelled while its outcome could not be stored: it is reported as
+        cancelled, like a request that never ran."""
+        self._move((ReqState.REPORTING,), ReqState.CANCELLED)
 
 
 @dataclass(eq=False)

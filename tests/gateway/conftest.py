@@ -105,6 +105,21 @@ async def poll(client: AsyncOpenAI, batch_id: str, until: Callable[[Any], bool] 
         await asyncio.sleep(0.02)
 
 
+async def held_batch(srv: Server, lines: list[Any], finished: int = 0) -> tuple[Any, Any]:
+    """Upload `lines`, create a batch on an `EchoExecutor` held so that only `finished` requests
+    finish; returns (file, batch) once those are counted."""
+    srv.executor.hold()
+    client = srv.client()
+    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    await poll(client, b.id, lambda x: x.status == "in_progress")
+    if finished:
+        srv.executor.release(finished)
+        await poll(client, b.id, lambda x: x.request_counts.completed == finished)
+    return f, b
+
+
 async def read_lines(client: AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
     if file_id is None:
         return []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 
 import pytest
 
@@ -63,3 +65,48 @@ def test_no_keys_refuses_non_loopback():
     for host in ("0.0.0.0", "192.168.1.4", "example.com", "::"):
         with pytest.raises(ConfigError):
             check_bind(host, [])
+
+
+class _FullDisk:
+    """os.write stand-in for the journal, as a disk that fills mid-record: the first call writes 7
+    bytes (a short write: the caller loops), the second raises ENOSPC, later calls pass."""
+
+    def __init__(self, real) -> None:
+        self.real, self.calls = real, 0
+
+    def __call__(self, fd, data):
+        self.calls += 1
+        if self.calls == 1:
+            return self.real(fd, bytes(data[:7]))
+        if self.calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real(fd, data)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_failed_append_leaves_no_torn_record_in_the_middle(tmp_path, monkeypatch):
+    """A partial write then ENOSPC: the append fails, the fragment is cut, and the next append
+    (space back) is a whole record: both acknowledged records load (issue 12, item 1)."""
+    import runtime.journal as journal_mod
+
+    path = tmp_path / "b.jsonl"
+    j = Journal(path)
+    await j.append(_o(1))
+    monkeypatch.setattr(journal_mod.os, "write", _FullDisk(os.write))
+    with pytest.raises(OSError):
+        await j.append(_o(2))
+    await j.append(_o(3))  # the disk has room again
+    await j.append(_o(2))  # the failed one, retried
+    await j.close()
+    assert [o.custom_id for o in load(path)] == ["c1", "c3", "c2"]
+    assert path.read_bytes().count(b"\n") == 3
+
+
+def test_garbage_line_in_the_middle_is_reported(tmp_path, caplog):
+    path = tmp_path / "b.jsonl"
+    good = b'{"custom_id": "c1", "line": 2, "model": "m", "status_code": 200}\n'
+    path.write_bytes(good + b'{"custo\n' + good.replace(b"c1", b"c2"))
+    with caplog.at_level("WARNING"):
+        got = load(path)
+    assert [o.custom_id for o in got] == ["c1", "c2"]
+    assert "line 2" in caplog.text and "re-run" in caplog.text

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.hardening.conftest import fill_disk
+
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 CHAT = "/v1/chat/completions"
@@ -56,7 +58,7 @@ class Proc:
             try:
                 if requests.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, or slow to answer on a busy machine
                 pass
             if self.p.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"gateway did not start:\n{log.read_text()[-3000:]}")
@@ -174,23 +176,6 @@ def test_sigkill_at_random_points_then_restart(tmp_path):
     assert not list((tmp_path / "state" / "files").glob("*.tmp"))  # torn writes swept
 
 
-DISK_MB = 4
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root / CAP_SYS_ADMIN): {r.stderr}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.mark.timeout(120)
 def test_disk_full_while_writing_output(tmp_path, small_disk):
     port = free_port()
@@ -202,13 +187,7 @@ def test_disk_full_while_writing_output(tmp_path, small_disk):
         bid = create(proc.url, ids)
         wait_for(proc.url, bid, lambda x: x["request_counts"]["completed"] > 0)
         filler = small_disk / "filler"
-        with open(filler, "wb") as f:  # take every free byte while the batch runs
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill_disk(filler)  # every free byte, while the batch runs
         time.sleep(3)  # the batch runs into ENOSPC (journal or output file)
         b = get(proc.url, bid)
         assert b["status"] in ("in_progress", "finalizing"), b  # paused, not falsely completed
@@ -249,4 +228,39 @@ def test_samullm_serve_sigterm_is_graceful(tmp_path):
     db = sqlite3.connect(tmp_path / "state" / "samullm.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("SELECT id FROM files").fetchall() == [(fid,)]
+    db.close()
+
+
+@pytest.mark.timeout(180)
+def test_serve_needs_the_state_dir_lock_and_its_port_before_resuming(tmp_path):
+    """Issue 12, item 2: a second `samullm serve` on a state dir in use exits naming the holder's
+    pid; a `serve` whose port is taken exits before it resumes a batch (or starts a spare)."""
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "state", port)
+    log = tmp_path / "gateway.log"
+    proc = double(cfg, port, log)
+    serve = [str(REPO / ".venv" / "bin" / "samullm"), "serve", "--config", str(cfg)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        bid = create(proc.url, [f"s{i}" for i in range(4000)], text="SLOW")
+        wait_for(proc.url, bid, lambda x: x["request_counts"]["completed"] > 0)
+        second = subprocess.run([*serve, "--port", str(free_port())], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"pid {proc.p.pid}" in second.stderr and "resuming" not in second.stderr
+    finally:
+        proc.kill()  # the batch stays in_progress in the database
+    journal = tmp_path / "state" / "journals" / f"{bid}.jsonl"
+    before = journal.read_bytes()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        third = subprocess.run(serve, cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=60)
+    assert third.returncode == 2 and "cannot listen" in third.stderr, third.stderr
+    assert "resuming" not in third.stdout + third.stderr and "spare" not in third.stdout
+    assert journal.read_bytes() == before
+    db = sqlite3.connect(tmp_path / "state" / "samullm.db")
+    assert db.execute("SELECT status FROM batches WHERE id = ?", (bid,)).fetchone()[0] == \
+        "in_progress"
     db.close()
