@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runtime.config import Config
 
@@ -97,23 +97,31 @@ class TokenCounter:
         return self._count_prompt(model, body.get(key), exact)
 
     def _count_prompt(self, model: str, prompt: Any, exact: bool = False) -> int:
-        if isinstance(prompt, str):
-            return self.count_text(model, prompt, exact)
-        if isinstance(prompt, list):
-            if all(isinstance(t, int) for t in prompt):
-                return len(prompt)  # already token ids
-            return sum(self._count_prompt(model, p, exact) for p in prompt)
-        return 0
+        return _prompt_tokens(prompt, lambda text: self.count_text(model, text, exact))
 
 
 def _estimate_prompt(prompt: Any, ratio: float) -> int:
+    return _prompt_tokens(prompt, lambda text: math.ceil(len(text) / ratio))
+
+
+def _prompt_tokens(prompt: Any, text_tokens: Callable[[str], int]) -> int:
+    """Tokens of a completions prompt / embeddings input in the shapes OpenAI accepts: a string,
+    strings, token ids, or lists of token ids. Two levels only, whatever the input holds: a prompt
+    nested ~1,000 lists deep (JSON allows it) made a recursive walk raise RecursionError. Other
+    shapes count 0 here; validation rejects them."""
     if isinstance(prompt, str):
-        return math.ceil(len(prompt) / ratio)
-    if isinstance(prompt, list):
-        if all(isinstance(t, int) for t in prompt):
-            return len(prompt)  # already token ids
-        return sum(_estimate_prompt(p, ratio) for p in prompt)
-    return 0
+        return text_tokens(prompt)
+    if not isinstance(prompt, list):
+        return 0
+    total = 0
+    for p in prompt:
+        if isinstance(p, str):
+            total += text_tokens(p)
+        elif isinstance(p, list):
+            total += len(p)  # token ids
+        elif isinstance(p, int):
+            total += 1
+    return total
 
 
 def message_text(msg: Any) -> str:
@@ -123,5 +131,7 @@ def message_text(msg: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: only text parts have tokens we can count
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        # a non-string `text` (5, null) raised TypeError in the join; validation rejects it
+        return " ".join(t for p in content if isinstance(p, dict)
+                        and isinstance(t := p.get("text"), str))
     return ""

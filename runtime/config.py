@@ -219,10 +219,18 @@ class LimitsConfig:
     max_requests_per_batch: int = 50_000
     completion_windows: list[str] = field(default_factory=lambda: ["24h"])
     max_retries: int = field(default=2, metadata={"help": "re-runs of a request after engine death"})
+    # Fixed, not derived from max_model_len: text at a 1M-token context is ~4-8 MB of JSON, but
+    # base64 image parts carry no countable tokens and are what makes lines big; 16 MiB holds several
+    # while bounding what validating one line holds to the 8 MiB read block plus this.
+    max_line_bytes: int = field(default=16 * 1024 * 1024, metadata={
+        "help": "longest input line; a longer one is a `line_too_long` error, never read whole"})
 
     def validate(self, where: str) -> None:
         if self.max_file_bytes <= 0 or self.max_requests_per_batch <= 0:
             raise ConfigError(f"{where}: limits must be positive")
+        if self.max_line_bytes <= 0:
+            raise ConfigError(f"{where}.max_line_bytes: must be positive, got "
+                              f"{self.max_line_bytes}")
         for w in self.completion_windows:
             if not (isinstance(w, str) and w[:-1].isdigit() and w[-1] in "hm"):
                 raise ConfigError(f"{where}.completion_windows: {w!r} is not like '24h' or '30m'")

@@ -36,6 +36,10 @@ def _body(**changes):
     return _with(body=body)
 
 
+DEEP_PROMPT = ('{"custom_id": "p", "method": "POST", "url": "/v1/completions", "body": {"model": '
+               '"tiny-a", "prompt": ' + "[" * 900 + "]" * 900 + "}}")  # json.dumps would recurse
+MAX_LINE_BYTES = 64 * 1024  # the server's [limits].max_line_bytes
+
 CASES = [
     # (name, lines, endpoint, code, line, param)
     ("invalid json", [GOOD, '{"custom_id": "x", '], CHAT, "invalid_json_line", 2, None),
@@ -70,6 +74,13 @@ CASES = [
      "body.messages"),
     ("max_tokens not positive", [_body(max_tokens=0)], CHAT, "invalid_max_tokens", 1,
      "body.max_tokens"),
+    ("text part not a string",
+     [GOOD, _body(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}])], CHAT,
+     "invalid_messages", 2, "body.messages[0].content[0].text"),
+    ("prompt nested 900 deep", [DEEP_PROMPT], "/v1/completions", "invalid_prompt", 1,
+     "body.prompt[0]"),
+    ("line over max_line_bytes", [GOOD, chat_line("big", text="x" * 3 * MAX_LINE_BYTES),
+                                  chat_line("ok-2")], CHAT, "line_too_long", 2, None),
     ("too many requests", [chat_line(f"r{i}") for i in range(6)], CHAT, "too_many_tasks", 6, None),
     ("only blank lines", ["", "   "], CHAT, "empty_file", None, None),
 ]
@@ -77,7 +88,8 @@ CASES = [
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def server(tmp_path_factory):
-    cfg = plan_only_config(tmp_path_factory.mktemp("val"), max_requests_per_batch=5)
+    cfg = plan_only_config(tmp_path_factory.mktemp("val"), max_requests_per_batch=5,
+                           max_line_bytes=MAX_LINE_BYTES)
     async with running(cfg) as srv:
         yield srv
 
