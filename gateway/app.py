@@ -109,7 +109,7 @@ def create_app(cfg: Config, executor: Executor | None = None, *,
         try:
             db = open_database(state_dir)
             store = FileStore(state_dir / "files")
-            store.sweep()
+            store.sweep(known=db.file_ids())  # before anything resumes
             ex = executor if executor is not None else default_executor(cfg)
             gm = GatewayMetrics()
             service = BatchService(cfg, db, store, ex, gm, clock)

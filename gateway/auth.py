@@ -20,6 +20,9 @@ from runtime.config import ConfigError
 OWNER = web.RequestKey("owner", str)
 ANONYMOUS = "anonymous"
 PUBLIC_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# Every key configured in this process, for `gateway.logs` to redact from log records: a key may
+# reach one in any header (aiohttp quotes the raw request when it cannot parse it).
+CONFIGURED_KEYS: set[str] = set()
 
 
 def owner_tag(key: str) -> str:
@@ -43,6 +46,7 @@ def check_bind(host: str, api_keys: list[str]) -> None:
 
 def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
     keys = [(k.encode(), owner_tag(k)) for k in api_keys]
+    CONFIGURED_KEYS.update(api_keys)
 
     @web.middleware
     async def middleware(request: web.Request,
@@ -51,12 +55,20 @@ def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamRe
         if not keys or request.path in PUBLIC_PATHS:
             request[OWNER] = ANONYMOUS
             return await handler(request)
-        header = request.headers.get("Authorization", "")
+        sent = request.headers.getall("Authorization", [])
+        if len(sent) > 1:  # which one is meant is a guess (a proxy may have added one): refuse
+            return render(ApiError(401, f"Send one Authorization header; this request has "
+                                   f"{len(sent)}.", type="invalid_request_error",
+                                   code="invalid_api_key"))
+        header = sent[0] if sent else ""
         scheme, _, given = header.partition(" ")
+        # aiohttp hands over bytes that are not UTF-8 as lone surrogates; "surrogatepass" encodes
+        # any str (no such value can equal a key) so a hostile header is a wrong key, not a 500
+        given_b = given.strip().encode("utf-8", "surrogatepass")
         owner = None
         if scheme.lower() == "bearer":
             for key, tag in keys:  # no early exit: timing does not tell which key nearly matched
-                if hmac.compare_digest(given.strip().encode(), key) and owner is None:
+                if hmac.compare_digest(given_b, key) and owner is None:
                     owner = tag
         if owner is None:
             msg = ("You didn't provide an API key." if not header

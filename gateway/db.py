@@ -124,6 +124,10 @@ class Database:
         rows = [dict(r) for r in self._db.execute(sql, [*args, limit + 1])]
         return rows[:limit], len(rows) > limit
 
+    def file_ids(self) -> set[str]:
+        """Every file id, whoever owns it (the start-up sweep's `known`)."""
+        return {r[0] for r in self._db.execute("SELECT id FROM files")}
+
     def delete_file(self, file_id: str, owner: str) -> None:
         self.get_file(file_id, owner)
         live = self._db.execute(

@@ -82,11 +82,11 @@ async def error_middleware(request: web.Request,
         return render(err)
     except (OSError, sqlite3.OperationalError) as exc:
         if not disk_full(exc):
-            log.exception("unhandled error on %s %s", request.method, request.path)
+            log.exception("unhandled error on %s %r", request.method, request.path)
             return render(ApiError(500, "Internal server error", type="server_error"))
-        log.error("%s %s: %s", request.method, request.path, exc)  # operators must see this
+        log.error("%s %r: %s", request.method, request.path, exc)  # operators must see this
         return render(ApiError(507, "The server is out of disk space; try again later.",
                                type="server_error", code="insufficient_storage"))
     except Exception:  # a bug, never user input: log it, answer 500 without internals
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %r", request.method, request.path)
         return render(ApiError(500, "Internal server error", type="server_error"))

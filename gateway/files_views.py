@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.auth import OWNER
-from gateway.errors import ApiError, bad_request
+from gateway.errors import ApiError, bad_request, disk_full
 from gateway.filestore import AtomicWriter, NotUtf8, TooLarge
 from gateway.ids import new_file_id
 from gateway.responses import json_response
@@ -33,29 +34,41 @@ async def upload(request: web.Request) -> web.Response:
         raise ApiError(415, "Uploads must be multipart/form-data with fields `file` and `purpose`.",
                        code="unsupported_media_type")
     cfg, store = request.app[CONFIG], request.app[STORE]
+    # ENOSPC (507) if the disk has no room for it: an upload must never take the room a delete needs
+    store.ensure_reserve()
     purpose: str | None = None
-    file_id, filename, size, problem = None, "", 0, None
-    try:
-        reader = await request.multipart()  # ValueError without a (valid) boundary
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                raise bad_request("Nested multipart bodies are not supported.")
-            if part.name == "purpose":
-                purpose = (await part.read_chunk(MAX_FIELD)).decode("utf-8", "replace").strip()
-                await part.release()
-            elif part.name == "file" and file_id is None:
-                file_id, filename = new_file_id(), part.filename or "upload.jsonl"
-                size, problem = await _receive(part, store.writer(file_id, cfg.limits.max_file_bytes))
-            else:
-                await part.release()
-    except (ValueError, AssertionError, HttpProcessingError) as exc:  # malformed multipart framing
-        raise bad_request(f"Malformed multipart body: {exc}") from None
-    if problem is not None:
-        raise problem
-    if file_id is None:
-        raise bad_request("Missing required parameter: 'file'.", param="file",
-                          code="missing_required_parameter")
-    try:
+    file_id, filename, size, problem, n_files = None, "", 0, None, 0
+    try:  # any way out without a committed row deletes the content: nothing unowned stays on disk
+        try:
+            reader = await request.multipart()  # ValueError without a (valid) boundary
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    raise bad_request("Nested multipart bodies are not supported.")
+                if part.name == "purpose":
+                    purpose = (await part.read_chunk(MAX_FIELD)).decode("utf-8", "replace").strip()
+                    await part.release()
+                elif part.name == "file" and n_files == 0:
+                    n_files, filename = 1, part.filename or "upload.jsonl"
+                    problem = _filename_problem(filename)
+                    if problem is None:
+                        file_id = new_file_id()
+                        size, problem = await _receive(
+                            part, store.writer(file_id, cfg.limits.max_file_bytes))
+                    else:
+                        await part.release()
+                else:
+                    n_files += part.name == "file"
+                    await part.release()  # drained, so the client reads our answer
+        except (ValueError, AssertionError, HttpProcessingError) as exc:  # malformed framing
+            raise bad_request(f"Malformed multipart body: {exc}") from None
+        if n_files > 1:  # which one was meant is a guess; keeping either would be wrong
+            raise bad_request(f"An upload takes one `file` part; this one has {n_files}.",
+                              param="file", code="too_many_files")
+        if problem is not None:
+            raise problem
+        if file_id is None:
+            raise bad_request("Missing required parameter: 'file'.", param="file",
+                              code="missing_required_parameter")
         if purpose is None:
             raise bad_request("Missing required parameter: 'purpose'.", param="purpose",
                               code="missing_required_parameter")
@@ -64,14 +77,28 @@ async def upload(request: web.Request) -> web.Response:
                               param="purpose", code="invalid_purpose")
         if size == 0:
             raise bad_request("The file is empty.", param="file", code="empty_file")
-    except ApiError:
-        store.delete(file_id)
+        row = {"id": file_id, "owner": request[OWNER], "bytes": size,
+               "created_at": request.app[SERVICE].now(),
+               "filename": filename, "purpose": purpose, "batch_id": None}
+        request.app[DB].insert_file(row)
+    except BaseException:
+        if file_id is not None:
+            store.delete(file_id)
         raise
-    row = {"id": file_id, "owner": request[OWNER], "bytes": size,
-           "created_at": request.app[SERVICE].now(),
-           "filename": filename, "purpose": purpose, "batch_id": None}
-    request.app[DB].insert_file(row)
     return json_response(file_object(row))
+
+
+def _filename_problem(filename: str) -> ApiError | None:
+    """aiohttp hands over header bytes that are not UTF-8 as lone surrogates, which SQLite cannot
+    store. Refused rather than stored with replacement characters: the filename is how the user
+    recognizes the file in every listing, and a silently rewritten one would not be theirs; every
+    well-behaved client (the SDK, curl, browsers) sends UTF-8: this is a broken client to tell."""
+    try:
+        filename.encode("utf-8")
+    except UnicodeEncodeError:
+        return bad_request("The filename is not valid UTF-8.", param="file",
+                           code="invalid_filename")
+    return None
 
 
 async def _receive(part: BodyPartReader, w: AtomicWriter) -> tuple[int, ApiError | None]:
@@ -123,12 +150,28 @@ async def retrieve(request: web.Request) -> web.Response:
 
 async def content(request: web.Request) -> web.StreamResponse:
     row = request.app[DB].get_file(request.match_info["file_id"], request[OWNER])
-    return web.FileResponse(request.app[STORE].path(row["id"]),
-                            headers={"Content-Type": "application/octet-stream"})
+    path = request.app[STORE].path(row["id"])
+    if not path.is_file():  # lost outside the API (or mid-delete): say so, not an empty 404
+        raise ApiError(404, f"The content of file {row['id']} is missing from the server's "
+                       "storage.", param="file_id", code="file_content_missing")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 
 async def delete(request: web.Request) -> web.Response:
+    """Works on a full disk, where SQLite has no room for the DELETE: `delete_file` checks the
+    owner and live batches before it writes, so once it fails for room the file is going anyway.
+    Its bytes are freed first (kept freed even if the retry fails too: the row then goes on the
+    client's retry), then the store's reserve, and the DELETE is retried in that room."""
     file_id = request.match_info["file_id"]
-    request.app[DB].delete_file(file_id, request[OWNER])
-    request.app[STORE].delete(file_id)
+    db, store = request.app[DB], request.app[STORE]
+    try:
+        db.delete_file(file_id, request[OWNER])
+    except sqlite3.OperationalError as exc:
+        if not disk_full(exc):
+            raise
+        store.delete(file_id)
+        store.release_reserve()
+        db.delete_file(file_id, request[OWNER])
+    store.delete(file_id)
     return json_response({"id": file_id, "object": "file", "deleted": True})
+

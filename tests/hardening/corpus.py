@@ -12,7 +12,10 @@ Decisions the corpus pins down (each matches vLLM's OpenAI server or OpenAI's Ba
   that judges sampling parameters (a bad one becomes that request's 400 line in the error file);
 - NaN / Infinity are not JSON (RFC 8259): the line is `invalid_json_line`;
 - model names are case-sensitive, as in OpenAI and vLLM: `TINY-A` is `model_not_found`;
-- a UTF-8 BOM and CRLF line endings are accepted.
+- a UTF-8 BOM and CRLF line endings are accepted;
+- message content and prompts have OpenAI's shapes (a text part's `text` is a string, a prompt is at
+  most a list of lists of token ids): anything else is `invalid_messages` / `invalid_prompt`;
+- a line over `[limits].max_line_bytes` is `line_too_long`, and is never read whole.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ CHAT = "/v1/chat/completions"
 BOUNDARY = "hardening-boundary-7f3a"
 
 
-def chat(cid: Any, model: str = "tiny-a", text: str = "hello", **body: Any) -> dict[str, Any]:
+def chat(cid: Any, model: str = "tiny-a", text: Any = "hello", **body: Any) -> dict[str, Any]:
     return {"custom_id": cid, "method": "POST", "url": CHAT,
             "body": {"model": model, "messages": [{"role": "user", "content": text}],
                      "max_tokens": 8, **body}}
@@ -53,6 +56,7 @@ def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = BOUNDA
 
 MP = f"multipart/form-data; boundary={BOUNDARY}"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # the corpus server's [limits].max_file_bytes
+MAX_LINE_BYTES = 11 * 1024 * 1024  # and its max_line_bytes: huge_single_line_10mb is under it
 GOOD_FILE = jsonl([chat("a")])
 
 # (name, content type, body, status, error code, error param)
@@ -88,6 +92,12 @@ UPLOADS: list[tuple[str, str, bytes, int, str | None, str | None]] = [
     ("over_size_limit", MP, multipart([("purpose", None, b"batch"),
                                        ("file", "a.jsonl", b"x" * (MAX_FILE_BYTES + 1))]), 413,
      "file_too_large", "file"),
+    ("filename_not_utf8", MP, multipart([("purpose", None, b"batch"), ("file", "caf?.jsonl",
+                                                                      GOOD_FILE)]).replace(
+        b"caf?", b"caf\xe9"), 400, "invalid_filename", "file"),
+    ("two_file_parts", MP, multipart([("purpose", None, b"batch"), ("file", "a.jsonl", GOOD_FILE),
+                                      ("file", "b.jsonl", GOOD_FILE)]), 400, "too_many_files",
+     "file"),
 ]
 
 DEEP = 100_000  # nesting depth of the deeply nested documents
@@ -174,6 +184,16 @@ LINES: list[tuple[str, bytes, str | None, int | None, str | None]] = [
      "invalid_messages", 1, "body.messages"),
     ("huge_single_line_10mb", jsonl([chat("a"), chat("big", text="x" * (10 * 1024 * 1024))]),
      "context_length_exceeded", 2, "body.max_tokens"),
+    ("line_over_max_line_bytes", jsonl([chat("a"), chat("big", text="x" * (12 * 1024 * 1024)),
+                                        chat("c")]), "line_too_long", 2, None),
+    ("text_part_number", jsonl([chat("a"), chat("b", text=[{"type": "text", "text": 5}])]),
+     "invalid_messages", 2, "body.messages[0].content[0].text"),
+    ("text_part_null", jsonl([chat("a", text=[{"type": "text", "text": None}])]),
+     "invalid_messages", 1, "body.messages[0].content[0].text"),
+    ("content_number", jsonl([chat("a", text=5)]), "invalid_messages", 1,
+     "body.messages[0].content"),
+    ("content_nested_900", jsonl([json.dumps(chat("a", text="@")).replace(
+        '"@"', "[" * 900 + "]" * 900)]), "invalid_messages", 1, "body.messages[0].content[0]"),
     ("lines_50001", jsonl([chat(f"r{i}", max_tokens=1) for i in range(50_001)]), "too_many_tasks",
      50_001, None),
     # accepted
@@ -186,4 +206,11 @@ LINES: list[tuple[str, bytes, str | None, int | None, str | None]] = [
     ("temperature_out_of_range", jsonl([chat("a", temperature=7.5), chat("b", temperature=-1)]),
      None, None, None),
     ("unknown_top_level_fields", jsonl([{**chat("a"), "extra": [1, 2]}]), None, None, None),
+    ("content_parts_and_null", jsonl([chat("a", text=[{"type": "text", "text": "hi"},
+                                                      {"type": "image_url",
+                                                       "image_url": {"url": "data:,"}}]),
+                                      {**chat("b"), "body": {"model": "tiny-a", "messages": [
+                                          {"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": None}]}}]),
+     None, None, None),
 ]

@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from ..gateway.conftest import plan_only_config, poll, read_lines, running
-from .corpus import CHAT, CREATES, LINES, MAX_FILE_BYTES, UPLOADS, chat, jsonl, multipart
+from .corpus import (CHAT, CREATES, LINES, MAX_FILE_BYTES, MAX_LINE_BYTES, UPLOADS, chat, jsonl,
+                     multipart)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ACCEPTED: list[tuple[str, list[str]]] = []  # (batch id, custom ids) of accepted batches
@@ -25,7 +26,8 @@ ACCEPTED: list[tuple[str, list[str]]] = []  # (batch id, custom ids) of accepted
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def srv(tmp_path_factory):
-    cfg = plan_only_config(tmp_path_factory.mktemp("corpus"), max_file_bytes=MAX_FILE_BYTES)
+    cfg = plan_only_config(tmp_path_factory.mktemp("corpus"), max_file_bytes=MAX_FILE_BYTES,
+                           max_line_bytes=MAX_LINE_BYTES)
     async with running(cfg) as server:
         async with aiohttp.ClientSession(server.url) as http:
             server.http = http  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ import errno
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 import gateway.batches as batches_mod
@@ -234,3 +235,15 @@ async def test_a_corrupt_database_is_a_clear_error(cfg):
         async with running(cfg):
             pass
 
+
+
+async def test_content_of_a_file_missing_from_disk_is_an_openai_error(cfg):
+    """Item 4: the content route answered 404 with an empty body."""
+    async with running(cfg) as srv:
+        f = await srv.client().files.create(file=("in.jsonl", jsonl([chat_line("a")])),
+                                            purpose="batch")
+        (cfg.state_dir / "files" / f.id).unlink()
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{srv.url}/v1/files/{f.id}/content")
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "file_content_missing" and f.id in r.text
