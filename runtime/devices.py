@@ -9,11 +9,14 @@ is detected: `ids` restricts, `topology_groups` replaces the detected groups, `m
 from __future__ import annotations
 
 import os
+import re
 
 from runtime.config import Config, ConfigError
 from scheduler.types import DevicePool, default_start_contention
 
 GiB = 1 << 30
+GPU_MEMORY_GIB = {"a100": 80, "h100": 80}  # `samullm plan`'s GPU presets (no NVML to ask)
+_PRESET = re.compile(r"^(a100|h100)x(\d+)(-nvlink-pairs)?$")
 
 
 def start_contention(cfg: Config, pool_kind: str) -> float:
@@ -47,6 +50,47 @@ def discover_pool(cfg: Config) -> DevicePool:
     ids = _restrict(found, d.ids, "cores this process may use")
     memory = int((d.memory_gib or d.cpu_kvcache_gib) * GiB)
     return DevicePool("cpu", tuple(ids), memory, _groups(d.topology_groups, ids),
+                      start_contention(cfg, "cpu"), max_threads(cfg, len(ids)))
+
+
+def planning_pool(spec: str, cfg: Config, gpu: str = "a100") -> DevicePool:
+    """The pool `samullm plan` plans on. `auto`: what `serve` discovers on this machine
+    (`discover_pool`, so plan and serve plan alike), else, where this machine cannot serve the
+    config (a cuda config without GPUs, cores it does not have), the pool the config describes,
+    with `gpu`'s memory for a cuda config that sets none. `cpu:N`, `a100xN[-nvlink-pairs]` and
+    `h100xN`: hypothetical pools."""
+    if spec == "auto":
+        try:
+            return discover_pool(cfg)
+        except ConfigError:
+            return _described_pool(cfg, gpu)
+    m = _PRESET.match(spec)
+    if m:
+        kind, n = m.group(1), int(m.group(2))
+        ids = tuple(range(n))
+        groups = tuple(ids[i:i + 2] for i in range(0, n, 2)) if m.group(3) else ()
+        return DevicePool(kind, ids, GPU_MEMORY_GIB[kind] * GiB, groups, start_contention(cfg, kind))
+    if spec.startswith("cpu:"):
+        try:
+            n = int(spec[4:])
+        except ValueError:
+            raise ConfigError(f"--devices {spec}: expected cpu:N") from None
+        return DevicePool("cpu", tuple(range(n)), int(cfg.devices.cpu_kvcache_gib * GiB), (),
+                          start_contention(cfg, "cpu"), max_threads(cfg, n))
+    raise ConfigError(f"--devices {spec}: one of auto, cpu:N, a100xN[-nvlink-pairs], h100xN")
+
+
+def _described_pool(cfg: Config, gpu: str) -> DevicePool:
+    d = cfg.devices
+    groups = tuple(tuple(g) for g in d.topology_groups)
+    if d.kind == "cuda":
+        ids = tuple(d.ids) or tuple(sorted(i for g in groups for i in g))
+        if not ids:
+            raise ConfigError("devices.ids: a cuda config needs ids (or topology_groups) to plan")
+        return DevicePool(gpu, ids, int((d.memory_gib or GPU_MEMORY_GIB[gpu]) * GiB), groups,
+                          start_contention(cfg, gpu))
+    ids = tuple(d.ids) or tuple(sorted(os.sched_getaffinity(0)))
+    return DevicePool("cpu", ids, int((d.memory_gib or d.cpu_kvcache_gib) * GiB), groups,
                       start_contention(cfg, "cpu"), max_threads(cfg, len(ids)))
 
 

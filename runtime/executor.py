@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from runtime.config import STRATEGIES, Config
 from runtime.devices import discover_pool
 from runtime.dispatch import Slot, SlotState
@@ -47,8 +45,7 @@ from runtime.engine import Launcher
 from runtime.executor_api import Outcome, OutcomeSink, WorkItem
 from runtime.lengths_store import load_length_model, save_length_model
 from runtime.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
-from runtime.replan import (EMBEDDINGS_URL, LatencySource, build_problem, describe_stage, model_specs,
-                            running_plans, sample_work)
+from runtime.replan import EMBEDDINGS_URL, describe_stage, model_specs, plan_problem, running_plans
 from runtime.slots import EngineSlots, settle
 from runtime.start_times_store import alone_start_s, blend, load_start_times, save_start_times
 from scheduler.planner import PlanningProblem, plan
@@ -471,14 +468,12 @@ class PoolExecutor(EngineSlots):
         assert self.pool is not None
         head.plans += 1
         await self._save_learned()
-        rng = np.random.default_rng([self.cfg.scheduler.seed, head.plans])
-        work = sample_work(todo, self._lengths, rng)
         alive = [s.key for s in self._slots if s.state.active]
-        latency = LatencySource.load(self.state_dir, self.pool, list(work), self._start_times)
         ready, no_spare_s = self._spare_state()
-        problem = build_problem(self.cfg, self.pool, self._specs, latency, work,
-                                running_plans(alive), seed=self.cfg.scheduler.seed + head.plans,
-                                spares=ready, no_spare_s=no_spare_s)
+        problem = plan_problem(self.cfg, self.pool, self._specs, self.state_dir, todo,
+                               self._lengths, self._start_times, head.plans, running_plans(alive),
+                               ready, no_spare_s)
+        work = problem.work
         t0 = time.monotonic()
         try:
             schedule = await asyncio.to_thread(self._planner, problem, head.strategy)

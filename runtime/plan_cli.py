@@ -4,13 +4,13 @@
         [--strategy samullm|sequential|even-split|per-model-best|muxserve-greedy|all]
         [--json] [--gantt OUT.png|OUT.svg] [--seed N] [--samples N]
 
-No engine is started. Prompt lengths come from the JSONL bodies (the model's `tokenizer.json` when
-it has a path, else characters / 4); output caps from `max_tokens` (else the context left); output
-lengths are drawn from the learned length model under the state dir (else the shipped prior).
-The plan is made on draw 0; every strategy's schedule is then replayed on `--samples` draws for the
-makespan's mean and spread. Latency: GPU pools use the committed A100/H100 profiles
-(`scheduler.gpu_profiles`); CPU pools a measured profile under `<state_dir>/profiles/*.json`, else
-the analytic roofline.
+No engine is started. The inputs are validated as the gateway validates a batch, and the problem
+is built by the executor's own adapter (`runtime.replan.plan_problem`: the same token estimates, the
+same length draw and seed, the same latency source with measured start times and profiles under the
+state dir, the same devices and idle spare engine processes), so for the same input, config and
+state dir the predicted makespan of a strategy is the one the `plan` event of a batch submitted to
+an idle gateway reports. Every strategy's schedule is then replayed on `--samples` draws for the
+makespan's mean and spread.
 """
 
 from __future__ import annotations
@@ -18,26 +18,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
+import orjson
+
+from gateway.tokens import TokenCounter
+from gateway.validation import CHAT, iter_lines, validate_file
 from runtime.config import Config, ConfigError, load_config
-from runtime.devices import max_threads, start_contention
+from runtime.devices import planning_pool
 from runtime.lengths_store import load_length_model
-from runtime.replan import DEFAULT_CPU_LOAD_S, kv_bytes_fn, model_specs
-from scheduler.latency import LatencyModel, Profile, analytic_latency_model, assumed_threads_latency
-from scheduler.planner import STRATEGIES, Planner, PlanningProblem
-from scheduler.types import DevicePool, ModelSpec, Schedule
-from scheduler.workloads import RequestShape, makespan_stats, sample_workloads
-
-GiB = 1024**3
-GPU_MEMORY_GIB = {"a100": 80, "h100": 80}
-_PRESET = re.compile(r"^(a100|h100)x(\d+)(-nvlink-pairs)?$")
+from runtime.pool_state import Req
+from runtime.replan import model_specs, plan_problem, sample_work
+from runtime.spares import IMPORT_S_GUESS, spare_count
+from runtime.start_times_store import load_start_times
+from scheduler.planner import STRATEGIES, Planner
+from scheduler.types import DevicePool, Schedule
+from scheduler.workloads import makespan_stats
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -57,186 +57,44 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# inputs
+# inputs: validated as `serve` validates them, planned as `serve` plans them
 
-def _text_of(body: dict[str, Any]) -> str:
-    if "messages" in body:
-        parts = []
-        for msg in body.get("messages") or []:
-            content = msg.get("content") if isinstance(msg, dict) else None
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = " ".join(c.get("text", "") for c in content if isinstance(c, dict))
-            parts.append(str(content or ""))
-        return "\n".join(parts)
-    value = body.get("prompt", body.get("input", ""))
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-class PromptCounter:
-    """Tokens of a request's prompt: the model's tokenizer.json when it has weights, else chars/4."""
-
-    PER_MESSAGE = 4  # role/separator tokens a chat template adds per message
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.tokenizers: dict[str, Any] = {}
-
-    def _tokenizer(self, model: str) -> Any:
-        if model not in self.tokenizers:
-            tok = None
-            m = self.cfg.model(model)
-            path = m.resolved_path(self.cfg.base_dir) if m else None
-            if path is not None and (path / "tokenizer.json").exists():
-                try:
-                    from tokenizers import Tokenizer
-
-                    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-                except Exception:  # unreadable tokenizer: estimate instead of failing the plan
-                    tok = None
-            self.tokenizers[model] = tok
-        return self.tokenizers[model]
-
-    def count(self, model: str, body: dict[str, Any]) -> int:
-        text = _text_of(body)
-        tok = self._tokenizer(model)
-        n = len(tok.encode(text).ids) if tok is not None else -(-len(text) // 4)
-        if "messages" in body:
-            n += self.PER_MESSAGE * len(body.get("messages") or [])
-        return max(1, n)
+def read_requests(paths: list[str], cfg: Config) -> list[Req]:
+    """Each input file validated as the gateway validates a batch of it (same token estimates,
+    caps and rules), as the requests of one pool (file order, like batches submitted in turn).
+    A file `serve` would fail is a ConfigError naming its first errors."""
+    tokens = TokenCounter(cfg)
+    reqs: list[Req] = []
+    for i, path in enumerate(paths):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"cannot read input {path}: no such file")
+        result = validate_file(p, _endpoint_of(p), cfg, tokens)
+        if not result.ok:
+            shown = "; ".join(f"line {e['line']}: {e['code']}: {e['message']}"
+                              for e in result.errors[:5])
+            raise ConfigError(f"{path}: {result.error_count} invalid line(s): {shown}")
+        reqs.extend(Req(f"input-{i}", it) for it in result.items)
+    return reqs
 
 
-def read_requests(paths: list[str], cfg: Config, specs: dict[str, ModelSpec]
-                  ) -> dict[str, list[RequestShape]]:
-    """RequestShapes per model from batch input files; unknown models are a ConfigError."""
-    counter = PromptCounter(cfg)
-    out: dict[str, list[RequestShape]] = {}
-    unknown: set[str] = set()
-    rid = 0
-    for path in paths:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read input {path}: {exc}") from exc
-        for no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+def _endpoint_of(path: Path) -> str:
+    """The batch endpoint a file's lines name (the first line's `url`; validation checks the rest)."""
+    for _, _, raw in iter_lines(path):
+        if bytes(raw).strip():
             try:
-                obj = json.loads(line)
-                body, url = obj["body"], obj.get("url", "/v1/chat/completions")
-                model = body["model"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{path}:{no}: not a batch request line ({exc})") from exc
-            if model not in specs:
-                unknown.add(str(model))
-                continue
-            spec = specs[model]
-            prompt = min(counter.count(model, body), spec.max_model_len - 1)
-            room = spec.max_model_len - prompt
-            cap = body.get("max_completion_tokens", body.get("max_tokens"))
-            cap = room if not isinstance(cap, int) or cap <= 0 else min(cap, room)
-            out.setdefault(model, []).append(RequestShape(rid, prompt, max(1, cap), url))
-            rid += 1
-    if unknown:
-        raise ConfigError(f"input names model(s) not in the config: {', '.join(sorted(unknown))}")
-    return out
+                url = orjson.loads(raw).get("url")
+            except (orjson.JSONDecodeError, AttributeError):
+                break
+            return url if isinstance(url, str) else CHAT
+    return CHAT
 
 
-# ---------------------------------------------------------------------------------------------
-# devices and latency
-
-@dataclass(frozen=True)
-class Devices:
-    pool: DevicePool
-    gpu: str | None  # "a100" / "h100" profiles, None on CPU
-
-
-def resolve_devices(spec: str, cfg: Config, gpu: str = "a100") -> Devices:
-    """`auto` reads [devices] of the config (cuda configs use `gpu`'s profiles). The pool's start
-    contention is `[devices] start_contention`, else its kind's default (`runtime.devices`)."""
-    dev = _resolve_devices(spec, cfg, gpu)
-    beta = start_contention(cfg, dev.pool.kind)
-    threads = max_threads(cfg, dev.pool.count) if dev.pool.kind == "cpu" else 1
-    pool = dataclasses.replace(dev.pool, start_contention=beta, max_threads=threads)
-    return Devices(pool, dev.gpu)
-
-
-def _resolve_devices(spec: str, cfg: Config, gpu: str) -> Devices:
-    m = _PRESET.match(spec)
-    if m:
-        kind, n = m.group(1), int(m.group(2))
-        ids = tuple(range(n))
-        groups = tuple(ids[i:i + 2] for i in range(0, n, 2)) if m.group(3) else ()
-        return Devices(DevicePool(kind, ids, GPU_MEMORY_GIB[kind] * GiB, groups), kind)
-    if spec.startswith("cpu:"):
-        try:
-            n = int(spec[4:])
-        except ValueError:
-            raise ConfigError(f"--devices {spec}: expected cpu:N") from None
-        return Devices(DevicePool("cpu", tuple(range(n)), int(cfg.devices.cpu_kvcache_gib * GiB)), None)
-    if spec != "auto":
-        raise ConfigError(f"--devices {spec}: one of auto, cpu:N, a100xN[-nvlink-pairs], h100xN")
-    d = cfg.devices
-    groups = tuple(tuple(g) for g in d.topology_groups)
-    if d.kind == "cuda":
-        ids = tuple(d.ids) or tuple(sorted(i for g in groups for i in g))
-        if not ids:
-            raise ConfigError("devices.ids: a cuda config needs ids (or topology_groups) to plan")
-        mem = d.memory_gib or GPU_MEMORY_GIB[gpu]
-        return Devices(DevicePool(gpu, ids, int(mem * GiB), groups), gpu)
-    ids = tuple(d.ids) or tuple(sorted(os.sched_getaffinity(0)))
-    return Devices(DevicePool("cpu", ids, int(d.cpu_kvcache_gib * GiB), groups), None)
-
-
-def cpu_profiles(state_dir: Path) -> dict[tuple, LatencyModel]:
-    """Measured CPU profiles under `<state_dir>/profiles/*.json`, by (model, tp), or
-    (model, tp, threads) for ranks on several cores."""
-    table: dict[tuple, LatencyModel] = {}
-    for f in sorted((state_dir / "profiles").glob("*.json")):
-        try:
-            prof = Profile.from_dict(json.loads(f.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if prof.device == "cpu":
-            threads = (prof.threads,) if prof.threads > 1 else ()
-            table[(prof.model, prof.tp) + threads] = prof.latency
-    return table
-
-
-def latency_fn(devices: Devices, cfg: Config) -> Callable[[ModelSpec, int], LatencyModel]:
-    if devices.gpu is not None:
-        from scheduler.gpu_profiles import gpu_latency_model, gpu_load_time_s
-
-        gpu = devices.gpu
-
-        def gpu_lat(spec: ModelSpec, tp: int) -> LatencyModel:
-            lat = gpu_latency_model(spec, tp, gpu)
-            return lat if lat.load_time_s > 0 else lat.with_load_time(gpu_load_time_s(spec, tp, gpu))
-
-        return gpu_lat
-    table = cpu_profiles(cfg.state_dir)
-
-    def cpu_lat(spec: ModelSpec, tp: int) -> LatencyModel:
-        lat = table.get((spec.name, tp)) or analytic_latency_model(spec, tp, "cpu")
-        return lat if lat.load_time_s > 0 else lat.with_load_time(DEFAULT_CPU_LOAD_S)
-
-    return cpu_lat
-
-
-def threads_latency_fn(devices: Devices, cfg: Config
-                       ) -> Callable[[ModelSpec, int, int], LatencyModel] | None:
-    """CPU ranks on several cores: the measured profile of that shape, else the assumed speed-up
-    over threads = 1 (as the runtime's `LatencySource.threads`); None on GPUs."""
-    if devices.gpu is not None:
-        return None
-    table, one = cpu_profiles(cfg.state_dir), latency_fn(devices, cfg)
-
-    def threads_lat(spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
-        base = one(spec, tp)
-        hit = table.get((spec.name, tp, threads))
-        return (assumed_threads_latency(base, threads) if hit is None
-                else hit.with_load_time(base.load_time_s))
-
-    return threads_lat
+def idle_spares(cfg: Config, pool: DevicePool) -> tuple[tuple[float, ...] | None, float]:
+    """What an idle gateway's executor tells the planner of its spare engine processes: every one
+    of them ready, and the import a start without one pays (the pool's guess: nothing measured)."""
+    n = spare_count(cfg, pool) if pool.kind == "cpu" else 0
+    return ((0.0,) * n, IMPORT_S_GUESS) if n else (None, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,30 +145,34 @@ def _ids(ids: list[int]) -> str:
 
 def plan_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    seed = cfg.scheduler.seed if args.seed is None else args.seed
+    sched = cfg.scheduler
+    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(
+        sched, seed=sched.seed if args.seed is None else args.seed,
+        top_k=sched.top_k if args.top_k is None else args.top_k))
+    seed = cfg.scheduler.seed
     samples = max(1, cfg.scheduler.samples if args.samples is None else args.samples)
-    top_k = cfg.scheduler.top_k if args.top_k is None else args.top_k
-    specs = model_specs(cfg)
-    shapes = read_requests(args.inputs, cfg, specs)
-    if not shapes:
+    reqs = read_requests(args.inputs, cfg)
+    if not reqs:
         print("samullm plan: no requests in the input", file=sys.stderr)
         return 1
-    devices = resolve_devices(args.devices, cfg, args.gpu)
-    draws = sample_workloads(shapes, load_length_model(cfg.state_dir), samples, seed)
-    problem = PlanningProblem({m: specs[m] for m in shapes}, draws[0], devices.pool,
-                              latency_fn(devices, cfg), kv_bytes_fn(cfg, devices.pool),
-                              top_k=top_k, seed=seed,
-                              threads_latency=threads_latency_fn(devices, cfg))
+    pool = planning_pool(args.devices, cfg, args.gpu)
+    lengths = load_length_model(cfg.state_dir)
+    spares, no_spare_s = idle_spares(cfg, pool)
+    # the problem an idle gateway's first plan of these requests solves (same draw, same seed)
+    problem = plan_problem(cfg, pool, model_specs(cfg), cfg.state_dir, reqs, lengths,
+                           load_start_times(cfg.state_dir), 1, {}, spares, no_spare_s)
+    draws = [problem.work] + [sample_work(reqs, lengths, np.random.default_rng([seed, s]))
+                              for s in range(2, samples + 1)]
     names = STRATEGIES if args.strategy == "all" else (args.strategy,)
     planner = Planner(problem)
     t0 = time.perf_counter()
     scheds = {n: planner.plan(n) for n in names}
     planning = time.perf_counter() - t0
     result = {
-        "devices": f"{devices.pool.count}x {devices.pool.kind}"
-                   + (f" groups {list(map(list, devices.pool.groups))}" if devices.pool.groups else ""),
-        "start_contention": devices.pool.start_contention,
-        "requests": sum(len(v) for v in shapes.values()),
+        "devices": f"{pool.count}x {pool.kind}"
+                   + (f" groups {list(map(list, pool.groups))}" if pool.groups else ""),
+        "start_contention": pool.start_contention,
+        "requests": len(reqs),
         "samples": samples, "seed": seed, "planning_time_s": planning,
         "strategies": {n: {"makespan_s": s.makespan_s, "origin": s.origin,
                            "samples": makespan_stats(planner, s, draws).to_dict(),
@@ -321,8 +183,8 @@ def plan_main(args: argparse.Namespace) -> int:
         result["speedup_of_samullm"] = {n: (s.makespan_s / ref if ref > 0 else None)
                                         for n, s in scheds.items() if n != "samullm"}
     if args.gantt:
-        from runtime.gantt import write_gantt
+        from runtime.gantt import write_gantt  # matplotlib: only when a chart is asked for
 
-        write_gantt(scheds, devices.pool, args.gantt)
+        write_gantt(scheds, pool, args.gantt)
     print(json.dumps(result, indent=2) if args.json else render_text(result))
     return 0

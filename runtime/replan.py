@@ -196,6 +196,21 @@ def running_plans(keys: Iterable[ReplicaKey]) -> dict[str, ExecPlan]:
     return plans
 
 
+def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], state_dir: Path,
+                 reqs: Sequence[Req], lengths: LengthModel,
+                 start_times: dict[tuple[str, int], float], plan_no: int,
+                 running: dict[str, ExecPlan], spares: tuple[float, ...] | None = None,
+                 no_spare_s: float = 0.0) -> PlanningProblem:
+    """The problem of a pool's `plan_no`-th plan (1 = the first) over its unfinished `reqs`: the
+    one way both `serve` (the executor, at every pass) and `samullm plan` build it, so that for the
+    same input, config and state dir the two predict the same makespan."""
+    seed = cfg.scheduler.seed
+    work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
+    latency = LatencySource.load(state_dir, pool, list(work), start_times)
+    return build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
+                         spares=spares, no_spare_s=no_spare_s)
+
+
 def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,
                   work: dict[str, list[SimRequest]], running: dict[str, ExecPlan],
                   seed: int, spares: tuple[float, ...] | None = None,

@@ -3,6 +3,7 @@ shipped plan-only paper config on 8 A100s (no weights on this machine)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -34,7 +35,7 @@ def _line(i: int, model: str, text: str, max_tokens: int | None = 64, url="/v1/c
     body = {"model": model, "messages": [{"role": "user", "content": text}]}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    return json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url, "body": body})
+    return json.dumps({"custom_id": f"{model}-{i}", "method": "POST", "url": url, "body": body})
 
 
 @pytest.fixture()
@@ -116,3 +117,40 @@ def test_paper_config_plans_on_a100s_without_weights(tmp_path, capsys):
                  "--devices", "a100x4-nvlink-pairs", "--strategy", "samullm"]) == 0
     four = json.loads(capsys.readouterr().out)["strategies"]["samullm"]["makespan_s"]
     assert four > out["strategies"]["samullm"]["makespan_s"]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_plan_predicts_what_serve_plans(tmp_path, capsys):
+    """`samullm plan` and the `plan` event of a batch submitted to an idle gateway predict the same
+    makespan for the same input file, config and state dir (the house issue)."""
+    from runtime.config import load_config
+    from runtime.executor import PoolExecutor
+    from tests.gateway.conftest import poll, running
+    from tests.runtime.fakes import FakeLauncher
+
+    models = "".join(MODEL.format(name=n, layers=l, hidden=h, inter=4 * h)
+                     + f'path = "/nonexistent/{n}"\n'
+                     for n, l, h in (("tiny", 2, 128), ("small", 4, 256)))
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[devices]\nkind = "cpu"\n'
+                    f'cpu_kvcache_gib = 0.25\nspare_engines = 0\n{models}')
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(_line(i, m, "word " * (5 + 3 * i), 16 + i) for i in range(20)
+                             for m in ("tiny", "small")) + "\n")
+    assert main(["plan", str(inp), "--config", str(conf), "--json", "--strategy", "samullm"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["strategies"]["samullm"]["makespan_s"]
+    cfg = load_config(str(conf))
+    ex = PoolExecutor(cfg, FakeLauncher(start_delay_s=5.0))
+    async with running(cfg, ex) as srv:
+        client = srv.client()
+        f = await client.files.create(file=("in.jsonl", inp.read_bytes()), purpose="batch")
+        b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        await poll(client, b.id, lambda x: x.status == "in_progress")
+        for _ in range(200):
+            plans = [e for e in ex.events(b.id) if e["event"] == "plan"]
+            if plans:
+                break
+            await asyncio.sleep(0.02)
+        await client.batches.cancel(b.id)
+    assert plans and plans[0]["predicted_makespan_s"] == pytest.approx(predicted, rel=1e-9)
