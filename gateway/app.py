@@ -89,7 +89,8 @@ def default_executor(cfg: Config) -> Executor:
     pool = discover_pool(cfg)
     n_spares = spare_count(cfg, pool)
     spares = SparePool(n_spares, cfg.state_dir / "logs", base_env) if n_spares else None
-    return PoolExecutor(cfg, VllmLauncher(spares=spares), planner=planner, pool=pool)
+    launcher = VllmLauncher(spares=spares, state_dir=cfg.state_dir)  # state_dir: /dev/shm records
+    return PoolExecutor(cfg, launcher, planner=planner, pool=pool)
 
 
 def create_app(cfg: Config, executor: Executor | None = None, *,

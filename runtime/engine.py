@@ -6,11 +6,15 @@ when the HTTP connection closes (so cancelling `Engine.post` aborts the work), i
 crash stays in its own process.
 
 Process hygiene (the invariant the tests check): each engine runs in its own session/process group;
-`stop()` SIGTERMs the group (vLLM then shuts its engine-core and worker processes down and unlinks its
-shared memory), SIGKILLs whatever is left after the timeout and unlinks the `/dev/shm` segments the
-group had mapped. The group leader is `runtime.engine_guard` (PR_SET_PDEATHSIG + parent watch): a
-SIGKILLed parent still takes its engines down, even mid-start; an atexit hook stops engines left
-running at interpreter exit.
+`stop()` SIGTERMs the group (vLLM then shuts its engine-core and worker processes down and Python's
+resource tracker, one of the group, unlinks their shared memory), SIGKILLs whatever is left after
+the timeout and unlinks the `/dev/shm` names the group had mapped or open. The group leader is
+`runtime.engine_guard` (PR_SET_PDEATHSIG + parent watch): a SIGKILLed parent still takes its engines
+down, even mid-start, and the guard unlinks what its group left in /dev/shm; an atexit hook stops
+engines left running at interpreter exit. Should the guard be killed too, the names stay: so once an
+engine is up, the names it holds are recorded under the launcher's state dir (`runtime.shm`), the
+record is dropped when it has stopped, and a restarted gateway's `VllmLauncher.start()` clears what
+the records of its predecessor still name.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -32,10 +37,12 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import aiohttp
 
 from runtime.config import ModelConfig
+from runtime.shm import RECORD_DIR, SHM_DIR, clear_records, clear_unused, save_record, shm_names
 
 if TYPE_CHECKING:
     from runtime.spares import Spare, SparePool
 
+log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 HEALTH_POLL_S = 0.5
 LOG_TAIL_BYTES = 6000
@@ -237,20 +244,8 @@ def group_pids(pgid: int) -> list[int]:
 
 
 def shm_files(pids: list[int]) -> set[str]:
-    """/dev/shm files mapped or open in `pids` (to unlink after a SIGKILL skipped vLLM's cleanup)."""
-    found: set[str] = set()
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    found.add(line[line.index("/dev/shm/"):].removesuffix(" (deleted)"))
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/shm/"):
-                    found.add(target.removesuffix(" (deleted)"))
-        except OSError:
-            continue
-    return found
+    """Paths of the /dev/shm files mapped or open in `pids` (`runtime.shm.shm_names`)."""
+    return {str(SHM_DIR / name) for name in shm_names(pids)}
 
 
 _LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -259,7 +254,8 @@ _LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 class Engine:
     """A started (or startable) vLLM server for one `EngineSpec`. Not reusable after `stop()`."""
 
-    def __init__(self, spec: EngineSpec, python: str = sys.executable) -> None:
+    def __init__(self, spec: EngineSpec, python: str = sys.executable,
+                 shm_record_dir: Path | None = None) -> None:
         self.spec = spec
         self.python = python
         self.port = 0
@@ -270,7 +266,9 @@ class Engine:
         self.spare_used = False  # started in a spare process (runtime.spares): no API-server import
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._shm: set[str] = set()
+        self._shm: dict[str, int] = {}  # /dev/shm name -> inode its group held (runtime.shm)
+        self._shm_record_dir = shm_record_dir
+        self._shm_record: Path | None = None
         self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -323,6 +321,35 @@ class Engine:
             await self.stop()
             raise
         self.start_time_s = time.monotonic() - t0
+        # healthy = initialised: vLLM's message queues and TP buffers exist by now
+        await asyncio.to_thread(self._record_shm)
+
+    def _record_shm(self) -> None:
+        assert self.pid is not None
+        self._shm.update(shm_names(group_pids(self.pid)))
+        if self._shm_record_dir is None or not self._shm:
+            return
+        try:
+            self._shm_record = save_record(self._shm_record_dir, self.pid, self._shm,
+                                           self._shm_record)
+        except OSError as exc:  # a full disk must not fail the engine; only a restart reads it
+            log.warning("cannot record the shared memory of engine %d: %s", self.pid, exc)
+
+    def _clear_shm(self) -> None:
+        """Once the group is gone: unlink what it left (a clean stop leaves nothing) and drop the
+        record, or keep in it the names another live process still holds."""
+        cleared, held = clear_unused(self._shm)
+        if cleared:
+            log.info("engine %s: unlinked %d names it left in /dev/shm: %s", self.pid,
+                     len(cleared), " ".join(cleared))
+        if self._shm_record is not None:
+            try:
+                if held:
+                    save_record(self._shm_record_dir, self.pid, held, self._shm_record)
+                else:
+                    self._shm_record.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot update shared-memory record %s: %s", self._shm_record, exc)
 
     async def _wait_healthy(self, deadline: float) -> None:
         assert self._proc is not None and self._session is not None
@@ -360,7 +387,7 @@ class Engine:
         if self._session is not None:
             await self._session.close()
         pgid = self._proc.pid
-        self._shm |= shm_files(group_pids(pgid))
+        self._shm.update(shm_names(group_pids(pgid)))
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -368,12 +395,12 @@ class Engine:
                 break
             await asyncio.sleep(0.1)
         else:
-            self._shm |= shm_files(group_pids(pgid))
+            self._shm.update(shm_names(group_pids(pgid)))
             _signal_group(pgid, signal.SIGKILL)
         await self._proc.wait()
         while group_pids(pgid):  # SIGKILLed processes vanish within milliseconds
             await asyncio.sleep(0.05)
-        _unlink(self._shm)
+        await asyncio.to_thread(self._clear_shm)
 
     def kill_sync(self) -> None:
         """Best-effort synchronous stop (atexit): SIGTERM, a short grace period, SIGKILL."""
@@ -381,13 +408,16 @@ class Engine:
             return
         self._stopped = True
         pgid = self._proc.pid
-        shm = shm_files(group_pids(pgid))
+        self._shm.update(shm_names(group_pids(pgid)))
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         while group_pids(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         _signal_group(pgid, signal.SIGKILL)
-        _unlink(shm)
+        deadline = time.monotonic() + 2
+        while group_pids(pgid) and time.monotonic() < deadline:  # dying ones still map theirs
+            time.sleep(0.02)
+        self._clear_shm()
 
     # -- requests ------------------------------------------------------------------------------
     async def post(self, url: str, body: dict) -> tuple[int, dict]:
@@ -439,14 +469,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _unlink(paths: set[str]) -> None:
-    for p in paths:
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
-
-
 _POOLS: "weakref.WeakSet[SparePool]" = weakref.WeakSet()
 
 
@@ -467,18 +489,27 @@ class Launcher(Protocol):
 
 class VllmLauncher:
     """The real launcher: `Engine(spec).start()`; log files go under `log_dir` when given. With
-    `spares` (CPU), an engine starts in a ready spare process when there is one."""
+    `spares` (CPU), an engine starts in a ready spare process when there is one. With `state_dir`,
+    its engines' /dev/shm names are recorded under `<state_dir>/engines/`, and `start()` clears
+    what the records of an earlier gateway on that state dir still name (`runtime.shm`)."""
 
     def __init__(self, log_dir: Path | None = None, start_timeout_s: float = 300,
-                 python: str = sys.executable, spares: "SparePool | None" = None) -> None:
+                 python: str = sys.executable, spares: "SparePool | None" = None,
+                 state_dir: Path | None = None) -> None:
         self.log_dir = log_dir
         self.start_timeout_s = start_timeout_s
         self.python = python
         self.spares = spares
+        self.shm_records = Path(state_dir) / RECORD_DIR if state_dir is not None else None
         if spares is not None:
             _POOLS.add(spares)
 
     async def start(self) -> None:
+        if self.shm_records is not None:
+            cleared = await asyncio.to_thread(clear_records, self.shm_records)
+            if cleared:
+                log.info("unlinked %d names an earlier gateway's engines left in /dev/shm: %s",
+                         len(cleared), " ".join(cleared))
         if self.spares is not None:
             await self.spares.start()
 
@@ -491,7 +522,7 @@ class VllmLauncher:
             devs = "-".join(map(str, spec.devices))
             name = f"{spec.model.name}-tp{spec.tp}-d{devs}-{int(time.time() * 1000)}.log"
             spec = EngineSpec(**{**spec.__dict__, "log_path": self.log_dir / name})
-        engine = Engine(spec, python=self.python)
+        engine = Engine(spec, python=self.python, shm_record_dir=self.shm_records)
         spare = self.spares.take() if self.spares is not None and spec.device_kind == "cpu" else None
         try:
             await engine.start(self.start_timeout_s, spare=spare)

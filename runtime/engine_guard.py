@@ -6,6 +6,11 @@ not watch their parent; a gateway killed during an engine start left the engine 
 runs CMD as its child in its own process group and, when its parent dies (PDEATHSIG, or its parent
 pid changes) or it receives SIGTERM, SIGTERMs the group, waits a grace period, then SIGKILLs what is
 left. It exits with CMD's exit code. Standard library only, so it starts in milliseconds.
+
+Shared memory: a group that did not shut down by itself (SIGKILLed after the grace period, or whose
+processes died without cleanup) leaves vLLM's /dev/shm segments and semaphores behind, and with its
+parent dead nobody else would unlink them. The guard notes what its group maps or has open before it
+signals the group, and once the group is gone unlinks those no live process uses (`runtime.shm`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from runtime.shm import clear_unused, shm_names
 
 GRACE_S = 20.0
 POLL_S = 0.25
@@ -57,6 +64,7 @@ def main(cmd: list[str]) -> int:
             stopping = True
             break
         time.sleep(POLL_S)
+    shm = shm_names(_others_in_group(pgid))  # before a signal: exiting processes drop their maps
     if stopping:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.killpg(pgid, signal.SIGTERM)
@@ -65,12 +73,20 @@ def main(cmd: list[str]) -> int:
         child.poll()  # reap the direct child so it does not count as alive
         time.sleep(POLL_S)
     rest = _others_in_group(pgid)
+    shm.update(shm_names(rest))
     for pid in rest:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     rc = child.wait()
+    deadline = time.monotonic() + 5
+    while _others_in_group(pgid) and time.monotonic() < deadline:  # dying ones still map theirs
+        time.sleep(0.02)
+    cleared, _ = clear_unused(shm)
+    if cleared:
+        print(f"engine_guard: unlinked {len(cleared)} left in /dev/shm: {' '.join(cleared)}",
+              file=sys.stderr, flush=True)
     return rc if rc >= 0 else 128 - rc
 
 

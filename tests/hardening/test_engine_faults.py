@@ -1,11 +1,14 @@
 """SIGKILL of a real `samullm serve` (real vLLM engines, spare processes) in the middle of a batch:
 the engines and spares it started go down with it, and after a restart the batch completes with each
-custom_id exactly once, without re-running what the journal already held."""
+custom_id exactly once, without re-running what the journal already held; and nothing of the killed
+engines stays in /dev/shm (vLLM's segments, Python's semaphores: they hold RAM until unlinked)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 import requests
 
 from runtime.engine import group_pids, proc_stats
+from runtime.shm import shm_names, still_present
 from tests.hardening.test_faults import CHAT, REPO, Proc, free_port, get, lines, wait_for
 
 pytestmark = pytest.mark.engine
@@ -25,6 +29,19 @@ def _config(path: Path, state: Path, port: int, model_dir: Path) -> Path:
         f'[[models]]\nname = "tiny-a"\npath = "{model_dir / "tiny-a"}"\nmax_model_len = 1024\n'
         'max_num_seqs = 32\nmax_num_batched_tokens = 1024\nengine_args = {enforce_eager = true}\n')
     return path
+
+
+def _resource_trackers(groups: set[int]) -> list[int]:
+    """Python's multiprocessing resource trackers in `groups`: on SIGTERM they, not vLLM, unlink the
+    engine's psm_* segments and sem.mp-* semaphores."""
+    out = []
+    for pid in (p for g in groups for p in group_pids(g)):
+        try:
+            if b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 def _children_groups(pid: int) -> set[int]:
@@ -52,14 +69,24 @@ def test_sigkill_real_gateway_mid_batch_then_restart(tiny_model_dir: Path, tmp_p
         b = wait_for(proc.url, bid, lambda x: x["request_counts"]["completed"] > 0, 300)
         groups = _children_groups(proc.p.pid)
         assert any(group_pids(g) for g in groups)
+        engines = groups - {proc.p.pid}  # the gateway's own group: its planner's pool
+        shm = shm_names([p for g in engines for p in group_pids(g)])
+        assert shm  # vLLM's message queues (psm_*) and semaphores (sem.mp-*), at least
         b = get(proc.url, bid)
         done_before = b["request_counts"]["completed"]
+        # the engines' own cleanup is lost too, as when the guard's grace period runs out (it then
+        # SIGKILLs the trackers with the rest) or the OOM killer picks one
+        trackers = _resource_trackers(engines)
+        assert trackers
+        for pid in trackers:
+            os.kill(pid, signal.SIGKILL)
         proc.kill()
         assert b["status"] == "in_progress" and done_before < n, b
         deadline = time.monotonic() + 60  # the guards take their groups down (PDEATHSIG)
         while any(group_pids(g) for g in groups) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [p for g in groups for p in group_pids(g)], "orphans after SIGKILL"
+        assert not still_present(shm), "the guards left these in /dev/shm"
         log.write_text("")  # the restarted gateway's log only
         proc = Proc(argv, port, log)
         done = wait_for(proc.url, bid, lambda x: x["status"] in (
@@ -76,5 +103,6 @@ def test_sigkill_real_gateway_mid_batch_then_restart(tiny_model_dir: Path, tmp_p
         resubmitted = [int(m) for m in re.findall(r"batch_submitted .*?'requests': (\d+)",
                                                   log.read_text())]
         assert resubmitted and resubmitted[0] <= n - done_before  # the journal's were not re-run
+        assert not still_present(shm)
     finally:
         proc.kill()
