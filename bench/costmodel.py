@@ -34,7 +34,7 @@ import numpy as np
 from runtime.config import Config, DevicesConfig, ModelConfig, ServerConfig
 from runtime.engine import Engine, EngineSpec
 from runtime.profiler import profile_model, read_steps
-from runtime.profiles import load_profile
+from runtime.persist import load_profile
 from runtime.tinymodel import write_tiny_model
 from scheduler.calibration import ServedCalibration
 from scheduler.latency import fit_latency_model

@@ -98,7 +98,7 @@ SHAPES = ((1, 1), (2, 1), (1, 2))
 
 def ensure_profiles(cfg_path: Path, root: Path, models: list[str], quick: bool) -> None:
     """`samullm profile` for every (model, tp, threads) shape without a stored profile."""
-    from runtime.profiles import load_profile, save_profile
+    from runtime.persist import load_profile, save_profile
 
     for m in models:
         for tp, th in SHAPES:
@@ -139,7 +139,7 @@ def refresh_start_times(cfg_path: Path, root: Path, models: list[str]) -> None:
     from runtime.config import load_config
     from runtime.engine import EngineSpec
     from runtime.profiler import measure_start_time
-    from runtime.profiles import load_profile, save_profile
+    from runtime.persist import load_profile, save_profile
 
     cfg = load_config(cfg_path)
     for m in models:

@@ -3,7 +3,7 @@ expire, and resume after a restart.
 
 One runner task per live batch drives it through the lifecycle (`gateway.lifecycle`). Cancel and
 expiry never finalize themselves: they mark the batch's `end_reason`, ask the executor to stop it, and
-the runner (once `Executor.wait` returns) writes the files. The journal (`runtime.journal`) is the truth
+the runner (once `Executor.wait` returns) writes the files. The journal (`gateway.journal`) is the truth
 for progress: live `request_counts` are rebuilt from it on resume and only journaled requests are not
 re-run.
 
@@ -35,7 +35,7 @@ from gateway.tokens import TokenCounter
 from gateway.validation import ValidationResult, validate_file
 from runtime.config import Config
 from runtime.executor_api import Executor, Outcome
-from runtime.journal import Journal, journal_path, load
+from gateway.journal import Journal, journal_path, load
 
 log = logging.getLogger("samullm.batches")
 RETRY_S = (1.0, 30.0)  # first and longest wait before a runner stopped by a full disk tries again

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.config import ConfigError
+from runtime.config import ConfigError, annotated_config
 from runtime.plan_cli import add_plan_args
 from runtime.profiler import add_profile_args
 
@@ -22,10 +22,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=None, help="overrides [server].state_dir")
     p.add_argument("--make-demo-models", action="store_true",
                    help="write configured demo models that are missing (what `make run` does)")
+    p.add_argument("--help-config", action="store_true",
+                   help="print every config key with its default and help, as TOML, and exit")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print(annotated_config(), end="")
+        return 0
     from gateway.serve import serve_main
 
     return serve_main(args)

@@ -55,8 +55,6 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 _JSON_COLS = ("errors", "metadata", "request_counts", "model_request_counts", "usage")
-TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-              "cancelling_at", "cancelled_at")
 
 
 def _row(r: sqlite3.Row | None) -> dict[str, Any] | None:

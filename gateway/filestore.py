@@ -16,8 +16,9 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Collection, Iterable
+from typing import Collection
 
+from runtime.atomic import fsync_dir
 
 SYNC_EVERY = 32 << 20  # bytes between background write-backs of a large file (see AtomicWriter)
 # One row's DELETE writes a handful of 4 KiB WAL frames; 1 MiB is ample and costs little on a small
@@ -32,14 +33,6 @@ class TooLarge(Exception):
 
 class NotUtf8(Exception):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileStore:
@@ -111,12 +104,6 @@ class FileStore:
 
     def writer(self, file_id: str, max_bytes: int | None = None) -> "AtomicWriter":
         return AtomicWriter(self.path(file_id), max_bytes)
-
-    def write_lines(self, file_id: str, lines: Iterable[bytes]) -> int:
-        with self.writer(file_id) as w:
-            for line in lines:
-                w.write(line)
-        return w.size
 
     def delete(self, file_id: str) -> None:
         self.path(file_id).unlink(missing_ok=True)
@@ -192,7 +179,7 @@ class AtomicWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._done = True
 
     def abort(self) -> None:

@@ -1,7 +1,10 @@
-"""Atomic JSON files for the runtime's small state (profiles, learned lengths, start times).
+"""The one atomic writer of the project's small files, standard library only (the engine guard
+imports it, and must start in milliseconds).
 
-Temp file in the same directory + fsync + rename: a reader (or a restarted gateway) sees the old file
-or the new one, never half of one; a failed write leaves no temp file behind.
+Temp file in the same directory + fsync + rename + fsync of the directory: a reader (or a restarted
+gateway) sees the old file or the new one, never half of one, and the rename survives a crash; a
+failed write leaves no temp file behind. The gateway's streaming `AtomicWriter` ends the same way
+(`fsync_dir`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,14 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj: Any, **dump_kwargs: Any) -> Path:
@@ -23,6 +34,7 @@ def write_json_atomic(path: Path, obj: Any, **dump_kwargs: Any) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself durable, as the file store's commits are
     except BaseException:
         try:
             os.unlink(tmp)

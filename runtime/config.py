@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import textwrap
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from scheduler.planner import STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -22,10 +26,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
-    port: int = field(default=8000, metadata={"help": "TCP port"})
-    state_dir: str = field(default=".samullm", metadata={"help": "SQLite, files, journals, profiles"})
-    log_json: bool = field(default=False, metadata={"help": "one JSON object per log line"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address the API binds; anything but loopback needs [auth] api_keys "
+                "(`serve --host` overrides)"})
+    port: int = field(default=8000, metadata={"help": "TCP port of the API (`serve --port` overrides)"})
+    state_dir: str = field(default=".samullm", metadata={
+        "help": "directory of the SQLite database, stored files, journals, engine logs and measured "
+                "profiles, relative to the current directory; one gateway at a time may use it "
+                "(`serve --state-dir` overrides)"})
+    log_json: bool = field(default=False, metadata={
+        "help": "log one JSON object per line instead of plain text"})
 
     def validate(self, where: str) -> None:
         if not 0 < self.port < 65536:
@@ -36,14 +46,21 @@ class ServerConfig:
 class ArchConfig:
     """Architecture facts of a model (public numbers); read from config.json when a path is given."""
 
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    vocab_size: int
-    num_experts: int = field(default=1, metadata={"help": "MoE experts (1 = dense)"})
-    experts_per_token: int = field(default=1, metadata={"help": "MoE experts active per token"})
+    num_layers: int = field(metadata={"help": "transformer layers (HF num_hidden_layers)",
+                                      "example": 2})
+    hidden_size: int = field(metadata={"help": "model width (HF hidden_size)", "example": 128})
+    num_heads: int = field(metadata={
+        "help": "attention heads (HF num_attention_heads); must divide hidden_size", "example": 2})
+    num_kv_heads: int = field(metadata={
+        "help": "KV heads (HF num_key_value_heads; = num_heads without GQA); must divide num_heads",
+        "example": 1})
+    intermediate_size: int = field(metadata={
+        "help": "inner width of the gated MLP (HF intermediate_size)", "example": 512})
+    vocab_size: int = field(metadata={"help": "vocabulary size (HF vocab_size)", "example": 2048})
+    num_experts: int = field(default=1, metadata={
+        "help": "MoE experts per layer (HF num_local_experts); 1 = dense"})
+    experts_per_token: int = field(default=1, metadata={
+        "help": "MoE experts each token runs through (HF num_experts_per_tok)"})
 
     def validate(self, where: str) -> None:
         for f in dataclasses.fields(self):
@@ -59,11 +76,13 @@ class ArchConfig:
 class DemoConfig:
     """How `samullm serve --make-demo-models` builds this model with `samullm tiny-model` if missing."""
 
-    layers: int = 2
-    hidden: int = 128
-    heads: int = 2
-    kv_heads: int = 1
-    seed: int = 0
+    layers: int = field(default=2, metadata={"help": "transformer layers (`tiny-model --layers`)"})
+    hidden: int = field(default=128, metadata={
+        "help": "model width; hidden / heads must be an integer >= 32 (`tiny-model --hidden`)"})
+    heads: int = field(default=2, metadata={"help": "attention heads (`tiny-model --heads`)"})
+    kv_heads: int = field(default=1, metadata={
+        "help": "KV heads; must divide heads (`tiny-model --kv-heads`)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights (`tiny-model --seed`)"})
 
     def validate(self, where: str) -> None:
         if self.hidden % self.heads or self.hidden // self.heads < 32:
@@ -74,16 +93,35 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = field(metadata={"help": "the name requests use in body.model"})
-    path: str | None = field(default=None, metadata={"help": "HF-format directory; None = plan only"})
-    dtype: str = field(default="float32", metadata={"help": "float32 on CPU (bf16 SIGILLs here)"})
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    engine_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra vLLM args"})
-    arch: ArchConfig | None = field(default=None, metadata={"help": "needed when path is None"})
-    demo: DemoConfig | None = field(default=None, metadata={"help": "auto-create with tiny-model"})
-    supports_embeddings: bool = False
+    name: str = field(metadata={"help": "the name requests use in body.model", "example": "tiny"})
+    path: str | None = field(default=None, metadata={
+        "help": "HF-format model directory (config.json, weights, tokenizer), relative to the "
+                "current directory; unset = a plan-only model: `samullm plan` plans it from `arch`, "
+                "and `serve` fails its requests",
+        "example": ".samullm/models/tiny"})
+    dtype: str = field(default="float32", metadata={
+        "help": "vLLM --dtype: float32 | float16 | bfloat16 | auto; float32 on CPU (bfloat16 SIGILLs "
+                "here); the planner counts 4 bytes per weight for float32, else 2"})
+    max_model_len: int = field(default=2048, metadata={
+        "help": "vLLM --max-model-len: most tokens (prompt + output) of one request; a request "
+                "without max_tokens is planned to run up to it"})
+    max_num_seqs: int = field(default=64, metadata={
+        "help": "vLLM --max-num-seqs: most requests one engine runs at once; the gateway keeps 1.5 x "
+                "as many in flight per engine"})
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "vLLM --max-num-batched-tokens: most tokens one engine iteration schedules"})
+    engine_args: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "extra vLLM api_server flags, e.g. { enforce_eager = true } (key = flag with _ for -; "
+                "true = --flag, false = --no-flag); they override the flags samullm sets"})
+    arch: ArchConfig | None = field(default=None, metadata={
+        "help": "architecture numbers; required when `path` is unset, and used instead of "
+                "<path>/config.json when set"})
+    demo: DemoConfig | None = field(default=None, metadata={
+        "help": "`serve --make-demo-models` writes a random-weight model at `path` with these sizes "
+                "when it is missing; unset = never"})
+    supports_embeddings: bool = field(default=False, metadata={
+        "help": "accept /v1/embeddings requests for this model (false: they fail as "
+                "unsupported_endpoint)"})
 
     def validate(self, where: str) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -140,30 +178,48 @@ DEFAULT_CPU_ENGINE_NICE = 5
 
 @dataclass(frozen=True)
 class DevicesConfig:
-    kind: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    ids: list[int] = field(default_factory=list, metadata={"help": "restrict to these; [] = all"})
-    topology_groups: list[list[int]] = field(
-        default_factory=list, metadata={"help": "fully connected groups; a TP group never spans two"}
-    )
-    memory_gib: float = field(default=0.0, metadata={"help": "per-device memory; 0 = detect"})
-    cpu_kvcache_gib: float = field(default=1.0, metadata={"help": "VLLM_CPU_KVCACHE_SPACE per engine"})
-    gpu_memory_utilization: float = 0.9
-    sleep_mode: bool = field(default=False, metadata={"help": "GPU only: sleep engines needed later"})
+    kind: str = field(default="auto", metadata={
+        "help": "auto | cpu | cuda; auto = cuda when NVML finds a GPU, else cpu (a device is then "
+                "a core)"})
+    ids: list[int] = field(default_factory=list, metadata={
+        "help": "the core or GPU ids plans may use; [] = every core this process may run on / "
+                "every GPU found"})
+    topology_groups: list[list[int]] = field(default_factory=list, metadata={
+        "help": "fully connected device groups, e.g. [[0, 1], [2, 3]] for GPUs NVLinked in pairs; "
+                "a TP group never spans two; [] = NVLink groups detected on GPUs, none on CPU"})
+    memory_gib: float = field(default=0.0, metadata={
+        "help": "memory of one device the planner assumes, in GiB; 0 = detect (GPU: the smallest "
+                "chosen GPU's, by NVML; CPU: cpu_kvcache_gib)"})
+    cpu_kvcache_gib: float = field(default=1.0, metadata={
+        "help": "CPU: KV cache space of each engine rank, in GiB, passed to vLLM exactly as "
+                "--kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE is removed from the engine's "
+                "environment: it takes whole GiB only and would override the flag)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "GPU: vLLM --gpu-memory-utilization, the fraction in (0, 1] of a GPU's memory an "
+                "engine may use for weights and KV cache"})
+    sleep_mode: bool = field(default=False, metadata={
+        "help": "GPU only: put an engine whose model has work for a later stage to sleep (level "
+                "1) instead of stopping it; needs engine_args { enable_sleep_mode = true } and "
+                "VLLM_SERVER_DEV_MODE=1; an engine that cannot sleep is stopped"})
     max_threads_per_rank: int = field(default=0, metadata={
         "help": "CPU: most cores one TP rank may run on (OpenMP threads); 0 = every core, 1 = one"})
     start_contention: float | None = field(default=None, metadata={
-        "help": "β: n engines started together each take load × (1 + β·(n−1)); "
-                "unset = the measured CPU default, or 0.1 on GPUs (scheduler.types)"})
+        "help": "β in [0, 100): the planner assumes n engines started together each take load "
+                "time × (1 + β·(n−1)); 0 = starts never slow each other; unset = the measured CPU "
+                "default, or 0.1 on GPUs (scheduler.types)",
+        "example": 0.1})
     confine_cpu_engines: bool = field(default=True, metadata={
         "help": "CPU: run all of an engine's processes (API server, engine core, workers) on its "
                 "planned cores, not only its OpenMP threads"})
     spare_engines: int | None = field(default=None, metadata={
         "help": "CPU: interpreters kept with vLLM's API server imported, so that an engine start "
                 "skips that import (~7 s each here, ~700 MB of memory each); unset = one per "
-                "core + 1, at most 3; 0 = none (GPUs: always none)"})
+                "core + 1, at most 3; 0 = none (GPUs: always none)",
+        "example": 3})
     engine_nice: int | None = field(default=None, metadata={
         "help": "niceness added to engine processes; unset = 5 on CPU (engines share the cores "
-                "with the gateway, whose API must stay responsive), 0 on GPUs"})
+                "with the gateway, whose API must stay responsive), 0 on GPUs; in [0, 19]",
+        "example": 5})
 
     def effective_engine_nice(self, kind: str) -> int:
         if self.engine_nice is not None:
@@ -206,7 +262,9 @@ class DevicesConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    api_keys: list[str] = field(default_factory=list, metadata={"help": "[] = no auth (loopback only)"})
+    api_keys: list[str] = field(default_factory=list, metadata={
+        "help": "accepted bearer keys, at least 8 characters each; each key sees only its own files "
+                "and batches; [] = no auth, and the server refuses to bind a non-loopback host"})
 
     def validate(self, where: str) -> None:
         if any(not isinstance(k, str) or len(k) < 8 for k in self.api_keys):
@@ -215,15 +273,22 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_file_bytes: int = 200 * 1024 * 1024
-    max_requests_per_batch: int = 50_000
-    completion_windows: list[str] = field(default_factory=lambda: ["24h"])
-    max_retries: int = field(default=2, metadata={"help": "re-runs of a request after engine death"})
+    max_file_bytes: int = field(default=200 * 1024 * 1024, metadata={
+        "help": "largest upload, in bytes (200 MiB); a larger one is refused"})
+    max_requests_per_batch: int = field(default=50_000, metadata={
+        "help": "most request lines in one batch's input file; more fail it as too_many_tasks"})
+    completion_windows: list[str] = field(default_factory=lambda: ["24h"], metadata={
+        "help": "the completion_window values a batch may ask for, like '24h' or '30m'; a batch "
+                "not done within it expires"})
+    max_retries: int = field(default=2, metadata={
+        "help": "times a request is re-run after its engine died under it; then it fails as "
+                "engine_failed; 0 = never re-run"})
     # Fixed, not derived from max_model_len: text at a 1M-token context is ~4-8 MB of JSON, but
     # base64 image parts carry no countable tokens and are what makes lines big; 16 MiB holds several
     # while bounding what validating one line holds to the 8 MiB read block plus this.
     max_line_bytes: int = field(default=16 * 1024 * 1024, metadata={
-        "help": "longest input line; a longer one is a `line_too_long` error, never read whole"})
+        "help": "longest input line, in bytes (16 MiB); a longer one is a `line_too_long` error, "
+                "never read whole"})
 
     def validate(self, where: str) -> None:
         if self.max_file_bytes <= 0 or self.max_requests_per_batch <= 0:
@@ -238,28 +303,39 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    strategy: str = field(default="samullm", metadata={"help": "samullm | sequential | even-split"})
-    top_k: int = 20
-    samples: int = field(default=8, metadata={"help": "output-length draws per estimate"})
-    seed: int = 0
+    strategy: str = field(default="samullm", metadata={
+        "help": f"how batches are planned, one of {' | '.join(STRATEGIES)} (the baselines: "
+                f"scheduler.baselines); a batch's metadata.strategy overrides it"})
+    top_k: int = field(default=20, metadata={
+        "help": "samullm search: partial stage groups kept after each model is added (by "
+                "throughput and by estimated makespan, top_k each); larger plans slower"})
+    samples: int = field(default=8, metadata={
+        "help": "`samullm plan`: output-length draws each strategy's schedule is replayed on for "
+                "the makespan's mean and spread (`--samples` overrides)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the output-length draws (plan n of a pool draws with [seed, n])"})
 
     def validate(self, where: str) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"{where}.strategy: one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
 
 
-STRATEGIES = ("samullm", "sequential", "even-split", "per-model-best", "muxserve-greedy")
-
-
 @dataclass(frozen=True)
 class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    models: list[ModelConfig] = field(default_factory=list)
-    devices: DevicesConfig = field(default_factory=DevicesConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    base_dir: Path = field(default=Path("."), metadata={"help": "relative paths resolve from here"})
+    server: ServerConfig = field(default_factory=ServerConfig, metadata={
+        "help": "the HTTP API and the state it keeps"})
+    models: list[ModelConfig] = field(default_factory=list, metadata={
+        "help": "the models batches may address, one [[models]] table each; [] = none"})
+    devices: DevicesConfig = field(default_factory=DevicesConfig, metadata={
+        "help": "the cores or GPUs engines run on"})
+    auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "who may call the API"})
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={
+        "help": "bounds on uploads, batches and retries"})
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={
+        "help": "how the pooled batches are planned"})
+    base_dir: Path = field(default=Path("."), metadata={
+        "help": "not a TOML key: the directory relative paths (`state_dir`, a model's `path`) "
+                "resolve from; the current directory when loaded from a file"})
 
     def validate(self) -> None:
         self.server.validate("server")
@@ -354,3 +430,86 @@ def load_config(path: str | Path) -> Config:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return parse_config(data, base_dir=Path("."))
+
+
+# -- the annotated config (`samullm serve --help-config`) -------------------------------------------
+
+HELP_WIDTH = 100
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def annotated_config() -> str:
+    """Every table and key of the config file as TOML, each key at its default after its help.
+
+    A key without a default (required in its table, or unset = None) is written commented out as
+    `#key = <example>`, as is every line of a table that is absent by default (`[[models]]`); help
+    lines start with `# `. So the uncommented text parses to the default config, and uncommenting
+    every `#key`/`#[table]` line gives a complete one with one example model."""
+    lines = ["# samullm configuration: every key at its default (`samullm serve --help-config`).",
+             "# `#key = value` lines are unset by default or required in their table, and show an example."]
+    _emit_table(Config, "", False, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _emit_table(cls: type, prefix: str, commented: bool, out: list[str]) -> None:
+    """`cls`'s keys, then its sub-tables; TOML needs a table's own keys before its sub-tables."""
+    hints = typing.get_type_hints(cls)
+    subtables: list[tuple[dataclasses.Field, type, bool]] = []
+    for f in dataclasses.fields(cls):
+        if f.name == "base_dir":
+            continue
+        tp = hints[f.name]
+        item = _dataclass_in(tp)
+        if item is not None:
+            subtables.append((f, item, typing.get_origin(tp) is list))
+            continue
+        value, unset = _shown_value(f)
+        out += _help_lines(f)
+        out.append(f"{'#' if commented or unset else ''}{f.name} = {_toml_value(value)}")
+    # arrays of tables last, as in conf/default.toml: the sections read first, the models after
+    for f, item, array in sorted(subtables, key=lambda t: t[2]):
+        name = f"{prefix}{f.name}"
+        # an array's default is empty and an optional table's is None: both are absent by default
+        absent = commented or array or f.default is None
+        out += ["", *_help_lines(f)]
+        out.append(("#" if absent else "") + (f"[[{name}]]" if array else f"[{name}]"))
+        _emit_table(item, f"{name}.", absent, out)
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass a field holds (`X`, `X | None` or `list[X]`), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    return args[0] if dataclasses.is_dataclass(args[0]) else None
+
+
+def _shown_value(f: dataclasses.Field) -> tuple[Any, bool]:
+    """(value to print, whether it is an example that stays commented out)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory(), False
+    if f.default is dataclasses.MISSING or f.default is None:
+        return f.metadata["example"], True
+    return f.default, False
+
+
+def _help_lines(f: dataclasses.Field) -> list[str]:
+    text = f.metadata["help"]
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        text += "; required"
+    return textwrap.wrap(text, HELP_WIDTH - 2, initial_indent="# ", subsequent_indent="# ",
+                         break_on_hyphens=False)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_toml_value, v)) + "]"
+    if isinstance(v, dict):
+        items = [f"{k if _BARE_KEY.fullmatch(k) else json.dumps(k)} = {_toml_value(x)}"
+                 for k, x in v.items()]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    raise TypeError(f"no TOML form for {v!r}")

@@ -43,11 +43,11 @@ from runtime.devices import discover_pool
 from runtime.dispatch import Slot, SlotState
 from runtime.engine import Launcher
 from runtime.executor_api import Outcome, OutcomeSink, WorkItem
-from runtime.lengths_store import load_length_model, save_length_model
+from runtime.persist import (alone_start_s, blend, load_length_model, load_start_times,
+                             save_length_model, save_start_times)
 from runtime.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
 from runtime.replan import EMBEDDINGS_URL, describe_stage, model_specs, plan_problem, running_plans
 from runtime.slots import EngineSlots, settle
-from runtime.start_times_store import alone_start_s, blend, load_start_times, save_start_times
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
 

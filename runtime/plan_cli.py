@@ -30,11 +30,10 @@ from gateway.tokens import TokenCounter
 from gateway.validation import CHAT, iter_lines, validate_file
 from runtime.config import Config, ConfigError, load_config
 from runtime.devices import planning_pool
-from runtime.lengths_store import load_length_model
+from runtime.persist import load_length_model, load_start_times
 from runtime.pool_state import Req
 from runtime.replan import model_specs, plan_problem, sample_work
 from runtime.spares import IMPORT_S_GUESS, spare_count
-from runtime.start_times_store import load_start_times
 from scheduler.planner import STRATEGIES, Planner
 from scheduler.types import DevicePool, Schedule
 from scheduler.workloads import makespan_stats

@@ -42,7 +42,7 @@ from pathlib import Path
 from runtime.config import Config, ConfigError, ModelConfig, load_config
 from runtime.devices import discover_pool, engine_device_kind
 from runtime.engine import Engine, EngineSpec, cpu_bind_string
-from runtime.profiles import save_profile
+from runtime.persist import save_profile
 from runtime.replan import model_specs
 from scheduler.calibration import CalibrationSet, fit_served_scales
 from scheduler.latency import IterationSample, Profile, fit_latency_model, relative_errors

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from runtime import profiles
+from runtime.persist import load_profile
 from runtime.config import Config
 from runtime.pool_state import Req
 from scheduler.gpu_profiles import gpu_latency_model
@@ -77,7 +77,7 @@ class LatencySource:
         for m in models:
             for tp in tp_degrees(pool):
                 for th in thread_counts(pool):
-                    prof = profiles.load_profile(state_dir, m, tp, pool.signature, th)
+                    prof = load_profile(state_dir, m, tp, pool.signature, th)
                     if prof is None:
                         continue
                     if th == 1:

@@ -9,7 +9,7 @@ import pytest
 
 from runtime.config import Config
 from runtime.profiler import Case, default_sweep, measure_iterations
-from runtime.profiles import load_profile, load_profiles, profile_path, save_profile
+from runtime.persist import load_profile, load_profiles, profile_path, save_profile
 from scheduler.latency import LatencyModel, Profile
 
 

@@ -11,7 +11,7 @@ import pytest
 from gateway.auth import check_bind
 from runtime.config import ConfigError
 from runtime.executor_api import Outcome
-from runtime.journal import Journal, load
+from gateway.journal import Journal, load
 
 
 def _o(i: int, ok: bool = True) -> Outcome:
@@ -87,7 +87,7 @@ class _FullDisk:
 async def test_failed_append_leaves_no_torn_record_in_the_middle(tmp_path, monkeypatch):
     """A partial write then ENOSPC: the append fails, the fragment is cut, and the next append
     (space back) is a whole record: both acknowledged records load (issue 12, item 1)."""
-    import runtime.journal as journal_mod
+    import gateway.journal as journal_mod
 
     path = tmp_path / "b.jsonl"
     j = Journal(path)

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from runtime.journal import journal_path
+from gateway.journal import journal_path
 
 from .conftest import chat_line, jsonl, poll, read_lines, running
 from .doubles import EchoExecutor

@@ -15,12 +15,12 @@ import httpx
 import pytest
 
 import gateway.batches as batches_mod
-import runtime.journal as journal_mod
+import gateway.journal as journal_mod
 from gateway.state_dir import StateDirError
 from runtime.config import parse_config
 from runtime.executor import PoolExecutor
 from runtime.executor_api import Outcome
-from runtime.journal import journal_path
+from gateway.journal import journal_path
 from scheduler.types import DevicePool
 from tests.gateway.conftest import (chat_line, held_batch, jsonl, plan_only_config, poll,
                                     read_lines, running)

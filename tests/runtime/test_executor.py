@@ -20,7 +20,7 @@ from runtime.config import Config, parse_config
 from runtime.executor import PoolExecutor
 from runtime.slots import INFLIGHT_FACTOR
 from runtime.executor_api import LineRef, Outcome, WorkItem
-from runtime.lengths_store import load_length_model
+from runtime.persist import load_length_model
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 from .fakes import FakeLauncher

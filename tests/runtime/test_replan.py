@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from runtime.executor_api import WorkItem
-from runtime.lengths_store import load_length_model, save_length_model
+from runtime.persist import load_length_model, save_length_model, save_profile
 from runtime.pool_state import Req, ReqState, TransitionError
-from runtime.profiles import save_profile
 from runtime.replan import DEFAULT_CPU_LOAD_S, LatencySource, running_plans, sample_work
 from scheduler.latency import LatencyModel, Profile, analytic_latency_model
 from scheduler.lengths import LengthModel

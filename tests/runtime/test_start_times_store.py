@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.start_times_store import FILENAME, blend, load_start_times, save_start_times
+from runtime.persist import START_TIMES_FILE as FILENAME, blend, load_start_times, save_start_times
 
 
 def test_round_trip_keeps_model_names_with_separators(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_pat
 def test_alone_start_round_trips_through_the_contention_factor() -> None:
     from scheduler.types import DevicePool
 
-    from runtime.start_times_store import alone_start_s
+    from runtime.persist import alone_start_s
 
     pool = DevicePool("cpu", (0, 1, 2), 1 << 30, start_contention=0.25)
     for n, measured in ((1, 30.0), (2, 37.5), (3, 45.0)):

@@ -1,0 +1,127 @@
+"""The runtime's small state files under the state dir, and the one way they are written.
+
+Every file is JSON written by `runtime.atomic.write_json_atomic` (temp file in the same directory,
+fsync, rename, fsync of the directory): a reader, or a restarted gateway, sees the old file or the new one, never half
+of one, and a failed write leaves no temp file. A missing or unreadable file gives the default (and a
+warning), never a failed start.
+
+- `lengths.json`: the learned output-length model (`scheduler.lengths.LengthModel`), saved at each
+  re-plan; without it the shipped prior.
+- `start_times.json`: "model|tp" -> seconds from spawning an engine to a healthy /health as if it had
+  started alone (`alone_start_s` divides a start measured while n engines started by the pool's
+  contention factor, which the planner multiplies in again), smoothed over the starts seen
+  (`blend`), so the planner's load cost comes from real runs, also right after a restart.
+- `profiles/<model>--tp<N>[-t<T>]--<device>.json`: measured latency profiles
+  (`scheduler.latency.Profile`), T = cores per rank on CPU (files without `-t` are T = 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from runtime.atomic import write_json_atomic
+from scheduler.latency import Profile
+from scheduler.lengths import LengthModel
+
+log = logging.getLogger(__name__)
+
+
+# --- learned output lengths ----------------------------------------------------------------
+LENGTHS_FILE = "lengths.json"
+
+
+def load_length_model(state_dir: Path) -> LengthModel:
+    path = Path(state_dir) / LENGTHS_FILE
+    try:
+        return LengthModel.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return LengthModel()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable length model %s (%s); starting from the prior", path, exc)
+        return LengthModel()
+
+
+def save_length_model(state_dir: Path, model: LengthModel) -> Path:
+    return write_json_atomic(Path(state_dir) / LENGTHS_FILE, model.to_dict())
+
+
+# --- measured engine start times ------------------------------------------------------------
+START_TIMES_FILE = "start_times.json"
+StartTimes = dict[tuple[str, int], float]
+
+
+def blend(old: float | None, new: float) -> float:
+    """Smoothed start time: starts vary with what else is starting, so one slow start moves the
+    estimate halfway, not all the way."""
+    return new if old is None else 0.5 * (old + new)
+
+
+def alone_start_s(measured_s: float, factor: float) -> float:
+    """The start an engine would have taken alone, from one measured while others started with it
+    (`factor` = `DevicePool.start_factor(n)` for the n engines starting at once, ≥ 1)."""
+    return measured_s / max(1.0, factor)
+
+
+def load_start_times(state_dir: Path) -> StartTimes:
+    path = Path(state_dir) / START_TIMES_FILE
+    try:
+        raw = json.loads(path.read_text())
+        out: StartTimes = {}
+        for key, seconds in raw.items():
+            model, _, tp = key.rpartition("|")
+            if model and float(seconds) > 0:
+                out[(model, int(tp))] = float(seconds)
+        return out
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable start times %s (%s)", path, exc)
+        return {}
+
+
+def save_start_times(state_dir: Path, times: StartTimes) -> Path:
+    return write_json_atomic(Path(state_dir) / START_TIMES_FILE,
+                             {f"{m}|{tp}": round(s, 3) for (m, tp), s in sorted(times.items())})
+
+
+# --- latency profiles ------------------------------------------------------------------------
+def profiles_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / "profiles"
+
+
+def profile_path(state_dir: str | Path, model: str, tp: int, device: str, threads: int = 1) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", model)
+    shape = f"tp{tp}" if threads == 1 else f"tp{tp}-t{threads}"
+    return profiles_dir(state_dir) / f"{safe}--{shape}--{device}.json"
+
+
+def save_profile(state_dir: str | Path, profile: Profile) -> Path:
+    return write_json_atomic(profile_path(state_dir, *profile.key), profile.to_dict(), indent=2,
+                             sort_keys=True)
+
+
+def load_profile(state_dir: str | Path, model: str, tp: int, device: str,
+                 threads: int = 1) -> Profile | None:
+    """The stored profile for the key, or None when none was measured (or the file is unreadable)."""
+    path = profile_path(state_dir, model, tp, device, threads)
+    try:
+        prof = Profile.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return prof if prof.threads == threads else None
+
+
+def load_profiles(state_dir: str | Path) -> dict[tuple, Profile]:
+    """Every readable profile under the state dir, by key."""
+    out: dict[tuple, Profile] = {}
+    d = profiles_dir(state_dir)
+    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            p = Profile.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        out[p.key] = p
+    return out
