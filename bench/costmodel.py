@@ -1,8 +1,8 @@
 """Cost-model accuracy on this machine: predicted vs measured time for a real engine to finish a set.
 
-For each (model, TP) case: profile the model (`runtime.profiler`, reused from the state dir when
+For each (model, TP) case: profile the model (`tools.profiler`, reused from the state dir when
 present), draw a request set from the real traces (`<data>/traces/`, lengths scaled to the model's
-context), run it on a real api_server engine (`runtime.engine.Engine`; prompts sent as token ids and
+context), run it on a real api_server engine (`runtime.engines.engine.Engine`; prompts sent as token ids and
 `ignore_eos` + `max_tokens` = the drawn output length, so prediction and measurement see the same
 lengths), and compare with `scheduler.simulator.simulate` under the profiled latency model, excluding
 and including engine start-up. The prediction adds the profile's cold-shape cost (a fresh engine's
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from runtime.config import Config, DevicesConfig, ModelConfig, ServerConfig
-from runtime.engine import Engine, EngineSpec
-from runtime.profiler import profile_model, read_steps
+from runtime.engines.engine import Engine, EngineSpec
+from tools.profiler import profile_model, read_steps
 from runtime.persist import load_profile
-from runtime.tinymodel import write_tiny_model
+from tools.tinymodel import write_tiny_model
 from scheduler.calibration import ServedCalibration
 from scheduler.latency import fit_latency_model
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
@@ -119,7 +119,7 @@ async def run_real(cfg: Config, name: str, tp: int, lengths: list[tuple[int, int
 def profile_matches(cfg: Config, name: str, meta: dict) -> bool:
     """A stored profile describes this bench's engines: same engine args (eager vs compiled) and
     engine-core step timing (profiles from before `timing` was recorded timed whole LLM steps),
-    calibrated against a served engine (`served_calibration`, see runtime.profiler)."""
+    calibrated against a served engine (`served_calibration`, see tools.profiler)."""
     m = cfg.model(name)
     assert m is not None
     return (meta.get("engine_args") == dict(m.engine_args) and meta.get("timing") == "core_s"

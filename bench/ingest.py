@@ -3,7 +3,7 @@
 Starts the gateway in its own process on loopback (engine-free executor holding every request, so only
 upload and validation are measured), writes the input file to a temp dir, streams it up with aiohttp, then
 creates a batch and times validation (create -> `in_progress`). Token counts use a real tiny model's
-tokenizer (`runtime.tinymodel.write_tiny_model`), as a served model would. Prints MB/s for upload and
+tokenizer (`tools.tinymodel.write_tiny_model`), as a served model would. Prints MB/s for upload and
 validation and the peak RSS growth of the gateway process (the file must never be held whole).
 
     .venv/bin/python bench/ingest.py [--mb 200] [--lines 50000]
@@ -105,7 +105,7 @@ def model_dir(root: Path) -> Path:
     cached = REPO / ".samullm" / "test-models" / "tiny-a"
     if (cached / "tokenizer.json").exists():
         return cached
-    from runtime.tinymodel import write_tiny_model
+    from tools.tinymodel import write_tiny_model
 
     return write_tiny_model(root / "tiny")
 

@@ -2,7 +2,7 @@
 batch executes on real tiny vLLM engines.
 
 Starts `samullm serve` as a subprocess with a temp state dir and a config whose model is a tiny
-random-weight model (`runtime.tinymodel.write_tiny_model`, reused from `.samullm/test-models/` when
+random-weight model (`tools.tinymodel.write_tiny_model`, reused from `.samullm/test-models/` when
 present), submits a long batch, waits until the engine produces output, then runs the clients and
 prints p50/p99 latency per endpoint and the error count. Stops the server with SIGTERM at the end.
 
@@ -37,7 +37,7 @@ def tiny_model(tmp: Path) -> Path:
     if (cached / "config.json").exists():
         return cached
     sys.path.insert(0, str(REPO))
-    from runtime.tinymodel import write_tiny_model
+    from tools.tinymodel import write_tiny_model
 
     return write_tiny_model(tmp / "tiny")
 

@@ -64,7 +64,7 @@ STRATEGIES = ("samullm", "sequential", "even-split")
 # setup: models, config, profiles
 
 def write_models(root: Path) -> dict[str, Path]:
-    from runtime.tinymodel import write_tiny_model
+    from tools.tinymodel import write_tiny_model
 
     out = {}
     for name, args in MODELS.items():
@@ -111,7 +111,7 @@ def ensure_profiles(cfg_path: Path, root: Path, models: list[str], quick: bool) 
                 continue
             # every shape is measured in full: the profiler's served calibration (scales, cold
             # costs) needs the engine it starts to time the start-up (`--no-start-time` skips both)
-            cmd = [sys.executable, "-m", "gateway.cli", "profile", "--config", str(cfg_path),
+            cmd = [sys.executable, "-m", "cli.main", "profile", "--config", str(cfg_path),
                    "--model", m, "--tp", str(tp), "--threads", str(th)] + (
                        ["--quick", "--repeats", "1"] if quick else [])
             print("$", " ".join(cmd[2:]), flush=True)
@@ -137,8 +137,8 @@ def refresh_start_times(cfg_path: Path, root: Path, models: list[str]) -> None:
     import asyncio
 
     from runtime.config import load_config
-    from runtime.engine import EngineSpec
-    from runtime.profiler import measure_start_time
+    from runtime.engines.engine import EngineSpec
+    from tools.profiler import measure_start_time
     from runtime.persist import load_profile, save_profile
 
     cfg = load_config(cfg_path)
@@ -182,7 +182,7 @@ def word_tokens(model_dir: Path) -> list[str]:
     """Words that are one token each with a leading space (so a prompt of k words is k tokens)."""
     from tokenizers import Tokenizer
 
-    from runtime.tinymodel import _WORDS
+    from tools.tinymodel import _WORDS
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     return [w for w in _WORDS if len(tok.encode(" " + w, add_special_tokens=False).ids) == 1]
@@ -242,7 +242,7 @@ def executor_events(log_path: Path) -> list[dict]:
             rec = json.loads(line)
         except ValueError:
             continue
-        if rec.get("logger") != "runtime.executor" or " {" not in rec.get("msg", ""):
+        if rec.get("logger") != "runtime.executor.executor" or " {" not in rec.get("msg", ""):
             continue
         kind, _, rest = rec["msg"].partition(" ")
         try:
@@ -265,7 +265,7 @@ def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, exp
     # one, and every strategy starts from the same length prior; the profiles are shared
     state = Path(tempfile.mkdtemp(prefix=f"state-{tag}-{strategy}-", dir=root / "runs"))
     (state / "profiles").symlink_to(root / "state" / "profiles")
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg_path),
+    cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(cfg_path),
            "--port", str(port), "--state-dir", str(state)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -310,7 +310,7 @@ def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, exp
 
 
 def wait_spares(port: int, deadline: float) -> tuple[float, float | None]:
-    """Wait until the gateway's spare engine processes (runtime.spares) are ready, as they are on a
+    """Wait until the gateway's spare engine processes (runtime.engines.spares) are ready, as they are on a
     gateway that has been up a while; seconds waited. A one-off CLI like run_batch has none: the
     README reports what this is worth (engine start with and without a spare). Returns the seconds
     waited and the CPU seconds of one import (what the planner charges a start without a spare)."""
@@ -351,9 +351,9 @@ def check_output(text: str, expected: list[dict], what: str) -> None:
 
 def run_batch_cmd(model: str, path: Path, inp: Path, out: Path, bind: str = "0-1"
                   ) -> tuple[list[str], dict]:
-    """Same engine args as the gateway's engines (runtime.engine.build_command), both cores."""
+    """Same engine args as the gateway's engines (runtime.engines.engine.build_command), both cores."""
     from runtime.config import ModelConfig
-    from runtime.engine import EngineSpec, build_command
+    from runtime.engines.engine import EngineSpec, build_command
 
     spec = EngineSpec(model=ModelConfig(name=model, path=str(path), max_model_len=MAX_MODEL_LEN,
                                         max_num_seqs=MAX_SEQS, max_num_batched_tokens=MAX_BATCHED,
@@ -414,7 +414,7 @@ def run_anchor(root: Path, paths: dict[str, Path], reqs: list[dict], tag: str, b
 # offline plan (why the planner chose what it chose)
 
 def offline_plan(cfg_path: Path, inp: Path) -> dict:
-    cmd = [sys.executable, "-m", "gateway.cli", "plan", str(inp), "--config", str(cfg_path), "--json"]
+    cmd = [sys.executable, "-m", "cli.main", "plan", str(inp), "--config", str(cfg_path), "--json"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if res.returncode != 0:
         return {"error": res.stderr[-500:]}

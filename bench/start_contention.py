@@ -2,7 +2,7 @@
 
 The planner charges each of n engines started in the same stage `load × (1 + β·(n − 1))`
 (`scheduler.contention`); this measures β for CPU pools. A start is the time from spawning the
-api_server (`runtime.engine.Engine`, as the executor launches it) to a healthy /health; the
+api_server (`runtime.engines.engine.Engine`, as the executor launches it) to a healthy /health; the
 concurrent engines get one core each (cores 0, 1, ...). β = (mean concurrent start / alone start
 − 1) / (n − 1). The load average is printed with the figures: other work on the machine slows
 starts too, and β is only meaningful against the load it was measured under.
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from runtime.config import ModelConfig
-from runtime.engine import Engine, EngineSpec
+from runtime.engines.engine import Engine, EngineSpec
 
 REPO = Path(__file__).resolve().parent.parent
 # the `small` test model (tests/conftest.py) with the makespan bench's engine limits
@@ -32,7 +32,7 @@ MAX_MODEL_LEN, MAX_SEQS, MAX_BATCHED, KV_GIB = 1024, 32, 1024, 0.25
 
 def ensure_model(path: Path) -> Path:
     if not (path / "config.json").exists():
-        from runtime.tinymodel import write_tiny_model
+        from tools.tinymodel import write_tiny_model
 
         write_tiny_model(path, **SMALL)
     return path

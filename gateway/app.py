@@ -74,29 +74,11 @@ ROUTES = [
 ]
 
 
-def default_executor(cfg: Config) -> Executor:
-    """The real executor on vLLM engines. Imported here so that building an app with a given
-    executor (tests, tools) never imports the engine stack."""
-    from runtime.devices import discover_pool
-    from runtime.engine import VllmLauncher, base_env
-    from runtime.executor import PoolExecutor
-    from runtime.planner_process import ProcessPlanner
-    from runtime.spares import SparePool, spare_count
-
-    # the planner in its own process: in a thread it would hold the GIL the event loop needs
-    planner = ProcessPlanner()
-    planner.warm_up()  # from this (the main) thread: the worker's parent-death signal is tied to it
-    pool = discover_pool(cfg)
-    n_spares = spare_count(cfg, pool)
-    spares = SparePool(n_spares, cfg.state_dir / "logs", base_env) if n_spares else None
-    launcher = VllmLauncher(spares=spares, state_dir=cfg.state_dir)  # state_dir: /dev/shm records
-    return PoolExecutor(cfg, launcher, planner=planner, pool=pool)
-
-
-def create_app(cfg: Config, executor: Executor | None = None, *,
+def create_app(cfg: Config, executor: Executor, *,
                clock: Callable[[], float] = time.time,
                expiry_interval_s: float = 5.0, lock: StateDirLock | None = None) -> web.Application:
-    """The gateway app. It owns `executor` (closes it on shutdown); None = the real one. `lock`:
+    """The gateway app. It owns `executor` (closes it on shutdown; `cli.serve` builds the real one).
+    `lock`:
     the state dir's lock when the caller took it already (`samullm serve`, before binding)."""
     app = web.Application(middlewares=[request_id_middleware, error_middleware,
                                        auth_middleware(cfg.auth.api_keys)],
@@ -111,7 +93,7 @@ def create_app(cfg: Config, executor: Executor | None = None, *,
             db = open_database(state_dir)
             store = FileStore(state_dir / "files")
             store.sweep(known=db.file_ids())  # before anything resumes
-            ex = executor if executor is not None else default_executor(cfg)
+            ex = executor
             gm = GatewayMetrics()
             service = BatchService(cfg, db, store, ex, gm, clock)
             gm.bind(db.count_by_status, service.queue_depth)

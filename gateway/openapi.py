@@ -9,6 +9,8 @@ views ignore them (like OpenAI's API), and a `purpose` or `order` outside its en
 
 from __future__ import annotations
 
+import copy
+
 from typing import Any
 
 from aiohttp import web
@@ -210,7 +212,7 @@ PATHS: dict[str, Any] = {
             "type": "object", "required": ["status"],
             "properties": {
                 "status": {"type": "string", "enum": ["ok"]},
-                # with real CPU engines: spare processes ready to become one (runtime.spares)
+                # with real CPU engines: spare processes ready to become one (runtime.engines.spares)
                 "spare_engines": {"type": "object", "required": ["ready", "target"],
                                   "properties": {"ready": {"type": "integer", "minimum": 0},
                                                  "target": {"type": "integer", "minimum": 0},
@@ -299,8 +301,6 @@ PATHS: dict[str, Any] = {
 
 def document(cfg: Config | None = None, server_url: str | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document (a fresh dict); with `cfg`, the allowed completion windows."""
-    import copy
-
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "samullm", "version": "0.1.0",

@@ -2,6 +2,9 @@
 
 Every section is validated on construction; errors name the offending key (`models[1].max_num_seqs`)
 so a user can fix the file without reading this module. Loading has no side effects.
+
+Long: one dataclass per config table with help text on every field, and the annotated-config
+printer that reads them; splitting the tables apart would scatter one schema.
 """
 
 from __future__ import annotations

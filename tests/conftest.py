@@ -29,7 +29,7 @@ TEST_MODELS: dict[str, dict] = {
 
 def ensure_test_model(name: str, args: dict, root: Path = MODELS_DIR) -> Path:
     """Build `root/name` with `write_tiny_model(**args)` unless an identical build is already there."""
-    from runtime.tinymodel import write_tiny_model
+    from tools.tinymodel import write_tiny_model
 
     root.mkdir(parents=True, exist_ok=True)
     target = root / name

@@ -59,7 +59,7 @@ def test_invalid_toml_is_reported(tmp_path: Path):
 
 
 def test_start_contention_sets_the_pool_and_bad_values_are_named(tmp_path: Path):
-    from runtime.devices import start_contention
+    from runtime.engines.devices import start_contention
     from scheduler.types import default_start_contention
 
     assert _load(tmp_path, "[devices]\nstart_contention = 0\n").devices.start_contention == 0.0
@@ -77,7 +77,7 @@ def test_start_contention_sets_the_pool_and_bad_values_are_named(tmp_path: Path)
 def test_max_threads_per_rank_sets_cpu_pools(tmp_path: Path):
     import os
 
-    from runtime.devices import discover_pool
+    from runtime.engines.devices import discover_pool
 
     cores = len(os.sched_getaffinity(0))
     assert discover_pool(_load(tmp_path, '[devices]\nkind = "cpu"\n')).max_threads == cores

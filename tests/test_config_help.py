@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from gateway.cli import main
+from cli.main import main
 from runtime import config as config_mod
 from runtime.config import Config, annotated_config, parse_config
 

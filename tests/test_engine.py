@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from runtime.config import Config, ModelConfig
-from runtime.devices import discover_pool
-from runtime.engine import (Engine, EngineError, EngineSpec, VllmLauncher, build_command, group_pids,
-                            shm_files)
+from runtime.engines.devices import discover_pool
+from runtime.engines.engine import (Engine, EngineError, EngineSpec, VllmLauncher, build_command,
+                                    shm_files)
+from runtime.engines.procs import group_pids
 
 pytestmark = pytest.mark.engine
 aio = pytest.mark.asyncio(loop_scope="session")
@@ -145,8 +146,8 @@ async def test_engine_starts_in_a_spare_process(test_config: Config, tmp_path: P
     """A ready spare (vLLM's API server imported) becomes the engine: it serves, keeps to its core
     and niceness like a spawned engine, is replaced once the engine is up, and nothing of either
     is left after stop/close."""
-    from runtime.engine import base_env
-    from runtime.spares import SparePool
+    from runtime.engines.engine import base_env
+    from runtime.engines.spares import SparePool
 
     pool = SparePool(1, tmp_path / "spares", base_env)
     launcher = VllmLauncher(spares=pool)
@@ -217,7 +218,7 @@ CHILD = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
     from runtime.config import ModelConfig
-    from runtime.engine import Engine, EngineSpec
+    from runtime.engines.engine import Engine, EngineSpec
     async def main():
         m = ModelConfig(name="tiny-a", path=sys.argv[1], max_model_len=512, max_num_seqs=4,
                         max_num_batched_tokens=512, engine_args={"enforce_eager": True})

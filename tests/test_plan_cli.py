@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from gateway.cli import main
+from cli.main import main
 
 CPU_CONF = """
 [server]
@@ -124,7 +124,7 @@ async def test_plan_predicts_what_serve_plans(tmp_path, capsys):
     """`samullm plan` and the `plan` event of a batch submitted to an idle gateway predict the same
     makespan for the same input file, config and state dir (the house issue)."""
     from runtime.config import load_config
-    from runtime.executor import PoolExecutor
+    from runtime.executor.executor import PoolExecutor
     from tests.gateway.conftest import poll, running
     from tests.runtime.fakes import FakeLauncher
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runtime.config import Config
-from runtime.profiler import Case, default_sweep, measure_iterations
+from tools.profiler import Case, default_sweep, measure_iterations
 from runtime.persist import load_profile, load_profiles, profile_path, save_profile
 from scheduler.latency import LatencyModel, Profile
 
@@ -54,7 +54,7 @@ def test_measured_steps_account_for_all_work(test_config: Config, tmp_path: Path
 
 
 def test_calibration_sets_are_distinct_shapes_within_limits():
-    from runtime.profiler import calibration_sets
+    from tools.profiler import calibration_sets
 
     for mml, seqs, budget in ((1024, 32, 1024), (256, 8, 256), (64, 4, 64)):
         sets = dict(calibration_sets(seqs, mml, budget))

@@ -6,8 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from gateway.cli import main as cli_main
-from runtime.tinymodel import BOS, EOS, write_tiny_model
+from cli.main import main as cli_main
+from tools.tinymodel import BOS, EOS, write_tiny_model
 
 
 def _digests(d: Path) -> dict[str, str]:

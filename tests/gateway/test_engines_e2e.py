@@ -11,7 +11,7 @@ import shutil
 import pytest
 import pytest_asyncio
 
-from gateway.app import default_executor
+from cli.serve import default_executor
 from runtime.config import ModelConfig
 
 from .conftest import chat_line, jsonl, poll, read_lines, running

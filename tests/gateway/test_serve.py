@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from gateway.cli import main
-from gateway.serve import apply_overrides, make_demo_models
+from cli.main import main
+from cli.serve import apply_overrides, make_demo_models
 from runtime.config import parse_config
 
 

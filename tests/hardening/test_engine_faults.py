@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from runtime.engine import group_pids, proc_stats
-from runtime.shm import shm_names, still_present
+from runtime.engines.procs import group_pids, proc_stats
+from runtime.engines.shm import shm_names, still_present
 from tests.hardening.test_faults import CHAT, REPO, Proc, free_port, get, lines, wait_for
 
 pytestmark = pytest.mark.engine

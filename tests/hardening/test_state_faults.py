@@ -18,7 +18,7 @@ import gateway.batches as batches_mod
 import gateway.journal as journal_mod
 from gateway.state_dir import StateDirError
 from runtime.config import parse_config
-from runtime.executor import PoolExecutor
+from runtime.executor.executor import PoolExecutor
 from runtime.executor_api import Outcome
 from gateway.journal import journal_path
 from scheduler.types import DevicePool

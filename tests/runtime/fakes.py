@@ -8,7 +8,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engine import EngineDied, EngineError, EngineSpec
+from runtime.engines.engine import EngineDied, EngineError, EngineSpec
 
 
 class FakeEngine:

@@ -1,4 +1,4 @@
-"""A stand-in for `runtime.engine_spare` (no vLLM): says "ready" after SPARE_DOUBLE_DELAY seconds,
+"""A stand-in for `runtime.engines.spare_child` (no vLLM): says "ready" after SPARE_DOUBLE_DELAY seconds,
 then writes the command line it receives to its `log` and stays up until killed (as a serving
 engine would). Exits at once when SPARE_DOUBLE_FAIL is set (an import that fails); with
 SPARE_DOUBLE_SPIN it first spins that many CPU seconds (an import's CPU time)."""

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from runtime.engine import _child_setup
+from runtime.engines.engine import _child_setup
 from scheduler.types import DevicePool
 from tests.runtime.fakes import FakeLauncher
 from tests.runtime.test_executor import items, make_cfg, run_once

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 
 from runtime.config import Config, parse_config
-from runtime.executor import PoolExecutor
-from runtime.slots import INFLIGHT_FACTOR
+from runtime.executor.executor import PoolExecutor
+from runtime.executor.slots import INFLIGHT_FACTOR
 from runtime.executor_api import LineRef, Outcome, WorkItem
 from runtime.persist import load_length_model
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
@@ -242,7 +242,7 @@ async def test_client_errors_are_per_request_and_not_retried(run, launcher: Fake
 
 
 async def test_server_errors_wait_for_the_process_to_tell_death(run, launcher, monkeypatch) -> None:
-    monkeypatch.setattr("runtime.dispatch.DEATH_GRACE_S", 0.3)
+    monkeypatch.setattr("runtime.executor.dispatch.DEATH_GRACE_S", 0.3)
     ex = await run(devices=1)
     ex.submit("x", items("a", 3) + items("a", 1, prefix="e", fail_with=500), sink := Sink())
     await asyncio.wait_for(ex.wait("x"), 30)
@@ -257,7 +257,7 @@ async def test_server_errors_wait_for_the_process_to_tell_death(run, launcher, m
 
 
 async def test_a_dropped_connection_to_a_live_engine_is_retried(run, launcher, monkeypatch) -> None:
-    monkeypatch.setattr("runtime.dispatch.DEATH_GRACE_S", 0.2)
+    monkeypatch.setattr("runtime.executor.dispatch.DEATH_GRACE_S", 0.2)
     ex = await run(devices=1)
     ex.submit("x", items("a", 2) + items("a", 1, prefix="o", fail_with="drop_live_once")
               + items("a", 1, prefix="l", fail_with="drop_live"), sink := Sink())
@@ -447,7 +447,7 @@ async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp
         return Schedule(strategy, [Stage([plan], 0.0, 1.0)], 1.0)
 
     launcher.delay_s["a"] = 0.2
-    monkeypatch.setattr("runtime.executor.ARRIVAL_PASS_INTERVAL_S", 0.0)  # y's arrival re-plans now
+    monkeypatch.setattr("runtime.executor.executor.ARRIVAL_PASS_INTERVAL_S", 0.0)  # y's arrival re-plans now
     cfg = make_cfg(tmp_path)
     ex = PoolExecutor(cfg, launcher, planner=scripted,
                       pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))

@@ -16,8 +16,9 @@ import pytest
 import pytest_asyncio
 
 from runtime.config import Config
-from runtime.engine import Engine, EngineSpec, VllmLauncher, group_pids
-from runtime.executor import PoolExecutor
+from runtime.engines.engine import Engine, EngineSpec, VllmLauncher
+from runtime.engines.procs import group_pids
+from runtime.executor.executor import PoolExecutor
 from runtime.executor_api import Outcome, WorkItem
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]

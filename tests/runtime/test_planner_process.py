@@ -10,8 +10,8 @@ import signal
 import numpy as np
 import pytest
 
-from runtime.planner_process import ProcessPlanner
-from runtime.replan import KvBytes, LatencySource, build_problem
+from runtime.executor.planner_process import ProcessPlanner
+from runtime.executor.planning import KvBytes, LatencySource, build_problem
 from scheduler.planner import plan
 from scheduler.types import DevicePool, ModelSpec, SimRequest
 from tests.runtime.test_executor import Sink, items, make_cfg
@@ -66,7 +66,7 @@ def test_the_worker_dies_with_its_parent(tmp_path) -> None:
     import sys
     import time
 
-    code = ("from runtime.planner_process import ProcessPlanner; import time; "
+    code = ("from runtime.executor.planner_process import ProcessPlanner; import time; "
             "print(ProcessPlanner().warm_up(), flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -90,7 +90,7 @@ def test_planning_errors_come_back_as_themselves(tmp_path, planner) -> None:
 
 
 async def test_executor_plans_through_the_process(tmp_path, planner) -> None:
-    from runtime.executor import PoolExecutor
+    from runtime.executor.executor import PoolExecutor
 
     launcher = FakeLauncher(delay_s={"a": 0.01, "b": 0.01})
     cfg = make_cfg(tmp_path)

@@ -7,8 +7,8 @@ import pytest
 
 from runtime.executor_api import WorkItem
 from runtime.persist import load_length_model, save_length_model, save_profile
-from runtime.pool_state import Req, ReqState, TransitionError
-from runtime.replan import DEFAULT_CPU_LOAD_S, LatencySource, running_plans, sample_work
+from runtime.executor.pool_state import Req, ReqState, TransitionError
+from runtime.executor.planning import DEFAULT_CPU_LOAD_S, LatencySource, running_plans, sample_work
 from scheduler.latency import LatencyModel, Profile, analytic_latency_model
 from scheduler.lengths import LengthModel
 from scheduler.types import DevicePool, ModelSpec
@@ -76,7 +76,7 @@ def test_length_model_store_round_trip_and_corruption(tmp_path) -> None:
 
 
 def test_a_profiles_cold_start_cost_is_charged_with_the_start(tmp_path) -> None:
-    from runtime.replan import cold_start_s
+    from runtime.executor.planning import cold_start_s
 
     pool = DevicePool("cpu", (0, 1), 1 << 28)
     lat = LatencyModel(1e-3, 2e-5, 0.0, 1e-7, 1e-4, load_time_s=30.0)
@@ -98,7 +98,7 @@ def test_build_problem_carries_the_spares_and_latency_no_longer_adds_the_import(
     latency = LatencySource({}, "cpu", {("a", 1): 15.0})
     assert latency(SPEC, 1).load_time_s == 15.0
     assert LatencySource({}, "cpu", {})(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S
-    from runtime.replan import build_problem
+    from runtime.executor.planning import build_problem
     from scheduler.types import SimRequest
     from tests.runtime.test_executor import make_cfg
 

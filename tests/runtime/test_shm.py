@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import shm
+from runtime.engines import shm
 from runtime.config import ModelConfig
-from runtime.engine import EngineSpec, VllmLauncher, group_pids
+from runtime.engines.engine import EngineSpec, VllmLauncher
+from runtime.engines.procs import group_pids
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SHM = Path("/dev/shm")
@@ -152,7 +153,7 @@ def fake_engine(names, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     dir tmp_path whose "python" runs the guard for real and FAKE_ENGINE in place of vLLM."""
     python = tmp_path / "python"
     real = sys.executable
-    python.write_text(f'#!/bin/sh\nif [ "$2" = runtime.engine_guard ]; then exec {real} "$@"; fi\n'
+    python.write_text(f'#!/bin/sh\nif [ "$2" = runtime.engines.guard ]; then exec {real} "$@"; fi\n'
                       f'exec {real} -c "$FAKE_ENGINE" "$@"\n')
     python.chmod(0o755)
     a, b = names("map"), names("sem")
@@ -192,12 +193,12 @@ async def test_stopped_engine_leaves_no_names_and_no_record(fake_engine, tmp_pat
     assert not list((tmp_path / "engines").glob("shm-*.json"))
 
 
-# A gateway (this child) starts the guard the way runtime.engine does, prints the guard's pid and
+# A gateway (this child) starts the guard the way runtime.engines.engine does, prints the guard's pid and
 # waits; the guard's command is a holder. SIGKILLing this child is the gateway's SIGKILL.
 GATEWAY = textwrap.dedent("""
     import subprocess, sys, time
-    from runtime.engine import _child_setup
-    g = subprocess.Popen([sys.executable, "-m", "runtime.engine_guard", sys.executable, "-c",
+    from runtime.engines.engine import _child_setup
+    g = subprocess.Popen([sys.executable, "-m", "runtime.engines.guard", sys.executable, "-c",
                           *sys.argv[1:]], start_new_session=True, preexec_fn=_child_setup(0))
     print(g.pid, flush=True)
     time.sleep(600)

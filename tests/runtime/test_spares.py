@@ -8,9 +8,9 @@ import json
 import os
 import sys
 
-from runtime.engine import group_pids
-from runtime.engine_spare import SPARE_NICE
-from runtime.spares import SparePool
+from runtime.engines.procs import group_pids
+from runtime.engines.spare_child import SPARE_NICE
+from runtime.engines.spares import SparePool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,7 +52,7 @@ async def test_take_hands_out_only_ready_spares_and_refill_replaces_them(tmp_pat
 
 
 async def test_the_planner_is_told_each_spares_import_left_in_cpu_seconds(tmp_path) -> None:
-    from runtime.spares import IMPORT_S_GUESS
+    from runtime.engines.spares import IMPORT_S_GUESS
 
     pool = _pool(tmp_path, 2, SPARE_DOUBLE_SPIN="0.4", SPARE_DOUBLE_DELAY="0.5")
     assert pool.import_left() == (IMPORT_S_GUESS, IMPORT_S_GUESS)  # none spawned yet

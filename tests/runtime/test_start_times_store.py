@@ -36,8 +36,8 @@ async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_pat
     not the profile's or the default."""
     import asyncio
 
-    from runtime.executor import PoolExecutor
-    from runtime.replan import DEFAULT_CPU_LOAD_S
+    from runtime.executor.executor import PoolExecutor
+    from runtime.executor.planning import DEFAULT_CPU_LOAD_S
     from scheduler.planner import plan
     from scheduler.types import DevicePool
 

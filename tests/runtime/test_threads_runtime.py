@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.engine import EngineSpec, build_command, cpu_bind_string
+from runtime.engines.engine import EngineSpec, build_command, cpu_bind_string
 from runtime.persist import load_profile, load_profiles, profile_path, save_profile
-from runtime.replan import LatencySource, describe_stage, running_plans, stage_replicas
+from runtime.executor.planning import LatencySource, describe_stage, running_plans, stage_replicas
 from scheduler.latency import LatencyModel, Profile, assumed_threads_latency
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, Stage
 

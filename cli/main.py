@@ -1,7 +1,7 @@
 """`samullm` console script. Subcommand names are fixed: other tools call them.
 
 Each subcommand lives in its own module; heavy imports (vLLM, torch, transformers) happen only inside
-the subcommand that needs them, so `samullm plan` runs on a machine without an engine.
+the functions that need them, so `samullm plan` runs on a machine without an engine.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cli.plan import add_plan_args, plan_main
+from cli.serve import serve_main
 from runtime.config import ConfigError, annotated_config
-from runtime.plan_cli import add_plan_args
-from runtime.profiler import add_profile_args
+from tools.profiler import add_profile_args, profile_main
+from tools.tinymodel import tiny_model_main
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +33,6 @@ def _serve(args: argparse.Namespace) -> int:
     if args.help_config:
         print(annotated_config(), end="")
         return 0
-    from gateway.serve import serve_main
-
     return serve_main(args)
 
 
@@ -47,37 +47,19 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--max-position", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_tiny_model)
-
-
-def _tiny_model(args: argparse.Namespace) -> int:
-    from runtime.tinymodel import tiny_model_main
-
-    return tiny_model_main(args)
+    p.set_defaults(func=tiny_model_main)
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="predict stages and makespan of a batch input for each strategy")
-    p.set_defaults(func=_plan)
+    p.set_defaults(func=plan_main)
     add_plan_args(p)
-
-
-def _plan(args: argparse.Namespace) -> int:
-    from runtime.plan_cli import plan_main
-
-    return plan_main(args)
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure a model's per-iteration latency on this machine")
-    p.set_defaults(func=_profile)
+    p.set_defaults(func=profile_main)
     add_profile_args(p)
-
-
-def _profile(args: argparse.Namespace) -> int:
-    from runtime.profiler import profile_main
-
-    return profile_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

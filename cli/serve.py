@@ -20,7 +20,13 @@ from gateway.auth import check_bind
 from gateway.logs import setup_logging
 from gateway.state_dir import StateDirError, StateDirLock
 from runtime.config import Config, load_config
-from runtime.devices import discover_pool
+from runtime.engines.devices import discover_pool
+from runtime.engines.engine import VllmLauncher, base_env
+from runtime.engines.spares import SparePool, spare_count
+from runtime.executor.executor import PoolExecutor
+from runtime.executor.planner_process import ProcessPlanner
+from runtime.executor_api import Executor
+from tools.tinymodel import write_tiny_model
 
 log = logging.getLogger("samullm.serve")
 
@@ -39,8 +45,6 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
 
 def make_demo_models(cfg: Config) -> list[Path]:
     """Write each configured model that has a `demo` table and no weights on disk yet."""
-    from runtime.tinymodel import write_tiny_model  # torch/safetensors: only when asked
-
     written = []
     for m in cfg.models:
         path = m.resolved_path(cfg.base_dir)
@@ -53,6 +57,18 @@ def make_demo_models(cfg: Config) -> list[Path]:
                          max_position=max(4096, m.max_model_len))
         written.append(path)
     return written
+
+def default_executor(cfg: Config) -> Executor:
+    """The real executor on vLLM engines (the composition root: the gateway never imports the
+    engine stack; tests hand `create_app` a double)."""
+    # the planner in its own process: in a thread it would hold the GIL the event loop needs
+    planner = ProcessPlanner()
+    planner.warm_up()  # from this (the main) thread: the worker's parent-death signal is tied to it
+    pool = discover_pool(cfg)
+    n_spares = spare_count(cfg, pool)
+    spares = SparePool(n_spares, cfg.state_dir / "logs", base_env) if n_spares else None
+    launcher = VllmLauncher(spares=spares, state_dir=cfg.state_dir)  # state_dir: /dev/shm records
+    return PoolExecutor(cfg, launcher, planner=planner, pool=pool)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -79,13 +95,11 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"model {m.name}: {path if path is not None else 'plan only'}")
     print(f"devices: {pool.kind} {list(pool.ids)}")
     if pool.kind == "cpu":
-        from runtime.spares import spare_count
-
         print(f"cpu engines: confined to their cores: {cfg.devices.confine_cpu_engines}; "
               f"spare engine processes: {spare_count(cfg, pool)}")
     print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
     try:
-        web.run_app(create_app(cfg, lock=lock), sock=sock, print=None, handle_signals=True,
+        web.run_app(create_app(cfg, default_executor(cfg), lock=lock), sock=sock, print=None, handle_signals=True,
                     access_log=None)  # gateway.logs writes access lines
     except StateDirError as exc:
         print(f"samullm: {exc}", file=sys.stderr)
@@ -94,8 +108,3 @@ def serve_main(args: argparse.Namespace) -> int:
         lock.release()
     return 0
 
-
-if __name__ == "__main__":
-    from gateway.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -2,14 +2,14 @@
 
 One control task owns every engine start and stop. Events (a batch submitted, a model's queue drained,
 an engine died or failed to start, a cancel) are coalesced into *passes*; each pass builds a planning
-problem from the observed state (`runtime.replan`), calls the planner and applies only the FIRST stage
+problem from the observed state (`runtime.executor.planning`), calls the planner and applies only the FIRST stage
 of the returned schedule: engines whose (model, tp, devices) are unchanged keep running, the others are
 stopped (their in-flight requests go back to the queue and are re-run from scratch), the new ones start
-concurrently (`runtime.slots`). Later stages are re-decided at the next event, with what has been
+concurrently (`runtime.executor.slots`). Later stages are re-decided at the next event, with what has been
 learned since. Pools: batches of one strategy are planned together; batches of another strategy wait
-for the pool ahead of them (FIFO by submission, `runtime.pool_state`).
+for the pool ahead of them (FIFO by submission, `runtime.executor.pool_state`).
 
-Each engine replica pulls from its model's shared queue (`runtime.dispatch`). A request is done once
+Each engine replica pulls from its model's shared queue (`runtime.executor.dispatch`). A request is done once
 its batch's sink returned; its output length then updates the `LengthModel`, which is saved under the
 state dir at each re-plan and survives restarts (`runtime.lengths_store`).
 
@@ -26,6 +26,10 @@ that fails to start turns every queued request of its model into an `engine_star
 planner cannot place at all gets `planning_failed` errors. Events of each batch (plans with their
 reasons and predicted makespan, engine start/started/stop/failed, model finished, ...) are kept for
 `events(batch_id)` and logged.
+
+Long: the executor's control loop and every event it reacts to (submit, cancel, engine
+started/failed/died, storage stalls) in one place, so their ordering can be read together; slots,
+dispatch, request state and planning live in their own modules.
 """
 
 from __future__ import annotations
@@ -39,15 +43,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from runtime.config import STRATEGIES, Config
-from runtime.devices import discover_pool
-from runtime.dispatch import Slot, SlotState
-from runtime.engine import Launcher
+from runtime.engines.devices import discover_pool
+from runtime.executor.dispatch import Slot, SlotState
+from runtime.engines.engine import Launcher
 from runtime.executor_api import Outcome, OutcomeSink, WorkItem
 from runtime.persist import (alone_start_s, blend, load_length_model, load_start_times,
                              save_length_model, save_start_times)
-from runtime.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
-from runtime.replan import EMBEDDINGS_URL, describe_stage, model_specs, plan_problem, running_plans
-from runtime.slots import EngineSlots, settle
+from runtime.executor.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
+from runtime.executor.planning import EMBEDDINGS_URL, describe_stage, model_specs, plan_problem, running_plans
+from runtime.executor.slots import EngineSlots, settle
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
 
@@ -109,7 +113,7 @@ class PoolExecutor(EngineSlots):
     async def start(self) -> None:
         if self.pool is None:
             self.pool = discover_pool(self.cfg)
-        starting = getattr(self.launcher, "start", None)  # spare engine processes (runtime.spares)
+        starting = getattr(self.launcher, "start", None)  # spare engine processes (runtime.engines.spares)
         if starting is not None:
             await starting()
         self._control = asyncio.create_task(self._control_loop(), name="executor-control")
@@ -198,7 +202,7 @@ class PoolExecutor(EngineSlots):
                 waiter.set_result(None)
 
     def _spares(self) -> Any:
-        return getattr(self.launcher, "spares", None)  # runtime.spares.SparePool, when configured
+        return getattr(self.launcher, "spares", None)  # runtime.engines.spares.SparePool, when configured
 
     def _spare_state(self) -> tuple[tuple[float, ...] | None, float]:
         """For the planner: per spare engine process, the import it has left (0: ready; None: the

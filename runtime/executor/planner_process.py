@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from runtime.engine import set_pdeathsig
+from runtime.engines.procs import set_pdeathsig
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import Schedule
 
@@ -38,7 +38,6 @@ def _init_worker() -> None:
     # Planning is background work: when cores are short (engines busy, CPU node) the gateway's
     # event loop must win the core, or every API call waits behind a re-plan.
     os.nice(WORKER_NICE)
-    import scheduler.planner  # noqa: F401
 
 
 def _ping() -> int:

@@ -1,11 +1,11 @@
 """Spare engine processes (parent side): interpreters that have imported vLLM's API server already, so
-that an engine start skips that import (~7 s of a ~21 s CPU start here; see `runtime.engine_spare`
+that an engine start skips that import (~7 s of a ~21 s CPU start here; see `runtime.engines.spare_child`
 for why only that one of the three imports can be skipped, and for the protocol).
 
 `SparePool(size)` keeps up to `size` spares. `take()` hands out one that is ready (imported, alive) or
 None; `refill()` (the launcher calls it once that engine is up) starts replacements; a spare that is not ready yet is never handed out (it waits at
 nice 19 and would import slowly on a busy machine). Each spare leads its own process group through
-`runtime.engine_guard`, like an engine, so a killed gateway takes its spares down too, and `close()`
+`runtime.engines.guard`, like an engine, so a killed gateway takes its spares down too, and `close()`
 stops them. Spares exist only for CPU engines: on GPUs the API server's import decides things
 (CUDA_VISIBLE_DEVICES, the platform) that this has not been tested with.
 """
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from runtime.engine_spare import API_SERVER, SPARE_NICE
+from runtime.engines.procs import group_cpu_s, set_autogroup_nice, set_pdeathsig
+from runtime.engines.spare_child import API_SERVER, SPARE_NICE
 
 if TYPE_CHECKING:
     from runtime.config import Config
@@ -44,15 +45,13 @@ def spare_count(cfg: "Config", pool: "DevicePool") -> int:
 
 
 def _spare_setup() -> None:
-    from runtime.engine import set_autogroup_nice, set_pdeathsig
-
     set_pdeathsig()
     os.nice(SPARE_NICE)
     set_autogroup_nice(SPARE_NICE)  # a session leader here (start_new_session)
 
 
 class Spare:
-    """One spare process: `python -m runtime.engine_guard python -m runtime.engine_spare`."""
+    """One spare process: `python -m runtime.engines.guard python -m runtime.engines.spare_child`."""
 
     def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
         self.proc = proc
@@ -70,8 +69,6 @@ class Spare:
             self.ready.set()
 
     def cpu_s(self) -> float:
-        from runtime.engine import group_cpu_s
-
         return group_cpu_s(self.pid)
 
     def import_left_s(self, import_s: float) -> float:
@@ -89,7 +86,7 @@ class Spare:
     async def adopt(self, cmd: list[str], env: dict[str, str], cores: tuple[int, ...], nice: int,
                     log_path: Path) -> asyncio.subprocess.Process:
         """Turn the spare into the engine `cmd` (an api_server command line from
-        `runtime.engine.build_command`) at the absolute niceness `nice`; returns its process (the
+        `runtime.engines.engine.build_command`) at the absolute niceness `nice`; returns its process (the
         group leader, as a spawn's)."""
         argv = cmd[cmd.index(API_SERVER) + 1:]
         msg = {"argv": argv, "env": env, "cores": list(cores), "nice": nice, "log": str(log_path)}
@@ -120,7 +117,7 @@ class Spare:
 
 class SparePool:
     def __init__(self, size: int, log_dir: Path, env: Callable[[], dict[str, str]],
-                 python: str = sys.executable, module: str = "runtime.engine_spare") -> None:
+                 python: str = sys.executable, module: str = "runtime.engines.spare_child") -> None:
         self.size = size
         self.module = module  # the child's `python -m` module (tests put a double here)
         self.log_dir = log_dir
@@ -160,7 +157,7 @@ class SparePool:
             log_path = self.log_dir / f"spare-{os.getpid()}-{self._n}.log"
             with open(log_path, "ab") as logf:
                 proc = await asyncio.create_subprocess_exec(
-                    self.python, "-m", "runtime.engine_guard", self.python, "-m",
+                    self.python, "-m", "runtime.engines.guard", self.python, "-m",
                     self.module, env=self._env(), stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE, stderr=logf, start_new_session=True,
                     preexec_fn=_spare_setup)

@@ -9,19 +9,23 @@ Process hygiene (the invariant the tests check): each engine runs in its own ses
 `stop()` SIGTERMs the group (vLLM then shuts its engine-core and worker processes down and Python's
 resource tracker, one of the group, unlinks their shared memory), SIGKILLs whatever is left after
 the timeout and unlinks the `/dev/shm` names the group had mapped or open. The group leader is
-`runtime.engine_guard` (PR_SET_PDEATHSIG + parent watch): a SIGKILLed parent still takes its engines
+`runtime.engines.guard` (PR_SET_PDEATHSIG + parent watch): a SIGKILLed parent still takes its engines
 down, even mid-start, and the guard unlinks what its group left in /dev/shm; an atexit hook stops
 engines left running at interpreter exit. Should the guard be killed too, the names stay: so once an
-engine is up, the names it holds are recorded under the launcher's state dir (`runtime.shm`), the
+engine is up, the names it holds are recorded under the launcher's state dir (`runtime.engines.shm`), the
 record is dropped when it has stopped, and a restarted gateway's `VllmLauncher.start()` clears what
 the records of its predecessor still name.
+
+Long: one engine process's whole life (command line, spawn in a spare or fresh, health, stop,
+reap, /dev/shm records) and the launcher that makes them; the process helpers already live in
+`runtime.engines.procs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import ctypes
+import json
 import logging
 import os
 import signal
@@ -37,13 +41,13 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import aiohttp
 
 from runtime.config import ModelConfig
-from runtime.shm import RECORD_DIR, SHM_DIR, clear_records, clear_unused, save_record, shm_names
+from runtime.engines.procs import group_pids, set_autogroup_nice, set_pdeathsig
+from runtime.engines.shm import RECORD_DIR, SHM_DIR, clear_records, clear_unused, save_record, shm_names
 
 if TYPE_CHECKING:
-    from runtime.spares import Spare, SparePool
+    from runtime.engines.spares import Spare, SparePool
 
 log = logging.getLogger(__name__)
-PR_SET_PDEATHSIG = 1
 HEALTH_POLL_S = 0.5
 LOG_TAIL_BYTES = 6000
 
@@ -112,8 +116,6 @@ def _flag(key: str, value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [name, *map(str, value)]
     if isinstance(value, dict):
-        import json
-
         return [name, json.dumps(value)]
     return [name, str(value)]
 
@@ -146,8 +148,8 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> 
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
         args["gpu_memory_utilization"] = spec.gpu_memory_utilization
     args.update(m.engine_args)  # the config's extra args win
-    # runtime.engine_guard leads the process group and takes it down if this process dies.
-    cmd = [python, "-m", "runtime.engine_guard", python, "-m", "vllm.entrypoints.openai.api_server"]
+    # runtime.engines.guard leads the process group and takes it down if this process dies.
+    cmd = [python, "-m", "runtime.engines.guard", python, "-m", "vllm.entrypoints.openai.api_server"]
     for key, value in args.items():
         if value is not None:
             cmd += _flag(key, value)
@@ -156,7 +158,7 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> 
 
 def base_env() -> dict[str, str]:
     """The environment every engine gets, before its per-engine keys (devices); a spare engine
-    process (`runtime.spares`) is started with it."""
+    process (`runtime.engines.spares`) is started with it."""
     env = dict(os.environ)
     env.update({
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
@@ -174,15 +176,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def set_pdeathsig() -> None:
-    """SIGTERM this process when its parent dies (engine children between fork and exec, the
-    planner worker at start)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
-
 def _child_setup(nice: int, cores: tuple[int, ...] = ()) -> Callable[[], None]:
     """preexec_fn for an engine: parent-death signal, then the niceness and the CPU affinity every
     process of the engine inherits (the engine is throughput work; the gateway's event loop must win
@@ -197,54 +190,8 @@ def _child_setup(nice: int, cores: tuple[int, ...] = ()) -> Callable[[], None]:
     return setup
 
 
-def set_autogroup_nice(nice: int) -> None:
-    """Give this process's autogroup the niceness `nice`. With CONFIG_SCHED_AUTOGROUP (on by default
-    in most distributions) every session is its own scheduling group, and a process's niceness only
-    weighs against processes of the same session: an engine started with start_new_session=True
-    (setsid runs before preexec_fn) at nice 5 still gets a full share against the gateway's session.
-    The group's own niceness is what weighs across sessions. Only a session leader touches it (in
-    any other process the autogroup is its parent's, the gateway's); no-op without the kernel option."""
-    if os.getsid(0) != os.getpid():
-        return
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(nice))
-    except OSError:
-        pass
-
-
-def _proc_stat_fields() -> list[tuple[int, list[str]]]:
-    """(pid, the fields of /proc/<pid>/stat after "pid (comm) ": [0] is state) of every process."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        out.append((int(entry), stat[stat.rindex(")") + 2:].split()))
-    return out
-
-
-def proc_stats() -> list[tuple[int, str, int, int]]:
-    """(pid, state, parent pid, process group) of every process, from /proc."""
-    return [(pid, f[0], int(f[1]), int(f[2])) for pid, f in _proc_stat_fields()]
-
-
-def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) the live processes of process group `pgid` have used, from /proc."""
-    ticks = sum(int(f[11]) + int(f[12]) for _, f in _proc_stat_fields() if int(f[2]) == pgid)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group `pgid`, from /proc."""
-    return [pid for pid, state, _, group in proc_stats() if state != "Z" and group == pgid]
-
-
 def shm_files(pids: list[int]) -> set[str]:
-    """Paths of the /dev/shm files mapped or open in `pids` (`runtime.shm.shm_names`)."""
+    """Paths of the /dev/shm files mapped or open in `pids` (`runtime.engines.shm.shm_names`)."""
     return {str(SHM_DIR / name) for name in shm_names(pids)}
 
 
@@ -263,17 +210,17 @@ class Engine:
         self.pid: int | None = None
         self.log_path = spec.log_path
         self.start_time_s: float | None = None  # seconds from spawn to healthy
-        self.spare_used = False  # started in a spare process (runtime.spares): no API-server import
+        self.spare_used = False  # started in a spare process (runtime.engines.spares): no API-server import
         self._proc: asyncio.subprocess.Process | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._shm: dict[str, int] = {}  # /dev/shm name -> inode its group held (runtime.shm)
+        self._shm: dict[str, int] = {}  # /dev/shm name -> inode its group held (runtime.engines.shm)
         self._shm_record_dir = shm_record_dir
         self._shm_record: Path | None = None
         self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, timeout_s: float = 300, spare: "Spare | None" = None) -> None:
-        """Spawn the server (or turn `spare`, a ready `runtime.spares.Spare`, into it) and wait
+        """Spawn the server (or turn `spare`, a ready `runtime.engines.spares.Spare`, into it) and wait
         until /health answers 200. Raises EngineError (log tail)."""
         if self._proc is not None:
             raise RuntimeError("engine already started")
@@ -491,7 +438,7 @@ class VllmLauncher:
     """The real launcher: `Engine(spec).start()`; log files go under `log_dir` when given. With
     `spares` (CPU), an engine starts in a ready spare process when there is one. With `state_dir`,
     its engines' /dev/shm names are recorded under `<state_dir>/engines/`, and `start()` clears
-    what the records of an earlier gateway on that state dir still name (`runtime.shm`)."""
+    what the records of an earlier gateway on that state dir still name (`runtime.engines.shm`)."""
 
     def __init__(self, log_dir: Path | None = None, start_timeout_s: float = 300,
                  python: str = sys.executable, spares: "SparePool | None" = None,

@@ -5,7 +5,7 @@
         [--json] [--gantt OUT.png|OUT.svg] [--seed N] [--samples N]
 
 No engine is started. The inputs are validated as the gateway validates a batch, and the problem
-is built by the executor's own adapter (`runtime.replan.plan_problem`: the same token estimates, the
+is built by the executor's own adapter (`runtime.executor.planning.plan_problem`: the same token estimates, the
 same length draw and seed, the same latency source with measured start times and profiles under the
 state dir, the same devices and idle spare engine processes), so for the same input, config and
 state dir the predicted makespan of a strategy is the one the `plan` event of a batch submitted to
@@ -29,14 +29,15 @@ import orjson
 from gateway.tokens import TokenCounter
 from gateway.validation import CHAT, iter_lines, validate_file
 from runtime.config import Config, ConfigError, load_config
-from runtime.devices import planning_pool
+from runtime.engines.devices import planning_pool
 from runtime.persist import load_length_model, load_start_times
-from runtime.pool_state import Req
-from runtime.replan import model_specs, plan_problem, sample_work
-from runtime.spares import IMPORT_S_GUESS, spare_count
+from runtime.executor.pool_state import Req
+from runtime.executor.planning import model_specs, plan_problem, sample_work
+from runtime.engines.spares import IMPORT_S_GUESS, spare_count
 from scheduler.planner import STRATEGIES, Planner
 from scheduler.types import DevicePool, Schedule
 from scheduler.workloads import makespan_stats
+from tools.gantt import write_gantt
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -182,8 +183,6 @@ def plan_main(args: argparse.Namespace) -> int:
         result["speedup_of_samullm"] = {n: (s.makespan_s / ref if ref > 0 else None)
                                         for n, s in scheds.items() if n != "samullm"}
     if args.gantt:
-        from runtime.gantt import write_gantt  # matplotlib: only when a chart is asked for
-
         write_gantt(scheds, pool, args.gantt)
     print(json.dumps(result, indent=2) if args.json else render_text(result))
     return 0

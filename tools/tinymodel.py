@@ -138,7 +138,7 @@ def _normalize_tokenizer_config(out: Path) -> None:
 
 
 def tiny_model_main(args: argparse.Namespace) -> int:
-    """`samullm tiny-model OUT_DIR [...]` (the parser lives in gateway/cli.py)."""
+    """`samullm tiny-model OUT_DIR [...]` (the parser lives in cli/main.py)."""
     path = write_tiny_model(
         args.out_dir, layers=args.layers, hidden=args.hidden, heads=args.heads,
         kv_heads=args.kv_heads, intermediate=getattr(args, "intermediate", None),

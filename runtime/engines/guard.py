@@ -1,4 +1,4 @@
-"""Process-group leader of one engine: `python -m runtime.engine_guard CMD...`.
+"""Process-group leader of one engine: `python -m runtime.engines.guard CMD...`.
 
 Why: PR_SET_PDEATHSIG alone is not enough. vLLM's api_server loses a SIGTERM that arrives while it
 is still starting (before uvicorn installs its handlers), and its engine-core/worker processes do
@@ -10,46 +10,34 @@ left. It exits with CMD's exit code. Standard library only, so it starts in mill
 Shared memory: a group that did not shut down by itself (SIGKILLed after the grace period, or whose
 processes died without cleanup) leaves vLLM's /dev/shm segments and semaphores behind, and with its
 parent dead nobody else would unlink them. The guard notes what its group maps or has open before it
-signals the group, and once the group is gone unlinks those no live process uses (`runtime.shm`).
+signals the group, and once the group is gone unlinks those no live process uses (`runtime.engines.shm`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from runtime.shm import clear_unused, shm_names
+from runtime.engines.procs import group_pids, set_pdeathsig
+from runtime.engines.shm import clear_unused, shm_names
 
 GRACE_S = 20.0
 POLL_S = 0.25
 
 
 def _others_in_group(pgid: int) -> list[int]:
-    me, out = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            stat = open(f"/proc/{entry}/stat").read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry))
-    return out
+    """The live processes of the group but this guard."""
+    me = os.getpid()
+    return [pid for pid in group_pids(pgid) if pid != me]
 
 
 def main(cmd: list[str]) -> int:
     parent = os.getppid()
     pgid = os.getpgid(0)
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    set_pdeathsig()
     stopping = False
 
     def shutdown(*_: object) -> None:

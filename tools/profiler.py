@@ -10,7 +10,7 @@ as the runtime starts it), stored in the profile's meta. The batch
 composition of every step is read from vLLM's own scheduler output (tokens scheduled per request and
 how many each had computed before), so the features are exact even with chunked prefill. The
 samples are fitted with `scheduler.latency.fit_latency_model`; the engine start time is measured
-separately as the time to a healthy api_server (`runtime.engine.Engine`), what the runtime pays.
+separately as the time to a healthy api_server (`runtime.engines.engine.Engine`), what the runtime pays.
 That started engine then serves three synthetic request sets (`calibration_sets`: prefill-heavy,
 decode-heavy, mixed), timed end to end as a benchmark or the runtime sees them, and
 `scheduler.calibration.fit_served_scales` scales the fit's per-token terms (c1, c2) and per-step
@@ -24,6 +24,9 @@ the first run's excess, per step token count new to the engine, is the cold-shap
 
 The sweep (prefill-heavy, decode-heavy, mixed arrivals, batch sizes 1…max_num_seqs) takes about a
 minute on the tiny models; `--quick` halves it.
+
+Long: the profiler's sweep, its served calibration and its CLI; it is a tool run by hand, not
+on the request path.
 """
 
 from __future__ import annotations
@@ -39,11 +42,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+import numpy as np
+
 from runtime.config import Config, ConfigError, ModelConfig, load_config
-from runtime.devices import discover_pool, engine_device_kind
-from runtime.engine import Engine, EngineSpec, cpu_bind_string
+from runtime.engines.devices import discover_pool, engine_device_kind
+from runtime.engines.engine import Engine, EngineSpec, base_env, cpu_bind_string
+from runtime.engines.spares import SparePool
+from runtime.executor.planning import model_specs
 from runtime.persist import save_profile
-from runtime.replan import model_specs
 from scheduler.calibration import CalibrationSet, fit_served_scales
 from scheduler.latency import IterationSample, Profile, fit_latency_model, relative_errors
 from scheduler.simulator import EngineLimits, kv_blocks
@@ -86,7 +93,7 @@ def default_sweep(max_model_len: int, max_num_seqs: int, max_num_batched_tokens:
 
 
 # --------------------------------------------------------------------------------------------
-# worker side (runs in a subprocess: `python -m runtime.profiler WORKER_JSON`)
+# worker side (runs in a subprocess: `python -m tools.profiler WORKER_JSON`)
 
 def _worker(job: dict) -> None:
     from vllm import LLM, SamplingParams
@@ -197,7 +204,7 @@ def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int,
     bar = _bar(len(cases), f"profile {model.name} tp={tp}", progress)
     with open(log_path, "w") as log:
         # on its cores only, like a confined served engine (EngineSpec.confined_cores)
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.profiler", json.dumps(job)],
+        proc = subprocess.Popen([sys.executable, "-m", "tools.profiler", json.dumps(job)],
                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                 start_new_session=True,
                                 preexec_fn=lambda: os.sched_setaffinity(0, devices))
@@ -234,7 +241,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 async def measure_start_time(spec: EngineSpec, timeout_s: float = 600, spare: bool = False) -> float:
     """Seconds from spawning the api_server (or handing a ready spare process its command line,
-    `runtime.spares`) to a healthy /health (then stops it)."""
+    `runtime.engines.spares`) to a healthy /health (then stops it)."""
     return (await measure_served(spec, [], timeout_s, spare=spare))[0]
 
 
@@ -258,8 +265,6 @@ def calibration_sets(max_num_seqs: int, max_model_len: int,
 async def _post_retrying(engine: Engine, body: dict, tries: int = 3) -> tuple[int, dict]:
     """engine.post, sent again when a kept-alive connection turns out closed by the server (a
     live engine answers 'Server disconnected' for a stale connection; the retry costs ~ms)."""
-    import aiohttp
-
     for attempt in range(tries):
         try:
             return await engine.post("/v1/completions", body)
@@ -281,9 +286,6 @@ async def measure_served(spec: EngineSpec, sets: list[list[tuple[int, int]]],
     try:
         ready = None
         if spare:  # time the start the gateway sees: in a spare process that is ready
-            from runtime.engine import base_env
-            from runtime.spares import SparePool
-
             log_dir = spec.log_path.parent if spec.log_path is not None else Path(".")
             spares = SparePool(1, log_dir, base_env)
             await spares.start()
@@ -379,7 +381,6 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
                  "loadavg_1m_after": round(os.getloadavg()[0], 2)}
         fit = cal.apply(fit)
     fit = fit.with_load_time(load_s)
-    import numpy as np
 
     profile = Profile(model=name, tp=tp, device=pool.signature, latency=fit, threads=threads, meta={
         "samples": len(samples), "sweep_s": round(sweep_s, 2), "devices": list(devices),
@@ -423,7 +424,6 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
 
 
 def profile_main(args: argparse.Namespace) -> int:
-    import dataclasses
 
     cfg = load_config(args.config)
     if args.state_dir:

@@ -15,7 +15,7 @@ A record is `<state_dir>/engines/shm-<pgid>-<ms>.json`, {"pgid": n, "names": {na
 names recorded by this state dir's gateway are ever cleared, and only while the name still has the
 recorded inode and no process maps it or has it open (a process whose /proc entries cannot be read
 is not seen; the files are mode 0600, so only this user or root can use them). Standard library
-only: `runtime.engine_guard` uses it.
+only: `runtime.engines.guard` uses it.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Why: most of an engine's start on CPU is three Python interpreters importing tor
 another (API server, then the engine core it spawns, then its worker): ~7 s each on one core here,
 ~20 s of a ~21 s start. vLLM's CPU platform forces the `spawn` start method, so the engine core and
 worker imports cannot be skipped; the API server's can, by importing it before the engine is needed.
-`runtime.spares` keeps such processes ready (a pre-fork server's preload, for an engine).
+`runtime.engines.spares` keeps such processes ready (a pre-fork server's preload, for an engine).
 
-Protocol (`python -m runtime.engine_guard python -m runtime.engine_spare`, stdin and stdout pipes):
+Protocol (`python -m runtime.engines.guard python -m runtime.engines.spare_child`, stdin and stdout pipes):
 the process imports the API server, writes "ready" on stdout, then reads ONE JSON line from stdin:
 {"argv": [...], "env": {...}, "cores": [...], "nice": n, "log": path}. It sends its stdout and
 stderr to `log` (append; the engine core and workers it spawns inherit them), replaces its
@@ -19,6 +19,7 @@ same main module they would otherwise). EOF on stdin before a command: exit 0 (r
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import runpy
@@ -38,7 +39,7 @@ def _set_nice(target: int) -> None:
         print(f"spare: cannot restore niceness {target} (no CAP_SYS_NICE); running at {current}",
               file=sys.stderr, flush=True)
     try:
-        with open("/proc/self/autogroup", "w") as f:  # see runtime.engine.set_autogroup_nice
+        with open("/proc/self/autogroup", "w") as f:  # see runtime.engines.engine.set_autogroup_nice
             f.write(str(target))
     except OSError:
         pass
@@ -54,8 +55,6 @@ def _redirect(log: str) -> None:
 
 
 def main() -> int:
-    import importlib
-
     importlib.import_module(API_SERVER)  # the expensive part: torch, transformers, vLLM
     for name in PRELOAD:  # what its main() imports late; a module moved in another vLLM is skipped
         try:

@@ -19,9 +19,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from runtime.engine import Engine, EngineDied, EngineSpec, Launcher
+from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher
 from runtime.executor_api import Outcome
-from runtime.pool_state import ModelQueues, Req
+from runtime.executor.pool_state import ModelQueues, Req
 
 log = logging.getLogger(__name__)
 DEATH_GRACE_S = 3.0  # how long a 5xx / dropped connection waits for the engine process to exit

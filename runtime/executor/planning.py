@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.persist import load_profile
 from runtime.config import Config
-from runtime.pool_state import Req
+from runtime.executor.pool_state import Req
 from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
 from scheduler.lengths import LengthModel
@@ -67,7 +67,7 @@ class LatencySource:
     # count it runs for the first time), from the profile's served calibration; charged with the
     # start, since every (re)started engine pays it once
     cold: dict[tuple[str, int, int], float] = field(default_factory=dict)
-    # start times here are those of starts in a spare engine process (runtime.spares); what a
+    # start times here are those of starts in a spare engine process (runtime.engines.spares); what a
     # start without one costs more is the planner's (`PlanningProblem.spares`, `no_spare_s`)
 
     @classmethod
@@ -149,7 +149,7 @@ def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int
 @dataclass(frozen=True)
 class KvBytes:
     """`kv_bytes_fn`'s answer: a plain object rather than a closure, so a `PlanningProblem` pickles
-    (the planner runs in a process of its own, `runtime.planner_process`)."""
+    (the planner runs in a process of its own, `runtime.executor.planner_process`)."""
 
     cpu_bytes: int | None = None  # CPU: the configured KV space, the same for every engine
     gpu_memory: int = 0

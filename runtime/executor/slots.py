@@ -16,13 +16,13 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime import dispatch
+from runtime.executor import dispatch
 from runtime.config import Config
-from runtime.devices import engine_device_kind
-from runtime.dispatch import Slot, SlotState
-from runtime.engine import EngineSpec, Launcher
-from runtime.pool_state import Req
-from runtime.replan import ReplicaKey, stage_replicas
+from runtime.engines.devices import engine_device_kind
+from runtime.executor.dispatch import Slot, SlotState
+from runtime.engines.engine import EngineSpec, Launcher
+from runtime.executor.pool_state import Req
+from runtime.executor.planning import ReplicaKey, stage_replicas
 from scheduler.types import DevicePool, Stage
 
 INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max_num_seqs

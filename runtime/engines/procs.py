@@ -1,0 +1,67 @@
+"""The engines' process helpers, standard library only (the guard and the spare child import them
+and must start in milliseconds): the parent-death signal, autogroup niceness, and process groups read
+from /proc."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_pdeathsig() -> None:
+    """SIGTERM this process when its parent dies (engine children between fork and exec, the
+    planner worker at start)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def set_autogroup_nice(nice: int) -> None:
+    """Give this process's autogroup the niceness `nice`. With CONFIG_SCHED_AUTOGROUP (on by default
+    in most distributions) every session is its own scheduling group, and a process's niceness only
+    weighs against processes of the same session: an engine started with start_new_session=True
+    (setsid runs before preexec_fn) at nice 5 still gets a full share against the gateway's session.
+    The group's own niceness is what weighs across sessions. Only a session leader touches it (in
+    any other process the autogroup is its parent's, the gateway's); no-op without the kernel option."""
+    if os.getsid(0) != os.getpid():
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass
+
+
+def _proc_stat_fields() -> list[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after "pid (comm) ": [0] is state) of every process."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        out.append((int(entry), stat[stat.rindex(")") + 2:].split()))
+    return out
+
+
+def proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
+    return [(pid, f[0], int(f[1]), int(f[2])) for pid, f in _proc_stat_fields()]
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) the live processes of process group `pgid` have used, from /proc."""
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in _proc_stat_fields() if int(f[2]) == pgid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc."""
+    return [pid for pid, state, _, group in proc_stats() if state != "Z" and group == pgid]
