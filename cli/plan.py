@@ -27,7 +27,8 @@ import numpy as np
 import orjson
 
 from gateway.tokens import TokenCounter
-from gateway.validation import CHAT, iter_lines, validate_file
+from gateway.lines import iter_lines
+from gateway.validation import CHAT, validate_file
 from runtime.config import Config, ConfigError, load_config
 from runtime.engines.devices import planning_pool
 from runtime.persist import load_length_model, load_start_times

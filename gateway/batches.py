@@ -27,15 +27,15 @@ from gateway import lifecycle as lc
 from gateway.db import Database
 from gateway.errors import disk_full
 from gateway.filestore import FileStore
-from gateway.finalize import (Counts, final_counts, input_requests, journaled_requests,
-                              write_result_files)
+from gateway.finalize import Counts, final_counts, journaled_requests, write_result_files
 from gateway.ids import new_batch_id
+from gateway.journal import Journal, journal_path, load
+from gateway.lines import input_requests
 from gateway.metrics import GatewayMetrics
 from gateway.tokens import TokenCounter
 from gateway.validation import ValidationResult, validate_file
 from runtime.config import Config
 from runtime.executor_api import Executor, Outcome
-from gateway.journal import Journal, journal_path, load
 
 log = logging.getLogger("samullm.batches")
 RETRY_S = (1.0, 30.0)  # first and longest wait before a runner stopped by a full disk tries again

@@ -10,14 +10,13 @@ files instead of leaking new ones. Runs in a worker thread; the caller commits t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
 from gateway.filestore import FileStore
 from gateway.ids import derived_id
-from gateway.validation import strip_bom
+from gateway.lines import Requests
 from runtime.executor_api import Outcome
 
 UNFINISHED = {
@@ -73,20 +72,6 @@ class FinalFiles:
     error_bytes: int
     output_lines: int
     error_lines: int
-
-
-Requests = Iterator[tuple[int, str, str]]  # (line, custom_id, model) in input order
-
-
-def input_requests(path: Path) -> Requests:
-    """(line, custom_id, model) of each request of an already validated input file."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1:
-                raw = strip_bom(raw)  # accepted by validation
-            if raw.strip():
-                obj = orjson.loads(raw)
-                yield lineno, obj["custom_id"], obj["body"]["model"]
 
 
 def journaled_requests(outcomes: list[Outcome]) -> Requests:

@@ -8,17 +8,17 @@ it is CPU work (JSON; the tokenizer only for prompts near the context limit).
 
 from __future__ import annotations
 
-import codecs
 from math import ceil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
+from gateway.lines import OVERLONG, LineRef, iter_lines
 from gateway.tokens import MESSAGE_OVERHEAD, TokenCounter
-from runtime.config import Config, LimitsConfig
-from runtime.executor_api import LineRef, WorkItem
+from runtime.config import Config
+from runtime.executor_api import WorkItem
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
@@ -51,7 +51,6 @@ class _LineError(Exception):
         self.code, self.message, self.param = code, message, param
 
 
-READ_BYTES = 8 << 20  # large reads: per-line buffered reads cost more than the JSON parse
 # A prompt estimated within this fraction of the context is counted exactly before it is accepted or
 # rejected (the characters-per-token estimate is off by a few tens of percent on unusual text).
 NEAR_LIMIT = 0.5
@@ -95,71 +94,6 @@ def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) 
     if requests == 0:
         res.add("empty_file", "The input file has no requests.", None)
     return res
-
-
-OVERLONG = memoryview(b"")  # what iter_lines yields in place of a line over its length limit
-
-
-def iter_lines(path: Path, max_line_bytes: int = LimitsConfig.max_line_bytes
-               ) -> Iterator[tuple[int, int, memoryview]]:
-    """(1-based line number, byte offset, line without its newline) for every line of the file, a
-    leading UTF-8 BOM skipped. Read in READ_BYTES blocks into one reused buffer (a fresh 8 MB block per
-    read costs page faults and zeroing); a line longer than a block is joined once. A line over
-    `max_line_bytes` is yielded as OVERLONG and never held: its pieces are dropped as they are read
-    (a 190 MB line, kept and joined, took the gateway to 981 MB). A yielded line is valid until the
-    next one is asked for."""
-    lineno, first = 0, True
-    block_off = line_start = 0  # file offsets of buf[0] and of the line being joined
-    pending: list[bytes] = []  # pieces of a line that spans blocks
-    held = 0  # bytes of the line being joined, read so far
-    skipping = False  # the line being joined is over max_line_bytes: read on to its end only
-    buf = bytearray(READ_BYTES)
-    whole = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            view = whole[:n] if n < READ_BYTES else whole
-            start = 0
-            if first:
-                first = False
-                if bytes(view[:3]) == codecs.BOM_UTF8:  # editors on Windows write one; not JSON
-                    start = 3
-            if pending or skipping:
-                nl = buf.find(b"\n", 0, n)
-                end = n if nl < 0 else nl
-                if not skipping:
-                    held += end
-                    skipping = held > max_line_bytes
-                    if skipping:
-                        pending.clear()
-                    else:
-                        pending.append(bytes(view[:end]))
-                if nl < 0:
-                    block_off += n
-                    continue
-                lineno += 1
-                yield lineno, line_start, OVERLONG if skipping else memoryview(b"".join(pending))
-                pending.clear()
-                skipping = False
-                start = nl + 1
-            while (nl := buf.find(b"\n", start, n)) >= 0:
-                lineno += 1
-                yield lineno, block_off + start, (view[start:nl] if nl - start <= max_line_bytes
-                                                  else OVERLONG)
-                start = nl + 1
-            if start < n:
-                line_start = block_off + start
-                held = n - start
-                skipping = held > max_line_bytes
-                if not skipping:
-                    pending.append(bytes(view[start:n]))
-            block_off += n
-    if pending or skipping:
-        yield lineno + 1, line_start, OVERLONG if skipping else memoryview(b"".join(pending))
-
-
-def strip_bom(first_line: bytes) -> bytes:
-    """Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the JSON."""
-    return first_line[3:] if first_line.startswith(codecs.BOM_UTF8) else first_line
 
 
 _INVALID = object()  # a line that is not JSON

@@ -11,28 +11,14 @@ batch's output files: the gateway finalizes them from the journal when `Executor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, NamedTuple, Protocol, Sequence
-
-import orjson
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 
-class LineRef(NamedTuple):
-    """Where a request's line lies in the stored input file. Bodies are read back when the request is
-    sent, so a queued 200 MB batch costs the executor a few dozen bytes per request, not its bodies.
-    (A tuple: validation makes one per request, and tuples are the cheapest objects to make.)"""
+class BodySource(Protocol):
+    """A way to read a request's body when it is sent (the gateway's `gateway.lines.LineRef`: where
+    its line lies in the stored input file). The runtime never parses the gateway's line format."""
 
-    path: str
-    offset: int  # byte offset of the line in the file
-    length: int  # bytes, without the newline
-
-    def load_body(self) -> dict[str, Any]:
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.length)
-        body = orjson.loads(data)["body"]
-        if not isinstance(body, dict):
-            raise ValueError("the stored request line has no body object")
-        return body
+    def load_body(self) -> dict[str, Any]: ...
 
 
 class WorkItem:
@@ -46,7 +32,7 @@ class WorkItem:
 
     def __init__(self, line: int, custom_id: str, model: str, url: str,
                  body: dict[str, Any] | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-                 ref: LineRef | None = None) -> None:
+                 ref: BodySource | None = None) -> None:
         if (body is None) == (ref is None):
             raise ValueError("a WorkItem needs exactly one of `body` and `ref`")
         self.line = line  # 1-based line number in the input file (output files keep input order)

@@ -386,15 +386,6 @@ class Engine:
                 raise EngineDied(f"engine {self.spec.model.name!r} is gone: {exc}") from exc
             raise
 
-    async def get(self, url: str) -> tuple[int, Any]:
-        if self._session is None:
-            raise EngineDied("engine not started")
-        try:
-            async with self._session.get(self.base_url + url) as r:
-                return r.status, await r.json(content_type=None)
-        except aiohttp.ClientConnectionError as exc:
-            raise EngineDied(f"engine {self.spec.model.name!r} is gone: {exc}") from exc
-
     def log_tail(self, nbytes: int = LOG_TAIL_BYTES) -> str:
         try:
             with open(self.log_path, "rb") as f:  # type: ignore[arg-type]
@@ -430,8 +421,19 @@ def kill_all_engines() -> None:
 
 
 class Launcher(Protocol):
+    """What the executor needs of a launcher (`VllmLauncher`, or a test double)."""
+
+    spares: "SparePool | None"  # spare engine processes it starts engines in (CPU), if any
+
+    async def start(self) -> None:
+        """Before the first launch: clear what a killed predecessor left, start the spares."""
+
     async def launch(self, spec: EngineSpec) -> Engine:
-        """Return a started, healthy engine for `spec` (raises EngineError)."""
+        """Return a started, healthy engine for `spec` (raises EngineError). The engine's
+        `start_time_s` (spawn to healthy) and `spare_used` are set."""
+
+    async def close(self) -> None:
+        """After the last engine stopped: stop the spares."""
 
 
 class VllmLauncher:

@@ -113,9 +113,7 @@ class PoolExecutor(EngineSlots):
     async def start(self) -> None:
         if self.pool is None:
             self.pool = discover_pool(self.cfg)
-        starting = getattr(self.launcher, "start", None)  # spare engine processes (runtime.engines.spares)
-        if starting is not None:
-            await starting()
+        await self.launcher.start()  # spare engine processes, /dev/shm left by a predecessor
         self._control = asyncio.create_task(self._control_loop(), name="executor-control")
         log.info("executor ready: %s devices %s", self.pool.kind, list(self.pool.ids))
 
@@ -193,16 +191,14 @@ class PoolExecutor(EngineSlots):
         reporting = [r.task for b in self._batches.values() for r in b.reqs
                      if r.state is ReqState.REPORTING]
         await settle(*(s.task for s in slots), *self._dying, *self._delivering, *reporting)
-        closing = getattr(self.launcher, "close", None)
-        if closing is not None:
-            await closing()
+        await self.launcher.close()
         await self._save_learned()
         for waiter in self._pass_waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
     def _spares(self) -> Any:
-        return getattr(self.launcher, "spares", None)  # runtime.engines.spares.SparePool, when configured
+        return self.launcher.spares  # runtime.engines.spares.SparePool, when configured
 
     def _spare_state(self) -> tuple[tuple[float, ...] | None, float]:
         """For the planner: per spare engine process, the import it has left (0: ready; None: the
@@ -215,7 +211,7 @@ class PoolExecutor(EngineSlots):
     # -- what dispatch.SlotHost asks of us --------------------------------------------------------
     def slot_started(self, slot: Slot) -> None:
         assert slot.engine is not None
-        start_s = getattr(slot.engine, "start_time_s", None)
+        start_s = slot.engine.start_time_s
         alone_s = None
         if isinstance(start_s, (int, float)) and start_s > 0:
             assert self.pool is not None
@@ -223,13 +219,13 @@ class PoolExecutor(EngineSlots):
             # stored as the alone start: the planner multiplies it by the contention factor again
             alone_s = alone_start_s(start_s, self.pool.start_factor(slot.starting_with))
             spares = self._spares()
-            if spares is not None and not getattr(slot.engine, "spare_used", False):
+            if spares is not None and not slot.engine.spare_used:
                 # stored as a start in a spare (what the planner assumes while one is ready)
                 alone_s = max(1.0, alone_s - spares.import_s())
             self._start_times[key] = blend(self._start_times.get(key), alone_s)
         self._emit("engine_started", **slot.describe(), start_s=start_s,
                    starting_with=slot.starting_with, alone_start_s=alone_s,
-                   spare=bool(getattr(slot.engine, "spare_used", False)))
+                   spare=slot.engine.spare_used)
 
     def slot_start_failed(self, slot: Slot, message: str) -> None:
         slot.state = SlotState.FAILED

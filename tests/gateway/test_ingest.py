@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import gateway.filestore as filestore
+import gateway.lines as line_format
 import gateway.validation as validation
 from gateway.filestore import AtomicWriter
 from gateway.tokens import TokenCounter
@@ -36,7 +37,7 @@ def _expected(data: bytes, skip: int) -> list[tuple[int, int, bytes]]:
 def test_iter_lines_splits_like_the_file(tmp_path, monkeypatch, block):
     """Lines shorter and longer than a read block, empty lines, a BOM, with and without a final
     newline: the same lines and offsets as splitting the whole file."""
-    monkeypatch.setattr(validation, "READ_BYTES", block)
+    monkeypatch.setattr(line_format, "READ_BYTES", block)
     rng = random.Random(block)
     path = tmp_path / "f.jsonl"
     for _ in range(60):
@@ -51,7 +52,7 @@ def test_iter_lines_splits_like_the_file(tmp_path, monkeypatch, block):
 
 
 def test_items_refer_to_their_line_and_read_the_body_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(validation, "READ_BYTES", 64)  # most lines span several blocks
+    monkeypatch.setattr(line_format, "READ_BYTES", 64)  # most lines span several blocks
     cfg = plan_only_config(tmp_path / "state")
     lines = [chat_line(f"c{i}", text="word " * (i * 7)) for i in range(12)]
     raw = [json.dumps(ln).encode() for ln in lines]

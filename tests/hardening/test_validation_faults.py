@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import gateway.lines as line_format
 import gateway.validation as validation
 from gateway.tokens import TokenCounter
 from runtime.config import ConfigError, LimitsConfig, parse_config
@@ -213,7 +214,7 @@ def test_fuzzed_lines_never_raise(tmp_path, monkeypatch, endpoint):
 @pytest.mark.parametrize("last", [False, True], ids=["middle", "last_no_newline"])
 def test_a_line_over_max_line_bytes_is_one_error(tmp_path, monkeypatch, block, last):
     """The long line is skipped, not held; the lines around it keep their numbers and offsets."""
-    monkeypatch.setattr(validation, "READ_BYTES", block)
+    monkeypatch.setattr(line_format, "READ_BYTES", block)
     good = [json.dumps(chat_line(f"g{i}", text="t" * i)).encode() for i in range(4)]
     long = json.dumps(chat_line("long", text="x" * 900)).encode()  # 3x the limit
     rows = [good[0], long, good[1], b"", good[2]] + ([] if not last else [long])
@@ -232,7 +233,7 @@ def test_a_line_over_max_line_bytes_is_one_error(tmp_path, monkeypatch, block, l
 
 
 def test_a_line_at_max_line_bytes_is_accepted(tmp_path, monkeypatch):
-    monkeypatch.setattr(validation, "READ_BYTES", 64)
+    monkeypatch.setattr(line_format, "READ_BYTES", 64)
     line = json.dumps(chat_line("a", text="x" * 200)).encode()
     path = tmp_path / "in.jsonl"
     path.write_bytes(line + b"\n")
@@ -260,7 +261,7 @@ def test_one_huge_line_does_not_grow_memory(tmp_path):
     assert _errors(res) == [("line_too_long", 2, None)]
     assert [it.line for it in res.items] == [1, 3]
     limit = LimitsConfig().max_line_bytes
-    assert peak < validation.READ_BYTES + 1.3 * limit < size / 2, peak
+    assert peak < line_format.READ_BYTES + 1.3 * limit < size / 2, peak
 
 
 @pytest.mark.parametrize("value", [0, -1])

@@ -18,6 +18,7 @@ class FakeEngine:
         self.pid = pid
         self.base_url = f"fake://{pid}"
         self.start_time_s = launcher.start_delay_s
+        self.spare_used = False
         self.inflight = 0
         self.max_inflight = 0
         self.served = 0
@@ -107,6 +108,15 @@ class FakeLauncher:
     dropped: set[Any] = field(default_factory=set)  # tags whose connection was dropped once
     overlaps: list[str] = field(default_factory=list)  # invariant violations: devices double-booked
     _pids: Any = field(default_factory=lambda: itertools.count(1000))
+    spares: Any = None  # no spare engine processes
+    started: bool = False
+    closed: bool = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
 
     def alive(self, model: str | None = None) -> list[FakeEngine]:
         return [e for e in self.engines if e.alive() and (model is None or e.spec.model.name == model)]

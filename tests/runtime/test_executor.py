@@ -19,7 +19,8 @@ import pytest_asyncio
 from runtime.config import Config, parse_config
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.slots import INFLIGHT_FACTOR
-from runtime.executor_api import LineRef, Outcome, WorkItem
+from gateway.lines import LineRef
+from runtime.executor_api import Outcome, WorkItem
 from runtime.persist import load_length_model
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 

@@ -30,7 +30,14 @@ class RecordingLauncher:
 
     def __init__(self, inner: VllmLauncher) -> None:
         self.inner = inner
+        self.spares = inner.spares
         self.engines: list[Engine] = []
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
 
     async def launch(self, spec: EngineSpec) -> Engine:
         engine = await self.inner.launch(spec)
