@@ -67,7 +67,7 @@ class PlanningProblem:
     threads_latency: (spec, tp, threads) -> latency of an engine whose ranks run on `threads` CPU
         cores each (shapes offered when `pool.max_threads` > 1); None: the threads = 1 latency with
         the assumed speed-up of `scheduler.latency.assumed_threads_latency`.
-    spares: per spare engine process of the pool (`runtime.spares`), the CPU seconds of import it
+    spares: per spare engine process of the pool (`runtime.engines.spares`), the CPU seconds of import it
         has left (0: ready); each engine started takes a ready one, a start without one costs
         `no_spare_s` more than its load time, and a spare taken is re-imported at that cost on idle
         cores (`scheduler.spares`). None: the pool keeps no spares.

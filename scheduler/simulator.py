@@ -24,6 +24,9 @@ needs in O(1). Stretches of decode-only iterations with no finish, no possible a
 free blocks are jumped over in one go (`jump=True`), with their summed latency in closed form.
 `jump=False` steps one iteration at a time through the same state; both give the same result.
 Deterministic: no randomness, no wall clock. `simulate` excludes engine load time.
+
+Long: the simulated vLLM V1 scheduler step and its KV block accounting stay together, as in
+vLLM's own scheduler, so a simulated trace can be compared step by step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Spare engine processes as the plan sees them (`runtime.spares` keeps them on CPU pools).
+"""Spare engine processes as the plan sees them (`runtime.engines.spares` keeps them on CPU pools).
 
 A spare is an interpreter that has imported vLLM's API server already: an engine started in one
 skips that import, one started without pays `import_s` more (the CPU seconds the import takes).

@@ -17,7 +17,7 @@ remaining start-up is left as it was charged). An option (`Context.option`), pri
 its own replicas; a candidate group re-prices its options' starts with the group's count
 (`Option.in_group`, used by `scheduler.search`), and `run_stage` charges the whole stage.
 
-Spare engine processes (`runtime.spares`, CPU; `scheduler.spares`): each engine a stage starts
+Spare engine processes (`runtime.engines.spares`, CPU; `scheduler.spares`): each engine a stage starts
 takes a ready spare in plan order, and one that finds none pays `Context.no_spare_s` more; the
 replacements import on the stage's idle cores once their engines are up. `PlanState.spares` is
 None where the pool keeps no spares (every start costs its load time).

@@ -196,10 +196,10 @@ def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int,
            "tp": tp, "kv_bytes": kv_bytes, "engine_args": dict(model.engine_args),
            "cases": [{"name": c.name, "requests": list(c.requests)} for c in cases], "out": str(out),
            "repeats": repeats}
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false",
-               VLLM_CPU_OMP_THREADS_BIND=cpu_bind_string(devices, tp))
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    # the engines' environment, but with the engine core in the worker process: the sweep times
+    # each scheduler step from inside it (see the module docstring)
+    env = base_env() | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                        "VLLM_CPU_OMP_THREADS_BIND": cpu_bind_string(devices, tp)}
     log_path = work_dir / f"profile-{model.name}-{shape}.log"
     bar = _bar(len(cases), f"profile {model.name} tp={tp}", progress)
     with open(log_path, "w") as log:
