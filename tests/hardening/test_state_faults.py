@@ -193,7 +193,9 @@ async def test_a_journal_record_of_another_custom_id_is_not_counted(cfg):
     async with running(cfg) as srv:
         _, b = await held_batch(srv, [chat_line("a"), chat_line("b")])
     stranger = Outcome("zzz", 9, "tiny-a", 200, response_body={"usage": {}})
-    with open(journal_path(cfg.state_dir, b.id), "ab") as j:
+    path = journal_path(cfg.state_dir, b.id)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the runner may not have opened it yet
+    with open(path, "ab") as j:
         j.write(journal_mod._encode(stranger))
     async with running(cfg) as srv2:
         client = srv2.client()
