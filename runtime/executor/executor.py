@@ -1,17 +1,18 @@
 """`PoolExecutor`: runs pooled batches on vLLM engines and re-plans at every real event.
 
-One control task owns every engine start and stop. Events (a batch submitted, a model's queue drained,
-an engine died or failed to start, a cancel) are coalesced into *passes*; each pass builds a planning
-problem from the observed state (`runtime.executor.planning`), calls the planner and applies only the FIRST stage
-of the returned schedule: engines whose (model, tp, devices) are unchanged keep running, the others are
-stopped (their in-flight requests go back to the queue and are re-run from scratch), the new ones start
-concurrently (`runtime.executor.slots`). Later stages are re-decided at the next event, with what has been
-learned since. Pools: batches of one strategy are planned together; batches of another strategy wait
-for the pool ahead of them (FIFO by submission, `runtime.executor.pool_state`).
+One control task owns every engine start and stop. Events (a batch submitted, a model's queue
+drained, an engine died or failed to start, a cancel) are coalesced into *passes*; each pass builds
+a planning problem from the observed state (`runtime.executor.planning`), calls the planner and
+applies only the FIRST stage of the returned schedule: engines whose (model, tp, devices) are
+unchanged keep running, the others are stopped (their in-flight requests go back to the queue and
+are re-run from scratch), the new ones start concurrently (`runtime.executor.slots`). Later stages
+are re-decided at the next event, with what has been learned since. Pools: batches of one strategy
+are planned together; batches of another strategy wait for the pool ahead of them (FIFO by
+submission, `runtime.executor.pool_state`).
 
-Each engine replica pulls from its model's shared queue (`runtime.executor.dispatch`). A request is done once
-its batch's sink returned; its output length then updates the `LengthModel`, which is saved under the
-state dir at each re-plan and survives restarts (`runtime.lengths_store`).
+Each engine replica pulls from its model's shared queue (`runtime.executor.dispatch`). A request is
+done once its batch's sink returned; its output length then updates the `LengthModel`, which is
+saved under the state dir at each re-plan and survives restarts (`runtime.persist`).
 
 Storage: a request counts only once its outcome is durable (the sink returned). While the sink
 raises (a full disk under the journal), its outcome is kept and retried with backoff, and dispatch
@@ -100,7 +101,7 @@ class PoolExecutor(EngineSlots):
         self._wake = asyncio.Event()
         self._control: asyncio.Task | None = None
         self._closing = False
-        # measured engine starts per (model, tp), kept across restarts (runtime.start_times_store)
+        # measured engine starts per (model, tp), kept across restarts (runtime.persist)
         self._start_times = load_start_times(self.state_dir)
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
