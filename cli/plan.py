@@ -32,6 +32,7 @@ from gateway.validation import CHAT, validate_file
 from runtime.config import Config, ConfigError, load_config
 from runtime.engines.devices import planning_pool
 from runtime.persist import load_length_model, load_start_times
+from runtime.executor.deps import BatchGraph
 from runtime.executor.pool_state import Req
 from runtime.executor.planning import model_specs, plan_problem, sample_work
 from runtime.engines.spares import IMPORT_S_GUESS, spare_count
@@ -75,7 +76,10 @@ def read_requests(paths: list[str], cfg: Config) -> list[Req]:
             shown = "; ".join(f"line {e['line']}: {e['code']}: {e['message']}"
                               for e in result.errors[:5])
             raise ConfigError(f"{path}: {result.error_count} invalid line(s): {shown}")
-        reqs.extend(Req(f"input-{i}", it) for it in result.items)
+        batch = [Req(f"input-{i}", it) for it in result.items]
+        if any(it.depends_on for it in result.items):
+            BatchGraph(batch)  # dependents wait for their upstream requests, as `serve` has them
+        reqs.extend(batch)
     return reqs
 
 
@@ -104,6 +108,7 @@ def idle_spares(cfg: Config, pool: DevicePool) -> tuple[tuple[float, ...] | None
 def stage_rows(s: Schedule) -> list[dict[str, Any]]:
     return [{"start_s": round(st.start_s, 3), "end_s": round(st.end_s, 3),
              "finished": st.finished, "restarts": st.restarts,
+             **({"waits_on": st.waits_on} if st.waits_on else {}),
              "plans": [{"model": p.model, "tp": p.tp, "dp": p.dp, "devices": list(p.devices)}
                        | ({"threads": p.threads} if p.threads > 1 else {})
                        for p in st.plans]} for st in s.stages]
@@ -127,7 +132,9 @@ def render_text(result: dict[str, Any]) -> str:
                               for p in st["plans"])
             lines.append(f"  stage {i}: {_fmt_s(st['start_s'])} -> {_fmt_s(st['end_s'])}  {plans}"
                          f"  | done: {', '.join(st['finished'])}"
-                         + (f"  | (re)start: {', '.join(st['restarts'])}" if st["restarts"] else ""))
+                         + (f"  | (re)start: {', '.join(st['restarts'])}" if st["restarts"] else "")
+                         + "".join(f"  | {m} waits on {', '.join(ups)}"
+                                   for m, ups in st.get("waits_on", {}).items()))
     lines.append("")
     ref = strategies.get("samullm")
     head = f"{'strategy':<17}{'makespan':>12}{'mean ± std over draws':>28}{'samullm speedup':>17}"

@@ -38,10 +38,8 @@ CONTROL_BODY_LIMIT = 1 << 20  # JSON bodies; uploads stream and have their own l
 async def health(request: web.Request) -> web.Response:
     body: dict = {"status": "ok"}
     service = request.app.get(SERVICE)
-    spares = getattr(getattr(getattr(service, "executor", None), "launcher", None), "spares", None)
-    if spares is not None:  # ready = an engine start now skips the API server's import
-        body["spare_engines"] = {"ready": spares.ready_count(), "target": spares.size,
-                                 "import_s": round(spares.import_s(), 2)}
+    if service is not None:
+        body.update(service.executor.health())
     return json_response(body)
 
 

@@ -27,7 +27,7 @@ from gateway import lifecycle as lc
 from gateway.db import Database
 from gateway.errors import disk_full
 from gateway.filestore import FileStore
-from gateway.finalize import Counts, final_counts, journaled_requests, write_result_files
+from gateway.finalize import Counts, journaled_requests, write_result_files
 from gateway.ids import new_batch_id
 from gateway.journal import Journal, journal_path, load
 from gateway.lines import input_requests
@@ -35,7 +35,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.tokens import TokenCounter
 from gateway.validation import ValidationResult, validate_file
 from runtime.config import Config
-from runtime.executor_api import Executor, Outcome
+from runtime.executor_api import Executor, Outcome, WorkItem
 
 log = logging.getLogger("samullm.batches")
 RETRY_S = (1.0, 30.0)  # first and longest wait before a runner stopped by a full disk tries again
@@ -57,6 +57,10 @@ class LiveBatch:
     submitted: bool = False
     stop_task: asyncio.Task[None] | None = None
     runner: asyncio.Task[None] | None = None
+    # the validated requests (finalizing from them reads the input file no second time)
+    items: list[WorkItem] | None = None
+    # the journal as loaded when the batch resumed (read once, not again to submit)
+    resumed: list[Outcome] | None = None
 
 
 class BatchService:
@@ -204,6 +208,7 @@ class BatchService:
         if live.journal is not None:
             await live.journal.close()
         live.journal, live.done, live.submitted, live.stop_task = None, set(), False, None
+        live.items = live.resumed = None
 
     async def _fail(self, live: LiveBatch, code: str, message: str) -> None:
         """Stop the batch's requests, then end it `failed` with `message`, writing what its journal
@@ -236,7 +241,8 @@ class BatchService:
             live.end_reason = lc.CANCELLED
         if row["status"] != lc.VALIDATING:  # resuming: show journaled progress while re-validating
             counts = Counts.of_totals({m: c["total"] for m, c in row["model_request_counts"].items()})
-            for o in await asyncio.to_thread(load, journal_path(self.cfg.state_dir, bid)):
+            live.resumed = await asyncio.to_thread(load, journal_path(self.cfg.state_dir, bid))
+            for o in live.resumed:
                 if o.model in counts.per_model:  # a preview; _execute counts by custom_id
                     counts.add(o)
             live.counts = counts
@@ -245,6 +251,7 @@ class BatchService:
             self.tokens)
         if row["status"] == lc.VALIDATING and not await self._accept(live, result):
             return
+        live.items = result.items
         await self._execute(live, row, result)
         if self.closing:  # the executor stopped because we are shutting down: resume later
             return
@@ -283,7 +290,8 @@ class BatchService:
     async def _execute(self, live: LiveBatch, row: dict[str, Any], result: ValidationResult) -> None:
         bid = live.batch_id
         path = journal_path(self.cfg.state_dir, bid)
-        done = await asyncio.to_thread(load, path)
+        done = live.resumed if live.resumed is not None else await asyncio.to_thread(load, path)
+        live.resumed = None
         live.counts = Counts.of_totals(dict(Counter(it.model for it in result.items)))
         ids = {it.custom_id for it in result.items}
         strangers = 0
@@ -303,8 +311,11 @@ class BatchService:
         pending = [it for it in result.items if it.custom_id not in live.done]
         if live.end_reason is not None or not pending:
             return
+        # upstream results of pending dependents come from the journal (never run twice)
+        needed = {cid for it in pending for cid in it.depends_on if cid in live.done}
+        known = {o.custom_id: o for o in done if o.custom_id in needed}
         live.submitted = True
-        self.executor.submit(bid, pending, self._sink(live), row["strategy"])
+        self.executor.submit(bid, pending, self._sink(live), row["strategy"], known=known)
         await self.executor.wait(bid)
 
     def _sink(self, live: LiveBatch) -> Callable[[Outcome], Any]:
@@ -329,13 +340,15 @@ class BatchService:
         input_path = self.store.path(row["input_file_id"])
         outcomes = await asyncio.to_thread(load, journal_path(self.cfg.state_dir, bid))
 
-        def requests() -> Any:
-            return input_requests(input_path) if input_path.is_file() \
-                else journaled_requests(outcomes)
-
-        files = await asyncio.to_thread(write_result_files, self.store, bid, requests(), outcomes,
+        if live.items is not None:  # validated in this drive: no need to read the input again
+            requests: Any = ((it.line, it.custom_id, it.model) for it in live.items)
+        elif input_path.is_file():  # resumed while finalizing
+            requests = input_requests(input_path)
+        else:
+            requests = journaled_requests(outcomes)
+        files = await asyncio.to_thread(write_result_files, self.store, bid, requests, outcomes,
                                         lc.UNFINISHED_CODE[to])
-        counts = await asyncio.to_thread(final_counts, requests(), outcomes)
+        counts = files.counts
         now = self.now()
         extra = {"errors": errors} if errors is not None else {}
         with self.db.tx():

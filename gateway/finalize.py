@@ -72,6 +72,8 @@ class FinalFiles:
     error_bytes: int
     output_lines: int
     error_lines: int
+    # over the batch's requests (a journal record of another custom_id counts for none)
+    counts: Counts = field(default_factory=Counts)
 
 
 def journaled_requests(outcomes: list[Outcome]) -> Requests:
@@ -81,18 +83,13 @@ def journaled_requests(outcomes: list[Outcome]) -> Requests:
         yield o.line, o.custom_id, o.model
 
 
-def final_counts(requests: Requests, outcomes: list[Outcome]) -> Counts:
-    """Counts over the batch's requests; a journal record of another custom_id counts for none."""
-    totals: dict[str, int] = {}
-    ids = set()
-    for _, cid, model in requests:
-        totals[model] = totals.get(model, 0) + 1
-        ids.add(cid)
-    counts = Counts.of_totals(totals)
-    for o in outcomes:
-        if o.custom_id in ids:
-            counts.add(o)
-    return counts
+def _count(counts: Counts, model: str, o: Outcome | None) -> None:
+    """Add one request of the batch (and its outcome, if any) to `counts`."""
+    counts.total += 1
+    pm = counts.per_model.setdefault(model, {"total": 0, "completed": 0, "failed": 0})
+    pm["total"] += 1
+    if o is not None:
+        counts.add(o)
 
 
 # Characters that JSON leaves raw inside strings but that str.splitlines() (and some JSONL readers)
@@ -134,23 +131,28 @@ def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
 
 def write_result_files(store: FileStore, batch_id: str, requests: Requests,
                        outcomes: list[Outcome], unfinished_code: str) -> FinalFiles:
+    """Both files and the final counts, in one pass over the requests."""
     by_id = {o.custom_id: o for o in outcomes}
     out_id = derived_id("file-", batch_id, "output")
     err_id = derived_id("file-", batch_id, "error")
     n_out = n_err = 0
+    counts = Counts()
     with store.writer(out_id) as out, store.writer(err_id) as err:
-        for line, cid, _model in requests:
-            ok, data = result_line(batch_id, line, cid, by_id.get(cid), unfinished_code)
+        for line, cid, model in requests:
+            o = by_id.get(cid)
+            _count(counts, model, o)
+            ok, data = result_line(batch_id, line, cid, o, unfinished_code)
             if ok:
                 out.write(data)
                 n_out += 1
             else:
                 err.write(data)
                 n_err += 1
+    counts.per_model = dict(sorted(counts.per_model.items()))
     # An empty file is not published: OpenAI leaves the id null when there is nothing to report.
     if n_out == 0:
         store.delete(out_id)
     if n_err == 0:
         store.delete(err_id)
     return FinalFiles(out_id if n_out else None, out.size, err_id if n_err else None, err.size,
-                      n_out, n_err)
+                      n_out, n_err, counts)

@@ -4,6 +4,10 @@ Every rule yields an error `{code, message, param, line}` with the 1-based line 
 error fails the whole batch (never a half-accepted batch). A clean file yields one `WorkItem` per
 request, in input order, holding where its line lies rather than its body. Runs in a worker thread:
 it is CPU work (JSON; the tokenizer only for prompts near the context limit).
+
+`depends_on` (custom_ids whose generated text fills the line's placeholders: `runtime.placeholders`;
+a repeat counts once) is checked per line, then for unknown ids, unlisted placeholders and cycles. A
+prompt is measured without its placeholders: one filled in past the context fails only its request.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from gateway.lines import OVERLONG, LineRef, iter_lines
 from gateway.tokens import MESSAGE_OVERHEAD, TokenCounter
 from runtime.config import Config
 from runtime.executor_api import WorkItem
+from gateway.dependencies import dependency_errors, shown_id
+from runtime.placeholders import placeholder_ids, template
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
 SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
@@ -93,6 +99,10 @@ def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) 
                     f"This line could not be validated: {type(exc).__name__}.", lineno)
     if requests == 0:
         res.add("empty_file", "The input file has no requests.", None)
+    elif check.dependent:
+        for line, code, message, param in dependency_errors(
+                check.dependent, check.recheck, check.seen, check.endpoint, check.need):
+            res.add(code, message, line, param)
     return res
 
 
@@ -108,6 +118,8 @@ class _LineChecker:
         self.path, self.endpoint, self.cfg, self.tokens = path, endpoint, cfg, tokens
         self.need = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}[endpoint]
         self.seen: set[str] = set()
+        self.dependent: list[WorkItem] = []  # the items with depends_on, for the checks at the end
+        self.recheck: list[WorkItem] = []  # of those, the ones with a placeholder of an unlisted id
         self.models: dict[str, Any] = {}
         self.ratios: dict[str, float] = {}
 
@@ -169,6 +181,10 @@ class _LineChecker:
         if body.get("stream"):
             raise _LineError("stream_unsupported", "`stream: true` is not supported in a batch.",
                              "body.stream")
+        listed = obj.get("depends_on")
+        deps = () if listed is None else self._depends_on(listed, cid)
+        if deps:
+            sent, body = body, template(body, endpoint, deps)  # measured without its placeholders
         need = self.need
         value = body.get(need)
         if value is None:
@@ -209,8 +225,34 @@ class _LineChecker:
         if prompt >= ctx:
             raise _LineError("context_length_exceeded", f"The prompt has about {prompt} tokens; "
                              f"the model's context is {ctx} tokens.", f"body.{need}")
-        return WorkItem(lineno, cid, model.name, endpoint, None, prompt,
-                        max_tokens if max_tokens is not None else ctx - prompt, ref)
+        item = WorkItem(lineno, cid, model.name, endpoint, None, prompt,
+                        max_tokens if max_tokens is not None else ctx - prompt, ref, deps)
+        if deps:
+            self.dependent.append(item)
+            if any(x not in deps for x in placeholder_ids(sent, endpoint)):
+                self.recheck.append(item)
+        return item
+
+    def _depends_on(self, listed: Any, cid: str) -> tuple[str, ...]:
+        if listed.__class__ is not list:
+            raise _wrong_type("invalid_depends_on", "depends_on", "an array of custom_ids", listed)
+        if listed and self.endpoint == EMBEDDINGS:
+            raise _LineError("embeddings_dependency", "An embeddings request generates no text and "
+                             "takes in none: it cannot have `depends_on`.", "depends_on")
+        for j, d in enumerate(listed):
+            if d.__class__ is not str:
+                raise _wrong_type("invalid_depends_on", f"depends_on[{j}]", "a string", d)
+            if not d:
+                raise _LineError("invalid_depends_on", f"`depends_on[{j}]` is an empty string.",
+                                 f"depends_on[{j}]")
+            if d == cid:
+                raise _LineError("self_dependency", f"The request {_shown(cid)} lists itself in "
+                                 "`depends_on`.", f"depends_on[{j}]")
+        deps = tuple(dict.fromkeys(listed))  # a repeat names the same output: counted once
+        if len(deps) > (limit := self.cfg.limits.max_dependencies):
+            raise _LineError("too_many_dependencies", f"`depends_on` lists {len(deps)} requests; "
+                             f"the limit is {limit} ([limits].max_dependencies).", "depends_on")
+        return deps
 
 
 # The shapes OpenAI accepts are checked, not trusted: the token estimate walks them, and a text
@@ -234,7 +276,7 @@ def _shown(value: Any) -> str:
     """A value for an error message: strings cut short (errors.data keeps up to 100 messages), other
     values by their JSON type (repr of a list 1,000 deep raises RecursionError)."""
     if value.__class__ is str:
-        return repr(value) if len(value) <= 80 else repr(value[:80]) + "..."
+        return shown_id(value)
     return f"({_JSON_TYPES.get(value.__class__, 'a value')})"
 
 

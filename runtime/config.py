@@ -292,6 +292,10 @@ class LimitsConfig:
     max_line_bytes: int = field(default=16 * 1024 * 1024, metadata={
         "help": "longest input line, in bytes (16 MiB); a longer one is a `line_too_long` error, "
                 "never read whole"})
+    max_dependencies: int = field(default=64, metadata={
+        "help": "most custom_ids one request line may list in `depends_on` (the requests whose "
+                "generated text its {{custom_id}} placeholders take in); more fail it as "
+                "too_many_dependencies"})
 
     def validate(self, where: str) -> None:
         if self.max_file_bytes <= 0 or self.max_requests_per_batch <= 0:
@@ -299,6 +303,9 @@ class LimitsConfig:
         if self.max_line_bytes <= 0:
             raise ConfigError(f"{where}.max_line_bytes: must be positive, got "
                               f"{self.max_line_bytes}")
+        if self.max_dependencies < 1:
+            raise ConfigError(f"{where}.max_dependencies: must be at least 1, got "
+                              f"{self.max_dependencies}")
         for w in self.completion_windows:
             if not (isinstance(w, str) and w[:-1].isdigit() and w[-1] in "hm"):
                 raise ConfigError(f"{where}.completion_windows: {w!r} is not like '24h' or '30m'")

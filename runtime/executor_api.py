@@ -11,7 +11,7 @@ batch's output files: the gateway finalizes them from the journal when `Executor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence
 
 
 class BodySource(Protocol):
@@ -25,24 +25,32 @@ class WorkItem:
     """One validated request. The body is either held (`body=`, small or synthetic work) or read back
     from the input file on access (`ref=`): the executor plans with `model`, `prompt_tokens` and
     `max_tokens` only and reads `body` once, when it sends the request. Reading `body` may raise
-    OSError/ValueError when the stored line is gone or no longer parses."""
+    OSError/ValueError when the stored line is gone or no longer parses. A request with
+    `depends_on` is sent only after those requests of its batch, with their generated text put in
+    its placeholders (`runtime.placeholders.substitute`)."""
 
-    __slots__ = ("line", "custom_id", "model", "url", "prompt_tokens", "max_tokens", "_body", "ref")
+    __slots__ = ("line", "custom_id", "model", "url", "prompt_tokens", "max_tokens", "_body", "ref",
+                 "depends_on")
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, line: int, custom_id: str, model: str, url: str,
                  body: dict[str, Any] | None = None, prompt_tokens: int = 0, max_tokens: int = 0,
-                 ref: BodySource | None = None) -> None:
+                 ref: BodySource | None = None, depends_on: tuple[str, ...] = ()) -> None:
         if (body is None) == (ref is None):
             raise ValueError("a WorkItem needs exactly one of `body` and `ref`")
         self.line = line  # 1-based line number in the input file (output files keep input order)
         self.custom_id = custom_id
         self.model = model  # body.model, a configured model name
         self.url = url  # "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
-        self.prompt_tokens = prompt_tokens  # estimated prompt length in tokens (planning only)
+        # estimated prompt length in tokens (planning only); with depends_on, of the request's own
+        # text (placeholders taken out): its dependencies' outputs are not known yet
+        self.prompt_tokens = prompt_tokens
         # output cap (planning only): body max_tokens, else max_model_len - prompt
         self.max_tokens = max_tokens
         self._body, self.ref = body, ref
+        # custom_ids of the batch's requests whose output this one takes in, in the line's order,
+        # each once
+        self.depends_on = depends_on
 
     @property
     def body(self) -> dict[str, Any]:
@@ -54,15 +62,16 @@ class WorkItem:
 
     def _key(self) -> tuple[Any, ...]:
         return (self.line, self.custom_id, self.model, self.url, self.prompt_tokens,
-                self.max_tokens, self._body, self.ref)
+                self.max_tokens, self._body, self.ref, self.depends_on)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WorkItem) and self._key() == other._key()
 
     def __repr__(self) -> str:
+        deps = f", depends_on={self.depends_on!r}" if self.depends_on else ""
         return (f"WorkItem(line={self.line}, custom_id={self.custom_id!r}, model={self.model!r}, "
                 f"url={self.url!r}, prompt_tokens={self.prompt_tokens}, "
-                f"max_tokens={self.max_tokens})")
+                f"max_tokens={self.max_tokens}{deps})")
 
 
 @dataclass(frozen=True)
@@ -96,9 +105,10 @@ class Executor(Protocol):
         """Stop dispatching, abort in-flight requests, stop every engine (no orphans)."""
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
-               strategy: str | None = None) -> None:
+               strategy: str | None = None, known: Mapping[str, Outcome] | None = None) -> None:
         """Add a batch's pending requests to the pool (re-plans). `strategy` None = config default.
-        Batches with different strategies are never pooled together."""
+        Batches with different strategies are never pooled together. `known`: the durable outcomes
+        (journaled before a restart) of requests that pending ones depend on (`depends_on`)."""
 
     async def cancel(self, batch_id: str) -> None:
         """Drop queued requests, abort in-flight ones; returns when none of the batch runs any more.
@@ -109,3 +119,6 @@ class Executor(Protocol):
 
     def events(self, batch_id: str) -> list[dict[str, Any]]:
         """What happened for this batch: plans, engine starts/stops, re-plans (for logs and tests)."""
+
+    def health(self) -> dict[str, Any]:
+        """What `/health` shows of the executor (e.g. `spare_engines`); {} when nothing to add."""

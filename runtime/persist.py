@@ -103,15 +103,33 @@ def save_profile(state_dir: str | Path, profile: Profile) -> Path:
                              sort_keys=True)
 
 
+# path -> (inode, mtime_ns, size, profile): every planning pass asks for every model's profiles,
+# which change only when the profiler writes one (an atomic rename: a new inode)
+_PROFILE_CACHE: dict[Path, tuple[int, int, int, Profile | None]] = {}
+
+
 def load_profile(state_dir: str | Path, model: str, tp: int, device: str,
                  threads: int = 1) -> Profile | None:
-    """The stored profile for the key, or None when none was measured (or the file is unreadable)."""
+    """The stored profile for the key, or None when none was measured (or the file is unreadable).
+    Read from disk only when the file changed since the last call (a stat per call)."""
     path = profile_path(state_dir, model, tp, device, threads)
     try:
-        prof = Profile.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        st = path.stat()
+    except OSError:
+        _PROFILE_CACHE.pop(path, None)
         return None
-    return prof if prof.threads == threads else None
+    hit = _PROFILE_CACHE.get(path)
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if hit is not None and hit[:3] == stamp:
+        return hit[3]
+    try:
+        prof: Profile | None = Profile.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        prof = None
+    if prof is not None and prof.threads != threads:
+        prof = None
+    _PROFILE_CACHE[path] = (*stamp, prof)
+    return prof
 
 
 def load_profiles(state_dir: str | Path) -> dict[tuple, Profile]:

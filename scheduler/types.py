@@ -83,6 +83,10 @@ class SimRequest:
     prompt_len: int
     output_len: int
     generated: int = 0
+    # dependent requests (issue 13, planned in a later change): earliest admission and the
+    # (model, rid) of the requests whose output its prompt takes in
+    arrival_s: float = 0.0
+    upstream: tuple[tuple[str, int], ...] = ()
 
     @property
     def remaining(self) -> int:
@@ -186,6 +190,8 @@ class Stage:
     # predicted finish time of each model if it ran alone on this plan (for Gantt and diagnostics)
     predicted_finish_s: dict[str, float] = field(default_factory=dict)
     restarts: list[str] = field(default_factory=list)  # models (re)started at start_s
+    # model -> the models whose outputs some of its requests wait for in this stage
+    waits_on: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 An engine run is a plan kept across consecutive stages (no restart); it is drawn on each of its
 devices from the stage it started in to the stage it stopped after. Several schedules go in one
-figure, one panel each, on a shared time axis. matplotlib (Agg backend, no display); the format
+figure, one panel each, on a shared time axis. A stage in which a model waits for another's outputs
+(dependent requests, `Stage.waits_on`) is marked on that model's bar with "waits on ...". matplotlib (Agg backend, no display); the format
 follows the file name's extension (.png, .svg, .pdf).
 """
 
@@ -42,6 +43,18 @@ def engine_runs(schedule: Schedule) -> list[EngineRun]:
     return sorted(out, key=lambda r: (r.start_s, r.plan.model))
 
 
+def stage_waits(schedule: Schedule) -> list[tuple[float, ExecPlan, list[str]]]:
+    """(stage start, the waiting model's plan in that stage, the models it waits on), per stage and
+    model of `Stage.waits_on` that runs in the stage."""
+    out = []
+    for st in schedule.stages:
+        for p in st.plans:
+            ups = st.waits_on.get(p.model)
+            if ups:
+                out.append((st.start_s, p, list(ups)))
+    return out
+
+
 def write_gantt(schedules: dict[str, Schedule], pool: DevicePool, path: str | Path) -> Path:
     import matplotlib
 
@@ -73,6 +86,9 @@ def write_gantt(schedules: dict[str, Schedule], pool: DevicePool, path: str | Pa
                             fontsize=7, clip_on=True)
         for st in s.stages:
             ax.axvline(st.end_s, color="grey", linewidth=0.5, linestyle=":")
+        for start, plan, ups in stage_waits(s):
+            ax.annotate(f"waits on {', '.join(ups)}", (start, row[plan.devices[0]] - 0.42),
+                        fontsize=6, va="top", ha="left", color="dimgrey", clip_on=True)
         origin = f" (stages of {s.origin[9:]})" if s.origin.startswith("baseline:") else ""
         ax.set_title(f"{name}{origin}: makespan {s.makespan_s:,.0f} s", fontsize=9, loc="left")
         ax.set_yticks(range(len(ids)), [f"{pool.kind}{d}" for d in ids], fontsize=7)

@@ -40,6 +40,22 @@ class SlotState(enum.IntEnum):
         return self in (SlotState.STARTING, SlotState.RUNNING)
 
 
+# Who may follow whom. STOPPING -> STOPPING: a stop that an interrupted pass left half done is
+# finished by `close()` (`EngineSlots.stop(force=True)`). STOPPED and FAILED are final.
+SLOT_MOVES: dict[SlotState, tuple[SlotState, ...]] = {
+    SlotState.STARTING: (SlotState.RUNNING, SlotState.STOPPING, SlotState.FAILED),
+    SlotState.RUNNING: (SlotState.SLEEPING, SlotState.STOPPING, SlotState.FAILED),
+    SlotState.SLEEPING: (SlotState.RUNNING, SlotState.STOPPING),
+    SlotState.STOPPING: (SlotState.STOPPING, SlotState.STOPPED),
+    SlotState.STOPPED: (),
+    SlotState.FAILED: (),
+}
+
+
+class SlotTransitionError(RuntimeError):
+    """A slot was moved to a state that may not follow its own (a bug in the executor)."""
+
+
 @dataclass(eq=False)
 class Slot:
     sid: int
@@ -51,8 +67,13 @@ class Slot:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # launch, then the dispatch loop
     # most engines seen starting at once while this one started (itself included): its measured
-    # start is divided by the pool's contention factor for that many (`slots.EngineSlots._apply`)
+    # start is divided by the pool's contention factor for that many (`slots.EngineSlots.apply`)
     starting_with: int = 1
+
+    def move(self, to: SlotState) -> None:
+        if to not in SLOT_MOVES[self.state]:
+            raise SlotTransitionError(f"slot {self.sid} ({self.model}): {self.state.name} -> {to.name}")
+        self.state = to
 
     @property
     def model(self) -> str:
@@ -97,7 +118,7 @@ async def run_slot(slot: Slot, host: SlotHost) -> None:
     except Exception as exc:  # EngineError (bad path, OOM, timeout) or anything the launcher raised
         host.slot_start_failed(slot, str(exc) or type(exc).__name__)
         return
-    slot.state = SlotState.RUNNING
+    slot.move(SlotState.RUNNING)
     host.slot_started(slot)
     await serve_slot(slot, host)
 
@@ -135,7 +156,8 @@ async def _watch_exit(slot: Slot, host: SlotHost) -> None:
 async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
     assert slot.engine is not None
     try:
-        payload = req.item.body  # read back from the stored input file only now (see WorkItem)
+        # read back from the stored input file only now (see WorkItem), upstream outputs filled in
+        payload = req.body()
     except (OSError, ValueError, KeyError, TypeError) as exc:  # input file gone or rewritten
         del slot.inflight[req]
         slot.wake.set()

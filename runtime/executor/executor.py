@@ -39,13 +39,14 @@ import asyncio
 import dataclasses
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from runtime.clock import SYSTEM, Clock, wait_event
 from runtime.config import STRATEGIES, Config
 from runtime.engines.devices import discover_pool
-from runtime.executor.dispatch import Slot, SlotState
+from runtime.executor.deps import DEPENDENCY_FAILED, BatchGraph
+from runtime.executor.dispatch import Slot
 from runtime.engines.engine import Launcher
 from runtime.executor_api import Outcome, OutcomeSink, WorkItem
 from runtime.persist import (alone_start_s, blend, load_length_model, load_start_times,
@@ -62,6 +63,8 @@ ARRIVAL_PASS_INTERVAL_S = 1.0  # least time between the end of a pass and one fo
 STORE_RETRY_S = (0.1, 2.0)  # first and longest wait between attempts to store an outcome
 
 Planner = Callable[[PlanningProblem, str], Schedule]
+# what a pass plans: requests queued, sent, or waiting for upstream ones (their start is predicted)
+PLANNED = (ReqState.WAITING, ReqState.QUEUED, ReqState.INFLIGHT)
 
 
 def infeasible_models(planner: Planner, problem: PlanningProblem, strategy: str) -> set[str]:
@@ -79,12 +82,14 @@ def infeasible_models(planner: Planner, problem: PlanningProblem, strategy: str)
     return bad
 
 
-class PoolExecutor(EngineSlots):
+class PoolExecutor:
     """The `runtime.executor_api.Executor` implementation (see the module docstring)."""
 
     def __init__(self, cfg: Config, launcher: Launcher, *, planner: Planner = plan,
-                 state_dir: Path | None = None, pool: DevicePool | None = None) -> None:
+                 state_dir: Path | None = None, pool: DevicePool | None = None,
+                 clock: Clock = SYSTEM) -> None:
         self.cfg = cfg
+        self.clock = clock
         self.launcher = launcher
         self.queues = ModelQueues()
         self.pool = pool  # None: discovered by start()
@@ -95,7 +100,8 @@ class PoolExecutor(EngineSlots):
         self._batches: dict[str, BatchState] = {}
         self._pools: list[Pool] = []  # FIFO; the head is the active one
         self._delivering: set[asyncio.Task] = set()
-        self._init_slots()
+        self.slots = EngineSlots(cfg, self, self.state_dir)
+        self.slots.pool = pool
         self._reasons: list[str] = []
         self._pass_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
@@ -103,6 +109,7 @@ class PoolExecutor(EngineSlots):
         self._closing = False
         # measured engine starts per (model, tp), kept across restarts (runtime.persist)
         self._start_times = load_start_times(self.state_dir)
+        self._saved: tuple[dict, dict] = (self._lengths.to_dict(), dict(self._start_times))
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
 
@@ -113,13 +120,13 @@ class PoolExecutor(EngineSlots):
     # -- Executor protocol -----------------------------------------------------------------------
     async def start(self) -> None:
         if self.pool is None:
-            self.pool = discover_pool(self.cfg)
+            self.pool = self.slots.pool = discover_pool(self.cfg)
         await self.launcher.start()  # spare engine processes, /dev/shm left by a predecessor
         self._control = asyncio.create_task(self._control_loop(), name="executor-control")
         log.info("executor ready: %s devices %s", self.pool.kind, list(self.pool.ids))
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
-               strategy: str | None = None) -> None:
+               strategy: str | None = None, known: Mapping[str, Outcome] | None = None) -> None:
         if self._closing:
             raise RuntimeError("executor is closed")
         strategy = strategy or self.cfg.scheduler.strategy
@@ -129,6 +136,10 @@ class PoolExecutor(EngineSlots):
         if old is not None and not old.finished.is_set():
             raise ValueError(f"batch {batch_id} is already running")
         batch = BatchState(batch_id, sink, strategy, [Req(batch_id, it) for it in items])
+        doomed: dict[Req, str] = {}
+        if any(it.depends_on for it in items):
+            batch.graph = BatchGraph(batch.reqs, known)
+            doomed = dict(batch.graph.doomed)
         self._batches[batch_id] = batch
         if self._pools and self._pools[-1].strategy == strategy:
             pool = self._pools[-1]
@@ -136,13 +147,19 @@ class PoolExecutor(EngineSlots):
             pool = Pool(strategy)
             self._pools.append(pool)
         pool.batches.append(batch)
-        self._emit("batch_submitted", [batch], requests=len(batch.reqs), strategy=strategy,
+        self.emit("batch_submitted", [batch], requests=len(batch.reqs), strategy=strategy,
                    pooled_with=[b for b in pool.batch_ids if b != batch_id])
         for req in batch.reqs:
             if self.cfg.model(req.model) is None:
+                self._leave_waiting(batch, req)
                 self._fail_queued(req, "model_not_found", f"model {req.model!r} is not configured")
+            elif req in doomed:  # an upstream request failed before a restart
+                self._fail_queued(req, DEPENDENCY_FAILED, doomed[req])
+            elif req.state is ReqState.WAITING:
+                if pool.active:
+                    self._count_waiting(req.model, 1)
             elif pool.active:
-                self._push(req)
+                self.push(req)
         batch.check_finished()
         self._request_pass(f"batch_submitted:{batch_id}")
 
@@ -153,7 +170,7 @@ class PoolExecutor(EngineSlots):
         batch.cancelled = True
         self._pulse_store_retry()  # its stalled outcomes stop waiting for the disk
         aborted: list[asyncio.Task] = []
-        for slot in self._slots:
+        for slot in self.slots:
             for req in [r for r in slot.inflight if r.batch_id == batch_id]:
                 task = slot.inflight.pop(req)
                 req.cancel()
@@ -161,10 +178,11 @@ class PoolExecutor(EngineSlots):
                 aborted.append(task)
             slot.wake.set()
         for req in batch.reqs:
-            if req.state is ReqState.QUEUED:
+            if req.state in (ReqState.QUEUED, ReqState.WAITING):
+                self._leave_waiting(batch, req)
                 req.cancel()
         self.queues.purge()
-        self._emit("batch_cancelled", [batch], aborted=len(aborted))
+        self.emit("batch_cancelled", [batch], aborted=len(aborted))
         batch.finished.set()
         # wait for aborted requests and for outcomes being delivered; then let a pass free engines
         pending = [r.task for r in batch.reqs if r.task is not None and not r.task.done()]
@@ -185,18 +203,25 @@ class PoolExecutor(EngineSlots):
             self._control.cancel()
             await asyncio.gather(self._control, return_exceptions=True)
         # the cancelled pass may have left slots half-stopped: finish every one of them here
-        slots = list(self._slots)
-        await asyncio.gather(*(self._stop_slot(s, "close", force=True) for s in slots),
-                             return_exceptions=True)
+        slots = list(self.slots)
+        await self.slots.stop_all("close", force=True)
         # outcomes already answered are still delivered (the gateway closes its journals after us)
         reporting = [r.task for b in self._batches.values() for r in b.reqs
                      if r.state is ReqState.REPORTING]
-        await settle(*(s.task for s in slots), *self._dying, *self._delivering, *reporting)
+        await settle(*(s.task for s in slots), *self.slots.dying, *self._delivering, *reporting)
         await self.launcher.close()
         await self._save_learned()
         for waiter in self._pass_waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def health(self) -> dict[str, Any]:
+        spares = self._spares()
+        if spares is None:
+            return {}
+        # ready = an engine start now skips the API server's import
+        return {"spare_engines": {"ready": spares.ready_count(), "target": spares.size,
+                                  "import_s": round(spares.import_s(), 2)}}
 
     def _spares(self) -> Any:
         return self.launcher.spares  # runtime.engines.spares.SparePool, when configured
@@ -224,14 +249,13 @@ class PoolExecutor(EngineSlots):
                 # stored as a start in a spare (what the planner assumes while one is ready)
                 alone_s = max(1.0, alone_s - spares.import_s())
             self._start_times[key] = blend(self._start_times.get(key), alone_s)
-        self._emit("engine_started", **slot.describe(), start_s=start_s,
+        self.emit("engine_started", **slot.describe(), start_s=start_s,
                    starting_with=slot.starting_with, alone_start_s=alone_s,
                    spare=slot.engine.spare_used)
 
     def slot_start_failed(self, slot: Slot, message: str) -> None:
-        slot.state = SlotState.FAILED
-        self._slots.remove(slot)
-        self._emit("engine_start_failed", **slot.describe(), message=message[-2000:])
+        self.slots.fail(slot)
+        self.emit("engine_start_failed", **slot.describe(), message=message[-2000:])
         log.error("engine for %s on %s failed to start:\n%s", slot.model, slot.spec.devices, message)
         for req in self.queues.drain(slot.model):
             self._fail_queued(req, "engine_start_failed", message)
@@ -240,10 +264,8 @@ class PoolExecutor(EngineSlots):
     def slot_died(self, slot: Slot, message: str) -> None:
         if not slot.state.active:
             return  # already stopping (we asked) or handled
-        slot.state = SlotState.FAILED
-        self._slots.remove(slot)
-        reqs = self._take_inflight(slot)
-        self._emit("engine_failed", **slot.describe(), message=message, requeued=len(reqs))
+        reqs = self.slots.fail(slot)
+        self.emit("engine_failed", **slot.describe(), message=message, requeued=len(reqs))
         log.error("engine for %s on %s died: %s", slot.model, slot.spec.devices, message)
         for req in reqs:
             req.requeue()
@@ -253,11 +275,11 @@ class PoolExecutor(EngineSlots):
                                   f"the engine died {req.failures} times under this request; "
                                   f"last: {message}")
         for req in reversed([r for r in reqs if r.state is ReqState.QUEUED]):
-            self._push(req, front=True)
+            self.push(req, front=True)
         if slot.task is not None and slot.task is not asyncio.current_task():
             slot.task.cancel()
         if slot.engine is not None:  # reap the process group; its devices are busy until then
-            self._reap(slot.engine)
+            self.slots.reap(slot.engine)
         self._request_pass(f"engine_failed:{slot.model}")
 
     def request_dropped(self, slot: Slot, req: Req, message: str) -> None:
@@ -272,15 +294,17 @@ class PoolExecutor(EngineSlots):
             self._fail_queued(req, "engine_error", f"the connection to the engine broke "
                               f"{req.failures} times under this request; last: {message}")
         else:
-            self._push(req, front=True)
+            self.push(req, front=True)
 
     def check_drained(self, model: str) -> None:
         if self.queues.finish_signalled.get(model, True) or self.queues.has_queued(model):
             return
-        if any(s.inflight for s in self._slots if s.model == model):
+        if self.queues.waiting.get(model, 0) > 0:  # requests wait for upstream ones: not finished
+            return
+        if any(s.inflight for s in self.slots if s.model == model):
             return
         self.queues.finish_signalled[model] = True
-        self._emit("model_finished", model=model)
+        self.emit("model_finished", model=model)
         self._request_pass(f"model_finished:{model}")
 
     async def finish(self, req: Req, outcome: Outcome) -> None:
@@ -288,11 +312,9 @@ class PoolExecutor(EngineSlots):
         await self._deliver(req, outcome)
 
     # -- requests ------------------------------------------------------------------------------
-    def _push(self, req: Req, front: bool = False) -> None:
+    def push(self, req: Req, front: bool = False) -> None:
         self.queues.push(req, front)
-        for slot in self._slots:
-            if slot.model == req.model:
-                slot.wake.set()
+        self.slots.wake(req.model)
 
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
         """An error outcome for a request that no engine will answer."""
@@ -316,8 +338,10 @@ class PoolExecutor(EngineSlots):
             return  # shutting down: not journaled, so it runs again after the restart
         req.done()
         batch.closed_one()
+        if batch.graph is not None and not batch.cancelled:
+            self._release_dependents(batch, req, outcome)
         if not batch.cancelled and batch.check_finished():
-            self._emit("batch_finished", [batch])
+            self.emit("batch_finished", [batch])
         if batch.finished.is_set():
             self._forget(batch)
         if self._pools and batch in self._pools[0].batches and not self._pools[0].has_open():
@@ -336,14 +360,11 @@ class PoolExecutor(EngineSlots):
                     if batch.cancelled or self._closing:
                         return False
                     if not self._stalled:
-                        self._emit("storage_stalled", message=f"{type(exc).__name__}: {exc}")
+                        self.emit("storage_stalled", message=f"{type(exc).__name__}: {exc}")
                         log.error("outcomes cannot be stored (%s): dispatch paused until they can",
                                   exc)
                     self._stalled.add(req)
-                try:
-                    await asyncio.wait_for(self._store_retry.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self.clock, self._store_retry, wait)
                 wait = min(STORE_RETRY_S[1], wait * 2)
         finally:
             if req in self._stalled:
@@ -351,10 +372,44 @@ class PoolExecutor(EngineSlots):
                 if not self._stalled:
                     self._pulse_store_retry()
                     if not self._closing:
-                        self._emit("storage_resumed")
+                        self.emit("storage_resumed")
                         log.warning("outcomes are stored again: dispatch resumed")
-                    for slot in self._slots:
-                        slot.wake.set()
+                    self.slots.wake()
+
+    # -- dependent requests (runtime.executor.deps) ------------------------------------------------
+    def _head_active(self, batch: BatchState) -> bool:
+        return bool(self._pools) and self._pools[0].active and batch in self._pools[0].batches
+
+    def _count_waiting(self, model: str, n: int) -> None:
+        self.queues.waiting[model] = self.queues.waiting.get(model, 0) + n
+
+    def _leave_waiting(self, batch: BatchState, req: Req) -> None:
+        """`req` stops waiting for its upstream requests (released, failed or cancelled)."""
+        if req.state is not ReqState.WAITING:
+            return
+        if batch.graph is not None:
+            batch.graph.forget(req)
+        if self._head_active(batch):
+            self._count_waiting(req.model, -1)
+
+    def _release_dependents(self, batch: BatchState, req: Req, outcome: Outcome) -> None:
+        """`req`'s outcome is durable: queue the dependents it completed, fail those it cannot feed."""
+        change = batch.graph.finished(req, outcome)
+        for dep, message in change.failed:
+            self._leave_waiting(batch, dep)
+            self._fail_queued(dep, DEPENDENCY_FAILED, message)
+        models = set()
+        for dep in change.ready:
+            self._leave_waiting(batch, dep)
+            dep.release()
+            if self._head_active(batch):
+                self.push(dep)
+                models.add(dep.model)
+        # a released model with no engine needs a pass to get one (one with an engine just goes on)
+        for m in sorted(models):
+            if not any(s.model == m and s.state.active for s in self.slots):
+                self._request_pass(f"released:{m}")
+            self.check_drained(m)
 
     def _pulse_store_retry(self) -> None:
         """Wake every stalled outcome for an attempt now (space came back, a cancel, a close)."""
@@ -364,11 +419,16 @@ class PoolExecutor(EngineSlots):
     async def _save_learned(self) -> None:
         """Learned lengths and start times, best effort: a full disk must not stop a pass (they are
         saved again at the next one)."""
+        learned = (self._lengths.to_dict(), dict(self._start_times))
+        if learned == self._saved:  # most passes learned nothing new: no rewrite, no fsync
+            return
         try:
             await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
-            await asyncio.to_thread(save_start_times, self.state_dir, dict(self._start_times))
+            await asyncio.to_thread(save_start_times, self.state_dir, learned[1])
         except OSError as exc:
             log.warning("could not save learned lengths/start times (%s); kept in memory", exc)
+            return
+        self._saved = learned
 
     def _forget(self, batch: BatchState) -> None:
         """Drop a finished batch's requests (its events stay for `events()`); bound the history."""
@@ -412,9 +472,9 @@ class PoolExecutor(EngineSlots):
                 # are dispatched already); a stream of small batches would otherwise keep the
                 # planner busy back to back and starve the gateway of CPU. Engine events and model
                 # finishes never wait. Arrivals during the pause join the same pass.
-                pause = last_pass_end + ARRIVAL_PASS_INTERVAL_S - time.monotonic()
+                pause = last_pass_end + ARRIVAL_PASS_INTERVAL_S - self.clock.monotonic()
                 if pause > 0:
-                    await asyncio.sleep(pause)
+                    await self.clock.sleep(pause)
             self._wake.clear()
             reasons, self._reasons = self._reasons, []
             waiters, self._pass_waiters = self._pass_waiters, []
@@ -425,7 +485,7 @@ class PoolExecutor(EngineSlots):
             except Exception:
                 log.exception("executor pass failed (reasons %s)", reasons)
             finally:
-                last_pass_end = time.monotonic()
+                last_pass_end = self.clock.monotonic()
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
@@ -443,15 +503,16 @@ class PoolExecutor(EngineSlots):
             for batch in head.batches:
                 for req in batch.reqs:
                     if req.state is ReqState.QUEUED:
-                        self._push(req)
+                        self.push(req)
+                    elif req.state is ReqState.WAITING:
+                        self._count_waiting(req.model, 1)
         return head
 
     async def _pass(self, reasons: list[str]) -> None:
         head = self._active_pool()
-        todo = [r for r in head.open_reqs() if r.state in (ReqState.QUEUED, ReqState.INFLIGHT)] \
-            if head else []
+        todo = [r for r in head.open_reqs() if r.state in PLANNED] if head else []
         if not todo:  # nothing left to run: free every device, keep what was learned
-            await asyncio.gather(*(self._stop_slot(s, "no work") for s in list(self._slots)))
+            await self.slots.stop_all("no work")
             await self._save_learned()
             return
         assert head is not None
@@ -459,8 +520,8 @@ class PoolExecutor(EngineSlots):
         if schedule is None:
             return
         has_work = {r.model for r in todo}
-        await self._apply(schedule.stages[0] if schedule.stages else None, has_work)
-        if not any(s.state.active for s in self._slots) and not self._dying:
+        await self.slots.apply(schedule.stages[0] if schedule.stages else None, has_work)
+        if not self.slots.any_active() and not self.slots.dying:
             # nothing runs and nothing will produce an event: the plan left queued work stranded
             for req in [r for r in head.open_reqs() if r.state is ReqState.QUEUED]:
                 self._fail_queued(req, "planning_failed", "the plan runs no engine for this model")
@@ -469,19 +530,19 @@ class PoolExecutor(EngineSlots):
         assert self.pool is not None
         head.plans += 1
         await self._save_learned()
-        alive = [s.key for s in self._slots if s.state.active]
+        alive = self.slots.active_keys()
         ready, no_spare_s = self._spare_state()
         problem = plan_problem(self.cfg, self.pool, self._specs, self.state_dir, todo,
                                self._lengths, self._start_times, head.plans, running_plans(alive),
                                ready, no_spare_s)
         work = problem.work
-        t0 = time.monotonic()
+        t0 = self.clock.monotonic()
         try:
             schedule = await asyncio.to_thread(self._planner, problem, head.strategy)
         except Exception as exc:  # e.g. InfeasibleError: a model fits no plan on these devices
             log.exception("planner failed (%s)", head.strategy)
             bad = await asyncio.to_thread(infeasible_models, self._planner, problem, head.strategy)
-            self._emit("plan_failed", strategy=head.strategy, message=str(exc),
+            self.emit("plan_failed", strategy=head.strategy, message=str(exc),
                        models=sorted(bad or work))
             for req in [r for r in todo if r.state is ReqState.QUEUED]:
                 if not bad or req.model in bad:
@@ -490,21 +551,21 @@ class PoolExecutor(EngineSlots):
                 self._request_pass("planning_failed")  # plan the others without them
             return None
         first = schedule.stages[0] if schedule.stages else None
-        self._emit("plan" if head.plans == 1 else "replan", strategy=head.strategy,
+        self.emit("plan" if head.plans == 1 else "replan", strategy=head.strategy,
                    reasons=reasons, stage=describe_stage(first) if first else [],
                    stages=len(schedule.stages), predicted_makespan_s=schedule.makespan_s,
-                   planning_time_s=round(time.monotonic() - t0, 4),
+                   planning_time_s=round(self.clock.monotonic() - t0, 4),
                    remaining={m: len(w) for m, w in work.items()},
                    running=[{"model": k[0], "tp": k[1], "devices": list(k[2])} for k in alive])
         return schedule
 
     # -- events -----------------------------------------------------------------------------------
-    def _emit(self, kind: str, batches: list[BatchState] | None = None, **data: Any) -> None:
+    def emit(self, kind: str, batches: list[BatchState] | None = None, **data: Any) -> None:
         """Record an event for `batches` (default: every batch of the active pool) and log it."""
         if batches is None:
             batches = [b for b in self._pools[0].batches if not b.finished.is_set()] \
                 if self._pools else []
-        event = {"time": round(time.time(), 3), "event": kind, **data}
+        event = {"time": round(self.clock.time(), 3), "event": kind, **data}
         for b in batches:
             b.events.append(event)
         log.info("%s %s", kind, {k: v for k, v in data.items() if k != "message"} | (

@@ -1,7 +1,8 @@
 """From the executor's observed state to a `PlanningProblem`, and from a plan's first stage to engines.
 
 Planning inputs (all observed, never the submission-time guesses):
-- work: every unfinished request of the active pool (queued or in flight), its output length drawn
+- work: every unfinished request of the active pool (waiting for upstream requests, queued or in
+  flight; a waiting one names them, `sample_work`), its output length drawn
   from the learned `LengthModel` (updated by every finished request) and capped by its `max_tokens`;
   in-flight requests count from scratch (the engine does not tell us how far they are);
 - running: the plans of the engines alive now, so the planner can keep them (no reload);
@@ -21,7 +22,7 @@ import numpy as np
 
 from runtime.persist import load_profile
 from runtime.config import Config
-from runtime.executor.pool_state import Req
+from runtime.executor.pool_state import Req, ReqState
 from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
 from scheduler.lengths import LengthModel
@@ -164,10 +165,15 @@ class KvBytes:
 def sample_work(reqs: Sequence[Req], lengths: LengthModel,
                 rng: np.random.Generator) -> dict[str, list[SimRequest]]:
     """SimRequests per model (rid = position in `reqs`), output lengths drawn from `lengths` and
-    capped by each request's max_tokens; an embedding request is one forward pass (length 1)."""
+    capped by each request's max_tokens; an embedding request is one forward pass (length 1).
+    A dependent request's prompt is its own tokens plus the outputs of its upstream requests that
+    finished; those still in `reqs` are its `upstream` (the planner adds their drawn outputs and
+    starts it after their predicted finish)."""
     groups: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(reqs):
         groups.setdefault((r.model, r.item.url), []).append(i)
+    index = {(r.batch_id, r.item.custom_id): i for i, r in enumerate(reqs)} \
+        if any(r.state is ReqState.WAITING for r in reqs) else {}
     work: dict[str, list[SimRequest]] = {}
     for (model, url), idx in sorted(groups.items()):
         caps = np.array([max(1, reqs[i].item.max_tokens) for i in idx], dtype=np.int64)
@@ -176,9 +182,19 @@ def sample_work(reqs: Sequence[Req], lengths: LengthModel,
         else:
             outs = np.minimum(lengths.sample(model, url, caps, rng), caps)
         work.setdefault(model, []).extend(
-            SimRequest(rid=i, prompt_len=max(1, reqs[i].item.prompt_tokens), output_len=max(1, int(o)))
+            SimRequest(rid=i, prompt_len=max(1, reqs[i].item.prompt_tokens + reqs[i].known_tokens),
+                       output_len=max(1, int(o)), upstream=_upstream(reqs, i, index))
             for i, o in zip(idx, outs))
     return work
+
+
+def _upstream(reqs: Sequence[Req], i: int, index: dict[tuple[str, str], int]
+              ) -> tuple[tuple[str, int], ...]:
+    r = reqs[i]
+    if r.state is not ReqState.WAITING or not index:
+        return ()
+    ups = (index.get((r.batch_id, cid)) for cid in r.item.depends_on)
+    return tuple((reqs[j].model, j) for j in ups if j is not None)
 
 
 def running_plans(keys: Iterable[ReplicaKey]) -> dict[str, ExecPlan]:

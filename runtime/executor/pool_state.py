@@ -1,6 +1,7 @@
 """The executor's bookkeeping: requests, batches, pools of batches, per-model queues.
 
-Pure state with guarded transitions (no engines, no I/O). One request moves
+Pure state with guarded transitions (no engines, no I/O). A request that depends on others of its
+batch starts WAITING (`runtime.executor.deps`) and is QUEUED when they completed. One request moves
 QUEUED -> INFLIGHT -> (QUEUED again after a preemption or an engine death) -> REPORTING -> DONE;
 CANCELLED from QUEUED or INFLIGHT, or from REPORTING when its batch was cancelled before the outcome
 could be made durable. A request counts as DONE only once its batch's sink returned.
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.executor_api import OutcomeSink, WorkItem
+from runtime.placeholders import substitute
 
 
 class ReqState(enum.IntEnum):
+    WAITING = -1  # for upstream requests of its batch (depends_on); not in any queue
     QUEUED = 0
     INFLIGHT = 1
     REPORTING = 2  # the engine answered; the sink is being awaited (never aborted)
@@ -45,6 +48,9 @@ class Req:
     attempts: int = 0  # times sent to an engine (preemptions and failures included)
     failures: int = 0  # times its engine died under it (bounded by limits.max_retries)
     task: asyncio.Task | None = None  # the task sending it or reporting its outcome (cancel awaits it)
+    # upstream custom_id -> its generated text, put in the body's placeholders when sent
+    inputs: dict[str, str] = field(default_factory=dict)
+    known_tokens: int = 0  # output tokens of the upstream requests finished (planning: prompt)
 
     @property
     def model(self) -> str:
@@ -55,6 +61,17 @@ class Req:
             raise TransitionError(f"{self.item.custom_id}: {self.state.name} -> {to.name}")
         self.state = to
 
+    def body(self) -> dict[str, Any]:
+        """The body sent to the engine: the stored one, its placeholders filled in."""
+        body = self.item.body
+        return substitute(body, self.item.url, self.inputs) if self.inputs else body
+
+    def wait(self) -> None:
+        self._move((ReqState.QUEUED,), ReqState.WAITING)
+
+    def release(self) -> None:
+        self._move((ReqState.WAITING,), ReqState.QUEUED)
+
     def dispatch(self) -> None:
         self._move((ReqState.QUEUED,), ReqState.INFLIGHT)
         self.attempts += 1
@@ -63,14 +80,14 @@ class Req:
         self._move((ReqState.INFLIGHT,), ReqState.QUEUED)
 
     def report(self) -> None:
-        # QUEUED -> REPORTING: an error outcome for a request that never reached an engine
-        self._move((ReqState.QUEUED, ReqState.INFLIGHT), ReqState.REPORTING)
+        # QUEUED/WAITING -> REPORTING: an error outcome for a request that never reached an engine
+        self._move((ReqState.WAITING, ReqState.QUEUED, ReqState.INFLIGHT), ReqState.REPORTING)
 
     def done(self) -> None:
         self._move((ReqState.REPORTING,), ReqState.DONE)
 
     def cancel(self) -> None:
-        self._move((ReqState.QUEUED, ReqState.INFLIGHT), ReqState.CANCELLED)
+        self._move((ReqState.WAITING, ReqState.QUEUED, ReqState.INFLIGHT), ReqState.CANCELLED)
 
     def abandon(self) -> None:
         """Its batch was cancelled while its outcome could not be stored: it is reported as
@@ -88,6 +105,7 @@ class BatchState:
     cancelled: bool = False
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     open_count: int = -1  # requests without an outcome yet (a counter: checked at every outcome)
+    graph: Any = None  # its `runtime.executor.deps.BatchGraph` when some request depends on another
 
     def __post_init__(self) -> None:
         self.open_count = len(self.reqs)
@@ -139,6 +157,8 @@ class ModelQueues:
     def __init__(self) -> None:
         self._q: dict[str, deque[Req]] = {}
         self.finish_signalled: dict[str, bool] = {}
+        # WAITING requests per model (active pool): a model with some is not finished
+        self.waiting: dict[str, int] = {}
 
     def push(self, req: Req, front: bool = False) -> None:
         q = self._q.setdefault(req.model, deque())

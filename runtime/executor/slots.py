@@ -1,7 +1,9 @@
 """The executor's engine replicas ("slots"): apply a plan's stage, start, stop, sleep, wake.
 
-`EngineSlots` is mixed into `PoolExecutor`; it uses the executor's `cfg`, `pool`, `state_dir`,
-`launcher`, `_slots`, `_sid`, `_push` (re-queue a request) and `_emit` (record an event).
+`EngineSlots` is a part of the executor (composed, not mixed in): it owns the list of slots and
+every engine start, stop, sleep and wake; what it needs of the executor is `SlotOwner` (re-queue a
+request, record an event, hear of a failed start), which is also the slots' `dispatch.SlotHost`.
+Every state change of a slot goes through `Slot.move` (guarded, `dispatch.SLOT_MOVES`).
 
 No orphans: an engine is stopped by exactly one task (`_reap`) that nothing cancels, and whoever
 waits for a stop or a slot task waits with `settle` (never `gather`, whose cancellation would cancel
@@ -14,13 +16,13 @@ import asyncio
 import itertools
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from runtime.executor import dispatch
 from runtime.config import Config
 from runtime.engines.devices import engine_device_kind
-from runtime.executor.dispatch import Slot, SlotState
-from runtime.engines.engine import EngineSpec, Launcher
+from runtime.executor.dispatch import Slot, SlotHost, SlotState
+from runtime.engines.engine import EngineSpec
 from runtime.executor.pool_state import Req
 from runtime.executor.planning import ReplicaKey, stage_replicas
 from scheduler.types import DevicePool, Stage
@@ -46,26 +48,48 @@ async def stop_task(task: asyncio.Task | None) -> None:
     await settle(task)
 
 
+class SlotOwner(SlotHost, Protocol):
+    """What `EngineSlots` needs of the executor besides what a slot's dispatch loop needs."""
+
+    def push(self, req: Req, front: bool = False) -> None: ...
+    def emit(self, kind: str, **data: Any) -> None: ...
+
+
 class EngineSlots:
-    """Engine replicas of a `PoolExecutor` (which is also the slots' `dispatch.SlotHost`)."""
+    """The executor's engine replicas: `all` (starting, running or sleeping) and the stops still
+    in progress (`dying`: their devices are not free yet)."""
 
-    cfg: Config
-    pool: DevicePool | None
-    state_dir: Path
-    launcher: Launcher
-    _slots: list[Slot]
-    _sid: "itertools.count[int]"
-    _push: Callable[..., None]
-    _emit: Callable[..., None]
-    slot_start_failed: Callable[[Slot, str], None]
-
-    def _init_slots(self) -> None:
-        self._slots = []  # engines starting, running or sleeping
+    def __init__(self, cfg: Config, owner: SlotOwner, state_dir: Path) -> None:
+        self.cfg, self.owner, self.state_dir = cfg, owner, state_dir
+        self.pool: DevicePool | None = None  # set by the executor's start()
+        self.all: list[Slot] = []
         self._sid = itertools.count(1)
-        self._dying: set[asyncio.Task] = set()  # engine stops in progress (devices not free yet)
+        self.dying: set[asyncio.Task] = set()
         self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
 
-    def _take_inflight(self, slot: Slot) -> list[Req]:
+    def __iter__(self):
+        return iter(list(self.all))
+
+    def active_keys(self) -> list[ReplicaKey]:
+        return [s.key for s in self.all if s.state.active]
+
+    def any_active(self) -> bool:
+        return any(s.state.active for s in self.all)
+
+    def wake(self, model: str | None = None) -> None:
+        """Wake the dispatch loops (of `model`'s slots only, when given)."""
+        for s in self.all:
+            if model is None or s.model == model:
+                s.wake.set()
+
+    def fail(self, slot: Slot) -> list[Req]:
+        """Mark `slot` failed (its start failed or its engine died) and forget it; returns its
+        in-flight requests, now owned by the caller."""
+        slot.move(SlotState.FAILED)
+        self.all.remove(slot)
+        return self.take_inflight(slot)
+
+    def take_inflight(self, slot: Slot) -> list[Req]:
         """Pop (own) and abort every in-flight request of `slot`, in dispatch order."""
         reqs = list(slot.inflight)
         for task in slot.inflight.values():
@@ -76,39 +100,39 @@ class EngineSlots:
     def _preempt(self, slot: Slot) -> list[Req]:
         """Abort the slot's in-flight requests and put them back at the head of their queue, in
         order. A preemption is not a failure: no retry is consumed (the attempt is counted)."""
-        reqs = self._take_inflight(slot)
+        reqs = self.take_inflight(slot)
         for req in reversed(reqs):
             req.requeue()
-            self._push(req, front=True)
+            self.owner.push(req, front=True)
         return reqs
 
-    def _reap(self, engine: Any) -> asyncio.Task:
+    def reap(self, engine: Any) -> asyncio.Task:
         """Stop `engine` in a task of its own that nothing cancels: a stop cut short by a cancel
         (close() interrupting a pass) would leave its process group running. One task per engine."""
         task = self._reaping.get(id(engine))
         if task is None:
             task = asyncio.create_task(engine.stop(), name=f"stop-{getattr(engine, 'pid', '?')}")
             self._reaping[id(engine)] = task
-            self._dying.add(task)
+            self.dying.add(task)
 
             def done(t: asyncio.Task, key: int = id(engine)) -> None:
-                self._dying.discard(t)
+                self.dying.discard(t)
                 self._reaping.pop(key, None)
             task.add_done_callback(done)
         return task
 
-    async def _apply(self, stage: Stage | None, has_work: set[str]) -> None:
+    async def apply(self, stage: Stage | None, has_work: set[str]) -> None:
         """Make the engines match `stage`: keep replicas whose (model, tp, devices) it still wants,
         stop (or put to sleep) the others, wait until their devices are free, start the new ones
         (concurrently: each launch runs in its slot's task). `has_work`: models with requests left."""
         desired = stage_replicas(stage) if stage is not None else {}
-        keep = {s.key: s for s in self._slots if s.state.active and s.key in desired}
-        wake = {s.key: s for s in self._slots
+        keep = {s.key: s for s in self.all if s.state.active and s.key in desired}
+        wake = {s.key: s for s in self.all
                 if s.state is SlotState.SLEEPING and s.key in desired and s.key not in keep}
         new = [k for k in desired if k not in keep and k not in wake]
         needed = {d for k in new for d in k[2]}
         stops, sleeps = [], []
-        for s in self._slots:
+        for s in self.all:
             if s.key in keep or s.key in wake:
                 continue
             if s.state.active and self._may_sleep(s, needed, has_work):
@@ -116,21 +140,21 @@ class EngineSlots:
             elif s.state.active or s.state is SlotState.SLEEPING and (
                     needed & set(s.spec.devices) or s.model not in has_work):
                 stops.append(s)
-        await asyncio.gather(*(self._stop_slot(s, "re-plan") for s in stops),
-                             *(self._sleep_slot(s) for s in sleeps))
-        await settle(*self._dying)
+        await asyncio.gather(*(self.stop(s, "re-plan") for s in stops),
+                             *(self._sleep(s) for s in sleeps))
+        await settle(*self.dying)
         for slot in wake.values():
-            await self._wake_slot(slot)
+            await self._wake(slot)
         for key in new:
             if key[0] in has_work:
-                self._start_slot(key)
+                self.start(key)
         # every engine starting now competes with the others for the cores (or the host): each
         # remembers the most it saw, so its measured start can be normalised to an alone start
-        starting = [s for s in self._slots if s.state is SlotState.STARTING]
+        starting = [s for s in self.all if s.state is SlotState.STARTING]
         for s in starting:
             s.starting_with = max(s.starting_with, len(starting))
 
-    def _start_slot(self, key: ReplicaKey) -> None:
+    def start(self, key: ReplicaKey) -> None:
         assert self.pool is not None
         model, tp, devices = key
         mc = self.cfg.model(model)
@@ -146,30 +170,35 @@ class EngineSlots:
             confine=self.cfg.devices.confine_cpu_engines,
             log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")
         slot = Slot(sid, spec, limit=max(1, math.ceil(INFLIGHT_FACTOR * mc.max_num_seqs)))
-        self._slots.append(slot)
-        self._emit("engine_start", **slot.describe())
+        self.all.append(slot)
+        self.owner.emit("engine_start", **slot.describe())
         if path is None:
-            self.slot_start_failed(slot, f"model {model!r} has no `path` (plan-only model)")
+            self.owner.slot_start_failed(slot, f"model {model!r} has no `path` (plan-only model)")
             return
-        slot.task = asyncio.create_task(dispatch.run_slot(slot, self), name=f"slot-{sid}-{model}")
+        slot.task = asyncio.create_task(dispatch.run_slot(slot, self.owner),
+                                        name=f"slot-{sid}-{model}")
 
-    async def _stop_slot(self, slot: Slot, why: str, force: bool = False) -> None:
+    async def stop(self, slot: Slot, why: str, force: bool = False) -> None:
         """Preempt: re-queue its requests, stop the dispatch loop, reap the engine. `force` also
         finishes a stop that an interrupted pass left half done."""
         if slot.state in (SlotState.STOPPED, SlotState.FAILED) or (
                 slot.state is SlotState.STOPPING and not force):
             return
         resumed = slot.state is SlotState.STOPPING
-        slot.state = SlotState.STOPPING
+        slot.move(SlotState.STOPPING)
         reqs = self._preempt(slot)
         if not resumed:
-            self._emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
+            self.owner.emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
         await stop_task(slot.task)
         if slot.engine is not None:
-            await asyncio.shield(self._reap(slot.engine))
-        slot.state = SlotState.STOPPED
-        if slot in self._slots:
-            self._slots.remove(slot)
+            await asyncio.shield(self.reap(slot.engine))
+        slot.move(SlotState.STOPPED)
+        if slot in self.all:
+            self.all.remove(slot)
+
+    async def stop_all(self, why: str, force: bool = False) -> None:
+        await asyncio.gather(*(self.stop(s, why, force) for s in list(self.all)),
+                             return_exceptions=force)
 
     # -- GPU sleep mode (see dispatch.sleep_engine) -----------------------------------------------
     def _may_sleep(self, slot: Slot, needed: set[int], busy: set[str]) -> bool:
@@ -178,22 +207,22 @@ class EngineSlots:
         return (self.cfg.devices.sleep_mode and slot.spec.device_kind == "cuda"
                 and slot.model in busy and not needed & set(slot.spec.devices))
 
-    async def _sleep_slot(self, slot: Slot) -> None:
-        slot.state = SlotState.SLEEPING
+    async def _sleep(self, slot: Slot) -> None:
+        slot.move(SlotState.SLEEPING)
         reqs = self._preempt(slot)
         await stop_task(slot.task)
         assert slot.engine is not None
         if await dispatch.sleep_engine(slot.engine):
-            self._emit("engine_sleep", **slot.describe(), requeued=len(reqs))
+            self.owner.emit("engine_sleep", **slot.describe(), requeued=len(reqs))
         else:
-            await self._stop_slot(slot, "sleep failed")
+            await self.stop(slot, "sleep failed")
 
-    async def _wake_slot(self, slot: Slot) -> None:
+    async def _wake(self, slot: Slot) -> None:
         assert slot.engine is not None
         if await dispatch.wake_engine(slot.engine):
-            slot.state = SlotState.RUNNING
-            self._emit("engine_wake", **slot.describe())
-            slot.task = asyncio.create_task(dispatch.serve_slot(slot, self))
+            slot.move(SlotState.RUNNING)
+            self.owner.emit("engine_wake", **slot.describe())
+            slot.task = asyncio.create_task(dispatch.serve_slot(slot, self.owner))
         else:
-            await self._stop_slot(slot, "wake failed")
-            self._start_slot(slot.key)
+            await self.stop(slot, "wake failed")
+            self.start(slot.key)

@@ -39,7 +39,7 @@ class EchoExecutor:
             await self.cancel(bid)
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
-               strategy: str | None = None) -> None:
+               strategy: str | None = None, known: Any = None) -> None:
         self.submitted.setdefault(batch_id, []).extend(items)
         self.strategies[batch_id] = strategy
         tasks = self._tasks.setdefault(batch_id, [])
@@ -67,6 +67,9 @@ class EchoExecutor:
 
     def events(self, batch_id: str) -> list[dict[str, Any]]:
         return [{"event": "submit", "items": len(self.submitted.get(batch_id, []))}]
+
+    def health(self) -> dict[str, Any]:
+        return {}
 
 
 def _text(it: WorkItem) -> str:

@@ -55,11 +55,19 @@ def test_sigkill_real_gateway_mid_batch_then_restart(tiny_model_dir: Path, tmp_p
     cfg = _config(tmp_path / "c.toml", tmp_path / "state", port, tiny_model_dir)
     log = tmp_path / "serve.log"
     argv = [str(REPO / ".venv" / "bin" / "samullm"), "serve", "--config", str(cfg)]
-    n = 400
-    ids = [f"k{i}" for i in range(n)]
+    ups = [f"k{i}" for i in range(400)]
+    # dependents (issue 13) of requests journaled before the kill (k0-k19: their text then comes
+    # from the journal) and of requests run after the restart (k380-k399)
+    deps = {f"d{i}": f"k{i}" for i in [*range(20), *range(380, 400)]}
+    ids = ups + list(deps)
+    n = len(ids)
     body = b"".join(json.dumps({"custom_id": c, "method": "POST", "url": CHAT, "body": {
         "model": "tiny-a", "messages": [{"role": "user", "content": f"tell me about {c}"}],
-        "max_tokens": 96, "ignore_eos": True}}).encode() + b"\n" for c in ids)
+        "max_tokens": 96, "ignore_eos": True}}).encode() + b"\n" for c in ups)
+    body += b"".join(json.dumps({"custom_id": d, "method": "POST", "url": CHAT, "depends_on": [u],
+                                 "body": {"model": "tiny-a", "max_tokens": 4, "messages": [
+                                     {"role": "user", "content": f"summarise: {{{{{u}}}}}"}]}}
+                                ).encode() + b"\n" for d, u in deps.items())
     proc = Proc(argv, port, log)
     try:
         f = requests.post(f"{proc.url}/v1/files", files={"file": ("in.jsonl", body)},
@@ -96,6 +104,9 @@ def test_sigkill_real_gateway_mid_batch_then_restart(tiny_model_dir: Path, tmp_p
         got = [x["custom_id"] for x in out + err]
         assert sorted(got) == sorted(ids) and len(got) == len(set(got))
         assert not err and all(x["response"]["status_code"] == 200 for x in out)
+        # each dependent's prompt held its upstream's 96 generated tokens
+        assert all(x["response"]["body"]["usage"]["prompt_tokens"] > 96
+                   for x in out if x["custom_id"] in deps)
         raw = requests.get(f"{proc.url}/v1/files/{done['output_file_id']}/content").content
         # what users do (the SDK decodes UTF-8): line separators in generated text stay escaped
         assert len(raw.decode("utf-8").splitlines()) == n

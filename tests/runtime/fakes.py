@@ -86,10 +86,14 @@ class FakeEngine:
         self.served += 1
         cap = int(body.get("max_tokens", 16))
         n = min(cap, self.launcher.output_tokens)
+        self.launcher.bodies.append(body)
+        content = "x " * n
+        if self.launcher.echo:  # the answer names its model and repeats the prompt it was sent
+            content = f"<{self.spec.model.name}: {body['messages'][-1]['content']}>"
         return 200, {
             "id": f"chatcmpl-{self.pid}-{self.served}", "object": "chat.completion",
             "model": self.spec.model.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * n},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": "length" if n == cap else "stop"}],
             "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n},
         }
@@ -105,6 +109,8 @@ class FakeLauncher:
     die_on_post: dict[str, bool] = field(default_factory=dict)  # models whose engines die when used
     engines: list[FakeEngine] = field(default_factory=list)
     posts: list[tuple[str, Any]] = field(default_factory=list)
+    bodies: list[dict] = field(default_factory=list)  # every body answered 200, in order
+    echo: bool = False  # answers repeat their prompt (to see what was substituted)
     dropped: set[Any] = field(default_factory=set)  # tags whose connection was dropped once
     overlaps: list[str] = field(default_factory=list)  # invariant violations: devices double-booked
     _pids: Any = field(default_factory=lambda: itertools.count(1000))

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from runtime.config import Config, parse_config
+from runtime.executor import executor as executor_mod
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.slots import INFLIGHT_FACTOR
 from gateway.lines import LineRef
@@ -24,6 +25,7 @@ from runtime.executor_api import Outcome, WorkItem
 from runtime.persist import load_length_model
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
+from .clocks import ManualClock
 from .fakes import FakeLauncher
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,10 +105,12 @@ def launcher() -> FakeLauncher:
 async def run(tmp_path: Path, launcher: FakeLauncher) -> AsyncIterator[Any]:
     made: list[PoolExecutor] = []
 
-    async def factory(cfg: Config | None = None, devices: int = 4) -> PoolExecutor:
+    async def factory(cfg: Config | None = None, devices: int = 4,
+                      clock: ManualClock | None = None) -> PoolExecutor:
         cfg = cfg or make_cfg(tmp_path)
         pool = DevicePool("cpu", tuple(range(devices)), int(cfg.devices.cpu_kvcache_gib * 2**30))
-        ex = PoolExecutor(cfg, launcher, pool=pool)
+        # the executor's own waits (arrival pause, storage backoff) take no real time
+        ex = PoolExecutor(cfg, launcher, pool=pool, clock=clock or ManualClock(auto=True))
         await ex.start()
         made.append(ex)
         return ex
@@ -273,22 +277,31 @@ async def test_a_dropped_connection_to_a_live_engine_is_retried(run, launcher, m
 
 
 async def test_a_stream_of_new_batches_is_planned_in_few_passes(run, launcher) -> None:
-    """Arrivals alone wait for ARRIVAL_PASS_INTERVAL_S after the last pass and share one pass; their
-    requests for a running model are served meanwhile."""
+    """Arrivals alone wait for ARRIVAL_PASS_INTERVAL_S after the last pass and share one pass (the
+    executor's clock moves only when told: nothing is planned for them before it does)."""
     launcher.delay_s["a"] = 0.05
-    ex = await run(devices=1)
-    ex.submit("first", items("a", 200), Sink())  # ~2 s of work: in the pool throughout
+    clock = ManualClock()
+    ex = await run(devices=1, clock=clock)
+    ex.submit("first", items("a", 300), Sink())  # ~2.5 s of work: in the pool throughout
+    while not launcher.posts:
+        await asyncio.sleep(0.005)
     sinks = []
-    for i in range(20):  # 20 one-request batches within ~0.4 s
-        await asyncio.sleep(0.02)
+    for i in range(20):
         ex.submit(f"s{i}", items("a", 1, prefix=f"s{i}"), sink := Sink())
         sinks.append(sink)
+    await asyncio.sleep(0.1)
+
+    def plans() -> list[dict]:
+        return [e for e in ex.events("first") if e["event"] in ("plan", "replan")]
+    assert len(plans()) == 1 and clock.sleeping == 1  # the control task waits out the pause
+    await clock.advance(executor_mod.ARRIVAL_PASS_INTERVAL_S)
+    while len(plans()) < 2:
+        await asyncio.sleep(0.005)
+    assert sorted(plans()[1]["reasons"]) == sorted(f"batch_submitted:s{i}" for i in range(20))
     await asyncio.wait_for(asyncio.gather(*(ex.wait(f"s{i}") for i in range(20))), 30)
     assert all(s.outcomes and s.outcomes[0].ok for s in sinks)
     await ex.wait("first")
-    passes = [e for e in ex.events("first") if e["event"] in ("plan", "replan")]
-    arrivals = {r for e in passes for r in e["reasons"] if r.startswith("batch_submitted:s")}
-    assert len(arrivals) == 20 and len(passes) <= 4  # coalesced, not one pass per batch
+    assert len(plans()) == 2
 
 
 async def test_cancel_mid_run_aborts_and_frees_every_engine(run, launcher: FakeLauncher) -> None:
@@ -403,14 +416,14 @@ async def test_gpu_sleep_mode_sleeps_a_preempted_engine_and_wakes_it(tmp_path, l
     ex = PoolExecutor(cfg, launcher, pool=DevicePool("h100", (0, 1), 80 * 2**30))
     a, b = ExecPlan("a", 1, 1, (0,)), ExecPlan("b", 1, 1, (1,))
     try:
-        await ex._apply(Stage([a], 0, 1), {"a", "b"})
+        await ex.slots.apply(Stage([a], 0, 1), {"a", "b"})
         while not launcher.alive("a"):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
-        await ex._apply(Stage([b], 0, 1), {"a", "b"})
+        await ex.slots.apply(Stage([b], 0, 1), {"a", "b"})
         engine_a = launcher.engines[0]
         assert engine_a.alive() and engine_a.asleep
-        await ex._apply(Stage([a], 0, 1), {"a"})
+        await ex.slots.apply(Stage([a], 0, 1), {"a"})
         assert engine_a.alive() and not engine_a.asleep
         assert [e.spec.model.name for e in launcher.engines] == ["a", "b"]  # no reload of a
         assert ("a", "/sleep?level=1") in launcher.posts and ("a", "/wake_up") in launcher.posts
@@ -435,8 +448,7 @@ async def test_close_lets_outcomes_being_delivered_finish(run, launcher: FakeLau
     assert completed and sorted(completed) == sorted(started)
 
 
-async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp_path,
-                                                              monkeypatch) -> None:
+async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp_path) -> None:
     """A scripted planner (the executor's reaction to a changed plan is what is tested here): the
     first plan runs a on core 0 with TP=1, every later one a on cores 0-1 with TP=2. The TP=1
     engine is stopped, its in-flight requests go back to the queue and run on the new engine."""
@@ -448,10 +460,9 @@ async def test_replan_that_changes_a_plan_preempts_and_reruns(run, launcher, tmp
         return Schedule(strategy, [Stage([plan], 0.0, 1.0)], 1.0)
 
     launcher.delay_s["a"] = 0.2
-    monkeypatch.setattr("runtime.executor.executor.ARRIVAL_PASS_INTERVAL_S", 0.0)  # y's arrival re-plans now
     cfg = make_cfg(tmp_path)
-    ex = PoolExecutor(cfg, launcher, planner=scripted,
-                      pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))
+    ex = PoolExecutor(cfg, launcher, planner=scripted, clock=ManualClock(auto=True),
+                      pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))  # y's arrival re-plans now
     await ex.start()
     try:
         ex.submit("x", items("a", 10), sx := Sink())
@@ -508,19 +519,24 @@ async def test_a_result_that_cannot_be_made_durable_pauses_the_batch(run, launch
     """Issue 12, item 1: a sink that raises (ENOSPC) does not count the request; dispatch pauses
     while results cannot be stored and resumes when space returns; each custom_id exactly once."""
     launcher.delay_s.update(a=0.02)
-    ex = await run()
+    clock = ManualClock()
+    ex = await run(clock=clock)
     ex.submit("x", items("a", 80), sink := FullDiskSink())
     while len(sink.outcomes) < 5:
         await asyncio.sleep(0.005)
     sink.full = True
     while sink.refused == 0:
         await asyncio.sleep(0.005)
-    await asyncio.sleep(0.3)  # retries back off; nothing new is sent meanwhile
-    sent = len(launcher.posts)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.2)  # what the engines held is answered; nothing new is sent meanwhile
+    sent, refused = len(launcher.posts), sink.refused
+    await clock.advance(executor_mod.STORE_RETRY_S[0] * 0.9)
+    assert sink.refused == refused, "retried before its backoff"
+    await clock.advance(30.0)  # backoff 0.1, 0.2, ... 2 s: about 20 attempts per stalled outcome
+    assert sink.refused > refused, "never retried"
     assert len(launcher.posts) == sent, "requests were dispatched while results could not be stored"
     assert not ex._batches["x"].finished.is_set()
     sink.full = False
+    await clock.advance(executor_mod.STORE_RETRY_S[1])
     await asyncio.wait_for(ex.wait("x"), 30)
     got = sink.by_id()
     assert set(got) == {f"a-{i}" for i in range(80)} and all(o.ok for o in got.values())

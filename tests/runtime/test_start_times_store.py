@@ -105,3 +105,28 @@ async def test_executor_stores_concurrent_starts_as_alone_starts(tmp_path: Path)
     assert len(started) == 2 and all(e["starting_with"] == 2 for e in started)
     assert all(e["alone_start_s"] == e["start_s"] / 1.5 for e in started)
     assert load_start_times(tmp_path / "state") == {("a", 1): round(0.3 / 1.5, 3)}
+
+
+async def test_the_executor_rewrites_learned_state_only_when_it_changed(tmp_path: Path) -> None:
+    """A planning pass that learned nothing writes no file (no rewrite, no fsync per pass)."""
+    from runtime.executor.executor import PoolExecutor
+    from runtime.persist import LENGTHS_FILE
+
+    from .fakes import FakeLauncher
+    from .test_executor import make_cfg
+    cfg = make_cfg(tmp_path)
+    ex = PoolExecutor(cfg, FakeLauncher())
+    state = cfg.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    await ex._save_learned()
+    assert not (state / LENGTHS_FILE).exists() and not (state / FILENAME).exists()
+    ex._start_times[("a", 1)] = 12.0
+    await ex._save_learned()
+    assert load_start_times(state) == {("a", 1): 12.0}
+    (state / FILENAME).unlink()
+    (state / LENGTHS_FILE).unlink()
+    await ex._save_learned()  # nothing new since: not written again
+    assert not (state / FILENAME).exists() and not (state / LENGTHS_FILE).exists()
+    ex._lengths.observe("a", "/v1/chat/completions", 7, False)
+    await ex._save_learned()
+    assert (state / LENGTHS_FILE).exists()

@@ -87,3 +87,21 @@ async def test_executor_launches_one_engine_on_both_cores(tmp_path: Path) -> Non
     started = next(e for e in events if e["event"] == "engine_started")
     assert started["threads"] == 2 and started["devices"] == [0, 1]
     assert next(e for e in events if e["event"] == "plan")["stage"][0]["threads"] == 2
+
+
+def test_a_profile_is_parsed_again_only_when_its_file_changed(tmp_path: Path, monkeypatch) -> None:
+    """Every planning pass asks for every profile: unchanged files are not read again."""
+    import runtime.persist as persist
+    parsed = []
+    real = persist.Profile.from_dict
+    monkeypatch.setattr(persist.Profile, "from_dict",
+                        staticmethod(lambda d: parsed.append(1) or real(d)))
+    one = Profile("m", 1, "cpu", LAT)
+    save_profile(tmp_path, one)
+    assert [load_profile(tmp_path, "m", 1, "cpu") for _ in range(5)] == [one] * 5
+    assert len(parsed) == 1
+    two = Profile("m", 1, "cpu", LAT.with_load_time(33.0))
+    save_profile(tmp_path, two)  # the profiler measured again
+    assert load_profile(tmp_path, "m", 1, "cpu") == two and len(parsed) == 2
+    profile_path(tmp_path, "m", 1, "cpu").unlink()
+    assert load_profile(tmp_path, "m", 1, "cpu") is None
