@@ -60,6 +60,7 @@ from scheduler.types import DevicePool, Schedule
 log = logging.getLogger(__name__)
 KEEP_FINISHED_BATCHES = 1000  # finished batches whose events stay available
 ARRIVAL_PASS_INTERVAL_S = 1.0  # least time between the end of a pass and one for new batches only
+ARRIVALS = ("batch_submitted:", "released:")  # pass reasons that may wait for that interval
 STORE_RETRY_S = (0.1, 2.0)  # first and longest wait between attempts to store an outcome
 
 Planner = Callable[[PlanningProblem, str], Schedule]
@@ -467,10 +468,11 @@ class PoolExecutor:
         last_pass_end = -math.inf
         while True:
             await self._wake.wait()
-            if all(r.startswith("batch_submitted:") for r in self._reasons):
+            if all(r.startswith(ARRIVALS) for r in self._reasons):
                 # New batches alone do not need a pass at once (their requests for running models
                 # are dispatched already); a stream of small batches would otherwise keep the
-                # planner busy back to back and starve the gateway of CPU. Engine events and model
+                # planner busy back to back and starve the gateway of CPU. Likewise dependents
+                # released one by one for a model without an engine. Engine events and model
                 # finishes never wait. Arrivals during the pause join the same pass.
                 pause = last_pass_end + ARRIVAL_PASS_INTERVAL_S - self.clock.monotonic()
                 if pause > 0:

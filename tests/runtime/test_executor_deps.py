@@ -145,3 +145,39 @@ async def test_a_too_long_substituted_prompt_is_that_requests_own_error(run, lau
     await asyncio.wait_for(ex.wait("x"), 30)
     got = sink.by_id()
     assert got["up"].ok and got["down"].status_code == 400
+
+
+async def test_dependents_released_for_a_model_without_an_engine_get_one(run, launcher,
+                                                                        tmp_path) -> None:
+    """The plan may leave the downstream model out until its inputs exist; once dependents are
+    released for it, a pass starts its engine (no event would come otherwise)."""
+    from runtime.executor.executor import PoolExecutor
+    from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
+
+    from .clocks import ManualClock
+    from .test_executor import make_cfg
+    calls = []
+
+    def scripted(problem, strategy):  # upstream only in the first two passes, then what is left
+        calls.append(sorted(problem.work))
+        models = ["a"] if len(calls) <= 2 else sorted(problem.work)
+        plans = [ExecPlan(m, 1, 1, (i,)) for i, m in enumerate(models)]
+        return Schedule(strategy, [Stage(plans, 0.0, 1.0)], 1.0)
+
+    async def slow_sink(outcome: Outcome) -> None:  # durable only after the upstream model drained
+        await asyncio.sleep(0.2)
+        await sink(outcome)
+
+    sink = Sink()
+    ex = PoolExecutor(make_cfg(tmp_path), launcher, planner=scripted, clock=ManualClock(auto=True),
+                      pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))
+    await ex.start()
+    try:
+        ex.submit("x", [item("up", "a", "hi"), item("down", "b", "{{up}}", ("up",))], slow_sink)
+        await asyncio.wait_for(ex.wait("x"), 20)
+    finally:
+        await ex.close()
+    got = sink.by_id()
+    assert got["up"].ok and got["down"].ok
+    assert any(r.startswith("released:b") for e in ex.events("x") if e["event"] == "replan"
+               for r in e["reasons"])
