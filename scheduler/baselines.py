@@ -14,6 +14,12 @@ unchanged are kept (no restart) by the placement.
 - `muxserve-greedy`: largest model first, each takes the plan with the highest throughput (useful
   FLOPs / finish time) among those that still leave room for the smallest plan of every model after
   it (MuxServe's placement, without GPU sharing, which our engines do not do).
+
+Dependent requests: every baseline takes the models in topological order (`Context.order` is
+`Dag.order`: an upstream model before its downstream ones; ties as without dependencies), and those
+that pick models one by one (`sequential`, `per-model-best`) take the ones that wait for no other
+model first, so a model is never run alone while all it could do waits elsewhere. `level-by-level`
+(each topological level as a job of its own) is the planner's (`scheduler.planner`).
 """
 
 from __future__ import annotations
@@ -23,9 +29,15 @@ from scheduler.placement import Shape, shape_devices, unpack
 
 
 def _order(ctx: Context, state: PlanState) -> list[str]:
-    """Unfinished models: running ones first (keeping them avoids a restart), then largest first."""
+    """Unfinished models: running ones first (keeping them avoids a restart), then largest first
+    (with dependencies: topological, those waiting for another model last)."""
     todo = [m for m in ctx.order if m in state.work]
-    return [m for m in todo if m in state.running] + [m for m in todo if m not in state.running]
+    out = [m for m in todo if m in state.running] + [m for m in todo if m not in state.running]
+    if ctx.dag is None:
+        return out
+    waiting = ctx.waiting(state)
+    # then those with released requests (in a cycle of the model graph none is ready)
+    return sorted(out, key=lambda m: (not waiting.ready(m), waiting.released.get(m, 0.0) <= 0))
 
 
 def sequential(ctx: Context, state: PlanState) -> list[Shape]:

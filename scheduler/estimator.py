@@ -22,6 +22,12 @@ or, without one, the threads = 1 model with the assumed speed-up of
 
 Useful work of a request (what stage throughput counts) = FLOPs of the tokens it still has to produce
 plus its original prompt; re-prefilling prompt + generated tokens after a restart is waste, not work.
+
+Dependent requests (`scheduler.dag`): requests that wait for requests of the same model (`chains`)
+are simulated together, released as those finish, and kept on one DP replica
+(`scheduler.dag.replica_parts`); such workloads are never extrapolated. Runs with arrival times
+(`timed_run`: downstream requests released by other engines) are simulated, not read off a run,
+and cached by their requests and arrival times.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from typing import Callable
 
 import numpy as np
 
+from scheduler.dag import same_model_deps, split_replicas
 from scheduler.latency import LatencyModel, assumed_threads_latency
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
-from scheduler.runs import PlanRun, Position, Workload, _rid, useful_flops
+from scheduler.runs import PlanRun, Position, TimedRun, Workload, _rid, useful_flops
 from scheduler.types import BLOCK_SIZE, ModelSpec, SimRequest
 
 __all__ = ["Estimator", "PlanRun", "Position", "Workload", "useful_flops"]
@@ -63,6 +70,10 @@ class Estimator:
     # cold engines on derived workloads: read off root runs (True) or simulated on the requests
     # left (False, exact); see `_derived_run`
     approx_restarts: bool = True
+    # some requests wait for requests of their own model (`scheduler.dag`; set by the planner)
+    chains: bool = False
+    _timed: dict[tuple, TimedRun] = field(default_factory=dict)
+    _timed_left: dict[tuple, tuple[SimRequest, ...]] = field(default_factory=dict)
     _count: list[int] = field(default_factory=lambda: [0])  # shared with `exact()` views
 
     @property
@@ -137,7 +148,8 @@ class Estimator:
         hit = self._runs.get(key)
         if hit is not None:
             return hit
-        if len(work) > self.exact_limit:
+        deps = self._deps(model, work)
+        if len(work) > self.exact_limit and deps is None:
             run = self._extrapolated(model, tp, dp, work)
             self._runs[key] = run
             return run
@@ -147,24 +159,71 @@ class Estimator:
         index: list[int] = []
         kv = []
         total = 0.0
-        for r in range(dp):
-            part = work.requests[r::dp]
+        for part, idx in split_replicas(work.requests, dp, deps):
             if not part:
                 continue
-            res = simulate(part, lim, lat, kv_trace=True)  # simulate never mutates its input
+            # simulate never mutates its input
+            res = simulate(part, lim, lat, kv_trace=True, depends=deps)
             self._count[0] += 1
             total = max(total, res.total_time_s)
             times, used, running = res.kv_trace
             kv.append((np.asarray(times), np.asarray(used) * lim.block_size, np.asarray(running)))
             ft = res.finish_times_s
             finish.extend(ft[q.rid] for q in part)
-            index.extend(range(r, len(work), dp))
+            index.extend(idx)
         fin = np.asarray(finish, dtype=float)
         order = np.argsort(fin, kind="stable")
         idx = np.asarray(index, dtype=np.int64)[order]
         run = PlanRun(total, fin[order], np.cumsum(flops[idx]), idx, kv)
         self._runs[key] = run
         return run
+
+    def _deps(self, model: str, work: Workload) -> dict[int, list[int]] | None:
+        """Which of `work`'s requests wait for which (same model), or None (cached per workload)."""
+        if self.chains and "deps" not in work._cache:
+            work._cache["deps"] = self._chains(model, work.requests)
+        return work._cache.get("deps")
+
+    def _chains(self, model: str, requests) -> dict[int, list[int]] | None:
+        return same_model_deps(self._variants.get(model, (model,))[0], requests) \
+            if self.chains else None
+
+    def timed_run(self, model: str, tp: int, dp: int, requests: tuple[SimRequest, ...]) -> TimedRun:
+        """`requests` (sorted by rid, `arrival_s` in engine time) run to completion on (tp, dp),
+        with every request's admission and finish time (cached by requests and arrivals)."""
+        key = (model, tp, dp, TimedRun.fingerprint(requests))
+        hit = self._timed.get(key)
+        if hit is not None:
+            return hit
+        deps = self._chains(model, requests)
+        lat, lim = self.latency(model, tp), self.limits(model, tp)
+        parts, finish, admitted, total = [], {}, {}, 0.0
+        for part, _ in split_replicas(requests, dp, deps):
+            if not part:
+                continue
+            res = simulate(part, lim, lat, depends=deps, admissions=True)
+            self._count[0] += 1
+            parts.append((tuple(part), deps))
+            finish.update(res.finish_times_s)
+            admitted.update(res.admitted_s)
+            total = max(total, res.total_time_s)
+        run = TimedRun(tuple(parts), finish, admitted, total, key)
+        self._timed[key] = run
+        return run
+
+    def timed_left(self, run: TimedRun, t_s: float) -> tuple[SimRequest, ...]:
+        """`run`'s requests unfinished `t_s` into it (engine time), with the tokens they generated
+        by then (the run cut at t_s; cached)."""
+        key = run.key + (round(t_s, 9),)
+        if key not in self._timed_left:
+            model, tp = run.key[0], run.key[1]
+            lat, lim = self.latency(model, tp), self.limits(model, tp)
+            left: list[SimRequest] = []
+            for part, deps in run.parts:
+                left.extend(simulate(part, lim, lat, until_s=t_s, depends=deps).remaining)
+                self._count[0] += 1
+            self._timed_left[key] = tuple(sorted(left, key=_rid))
+        return self._timed_left[key]
 
     def _request_flops(self, model: str, work: Workload) -> np.ndarray:
         t = work.tokens  # useful_flops, vectorised over the workload
@@ -263,8 +322,9 @@ class Estimator:
         root, tp, dp, t = pos.root, pos.tp, pos.dp, pos.t_s
         lat, lim = self.latency(model, tp), self.limits(model, tp)
         left: list[SimRequest] = []
-        big = len(root) > self.exact_limit
-        for part in root.split(dp):
+        deps = self._deps(model, root)
+        big = len(root) > self.exact_limit and deps is None
+        for part, _ in split_replicas(root.requests, dp, deps):
             if not part:
                 continue
             if big:
@@ -272,7 +332,7 @@ class Estimator:
                 n_done = int(np.clip((t - a) / b, 0, len(part))) if b > 0 else len(part)
                 left.extend(part[n_done:])
                 continue
-            res = simulate(part, lim, lat, until_s=t)
+            res = simulate(part, lim, lat, until_s=t, depends=deps)
             self._count[0] += 1
             left.extend(res.remaining)
         left.sort(key=_rid)

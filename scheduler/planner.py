@@ -14,6 +14,17 @@ Strategies (same cost model, same `Schedule` format; see `scheduler.baselines` f
   search wins, `origin = "search"`. Benchmarks report which one it was, so a speed-up over a
   baseline is never a hidden re-labelling of the search's own result.
 - `sequential`, `even-split`, `per-model-best`, `muxserve-greedy`: see `scheduler.baselines`.
+- `level-by-level`: dependent requests as users run them without this gateway: each topological
+  level (`scheduler.dag`) as a pooled job of its own, planned by `samullm` on that level's requests
+  alone, from no engine running (the gateway stops them when a batch ends; only the first level
+  keeps the engines running now), all its requests arriving at its start, which is when the
+  previous level ended. Its stages are the levels' stages in order (`Stage.level`). Without
+  dependencies it is one pooled job: the search's schedule.
+
+Dependent requests (`SimRequest.upstream`, `scheduler.dag`): prompts are resolved first (upstream
+outputs of the same draw added); models are taken upstream first by every strategy; stages are
+simulated with every request's arrival (`scheduler.pipeline`). Work without upstream requests or
+arrival times takes the path it took before either existed.
 
 Cost: every strategy chooses its stages with `Planner.ctx`, whose estimator simulates each (model,
 tp, dp) once on the initial work and reads later stages off those runs (kept engines continue them
@@ -28,10 +39,12 @@ for callers that sample output lengths (`scheduler.workloads`). Pure: the caller
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
 from scheduler.baselines import PerModelBest, even_split, muxserve_greedy, sequential
+from scheduler.dag import Dag, dependent, resolve_prompts
 from scheduler.estimator import Estimator, Workload
 from scheduler.latency import LatencyModel
 from scheduler.search import greedy_chooser, rank_groups
@@ -41,7 +54,8 @@ from scheduler.stages import (Context, InfeasibleError, PlanState, evaluate, run
 from scheduler.placement import place
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest
 
-STRATEGIES = ("samullm", "sequential", "even-split", "per-model-best", "muxserve-greedy")
+STRATEGIES = ("samullm", "sequential", "even-split", "per-model-best", "muxserve-greedy",
+              "level-by-level")
 BASELINES = STRATEGIES[1:]
 
 __all__ = ["PlanningProblem", "plan", "plan_all", "STRATEGIES", "BASELINES", "InfeasibleError",
@@ -54,7 +68,9 @@ class PlanningProblem:
 
     models: every model that may appear in `work` (name -> spec).
     work: remaining requests per model; `output_len` is the (sampled or known) target and
-        `generated` the tokens already produced (a restarted engine re-prefills them).
+        `generated` the tokens already produced (a restarted engine re-prefills them). rids are
+        unique per model; `upstream` (model, rid) pairs name requests of this work a request waits
+        for, `arrival_s` its earliest start (seconds from now; see `SimRequest`).
     pool: the devices; TP groups stay inside `pool.topology_groups()`.
     latency: (spec, tp) -> per-iteration latency model, whose `load_time_s` is the engine start cost.
     kv_bytes_per_rank: (spec, tp) -> KV memory one rank of such an engine gets (≤ 0 or less than one
@@ -93,16 +109,24 @@ class Planner:
 
     def __init__(self, problem: PlanningProblem) -> None:
         self.problem = problem
+        # dependent requests' prompts hold their upstream requests' sampled outputs
+        self.work = resolve_prompts(problem.work, problem.models)
         # a copy of the models: the estimator registers thread variants in it (`Estimator.variant`)
         self.est = Estimator(dict(problem.models), problem.latency, problem.kv_bytes_per_rank,
                              problem.threads_latency)
         # largest first: the paper's expansion order, and the baselines' priority
         order = sorted(problem.models, key=lambda m: (-problem.models[m].param_count, m))
-        self.ctx = Context(self.est, problem.pool, order, no_spare_s=problem.no_spare_s)
+        dag = Dag(self.work, order) if dependent(self.work) else None
+        self.dag = dag if dag is not None and dag.active else None
+        if self.dag is not None:
+            order = self.dag.order  # upstream models first, ties largest first
+            self.est.chains = self.dag.same_model
+        self.ctx = Context(self.est, problem.pool, order, no_spare_s=problem.no_spare_s,
+                           dag=self.dag)
         # stages are chosen with `ctx` (restarts estimated from the root runs) and every schedule
         # returned is re-run with `exact_ctx` (restarts simulated), which gives its stage times
         self.exact_ctx = Context(self.est.exact(), problem.pool, order, self.ctx._shapes,
-                                 problem.no_spare_s)
+                                 problem.no_spare_s, self.dag)
         self._done: dict[str, Schedule] = {}
         self._initial: PlanState | None = None
         # the search's own schedule (before the comparison with the baselines), once planned
@@ -114,7 +138,7 @@ class Planner:
         return self._initial
 
     def _make_initial_state(self) -> PlanState:
-        work = {m: Workload.of(reqs) for m, reqs in sorted(self.problem.work.items())}
+        work = {m: Workload.of(reqs) for m, reqs in sorted(self.work.items())}
         work = {m: w for m, w in work.items() if len(w)}
         unknown = sorted(set(work) - set(self.problem.models))
         if unknown:
@@ -138,13 +162,41 @@ class Planner:
         if strategy in policies:
             return evaluate(self.exact_ctx, state, run_policy(self.ctx, state, policies[strategy],
                                                               strategy))
-        best = self.search_schedule = self._search(state)
+        if strategy == "level-by-level":
+            return self._level_by_level()
+        best = self._searched()
         if self.problem.compare_baselines:
             for name in BASELINES:
                 other = self.plan(name)
                 if other.makespan_s < best.makespan_s * (1 - 1e-9):
                     best = Schedule("samullm", other.stages, other.makespan_s, origin=f"baseline:{name}")
         return best
+
+    def _searched(self) -> Schedule:
+        if self.search_schedule is None:
+            self.search_schedule = self._search(self.initial_state())
+        return self.search_schedule
+
+    def _level_by_level(self) -> Schedule:
+        """Each topological level planned by `samullm` as a job of its own (see the module
+        docstring); without dependencies, the one job's search."""
+        if self.dag is None or not self.dag.up:
+            s = self._searched()
+            return Schedule("level-by-level", s.stages, s.makespan_s)
+        p, stages, t = self.problem, [], 0.0
+        for lv, work in enumerate(self.dag.split_levels(self.work)):
+            first = lv == 0
+            job = dataclasses.replace(
+                p, work=work, running=p.running if first else {},
+                # every spare ready again (`scheduler.spares.refilled`, as the replay assumes)
+                spares=p.spares if first or p.spares is None else tuple(0.0 for _ in p.spares))
+            s = Planner(job).plan("samullm")
+            stages += [dataclasses.replace(
+                st, start_s=t + st.start_s, end_s=t + st.end_s, level=lv,
+                predicted_finish_s={m: t + f for m, f in st.predicted_finish_s.items()})
+                for st in s.stages]
+            t += s.makespan_s
+        return Schedule("level-by-level", stages, t)
 
     def _search(self, state: PlanState) -> Schedule:
         """Greedy search with exploration of the first stage: the top 2·`explore` first-stage groups
@@ -176,7 +228,8 @@ class Planner:
 
 def plan(problem: PlanningProblem, strategy: str = "samullm") -> Schedule:
     """Plan `problem` with `strategy` (one of STRATEGIES). Raises InfeasibleError if some model with
-    work fits no plan on the pool, ValueError for an unknown strategy."""
+    work fits no plan on the pool, ValueError for an unknown strategy or for requests that wait for
+    each other (a cycle of `upstream`)."""
     return Planner(problem).plan(strategy)
 
 

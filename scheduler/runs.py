@@ -62,7 +62,10 @@ class Workload:
         cols = [[r.rid for r in reqs], [r.prompt_len for r in reqs], [r.output_len for r in reqs],
                 [r.generated for r in reqs]]
         arr = np.ascontiguousarray(np.array(cols, dtype=np.int64).T).reshape(-1, 4)
-        return Workload(reqs, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest(), arr)
+        digest = hashlib.blake2b(arr.tobytes(), digest_size=16)
+        if any(r.arrival_s or r.upstream for r in reqs):
+            digest.update(_timing(reqs))  # runs honour them: keep such workloads apart
+        return Workload(reqs, digest.hexdigest(), arr)
 
     @property
     def requests(self) -> tuple[SimRequest, ...]:
@@ -168,6 +171,33 @@ class PlanRun:
         base = float(self.work_cum[i - 1]) if i else 0.0
         return PlanRun(max(0.0, self.total_s - t_s), self.finish_sorted[i:] - t_s,
                        self.work_cum[i:] - base)
+
+
+@dataclass(frozen=True)
+class TimedRun:
+    """One (model, tp, dp) run of requests with arrival times (`Estimator.timed_run`), in engine
+    time (0 = the engine is ready). Dependent work is simulated rather than read off a cached run:
+    when a request may start depends on other engines."""
+
+    # per replica: its requests (arrival_s in engine time) and which of them wait for which
+    parts: tuple[tuple[tuple[SimRequest, ...], dict[int, list[int]] | None], ...]
+    finish: dict[int, float]  # rid -> when its last token was sampled
+    admitted: dict[int, float]  # rid -> start of the first iteration that scheduled it
+    total_s: float  # slowest replica (0 without requests)
+    key: tuple  # the cache key (model, tp, dp, `fingerprint` of the requests)
+
+    @staticmethod
+    def fingerprint(requests: Sequence[SimRequest]) -> str:
+        """Of the requests' (rid, prompt_len, output_len, generated), arrivals and upstream ids."""
+        cols = np.array([[r.rid, r.prompt_len, r.output_len, r.generated] for r in requests],
+                        dtype=np.int64).reshape(-1, 4)
+        return hashlib.blake2b(cols.tobytes() + _timing(requests), digest_size=16).hexdigest()
+
+
+def _timing(requests: Sequence[SimRequest]) -> bytes:
+    """The requests' arrival times and upstream ids, as bytes to hash."""
+    return np.array([r.arrival_s for r in requests], dtype=float).tobytes() + repr(
+        [r.upstream for r in requests]).encode()
 
 
 def useful_flops(spec: ModelSpec, r: SimRequest) -> float:

@@ -14,14 +14,20 @@ prefill on, prefix caching off, no speculative decoding, watermark 0:
   budget remains and fewer than `max_num_seqs` are running; the first one that does not fit in the
   free KV blocks stops admission;
 - a request samples a token in the iteration that computes its last known token; it finishes when
-  it has `output_len` tokens or reaches `max_model_len` and then frees its blocks.
+  it has `output_len` tokens or reaches `max_model_len` and then frees its blocks;
+- a request joins the waiting queue at its `arrival_s` (requests are added between iterations, so
+  the first iteration that can schedule it is the first to start at or after that time; an idle
+  engine waits for the next arrival); one that `depends` on requests of the same run joins it when
+  the last of those finished (a downstream request released by its upstream's output).
 
 Speed. Decoding requests are kept implicitly: a request that entered decoding at step t0 with g0
 tokens attends `P + g0 + (t − t0)` tokens at step t, so the batch's decode context is
 `K + n·t`, its finish step is known in advance (a heap), and it needs a new KV block exactly when
 `(P + g0 − t0 + t − 1) % block_size == 0`: a count per residue class gives the KV blocks an iteration
 needs in O(1). Stretches of decode-only iterations with no finish, no possible admission and enough
-free blocks are jumped over in one go (`jump=True`), with their summed latency in closed form.
+free blocks are jumped over in one go (`jump=True`), with their summed latency in closed form; a
+jump ends before the first iteration that would start after the next arrival (finishes, which
+release dependents, never fall inside one).
 `jump=False` steps one iteration at a time through the same state; both give the same result.
 Deterministic: no randomness, no wall clock. `simulate` excludes engine load time.
 
@@ -34,7 +40,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from scheduler.latency import LatencyModel
 from scheduler.types import BLOCK_SIZE, ModelSpec, SimRequest
@@ -101,6 +107,8 @@ class SimResult:
     num_preemptions: int = 0
     # kv_trace=True: (end time, KV blocks in use, requests running) after every step or jump
     kv_trace: tuple[list[float], list[int], list[int]] | None = None
+    # admissions=True: rid -> start of the first iteration that scheduled it (first prefill chunk)
+    admitted_s: dict[int, float] | None = None
 
 
 _WAIT, _PRE, _DEC, _DONE = 0, 1, 2, 3
@@ -112,19 +120,28 @@ def _cdiv(a: int, b: int) -> int:
 
 def simulate(requests: Sequence[SimRequest], limits: EngineLimits, latency: LatencyModel, *,
              until_s: float | None = None, record: bool = False, jump: bool = True,
-             kv_trace: bool = False) -> SimResult:
-    """Simulate one engine replica serving `requests` (all queued at time 0, in this order).
+             kv_trace: bool = False, depends: Mapping[int, Sequence[int]] | None = None,
+             admissions: bool = False) -> SimResult:
+    """Simulate one engine replica serving `requests`, each queued at its `arrival_s` (requests
+    arriving together, e.g. all at time 0, in this order). `depends`: rid -> rids of this simulation
+    it waits for (it is queued when the last of them finished, not before its own arrival); rids not
+    among `requests`, or already finished, are ignored.
 
     Stops when every request finished or, with `until_s`, before the first iteration that would end
     after `until_s`; unfinished requests come back in `remaining` (running ones first, in admission
-    order, then the waiting queue). Raises ValueError if a request can never fit in the KV cache.
+    order, then the waiting queue, then those yet to arrive by arrival, then those still waiting for
+    others). Raises ValueError if a request can never fit in the KV cache, or if `depends` has a
+    cycle.
     """
-    return _Run(requests, limits, latency, until_s, record, jump, kv_trace).run()
+    return _Run(requests, limits, latency, until_s, record, jump, kv_trace, depends,
+                admissions).run()
 
 
 class _Run:
     def __init__(self, requests: Sequence[SimRequest], limits: EngineLimits, lat: LatencyModel,
-                 until_s: float | None, record: bool, jump: bool, kv_trace: bool = False) -> None:
+                 until_s: float | None, record: bool, jump: bool, kv_trace: bool = False,
+                 depends: Mapping[int, Sequence[int]] | None = None,
+                 admissions: bool = False) -> None:
         self.lim, self.until, self.jump = limits, until_s, jump
         self.bs = limits.block_size
         mml = limits.max_model_len
@@ -140,12 +157,26 @@ class _Run:
         self.state = [_WAIT] * n
         self.finish: dict[int, float] = {}
         self.waiting: deque[int] = deque()
+        # requests not queued yet: those to arrive, (time, index) in a heap; `held` ones wait for
+        # requests of this run (`blockers` left, `dependents` to release when one finishes)
+        self.arrivals: list[tuple[float, int]] = []
+        self.blockers: list[int] | None = None
+        self.dependents: dict[int, list[int]] = {}
+        self.held = 0
+        if depends:
+            self._link(depends)
         for i, r in enumerate(self.reqs):
             if self.g[i] >= self.out[i]:
                 self.state[i] = _DONE
                 self.finish[r.rid] = 0.0
+            elif self.blockers is not None and self.blockers[i]:
+                self.held += 1
+            elif r.arrival_s > 0:
+                self.arrivals.append((r.arrival_s, i))
             else:
                 self.waiting.append(i)
+        heapq.heapify(self.arrivals)
+        self.admitted: dict[int, float] | None = {} if admissions else None
         self.running: dict[int, None] = {}  # admission order (dicts keep insertion order)
         self.prefilling: list[int] = []  # a suffix of running, in order
         self.bucket = [0] * self.bs  # decoders by (P + g0 − t0) mod block_size
@@ -162,6 +193,41 @@ class _Run:
         self.c2, self.c3, self.c4 = lat.c2, lat.c3, lat.c4
         self.records: list[IterationRecord] | None = [] if record else None
         self.trace: list[tuple[float, int, int]] | None = [] if kv_trace else None
+
+    def _link(self, depends: Mapping[int, Sequence[int]]) -> None:
+        """Count, per request, the unfinished requests of this run it waits for."""
+        pos = {r.rid: i for i, r in enumerate(self.reqs)}
+        self.blockers = [0] * len(self.reqs)
+        for rid, ups in depends.items():
+            j = pos.get(rid)
+            if j is None:
+                continue
+            for u in set(ups):
+                i = pos.get(u)
+                if i is None or i == j or self.g[i] >= self.out[i]:
+                    continue  # not in this run, or finished already
+                self.blockers[j] += 1
+                self.dependents.setdefault(i, []).append(j)
+
+    def _release(self, i: int) -> None:
+        """Request i finished: the requests waiting for it arrive now (or at their own arrival)."""
+        for j in self.dependents.pop(i):
+            self.blockers[j] -= 1
+            if self.blockers[j] == 0:
+                self.held -= 1
+                heapq.heappush(self.arrivals, (max(self.reqs[j].arrival_s, self.now), j))
+
+    def _arrive(self) -> bool:
+        """Queue the requests that arrived by now; an idle engine waits for the next one. False: the
+        next arrival comes after until_s."""
+        arrivals = self.arrivals
+        if not self.running and not self.waiting and arrivals[0][0] > self.now:
+            if self.until is not None and arrivals[0][0] > self.until:
+                return False
+            self.now = arrivals[0][0]
+        while arrivals and arrivals[0][0] <= self.now:
+            self.waiting.append(heapq.heappop(arrivals)[1])
+        return True
 
     # -- decoder bookkeeping -------------------------------------------------------------------
     def _enter_decode(self, i: int, t0: int) -> None:
@@ -202,6 +268,8 @@ class _Run:
         self.state[i] = _DONE
         del self.running[i]
         self.finish[self.reqs[i].rid] = self.now
+        if i in self.dependents:
+            self._release(i)
 
     # -- one iteration -------------------------------------------------------------------------
     def _schedule_running_slow(self) -> tuple[list[tuple[int, int]], int, int]:
@@ -280,6 +348,8 @@ class _Run:
                 running[i] = None
                 self.prefilling.append(i)
                 sched.append((i, c))
+                if self.admitted is not None:
+                    self.admitted.setdefault(self.reqs[i].rid, self.now)
         if self.n_dec == 0 and not sched:
             if self.waiting and not self.running:
                 i = self.waiting[0]
@@ -364,6 +434,20 @@ class _Run:
         def total(m: int) -> float:
             return m * base + slope * m * (m - 1) / 2.0
 
+        if self.arrivals and self.now + total(k - 1) >= self.arrivals[0][0]:
+            # iteration j of the stretch starts at now + total(j): stop before the first one that
+            # would see the next arrival (iteration 0 starts now, after the arrivals so far)
+            nxt = self.arrivals[0][0]
+            lo, hi = 0, k - 1  # largest m with now + total(m) < nxt
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.now + total(mid) < nxt:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k = lo + 1
+            if k < 2:
+                return 0
         if self.until is not None and self.now + total(k) > self.until:
             lo, hi = 0, k  # largest m with now + total(m) <= until
             while lo < hi:
@@ -391,7 +475,9 @@ class _Run:
 
     def run(self) -> SimResult:
         trace = self.trace
-        while self.running or self.waiting:
+        while self.running or self.waiting or self.arrivals:
+            if self.arrivals and not self._arrive():
+                break
             k = self._try_jump() if self.jump and not self.prefilling else 0
             if k < 0:
                 break
@@ -399,18 +485,24 @@ class _Run:
                 break
             if trace is not None:
                 trace.append((self.now, self.free, len(self.running)))
+        if self.held and not (self.running or self.waiting or self.arrivals):
+            raise ValueError(f"{self.held} request(s) wait for each other (a dependency cycle)")
         remaining: list[SimRequest] = []
         gen = 0
         for i, r in enumerate(self.reqs):
             g = self.g[i] + self.t - self.t0[i] if self.state[i] == _DEC else self.g[i]
             gen += max(0, g - r.generated)
-        for i in list(self.running) + list(self.waiting):
+        later = [i for _, i in sorted(self.arrivals)]
+        if self.held:
+            later += [i for i, b in enumerate(self.blockers) if b]
+        for i in list(self.running) + list(self.waiting) + later:
             g = self.g[i] + self.t - self.t0[i] if self.state[i] == _DEC else self.g[i]
             r = self.reqs[i]
-            remaining.append(SimRequest(r.rid, r.prompt_len, r.output_len, g))
+            remaining.append(SimRequest(r.rid, r.prompt_len, r.output_len, g, r.arrival_s,
+                                        r.upstream))
         kv = None
         if trace is not None:
             times, free, running = zip(*trace) if trace else ((), (), ())
             kv = (list(times), [self.lim.num_kv_blocks - f for f in free], list(running))
         return SimResult(self.now, self.finish, remaining, self.t, self.records, gen,
-                         self.preemptions, kv)
+                         self.preemptions, kv, self.admitted)

@@ -39,6 +39,12 @@ def slots_of(import_left: Sequence[float] | None) -> tuple[SpareSlot, ...] | Non
     return tuple(SpareSlot(0.0, max(0.0, float(x))) for x in import_left)
 
 
+def refilled(slots: tuple[SpareSlot, ...] | None) -> tuple[SpareSlot, ...] | None:
+    """The pool's spares after a pause in which every one finished importing (`level-by-level`
+    assumes it between levels: the next level is a new batch, sent after the last one ended)."""
+    return None if slots is None else tuple(SpareSlot() for _ in slots)
+
+
 def ready_count(slots: Sequence[SpareSlot] | None) -> int | None:
     return None if slots is None else sum(s.ready for s in slots)
 

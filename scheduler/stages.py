@@ -21,15 +21,25 @@ Spare engine processes (`runtime.engines.spares`, CPU; `scheduler.spares`): each
 takes a ready spare in plan order, and one that finds none pays `Context.no_spare_s` more; the
 replacements import on the stage's idle cores once their engines are up. `PlanState.spares` is
 None where the pool keeps no spares (every start costs its load time).
+
+Dependent requests (`Context.dag`, `scheduler.dag`): a stage is simulated with every request's
+arrival (`scheduler.pipeline`); it ends when its first model finishes, where a model with requests
+held back (they wait for a model outside the stage) cannot finish, so it never ends one. Should no
+model of the stage be able to finish (a cycle of the model graph), the first to run out of released
+work ends it, so every stage makes progress. A `level-by-level` schedule is replayed level by level
+(`Stage.level`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from scheduler.dag import Dag, Waiting
 from scheduler.estimator import Estimator, PlanRun, Workload
+from scheduler.pipeline import Placed, left, simulate_stage
 from scheduler.placement import (Shape, make_shape, max_replicas, place, shape_devices,
                                  thread_counts, tp_degrees, unpack)
 from scheduler import spares as spare_pool
@@ -51,6 +61,10 @@ class PlanState:
     running: dict[str, ExecPlan] = field(default_factory=dict)
     warmup: dict[str, float] = field(default_factory=dict)  # start-up time still owed by engines
     spares: tuple[spare_pool.SpareSlot, ...] | None = None  # spare engine processes (None: the pool has none)
+    # dependent work: the last stage's run of each of its models (a kept engine may continue its
+    # own; they also say when each request was admitted and finished)
+    timed: dict[str, Placed] = field(default_factory=dict)
+    _waiting: Waiting | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,23 @@ class Context:
     order: list[str]
     _shapes: dict[str, list[Shape]] = field(default_factory=dict)
     no_spare_s: float = 0.0  # what a start costs more without a ready spare (`PlanState.spares`)
+    dag: Dag | None = None  # the requests' dependencies; None: none (and no arrival times)
+
+    def first_movable(self, state: PlanState) -> str:
+        """The first model left in `order` that can run on its own: with dependent work, one with
+        requests that wait for no other model (there is one: the requests form a DAG)."""
+        todo = [m for m in self.order if m in state.work]
+        if self.dag is None:
+            return todo[0]
+        released = self.waiting(state).released
+        return next((m for m in todo if released.get(m, 0.0) > 0), todo[0])
+
+    def waiting(self, state: PlanState) -> Waiting:
+        """Who waits for whom at `state` (dependent work only; computed once per state)."""
+        if state._waiting is None:
+            state._waiting = self.dag.waiting({m: [r.rid for r in w.requests]
+                                               for m, w in state.work.items()})
+        return state._waiting
 
     def shapes(self, model: str) -> list[Shape]:
         """Feasible (model, tp, dp[, threads]): TP a power of two within a topology group, valid for
@@ -172,13 +203,19 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
             if spares is not None:
                 spares = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)
             restarts.append(p.model)
-        runs[p.model] = est.run(est.variant(p.model, p.threads), p.tp, p.dp, state.work[p.model],
-                                kept[p.model])
-    finish = {m: warm[m] + runs[m].total_s for m in runs}
-    targets = [m for m in finish if finishers is None or m in finishers] or list(finish)
-    dur = (max if finishers is not None and any(m in finishers for m in finish) else min)(
-        finish[m] for m in targets)
-    done = sorted(m for m in finish if finish[m] <= dur * (1 + EPS) + EPS)
+    placed: dict[str, Placed] = {}
+    if ctx.dag is None:
+        for p in plans:
+            runs[p.model] = est.run(est.variant(p.model, p.threads), p.tp, p.dp,
+                                    state.work[p.model], kept[p.model])
+        finish = {m: warm[m] + runs[m].total_s for m in runs}
+        can_end = finish
+    else:
+        placed = simulate_stage(est, ctx.dag, state.t, state.work, plans, warm, kept, state.timed)
+        finish = {m: pl.end_s - state.t for m, pl in placed.items()}
+        can_end = {m: f for m, f in finish.items() if not placed[m].held}
+    dur = _stage_end(finish, can_end, finishers)
+    done = sorted(m for m in can_end if can_end[m] <= dur * (1 + EPS) + EPS)
     work = {m: w for m, w in state.work.items() if m not in done}
     warmup: dict[str, float] = {}
     for p in plans:
@@ -188,26 +225,58 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         ready_for = dur - warm[m]
         if ready_for < 0:
             warmup[m] = -ready_for
-        else:
+        elif ctx.dag is None:
             work[m] = est.advance(est.variant(m, p.threads), p.tp, p.dp, state.work[m], ready_for,
                                   kept[m])
-    stage = Stage(plans=list(plans), start_s=state.t, end_s=state.t + dur, finished=done,
-                  predicted_finish_s={m: state.t + f for m, f in finish.items()}, restarts=restarts)
+        else:
+            work[m] = left(est, placed[m], state.work[m], state.t + dur)
+            if not len(work[m]):  # finished within rounding of the stage end
+                del work[m]
+                done.append(m)
+    if ctx.dag is not None and not done and sum(map(len, work.values())) >= sum(
+            map(len, state.work.values())):
+        raise RuntimeError("a stage of dependent work finished no request")  # never loop on it
+    waits = ctx.waiting(state).up if ctx.dag is not None else {}
+    stage = Stage(plans=list(plans), start_s=state.t, end_s=state.t + dur, finished=sorted(done),
+                  predicted_finish_s={m: state.t + f for m, f in finish.items() if f < math.inf},
+                  restarts=restarts,
+                  waits_on={p.model: sorted(waits[p.model]) for p in plans if waits.get(p.model)})
     running = {p.model: p for p in plans if p.model not in done}
     if spares is not None:
         idle = ctx.pool.count - sum(len(p.devices) for p in plans)
         spares = spare_pool.advance(spares, dur, max(0, idle))
-    return stage, PlanState(state.t + dur, work, running, warmup, spares)
+    return stage, PlanState(state.t + dur, work, running, warmup, spares, placed)
+
+
+def _stage_end(finish: dict[str, float], can_end: dict[str, float],
+               finishers: set[str] | None) -> float:
+    """The stage's length: its first model to finish among those that can (`can_end`), or, with
+    `finishers`, the last of those named; when none can finish (dependent work), the first model to
+    run out of released requests (`finish`)."""
+    if can_end:
+        targets = [m for m in can_end if finishers is None or m in finishers] or list(can_end)
+        dur = (max if finishers is not None and any(m in finishers for m in can_end) else min)(
+            can_end[m] for m in targets)
+    else:
+        dur = min(finish.values(), default=math.inf)
+    if dur == math.inf:
+        raise InfeasibleError("a stage whose models all wait for work outside it makes no progress")
+    return dur
 
 
 Chooser = Callable[[Context, PlanState], list[Shape]]
 
 
 def run_policy(ctx: Context, state: PlanState, choose: Chooser, strategy: str) -> Schedule:
-    """Repeat choose → place → run_stage until no work is left."""
+    """Repeat choose → place → run_stage until no work is left. With dependent work, a choice in
+    which every model waits for one left out (possible in a cycle of the model graph) is replaced
+    by the first model that can run on its own, on its fastest plan, so every stage progresses."""
     stages: list[Stage] = []
     while state.work:
         shapes = choose(ctx, state)
+        if ctx.dag is not None and not any(ctx.waiting(state).released.get(s[0], 0.0) > 0
+                                           for s in shapes):
+            shapes = [ctx.best(state, ctx.first_movable(state), ctx.pool.count).shape]
         plans = place(shapes, ctx.pool, state.running)
         if not shapes or plans is None:
             raise InfeasibleError(f"{strategy}: chose an unplaceable stage {shapes}")
@@ -229,20 +298,50 @@ def replay(ctx: Context, state: PlanState, schedule: Schedule,
     """`schedule`'s stages executed on another workload draw (the state after them; its `t` is the
     makespan; the stages run are appended to `stages`): stage k runs its plans until
     the models it was planned to finish are done. Models left over (none, when every model is planned
-    to finish somewhere) run one after another on their last plan."""
+    to finish somewhere) run one after another on their last plan. With dependent work, a stage
+    whose models all wait for work not done yet on this draw is skipped (it could not progress)."""
+    if any(st.level is not None for st in schedule.stages):
+        return _replay_levels(ctx, state, schedule, stages)
     last: dict[str, ExecPlan] = {}
     for st in schedule.stages:
         for p in st.plans:
             last[p.model] = p
         if not any(p.model in state.work for p in st.plans):
             continue
+        if ctx.dag is not None and not any(ctx.waiting(state).released.get(p.model, 0.0) > 0
+                                           for p in st.plans):
+            continue  # on this draw, all its models still wait for work of later stages
         stage, state = run_stage(ctx, state, st.plans, finishers=set(st.finished))
         if stages is not None:
             stages.append(stage)
     while state.work:
-        m = next(m for m in ctx.order if m in state.work)
+        m = ctx.first_movable(state)
         plan = last.get(m) or place([ctx.best(state, m).shape], ctx.pool, state.running)[0]
         stage, state = run_stage(ctx, state, [plan])
         if stages is not None:
             stages.append(stage)
     return state
+
+
+def _replay_levels(ctx: Context, state: PlanState, schedule: Schedule,
+                   stages: list[Stage] | None) -> PlanState:
+    """A `level-by-level` schedule: each level's stages replayed on that level's requests alone,
+    from when the previous level ended, with no engine running (but the first level's) and every
+    spare ready again (as `Planner` plans the levels)."""
+    flat = dataclasses.replace(ctx, dag=None)  # a level's requests wait for nothing
+    jobs = (ctx.dag.split_levels({m: w.requests for m, w in state.work.items()})
+            if ctx.dag is not None else [{m: list(w.requests) for m, w in state.work.items()}])
+    t = state.t
+    for lv, job in enumerate(jobs):
+        work = {m: w for m, w in ((m, Workload.of(r)) for m, r in sorted(job.items())) if len(w)}
+        first = lv == 0
+        sub = PlanState(t, work,
+                        {m: p for m, p in state.running.items() if m in work} if first else {},
+                        {}, state.spares if first else spare_pool.refilled(state.spares))
+        mine = Schedule(schedule.strategy, [dataclasses.replace(st, level=None)
+                                            for st in schedule.stages if st.level == lv], 0.0)
+        n = len(stages) if stages is not None else 0
+        t = replay(flat, sub, mine, stages).t
+        for st in (stages or [])[n:]:
+            st.level = lv
+    return PlanState(t, {}, {}, {}, state.spares)

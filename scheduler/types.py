@@ -77,14 +77,20 @@ class ModelSpec:
 @dataclass
 class SimRequest:
     """A request as the simulator sees it. `output_len` is the total output target (sampled or known);
-    `generated` tokens already exist (a restarted engine re-prefills prompt + generated)."""
+    `generated` tokens already exist (a restarted engine re-prefills prompt + generated).
+
+    Dependent requests (a DAG across models, `scheduler.dag`): `upstream` names the requests, as
+    (model, rid) of the same planning problem's work, whose outputs this one's prompt includes; it
+    is not admitted before the last of them finished. `prompt_len` then holds only its own tokens
+    (template and the outputs of upstream requests that already finished): the planner adds each
+    listed request's `output_len` (`scheduler.dag.resolve_prompts`); ids not in the work are
+    finished and ignored. `arrival_s`: the earliest admission, in seconds from the simulation's
+    start (the simulator's clock; `PlanningProblem`: from now)."""
 
     rid: int
     prompt_len: int
     output_len: int
     generated: int = 0
-    # dependent requests (issue 13, planned in a later change): earliest admission and the
-    # (model, rid) of the requests whose output its prompt takes in
     arrival_s: float = 0.0
     upstream: tuple[tuple[str, int], ...] = ()
 
@@ -181,17 +187,29 @@ class ExecPlan:
 
 @dataclass
 class Stage:
-    """Models running concurrently on disjoint devices. A stage ends when its first model finishes."""
+    """Models running concurrently on disjoint devices. A stage ends when its first model finishes
+    (with dependent requests, a model that still waits for work outside the stage never ends it)."""
 
     plans: list[ExecPlan]
     start_s: float
     end_s: float
     finished: list[str] = field(default_factory=list)  # models that finish at end_s
-    # predicted finish time of each model if it ran alone on this plan (for Gantt and diagnostics)
+    # predicted finish time of each model if it ran alone on this plan (for Gantt and diagnostics;
+    # with dependent requests: of its last request run in this stage)
     predicted_finish_s: dict[str, float] = field(default_factory=dict)
     restarts: list[str] = field(default_factory=list)  # models (re)started at start_s
-    # model -> the models whose outputs some of its requests wait for in this stage
+    # dependent requests (`scheduler.dag`): model -> the other models whose outputs some of its
+    # requests wait for during this stage (pending when it starts), sorted. An upstream model in
+    # `plans` feeds it as its requests finish (pipelined: it starts on the first released ones);
+    # one that is not holds those requests back to a later stage (it works on released ones only).
+    # Empty without dependencies.
     waits_on: dict[str, list[str]] = field(default_factory=dict)
+    # `level-by-level` only: the topological level whose requests this stage serves (level = 1 +
+    # the highest level of a request's upstream requests, 0 without). A level's requests are
+    # released when the previous level's last stage ended, with every engine stopped (as a user
+    # uploading each level as its own batch would see it); `finished` then names the models done
+    # with this level's requests. None: the stage serves every released request.
+    level: int | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from scheduler.dag import resolve_prompts
 from scheduler.estimator import Workload
 from scheduler.spares import slots_of
 from scheduler.stages import PlanState, replay
@@ -29,13 +30,17 @@ class LengthSampler(Protocol):
 
 @dataclass(frozen=True)
 class RequestShape:
-    """A request before its output length is drawn: prompt length, output cap, tokens already out."""
+    """A request before its output length is drawn: prompt length, output cap, tokens already out;
+    `upstream` and `arrival_s` as in `SimRequest` (the prompt is its own tokens: the planner adds
+    the upstream requests' drawn outputs)."""
 
     rid: int
     prompt_len: int
     cap: int  # max_tokens, already limited to max_model_len - prompt_len by the caller
     endpoint: str = "/v1/chat/completions"
     generated: int = 0
+    upstream: tuple[tuple[str, int], ...] = ()
+    arrival_s: float = 0.0
 
 
 def sample_workloads(shapes: dict[str, Sequence[RequestShape]], lengths: LengthSampler,
@@ -62,7 +67,8 @@ def sample_workloads(shapes: dict[str, Sequence[RequestShape]], lengths: LengthS
                 lens[idx] = np.asarray(lengths.sample(model, ep, caps, rng), dtype=np.int64)
             draw[model] = [
                 SimRequest(r.rid, r.prompt_len,
-                           int(min(max(1, r.cap), max(int(n), r.generated + 1))), r.generated)
+                           int(min(max(1, r.cap), max(int(n), r.generated + 1))), r.generated,
+                           r.arrival_s, r.upstream)
                 for r, n in zip(reqs, lens)]
         out.append(draw)
     return out
@@ -84,12 +90,14 @@ class MakespanStats:
 def makespan_stats(planner, schedule: Schedule,
                    draws: Sequence[dict[str, list[SimRequest]]]) -> MakespanStats:
     """Replay `schedule` (planned by `planner`, a `scheduler.planner.Planner`) on each draw of the
-    work. Each draw replaces `output_len` of the same requests; the running engines are the
-    planner's problem's."""
+    work. Each draw replaces `output_len` of the same requests (dependent prompts resolved with the
+    draw's upstream outputs, as the planner does); the running engines are the planner's
+    problem's."""
     ctx, problem = planner.exact_ctx, planner.problem
     vals = []
     for draw in draws:
-        work = {m: Workload.of(reqs) for m, reqs in sorted(draw.items())}
+        work = {m: Workload.of(reqs)
+                for m, reqs in sorted(resolve_prompts(draw, problem.models).items())}
         work = {m: w for m, w in work.items() if len(w)}
         running = {m: p for m, p in problem.running.items() if m in work}
         state = PlanState(0.0, work, running, {}, slots_of(problem.spares))

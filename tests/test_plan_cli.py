@@ -56,7 +56,7 @@ def test_plan_json_has_every_strategy_and_consistent_speedups(cpu_setup, capsys)
     assert main(["plan", str(inp), "--config", str(conf), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["strategies"]) == {"samullm", "sequential", "even-split", "per-model-best",
-                                      "muxserve-greedy"}
+                                      "muxserve-greedy", "level-by-level"}
     assert out["requests"] == 90 and out["planning_time_s"] > 0
     ref = out["strategies"]["samullm"]["makespan_s"]
     for name, s in out["strategies"].items():
@@ -154,3 +154,33 @@ async def test_plan_predicts_what_serve_plans(tmp_path, capsys):
             await asyncio.sleep(0.02)
         await client.batches.cancel(b.id)
     assert plans and plans[0]["predicted_makespan_s"] == pytest.approx(predicted, rel=1e-9)
+
+
+def _dep_line(cid: str, model: str, text: str, deps: list[str], max_tokens: int = 16) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "depends_on": deps, "body": {"model": model, "max_tokens": max_tokens,
+                                                    "messages": [{"role": "user", "content": text}]}})
+
+
+def test_plan_accepts_dependent_requests_and_no_model_ends_before_its_upstream(cpu_setup, capsys,
+                                                                             tmp_path):
+    """An evaluation sweep with a judge in one file: tiny and small answer, medium grades each
+    answer. Every strategy (level-by-level too) plans it; the judge never finishes before the
+    models it waits for."""
+    conf, _ = cpu_setup
+    inp = tmp_path / "judge.jsonl"
+    lines = [_line(i, m, "word " * (10 + 3 * i), 48) for i in range(20) for m in ("tiny", "small")]
+    lines += [_dep_line(f"judge-{m}-{i}", "medium", f"Answer: {{{{{m}-{i}}}}}\nGrade:", [f"{m}-{i}"])
+              for i in range(20) for m in ("tiny", "small")]
+    inp.write_text("\n".join(lines) + "\n")
+    svg = tmp_path / "g.svg"
+    assert main(["plan", str(inp), "--config", str(conf), "--json", "--gantt", str(svg)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "level-by-level" in out["strategies"] and out["requests"] == 80
+    ref = out["strategies"]["samullm"]["makespan_s"]
+    for name, s in out["strategies"].items():
+        assert s["makespan_s"] >= ref * (1 - 1e-9), name
+        ends = {m: st["end_s"] for st in s["stages"] for m in st["finished"]}
+        assert set(ends) == {"tiny", "small", "medium"}, name
+        assert ends["medium"] >= max(ends["tiny"], ends["small"]) - 1e-9, name
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))

@@ -21,20 +21,37 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def reference(requests, lim: EngineLimits, lat: LatencyModel):
-    """vLLM V1 FCFS scheduling written out literally; checks invariants every iteration."""
+def reference(requests, lim: EngineLimits, lat: LatencyModel, depends=None, admitted=None):
+    """vLLM V1 FCFS scheduling written out literally; checks invariants every iteration. Requests
+    join the waiting queue at their arrival (ties in input order) or, with `depends` (rid -> rids),
+    when the last request they wait for finished; `admitted` (a dict) gets each request's first
+    scheduled iteration's start."""
     bs, mml = lim.block_size, lim.max_model_len
     finish, waiting, running = {}, deque(), []
-    for r in requests:
+    later, blocked, states = [], {}, {}  # later: (arrival, index, state) not queued yet
+    for idx, r in enumerate(requests):
         p = min(max(1, r.prompt_len), mml - 1)
         st = {"rid": r.rid, "P": p, "out": max(1, min(r.output_len, mml - p)), "g": r.generated,
-              "comp": 0, "held": 0, "dec": False}
+              "comp": 0, "held": 0, "dec": False, "arr": r.arrival_s, "idx": idx}
         if st["g"] >= st["out"]:
             finish[r.rid] = 0.0
         else:
+            states[r.rid] = st
+    for rid, st in states.items():
+        ups = {u for u in (depends or {}).get(rid, ()) if u in states and u != rid}
+        if ups:
+            blocked[rid] = ups
+        elif st["arr"] > 0:
+            later.append((st["arr"], st["idx"], st))
+        else:
             waiting.append(st)
     free, now, steps, preemptions = lim.num_kv_blocks, 0.0, 0, 0
-    while waiting or running:
+    while waiting or running or later:
+        later.sort(key=lambda x: x[:2])
+        if not waiting and not running:
+            now = max(now, later[0][0])  # an idle engine waits for the next arrival
+        while later and later[0][0] <= now:
+            waiting.append(later.pop(0)[2])
         budget, sched, preempted = lim.max_num_batched_tokens, [], []
         idx = 0
         while idx < len(running) and budget > 0:
@@ -66,6 +83,8 @@ def reference(requests, lim: EngineLimits, lat: LatencyModel):
                 free -= cdiv(c, bs)
                 r["held"] = cdiv(c, bs)
                 running.append(r)
+                if admitted is not None:
+                    admitted.setdefault(r["rid"], now)
                 sched.append((r, c))
                 budget -= c
         preemptions += len(preempted)
@@ -87,6 +106,12 @@ def reference(requests, lim: EngineLimits, lat: LatencyModel):
                     finish[r["rid"]] = now
                     free += r["held"]
                     running.remove(r)
+                    for d, ups in list(blocked.items()):
+                        ups.discard(r["rid"])
+                        if not ups:
+                            del blocked[d]
+                            later.append((max(states[d]["arr"], now), states[d]["idx"], states[d]))
+    assert not blocked, "a dependency cycle"
     return finish, steps, preemptions
 
 
