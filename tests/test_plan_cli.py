@@ -120,9 +120,11 @@ def test_paper_config_plans_on_a100s_without_weights(tmp_path, capsys):
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_plan_predicts_what_serve_plans(tmp_path, capsys):
+@pytest.mark.parametrize("dag", [False, True], ids=["independent", "judge"])
+async def test_plan_predicts_what_serve_plans(tmp_path, capsys, dag):
     """`samullm plan` and the `plan` event of a batch submitted to an idle gateway predict the same
-    makespan for the same input file, config and state dir (the house issue)."""
+    makespan for the same input file, config and state dir (the house issue), also for a file of
+    dependent requests (small grades each of tiny's answers)."""
     from runtime.config import load_config
     from runtime.executor.executor import PoolExecutor
     from tests.gateway.conftest import poll, running
@@ -135,8 +137,12 @@ async def test_plan_predicts_what_serve_plans(tmp_path, capsys):
     conf.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n[devices]\nkind = "cpu"\n'
                     f'cpu_kvcache_gib = 0.25\nspare_engines = 0\n{models}')
     inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(_line(i, m, "word " * (5 + 3 * i), 16 + i) for i in range(20)
-                             for m in ("tiny", "small")) + "\n")
+    lines = [_line(i, m, "word " * (5 + 3 * i), 16 + i) for i in range(20)
+             for m in ("tiny", "small")]
+    if dag:
+        lines += [_dep_line(f"grade-{i}", "small", f"Grade: {{{{tiny-{i}}}}}", [f"tiny-{i}"])
+                  for i in range(20)]
+    inp.write_text("\n".join(lines) + "\n")
     assert main(["plan", str(inp), "--config", str(conf), "--json", "--strategy", "samullm"]) == 0
     predicted = json.loads(capsys.readouterr().out)["strategies"]["samullm"]["makespan_s"]
     cfg = load_config(str(conf))
