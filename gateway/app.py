@@ -94,7 +94,8 @@ def create_app(cfg: Config, executor: Executor, *,
             ex = executor
             gm = GatewayMetrics()
             service = BatchService(cfg, db, store, ex, gm, clock)
-            gm.bind(db.count_by_status, service.queue_depth)
+            gm.bind(db.count_by_status, service.queue_depth,
+                    lambda: len(ex.health().get("idle_engines", ())))
             app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
             lag = LoopLagMonitor(gm.registry)
             await ex.start()

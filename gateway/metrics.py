@@ -1,5 +1,5 @@
 """Prometheus metrics (`GET /metrics`): batches by status, requests done/failed per model, tokens,
-queue depth. Each app owns its registry, so several apps (tests) never clash."""
+queue depth, engines kept warm. Each app owns its registry, so several apps (tests) never clash."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from runtime.executor_api import Outcome
 class _LiveCollector(Collector):
     """Values read at scrape time: they live in SQLite and in the running batches."""
 
-    def __init__(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int]) -> None:
-        self._by_status, self._depth = by_status, depth
+    def __init__(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int],
+                 idle: Callable[[], int]) -> None:
+        self._by_status, self._depth, self._idle = by_status, depth, idle
 
     def collect(self) -> Iterator[Any]:
         g = GaugeMetricFamily("samullm_batches", "Batches by status", labels=["status"])
@@ -28,6 +29,9 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("samullm_queue_depth",
                                 "Requests submitted to the executor and not finished",
                                 value=self._depth())
+        yield GaugeMetricFamily("samullm_idle_engines",
+                                "Engines kept warm for the next batch of their model",
+                                value=self._idle())
 
 
 class GatewayMetrics:
@@ -40,8 +44,9 @@ class GatewayMetrics:
         self.finished = Counter("samullm_batches_finished", "Batches that reached a final status",
                                 ["status"], registry=self.registry)
 
-    def bind(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int]) -> None:
-        self.registry.register(_LiveCollector(by_status, depth))
+    def bind(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int],
+             idle: Callable[[], int] = lambda: 0) -> None:
+        self.registry.register(_LiveCollector(by_status, depth, idle))
 
     def observe_outcome(self, o: Outcome) -> None:
         self.requests.labels(o.model, "completed" if o.ok else "failed").inc()

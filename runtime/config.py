@@ -219,6 +219,10 @@ class DevicesConfig:
                 "skips that import (~7 s each here, ~700 MB of memory each); unset = one per "
                 "core + 1, at most 3; 0 = none (GPUs: always none)",
         "example": 3})
+    engine_linger_s: float = field(default=180.0, metadata={
+        "help": "seconds an engine whose model has no work left stays up (warm) for the next "
+                "batch of that model, unless a plan needs its devices (freed at once then); "
+                "0 = stop it when its work is done"})
     engine_nice: int | None = field(default=None, metadata={
         "help": "niceness added to engine processes; unset = 5 on CPU (engines share the cores "
                 "with the gateway, whose API must stay responsive), 0 on GPUs; in [0, 19]",
@@ -241,6 +245,8 @@ class DevicesConfig:
     def validate(self, where: str) -> None:
         if self.spare_engines is not None and not 0 <= self.spare_engines <= 64:
             raise ConfigError(f"{where}.spare_engines: an integer in [0, 64]")
+        if not 0 <= self.engine_linger_s <= 86400:
+            raise ConfigError(f"{where}.engine_linger_s: seconds in [0, 86400]")
         if self.engine_nice is not None and not 0 <= self.engine_nice <= 19:
             raise ConfigError(f"{where}.engine_nice: an integer in [0, 19]")
         if self.max_threads_per_rank < 0:

@@ -69,6 +69,9 @@ class Slot:
     # most engines seen starting at once while this one started (itself included): its measured
     # start is divided by the pool's contention factor for that many (`slots.EngineSlots.apply`)
     starting_with: int = 1
+    # when its model ran out of work (None: it has work): an idle engine kept warm for the next
+    # batch of its model (`[devices] engine_linger_s`, `slots.EngineSlots.apply`)
+    idle_since: float | None = None
 
     def move(self, to: SlotState) -> None:
         if to not in SLOT_MOVES[self.state]:

@@ -113,6 +113,7 @@ class PoolExecutor:
         self._saved: tuple[dict, dict] = (self._lengths.to_dict(), dict(self._start_times))
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
+        self._linger: asyncio.Task | None = None  # wakes a pass when a warm engine's time is up
 
     @property
     def dispatch_paused(self) -> bool:
@@ -200,6 +201,8 @@ class PoolExecutor:
     async def close(self) -> None:
         self._closing = True
         self._pulse_store_retry()
+        if self._linger is not None:
+            self._linger.cancel()
         if self._control is not None:
             self._control.cancel()
             await asyncio.gather(self._control, return_exceptions=True)
@@ -217,12 +220,16 @@ class PoolExecutor:
                 waiter.set_result(None)
 
     def health(self) -> dict[str, Any]:
+        now = self.clock.monotonic()
+        out: dict[str, Any] = {"idle_engines": [
+            {"model": s.model, "tp": s.spec.tp, "devices": list(s.spec.devices),
+             "idle_s": round(now - s.idle_since, 1)} for s in self.slots.idle()
+            if s.idle_since is not None]}
         spares = self._spares()
-        if spares is None:
-            return {}
-        # ready = an engine start now skips the API server's import
-        return {"spare_engines": {"ready": spares.ready_count(), "target": spares.size,
-                                  "import_s": round(spares.import_s(), 2)}}
+        if spares is not None:  # ready = an engine start now skips the API server's import
+            out["spare_engines"] = {"ready": spares.ready_count(), "target": spares.size,
+                                    "import_s": round(spares.import_s(), 2)}
+        return out
 
     def _spares(self) -> Any:
         return self.launcher.spares  # runtime.engines.spares.SparePool, when configured
@@ -377,6 +384,22 @@ class PoolExecutor:
                         log.warning("outcomes are stored again: dispatch resumed")
                     self.slots.wake()
 
+    def _arm_linger(self) -> None:
+        """Ask for a pass when the first warm engine's linger time runs out (it is then stopped)."""
+        ends = self.slots.linger_ends()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if ends is None or self._closing:
+            return
+
+        async def expire(delay: float) -> None:
+            await self.clock.sleep(delay)
+            self._linger = None
+            self._request_pass("linger_expired")
+        self._linger = asyncio.create_task(expire(max(0.0, ends - self.clock.monotonic()) + 0.01),
+                                           name="executor-linger")
+
     # -- dependent requests (runtime.executor.deps) ------------------------------------------------
     def _head_active(self, batch: BatchState) -> bool:
         return bool(self._pools) and self._pools[0].active and batch in self._pools[0].batches
@@ -513,8 +536,9 @@ class PoolExecutor:
     async def _pass(self, reasons: list[str]) -> None:
         head = self._active_pool()
         todo = [r for r in head.open_reqs() if r.state in PLANNED] if head else []
-        if not todo:  # nothing left to run: free every device, keep what was learned
-            await self.slots.stop_all("no work")
+        if not todo:  # nothing left to run: engines stay warm a while, then their devices are freed
+            await self.slots.apply(None, set(), self.clock.monotonic())
+            self._arm_linger()
             await self._save_learned()
             return
         assert head is not None
@@ -522,7 +546,9 @@ class PoolExecutor:
         if schedule is None:
             return
         has_work = {r.model for r in todo}
-        await self.slots.apply(schedule.stages[0] if schedule.stages else None, has_work)
+        await self.slots.apply(schedule.stages[0] if schedule.stages else None, has_work,
+                               self.clock.monotonic())
+        self._arm_linger()
         if not self.slots.any_active() and not self.slots.dying:
             # nothing runs and nothing will produce an event: the plan left queued work stranded
             for req in [r for r in head.open_reqs() if r.state is ReqState.QUEUED]:

@@ -121,12 +121,18 @@ class EngineSlots:
             task.add_done_callback(done)
         return task
 
-    async def apply(self, stage: Stage | None, has_work: set[str]) -> None:
+    async def apply(self, stage: Stage | None, has_work: set[str], now: float = 0.0) -> None:
         """Make the engines match `stage`: keep replicas whose (model, tp, devices) it still wants,
         stop (or put to sleep) the others, wait until their devices are free, start the new ones
-        (concurrently: each launch runs in its slot's task). `has_work`: models with requests left."""
+        (concurrently: each launch runs in its slot's task). `has_work`: models with requests left.
+        An engine whose model has no work left is kept warm (idle) while its devices are not needed
+        and it has been idle less than `[devices] engine_linger_s` (on the executor's clock `now`):
+        the next batch of its model then starts nothing."""
         desired = stage_replicas(stage) if stage is not None else {}
         keep = {s.key: s for s in self.all if s.state.active and s.key in desired}
+        for s in self.all:
+            if s.model in has_work:
+                s.idle_since = None
         wake = {s.key: s for s in self.all
                 if s.state is SlotState.SLEEPING and s.key in desired and s.key not in keep}
         new = [k for k in desired if k not in keep and k not in wake]
@@ -137,6 +143,8 @@ class EngineSlots:
                 continue
             if s.state.active and self._may_sleep(s, needed, has_work):
                 sleeps.append(s)
+            elif s.state is SlotState.RUNNING and self._may_linger(s, needed, has_work, now):
+                s.idle_since = now if s.idle_since is None else s.idle_since
             elif s.state.active or s.state is SlotState.SLEEPING and (
                     needed & set(s.spec.devices) or s.model not in has_work):
                 stops.append(s)
@@ -199,6 +207,22 @@ class EngineSlots:
     async def stop_all(self, why: str, force: bool = False) -> None:
         await asyncio.gather(*(self.stop(s, why, force) for s in list(self.all)),
                              return_exceptions=force)
+
+    # -- warm engines between batches ---------------------------------------------------------------
+    def _may_linger(self, slot: Slot, needed: set[int], busy: set[str], now: float) -> bool:
+        linger = self.cfg.devices.engine_linger_s
+        return (linger > 0 and slot.model not in busy and not needed & set(slot.spec.devices)
+                and (slot.idle_since is None or now - slot.idle_since < linger))
+
+    def idle(self) -> list[Slot]:
+        """Engines kept warm: running, their model without work."""
+        return [s for s in self.all if s.idle_since is not None and s.state is SlotState.RUNNING]
+
+    def linger_ends(self) -> float | None:
+        """When the first warm engine's linger time runs out (executor clock), if any."""
+        ends = [s.idle_since + self.cfg.devices.engine_linger_s for s in self.idle()
+                if s.idle_since is not None]
+        return min(ends, default=None)
 
     # -- GPU sleep mode (see dispatch.sleep_engine) -----------------------------------------------
     def _may_sleep(self, slot: Slot, needed: set[int], busy: set[str]) -> bool:

@@ -7,6 +7,7 @@ mid-run frees every engine, its process group included."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections import Counter
@@ -49,6 +50,9 @@ class RecordingLauncher:
                 if e.alive() and (model is None or e.spec.model.name == model)]
 
 
+LINGER_S = 2.0  # warm engines between batches, kept short here
+
+
 def chat(model: str, n: int, max_tokens: int, step: int = 0) -> list[WorkItem]:
     """`n` requests of exactly `max_tokens + i * step` output tokens (staggered: outcomes trickle
     in instead of arriving together)."""
@@ -75,7 +79,9 @@ class Sink:
 @pytest_asyncio.fixture(loop_scope="function")
 async def executor(test_config: Config, tmp_path) -> AsyncIterator[tuple[PoolExecutor, Any]]:
     launcher = RecordingLauncher(VllmLauncher(log_dir=tmp_path / "logs"))
-    ex = PoolExecutor(test_config, launcher, state_dir=tmp_path / "state")
+    cfg = dataclasses.replace(test_config, devices=dataclasses.replace(
+        test_config.devices, engine_linger_s=LINGER_S))
+    ex = PoolExecutor(cfg, launcher, state_dir=tmp_path / "state")
     await ex.start()
     try:
         yield ex, launcher
@@ -107,12 +113,18 @@ async def test_pooled_job_completes_and_replans_when_a_model_finishes(executor) 
     started = [e for e in ev if e["event"] == "engine_started"]
     assert {e["model"] for e in started} == {"tiny-a", "tiny-b"}
     assert all(e["pid"] for e in started)
-    await asyncio.sleep(0)  # the pass after the last outcome stops every engine
+    # the pass after the last outcome keeps the engines warm for LINGER_S, then stops them
+    for _ in range(50):
+        if ex.health()["idle_engines"]:
+            break
+        await asyncio.sleep(0.02)
+    assert {e["model"] for e in ex.health()["idle_engines"]} <= {"tiny-a", "tiny-b"}
+    assert launcher.running() and ex.health()["idle_engines"]
     for _ in range(100):
         if not launcher.running():
             break
         await asyncio.sleep(0.2)
-    assert launcher.running() == []
+    assert launcher.running() == [] and ex.health()["idle_engines"] == []
 
 
 async def test_killed_engine_process_does_not_lose_the_batch(executor) -> None:

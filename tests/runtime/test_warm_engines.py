@@ -1,0 +1,61 @@
+"""Warm engines between batches (`[devices] engine_linger_s`): an engine whose model ran out of work
+stays up for the next batch of its model, is freed at once when a plan needs its devices, and stops
+when its linger time is up (on the executor's clock, driven by the test)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from .clocks import ManualClock
+from .test_executor import Sink, items, kinds, launcher, run  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_the_next_batch_of_a_model_finds_its_engine_warm(run, launcher) -> None:
+    clock = ManualClock()
+    ex = await run(devices=1, clock=clock)
+    ex.submit("first", items("a", 5), Sink())
+    await asyncio.wait_for(ex.wait("first"), 30)
+    await asyncio.sleep(0.05)
+    assert len(launcher.alive("a")) == 1  # kept warm
+    health = ex.health()["idle_engines"]
+    assert [(e["model"], e["devices"]) for e in health] == [("a", [0])]
+    await clock.advance(60)
+    ex.submit("second", items("a", 5, prefix="s"), second := Sink())
+    await asyncio.wait_for(ex.wait("second"), 30)
+    assert len(second.by_id()) == 5 and len(launcher.engines) == 1  # no new start
+    assert "engine_start" not in kinds(ex.events("second"))
+    await asyncio.sleep(0.05)
+    await clock.advance(ex.cfg.devices.engine_linger_s - 1)
+    assert len(launcher.alive("a")) == 1  # idle again since the second batch: not yet
+    await clock.advance(2)
+    for _ in range(100):
+        if not launcher.alive():
+            break
+        await asyncio.sleep(0.01)
+    assert launcher.alive() == [] and ex.health()["idle_engines"] == []
+
+
+async def test_a_warm_engine_gives_its_devices_up_at_once(run, launcher) -> None:
+    clock = ManualClock()
+    ex = await run(devices=1, clock=clock)
+    ex.submit("first", items("a", 3), Sink())
+    await asyncio.wait_for(ex.wait("first"), 30)
+    await asyncio.sleep(0.05)
+    assert len(launcher.alive("a")) == 1
+    ex.submit("other", items("b", 3, prefix="o"), other := Sink())  # b needs core 0
+    await clock.advance(2)  # past the arrival pause
+    await asyncio.wait_for(ex.wait("other"), 30)
+    assert len(other.by_id()) == 3
+    assert launcher.alive("a") == []  # stopped for b (the fixture checks no device was shared)
+
+
+async def test_metrics_count_the_warm_engines(tmp_path) -> None:
+    from gateway.metrics import GatewayMetrics
+    gm = GatewayMetrics()
+    idle = [1, 2]
+    gm.bind(lambda: {}, lambda: 0, lambda: len(idle))
+    assert b"samullm_idle_engines 2.0" in gm.render()
