@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import dataclasses
 import json
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -254,15 +256,17 @@ def executor_events(log_path: Path) -> list[dict]:
     return out
 
 
-def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, expected: list[dict],
-                timeout_s: float, tag: str) -> GatewayRun:
+@contextlib.contextmanager
+def serving(cfg_path: Path, root: Path, tag: str, strategy: str) -> Iterator[tuple[Any, Path]]:
+    """A fresh `samullm serve` with its spare engine processes ready; yields (OpenAI client, its log
+    path), and stops it (SIGTERM) on exit. A fresh state dir per run: no batch of an earlier
+    (interrupted) run resumes in front of this one, and every run starts from the same length
+    prior; the profiles are shared."""
     from openai import OpenAI
 
     port = free_port()
     log_path = root / "logs" / f"gateway-{tag}-{strategy}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh state dir per run: no batch of an earlier (interrupted) run resumes in front of this
-    # one, and every strategy starts from the same length prior; the profiles are shared
     state = Path(tempfile.mkdtemp(prefix=f"state-{tag}-{strategy}-", dir=root / "runs"))
     (state / "profiles").symlink_to(root / "state" / "profiles")
     cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(cfg_path),
@@ -284,21 +288,7 @@ def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, exp
         ready_s, import_s = wait_spares(port, deadline=time.monotonic() + 120)
         print(f"  gateway ready: spare engine processes imported after {ready_s:.1f} s"
               f" ({import_s} CPU s each at least)", flush=True)
-        with open(input_path, "rb") as f:
-            fobj = client.files.create(file=f, purpose="batch")
-        t0 = time.monotonic()
-        batch = client.batches.create(input_file_id=fobj.id, endpoint=CHAT, completion_window="24h",
-                                      metadata={"strategy": strategy})
-        while batch.status not in ("completed", "failed", "cancelled", "expired"):
-            if time.monotonic() - t0 > timeout_s:
-                client.batches.cancel(batch.id)
-                raise RuntimeError(f"{strategy}: batch not done after {timeout_s} s")
-            time.sleep(0.25)
-            batch = client.batches.retrieve(batch.id)
-        makespan = time.monotonic() - t0
-        if batch.status != "completed":
-            raise RuntimeError(f"{strategy}: batch {batch.status}: {batch.errors}")
-        check_output(client.files.content(batch.output_file_id).text, expected, strategy)
+        yield client, log_path
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -306,6 +296,33 @@ def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, exp
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def run_to_end(client: Any, file_id: str, metadata: dict | None, timeout_s: float, what: str) -> Any:
+    """Create a batch of the uploaded file and poll it until it is completed (else raise)."""
+    t0 = time.monotonic()
+    batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h",
+                                  metadata=metadata)
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        if time.monotonic() - t0 > timeout_s:
+            client.batches.cancel(batch.id)
+            raise RuntimeError(f"{what}: batch not done after {timeout_s} s")
+        time.sleep(0.25)
+        batch = client.batches.retrieve(batch.id)
+    if batch.status != "completed":
+        raise RuntimeError(f"{what}: batch {batch.status}: {batch.errors}")
+    return batch
+
+
+def run_gateway(cfg_path: Path, root: Path, input_path: Path, strategy: str, expected: list[dict],
+                timeout_s: float, tag: str) -> GatewayRun:
+    with serving(cfg_path, root, tag, strategy) as (client, log_path):
+        with open(input_path, "rb") as f:
+            fobj = client.files.create(file=f, purpose="batch")
+        t0 = time.monotonic()
+        batch = run_to_end(client, fobj.id, {"strategy": strategy}, timeout_s, strategy)
+        makespan = time.monotonic() - t0
+        check_output(client.files.content(batch.output_file_id).text, expected, strategy)
     return GatewayRun(strategy, makespan, len(expected), executor_events(log_path))
 
 
