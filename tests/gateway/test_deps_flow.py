@@ -92,3 +92,33 @@ async def test_cancel_mid_dag_reports_dependents_as_cancelled(tmp_path: Path) ->
     assert any(c.startswith("judge-") and v == "batch_cancelled" for c, v in codes.items())
     done = {x["custom_id"] for x in out}
     assert all(f"ans-{c[6:]}" in done for c in done if c.startswith("judge-"))
+
+
+async def test_expiry_mid_dag_reports_dependents_as_expired(tmp_path: Path) -> None:
+    from .conftest import Clock
+    launcher = FakeLauncher(delay_s={"tiny-a": 0.3})
+    cfg = parse_config({"server": {"state_dir": str(tmp_path / "state")},
+                        "limits": {"completion_windows": ["1h"]},
+                        "devices": {"kind": "cpu", "cpu_kvcache_gib": 0.25},
+                        "models": [{"name": n, "path": f"/nonexistent/{n}", "arch": ARCH,
+                                    "max_model_len": 1024, "max_num_seqs": 4}
+                                   for n in ("tiny-a", "tiny-b")]})
+    ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)),
+                      clock=ManualClock(auto=True))
+    lines = [chat_line(f"ans-{i}", "tiny-a", "q") for i in range(8)]
+    lines += [dep(f"judge-{i}", "tiny-b", "{{ans-%d}}" % i, [f"ans-{i}"]) for i in range(8)]
+    clock = Clock()
+    async with running(cfg, ex, clock=clock, expiry_interval_s=0.02) as srv:
+        client = srv.client()
+        f = await client.files.create(file=("app.jsonl", jsonl(lines)), purpose="batch")
+        b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="1h")
+        await poll(client, b.id, lambda x: x.request_counts.completed >= 1)
+        clock.offset = 3601
+        b = await poll(client, b.id)
+        assert b.status == "expired" and b.request_counts.total == 16
+        out = await read_lines(client, b.output_file_id)
+        err = await read_lines(client, b.error_file_id)
+    assert sorted(x["custom_id"] for x in out + err) == sorted(x["custom_id"] for x in lines)
+    expired = {x["custom_id"] for x in err if x["error"]["code"] == "batch_expired"}
+    assert any(c.startswith("judge-") for c in expired)
