@@ -9,8 +9,11 @@ is built by the executor's own adapter (`runtime.executor.planning.plan_problem`
 same length draw and seed, the same latency source with measured start times and profiles under the
 state dir, the same devices and idle spare engine processes), so for the same input, config and
 state dir the predicted makespan of a strategy is the one the `plan` event of a batch submitted to
-an idle gateway reports. Every strategy's schedule is then replayed on `--samples` draws for the
-makespan's mean and spread.
+an idle gateway reports; that includes the online calibration `serve` keeps in the state dir
+(refitted as `serve` refits it before a plan). Every strategy's schedule is then replayed on
+`--samples` draws for the makespan's mean and spread. `latency_sources` says, per model and
+shape, where its latency comes from: a profile, the roofline (or GPU model), corrected by the
+online calibration of that shape or by one derived from other shapes or models.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from gateway.lines import iter_lines
 from gateway.validation import CHAT, validate_file
 from runtime.config import Config, ConfigError, load_config
 from runtime.engines.devices import planning_pool
-from runtime.persist import load_length_model, load_start_times
+from runtime.persist import load_calibration, load_length_model, load_start_times
 from runtime.executor.deps import BatchGraph
 from runtime.executor.pool_state import Req
-from runtime.executor.planning import model_specs, plan_problem, sample_work
+from runtime.executor.planning import (LatencySource, latency_sources, model_specs, plan_problem,
+                                       refit_calibration, sample_work)
 from runtime.engines.spares import IMPORT_S_GUESS, spare_count
 from scheduler.planner import STRATEGIES, Planner
 from scheduler.types import DevicePool, Schedule
@@ -114,6 +118,27 @@ def stage_rows(s: Schedule) -> list[dict[str, Any]]:
                        for p in st.plans]} for st in s.stages]
 
 
+def render_sources(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per model and shape: where its latency figures come from."""
+    out = ["latency sources (per model and shape):"]
+    for r in rows:
+        shape = f"TP{r['tp']}" + (f"x{r['threads']}threads" if r["threads"] > 1 else "")
+        what = r["source"]
+        if what == "online calibration":
+            what += (f" of {r['served']} served requests (replay error "
+                     f"{r['replay_err_before']:+.0%} -> {r['replay_err_after']:+.0%}"
+                     + (f", fresh engine +{r['fresh_engine_s']:.1f}s" if r["fresh_engine_s"] else "")
+                     + ")")
+        elif what == "derived":
+            what += f" ({r['detail']})"
+        if "token_scale" in r:
+            what += f", x{r['token_scale']:.2f} per token, x{r['step_scale']:.2f} per step"
+            what += f", on the {r['base']}"
+        lines = f"  {r['model']:<12} {shape:<14} {what}; start {r['start_s']:.1f}s ({r['start']})"
+        out.append(lines)
+    return out
+
+
 def _fmt_s(x: float) -> str:
     return f"{x:,.1f}s" if x < 3600 else f"{x / 3600:,.2f}h"
 
@@ -144,6 +169,8 @@ def render_text(result: dict[str, Any]) -> str:
         spread = f"{_fmt_s(st['mean_s'])} ± {_fmt_s(st['std_s'])}"
         speed = f"{s['makespan_s'] / ref['makespan_s']:.2f}x" if ref and ref["makespan_s"] > 0 else "-"
         lines.append(f"{name:<17}{_fmt_s(s['makespan_s']):>12}{spread:>28}{speed:>17}")
+    if result.get("latency_sources"):
+        lines += [""] + render_sources(result["latency_sources"])
     return "\n".join(lines)
 
 
@@ -166,9 +193,14 @@ def plan_main(args: argparse.Namespace) -> int:
     pool = planning_pool(args.devices, cfg, args.gpu)
     lengths = load_length_model(cfg.state_dir)
     spares, no_spare_s = idle_spares(cfg, pool)
+    specs = model_specs(cfg)
+    fits = {}
+    if cfg.scheduler.online_calibration:  # what `serve` fits before its next plan
+        served, stored = load_calibration(cfg.state_dir, cfg.scheduler.calibration_window)
+        fits = refit_calibration(cfg, pool, specs, cfg.state_dir, served.snapshot(), stored)
     # the problem an idle gateway's first plan of these requests solves (same draw, same seed)
-    problem = plan_problem(cfg, pool, model_specs(cfg), cfg.state_dir, reqs, lengths,
-                           load_start_times(cfg.state_dir), 1, {}, spares, no_spare_s)
+    problem = plan_problem(cfg, pool, specs, cfg.state_dir, reqs, lengths,
+                           load_start_times(cfg.state_dir), 1, {}, spares, no_spare_s, fits)
     draws = [problem.work] + [sample_work(reqs, lengths, np.random.default_rng([seed, s]))
                               for s in range(2, samples + 1)]
     names = STRATEGIES if args.strategy == "all" else (args.strategy,)
@@ -186,6 +218,8 @@ def plan_main(args: argparse.Namespace) -> int:
                            "samples": makespan_stats(planner, s, draws).to_dict(),
                            "stages": stage_rows(s)} for n, s in scheds.items()},
     }
+    if isinstance(problem.latency, LatencySource):
+        result["latency_sources"] = latency_sources(problem.latency, problem.models, pool)
     if "samullm" in scheds:
         ref = scheds["samullm"].makespan_s
         result["speedup_of_samullm"] = {n: (s.makespan_s / ref if ref > 0 else None)

@@ -330,10 +330,22 @@ class SchedulerConfig:
                 "the makespan's mean and spread (`--samples` overrides)"})
     seed: int = field(default=0, metadata={
         "help": "seed of the output-length draws (plan n of a pool draws with [seed, n])"})
+    online_calibration: bool = field(default=True, metadata={
+        "help": "correct the latency model (profile, else roofline) per (model, TP, threads, "
+                "device kind) by the requests the engines serve: per-token and per-step scales "
+                "and a fresh engine's one-off costs, fitted to the served requests' times before "
+                "every re-plan (scheduler.online), kept in <state_dir>/calibration.json; "
+                "`samullm plan` reads them too"})
+    calibration_window: int = field(default=512, metadata={
+        "help": "served requests kept per (model, TP, threads, device kind) for the online "
+                "calibration (of each engine its first quarter and its newest); a fit replays "
+                "them (~15 ms per 100, in a thread)"})
 
     def validate(self, where: str) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"{where}.strategy: one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if self.calibration_window < 16:
+            raise ConfigError(f"{where}.calibration_window: at least 16; got {self.calibration_window}")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ warning), never a failed start.
   (`blend`), so the planner's load cost comes from real runs, also right after a restart.
 - `profiles/<model>--tp<N>[-t<T>]--<device>.json`: measured latency profiles
   (`scheduler.latency.Profile`), T = cores per rank on CPU (files without `-t` are T = 1).
+- `calibration.json`: the online calibration (`scheduler.online`): per (model, tp, threads,
+  device) the window of served requests (per engine run: [queued, sent, answered] seconds from the
+  run's first send, prompt and output tokens) and the scales fitted to it with their evidence,
+  saved at each re-plan that learned something, so a restarted gateway and `samullm plan` use them.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Mapping
 
 from runtime.atomic import write_json_atomic
 from scheduler.latency import Profile
 from scheduler.lengths import LengthModel
+from scheduler.online import ShapeFit, windows_from_dict, windows_to_dict
+from scheduler.served import ServedLog, ShapeKey, ShapeWindow
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,29 @@ def load_start_times(state_dir: Path) -> StartTimes:
 def save_start_times(state_dir: Path, times: StartTimes) -> Path:
     return write_json_atomic(Path(state_dir) / START_TIMES_FILE,
                              {f"{m}|{tp}": round(s, 3) for (m, tp), s in sorted(times.items())})
+
+
+# --- online calibration -----------------------------------------------------------------------
+CALIBRATION_FILE = "calibration.json"
+
+
+def load_calibration(state_dir: Path, window: int) -> tuple[ServedLog, dict[ShapeKey, ShapeFit]]:
+    """The stored served-request windows (as a log keeping `window` per shape) and fits; empty
+    ones when there is no file, or (with a warning) when it cannot be read."""
+    path = Path(state_dir) / CALIBRATION_FILE
+    try:
+        windows, fits = windows_from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return ServedLog(window), {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable calibration %s (%s); calibrating afresh", path, exc)
+        return ServedLog(window), {}
+    return ServedLog.from_windows(windows, window), fits
+
+
+def save_calibration(state_dir: Path, windows: Mapping[ShapeKey, ShapeWindow],
+                     fits: Mapping[ShapeKey, ShapeFit]) -> Path:
+    return write_json_atomic(Path(state_dir) / CALIBRATION_FILE, windows_to_dict(windows, fits))
 
 
 # --- latency profiles ------------------------------------------------------------------------

@@ -16,9 +16,10 @@ Strategies (same cost model, same `Schedule` format; see `scheduler.baselines` f
 - `sequential`, `even-split`, `per-model-best`, `muxserve-greedy`: see `scheduler.baselines`.
 - `level-by-level`: dependent requests as users run them without this gateway: each topological
   level (`scheduler.dag`) as a pooled job of its own, planned by `samullm` on that level's requests
-  alone, from no engine running (the gateway stops them when a batch ends; only the first level
-  keeps the engines running now), all its requests arriving at its start, which is when the
-  previous level ended. Its stages are the levels' stages in order (`Stage.level`). Without
+  alone, all its requests arriving at its start, which is when the previous level ended. The first
+  level keeps the engines running now; a later one starts with the engines of the previous level's
+  last stage (the gateway keeps an engine warm after its batch, `[devices] engine_linger_s`, far
+  longer than a client takes to upload the next level). Its stages are the levels' stages in order (`Stage.level`). Without
   dependencies it is one pooled job: the search's schedule.
 
 Dependent requests (`SimRequest.upstream`, `scheduler.dag`): prompts are resolved first (upstream
@@ -184,10 +185,11 @@ class Planner:
             s = self._searched()
             return Schedule("level-by-level", s.stages, s.makespan_s)
         p, stages, t = self.problem, [], 0.0
+        warm = p.running
         for lv, work in enumerate(self.dag.split_levels(self.work)):
             first = lv == 0
             job = dataclasses.replace(
-                p, work=work, running=p.running if first else {},
+                p, work=work, running={m: pl for m, pl in warm.items() if m in work},
                 # every spare ready again (`scheduler.spares.refilled`, as the replay assumes)
                 spares=p.spares if first or p.spares is None else tuple(0.0 for _ in p.spares))
             s = Planner(job).plan("samullm")
@@ -196,6 +198,7 @@ class Planner:
                 predicted_finish_s={m: t + f for m, f in st.predicted_finish_s.items()})
                 for st in s.stages]
             t += s.makespan_s
+            warm = {pl.model: pl for pl in s.stages[-1].plans} if s.stages else {}
         return Schedule("level-by-level", stages, t)
 
     def _search(self, state: PlanState) -> Schedule:

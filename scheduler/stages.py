@@ -326,20 +326,23 @@ def replay(ctx: Context, state: PlanState, schedule: Schedule,
 def _replay_levels(ctx: Context, state: PlanState, schedule: Schedule,
                    stages: list[Stage] | None) -> PlanState:
     """A `level-by-level` schedule: each level's stages replayed on that level's requests alone,
-    from when the previous level ended, with no engine running (but the first level's) and every
-    spare ready again (as `Planner` plans the levels)."""
+    from when the previous level ended, with the engines of the previous level's last stage still
+    running (warm; the first level: those running now) and every spare ready again (as `Planner`
+    plans the levels)."""
     flat = dataclasses.replace(ctx, dag=None)  # a level's requests wait for nothing
     jobs = (ctx.dag.split_levels({m: w.requests for m, w in state.work.items()})
             if ctx.dag is not None else [{m: list(w.requests) for m, w in state.work.items()}])
     t = state.t
+    warm = state.running
     for lv, job in enumerate(jobs):
         work = {m: w for m, w in ((m, Workload.of(r)) for m, r in sorted(job.items())) if len(w)}
         first = lv == 0
-        sub = PlanState(t, work,
-                        {m: p for m, p in state.running.items() if m in work} if first else {},
+        sub = PlanState(t, work, {m: p for m, p in warm.items() if m in work},
                         {}, state.spares if first else spare_pool.refilled(state.spares))
         mine = Schedule(schedule.strategy, [dataclasses.replace(st, level=None)
                                             for st in schedule.stages if st.level == lv], 0.0)
+        if mine.stages:
+            warm = {p.model: p for p in mine.stages[-1].plans}
         n = len(stages) if stages is not None else 0
         t = replay(flat, sub, mine, stages).t
         for st in (stages or [])[n:]:

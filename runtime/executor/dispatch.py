@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from runtime.clock import Clock
 from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher
 from runtime.executor_api import Outcome
 from runtime.executor.pool_state import ModelQueues, Req
@@ -102,12 +103,15 @@ class SlotHost(Protocol):
 
     launcher: Launcher
     queues: ModelQueues
+    clock: Clock
     dispatch_paused: bool  # results cannot be made durable: send nothing new until they can
 
     def slot_started(self, slot: Slot) -> None: ...
     def slot_start_failed(self, slot: Slot, message: str) -> None: ...
     def slot_died(self, slot: Slot, message: str) -> None: ...
     def request_dropped(self, slot: Slot, req: Req, message: str) -> None: ...
+    # the engine answered `req` with 200 just now; it was sent at `sent_s` (host.clock)
+    def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None: ...
     def check_drained(self, model: str) -> None: ...
     async def finish(self, req: Req, outcome: Outcome) -> None: ...
 
@@ -142,6 +146,7 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
             if req is None:
                 break
             req.dispatch()
+            slot.idle_since = None  # serving again (a warm engine's next batch): not idle
             req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
         host.check_drained(slot.model)
         # no await between filling and clearing: a wake-up cannot be lost
@@ -170,6 +175,7 @@ async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
             error={"code": "input_unreadable", "message": f"the request's input line could not be "
                    f"read back: {type(exc).__name__}: {exc}"}))
         return
+    sent_s = host.clock.monotonic()
     try:
         status, body = await slot.engine.post(req.item.url, payload)
     except EngineDied as exc:
@@ -197,6 +203,8 @@ async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
         return
     del slot.inflight[req]
     slot.wake.set()  # room for one more
+    if status == 200:
+        host.request_served(slot, req, sent_s, body)
     await host.finish(req, make_outcome(req, status, body))
 
 

@@ -12,7 +12,10 @@ submission, `runtime.executor.pool_state`).
 
 Each engine replica pulls from its model's shared queue (`runtime.executor.dispatch`). A request is
 done once its batch's sink returned; its output length then updates the `LengthModel`, which is
-saved under the state dir at each re-plan and survives restarts (`runtime.persist`).
+saved under the state dir at each re-plan and survives restarts (`runtime.persist`). Every answer is
+also an observation of its engine's speed (queued, sent, answered on the executor's clock; tokens):
+before each plan the latency model is refitted to them (`scheduler.online`, in a thread) and saved
+with the rest.
 
 Storage: a request counts only once its outcome is durable (the sink returned). While the sink
 raises (a full disk under the journal), its outcome is kept and retried with backoff, and dispatch
@@ -39,6 +42,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,10 +53,12 @@ from runtime.executor.deps import DEPENDENCY_FAILED, BatchGraph
 from runtime.executor.dispatch import Slot
 from runtime.engines.engine import Launcher
 from runtime.executor_api import Outcome, OutcomeSink, WorkItem
-from runtime.persist import (alone_start_s, blend, load_length_model, load_start_times,
-                             save_length_model, save_start_times)
+from runtime.persist import (alone_start_s, blend, load_calibration, load_length_model,
+                             load_start_times, save_calibration, save_length_model,
+                             save_start_times)
 from runtime.executor.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
-from runtime.executor.planning import EMBEDDINGS_URL, describe_stage, model_specs, plan_problem, running_plans
+from runtime.executor.planning import (EMBEDDINGS_URL, describe_stage, model_specs, plan_problem,
+                                       refit_calibration, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
@@ -110,7 +116,11 @@ class PoolExecutor:
         self._closing = False
         # measured engine starts per (model, tp), kept across restarts (runtime.persist)
         self._start_times = load_start_times(self.state_dir)
-        self._saved: tuple[dict, dict] = (self._lengths.to_dict(), dict(self._start_times))
+        # online calibration: served requests per engine shape and the fits (runtime.persist)
+        self._served, self._fits = load_calibration(self.state_dir,
+                                                    cfg.scheduler.calibration_window)
+        self._queued_at: weakref.WeakKeyDictionary[Req, float] = weakref.WeakKeyDictionary()
+        self._saved: tuple = self._learned()
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
         self._linger: asyncio.Task | None = None  # wakes a pass when a warm engine's time is up
@@ -214,6 +224,7 @@ class PoolExecutor:
                      if r.state is ReqState.REPORTING]
         await settle(*(s.task for s in slots), *self.slots.dying, *self._delivering, *reporting)
         await self.launcher.close()
+        await self._calibrate()
         await self._save_learned()
         for waiter in self._pass_waiters:
             if not waiter.done():
@@ -321,8 +332,22 @@ class PoolExecutor:
 
     # -- requests ------------------------------------------------------------------------------
     def push(self, req: Req, front: bool = False) -> None:
+        self._queued_at[req] = self.clock.monotonic()
         self.queues.push(req, front)
         self.slots.wake(req.model)
+
+    def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None:
+        """An engine answered `req` (sent at `sent_s`), just now: an observation of its speed."""
+        if not self.cfg.scheduler.online_calibration:
+            return
+        now = self.clock.monotonic()
+        served = served_record(body, req.item.prompt_tokens, self._queued_at.get(req, sent_s),
+                               sent_s, now)
+        if served is not None:
+            assert self.pool is not None
+            threads = max(1, len(slot.spec.devices) // max(1, slot.spec.tp))
+            self._served.add((slot.model, slot.spec.tp, threads, self.pool.signature), slot.sid,
+                             served)
 
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
         """An error outcome for a request that no engine will answer."""
@@ -440,19 +465,35 @@ class PoolExecutor:
         self._store_retry.set()
         self._store_retry.clear()
 
+    def _learned(self) -> tuple:
+        return (self._lengths.to_dict(), dict(self._start_times), self._served.version,
+                dict(self._fits))
+
     async def _save_learned(self) -> None:
-        """Learned lengths and start times, best effort: a full disk must not stop a pass (they are
-        saved again at the next one)."""
-        learned = (self._lengths.to_dict(), dict(self._start_times))
+        """Learned lengths, start times and calibration, best effort: a full disk must not stop a
+        pass (they are saved again at the next one)."""
+        learned = self._learned()
         if learned == self._saved:  # most passes learned nothing new: no rewrite, no fsync
             return
         try:
             await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
             await asyncio.to_thread(save_start_times, self.state_dir, learned[1])
+            if learned[2:] != self._saved[2:]:
+                await asyncio.to_thread(save_calibration, self.state_dir,
+                                        self._served.snapshot(), learned[3])
         except OSError as exc:
-            log.warning("could not save learned lengths/start times (%s); kept in memory", exc)
+            log.warning("could not save learned lengths/start times/calibration (%s); kept in "
+                        "memory", exc)
             return
         self._saved = learned
+
+    async def _calibrate(self) -> None:
+        """Refit the latency corrections to the requests served since the last pass (in a thread:
+        a fit replays its shape's window of served requests)."""
+        if not self.cfg.scheduler.online_calibration or self.pool is None:
+            return
+        self._fits = await asyncio.to_thread(refit_calibration, self.cfg, self.pool, self._specs,
+                                             self.state_dir, self._served.snapshot(), self._fits)
 
     def _forget(self, batch: BatchState) -> None:
         """Drop a finished batch's requests (its events stay for `events()`); bound the history."""
@@ -539,6 +580,7 @@ class PoolExecutor:
         if not todo:  # nothing left to run: engines stay warm a while, then their devices are freed
             await self.slots.apply(None, set(), self.clock.monotonic())
             self._arm_linger()
+            await self._calibrate()
             await self._save_learned()
             return
         assert head is not None
@@ -557,12 +599,13 @@ class PoolExecutor:
     async def _plan(self, head: Pool, todo: list[Req], reasons: list[str]) -> Schedule | None:
         assert self.pool is not None
         head.plans += 1
+        await self._calibrate()
         await self._save_learned()
         alive = self.slots.active_keys()
         ready, no_spare_s = self._spare_state()
         problem = plan_problem(self.cfg, self.pool, self._specs, self.state_dir, todo,
                                self._lengths, self._start_times, head.plans, running_plans(alive),
-                               ready, no_spare_s)
+                               ready, no_spare_s, self._fits)
         work = problem.work
         t0 = self.clock.monotonic()
         try:

@@ -9,14 +9,17 @@ Planning inputs (all observed, never the submission-time guesses):
 - latency per (model, tp): a measured profile stored under `<state_dir>/profiles/` when there is
   one, else the analytic roofline model of `scheduler.latency`; per (model, tp, threads) for CPU
   ranks on several cores: the profile of that shape, else the threads = 1 latency with the assumed
-  speed-up of `scheduler.latency.assumed_threads_latency`.
+  speed-up of `scheduler.latency.assumed_threads_latency`. Either base is then corrected by what
+  the engines served (`scheduler.online`: the shape's own fit, else one derived from the model's
+  other shapes or other models'), refitted before each plan (`refit_calibration`) from the
+  windows `<state_dir>/calibration.json` keeps (`runtime.persist`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -26,8 +29,11 @@ from runtime.executor.pool_state import Req, ReqState
 from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
 from scheduler.lengths import LengthModel
+from scheduler.online import Correction, ShapeFit, correction, refit
+from scheduler.served import Served, ShapeKey, ShapeWindow
 from scheduler.placement import gpu_kv_bytes_per_rank, thread_counts, tp_degrees
 from scheduler.planner import PlanningProblem
+from scheduler.simulator import EngineLimits, kv_blocks
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, SimRequest, Stage
 
 EMBEDDINGS_URL = "/v1/embeddings"
@@ -55,10 +61,11 @@ def model_specs(cfg: Config) -> dict[str, ModelSpec]:
 class LatencySource:
     """Latency per (model, tp) for the planner. Per-iteration costs: the profile stored under
     `<state_dir>/profiles/` when one was measured, else on GPUs the committed operator-level model
-    (`scheduler.gpu_profiles`), else the analytic roofline. Load time: the engine start time this
-    runtime measured for (model, tp) when it has one (the truth on this machine), else the profile's
-    or GPU model's estimate, else DEFAULT_CPU_LOAD_S. Loaded before planning (the profiler may have
-    written a profile since), so the planner's thread does no I/O."""
+    (`scheduler.gpu_profiles`), else the analytic roofline (`base`); that base corrected by the
+    online calibration's `fits` (`scheduler.online.correction`). Load time: the engine start time
+    this runtime measured for (model, tp) when it has one (the truth on this machine), else the
+    profile's or GPU model's estimate, else DEFAULT_CPU_LOAD_S. Loaded before planning (the
+    profiler may have written a profile since), so the planner's thread does no I/O."""
 
     table: dict[tuple[str, int], LatencyModel]
     device: str
@@ -70,10 +77,12 @@ class LatencySource:
     cold: dict[tuple[str, int, int], float] = field(default_factory=dict)
     # start times here are those of starts in a spare engine process (runtime.engines.spares); what a
     # start without one costs more is the planner's (`PlanningProblem.spares`, `no_spare_s`)
+    fits: Mapping[ShapeKey, ShapeFit] = field(default_factory=dict)  # online calibration
 
     @classmethod
     def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
-             start_times: dict[tuple[str, int], float]) -> "LatencySource":
+             start_times: dict[tuple[str, int], float],
+             fits: Mapping[ShapeKey, ShapeFit] | None = None) -> "LatencySource":
         table, threaded, cold = {}, {}, {}
         for m in models:
             for tp in tp_degrees(pool):
@@ -86,44 +95,121 @@ class LatencySource:
                     else:
                         threaded[(m, tp, th)] = prof.latency
                     cold[(m, tp, th)] = cold_start_s(prof.meta)
-        return cls(table, pool.signature, dict(start_times), threaded, cold)
+        return cls(table, pool.signature, dict(start_times), threaded, cold, dict(fits or {}))
 
-    def _base(self, spec: ModelSpec, tp: int) -> LatencyModel:
+    def base(self, spec: ModelSpec, tp: int, threads: int = 1) -> tuple[LatencyModel, str]:
+        """The shape's latency before online calibration, and its kind ("profile", "gpu-model",
+        "roofline"; "..., threads assumed" for a threads shape without a profile)."""
+        if threads > 1:
+            hit = self.threaded.get((spec.name, tp, threads))
+            if hit is not None:
+                return hit, "profile"
+            one, kind = self.base(spec, tp)
+            return assumed_threads_latency(one, threads), f"{kind}, threads assumed"
         hit = self.table.get((spec.name, tp))
         if hit is not None:
-            return hit
+            return hit, "profile"
         if self.device == "cpu":
-            return analytic_latency_model(spec, tp, "cpu")
+            return analytic_latency_model(spec, tp, "cpu"), "roofline"
         for gpu in (self.device, "cuda"):  # a GPU kind without coefficients: the generic ones
             try:
-                return gpu_latency_model(spec, tp, gpu)
+                return gpu_latency_model(spec, tp, gpu), "gpu-model"
             except ValueError:
                 continue
-        return analytic_latency_model(spec, tp, "cuda")
+        return analytic_latency_model(spec, tp, "cuda"), "roofline"
+
+    def correction(self, spec: ModelSpec, tp: int, threads: int = 1) -> Correction | None:
+        return correction(self.fits, (spec.name, tp, threads, self.device),
+                          self.base(spec, tp, threads)[1])
 
     def __call__(self, spec: ModelSpec, tp: int) -> LatencyModel:
-        lat = self._start(spec, tp)
-        cold = self.cold.get((spec.name, tp, 1), 0.0)
-        return lat.with_load_time(lat.load_time_s + cold) if cold else lat
+        return self.threads(spec, tp, 1)
 
-    def _start(self, spec: ModelSpec, tp: int) -> LatencyModel:
-        lat = self._base(spec, tp)
+    def _start_s(self, spec: ModelSpec, tp: int) -> float:
         measured = self.start_times.get((spec.name, tp))
         if measured is not None:
-            return lat.with_load_time(measured)
+            return measured
+        lat = self.base(spec, tp)[0]
         if lat.load_time_s > 0 or self.device != "cpu":
-            return lat
-        return lat.with_load_time(DEFAULT_CPU_LOAD_S)
+            return lat.load_time_s
+        return DEFAULT_CPU_LOAD_S
 
     def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
         """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over
-        threads = 1. The start time is the (model, tp) one either way (one engine starts alike)."""
-        one = self(spec, tp)
-        hit = self.threaded.get((spec.name, tp, threads))
-        if hit is None:
-            return assumed_threads_latency(one, threads)
-        start = self._start(spec, tp).load_time_s
-        return hit.with_load_time(start + self.cold.get((spec.name, tp, threads), 0.0))
+        threads = 1, corrected by the online calibration. The start time is the (model, tp) one
+        either way (one engine starts alike), plus a fresh engine's one-off cost: the online
+        calibration's for a shape it fitted, else the profile's."""
+        lat, _ = self.base(spec, tp, threads)
+        fix = self.correction(spec, tp, threads)
+        if fix is not None:
+            lat = fix.apply(lat)
+        own = threads > 1 and (spec.name, tp, threads) in self.threaded
+        cold = self.cold.get((spec.name, tp, threads if own else 1), 0.0)
+        if fix is not None and fix.cold_s is not None:  # measured on served engines instead
+            cold = fix.cold_s
+        return lat.with_load_time(self._start_s(spec, tp) + cold)
+
+    def source(self, spec: ModelSpec, tp: int, threads: int = 1) -> dict[str, Any]:
+        """Where the shape's figures come from (`samullm plan`'s `latency_sources`)."""
+        _, kind = self.base(spec, tp, threads)
+        fix = self.correction(spec, tp, threads)
+        out: dict[str, Any] = {"model": spec.name, "tp": tp, "threads": threads, "base": kind,
+                               "source": kind if fix is None else
+                               ("online calibration" if fix.source == "online" else "derived")}
+        if fix is not None:
+            out |= {"detail": fix.detail, "token_scale": round(fix.token_scale, 4),
+                    "step_scale": round(fix.step_scale, 4)}
+            hit = self.fits.get((spec.name, tp, threads, self.device))
+            if fix.source == "online" and hit is not None:
+                before, after = hit.replay_errors()
+                out |= {"served": hit.served, "replay_err_before": round(before, 4),
+                        "replay_err_after": round(after, 4), "fresh_engine_s": round(hit.cold_s, 3)}
+        out["start_s"] = round(self._start_s(spec, tp), 3)
+        out["start"] = "measured" if (spec.name, tp) in self.start_times else (
+            "profile" if kind == "profile" or self.device != "cpu" else "default")
+        return out
+
+
+def latency_sources(latency: LatencySource, specs: Mapping[str, ModelSpec],
+                    pool: DevicePool) -> list[dict[str, Any]]:
+    """`LatencySource.source` of every shape the planner may give each of `specs` on `pool`."""
+    width = max(len(g) for g in pool.topology_groups())
+    return [latency.source(spec, tp, th) for _, spec in sorted(specs.items())
+            for tp in tp_degrees(pool) if spec.valid_tp(tp)
+            for th in thread_counts(pool) if tp * th <= width]
+
+
+def engine_limits(spec: ModelSpec, tp: int, kv: Callable[[ModelSpec, int], int]) -> EngineLimits:
+    """The limits the planner simulates one engine of (spec, tp) with (`scheduler.estimator`)."""
+    return EngineLimits.for_spec(spec, kv_blocks(spec, tp, int(kv(spec, tp))))
+
+
+def refit_calibration(cfg: Config, pool: DevicePool, specs: Mapping[str, ModelSpec],
+                      state_dir: Path, windows: Mapping[ShapeKey, ShapeWindow],
+                      fits: Mapping[ShapeKey, ShapeFit]) -> dict[ShapeKey, ShapeFit]:
+    """The online calibration's fits for what `windows` hold, against the current bases (a
+    profile measured since makes its shape refit); `fits` itself when nothing changed. Reads
+    profiles (a stat each) and replays served requests: `serve` runs it in a thread."""
+    keys = [k for k in windows if k[0] in specs and k[3] == pool.signature]
+    base = LatencySource.load(state_dir, pool, sorted({k[0] for k in keys}), {})
+    kv = kv_bytes_fn(cfg, pool)
+    bases = {k: (*base.base(specs[k[0]], k[1], k[2]), engine_limits(specs[k[0]], k[1], kv))
+             for k in keys}
+    return refit(windows, bases, fits)
+
+
+def served_record(body: Any, prompt_tokens: int, queued_s: float, sent_s: float,
+                  done_s: float) -> Served | None:
+    """An answered request as an online-calibration observation (tokens from its `usage`; the
+    prompt as validation counted it when the engine does not say); None without a usage."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    out = usage.get("completion_tokens")
+    return Served(min(queued_s, sent_s), sent_s, done_s,
+                  prompt if isinstance(prompt, int) and prompt > 0 else max(1, prompt_tokens),
+                  out if isinstance(out, int) and out > 0 else 1)
 
 
 def cold_start_s(meta: dict) -> float:
@@ -216,13 +302,16 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                  reqs: Sequence[Req], lengths: LengthModel,
                  start_times: dict[tuple[str, int], float], plan_no: int,
                  running: dict[str, ExecPlan], spares: tuple[float, ...] | None = None,
-                 no_spare_s: float = 0.0) -> PlanningProblem:
+                 no_spare_s: float = 0.0,
+                 fits: Mapping[ShapeKey, ShapeFit] | None = None) -> PlanningProblem:
     """The problem of a pool's `plan_no`-th plan (1 = the first) over its unfinished `reqs`: the
     one way both `serve` (the executor, at every pass) and `samullm plan` build it, so that for the
-    same input, config and state dir the two predict the same makespan."""
+    same input, config and state dir the two predict the same makespan. `fits`: the online
+    calibration (`refit_calibration`), ignored when `[scheduler] online_calibration` is off."""
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
-    latency = LatencySource.load(state_dir, pool, list(work), start_times)
+    latency = LatencySource.load(state_dir, pool, list(work), start_times,
+                                 fits if cfg.scheduler.online_calibration else None)
     return build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
                          spares=spares, no_spare_s=no_spare_s)
 

@@ -1,5 +1,9 @@
 """A test-double launcher: engines that answer chat completions after a short delay, can be killed,
-can fail to start, and check the invariants a real node enforces (one engine per device at a time)."""
+can fail to start, and check the invariants a real node enforces (one engine per device at a time).
+
+With `step_s` for a model, its engines serve like a (very regular) vLLM engine instead: at most
+`max_num_seqs` requests run at once, the others wait their turn in order, and each running request
+takes `step_s` per output token (a decode step whose cost does not depend on the batch)."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class FakeEngine:
         self.served = 0
         self.stopped = False
         self.asleep = False
+        self.running = asyncio.Semaphore(max(1, spec.model.max_num_seqs))  # step_s mode
         self.reaped = False  # stop() completed: the whole process group is gone (kill() is not enough)
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -46,6 +51,15 @@ class FakeEngine:
 
     async def wait_exit(self) -> int:
         return await asyncio.shield(self._exit)
+
+    async def _serve(self, tokens: int) -> None:
+        name = self.spec.model.name
+        step = self.launcher.step_s.get(name)
+        if step is None:
+            await asyncio.sleep(self.launcher.delay_s.get(name, 0.01))
+            return
+        async with self.running:
+            await asyncio.sleep(step * tokens)
 
     async def post(self, url: str, body: dict) -> tuple[int, dict]:
         if not self.alive():
@@ -75,8 +89,8 @@ class FakeEngine:
         try:
             if self.launcher.die_on_post.get(self.spec.model.name):
                 self.kill(-9)
-            sleep = asyncio.ensure_future(asyncio.sleep(self.launcher.delay_s.get(self.spec.model.name,
-                                                                                  0.01)))
+            sleep = asyncio.ensure_future(self._serve(min(int(body.get("max_tokens", 16)),
+                                                          self.launcher.output_tokens)))
             done, _ = await asyncio.wait({sleep, self._exit}, return_when=asyncio.FIRST_COMPLETED)
             if sleep not in done:
                 sleep.cancel()
@@ -103,6 +117,7 @@ class FakeEngine:
 class FakeLauncher:
     start_delay_s: float = 0.02
     delay_s: dict[str, float] = field(default_factory=dict)  # per-request service time per model
+    step_s: dict[str, float] = field(default_factory=dict)  # per model: seconds per output token
     stop_delay_s: float = 0.0
     output_tokens: int = 8
     fail_start: set[str] = field(default_factory=set)  # models whose engines fail to start

@@ -1,0 +1,188 @@
+"""What the engines served, kept for the online calibration (`scheduler.online`).
+
+An observation (`Served`) is one answered request: when it entered its model's queue, when it was
+sent, when its answer came (on one clock, the executor's), its prompt and output tokens (the
+answer's `usage`). `ServedLog` keeps `window` of them per engine shape, (model, tp, threads,
+device kind) = `ShapeKey`, grouped per engine run: of each run its start (a fresh engine, which a
+replay reproduces exactly) and its newest requests. `busy_periods` cuts a run where its engine had
+nothing in flight, the unit a fit replays. Pure: no I/O, no clock (times are given).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, Mapping
+
+from scheduler.types import SimRequest
+
+ShapeKey = tuple[str, int, int, str]  # (model, tp, threads per rank, device kind)
+DEFAULT_WINDOW = 512  # served requests kept per shape: a fit replays ~ms per 100 of them
+
+
+@dataclass(frozen=True)
+class Served:
+    """One answered request, times in seconds on one clock (the executor's)."""
+
+    queued_s: float  # entered its model's queue (the earliest it could have been sent)
+    sent_s: float
+    done_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """Served requests of one engine, by send time, that a replay may start from empty."""
+
+    served: tuple[Served, ...]
+    # its start was dropped from the window: its first requests queued behind dropped ones
+    trimmed: bool = False
+    # requests sent from then on were dropped from the window: answers after it are not matched
+    end_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ShapeWindow:
+    runs: tuple[Run, ...]
+    seen: int  # requests ever observed for the shape (a fit records it: stale when it moved)
+
+
+@dataclass(frozen=True)
+class Period:
+    """Requests one engine served back to back: arrivals and sorted answer times from its start.
+    The answers matched are measured[skip:upto]."""
+
+    requests: tuple[SimRequest, ...]
+    measured: tuple[float, ...]
+    skip: int = 0  # leading answers queued behind requests dropped from the window
+    upto: int | None = None  # None: all; else the answers before requests dropped were sent
+    fresh: bool = False  # the first period of a fresh engine (it pays one-off costs)
+
+
+# --- the window ------------------------------------------------------------------------------
+def _sent(s: Served) -> float:
+    return s.sent_s
+
+
+class _Buf:
+    """One engine's requests in the window: its first `head` ones (a fresh engine's start, which
+    a replay reproduces exactly and which tells per-token from per-step costs best) and, after
+    `cut_s` once requests were dropped, the newest ones."""
+
+    def __init__(self, served: Iterable[Served] = (), cut_s: float | None = None) -> None:
+        self.served = sorted(served, key=_sent)
+        self.cut_s = cut_s
+
+    def drop(self, n: int, head: int) -> int:
+        """Drop up to n of the oldest requests after the head; returns how many went."""
+        at = head if self.cut_s is None else bisect.bisect_left(self.served, self.cut_s, key=_sent)
+        gone = self.served[at:at + n]
+        if gone and self.cut_s is None:
+            self.cut_s = gone[0].sent_s
+        del self.served[at:at + n]
+        return len(gone)
+
+    def runs(self) -> list[Run]:
+        if self.cut_s is None:
+            return [Run(tuple(self.served))] if self.served else []
+        at = bisect.bisect_left(self.served, self.cut_s, key=_sent)
+        head, tail = tuple(self.served[:at]), tuple(self.served[at:])
+        return ([Run(head, end_s=self.cut_s)] if head else []) + (
+            [Run(tail, trimmed=True)] if tail else [])
+
+
+class ServedLog:
+    """Per shape, `window` served requests, grouped per engine run (`run`: any id the caller keeps
+    for one engine, e.g. its slot): of each run its first window/4 and its newest. When over,
+    the oldest run loses the requests after its head first, then its head."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self.window = max(1, window)
+        self.head = max(1, self.window // 4)
+        self._runs: dict[ShapeKey, list[_Buf]] = {}
+        self._open: dict[tuple[ShapeKey, Hashable], _Buf] = {}
+        self._seen: dict[ShapeKey, int] = {}
+        self.version = 0  # bumped by every observation
+
+    @classmethod
+    def from_windows(cls, windows: Mapping[ShapeKey, ShapeWindow],
+                     window: int = DEFAULT_WINDOW) -> "ServedLog":
+        """A log holding stored windows (their runs are closed: new engines add runs of their own)."""
+        log = cls(window)
+        for key, w in windows.items():
+            log._runs[key] = [_Buf(r.served, -math.inf if r.trimmed else r.end_s)
+                              for r in w.runs if r.served]
+            log._seen[key] = w.seen
+            log._trim(key)
+        return log
+
+    def add(self, key: ShapeKey, run: Hashable, served: Served) -> None:
+        runs = self._runs.setdefault(key, [])
+        buf = self._open.get((key, run))
+        if buf is None:
+            buf = self._open[(key, run)] = _Buf()
+        if all(b is not buf for b in runs):  # new, or dropped whole
+            runs.append(buf)
+        bisect.insort(buf.served, served, key=_sent)
+        self._seen[key] = self._seen.get(key, 0) + 1
+        self.version += 1
+        self._trim(key)
+
+    def _trim(self, key: ShapeKey) -> None:
+        runs = self._runs[key]
+        extra = sum(len(b.served) for b in runs) - self.window
+        while extra > 0 and runs:
+            extra -= runs[0].drop(extra, self.head)
+            if extra > 0:  # nothing but its head left: the whole run goes
+                extra -= len(runs.pop(0).served)
+
+    def snapshot(self) -> dict[ShapeKey, ShapeWindow]:
+        """An immutable copy (a fit may run in another thread while requests are added)."""
+        return {k: ShapeWindow(tuple(r for b in runs for r in b.runs()), self._seen.get(k, 0))
+                for k, runs in self._runs.items()}
+
+
+def run_to_dict(run: Run) -> dict[str, Any]:
+    """JSON-able, times from the run's first send (µs)."""
+    t0 = run.served[0].sent_s
+    return {"trimmed": run.trimmed, "end_s": None if run.end_s is None else round(run.end_s - t0, 6),
+            "served": [[round(s.queued_s - t0, 6), round(s.sent_s - t0, 6), round(s.done_s - t0, 6),
+                        s.prompt_tokens, s.output_tokens] for s in run.served]}
+
+
+def run_from_dict(d: dict[str, Any]) -> Run:
+    """The inverse of `run_to_dict`; raises KeyError/TypeError/ValueError on bad data."""
+    run = Run(tuple(Served(float(q), float(a), float(b), int(p), int(o))
+                    for q, a, b, p, o in d["served"]), bool(d["trimmed"]),
+              None if d.get("end_s") is None else float(d["end_s"]))
+    if not all(math.isfinite(x) for v in run.served for x in (v.queued_s, v.sent_s, v.done_s)):
+        raise ValueError("served times must be numbers")
+    return run
+
+
+def busy_periods(run: Run) -> list[Period]:
+    """The run cut where its engine had nothing in flight; arrivals and answers from each start."""
+    groups: list[list[Served]] = []
+    end = -math.inf
+    for s in sorted(run.served, key=_sent):
+        if not groups or s.sent_s >= end:
+            groups.append([])
+        groups[-1].append(s)
+        end = max(end, s.done_s)
+    out = []
+    for i, g in enumerate(groups):
+        t0 = g[0].sent_s
+        reqs = tuple(SimRequest(j, max(1, s.prompt_tokens), max(1, s.output_tokens),
+                                arrival_s=min(max(0.0, s.queued_s - t0), s.sent_s - t0))
+                     for j, s in enumerate(g))
+        skip = 0
+        if i == 0 and run.trimmed:
+            first = min(s.done_s for s in g)
+            skip = sum(s.sent_s < first for s in g)
+        done = sorted(s.done_s for s in g)
+        upto = None if run.end_s is None else bisect.bisect_right(done, run.end_s)
+        out.append(Period(reqs, tuple(d - t0 for d in done), skip, upto,
+                          i == 0 and not run.trimmed))
+    return out
