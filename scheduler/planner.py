@@ -50,8 +50,8 @@ from scheduler.estimator import Estimator, Workload
 from scheduler.latency import LatencyModel
 from scheduler.search import greedy_chooser, rank_groups
 from scheduler.spares import slots_of
-from scheduler.stages import (Context, InfeasibleError, PlanState, evaluate, run_policy,
-                             run_stage)
+from scheduler.stages import (Context, InfeasibleError, PlanState, evaluate, initial_warmup,
+                              run_policy, run_stage)
 from scheduler.placement import place
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest
 
@@ -76,7 +76,8 @@ class PlanningProblem:
     latency: (spec, tp) -> per-iteration latency model, whose `load_time_s` is the engine start cost.
     kv_bytes_per_rank: (spec, tp) -> KV memory one rank of such an engine gets (≤ 0 or less than one
         max-length sequence: the plan is infeasible, e.g. the weights do not fit).
-    running: engines up now (model -> plan with devices); a plan kept unchanged pays no load time.
+    running: engines up now (model -> plan with devices); a plan kept unchanged pays no load time
+        but what `warmup` says it still owes (an engine started and not serving yet).
     top_k: candidate stage groups kept per model expansion (the paper's 20).
     seed: carried for length sampling; the search itself is deterministic.
     explore: first-stage groups completed into full schedules by `samullm` (1 = pure greedy).
@@ -103,6 +104,9 @@ class PlanningProblem:
     threads_latency: Callable[[ModelSpec, int, int], LatencyModel] | None = None
     spares: tuple[float, ...] | None = None
     no_spare_s: float = 0.0
+    # running engines still starting: model -> seconds until it serves (a re-plan during a start
+    # must not take an engine that is 2 s into a 20 s start for one that serves now)
+    warmup: dict[str, float] = field(default_factory=dict)
 
 
 class Planner:
@@ -147,7 +151,8 @@ class Planner:
         for m in work:
             self.ctx.shapes(m)  # raises InfeasibleError early, naming the model
         running = {m: p for m, p in self.problem.running.items() if m in work}
-        return PlanState(0.0, work, running, {}, slots_of(self.problem.spares))
+        return PlanState(0.0, work, running, initial_warmup(self.problem.warmup, running),
+                         slots_of(self.problem.spares))
 
     def plan(self, strategy: str = "samullm") -> Schedule:
         if strategy not in STRATEGIES:
@@ -190,6 +195,7 @@ class Planner:
             first = lv == 0
             job = dataclasses.replace(
                 p, work=work, running={m: pl for m, pl in warm.items() if m in work},
+                warmup=p.warmup if first else {},
                 # every spare ready again (`scheduler.spares.refilled`, as the replay assumes)
                 spares=p.spares if first or p.spares is None else tuple(0.0 for _ in p.spares))
             s = Planner(job).plan("samullm")

@@ -181,6 +181,12 @@ class Context:
         return min(opts, key=lambda o: (o.finish_s, o.devices)) if opts else None
 
 
+def initial_warmup(warmup: dict[str, float], running: dict[str, ExecPlan]) -> dict[str, float]:
+    """The start-up still owed by the engines kept in a plan's initial state (those running now
+    and not serving yet: `PlanningProblem.warmup`)."""
+    return {m: max(0.0, w) for m, w in warmup.items() if m in running}
+
+
 def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
               finishers: set[str] | None = None) -> tuple[Stage, PlanState]:
     """Run `plans` from state.t until the first model finishes (or, if `finishers` is given, until

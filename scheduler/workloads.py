@@ -19,7 +19,7 @@ import numpy as np
 from scheduler.dag import resolve_prompts
 from scheduler.estimator import Workload
 from scheduler.spares import slots_of
-from scheduler.stages import PlanState, replay
+from scheduler.stages import PlanState, initial_warmup, replay
 from scheduler.types import Schedule, SimRequest
 
 
@@ -100,7 +100,8 @@ def makespan_stats(planner, schedule: Schedule,
                 for m, reqs in sorted(resolve_prompts(draw, problem.models).items())}
         work = {m: w for m, w in work.items() if len(w)}
         running = {m: p for m, p in problem.running.items() if m in work}
-        state = PlanState(0.0, work, running, {}, slots_of(problem.spares))
+        state = PlanState(0.0, work, running, initial_warmup(problem.warmup, running),
+                          slots_of(problem.spares))
         vals.append(replay(ctx, state, schedule).t)
     arr = np.asarray(vals, dtype=float)
     if not len(arr):

@@ -73,6 +73,7 @@ class Slot:
     # when its model ran out of work (None: it has work): an idle engine kept warm for the next
     # batch of its model (`[devices] engine_linger_s`, `slots.EngineSlots.apply`)
     idle_since: float | None = None
+    launched_at: float = 0.0  # when its start began (executor clock): what a re-plan still waits for
 
     def move(self, to: SlotState) -> None:
         if to not in SLOT_MOVES[self.state]:

@@ -303,17 +303,27 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                  start_times: dict[tuple[str, int], float], plan_no: int,
                  running: dict[str, ExecPlan], spares: tuple[float, ...] | None = None,
                  no_spare_s: float = 0.0,
-                 fits: Mapping[ShapeKey, ShapeFit] | None = None) -> PlanningProblem:
+                 fits: Mapping[ShapeKey, ShapeFit] | None = None,
+                 starting: Mapping[str, tuple[float, int]] | None = None) -> PlanningProblem:
     """The problem of a pool's `plan_no`-th plan (1 = the first) over its unfinished `reqs`: the
     one way both `serve` (the executor, at every pass) and `samullm plan` build it, so that for the
     same input, config and state dir the two predict the same makespan. `fits`: the online
-    calibration (`refit_calibration`), ignored when `[scheduler] online_calibration` is off."""
+    calibration (`refit_calibration`), ignored when `[scheduler] online_calibration` is off.
+    `starting`: running engines not serving yet, model -> (seconds since their start began, most
+    engines seen starting with them); each still owes its expected start minus that (at least a
+    second: one that takes longer than expected is about to be up, not up)."""
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
     latency = LatencySource.load(state_dir, pool, list(work), start_times,
                                  fits if cfg.scheduler.online_calibration else None)
-    return build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
-                         spares=spares, no_spare_s=no_spare_s)
+    problem = build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
+                            spares=spares, no_spare_s=no_spare_s)
+    for m, (elapsed, n) in (starting or {}).items():
+        if m in problem.running:
+            plan = problem.running[m]
+            expected = latency(specs[m], plan.tp).load_time_s * pool.start_factor(n)
+            problem.warmup[m] = max(1.0, expected - elapsed)
+    return problem
 
 
 def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.executor import dispatch
+from runtime.clock import Clock
 from runtime.config import Config
 from runtime.engines.devices import engine_device_kind
 from runtime.executor.dispatch import Slot, SlotHost, SlotState
@@ -53,6 +54,7 @@ class SlotOwner(SlotHost, Protocol):
 
     def push(self, req: Req, front: bool = False) -> None: ...
     def emit(self, kind: str, **data: Any) -> None: ...
+    clock: Clock
 
 
 class EngineSlots:
@@ -69,6 +71,12 @@ class EngineSlots:
 
     def __iter__(self):
         return iter(list(self.all))
+
+    def starting(self, now: float) -> dict[str, tuple[float, int]]:
+        """Engines not serving yet: model -> (seconds since their start began, most engines seen
+        starting with them), for the planner (`planning.plan_problem`)."""
+        return {s.model: (now - s.launched_at, s.starting_with) for s in self.all
+                if s.state is SlotState.STARTING}
 
     def active_keys(self) -> list[ReplicaKey]:
         return [s.key for s in self.all if s.state.active]
@@ -178,6 +186,7 @@ class EngineSlots:
             confine=self.cfg.devices.confine_cpu_engines,
             log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")
         slot = Slot(sid, spec, limit=max(1, math.ceil(INFLIGHT_FACTOR * mc.max_num_seqs)))
+        slot.launched_at = self.owner.clock.monotonic()
         self.all.append(slot)
         self.owner.emit("engine_start", **slot.describe())
         if path is None:

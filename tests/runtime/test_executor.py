@@ -556,3 +556,29 @@ async def test_cancel_and_close_do_not_wait_for_a_full_disk(run, launcher) -> No
         await asyncio.sleep(0.005)
     await asyncio.wait_for(ex.cancel("x"), 5)  # its undurable outcomes are dropped, not awaited
     await asyncio.wait_for(ex.close(), 10)  # y's are given up too: they re-run after a restart
+
+
+async def test_a_replan_during_an_engine_start_knows_the_start_is_not_over(run, launcher,
+                                                                          tmp_path) -> None:
+    """The planner is told what a starting engine still owes of its start (else it prices it as
+    serving now and leaves devices idle waiting for it)."""
+    seen: list[dict] = []
+
+    def recording(problem, strategy):
+        seen.append(dict(problem.warmup))
+        return executor_mod.plan(problem, strategy)
+
+    launcher.start_delay_s = 0.5
+    ex = PoolExecutor(make_cfg(tmp_path), launcher, planner=recording, clock=ManualClock(auto=True),
+                      pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))
+    await ex.start()
+    try:
+        ex.submit("x", items("a", 4), Sink())
+        while not seen:
+            await asyncio.sleep(0.005)
+        ex.submit("y", items("a", 2, prefix="y"), Sink())  # re-plans while a's engine starts
+        await asyncio.wait_for(asyncio.gather(ex.wait("x"), ex.wait("y")), 30)
+    finally:
+        await ex.close()
+    assert seen[0] == {}  # nothing started yet
+    assert seen[1]["a"] > 1.0  # the default CPU start (25 s) minus the little time gone by

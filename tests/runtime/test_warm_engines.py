@@ -35,6 +35,7 @@ async def test_the_next_batch_of_a_model_finds_its_engine_warm(run, launcher) ->
     assert [(e["model"], e["devices"]) for e in health] == [("a", [0])]
     await clock.advance(60)
     ex.submit("second", items("a", 5, prefix="s"), second := Sink())
+    await clock.advance(2)  # past the arrival pause (a new pool waits for its pass)
     await asyncio.wait_for(ex.wait("second"), 30)
     assert len(second.by_id()) == 5 and len(launcher.engines) == 1  # no new start
     assert "engine_start" not in kinds(ex.events("second"))

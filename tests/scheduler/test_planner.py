@@ -270,3 +270,14 @@ def test_large_workload_line_estimate_tracks_exact_simulation():
     assert approx.simulations == 2  # one line per (model, tp), shared by every dp
     left = approx.advance("a", 1, 2, w, exact.run("a", 1, 2, w).total_s / 2)
     assert 0.3 * len(w) < len(left) < 0.7 * len(w)
+
+
+def test_an_engine_still_starting_owes_the_rest_of_its_start():
+    """A re-plan during an engine's start: kept, it serves only after `warmup` (not at once)."""
+    base = cpu_problem([cpu_spec("a", 2, 128)], n=20, cores=1)
+    ran = plan(base, "samullm")
+    running = {"a": ran.stages[0].plans[0]}
+    up = plan(dataclasses.replace(base, running=running), "samullm")
+    starting = plan(dataclasses.replace(base, running=running, warmup={"a": 12.0}), "samullm")
+    assert up.makespan_s < ran.makespan_s  # kept and serving: no load time
+    assert starting.makespan_s == pytest.approx(up.makespan_s + 12.0, rel=1e-6)
