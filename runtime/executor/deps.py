@@ -79,14 +79,6 @@ class BatchGraph:
                 self._waiting[r] = waiting
                 r.wait()
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    def upstream(self, req: Req) -> set[str]:
-        """The custom_ids `req` still waits for."""
-        return self._waiting.get(req, set())
-
     def finished(self, req: Req, outcome: Outcome) -> Released:
         """`req`'s outcome is durable: release or fail the dependents it completes."""
         out = Released()

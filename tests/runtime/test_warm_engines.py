@@ -24,13 +24,19 @@ async def idle(ex) -> None:
     raise AssertionError("no engine became idle")
 
 
-async def test_the_next_batch_of_a_model_finds_its_engine_warm(run, launcher) -> None:
+async def warm_after_a_batch(run, launcher) -> tuple:
+    """An executor on one core whose engine for `a` ran a batch and is now kept warm."""
     clock = ManualClock()
     ex = await run(devices=1, clock=clock)
     ex.submit("first", items("a", 5), Sink())
     await asyncio.wait_for(ex.wait("first"), 30)
     await idle(ex)
     assert len(launcher.alive("a")) == 1  # kept warm
+    return ex, clock
+
+
+async def test_the_next_batch_of_a_model_finds_its_engine_warm(run, launcher) -> None:
+    ex, clock = await warm_after_a_batch(run, launcher)
     health = ex.health()["idle_engines"]
     assert [(e["model"], e["devices"]) for e in health] == [("a", [0])]
     await clock.advance(60)
@@ -51,12 +57,7 @@ async def test_the_next_batch_of_a_model_finds_its_engine_warm(run, launcher) ->
 
 
 async def test_a_warm_engine_gives_its_devices_up_at_once(run, launcher) -> None:
-    clock = ManualClock()
-    ex = await run(devices=1, clock=clock)
-    ex.submit("first", items("a", 3), Sink())
-    await asyncio.wait_for(ex.wait("first"), 30)
-    await idle(ex)
-    assert len(launcher.alive("a")) == 1
+    ex, clock = await warm_after_a_batch(run, launcher)
     ex.submit("other", items("b", 3, prefix="o"), other := Sink())  # b needs core 0
     await clock.advance(2)  # past the arrival pause
     await asyncio.wait_for(ex.wait("other"), 30)
