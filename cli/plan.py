@@ -36,7 +36,7 @@ from runtime.config import Config, ConfigError, load_config
 from runtime.engines.devices import planning_pool
 from runtime.persist import load_calibration, load_length_model, load_start_times
 from runtime.executor.deps import BatchGraph
-from runtime.executor.pool_state import Req
+from runtime.executor.pool_state import batch_reqs
 from runtime.executor.planning import (LatencySource, latency_sources, model_specs, plan_problem,
                                        refit_calibration, sample_work)
 from runtime.engines.spares import IMPORT_S_GUESS, spare_count
@@ -80,7 +80,7 @@ def read_requests(paths: list[str], cfg: Config) -> list[Req]:
             shown = "; ".join(f"line {e['line']}: {e['code']}: {e['message']}"
                               for e in result.errors[:5])
             raise ConfigError(f"{path}: {result.error_count} invalid line(s): {shown}")
-        batch = [Req(f"input-{i}", it) for it in result.items]
+        batch = batch_reqs(f"input-{i}", result.items)
         if any(it.depends_on for it in result.items):
             BatchGraph(batch)  # dependents wait for their upstream requests, as `serve` has them
         reqs.extend(batch)

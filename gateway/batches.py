@@ -45,6 +45,14 @@ class InputMissing(Exception):
     """The batch's stored input file is gone from disk (deleted outside the API, a lost volume)."""
 
 
+class QueueFull(Exception):
+    """A create that would take its owner past `[limits].max_queued_requests_per_key`."""
+
+    def __init__(self, limit: int, queued: int, new: int) -> None:
+        super().__init__(f"{queued} queued + {new} new > {limit}")
+        self.limit, self.queued, self.new = limit, queued, new
+
+
 @dataclass
 class LiveBatch:
     """In-memory state of a batch that has a runner."""
@@ -78,17 +86,38 @@ class BatchService:
 
     # --- API operations ----------------------------------------------------------------------------
     def create(self, owner: str, input_file_id: str, endpoint: str, window: str,
-               metadata: dict[str, str] | None, strategy: str | None) -> dict[str, Any]:
+               metadata: dict[str, str] | None, strategy: str | None,
+               lines: int | None = None) -> dict[str, Any]:
+        """`lines`, the input's requests (given under a queue limit): QueueFull if the owner's queue
+        lacks room. No await between check and insert: concurrent creates are checked in turn."""
         now = self.now()
         row = {"id": new_batch_id(), "owner": owner, "endpoint": endpoint,
                "input_file_id": input_file_id, "completion_window": window,
                "status": lc.VALIDATING, "created_at": now,
                "expires_at": now + lc.window_seconds(window), "metadata": metadata,
                "strategy": strategy, "request_counts": {"total": 0, "completed": 0, "failed": 0},
-               "model_request_counts": {}}
-        self.db.insert_batch(row)
+               "model_request_counts": {}, "input_lines": lines}
+        limit = self.cfg.limits.max_queued_requests_per_key
+        with self.db.tx():
+            if limit and lines is not None:
+                queued = self.queued_requests(owner)
+                if queued + lines > limit:
+                    raise QueueFull(limit, queued, lines)
+            self.db.insert_batch(row)
         self._start_runner(row["id"])
         return self.db.get_batch(row["id"])
+
+    def queued_requests(self, owner: str) -> int:
+        """Unfinished requests of the owner's live batches (live counts, else stored ones); a batch
+        not validated yet counts its input's lines (0 if created without a limit configured)."""
+        queued = 0
+        for row in self.db.owner_batches_in(owner, lc.LIVE):
+            live = self.live.get(row["id"])
+            rc = live.counts.request_counts() if live is not None and live.counts is not None \
+                else row["request_counts"]
+            queued += rc["total"] - rc["completed"] - rc["failed"] if rc["total"] \
+                else row["input_lines"] or 0
+        return queued
 
     def cancel(self, batch_id: str, owner: str) -> dict[str, Any] | None:
         """Start cancelling; returns the batch, or None when its status does not allow it."""

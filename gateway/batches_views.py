@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from gateway.auth import OWNER
-from gateway.errors import bad_request, conflict
+from gateway.auth import ANONYMOUS, OWNER
+from gateway.batches import QueueFull
+from gateway.errors import bad_request, conflict, queue_limit_exceeded
+from gateway.lines import count_lines
 from gateway.responses import json_response
-from gateway.state import CONFIG, DB, SERVICE
+from gateway.state import CONFIG, DB, SERVICE, STORE
 from gateway.views_util import int_param
 from runtime.config import STRATEGIES
 
@@ -73,10 +77,27 @@ async def create(request: web.Request) -> web.Response:
     if f["purpose"] != "batch":
         raise bad_request(f"File {input_file_id} has purpose {f['purpose']!r}; a batch input needs "
                           "purpose 'batch'.", param="input_file_id", code="invalid_file_purpose")
-    service = request.app[SERVICE]
-    row = service.create(owner, input_file_id, endpoint, window, metadata,
-                         (metadata or {}).get(STRATEGY_KEY))
+    service, lines = request.app[SERVICE], None
+    if cfg.limits.max_queued_requests_per_key:
+        lines = await asyncio.to_thread(_input_lines, request.app[STORE].path(input_file_id))
+        request.app[DB].get_file(input_file_id, owner)  # not deleted while it was counted
+    try:
+        row = service.create(owner, input_file_id, endpoint, window, metadata,
+                             (metadata or {}).get(STRATEGY_KEY), lines)
+    except QueueFull as full:
+        who = ("this gateway (no [auth].api_keys: every caller shares one queue)"
+               if owner == ANONYMOUS else "this API key")
+        raise queue_limit_exceeded(full.limit, full.queued, full.new, who) from None
     return json_response(service.view(row))
+
+
+def _input_lines(path: Path) -> int:
+    """The input's requests as the queue limit counts them; 0 when its content is gone from disk
+    (the batch then fails as input_file_missing, as without a limit)."""
+    try:
+        return count_lines(path)
+    except FileNotFoundError:
+        return 0
 
 
 async def retrieve(request: web.Request) -> web.Response:

@@ -52,6 +52,11 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX batches_owner ON batches(owner, seq)",
         "CREATE INDEX batches_status ON batches(status)",
     ],
+    [  # non-blank lines of the input file, counted at create: the per-key queue limit's count of
+        # a batch whose requests are not validated yet (NULL: created with no limit configured)
+        "ALTER TABLE batches ADD COLUMN input_lines INTEGER",
+        "CREATE INDEX batches_owner_status ON batches(owner, status)",
+    ],
 ]
 
 _JSON_COLS = ("errors", "metadata", "request_counts", "model_request_counts", "usage")
@@ -167,6 +172,14 @@ class Database:
         st = list(statuses)
         sql = f"SELECT * FROM batches WHERE status IN ({', '.join('?' * len(st))}) ORDER BY seq"
         return [_row(r) for r in self._db.execute(sql, st)]  # type: ignore[misc]
+
+    def owner_batches_in(self, owner: str, statuses: Iterable[str]) -> list[dict[str, Any]]:
+        """(id, request_counts, input_lines) of the owner's batches in `statuses` (the queue
+        limit's count: a few columns, not whole rows)."""
+        st = list(statuses)
+        sql = (f"SELECT id, request_counts, input_lines FROM batches WHERE owner = ? AND status "
+               f"IN ({', '.join('?' * len(st))})")
+        return [_row(r) for r in self._db.execute(sql, [owner, *st])]  # type: ignore[misc]
 
     def count_by_status(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self._db.execute(

@@ -44,6 +44,25 @@ def conflict(message: str) -> ApiError:
     return ApiError(409, message, headers={"x-should-retry": "false"})
 
 
+def queue_limit_exceeded(limit: int, queued: int, new: int, who: str) -> ApiError:
+    """A create past `[limits].max_queued_requests_per_key`. 429 with OpenAI's rate-limit shape
+    (type `requests`, code `rate_limit_exceeded`; the SDK raises RateLimitError) and
+    `x-should-retry: true`: it passes once queued batches finish. No `retry-after`: when they finish
+    is the engines' pace, unknown here, and the SDK would block the caller for it. A batch larger
+    than the whole limit never fits: 400 `too_many_tasks` (OpenAI's code for a file with too many
+    requests), which retrying never heals."""
+    field = "[limits].max_queued_requests_per_key"
+    if new > limit:
+        return ApiError(400, f"This batch has {new} requests, more than {who} may have queued at "
+                        f"once ({limit}, {field}); split the input file into smaller batches.",
+                        param="input_file_id", code="too_many_tasks")
+    return ApiError(429, f"Queued request limit reached for {who}: {queued} requests queued in "
+                    f"batches not yet finished, and this batch adds {new}; the limit is {limit} "
+                    f"({field}). Try again once some of them have completed or been cancelled.",
+                    type="requests", code="rate_limit_exceeded",
+                    headers={"x-should-retry": "true"})
+
+
 def render(err: ApiError) -> web.Response:
     return json_response(err.body(), status=err.status, headers=err.headers)
 

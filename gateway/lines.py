@@ -6,6 +6,7 @@ of each request of a validated file (`input_requests`, for the output files)."""
 from __future__ import annotations
 
 import codecs
+import re
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -112,3 +113,37 @@ def input_requests(path: Path) -> Requests:
             if raw.strip():
                 obj = orjson.loads(raw)
                 yield lineno, obj["custom_id"], obj["body"]["model"]
+
+
+# read block of `count_lines`: its C calls hold the GIL for a block, ~1 ms per MiB, so the event
+# loop waits for one block at most, not a big one
+COUNT_BYTES = 1 << 20
+# a blank line between two newlines (lookahead: the closing newline opens the next line)
+_BLANK = re.compile(rb"\n[ \t\r\x0b\x0c]*(?=\n)")
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines of a file: the requests of a valid batch input (validation skips lines of
+    whitespace only, and a leading UTF-8 BOM), counted without parsing JSON: per block, newlines
+    by `bytes.count` and blank lines by one regex scan (matches only blank lines), ~1 GB/s.
+    Memory stays one block, however long a line is."""
+    count, open_line = 0, False  # open_line: the line running into this block has a non-space
+    with open(path, "rb") as f:
+        first = True
+        while block := f.read(COUNT_BYTES):
+            if first:
+                first = False
+                if block.startswith(codecs.BOM_UTF8):
+                    block = block[3:]
+            i = block.find(b"\n")
+            if i < 0:
+                open_line = open_line or (bool(block) and not block.isspace())
+                continue
+            if open_line or (i > 0 and not block[:i].isspace()):
+                count += 1  # the line ending at the block's first newline
+            j = block.rfind(b"\n")
+            if j > i:  # the lines between the first and the last newline
+                count += block.count(b"\n", i, j + 1) - 1 - len(_BLANK.findall(block, i, j + 1))
+            tail = block[j + 1:]
+            open_line = bool(tail) and not tail.isspace()
+    return count + int(open_line)

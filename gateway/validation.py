@@ -8,6 +8,8 @@ it is CPU work (JSON; the tokenizer only for prompts near the context limit).
 `depends_on` (custom_ids whose generated text fills the line's placeholders: `runtime.placeholders`;
 a repeat counts once) is checked per line, then for unknown ids, unlisted placeholders and cycles. A
 prompt is measured without its placeholders: one filled in past the context fails only its request.
+Each generating item gets the KV-block hashes of the prompt prefix it shares with other lines
+(`WorkItem.prefix`, `gateway.prefixes`), for the planner to price vLLM's prefix cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import orjson
 
 from gateway.lines import OVERLONG, LineRef, iter_lines
+from gateway.prefixes import PrefixIndex, prompt_text
 from gateway.tokens import MESSAGE_OVERHEAD, TokenCounter
 from runtime.config import Config
 from runtime.executor_api import WorkItem
@@ -103,6 +106,9 @@ def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) 
         for line, code, message, param in dependency_errors(
                 check.dependent, check.recheck, check.seen, check.endpoint, check.need):
             res.add(code, message, line, param)
+    if res.ok:
+        for item, prefix in check.prefixes.shared():
+            item.prefix = prefix
     return res
 
 
@@ -122,6 +128,9 @@ class _LineChecker:
         self.recheck: list[WorkItem] = []  # of those, the ones with a placeholder of an unlisted id
         self.models: dict[str, Any] = {}
         self.ratios: dict[str, float] = {}
+        # the generating items' KV-block hash chains: the shared parts are the items' `prefix`
+        # once the whole file is read
+        self.prefixes = PrefixIndex(self._text_again)
 
     def _model(self, name: Any) -> Any:
         if not isinstance(name, str):
@@ -130,6 +139,9 @@ class _LineChecker:
         if m is None:
             m = self.models[name] = self.cfg.model(name)
         return m
+
+    def _text_again(self, item: WorkItem) -> str | None:
+        return prompt_text(item.body, self.endpoint, item.depends_on)
 
     def _ratio(self, model: str) -> float:
         r = self.ratios.get(model)
@@ -227,6 +239,9 @@ class _LineChecker:
                              f"the model's context is {ctx} tokens.", f"body.{need}")
         item = WorkItem(lineno, cid, model.name, endpoint, None, prompt,
                         max_tokens if max_tokens is not None else ctx - prompt, ref, deps)
+        text = prompt_text(sent if deps else body, endpoint, deps)
+        if text:
+            self.prefixes.add(item, model.name, text, self._ratio(model.name))
         if deps:
             self.dependent.append(item)
             if any(x not in deps for x in placeholder_ids(sent, endpoint)):

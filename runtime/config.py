@@ -145,6 +145,12 @@ class ModelConfig:
     def dtype_bytes(self) -> int:
         return 4 if self.dtype == "float32" else 2
 
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether its engines cache prompt prefixes: vLLM's default, unless engine_args say
+        `enable_prefix_caching = false`."""
+        return bool(self.engine_args.get("enable_prefix_caching", True))
+
     def resolved_path(self, base: Path) -> Path | None:
         if self.path is None:
             return None
@@ -302,10 +308,18 @@ class LimitsConfig:
         "help": "most custom_ids one request line may list in `depends_on` (the requests whose "
                 "generated text its {{custom_id}} placeholders take in); more fail it as "
                 "too_many_dependencies"})
+    max_queued_requests_per_key: int = field(default=0, metadata={
+        "help": "most requests one API key (all callers, without [auth].api_keys) may have queued "
+                "in batches not yet finished (validating, in_progress, finalizing, cancelling), "
+                "the new batch's included; a create over it is refused with 429 "
+                "rate_limit_exceeded; 0 = no limit"})
 
     def validate(self, where: str) -> None:
         if self.max_file_bytes <= 0 or self.max_requests_per_batch <= 0:
             raise ConfigError(f"{where}: limits must be positive")
+        if self.max_queued_requests_per_key < 0:
+            raise ConfigError(f"{where}.max_queued_requests_per_key: must be 0 (no limit) or "
+                              f"positive, got {self.max_queued_requests_per_key}")
         if self.max_line_bytes <= 0:
             raise ConfigError(f"{where}.max_line_bytes: must be positive, got "
                               f"{self.max_line_bytes}")

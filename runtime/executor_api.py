@@ -27,10 +27,12 @@ class WorkItem:
     `max_tokens` only and reads `body` once, when it sends the request. Reading `body` may raise
     OSError/ValueError when the stored line is gone or no longer parses. A request with
     `depends_on` is sent only after those requests of its batch, with their generated text put in
-    its placeholders (`runtime.placeholders.substitute`)."""
+    its placeholders (`runtime.placeholders.substitute`). `prefix`: the KV-block hashes of the
+    prompt's leading blocks it shares with other requests of its batch (planning and queue order
+    only; `gateway.prefixes`)."""
 
     __slots__ = ("line", "custom_id", "model", "url", "prompt_tokens", "max_tokens", "_body", "ref",
-                 "depends_on")
+                 "depends_on", "prefix")
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, line: int, custom_id: str, model: str, url: str,
@@ -51,6 +53,7 @@ class WorkItem:
         # custom_ids of the batch's requests whose output this one takes in, in the line's order,
         # each once
         self.depends_on = depends_on
+        self.prefix: tuple[int, ...] = ()
 
     @property
     def body(self) -> dict[str, Any]:

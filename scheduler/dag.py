@@ -101,9 +101,19 @@ def replica_parts(requests: Sequence[SimRequest], deps: Mapping[int, Sequence[in
 
 def split_replicas(reqs: Sequence[SimRequest], dp: int, deps: Mapping[int, Sequence[int]] | None
                    ) -> list[tuple[Sequence[SimRequest], Sequence[int]]]:
-    """(requests, their indices) per DP replica: round-robin in rid order (as `Workload.split`), or,
-    with `deps`, linked requests on one replica (`replica_parts`)."""
+    """(requests, their indices) per DP replica (`Workload.split` is this with no `deps`):
+
+    - round-robin in the given (rid) order;
+    - when some request has a `prefix`: `dp` contiguous runs of that order, of counts differing by
+      at most one (prefix affinity: the runtime's queue is ordered by prefix and its replicas take
+      from its ends, so requests sharing a prefix run on one replica and hit its cache; round-robin
+      would spread each group over every replica);
+    - with `deps`: linked requests on one replica (`replica_parts`), prefixes or not."""
     if deps is None:
+        if any(r.prefix for r in reqs):
+            n = len(reqs)
+            cuts = [-(-r * n // dp) for r in range(dp + 1)]  # round-robin's counts
+            return [(reqs[a:b], range(a, b)) for a, b in zip(cuts, cuts[1:])]
         return [(reqs[r::dp], range(r, len(reqs), dp)) for r in range(dp)]
     return [([reqs[i] for i in idx], idx) for idx in replica_parts(reqs, deps, dp)]
 

@@ -5,8 +5,11 @@ recur across candidate groups, stages and explored schedules), so `Estimator` an
 simulator (`scheduler.simulator.simulate`) once and caches by (model, tp, dp, work fingerprint).
 
 DP replicas get the model's requests round-robin in request-id order (as the paper's runtime and ours
-split them); a model finishes when its slowest replica does. Load time is *not* included here: the
-stage logic adds it, because it depends on whether the engine is kept or (re)started.
+split them), or, when requests carry prefixes (`SimRequest.prefix`), in dp contiguous runs of that
+order (prefix affinity: the runtime orders its queue by prefix and its replicas take from its ends,
+so a prefix's requests share one replica's cache; `scheduler.dag.split_replicas`); a model finishes
+when its slowest replica does. Load time is *not* included here: the stage logic adds it, because
+it depends on whether the engine is kept or (re)started.
 
 Stages do not re-simulate. What is left of a model after a stage is a derived workload (a position
 on the run that produced it, `scheduler.runs`): an engine kept for the next stage continues that run
@@ -28,6 +31,10 @@ are simulated together, released as those finish, and kept on one DP replica
 (`scheduler.dag.replica_parts`); such workloads are never extrapolated. Runs with arrival times
 (`timed_run`: downstream requests released by other engines) are simulated, not read off a run,
 and cached by their requests and arrival times.
+
+Prefix caching (`ModelSpec.prefix_caching`, set from the engines' configuration): every simulation
+of such a model replays vLLM's prefix cache over the requests' prefixes; its workloads, when some
+request has a prefix, are never extrapolated either (`scheduler.extrapolation`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from typing import Callable
 import numpy as np
 
 from scheduler.dag import same_model_deps, split_replicas
+from scheduler.extrapolation import extrapolated_run, extrapolates, fitted_line
 from scheduler.latency import LatencyModel, assumed_threads_latency
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.runs import PlanRun, Position, TimedRun, Workload, _rid, useful_flops
@@ -64,7 +72,7 @@ class Estimator:
     _advanced: dict[tuple, Workload] = field(default_factory=dict)
     _lines: dict[tuple[str, int], tuple[float, float, PlanRun]] = field(default_factory=dict)
     _work_total: dict[tuple[str, str], float] = field(default_factory=dict)
-    # models with more remaining requests than this are not simulated request by request (`_line`)
+    # models with more remaining requests than this are not simulated request by request (`scheduler.extrapolation.fitted_line`)
     exact_limit: int = 1024
     line_sample: int = 512  # requests in the larger of the two subsamples a line is fitted on
     # cold engines on derived workloads: read off root runs (True) or simulated on the requests
@@ -136,6 +144,7 @@ class Estimator:
                 max_model_len=spec.max_model_len,
                 num_kv_blocks=kv_blocks(spec, tp, self.kv_bytes(model, tp)),
                 block_size=BLOCK_SIZE,
+                prefix_caching=spec.prefix_caching,
             )
         return self._limits[key]
 
@@ -149,8 +158,8 @@ class Estimator:
         if hit is not None:
             return hit
         deps = self._deps(model, work)
-        if len(work) > self.exact_limit and deps is None:
-            run = self._extrapolated(model, tp, dp, work)
+        if extrapolates(self, model, work):
+            run = extrapolated_run(self, model, tp, dp, work)
             self._runs[key] = run
             return run
         lat, lim = self.latency(model, tp), self.limits(model, tp)
@@ -323,12 +332,12 @@ class Estimator:
         lat, lim = self.latency(model, tp), self.limits(model, tp)
         left: list[SimRequest] = []
         deps = self._deps(model, root)
-        big = len(root) > self.exact_limit and deps is None
+        big = extrapolates(self, model, root)
         for part, _ in split_replicas(root.requests, dp, deps):
             if not part:
                 continue
             if big:
-                a, b, _ = self._line(model, tp, root)
+                a, b, _ = fitted_line(self, model, tp, root)
                 n_done = int(np.clip((t - a) / b, 0, len(part))) if b > 0 else len(part)
                 left.extend(part[n_done:])
                 continue
@@ -337,60 +346,6 @@ class Estimator:
             left.extend(res.remaining)
         left.sort(key=_rid)
         return tuple(r for r in left if r.output_len > r.generated)
-
-    def _line(self, model: str, tp: int, work: Workload) -> tuple[float, float, PlanRun]:
-        """Engine time of n requests drawn like `work`'s, T(n) = a + b·n, from two exact simulations
-        of evenly spaced subsamples (exact_limit and exact_limit/2 requests), plus the larger run.
-
-        Why: past a few max_num_seqs batches an FCFS engine is in steady state, so its time grows
-        linearly in the number of requests (b = steady time per request; a = ramp-up and drain);
-        simulating 10,000-request replicas request by request for every candidate plan would cost
-        seconds per stage. Models with ≤ exact_limit requests left (what the CPU runtime usually
-        sees) are simulated exactly, replica by replica.
-
-        The line is fitted once per (model, tp), on the first large workload asked about: what is
-        left after a stage is drawn from the same length distribution, so its per-request time is
-        the same; re-fitting at every stage would cost two simulations per plan per stage."""
-        key = (model, tp)
-        hit = self._lines.get(key)
-        if hit is not None:
-            return hit
-        spec, lat, lim = self.models[model], self.latency(model, tp), self.limits(model, tp)
-        n, m2 = len(work), min(len(work), self.line_sample)
-        idx = (np.arange(m2) * n) // m2
-        sub2 = [work.requests[i] for i in idx]
-        sub1 = sub2[::2]
-        r2 = simulate(sub2, lim, lat, kv_trace=True)
-        r1 = simulate(sub1, lim, lat)
-        self._count[0] += 2
-        m1 = len(sub1)
-        b = (r2.total_time_s - r1.total_time_s) / (m2 - m1) if m2 > m1 else 0.0
-        if b <= 0:
-            b = r2.total_time_s / m2
-        a = r2.total_time_s - b * m2
-        by_rid = {r.rid: useful_flops(spec, r) for r in sub2}
-        fin = np.array(sorted(r2.finish_times_s.values()), dtype=float)
-        order = sorted(r2.finish_times_s, key=lambda rid: r2.finish_times_s[rid])
-        cum = np.cumsum([by_rid[rid] for rid in order])
-        times, used, running = r2.kv_trace
-        kv = [(np.asarray(times), np.asarray(used) * lim.block_size, np.asarray(running))]
-        out = (a, b, PlanRun(r2.total_time_s, fin, cum, kv=kv))
-        self._lines[key] = out
-        return out
-
-    def _extrapolated(self, model: str, tp: int, dp: int, work: Workload) -> PlanRun:
-        """A dp-replica run of a large workload: every replica is a round-robin share of it, so
-        its time is T(ceil(n/dp)) on the fitted line; the finish curve is the subsample's, stretched
-        to that time and scaled to the workload's total useful FLOPs; every replica holds as much
-        KV over time as the subsample's run did."""
-        a, b, sample = self._line(model, tp, work)
-        total = a + b * -(-len(work) // dp)
-        work_total = self.work_total(model, work)
-        scale_t = total / sample.total_s if sample.total_s > 0 else 1.0
-        scale_w = work_total / sample.total_work if sample.total_work > 0 else 1.0
-        (times, used, running), = sample.kv
-        return PlanRun(total, sample.finish_sorted * scale_t, sample.work_cum * scale_w,
-                       kv=[(times * scale_t, used, running)] * dp)
 
     def work_total(self, model: str, work: Workload) -> float:
         key = (model, work.fingerprint)

@@ -95,7 +95,7 @@ def simulate_stage(est: Estimator, dag: Dag, t: float, work: Mapping[str, Worklo
         else:
             origin = t + warm[m]
             inputs = tuple(SimRequest(r.rid, r.prompt_len, r.output_len, r.generated,
-                                      max(0.0, arrival[r.rid] - origin), r.upstream)
+                                      max(0.0, arrival[r.rid] - origin), r.upstream, r.prefix)
                            for r in sorted(reqs, key=_rid) if r.rid in arrival)
             run, arrived = est.timed_run(name, p.tp, p.dp, inputs), arrival
         ends = [origin + run.finish[rid] for rid in arrival]
@@ -134,7 +134,8 @@ def left(est: Estimator, placed: Placed, work: Workload, end_s: float) -> Worklo
         o = orig.get(r.rid)
         if o is not None:
             reqs.append(o if r.generated == o.generated else SimRequest(
-                o.rid, o.prompt_len, o.output_len, r.generated, o.arrival_s, o.upstream))
+                o.rid, o.prompt_len, o.output_len, r.generated, o.arrival_s, o.upstream,
+                o.prefix))
     return ranked(est, name, tp, dp, work, reqs + list(placed.held))
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from scheduler.dag import split_replicas
 from scheduler.types import ModelSpec, SimRequest
 
 
@@ -65,6 +66,8 @@ class Workload:
         digest = hashlib.blake2b(arr.tobytes(), digest_size=16)
         if any(r.arrival_s or r.upstream for r in reqs):
             digest.update(_timing(reqs))  # runs honour them: keep such workloads apart
+        if any(r.prefix for r in reqs):
+            digest.update(_prefixes(reqs))  # prefix caching and the DP split read them
         return Workload(reqs, digest.hexdigest(), arr)
 
     @property
@@ -79,8 +82,10 @@ class Workload:
         return len(self.requests)
 
     def split(self, dp: int) -> list[list[SimRequest]]:
-        """Round-robin in rid order: replica r gets requests r, r+dp, r+2dp, ..."""
-        return [list(self.requests[r::dp]) for r in range(dp)]
+        """Per DP replica, as the estimator simulates them (`scheduler.dag.split_replicas`):
+        round-robin in rid order (replica r gets requests r, r+dp, r+2dp, ...), or, when some
+        request has a prefix, dp contiguous runs of the rid order (prefix affinity)."""
+        return [list(part) for part, _ in split_replicas(self.requests, dp, None)]
 
 
 @dataclass
@@ -188,16 +193,34 @@ class TimedRun:
 
     @staticmethod
     def fingerprint(requests: Sequence[SimRequest]) -> str:
-        """Of the requests' (rid, prompt_len, output_len, generated), arrivals and upstream ids."""
+        """Of the requests' (rid, prompt_len, output_len, generated), arrivals, upstream ids and
+        prefixes."""
         cols = np.array([[r.rid, r.prompt_len, r.output_len, r.generated] for r in requests],
                         dtype=np.int64).reshape(-1, 4)
-        return hashlib.blake2b(cols.tobytes() + _timing(requests), digest_size=16).hexdigest()
+        digest = hashlib.blake2b(cols.tobytes() + _timing(requests), digest_size=16)
+        if any(r.prefix for r in requests):
+            digest.update(_prefixes(requests))
+        return digest.hexdigest()
 
 
 def _timing(requests: Sequence[SimRequest]) -> bytes:
     """The requests' arrival times and upstream ids, as bytes to hash."""
     return np.array([r.arrival_s for r in requests], dtype=float).tobytes() + repr(
         [r.upstream for r in requests]).encode()
+
+
+def _prefixes(requests: Sequence[SimRequest]) -> bytes:
+    """The requests' prefixes, as bytes to hash: each distinct prefix once (a prefix shared by
+    50,000 requests is written once), then which one each request has."""
+    index: dict[tuple[int, ...], int] = {}
+    seen: dict[int, int] = {}  # id -> index: equal prefixes are mostly one object, hashed once
+    which = []
+    for r in requests:
+        j = seen.get(id(r.prefix))
+        if j is None:
+            j = seen[id(r.prefix)] = index.setdefault(r.prefix, len(index))
+        which.append(j)
+    return repr(list(index)).encode() + np.array(which, dtype=np.int64).tobytes()
 
 
 def useful_flops(spec: ModelSpec, r: SimRequest) -> float:

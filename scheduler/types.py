@@ -29,6 +29,8 @@ class ModelSpec:
     max_num_batched_tokens: int = 8192
     num_experts: int = 1  # MoE: experts per layer (1 = dense)
     experts_per_token: int = 1
+    # its engines run with vLLM's automatic prefix caching (`EngineLimits.prefix_caching`)
+    prefix_caching: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -85,7 +87,14 @@ class SimRequest:
     (template and the outputs of upstream requests that already finished): the planner adds each
     listed request's `output_len` (`scheduler.dag.resolve_prompts`); ids not in the work are
     finished and ignored. `arrival_s`: the earliest admission, in seconds from the simulation's
-    start (the simulator's clock; `PlanningProblem`: from now)."""
+    start (the simulator's clock; `PlanningProblem`: from now).
+
+    `prefix`: content hashes of the prompt's leading full KV blocks (`BLOCK_SIZE` tokens each) that
+    it may share with other requests, a chain as vLLM hashes them (equal hashes at position k mean
+    equal tokens in blocks 0..k); it may stop before the prompt's last full block (the gateway keeps
+    only the blocks some other request shares). The simulator replays vLLM's prefix cache with it
+    when `EngineLimits.prefix_caching` is on. Equal prefixes are usually one shared (interned)
+    tuple: pass it on, never copy it per request."""
 
     rid: int
     prompt_len: int
@@ -93,6 +102,7 @@ class SimRequest:
     generated: int = 0
     arrival_s: float = 0.0
     upstream: tuple[tuple[str, int], ...] = ()
+    prefix: tuple[int, ...] = ()
 
     @property
     def remaining(self) -> int:

@@ -41,6 +41,7 @@ class RequestShape:
     generated: int = 0
     upstream: tuple[tuple[str, int], ...] = ()
     arrival_s: float = 0.0
+    prefix: tuple[int, ...] = ()  # as `SimRequest.prefix`
 
 
 def sample_workloads(shapes: dict[str, Sequence[RequestShape]], lengths: LengthSampler,
@@ -68,7 +69,7 @@ def sample_workloads(shapes: dict[str, Sequence[RequestShape]], lengths: LengthS
             draw[model] = [
                 SimRequest(r.rid, r.prompt_len,
                            int(min(max(1, r.cap), max(int(n), r.generated + 1))), r.generated,
-                           r.arrival_s, r.upstream)
+                           r.arrival_s, r.upstream, r.prefix)
                 for r, n in zip(reqs, lens)]
         out.append(draw)
     return out

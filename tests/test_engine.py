@@ -7,6 +7,8 @@ them and checks the cleanup.
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import os
 import signal
@@ -259,7 +261,13 @@ def test_build_command_cpu_and_cuda(test_config: Config):
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
     assert cmd[cmd.index("--served-model-name") + 1] == "small"
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(1 << 28)
-    assert "--enforce-eager" in cmd and "--no-enable-prefix-caching" in cmd
+    assert "--enforce-eager" in cmd and "--enable-prefix-caching" in cmd
+    assert "--enable-prompt-tokens-details" in cmd  # cached_tokens in every response's usage
+    off = dataclasses.replace(test_config.model("small"),
+                              engine_args={"enable_prefix_caching": False})
+    assert not off.prefix_caching and test_config.model("small").prefix_caching
+    cmd, _ = build_command(dataclasses.replace(_spec(test_config, "small", (0,)), model=off), 1)
+    assert "--no-enable-prefix-caching" in cmd and "--enable-prefix-caching" not in cmd
     assert env["HF_HUB_OFFLINE"] == "1"
     gpu = EngineSpec(**{**_spec(test_config, "small", (2, 3), tp=2).__dict__, "device_kind": "cuda"})
     cmd, env = build_command(gpu, port=1)

@@ -133,8 +133,12 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> 
         "max_num_seqs": m.max_num_seqs,
         "max_num_batched_tokens": m.max_num_batched_tokens,
         "tensor_parallel_size": spec.tp,
-        # The cost model simulates vLLM without prefix caching; a model can opt in via engine_args.
-        "enable_prefix_caching": False,
+        # vLLM's default, said aloud: the planner simulates the prefix cache (`SimRequest.prefix`);
+        # a model's engine_args may turn it off (`ModelConfig.prefix_caching`).
+        "enable_prefix_caching": True,
+        # usage.prompt_tokens_details.cached_tokens in every response, as OpenAI reports it: the
+        # hits a user sees, and what the planner's simulated hit rate is checked against
+        "enable_prompt_tokens_details": True,
         "disable_log_stats": True,
         "disable_uvicorn_access_log": True,
     }

@@ -74,6 +74,9 @@ class Slot:
     # batch of its model (`[devices] engine_linger_s`, `slots.EngineSlots.apply`)
     idle_since: float | None = None
     launched_at: float = 0.0  # when its start began (executor clock): what a re-plan still waits for
+    # takes its model's requests from the queue's end (every other replica of a model: prefix
+    # affinity, `ModelQueues.pop`)
+    tail: bool = False
 
     def move(self, to: SlotState) -> None:
         if to not in SLOT_MOVES[self.state]:
@@ -143,7 +146,7 @@ async def serve_slot(slot: Slot, host: SlotHost) -> None:
 async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
     while slot.state is SlotState.RUNNING:
         while len(slot.inflight) < slot.limit and not host.dispatch_paused:
-            req = host.queues.pop(slot.model)
+            req = host.queues.pop(slot.model, slot.tail)
             if req is None:
                 break
             req.dispatch()

@@ -56,7 +56,7 @@ from runtime.executor_api import Outcome, OutcomeSink, WorkItem
 from runtime.persist import (alone_start_s, blend, load_calibration, load_length_model,
                              load_start_times, save_calibration, save_length_model,
                              save_start_times)
-from runtime.executor.pool_state import BatchState, ModelQueues, Pool, Req, ReqState
+from runtime.executor.pool_state import BatchState, ModelQueues, Pool, Req, ReqState, batch_reqs
 from runtime.executor.planning import (EMBEDDINGS_URL, describe_stage, model_specs, plan_problem,
                                        refit_calibration, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
@@ -147,7 +147,7 @@ class PoolExecutor:
         old = self._batches.get(batch_id)
         if old is not None and not old.finished.is_set():
             raise ValueError(f"batch {batch_id} is already running")
-        batch = BatchState(batch_id, sink, strategy, [Req(batch_id, it) for it in items])
+        batch = BatchState(batch_id, sink, strategy, batch_reqs(batch_id, items))
         doomed: dict[Req, str] = {}
         if any(it.depends_on for it in items):
             batch.graph = BatchGraph(batch.reqs, known)

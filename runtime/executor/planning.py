@@ -53,7 +53,8 @@ def model_specs(cfg: Config) -> dict[str, ModelSpec]:
             num_kv_heads=a.num_kv_heads, intermediate_size=a.intermediate_size,
             vocab_size=a.vocab_size, dtype_bytes=m.dtype_bytes, max_model_len=m.max_model_len,
             max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
-            num_experts=a.num_experts, experts_per_token=a.experts_per_token)
+            num_experts=a.num_experts, experts_per_token=a.experts_per_token,
+            prefix_caching=m.prefix_caching)
     return out
 
 
@@ -181,7 +182,8 @@ def latency_sources(latency: LatencySource, specs: Mapping[str, ModelSpec],
 
 def engine_limits(spec: ModelSpec, tp: int, kv: Callable[[ModelSpec, int], int]) -> EngineLimits:
     """The limits the planner simulates one engine of (spec, tp) with (`scheduler.estimator`)."""
-    return EngineLimits.for_spec(spec, kv_blocks(spec, tp, int(kv(spec, tp))))
+    return EngineLimits.for_spec(spec, kv_blocks(spec, tp, int(kv(spec, tp))),
+                                 prefix_caching=spec.prefix_caching)
 
 
 def refit_calibration(cfg: Config, pool: DevicePool, specs: Mapping[str, ModelSpec],
@@ -207,8 +209,14 @@ def served_record(body: Any, prompt_tokens: int, queued_s: float, sent_s: float,
         return None
     prompt = usage.get("prompt_tokens")
     out = usage.get("completion_tokens")
-    return Served(min(queued_s, sent_s), sent_s, done_s,
-                  prompt if isinstance(prompt, int) and prompt > 0 else max(1, prompt_tokens),
+    prompt = prompt if isinstance(prompt, int) and prompt > 0 else max(1, prompt_tokens)
+    # tokens the engine's prefix cache already held were not computed: the replay (which has no
+    # prefixes) prefills only the rest, else every hit would read as a faster engine
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and 0 < cached < prompt:
+        prompt -= cached
+    return Served(min(queued_s, sent_s), sent_s, done_s, prompt,
                   out if isinstance(out, int) and out > 0 else 1)
 
 
@@ -269,7 +277,8 @@ def sample_work(reqs: Sequence[Req], lengths: LengthModel,
             outs = np.minimum(lengths.sample(model, url, caps, rng), caps)
         work.setdefault(model, []).extend(
             SimRequest(rid=i, prompt_len=max(1, reqs[i].item.prompt_tokens + reqs[i].known_tokens),
-                       output_len=max(1, int(o)), upstream=_upstream(reqs, i, index))
+                       output_len=max(1, int(o)), upstream=_upstream(reqs, i, index),
+                       prefix=reqs[i].item.prefix)
             for i, o in zip(idx, outs))
     return work
 

@@ -17,7 +17,7 @@ import asyncio
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from runtime.executor_api import OutcomeSink, WorkItem
 from runtime.placeholders import substitute
@@ -148,6 +148,26 @@ class Pool:
         return [b.batch_id for b in self.batches]
 
 
+def prefix_order(items: list[WorkItem]) -> list[WorkItem]:
+    """A batch's requests in the order its queues take them: requests sharing a prompt prefix
+    next to each other (BatchLLM's grouping), so vLLM's cache still holds the prefix when the next
+    one is admitted. Sorting by the hash chain (`WorkItem.prefix`) is a depth-first walk of the
+    prefix tree; stable, and a batch that shares nothing keeps its input order."""
+    if not any(it.prefix for it in items):
+        return items
+    return sorted(items, key=_prefix_key)
+
+
+def _prefix_key(item: WorkItem) -> tuple[int, ...]:
+    return item.prefix
+
+
+def batch_reqs(batch_id: str, items: Sequence[WorkItem]) -> list[Req]:
+    """A batch's requests, in `prefix_order`: how `serve` queues them and `samullm plan` plans
+    them (the planner's DP split follows this order)."""
+    return [Req(batch_id, it) for it in prefix_order(list(items))]
+
+
 class ModelQueues:
     """FIFO queues of QUEUED requests per model for the active pool; DP replicas pull from the same one.
 
@@ -166,10 +186,17 @@ class ModelQueues:
         q.appendleft(req) if front else q.append(req)
         self.finish_signalled[req.model] = False
 
-    def pop(self, model: str) -> Req | None:
+    def pop(self, model: str, tail: bool = False) -> Req | None:
+        """The next request for a replica of `model`. `tail`: a replica that works from the queue's
+        end while the queue holds one batch only (prefix affinity: in a queue ordered by shared
+        prefix, two replicas taking from its two ends meet once, so each prefix group is paid on
+        one replica; across batches the head goes first, an earlier batch is never overtaken)."""
         q = self._q.get(model)
         while q:
-            req = q.popleft()
+            if tail and q[-1].batch_id == q[0].batch_id:
+                req = q.pop()
+            else:
+                req = q.popleft()
             if req.state is ReqState.QUEUED:  # cancelled ones are skipped lazily
                 return req
         return None

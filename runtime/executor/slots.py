@@ -186,6 +186,8 @@ class EngineSlots:
             confine=self.cfg.devices.confine_cpu_engines,
             log_path=self.state_dir / "logs" / f"{model}-tp{tp}-d{'-'.join(map(str, devices))}-{sid}.log")
         slot = Slot(sid, spec, limit=max(1, math.ceil(INFLIGHT_FACTOR * mc.max_num_seqs)))
+        ends = [s.tail for s in self.all if s.model == model and s.state.active]
+        slot.tail = ends.count(False) > ends.count(True)
         slot.launched_at = self.owner.clock.monotonic()
         self.all.append(slot)
         self.owner.emit("engine_start", **slot.describe())
