@@ -63,6 +63,10 @@ class _LineError(Exception):
 # A prompt estimated within this fraction of the context is counted exactly before it is accepted or
 # rejected (the characters-per-token estimate is off by a few tens of percent on unusual text).
 NEAR_LIMIT = 0.5
+# Past this many characters per token of context a prompt is over it without counting: BPE tokens
+# of real vocabularies average 2-6 characters, a whole-word vocabulary ~10 (a prompt of such
+# words was estimated at 4.4x its tokens from the prose-measured ratio, and refused unseen).
+MAX_CHARS_PER_TOKEN = 16
 
 
 def validate_file(path: Path, endpoint: str, cfg: Config, tokens: TokenCounter) -> ValidationResult:
@@ -220,9 +224,10 @@ class _LineChecker:
             prompt = tokens.estimate_body(model.name, endpoint, body)
         max_tokens = _max_tokens(body, endpoint)
         ctx = model.max_model_len
-        # an estimate near the limit never decides on its own: count exactly first (one estimated at
-        # twice the context is over it for any plausible characters-per-token ratio)
-        if ctx <= prompt * (1 + NEAR_LIMIT) + (max_tokens or 0) and prompt < 2 * ctx:
+        # an estimate near the limit never decides on its own: count exactly first (unless its
+        # characters are over the context at any plausible characters-per-token ratio)
+        if ctx <= prompt * (1 + NEAR_LIMIT) + (max_tokens or 0) \
+                and prompt * self._ratio(model.name) <= ctx * MAX_CHARS_PER_TOKEN:
             prompt = tokens.count_body(model.name, endpoint, body, exact=True)
         ref = _new_ref(LineRef, (self.path, offset, length))
         if endpoint == EMBEDDINGS:

@@ -3,8 +3,15 @@ errors.data[{code, line, param}], and no request reaches the executor."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import pytest_asyncio
+
+from bench.makespan import word_tokens
+from gateway.tokens import TokenCounter
+from gateway.validation import validate_file
 
 from .conftest import chat_line, jsonl, plan_only_config, poll, running
 
@@ -132,3 +139,19 @@ async def test_embeddings_on_embedding_model_run(server):
     assert done.status == "completed" and done.request_counts.completed == 1
     (item,) = server.executor.submitted[b.id]
     assert item.url == "/v1/embeddings" and item.max_tokens == 0
+
+
+def test_a_prompt_of_long_single_token_words_is_counted_not_refused(test_config, tmp_path) -> None:
+    """The characters-per-token estimate (measured on prose) can be several times off: the tiny
+    models' vocabulary holds whole words as one token each (~10 characters), prose only ~2. A
+    900-token prompt estimated at ~4,400 tokens must be counted exactly, not refused unseen."""
+    words = [w for w in word_tokens(Path(test_config.model("small").path)) if len(w) >= 8]
+    text = " ".join(words[i % len(words)] for i in range(900))
+    line = {"custom_id": "a", "method": "POST", "url": CHAT,
+            "body": {"model": "small", "max_tokens": 16,
+                     "messages": [{"role": "user", "content": text}]}}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    res = validate_file(path, CHAT, test_config, TokenCounter(test_config))
+    assert res.ok, res.errors
+    assert 900 <= res.items[0].prompt_tokens < 1000
