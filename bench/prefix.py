@@ -113,7 +113,7 @@ def simulated_hits(cfg_path: Path, inp: Path) -> tuple[int, int]:
     res = validate_file(inp, CHAT, cfg, TokenCounter(cfg))
     if not res.ok:
         raise RuntimeError(f"{inp}: {res.errors[:3]}")
-    specs = model_specs(cfg)
+    specs = model_specs(cfg, "cpu")
     lat = LatencyModel(1e-3, 1e-6, 0.0, 0.0, 0.0)  # hits do not depend on the speed
     hits = total = 0
     items = prefix_order(res.items)
@@ -121,8 +121,7 @@ def simulated_hits(cfg_path: Path, inp: Path) -> tuple[int, int]:
         spec = specs[model]
         reqs = [SimRequest(rid=i, prompt_len=it.prompt_tokens, output_len=max(1, it.max_tokens),
                            prefix=it.prefix) for i, it in enumerate(items) if it.model == model]
-        lim = EngineLimits.for_spec(spec, kv_blocks(spec, 1, int(mk.KV_GIB * (1 << 30))),
-                                    prefix_caching=True)
+        lim = EngineLimits.for_spec(spec, kv_blocks(spec, 1, int(mk.KV_GIB * (1 << 30))))
         r = simulate(reqs, lim, lat)
         hits, total = hits + r.prefix_hit_tokens, total + r.prefix_queries_tokens
     return hits, total

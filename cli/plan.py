@@ -193,7 +193,7 @@ def plan_main(args: argparse.Namespace) -> int:
     pool = planning_pool(args.devices, cfg, args.gpu)
     lengths = load_length_model(cfg.state_dir)
     spares, no_spare_s = idle_spares(cfg, pool)
-    specs = model_specs(cfg)
+    specs = model_specs(cfg, pool.kind)
     fits = {}
     if cfg.scheduler.online_calibration:  # what `serve` fits before its next plan
         served, stored = load_calibration(cfg.state_dir, cfg.scheduler.calibration_window)

@@ -145,6 +145,14 @@ class ModelConfig:
     def dtype_bytes(self) -> int:
         return 4 if self.dtype == "float32" else 2
 
+    def kv_block_size(self, device_kind: str) -> int:
+        """Tokens per KV block of its engines: engine_args' `block_size`, else vLLM's default for
+        the device kind (128 on its CPU backend, `vllm/platforms/cpu.py`; 16 on GPUs)."""
+        size = self.engine_args.get("block_size")
+        if isinstance(size, int) and size > 0:
+            return size
+        return 128 if device_kind == "cpu" else 16
+
     @property
     def prefix_caching(self) -> bool:
         """Whether its engines cache prompt prefixes: vLLM's default, unless engine_args say

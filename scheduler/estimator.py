@@ -50,7 +50,7 @@ from scheduler.extrapolation import extrapolated_run, extrapolates, fitted_line
 from scheduler.latency import LatencyModel, assumed_threads_latency
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.runs import PlanRun, Position, TimedRun, Workload, _rid, useful_flops
-from scheduler.types import BLOCK_SIZE, ModelSpec, SimRequest
+from scheduler.types import ModelSpec, SimRequest
 
 __all__ = ["Estimator", "PlanRun", "Position", "Workload", "useful_flops"]
 
@@ -130,7 +130,7 @@ class Estimator:
     def fits(self, model: str, tp: int) -> bool:
         """vLLM refuses to start an engine whose KV cache cannot hold one max-length sequence."""
         spec = self.models[model]
-        need_blocks = -(-spec.max_model_len // BLOCK_SIZE)
+        need_blocks = -(-spec.max_model_len // spec.block_size)
         kvb = self.kv_bytes(model, tp)
         return kvb > 0 and kv_blocks(spec, tp, kvb) >= need_blocks
 
@@ -143,7 +143,7 @@ class Estimator:
                 max_num_batched_tokens=spec.max_num_batched_tokens,
                 max_model_len=spec.max_model_len,
                 num_kv_blocks=kv_blocks(spec, tp, self.kv_bytes(model, tp)),
-                block_size=BLOCK_SIZE,
+                block_size=spec.block_size,
                 prefix_caching=spec.prefix_caching,
             )
         return self._limits[key]

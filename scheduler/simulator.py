@@ -103,15 +103,18 @@ class EngineLimits:
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, num_kv_blocks: int,
-                 prefix_caching: bool = False) -> "EngineLimits":
+                 prefix_caching: bool | None = None) -> "EngineLimits":
+        """`spec`'s limits (its block size; its prefix caching unless `prefix_caching` says)."""
         return cls(spec.max_num_seqs, spec.max_num_batched_tokens, spec.max_model_len, num_kv_blocks,
-                   prefix_caching=prefix_caching)
+                   spec.block_size,
+                   spec.prefix_caching if prefix_caching is None else prefix_caching)
 
 
-def kv_blocks(spec: ModelSpec, tp: int, kv_bytes_per_rank: int, block_size: int = BLOCK_SIZE) -> int:
+def kv_blocks(spec: ModelSpec, tp: int, kv_bytes_per_rank: int, block_size: int | None = None) -> int:
     """KV blocks of one replica given the KV memory of one TP rank (vLLM's `get_num_blocks`:
-    available // page_size // num_layers, page = 2·block·kv_heads_per_rank·head_dim·dtype)."""
-    per_block = spec.kv_bytes_per_token(tp) * block_size
+    available // page_size // num_layers, page = 2·block·kv_heads_per_rank·head_dim·dtype), of
+    `spec.block_size` tokens unless `block_size` says."""
+    per_block = spec.kv_bytes_per_token(tp) * (block_size or spec.block_size)
     return max(0, int(kv_bytes_per_rank) // per_block)
 
 
@@ -151,6 +154,24 @@ class SimResult:
 
 
 _WAIT, _PRE, _DEC, _DONE = 0, 1, 2, 3
+
+
+def _coarse_prefixes(reqs: Sequence[SimRequest], bs: int) -> list[tuple[int, ...]]:
+    """The requests' prefixes in blocks of `bs` tokens. `SimRequest.prefix` hashes BLOCK_SIZE-token
+    blocks, each over everything before its end, so a `bs`-block's hash is every (bs/BLOCK_SIZE)-th
+    one (vLLM's CPU backend uses 128-token blocks). Each distinct tuple (they are interned, one per
+    shared prefix) is cut once; at BLOCK_SIZE the requests' own tuples, not copies."""
+    k = bs // BLOCK_SIZE
+    if k <= 1 or bs % BLOCK_SIZE:
+        return [r.prefix for r in reqs]
+    cut: dict[int, tuple[int, ...]] = {}
+    out = []
+    for r in reqs:
+        c = cut.get(id(r.prefix))
+        if c is None:
+            c = cut[id(r.prefix)] = r.prefix[k - 1::k]
+        out.append(c)
+    return out
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -237,9 +258,9 @@ class _Run:
         self.q_tokens = self.h_tokens = 0
         if self.pc:
             bs = self.bs
-            self.pfx = [r.prefix for r in self.reqs]  # the requests' own tuples, not copies
+            self.pfx = _coarse_prefixes(self.reqs, bs)
             # usable prefix blocks: full blocks of the (clamped) prompt
-            self.npfx = [min(len(r.prefix), p // bs) for r, p in zip(self.reqs, self.P)]
+            self.npfx = [min(len(pf), p // bs) for pf, p in zip(self.pfx, self.P)]
             self.pinned = [0] * n  # request i pins pfx[i][:pinned[i]]
             self.ref: dict[int, int] = {}  # pinned hash -> running requests holding it
             self.lru: OrderedDict[int, None] = OrderedDict()  # evictable hashes, oldest first

@@ -31,6 +31,8 @@ class ModelSpec:
     experts_per_token: int = 1
     # its engines run with vLLM's automatic prefix caching (`EngineLimits.prefix_caching`)
     prefix_caching: bool = False
+    # tokens per KV block of its engines: vLLM's 16 on GPUs, 128 on its CPU backend
+    block_size: int = BLOCK_SIZE
 
     @property
     def head_dim(self) -> int:

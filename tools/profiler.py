@@ -374,7 +374,7 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
         load_s, served = asyncio.run(measure_served(spec, [r for _, r in named], spare=spare))
         sets = [CalibrationSet(n, tuple(r), warm, first)
                 for (n, r), (first, warm) in zip(named, served)]
-        mspec = model_specs(cfg)[name]
+        mspec = model_specs(cfg, pool.kind)[name]
         limits = EngineLimits.for_spec(mspec, kv_blocks(mspec, tp, kv_bytes))
         cal = fit_served_scales(fit, limits, sets)
         calib = {"in_process_latency": fit.to_dict(), "served_calibration": cal.to_dict(),

@@ -102,7 +102,7 @@ class PoolExecutor:
         self.pool = pool  # None: discovered by start()
         self.state_dir = Path(state_dir) if state_dir is not None else cfg.state_dir
         self._planner = planner
-        self._specs = model_specs(cfg)
+        self._specs = model_specs(cfg, pool.kind if pool is not None else None)
         self._lengths = load_length_model(self.state_dir)
         self._batches: dict[str, BatchState] = {}
         self._pools: list[Pool] = []  # FIFO; the head is the active one
@@ -133,6 +133,7 @@ class PoolExecutor:
     async def start(self) -> None:
         if self.pool is None:
             self.pool = self.slots.pool = discover_pool(self.cfg)
+            self._specs = model_specs(self.cfg, self.pool.kind)
         await self.launcher.start()  # spare engine processes, /dev/shm left by a predecessor
         self._control = asyncio.create_task(self._control_loop(), name="executor-control")
         log.info("executor ready: %s devices %s", self.pool.kind, list(self.pool.ids))

@@ -43,8 +43,10 @@ DEFAULT_CPU_LOAD_S = 25.0
 ReplicaKey = tuple[str, int, tuple[int, ...]]  # (model, tp, devices of one replica)
 
 
-def model_specs(cfg: Config) -> dict[str, ModelSpec]:
-    """The planner's view of every configured model (architecture + engine limits)."""
+def model_specs(cfg: Config, device_kind: str | None = None) -> dict[str, ModelSpec]:
+    """The planner's view of every configured model (architecture + engine limits) on devices of
+    `device_kind` (default: `[devices] kind`; its KV block size depends on it)."""
+    kind = device_kind or cfg.devices.kind
     out = {}
     for m in cfg.models:
         a = m.architecture(cfg.base_dir)
@@ -54,7 +56,7 @@ def model_specs(cfg: Config) -> dict[str, ModelSpec]:
             vocab_size=a.vocab_size, dtype_bytes=m.dtype_bytes, max_model_len=m.max_model_len,
             max_num_seqs=m.max_num_seqs, max_num_batched_tokens=m.max_num_batched_tokens,
             num_experts=a.num_experts, experts_per_token=a.experts_per_token,
-            prefix_caching=m.prefix_caching)
+            prefix_caching=m.prefix_caching, block_size=m.kv_block_size(kind))
     return out
 
 
@@ -182,8 +184,7 @@ def latency_sources(latency: LatencySource, specs: Mapping[str, ModelSpec],
 
 def engine_limits(spec: ModelSpec, tp: int, kv: Callable[[ModelSpec, int], int]) -> EngineLimits:
     """The limits the planner simulates one engine of (spec, tp) with (`scheduler.estimator`)."""
-    return EngineLimits.for_spec(spec, kv_blocks(spec, tp, int(kv(spec, tp))),
-                                 prefix_caching=spec.prefix_caching)
+    return EngineLimits.for_spec(spec, kv_blocks(spec, tp, int(kv(spec, tp))))
 
 
 def refit_calibration(cfg: Config, pool: DevicePool, specs: Mapping[str, ModelSpec],

@@ -12,6 +12,7 @@ from collections import Counter, OrderedDict, deque
 import numpy as np
 import pytest
 
+from runtime.config import ModelConfig
 from scheduler.dag import split_replicas
 from scheduler.estimator import Estimator
 from scheduler.latency import LatencyModel
@@ -380,3 +381,22 @@ def test_large_workloads_with_prefixes_are_simulated_not_extrapolated():
                    for r in simulate(p, lim, LAT, until_s=run.total_s / 2).remaining]
             assert sorted((r.rid, r.generated) for r in left) == sorted(
                 (r.rid, r.generated) for r in cut)
+
+
+def test_larger_engine_blocks_use_every_kth_hash_of_the_16_token_chain():
+    """vLLM's CPU backend caches 128-token blocks: a prefix of 16-token hashes hits in whole
+    large blocks only (hash 8j+7 names large block j), so 600 shared tokens hit 512, not 592."""
+    shared = _chain(1, 37)  # 592 tokens in 16-token blocks
+    reqs = [SimRequest(i, 640, 2, prefix=shared + (9000 + i,)) for i in range(3)]
+    fine = simulate(reqs, EngineLimits(1, 1024, 1024, 100, 16, prefix_caching=True), TOK)
+    coarse = simulate(reqs, EngineLimits(1, 1024, 1024, 20, 128, prefix_caching=True), TOK)
+    assert fine.prefix_hit_tokens == 2 * 592
+    assert coarse.prefix_hit_tokens == 2 * 512
+    spec = ModelSpec("m", 2, 64, 4, 2, 256, 512, block_size=128)
+    assert EngineLimits.for_spec(spec, 10).block_size == 128
+
+
+def test_the_engine_block_size_follows_the_device_kind_and_engine_args():
+    m = ModelConfig(name="m", path="x")
+    assert m.kv_block_size("cpu") == 128 and m.kv_block_size("cuda") == 16
+    assert ModelConfig(name="m", path="x", engine_args={"block_size": 32}).kv_block_size("cpu") == 32
