@@ -358,6 +358,10 @@ class SchedulerConfig:
                 "and a fresh engine's one-off costs, fitted to the served requests' times before "
                 "every re-plan (scheduler.online), kept in <state_dir>/calibration.json; "
                 "`samullm plan` reads them too"})
+    fairness: str = field(default="fair", metadata={
+        "help": "whose request a model's engines take next when several batches queue for it: "
+                "fair = the batch served least since it joined (batches take turns, a small one "
+                "is not stuck behind a big one, none starves); fifo = the earliest batch first"})
     calibration_window: int = field(default=512, metadata={
         "help": "served requests kept per (model, TP, threads, device kind) for the online "
                 "calibration (of each engine its first quarter and its newest); a fit replays "
@@ -366,6 +370,8 @@ class SchedulerConfig:
     def validate(self, where: str) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"{where}.strategy: one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if self.fairness not in ("fair", "fifo"):
+            raise ConfigError(f"{where}.fairness: fair or fifo; got {self.fairness!r}")
         if self.calibration_window < 16:
             raise ConfigError(f"{where}.calibration_window: at least 16; got {self.calibration_window}")
 

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 from runtime.clock import Clock
 from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher
 from runtime.executor_api import Outcome
-from runtime.executor.pool_state import ModelQueues, Req
+from runtime.executor.pool_state import Req
+from runtime.executor.queues import ModelQueues
 
 log = logging.getLogger(__name__)
 DEATH_GRACE_S = 3.0  # how long a 5xx / dropped connection waits for the engine process to exit

@@ -56,7 +56,8 @@ from runtime.executor_api import Outcome, OutcomeSink, WorkItem
 from runtime.persist import (alone_start_s, blend, load_calibration, load_length_model,
                              load_start_times, save_calibration, save_length_model,
                              save_start_times)
-from runtime.executor.pool_state import BatchState, ModelQueues, Pool, Req, ReqState, batch_reqs
+from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
+from runtime.executor.queues import ModelQueues
 from runtime.executor.planning import (EMBEDDINGS_URL, describe_stage, model_specs, plan_problem,
                                        refit_calibration, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
@@ -98,7 +99,7 @@ class PoolExecutor:
         self.cfg = cfg
         self.clock = clock
         self.launcher = launcher
-        self.queues = ModelQueues()
+        self.queues = ModelQueues(cfg.scheduler.fairness)
         self.pool = pool  # None: discovered by start()
         self.state_dir = Path(state_dir) if state_dir is not None else cfg.state_dir
         self._planner = planner

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -166,60 +165,3 @@ def batch_reqs(batch_id: str, items: Sequence[WorkItem]) -> list[Req]:
     """A batch's requests, in `prefix_order`: how `serve` queues them and `samullm plan` plans
     them (the planner's DP split follows this order)."""
     return [Req(batch_id, it) for it in prefix_order(list(items))]
-
-
-class ModelQueues:
-    """FIFO queues of QUEUED requests per model for the active pool; DP replicas pull from the same one.
-
-    `finish_signalled[model]` remembers that a "model finished" event was emitted for the queue's current
-    contents, so the event fires once per drain (a push resets it)."""
-
-    def __init__(self) -> None:
-        self._q: dict[str, deque[Req]] = {}
-        self.finish_signalled: dict[str, bool] = {}
-        # WAITING requests per model (active pool): a model with some is not finished
-        self.waiting: dict[str, int] = {}
-
-    def push(self, req: Req, front: bool = False) -> None:
-        q = self._q.setdefault(req.model, deque())
-        # re-queued requests go first: they were admitted earlier (input order is kept where possible)
-        q.appendleft(req) if front else q.append(req)
-        self.finish_signalled[req.model] = False
-
-    def pop(self, model: str, tail: bool = False) -> Req | None:
-        """The next request for a replica of `model`. `tail`: a replica that works from the queue's
-        end while the queue holds one batch only (prefix affinity: in a queue ordered by shared
-        prefix, two replicas taking from its two ends meet once, so each prefix group is paid on
-        one replica; across batches the head goes first, an earlier batch is never overtaken)."""
-        q = self._q.get(model)
-        while q:
-            if tail and q[-1].batch_id == q[0].batch_id:
-                req = q.pop()
-            else:
-                req = q.popleft()
-            if req.state is ReqState.QUEUED:  # cancelled ones are skipped lazily
-                return req
-        return None
-
-    def has_queued(self, model: str) -> bool:
-        q = self._q.get(model)
-        while q and q[0].state is not ReqState.QUEUED:
-            q.popleft()  # drop cancelled heads: the new head, if any, is queued
-        return bool(q)
-
-    def queued(self, model: str) -> list[Req]:
-        return [r for r in self._q.get(model, ()) if r.state is ReqState.QUEUED]
-
-    def models(self) -> list[str]:
-        return [m for m in self._q if self.queued(m)]
-
-    def drain(self, model: str) -> list[Req]:
-        """Remove and return every queued request of `model`."""
-        reqs = self.queued(model)
-        self._q.pop(model, None)
-        return reqs
-
-    def purge(self) -> None:
-        """Forget cancelled entries (they are skipped anyway; this bounds memory)."""
-        for m in list(self._q):
-            self._q[m] = deque(r for r in self._q[m] if r.state is ReqState.QUEUED)

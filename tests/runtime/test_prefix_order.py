@@ -6,7 +6,8 @@ served response reports taken out of its calibration record."""
 from __future__ import annotations
 
 from runtime.executor.planning import served_record
-from runtime.executor.pool_state import ModelQueues, Req, ReqState, prefix_order
+from runtime.executor.pool_state import Req, ReqState, prefix_order
+from runtime.executor.queues import ModelQueues
 from runtime.executor_api import WorkItem
 
 CHAT = "/v1/chat/completions"
@@ -32,8 +33,8 @@ def test_a_batch_that_shares_nothing_keeps_its_input_order() -> None:
     assert prefix_order(items) == items
 
 
-def _queue(batches: dict[str, int]) -> ModelQueues:
-    q = ModelQueues()
+def _queue(batches: dict[str, int], fairness: str = "fair") -> ModelQueues:
+    q = ModelQueues(fairness)
     n = 0
     for batch, count in batches.items():
         for _ in range(count):
@@ -47,13 +48,6 @@ def test_two_replicas_take_one_batch_from_its_two_ends() -> None:
     head = [q.pop("m").item.line for _ in range(2)]
     tail = [q.pop("m", tail=True).item.line for _ in range(2)]
     assert head == [1, 2] and tail == [6, 5]
-
-
-def test_across_batches_the_tail_replica_takes_the_head_too() -> None:
-    q = _queue({"b1": 2, "b2": 3})
-    assert q.pop("m", tail=True).item.line == 1  # b2 must not overtake b1
-    assert q.pop("m", tail=True).item.line == 2
-    assert q.pop("m", tail=True).item.line == 5  # only b2 left: from its end
 
 
 def test_cancelled_tail_requests_are_skipped() -> None:

@@ -1,0 +1,123 @@
+"""The per-model queues the engine replicas pull from, and whose request goes next.
+
+Pooling makes samullm fast, but a pool served in arrival order makes a 5-request evaluation wait
+behind whoever submitted 800 requests first. So each model's queue is one queue per batch, and a
+replica takes its next request from the batch that has been served least (`fairness = "fair"`,
+start-time fair queuing): a batch joining a model's queue starts level with the least-served batch
+already there, so from then on the batches take turns. A small batch is done within about
+(batches in the queue) x its own size of dispatches, a big one is never starved (it keeps its
+turn whatever arrives), and the engines never idle for it (any batch with work is served).
+`fairness = "fifo"`: the earliest batch first, in arrival order.
+
+Within a batch, requests go in the order `pool_state.prefix_order` gave them; a replica marked
+`tail` takes its batch's requests from the end (prefix affinity: two replicas meet once in a
+prefix-ordered queue, so each prefix group is paid on one replica).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from runtime.executor.pool_state import Req, ReqState
+
+FAIRNESS = ("fair", "fifo")
+
+
+class ModelQueues:
+    """QUEUED requests per model and batch, for the active pool; DP replicas pull from the same one.
+
+    `finish_signalled[model]` remembers that a "model finished" event was emitted for the queue's
+    current contents, so the event fires once per drain (a push resets it)."""
+
+    def __init__(self, fairness: str = "fair") -> None:
+        if fairness not in FAIRNESS:
+            raise ValueError(f"fairness: one of {', '.join(FAIRNESS)}; got {fairness!r}")
+        self.fair = fairness == "fair"
+        # model -> batch -> its queued requests (batches in arrival order; cancelled ones are
+        # skipped lazily)
+        self._q: dict[str, dict[str, deque[Req]]] = {}
+        # model -> batch -> requests dispatched since it joined the queue, counted from the level
+        # of the least-served batch there at that time
+        self._served: dict[str, dict[str, int]] = {}
+        self.finish_signalled: dict[str, bool] = {}
+        # WAITING requests per model (active pool): a model with some is not finished
+        self.waiting: dict[str, int] = {}
+
+    def push(self, req: Req, front: bool = False) -> None:
+        by_batch = self._q.setdefault(req.model, {})
+        q = by_batch.get(req.batch_id)
+        if q is None:
+            q = by_batch[req.batch_id] = deque()
+            served = self._served.setdefault(req.model, {})
+            if req.batch_id not in served:
+                served[req.batch_id] = min(served.values(), default=0)
+        # re-queued requests go first: they were admitted earlier (input order is kept where possible)
+        q.appendleft(req) if front else q.append(req)
+        self.finish_signalled[req.model] = False
+
+    def pop(self, model: str, tail: bool = False) -> Req | None:
+        """The next request for a replica of `model` (see the module docstring)."""
+        by_batch = self._q.get(model)
+        while by_batch:
+            batch = self._next_batch(model, by_batch)
+            q = by_batch[batch]
+            while q:
+                req = q.pop() if tail else q.popleft()
+                if req.state is ReqState.QUEUED:
+                    self._served[model][batch] += 1
+                    if not q:
+                        self._leave(model, batch)
+                    return req
+            self._leave(model, batch)
+        return None
+
+    def _next_batch(self, model: str, by_batch: dict[str, deque[Req]]) -> str:
+        first = next(iter(by_batch))
+        if not self.fair or len(by_batch) == 1:
+            return first
+        served = self._served[model]
+        return min(by_batch, key=served.__getitem__)  # ties: the earliest batch (dict order)
+
+    def _leave(self, model: str, batch: str) -> None:
+        """`batch` has nothing queued for `model`: it leaves the turns (it joins again level with the
+        least-served batch, not with a credit for the time it had nothing queued)."""
+        by_batch = self._q[model]
+        del by_batch[batch]
+        self._served[model].pop(batch, None)
+        if not by_batch:
+            del self._q[model]
+
+    def has_queued(self, model: str) -> bool:
+        by_batch = self._q.get(model)
+        for batch in list(by_batch or ()):
+            q = by_batch[batch]  # type: ignore[index]
+            while q and q[0].state is not ReqState.QUEUED:
+                q.popleft()  # drop cancelled heads: the new head, if any, is queued
+            if q:
+                return True
+            self._leave(model, batch)
+        return False
+
+    def queued(self, model: str) -> list[Req]:
+        return [r for q in self._q.get(model, {}).values() for r in q
+                if r.state is ReqState.QUEUED]
+
+    def models(self) -> list[str]:
+        return [m for m in list(self._q) if self.queued(m)]
+
+    def drain(self, model: str) -> list[Req]:
+        """Remove and return every queued request of `model`."""
+        reqs = self.queued(model)
+        self._q.pop(model, None)
+        self._served.pop(model, None)
+        return reqs
+
+    def purge(self) -> None:
+        """Forget cancelled entries (they are skipped anyway; this bounds memory)."""
+        for m in list(self._q):
+            for batch in list(self._q[m]):
+                q = deque(r for r in self._q[m][batch] if r.state is ReqState.QUEUED)
+                if q:
+                    self._q[m][batch] = q
+                else:
+                    self._leave(m, batch)
