@@ -14,6 +14,11 @@ an idle gateway reports; that includes the online calibration `serve` keeps in t
 `--samples` draws for the makespan's mean and spread. `latency_sources` says, per model and
 shape, where its latency comes from: a profile, the roofline (or GPU model), corrected by the
 online calibration of that shape or by one derived from other shapes or models.
+
+Each input file is a batch of the pool (`input-<i>`, as batches submitted in turn): per strategy,
+`inputs` gives each file's requests and its predicted completion (when its last request is
+predicted to finish, `Planner.group_finish`); the text output shows them for the strategy chosen
+(`--strategy`, or the config's strategy with `all`).
 """
 
 from __future__ import annotations
@@ -118,6 +123,33 @@ def stage_rows(s: Schedule) -> list[dict[str, Any]]:
                        for p in st.plans]} for st in s.stages]
 
 
+def input_rows(paths: list[str], reqs: list[Req], done: dict[Any, float],
+               makespan_s: float) -> list[dict[str, Any]]:
+    """Per input file (batch `input-<i>`): its requests and predicted completion (None: no
+    requests)."""
+    counts: dict[str, int] = {}
+    for r in reqs:
+        counts[r.batch_id] = counts.get(r.batch_id, 0) + 1
+    rows = []
+    for i, path in enumerate(paths):
+        f = done.get(f"input-{i}")
+        rows.append({"file": path, "requests": counts.get(f"input-{i}", 0),
+                     "predicted_completion_s": None if f is None else
+                     round(min(f, makespan_s), 3)})
+    return rows
+
+
+def render_inputs(name: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The table of each input file's predicted completion under strategy `name`."""
+    width = max([len("file")] + [len(r["file"]) for r in rows])
+    head = f"  {'file':<{width}}{'requests':>10}{'predicted completion':>22}"
+    out = [f"predicted completion per input file ({name}):", head, "  " + "-" * (len(head) - 2)]
+    for r in rows:
+        f = r["predicted_completion_s"]
+        out.append(f"  {r['file']:<{width}}{r['requests']:>10}{'-' if f is None else _fmt_s(f):>22}")
+    return out
+
+
 def render_sources(rows: list[dict[str, Any]]) -> list[str]:
     """One line per model and shape: where its latency figures come from."""
     out = ["latency sources (per model and shape):"]
@@ -143,7 +175,7 @@ def _fmt_s(x: float) -> str:
     return f"{x:,.1f}s" if x < 3600 else f"{x / 3600:,.2f}h"
 
 
-def render_text(result: dict[str, Any]) -> str:
+def render_text(result: dict[str, Any], chosen: str | None = None) -> str:
     lines = [f"devices: {result['devices']}   requests: {result['requests']}   "
              f"samples: {result['samples']}   planning: {result['planning_time_s']:.2f}s"]
     strategies = result["strategies"]
@@ -169,6 +201,8 @@ def render_text(result: dict[str, Any]) -> str:
         spread = f"{_fmt_s(st['mean_s'])} ± {_fmt_s(st['std_s'])}"
         speed = f"{s['makespan_s'] / ref['makespan_s']:.2f}x" if ref and ref["makespan_s"] > 0 else "-"
         lines.append(f"{name:<17}{_fmt_s(s['makespan_s']):>12}{spread:>28}{speed:>17}")
+    if chosen in strategies and strategies[chosen].get("inputs"):
+        lines += [""] + render_inputs(chosen, strategies[chosen]["inputs"])
     if result.get("latency_sources"):
         lines += [""] + render_sources(result["latency_sources"])
     return "\n".join(lines)
@@ -216,7 +250,11 @@ def plan_main(args: argparse.Namespace) -> int:
         "samples": samples, "seed": seed, "planning_time_s": planning,
         "strategies": {n: {"makespan_s": s.makespan_s, "origin": s.origin,
                            "samples": makespan_stats(planner, s, draws).to_dict(),
-                           "stages": stage_rows(s)} for n, s in scheds.items()},
+                           "stages": stage_rows(s),
+                           "inputs": input_rows(args.inputs, reqs,
+                                                planner.group_finish(s, problem.groups or {}),
+                                                s.makespan_s)}
+                       for n, s in scheds.items()},
     }
     if isinstance(problem.latency, LatencySource):
         result["latency_sources"] = latency_sources(problem.latency, problem.models, pool)
@@ -226,5 +264,7 @@ def plan_main(args: argparse.Namespace) -> int:
                                         for n, s in scheds.items() if n != "samullm"}
     if args.gantt:
         write_gantt(scheds, pool, args.gantt)
-    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    chosen = names[0] if len(names) == 1 else (
+        cfg.scheduler.strategy if cfg.scheduler.strategy in scheds else "samullm")
+    print(json.dumps(result, indent=2) if args.json else render_text(result, chosen))
     return 0

@@ -33,6 +33,9 @@ exactly; restarts are estimated, `scheduler.estimator`); every schedule returned
 `Planner.exact_ctx`, which simulates the restarts, so the makespans reported are never the cheap
 estimates.
 
+Per request and per group (a batch of the pool): `Planner.finish_times` / `Planner.group_finish`
+(`scheduler.completion`), computed only when asked; `plan` does it for a problem with `groups`.
+
 Determinism: the search has no randomness (ties break on shapes and model names); `seed` is carried
 for callers that sample output lengths (`scheduler.workloads`). Pure: the caller times the planning
 (`Schedule.planning_time_s` is left at 0 here, since `scheduler/` never reads a clock).
@@ -42,8 +45,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable, Mapping
 
+from scheduler.completion import CompletedSchedule, FinishTimes, finish_times, group_finish
 from scheduler.baselines import PerModelBest, even_split, muxserve_greedy, sequential
 from scheduler.dag import Dag, dependent, resolve_prompts
 from scheduler.estimator import Estimator, Workload
@@ -60,7 +64,7 @@ STRATEGIES = ("samullm", "sequential", "even-split", "per-model-best", "muxserve
 BASELINES = STRATEGIES[1:]
 
 __all__ = ["PlanningProblem", "plan", "plan_all", "STRATEGIES", "BASELINES", "InfeasibleError",
-           "Planner"]
+           "Planner", "CompletedSchedule"]
 
 
 @dataclass
@@ -89,6 +93,9 @@ class PlanningProblem:
         has left (0: ready); each engine started takes a ready one, a start without one costs
         `no_spare_s` more than its load time, and a spare taken is re-imported at that cost on idle
         cores (`scheduler.spares`). None: the pool keeps no spares.
+    groups: model -> rid -> group (the runtime: the request's batch id). Set, `plan` returns a
+        `CompletedSchedule`: the schedule with each group's predicted completion (the latest finish
+        of its requests, `scheduler.completion`); None (the default): not computed.
     """
 
     models: dict[str, ModelSpec]
@@ -107,6 +114,7 @@ class PlanningProblem:
     # running engines still starting: model -> seconds until it serves (a re-plan during a start
     # must not take an engine that is 2 s into a 20 s start for one that serves now)
     warmup: dict[str, float] = field(default_factory=dict)
+    groups: Mapping[str, Mapping[int, Hashable]] | None = None
 
 
 class Planner:
@@ -178,6 +186,17 @@ class Planner:
                     best = Schedule("samullm", other.stages, other.makespan_s, origin=f"baseline:{name}")
         return best
 
+    def finish_times(self, schedule: Schedule) -> FinishTimes:
+        """Per model, each request's (rid) predicted finish under `schedule`, one of this planner's
+        (seconds from the plan's start; `scheduler.completion`). Replays the schedule: call it only
+        when the answer is wanted."""
+        return finish_times(self.exact_ctx, self.initial_state(), schedule)
+
+    def group_finish(self, schedule: Schedule,
+                     groups: Mapping[str, Mapping[int, Hashable]]) -> dict[Hashable, float]:
+        """Per group (`PlanningProblem.groups`), when its last request is predicted to finish."""
+        return group_finish(self.finish_times(schedule), groups)
+
     def _searched(self) -> Schedule:
         if self.search_schedule is None:
             self.search_schedule = self._search(self.initial_state())
@@ -238,8 +257,14 @@ class Planner:
 def plan(problem: PlanningProblem, strategy: str = "samullm") -> Schedule:
     """Plan `problem` with `strategy` (one of STRATEGIES). Raises InfeasibleError if some model with
     work fits no plan on the pool, ValueError for an unknown strategy or for requests that wait for
-    each other (a cycle of `upstream`)."""
-    return Planner(problem).plan(strategy)
+    each other (a cycle of `upstream`). With `problem.groups`: a `CompletedSchedule`."""
+    planner = Planner(problem)
+    schedule = planner.plan(strategy)
+    if problem.groups is None:
+        return schedule
+    return CompletedSchedule(schedule.strategy, schedule.stages, schedule.makespan_s,
+                             schedule.planning_time_s, schedule.origin,
+                             planner.group_finish(schedule, problem.groups))
 
 
 def plan_all(problem: PlanningProblem, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, Schedule]:

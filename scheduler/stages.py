@@ -68,6 +68,24 @@ class PlanState:
 
 
 @dataclass(frozen=True)
+class StageRuns:
+    """What `run_stage` ran, for an observer (`scheduler.completion`): the stage, the states before
+    and after it, each model's run (dependent work: `placed` instead), how long after the stage
+    start each engine was ready, and whether it was kept from the previous stage."""
+
+    stage: Stage
+    before: PlanState
+    after: PlanState
+    runs: dict[str, PlanRun]
+    placed: dict[str, Placed]
+    warm: dict[str, float]
+    kept: dict[str, bool]
+
+
+Observer = Callable[[StageRuns], None]
+
+
+@dataclass(frozen=True)
 class Option:
     """One way to run a model in the next stage, with its predicted cost from now."""
 
@@ -188,10 +206,11 @@ def initial_warmup(warmup: dict[str, float], running: dict[str, ExecPlan]) -> di
 
 
 def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
-              finishers: set[str] | None = None) -> tuple[Stage, PlanState]:
+              finishers: set[str] | None = None,
+              observe: Observer | None = None) -> tuple[Stage, PlanState]:
     """Run `plans` from state.t until the first model finishes (or, if `finishers` is given, until
     those of them still unfinished finish; models done earlier idle). Returns the stage and the state
-    after it."""
+    after it; `observe` (if any) is told what ran (`StageRuns`)."""
     est = ctx.est
     plans = [p for p in plans if p.model in state.work]
     restarts, warm, runs, kept = [], {}, {}, {}
@@ -251,7 +270,10 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     if spares is not None:
         idle = ctx.pool.count - sum(len(p.devices) for p in plans)
         spares = spare_pool.advance(spares, dur, max(0, idle))
-    return stage, PlanState(state.t + dur, work, running, warmup, spares, placed)
+    after = PlanState(state.t + dur, work, running, warmup, spares, placed)
+    if observe is not None:
+        observe(StageRuns(stage, state, after, runs, placed, warm, kept))
+    return stage, after
 
 
 def _stage_end(finish: dict[str, float], can_end: dict[str, float],
@@ -300,14 +322,15 @@ def evaluate(ctx: Context, state: PlanState, schedule: Schedule) -> Schedule:
 
 
 def replay(ctx: Context, state: PlanState, schedule: Schedule,
-           stages: list[Stage] | None = None) -> PlanState:
+           stages: list[Stage] | None = None, observe: Observer | None = None) -> PlanState:
     """`schedule`'s stages executed on another workload draw (the state after them; its `t` is the
     makespan; the stages run are appended to `stages`): stage k runs its plans until
     the models it was planned to finish are done. Models left over (none, when every model is planned
     to finish somewhere) run one after another on their last plan. With dependent work, a stage
-    whose models all wait for work not done yet on this draw is skipped (it could not progress)."""
+    whose models all wait for work not done yet on this draw is skipped (it could not progress).
+    `observe`: told what each stage ran (`run_stage`)."""
     if any(st.level is not None for st in schedule.stages):
-        return _replay_levels(ctx, state, schedule, stages)
+        return _replay_levels(ctx, state, schedule, stages, observe)
     last: dict[str, ExecPlan] = {}
     for st in schedule.stages:
         for p in st.plans:
@@ -317,20 +340,20 @@ def replay(ctx: Context, state: PlanState, schedule: Schedule,
         if ctx.dag is not None and not any(ctx.waiting(state).released.get(p.model, 0.0) > 0
                                            for p in st.plans):
             continue  # on this draw, all its models still wait for work of later stages
-        stage, state = run_stage(ctx, state, st.plans, finishers=set(st.finished))
+        stage, state = run_stage(ctx, state, st.plans, set(st.finished), observe)
         if stages is not None:
             stages.append(stage)
     while state.work:
         m = ctx.first_movable(state)
         plan = last.get(m) or place([ctx.best(state, m).shape], ctx.pool, state.running)[0]
-        stage, state = run_stage(ctx, state, [plan])
+        stage, state = run_stage(ctx, state, [plan], observe=observe)
         if stages is not None:
             stages.append(stage)
     return state
 
 
 def _replay_levels(ctx: Context, state: PlanState, schedule: Schedule,
-                   stages: list[Stage] | None) -> PlanState:
+                   stages: list[Stage] | None, observe: Observer | None = None) -> PlanState:
     """A `level-by-level` schedule: each level's stages replayed on that level's requests alone,
     from when the previous level ended, with the engines of the previous level's last stage still
     running (warm; the first level: those running now) and every spare ready again (as `Planner`
@@ -350,7 +373,7 @@ def _replay_levels(ctx: Context, state: PlanState, schedule: Schedule,
         if mine.stages:
             warm = {p.model: p for p in mine.stages[-1].plans}
         n = len(stages) if stages is not None else 0
-        t = replay(flat, sub, mine, stages).t
+        t = replay(flat, sub, mine, stages, observe).t
         for st in (stages or [])[n:]:
             st.level = lv
     return PlanState(t, {}, {}, {}, state.spares)

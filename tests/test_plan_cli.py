@@ -190,3 +190,33 @@ def test_plan_accepts_dependent_requests_and_no_model_ends_before_its_upstream(c
         assert set(ends) == {"tiny", "small", "medium"}, name
         assert ends["medium"] >= max(ends["tiny"], ends["small"]) - 1e-9, name
     assert svg.read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+def test_plan_predicts_each_input_files_completion(cpu_setup, capsys, tmp_path):
+    """Two files, two batches of one pool: per strategy, each file's requests and predicted
+    completion (its last request's finish); the file that ends last ends at the makespan."""
+    conf, inp = cpu_setup
+    quick = tmp_path / "quick.jsonl"
+    quick.write_text("\n".join(_line(i, "tiny", "word " * 5, 4) for i in range(6)) + "\n")
+    assert main(["plan", str(quick), str(inp), "--config", str(conf), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requests"] == 96
+    for name, s in out["strategies"].items():
+        rows = s["inputs"]
+        assert [(r["file"], r["requests"]) for r in rows] == [(str(quick), 6), (str(inp), 90)]
+        done = [r["predicted_completion_s"] for r in rows]
+        assert all(0 < d <= s["makespan_s"] + 5e-4 for d in done), name
+        assert max(done) == pytest.approx(s["makespan_s"], abs=1e-3), name
+    sam = out["strategies"]["samullm"]["inputs"]
+    # six 4-token answers of the smallest model are done before 90 answers of all three models
+    assert sam[0]["predicted_completion_s"] < sam[1]["predicted_completion_s"]
+    assert sam[1]["predicted_completion_s"] == pytest.approx(
+        out["strategies"]["samullm"]["makespan_s"], abs=1e-3)
+    # the text output: one row per file, for the chosen strategy
+    assert main(["plan", str(quick), str(inp), "--config", str(conf), "--strategy", "sequential",
+                 "--samples", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted completion per input file (sequential):" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.strip().startswith(str(tmp_path))]
+    assert [(r[0], int(r[1])) for r in rows] == [(str(quick), 6), (str(inp), 90)]
+    assert "samullm speedup" in text and "stage 1:" in text

@@ -58,8 +58,9 @@ from runtime.persist import (alone_start_s, blend, load_calibration, load_length
                              save_start_times)
 from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
 from runtime.executor.queues import ModelQueues
-from runtime.executor.planning import (EMBEDDINGS_URL, describe_stage, model_specs, plan_problem,
-                                       refit_calibration, running_plans, served_record)
+from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describe_stage,
+                                       model_specs, plan_problem, refit_calibration,
+                                       running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
@@ -625,9 +626,12 @@ class PoolExecutor:
                 self._request_pass("planning_failed")  # plan the others without them
             return None
         first = schedule.stages[0] if schedule.stages else None
+        # each open batch's predicted completion, computed where the planner ran (`plan`)
+        done = batch_completion(schedule)
         self.emit("plan" if head.plans == 1 else "replan", strategy=head.strategy,
                    reasons=reasons, stage=describe_stage(first) if first else [],
                    stages=len(schedule.stages), predicted_makespan_s=schedule.makespan_s,
+                   **({} if done is None else {"batches_predicted_s": done}),
                    planning_time_s=round(self.clock.monotonic() - t0, 4),
                    remaining={m: len(w) for m, w in work.items()},
                    running=[{"model": k[0], "tp": k[1], "devices": list(k[2])} for k in alive])

@@ -11,6 +11,8 @@ still calls it from `asyncio.to_thread`: that thread only pickles the problem an
 One worker, started on first use with the spawn method (the gateway has threads and an event loop,
 which fork would copy half-alive) and kept warm; a worker that died (killed, out of memory) is
 replaced once per call. The worker gets SIGTERM when the gateway dies (`PR_SET_PDEATHSIG`).
+Each batch's predicted completion (`PlanningProblem.groups`, a replay of the schedule) is computed
+by `plan` in the worker too, and comes back with the schedule (`CompletedSchedule`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from scheduler.served import Served, ShapeKey, ShapeWindow
 from scheduler.placement import gpu_kv_bytes_per_rank, thread_counts, tp_degrees
 from scheduler.planner import PlanningProblem
 from scheduler.simulator import EngineLimits, kv_blocks
-from scheduler.types import DevicePool, ExecPlan, ModelSpec, SimRequest, Stage
+from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest, Stage
 
 EMBEDDINGS_URL = "/v1/embeddings"
 # vLLM CPU engine start (spawn, weights, KV allocation, warm-up) measured on this machine: 21-30 s;
@@ -321,19 +321,37 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     calibration (`refit_calibration`), ignored when `[scheduler] online_calibration` is off.
     `starting`: running engines not serving yet, model -> (seconds since their start began, most
     engines seen starting with them); each still owes its expected start minus that (at least a
-    second: one that takes longer than expected is about to be up, not up)."""
+    second: one that takes longer than expected is about to be up, not up). Its `groups` are the
+    requests' batches: `plan` then predicts each batch's completion (`batch_completion`)."""
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
     latency = LatencySource.load(state_dir, pool, list(work), start_times,
                                  fits if cfg.scheduler.online_calibration else None)
     problem = build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
                             spares=spares, no_spare_s=no_spare_s)
+    problem.groups = batch_groups(reqs, work)
     for m, (elapsed, n) in (starting or {}).items():
         if m in problem.running:
             plan = problem.running[m]
             expected = latency(specs[m], plan.tp).load_time_s * pool.start_factor(n)
             problem.warmup[m] = max(1.0, expected - elapsed)
     return problem
+
+
+def batch_groups(reqs: Sequence[Req], work: Mapping[str, Sequence[SimRequest]]
+                 ) -> dict[str, dict[int, str]]:
+    """Per model, rid -> the batch id of that request (`sample_work`: rid = position in `reqs`)."""
+    return {m: {r.rid: reqs[r.rid].batch_id for r in rs} for m, rs in work.items()}
+
+
+def batch_completion(schedule: Schedule) -> dict[str, float] | None:
+    """Per batch with requests left, seconds from the plan's start until its last request is
+    predicted to finish (computed by `plan` where the planner runs, `PlanningProblem.groups`);
+    None when the planner did not say (one that ignores `groups`, e.g. a test's)."""
+    got = getattr(schedule, "group_finish_s", None)
+    if got is None:
+        return None
+    return {str(b): min(float(s), schedule.makespan_s) for b, s in sorted(got.items())}
 
 
 def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,

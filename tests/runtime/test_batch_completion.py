@@ -1,0 +1,83 @@
+"""Each pooled batch's predicted completion in the executor's plan events (`batches_predicted_s`):
+every open batch with requests left, never past the predicted makespan, computed where the planner
+runs (its own process too), absent for planners that do not say."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from runtime.executor.executor import PoolExecutor
+from runtime.executor.planner_process import ProcessPlanner
+from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
+
+from .clocks import ManualClock
+from .fakes import FakeLauncher
+from .test_executor import Sink, items, make_cfg
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def plans(ex: PoolExecutor, batch: str) -> list[dict]:
+    return [e for e in ex.events(batch) if e["event"] in ("plan", "replan")]
+
+
+async def _pooled(tmp_path: Path, planner=None) -> PoolExecutor:
+    # c still runs when a is done (a re-plan without x), even on a busy machine
+    launcher = FakeLauncher(delay_s={"a": 0.01, "c": 0.2})
+    cfg = make_cfg(tmp_path)
+    ex = PoolExecutor(cfg, launcher, clock=ManualClock(auto=True),
+                      pool=DevicePool("cpu", (0, 1, 2, 3), int(cfg.devices.cpu_kvcache_gib * 2**30)),
+                      **({"planner": planner} if planner is not None else {}))
+    await ex.start()
+    try:
+        # submitted together: one pool, planned in one pass
+        ex.submit("x", items("a", 3), Sink())
+        ex.submit("y", items("c", 24, prefix="y") + items("a", 4, prefix="y"), Sink())
+        await asyncio.wait_for(asyncio.gather(ex.wait("x"), ex.wait("y")), 60)
+    finally:
+        await ex.close()
+    return ex
+
+
+async def test_every_open_batch_gets_its_predicted_completion(tmp_path) -> None:
+    ex = await _pooled(tmp_path)
+    first = plans(ex, "x")[0]
+    assert first["event"] == "plan" and first == plans(ex, "y")[0]
+    done = first["batches_predicted_s"]
+    assert set(done) == {"x", "y"}
+    assert all(0 < s <= first["predicted_makespan_s"] for s in done.values())
+    # x (three short requests of the small model) is predicted done before y (c's long ones)
+    assert done["x"] < done["y"] == pytest.approx(first["predicted_makespan_s"])
+    after_a = 0
+    for e in plans(ex, "y"):
+        got = e["batches_predicted_s"]
+        assert got and set(got) <= {"x", "y"}
+        assert all(s <= e["predicted_makespan_s"] for s in got.values())
+        if sum(e["remaining"].values()) and "a" not in e["remaining"]:
+            assert "x" not in got  # a batch with all its requests done is absent
+            after_a += 1
+    assert after_a, [e["remaining"] for e in plans(ex, "y")]
+
+
+async def test_a_planner_that_does_not_say_leaves_it_out(tmp_path) -> None:
+    def scripted(problem, strategy):
+        stage = Stage([ExecPlan(m, 1, 1, (i,)) for i, m in enumerate(sorted(problem.work))],
+                      0.0, 1.0, sorted(problem.work))
+        return Schedule(strategy, [stage], 1.0)
+
+    ex = await _pooled(tmp_path, scripted)
+    assert plans(ex, "x") and all("batches_predicted_s" not in e for e in plans(ex, "x"))
+
+
+async def test_computed_in_the_planners_own_process(tmp_path) -> None:
+    planner = ProcessPlanner()
+    try:
+        ex = await _pooled(tmp_path, planner)
+    finally:
+        planner.close()
+    first = plans(ex, "x")[0]
+    assert set(first["batches_predicted_s"]) == {"x", "y"}
+    assert max(first["batches_predicted_s"].values()) <= first["predicted_makespan_s"]
