@@ -48,7 +48,8 @@ class HoldingExecutor(EchoExecutor):
         self._stop = asyncio.Event()
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
-               strategy: str | None = None, known: Any = None) -> None:
+               strategy: str | None = None, known: Any = None,
+               deadline_at: float | None = None) -> None:
         self.submitted.setdefault(batch_id, []).extend(items)
 
     async def cancel(self, batch_id: str) -> None:

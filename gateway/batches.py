@@ -344,7 +344,8 @@ class BatchService:
         needed = {cid for it in pending for cid in it.depends_on if cid in live.done}
         known = {o.custom_id: o for o in done if o.custom_id in needed}
         live.submitted = True
-        self.executor.submit(bid, pending, self._sink(live), row["strategy"], known=known)
+        self.executor.submit(bid, pending, self._sink(live), row["strategy"], known=known,
+                             deadline_at=row["expires_at"])
         await self.executor.wait(bid)
 
     def _sink(self, live: LiveBatch) -> Callable[[Outcome], Any]:

@@ -108,10 +108,12 @@ class Executor(Protocol):
         """Stop dispatching, abort in-flight requests, stop every engine (no orphans)."""
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
-               strategy: str | None = None, known: Mapping[str, Outcome] | None = None) -> None:
+               strategy: str | None = None, known: Mapping[str, Outcome] | None = None,
+               deadline_at: float | None = None) -> None:
         """Add a batch's pending requests to the pool (re-plans). `strategy` None = config default.
         Batches with different strategies are never pooled together. `known`: the durable outcomes
-        (journaled before a restart) of requests that pending ones depend on (`depends_on`)."""
+        (journaled before a restart) of requests that pending ones depend on (`depends_on`).
+        `deadline_at`: when the batch expires (unix s): predicted to miss it, it is moved up."""
 
     async def cancel(self, batch_id: str) -> None:
         """Drop queued requests, abort in-flight ones; returns when none of the batch runs any more.

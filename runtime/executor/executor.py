@@ -57,6 +57,7 @@ from runtime.persist import (alone_start_s, blend, load_calibration, load_length
                              load_start_times, save_calibration, save_length_model,
                              save_start_times)
 from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
+from runtime.executor.deadlines import Deadlines
 from runtime.executor.queues import ModelQueues
 from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describe_stage,
                                        model_specs, plan_problem, refit_calibration,
@@ -100,7 +101,8 @@ class PoolExecutor:
         self.cfg = cfg
         self.clock = clock
         self.launcher = launcher
-        self.queues = ModelQueues(cfg.scheduler.fairness)
+        self.deadlines = Deadlines()  # completion windows: batches at risk are moved up
+        self.queues = ModelQueues(cfg.scheduler.fairness, self.deadlines.urgent)
         self.pool = pool  # None: discovered by start()
         self.state_dir = Path(state_dir) if state_dir is not None else cfg.state_dir
         self._planner = planner
@@ -141,7 +143,8 @@ class PoolExecutor:
         log.info("executor ready: %s devices %s", self.pool.kind, list(self.pool.ids))
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
-               strategy: str | None = None, known: Mapping[str, Outcome] | None = None) -> None:
+               strategy: str | None = None, known: Mapping[str, Outcome] | None = None,
+               deadline_at: float | None = None) -> None:
         if self._closing:
             raise RuntimeError("executor is closed")
         strategy = strategy or self.cfg.scheduler.strategy
@@ -156,6 +159,7 @@ class PoolExecutor:
             batch.graph = BatchGraph(batch.reqs, known)
             doomed = dict(batch.graph.doomed)
         self._batches[batch_id] = batch
+        self.deadlines.add(batch_id, deadline_at)
         if self._pools and self._pools[-1].strategy == strategy:
             pool = self._pools[-1]
         else:
@@ -503,6 +507,7 @@ class PoolExecutor:
         if any(r.state is ReqState.REPORTING for r in batch.reqs):
             return  # outcomes still being delivered: forgotten after the last one
         batch.reqs = []
+        self.deadlines.forget(batch.batch_id)
         done = [b for b, st in self._batches.items() if st.finished.is_set() and not st.reqs]
         for b in done[:max(0, len(done) - KEEP_FINISHED_BATCHES)]:
             del self._batches[b]
@@ -579,7 +584,8 @@ class PoolExecutor:
 
     async def _pass(self, reasons: list[str]) -> None:
         head = self._active_pool()
-        todo = [r for r in head.open_reqs() if r.state in PLANNED] if head else []
+        todo = self.deadlines.first(r for r in head.open_reqs() if r.state in PLANNED) \
+            if head else []
         if not todo:  # nothing left to run: engines stay warm a while, then their devices are freed
             await self.slots.apply(None, set(), self.clock.monotonic())
             self._arm_linger()
@@ -635,6 +641,8 @@ class PoolExecutor:
                    planning_time_s=round(self.clock.monotonic() - t0, 4),
                    remaining={m: len(w) for m, w in work.items()},
                    running=[{"model": k[0], "tp": k[1], "devices": list(k[2])} for k in alive])
+        for kind, bid, data in self.deadlines.check(self.clock.time(), head.plans, done or {}):
+            self.emit(kind, [self._batches[bid]], batch=bid, **data)
         return schedule
 
     # -- events -----------------------------------------------------------------------------------

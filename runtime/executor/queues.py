@@ -7,7 +7,8 @@ start-time fair queuing): a batch joining a model's queue starts level with the 
 already there, so from then on the batches take turns. A small batch is done within about
 (batches in the queue) x its own size of dispatches, a big one is never starved (it keeps its
 turn whatever arrives), and the engines never idle for it (any batch with work is served).
-`fairness = "fifo"`: the earliest batch first, in arrival order.
+`fairness = "fifo"`: the earliest batch first, in arrival order. Either way a batch predicted to
+miss its completion window (`urgent`, `runtime.executor.deadlines`) goes before the others.
 
 Within a batch, requests go in the order `pool_state.prefix_order` gave them; a replica marked
 `tail` takes its batch's requests from the end (prefix affinity: two replicas meet once in a
@@ -29,10 +30,12 @@ class ModelQueues:
     `finish_signalled[model]` remembers that a "model finished" event was emitted for the queue's
     current contents, so the event fires once per drain (a push resets it)."""
 
-    def __init__(self, fairness: str = "fair") -> None:
+    def __init__(self, fairness: str = "fair", urgent: set[str] | None = None) -> None:
         if fairness not in FAIRNESS:
             raise ValueError(f"fairness: one of {', '.join(FAIRNESS)}; got {fairness!r}")
         self.fair = fairness == "fair"
+        # batches predicted to miss their deadline (`deadlines.Deadlines`): served before the turns
+        self.urgent: set[str] = urgent if urgent is not None else set()
         # model -> batch -> its queued requests (batches in arrival order; cancelled ones are
         # skipped lazily)
         self._q: dict[str, dict[str, deque[Req]]] = {}
@@ -73,10 +76,13 @@ class ModelQueues:
 
     def _next_batch(self, model: str, by_batch: dict[str, deque[Req]]) -> str:
         first = next(iter(by_batch))
-        if not self.fair or len(by_batch) == 1:
+        if len(by_batch) == 1:
             return first
+        pick = [b for b in by_batch if b in self.urgent] if self.urgent else []
+        if not self.fair:
+            return pick[0] if pick else first
         served = self._served[model]
-        return min(by_batch, key=served.__getitem__)  # ties: the earliest batch (dict order)
+        return min(pick or by_batch, key=served.__getitem__)  # ties: the earliest (dict order)
 
     def _leave(self, model: str, batch: str) -> None:
         """`batch` has nothing queued for `model`: it leaves the turns (it joins again level with the

@@ -39,7 +39,8 @@ class EchoExecutor:
             await self.cancel(bid)
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
-               strategy: str | None = None, known: Any = None) -> None:
+               strategy: str | None = None, known: Any = None,
+               deadline_at: float | None = None) -> None:
         self.submitted.setdefault(batch_id, []).extend(items)
         self.strategies[batch_id] = strategy
         tasks = self._tasks.setdefault(batch_id, [])
