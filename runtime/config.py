@@ -22,6 +22,9 @@ from typing import Any
 
 from scheduler.planner import STRATEGIES
 
+# whose request a model's engines take next (`runtime.executor.queues`)
+FAIRNESS = ("fair", "fifo")
+
 
 class ConfigError(ValueError):
     """A configuration file is missing, unparsable or invalid. The message names the key."""
@@ -370,8 +373,9 @@ class SchedulerConfig:
     def validate(self, where: str) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"{where}.strategy: one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
-        if self.fairness not in ("fair", "fifo"):
-            raise ConfigError(f"{where}.fairness: fair or fifo; got {self.fairness!r}")
+        if self.fairness not in FAIRNESS:
+            raise ConfigError(f"{where}.fairness: one of {', '.join(FAIRNESS)}; got "
+                              f"{self.fairness!r}")
         if self.calibration_window < 16:
             raise ConfigError(f"{where}.calibration_window: at least 16; got {self.calibration_window}")
 

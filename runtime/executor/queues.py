@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from runtime.config import FAIRNESS
 from runtime.executor.pool_state import Req, ReqState
-
-FAIRNESS = ("fair", "fifo")
 
 
 class ModelQueues:
