@@ -141,7 +141,8 @@ async def test_embeddings_on_embedding_model_run(server):
     assert item.url == "/v1/embeddings" and item.max_tokens == 0
 
 
-def test_a_prompt_of_long_single_token_words_is_counted_not_refused(test_config, tmp_path) -> None:
+async def test_a_prompt_of_long_single_token_words_is_counted_not_refused(test_config,
+                                                                        tmp_path) -> None:
     """The characters-per-token estimate (measured on prose) can be several times off: the tiny
     models' vocabulary holds whole words as one token each (~10 characters), prose only ~2. A
     900-token prompt estimated at ~4,400 tokens must be counted exactly, not refused unseen."""

@@ -25,11 +25,13 @@ def small_disk(tmp_path):
 
 
 def fill_disk(filler: Path) -> None:
-    """Take every free byte of the file system `filler` is on."""
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    """Take every free byte of the file system `filler` is on. Unbuffered, in shrinking chunks: a
+    buffered file kept the tail of a short write and raised ENOSPC again when closed (it did once
+    the free space stopped being a multiple of 64 KiB)."""
+    with open(filler, "wb", buffering=0) as f:
+        chunk = 1 << 16
+        while chunk:
+            try:
+                f.write(b"\0" * chunk)
+            except OSError:
+                chunk //= 2
