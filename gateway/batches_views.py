@@ -15,7 +15,8 @@ from gateway.errors import bad_request, conflict, queue_limit_exceeded
 from gateway.lines import count_lines
 from gateway.responses import json_response
 from gateway.state import CONFIG, DB, SERVICE, STORE
-from gateway.views_util import int_param
+from gateway.validation import SUPPORTED_ENDPOINTS
+from gateway.views_util import int_param, list_page
 from runtime.config import STRATEGIES
 
 META_KEYS, META_KEY_LEN, META_VALUE_LEN = 16, 64, 512
@@ -67,6 +68,10 @@ async def create(request: web.Request) -> web.Response:
     cfg, owner = request.app[CONFIG], request[OWNER]
     input_file_id = _required_str(body, "input_file_id")
     endpoint = _required_str(body, "endpoint")
+    if endpoint not in SUPPORTED_ENDPOINTS:  # refused now, not a batch that fails later
+        raise bad_request(f"Invalid endpoint {endpoint[:80]!r}; this gateway serves "
+                          f"{', '.join(SUPPORTED_ENDPOINTS)}.", param="endpoint",
+                          code="unsupported_endpoint")
     window = _required_str(body, "completion_window")
     if window not in cfg.limits.completion_windows:
         raise bad_request(f"Invalid completion_window {window!r}; allowed: "
@@ -111,10 +116,7 @@ async def list_batches(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     rows, more = request.app[DB].list_batches(request[OWNER],
                                              after=request.query.get("after") or None, limit=limit)
-    data = [service.view(r) for r in rows]
-    return json_response({"object": "list", "data": data,
-                              "first_id": data[0]["id"] if data else None,
-                              "last_id": data[-1]["id"] if data else None, "has_more": more})
+    return json_response(list_page([service.view(r) for r in rows], more))
 
 
 async def cancel(request: web.Request) -> web.Response:

@@ -15,7 +15,7 @@ from gateway.filestore import AtomicWriter, NotUtf8, TooLarge
 from gateway.ids import new_file_id
 from gateway.responses import json_response
 from gateway.state import CONFIG, DB, SERVICE, STORE
-from gateway.views_util import int_param
+from gateway.views_util import int_param, list_page
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 CHUNK = 1 << 20  # an upper bound: read_chunk returns what has arrived, up to this
@@ -38,6 +38,7 @@ async def upload(request: web.Request) -> web.Response:
     store.ensure_reserve()
     purpose: str | None = None
     file_id, filename, size, problem, n_files = None, "", 0, None, 0
+    not_utf8: str | None = None
     try:  # any way out without a committed row deletes the content: nothing unowned stays on disk
         try:
             reader = await request.multipart()  # ValueError without a (valid) boundary
@@ -52,8 +53,11 @@ async def upload(request: web.Request) -> web.Response:
                     problem = _filename_problem(filename)
                     if problem is None:
                         file_id = new_file_id()
-                        size, problem = await _receive(
-                            part, store.writer(file_id, cfg.limits.max_file_bytes))
+                        # only batch input must be UTF-8 JSONL; with the purpose not read yet,
+                        # a problem is noted and decided on once it is
+                        size, problem, not_utf8 = await _receive(
+                            part, store.writer(file_id, cfg.limits.max_file_bytes),
+                            strict=purpose == "batch")
                     else:
                         await part.release()
                 else:
@@ -75,6 +79,9 @@ async def upload(request: web.Request) -> web.Response:
         if purpose not in UPLOAD_PURPOSES:
             raise bad_request(f"Invalid purpose {purpose!r}; one of {', '.join(UPLOAD_PURPOSES)}.",
                               param="purpose", code="invalid_purpose")
+        if not_utf8 is not None and purpose == "batch":
+            raise bad_request(f"The file is not valid UTF-8 ({not_utf8}).", param="file",
+                              code="invalid_encoding")
         if size == 0:
             raise bad_request("The file is empty.", param="file", code="empty_file")
         row = {"id": file_id, "owner": request[OWNER], "bytes": size,
@@ -101,11 +108,13 @@ def _filename_problem(filename: str) -> ApiError | None:
     return None
 
 
-async def _receive(part: BodyPartReader, w: AtomicWriter) -> tuple[int, ApiError | None]:
-    """Stream the file part to disk. Over the limit or not UTF-8: keep draining the body (so the
-    client reads our answer instead of a reset connection), discard the file, report the problem."""
+async def _receive(part: BodyPartReader, w: AtomicWriter, strict: bool
+                   ) -> tuple[int, ApiError | None, str | None]:
+    """Stream the file part to disk. Over the limit or (`strict`) not UTF-8: keep draining the body
+    (so the client reads our answer instead of a reset connection), discard the file, report the
+    problem. Not `strict`: the first UTF-8 problem is returned, the bytes kept."""
     problem: ApiError | None = None
-    w.check_utf8()
+    w.check_utf8(strict)
     try:
         while chunk := await part.read_chunk(CHUNK):
             if problem is None:
@@ -125,7 +134,7 @@ async def _receive(part: BodyPartReader, w: AtomicWriter) -> tuple[int, ApiError
                                       code="invalid_encoding")
     finally:
         w.abort()  # no-op after a commit
-    return w.size, problem
+    return w.size, problem, w.not_utf8
 
 
 async def list_files(request: web.Request) -> web.Response:
@@ -137,10 +146,7 @@ async def list_files(request: web.Request) -> web.Response:
     rows, more = request.app[DB].list_files(request[OWNER], after=q.get("after") or None,
                                            limit=limit, order=order,
                                            purpose=q.get("purpose") or None)
-    data = [file_object(r) for r in rows]
-    return json_response({"object": "list", "data": data,
-                              "first_id": data[0]["id"] if data else None,
-                              "last_id": data[-1]["id"] if data else None, "has_more": more})
+    return json_response(list_page([file_object(r) for r in rows], more))
 
 
 async def retrieve(request: web.Request) -> web.Response:

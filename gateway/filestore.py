@@ -119,14 +119,25 @@ class AtomicWriter:
         self._tmp = path.with_name(path.name + ".tmp")
         self._f = open(self._tmp, "wb")
         self._decoder: codecs.IncrementalDecoder | None = None
+        self._strict = True
+        self.not_utf8: str | None = None  # the first problem found by a non-strict check_utf8
         self._done = False
         self._synced = 0  # bytes handed to a background fdatasync so far
         self._syncer: threading.Thread | None = None
         self._sync_error: OSError | None = None
 
-    def check_utf8(self) -> "AtomicWriter":
+    def check_utf8(self, strict: bool = True) -> "AtomicWriter":
+        """Check the bytes are UTF-8 as they are written: `strict` raises NotUtf8 at the first bad
+        byte; otherwise the first problem is noted in `not_utf8` and writing goes on (an upload
+        whose purpose, read later, decides whether it matters)."""
         self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._strict = strict
         return self
+
+    def _not_utf8(self, message: str) -> None:
+        if self._strict:
+            raise NotUtf8(message)
+        self.not_utf8, self._decoder = message, None
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -138,7 +149,7 @@ class AtomicWriter:
             try:
                 self._decoder.decode(chunk)
             except UnicodeDecodeError as exc:
-                raise NotUtf8(f"not UTF-8 near byte {self.size - len(chunk) + exc.start}") from None
+                self._not_utf8(f"not UTF-8 near byte {self.size - len(chunk) + exc.start}")
         self._f.write(chunk)
         if self.size - self._synced >= SYNC_EVERY and \
                 (self._syncer is None or not self._syncer.is_alive()):
@@ -174,7 +185,7 @@ class AtomicWriter:
             try:
                 self._decoder.decode(b"", final=True)
             except UnicodeDecodeError:
-                raise NotUtf8("file ends inside a UTF-8 sequence") from None
+                self._not_utf8("file ends inside a UTF-8 sequence")
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()

@@ -122,11 +122,33 @@ def result_line(batch_id: str, line: int, custom_id: str, o: Outcome | None,
     # without one (engine gone for good). The executor may carry a 4xx body in `extra["body"]`.
     body = o.response_body if o.response_body is not None else o.extra.get("body")
     if o.status_code is not None and body is not None:
+        if o.status_code != 200:
+            body = openai_error(body, o.status_code)
         response = {"status_code": o.status_code, "request_id": request_id, "body": body}
         rec = {"id": rid, "custom_id": custom_id, "response": response, "error": None}
     else:
-        rec = {"id": rid, "custom_id": custom_id, "response": None, "error": o.error}
+        error = o.error
+        if isinstance(error, dict) and not isinstance(error.get("code"), (str, type(None))):
+            error = {**error, "code": str(error["code"])}
+        rec = {"id": rid, "custom_id": custom_id, "response": None, "error": error}
     return o.ok, jsonl_line(rec)
+
+
+def openai_error(body: Any, status: int) -> dict[str, Any]:
+    """An engine's error answer in OpenAI's error object: `{"error": {message, type, param,
+    code}}`. vLLM sends `{"error": {..., "code": 400}}` (older servers: the fields at the top
+    level); its integer `code` is the HTTP status, already the line's `status_code`, and the spec's
+    `code` is a string or null, so it becomes null (a string code is kept). The message is kept;
+    `type` is OpenAI's for the status (vLLM's is its exception class, e.g. BadRequestError)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        err = body if isinstance(body, dict) else {"message": str(body)}
+    code, param, message = err.get("code"), err.get("param"), err.get("message")
+    return {"error": {
+        "message": message if isinstance(message, str) else str(message or ""),
+        "type": "invalid_request_error" if 400 <= status < 500 else "server_error",
+        "param": param if isinstance(param, str) else None,
+        "code": code if isinstance(code, str) and code else None}}
 
 
 def write_result_files(store: FileStore, batch_id: str, requests: Requests,

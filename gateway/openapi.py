@@ -20,6 +20,7 @@ from gateway.files_views import UPLOAD_PURPOSES
 from gateway.lifecycle import STATUSES
 from gateway.responses import json_response
 from gateway.state import CONFIG
+from gateway.validation import SUPPORTED_ENDPOINTS
 from runtime.config import STRATEGIES, Config
 
 JSON = "application/json"
@@ -38,6 +39,8 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 _INT = {"type": "integer"}
 _STR = {"type": "string"}
 _TS = _nullable(_INT)  # unix seconds, null until the batch reaches that status
+_PAGE_ID = {"type": "string", "description": "id of the page's first / last object; \"\" when "
+            "the page is empty"}
 
 _COUNTS = {"type": "object", "required": ["total", "completed", "failed"],
            "properties": {k: {"type": "integer", "minimum": 0}
@@ -70,7 +73,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
         "properties": {"object": {"type": "string", "enum": ["list"]},
                        "data": {"type": "array", "items": _ref("FileObject")},
-                       "first_id": _nullable(_STR), "last_id": _nullable(_STR),
+                       "first_id": _PAGE_ID, "last_id": _PAGE_ID,
                        "has_more": {"type": "boolean"}},
     },
     "FileDeleted": {
@@ -142,16 +145,15 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
         "properties": {"object": {"type": "string", "enum": ["list"]},
                        "data": {"type": "array", "items": _ref("Batch")},
-                       "first_id": _nullable(_STR), "last_id": _nullable(_STR),
+                       "first_id": _PAGE_ID, "last_id": _PAGE_ID,
                        "has_more": {"type": "boolean"}},
     },
     "CreateBatchRequest": {
         "type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
         "properties": {
             "input_file_id": {"type": "string", "minLength": 1},
-            "endpoint": {"type": "string", "minLength": 1, "description":
-                         "/v1/chat/completions, /v1/completions or /v1/embeddings; another "
-                         "endpoint makes the batch `failed` (errors.data code "
+            "endpoint": {"type": "string", "enum": list(SUPPORTED_ENDPOINTS), "description":
+                         "another endpoint is refused (400, param `endpoint`, code "
                          "unsupported_endpoint)"},
             "completion_window": {"type": "string", "minLength": 1,
                                   "description": "one of [limits].completion_windows, e.g. 24h"},
@@ -233,12 +235,12 @@ PATHS: dict[str, Any] = {
                 "type": "object", "required": ["file", "purpose"],
                 # other fields are ignored (their names must still make valid part headers)
                 "properties": {
-                    # not `format: binary`: only non-empty UTF-8 text is accepted (JSONL)
-                    "file": {"type": "string", "minLength": 1,
-                             "description": "UTF-8 JSONL, at most [limits].max_file_bytes"},
+                    "file": {"type": "string", "format": "binary", "minLength": 1,
+                             "description": "at most [limits].max_file_bytes; for purpose "
+                                            "`batch` UTF-8 JSONL, any bytes for the others"},
                     "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)}}}}}},
             "responses": {"200": _ok("FileObject"),
-                          **_bad("missing field, unknown purpose, empty or not UTF-8"),
+                          **_bad("missing field, unknown purpose, empty, batch input not UTF-8"),
                           **AUTH_ERR, **TOO_LARGE,
                           "415": _error("not multipart/form-data")},
         },
@@ -275,7 +277,8 @@ PATHS: dict[str, Any] = {
             "requestBody": {"required": True, "content": {JSON: {
                 "schema": _ref("CreateBatchRequest")}}},
             "responses": {"200": _ok("Batch", "created; validation runs in the background"),
-                          **_bad("invalid JSON or parameter, input file of the wrong purpose"),
+                          **_bad("invalid JSON or parameter, endpoint not served, input file of the "
+                                 "wrong purpose"),
                           **AUTH_ERR, **_missing("unknown input_file_id"), **TOO_LARGE},
         },
         "get": {

@@ -39,7 +39,7 @@ async def test_upload_create_poll_download(cfg):
         assert [o["custom_id"] for o in out] == [f"r{i}" for i in range(10) if i not in (3, 6)]
         assert [e["custom_id"] for e in err] == ["r3", "r6"]
         assert err[0]["response"]["status_code"] == 400 and err[0]["error"] is None
-        assert err[0]["response"]["body"]["message"] == "simulated engine rejection"
+        assert err[0]["response"]["body"]["error"]["message"] == "simulated engine rejection"
         assert err[1]["response"] is None and err[1]["error"]["code"] == "engine_failed"
         for o in out:
             assert o["id"].startswith("batch_req_") and o["error"] is None
