@@ -51,8 +51,10 @@ class Counts:
         pm = self.per_model.setdefault(o.model, {"total": 0, "completed": 0, "failed": 0})
         pm[key] += 1
         usage = (o.response_body or {}).get("usage") or {}
-        self.input_tokens += int(usage.get("prompt_tokens") or 0)
-        self.output_tokens += int(usage.get("completion_tokens") or 0)
+        # chat/completions/embeddings name them prompt/completion tokens, responses input/output
+        self.input_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        self.output_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens")
+                                  or 0)
 
     def request_counts(self) -> dict[str, int]:
         return {"total": self.total, "completed": self.completed, "failed": self.failed}

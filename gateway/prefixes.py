@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from runtime.placeholders import spans
 from scheduler.types import BLOCK_SIZE
 
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 MAX_BLOCKS = 512  # 8,192 tokens: longer shared prefixes are counted up to here
 _SEP = "\x00"  # between messages: the chat template puts role markers there
 
@@ -61,6 +61,11 @@ def prompt_text(body: dict[str, Any], endpoint: str, deps: Sequence[str] = ()) -
                     return _SEP.join(parts)
                 parts.append(text)
         return _SEP.join(parts)
+    if endpoint == RESPONSES:  # one string input; items are not hashed (no placeholders here)
+        prompt, instructions = body.get("input"), body.get("instructions")
+        if not isinstance(prompt, str):
+            return None
+        return prompt if not isinstance(instructions, str) else instructions + _SEP + prompt
     if endpoint == COMPLETIONS:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):

@@ -13,6 +13,9 @@ from typing import Any, Callable
 
 from runtime.config import Config
 
+RESPONSES = "/v1/responses"
+# the content parts of a Responses API input item that hold text
+RESPONSE_TEXT_PARTS = frozenset(("input_text", "output_text", "text", "refusal"))
 MESSAGE_OVERHEAD = 4  # role and separator tokens a chat template adds per message (typical)
 EXACT_CHARS = 512  # longer texts are estimated (see TokenCounter.count_text)
 CALIBRATION_TEXT = (  # ordinary prose and code: the model's characters per token are measured on it
@@ -83,6 +86,9 @@ class TokenCounter:
             for msg in msgs:
                 chars += len(message_text(msg))
             return MESSAGE_OVERHEAD * len(msgs) + math.ceil(chars / ratio)
+        if endpoint == RESPONSES:
+            items, texts = response_texts(body)
+            return MESSAGE_OVERHEAD * items + math.ceil(sum(map(len, texts)) / ratio)
         prompt = body.get("prompt" if endpoint == "/v1/completions" else "input")
         return _estimate_prompt(prompt, ratio)
 
@@ -93,6 +99,9 @@ class TokenCounter:
             for msg in body.get("messages") or []:
                 total += MESSAGE_OVERHEAD + self.count_text(model, message_text(msg), exact)
             return total
+        if endpoint == RESPONSES:
+            items, texts = response_texts(body)
+            return MESSAGE_OVERHEAD * items + sum(self.count_text(model, t, exact) for t in texts)
         key = "prompt" if endpoint == "/v1/completions" else "input"
         return self._count_prompt(model, body.get(key), exact)
 
@@ -135,3 +144,27 @@ def message_text(msg: Any) -> str:
         return " ".join(t for p in content if isinstance(p, dict)
                         and isinstance(t := p.get("text"), str))
     return ""
+
+
+def response_texts(body: dict[str, Any]) -> tuple[int, list[str]]:
+    """(input items, texts) of a Responses API body: `instructions`, and `input` as one string or
+    a list of items (a message's `content` string or its text parts; a tool result's `output`
+    string). Other shapes hold none here; validation rejects the malformed ones."""
+    texts: list[str] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        texts.append(instructions)
+    value = body.get("input")
+    if isinstance(value, str):
+        return 1 + bool(texts), [*texts, value]
+    items = value if isinstance(value, list) else []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        content = item.get("content", item.get("output"))
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [t for p in content if isinstance(p, dict) and p.get("type") in
+                      RESPONSE_TEXT_PARTS and isinstance(t := p.get("text"), str)]
+    return len(items) + bool(instructions), texts

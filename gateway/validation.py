@@ -23,14 +23,15 @@ import orjson
 
 from gateway.lines import OVERLONG, LineRef, iter_lines
 from gateway.prefixes import PrefixIndex, prompt_text
-from gateway.tokens import MESSAGE_OVERHEAD, TokenCounter
+from gateway.tokens import MESSAGE_OVERHEAD, RESPONSE_TEXT_PARTS, RESPONSES, TokenCounter
 from runtime.config import Config
 from runtime.executor_api import WorkItem
 from gateway.dependencies import dependency_errors, shown_id
 from runtime.placeholders import placeholder_ids, template
 
 CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
-SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+DEPENDENT_ENDPOINTS = (CHAT, COMPLETIONS)  # lines that may take in generated text (depends_on)
 MAX_REPORTED_ERRORS = 100  # errors.data keeps the first ones; `error_count` has them all
 
 
@@ -126,7 +127,8 @@ class _LineChecker:
 
     def __init__(self, path: str, endpoint: str, cfg: Config, tokens: TokenCounter) -> None:
         self.path, self.endpoint, self.cfg, self.tokens = path, endpoint, cfg, tokens
-        self.need = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}[endpoint]
+        self.need = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input",
+                     RESPONSES: "input"}[endpoint]
         self.seen: set[str] = set()
         self.dependent: list[WorkItem] = []  # the items with depends_on, for the checks at the end
         self.recheck: list[WorkItem] = []  # of those, the ones with a placeholder of an unlisted id
@@ -220,7 +222,7 @@ class _LineChecker:
                 chars += len(content) if content.__class__ is str else _parts_chars(value, msg)
             prompt = MESSAGE_OVERHEAD * len(value) + ceil(chars / self._ratio(model.name))
         else:
-            _check_prompt(value, need)
+            (_check_response_input if endpoint == RESPONSES else _check_prompt)(value, need)
             prompt = tokens.estimate_body(model.name, endpoint, body)
         max_tokens = _max_tokens(body, endpoint)
         ctx = model.max_model_len
@@ -238,7 +240,8 @@ class _LineChecker:
         if max_tokens is not None and prompt + max_tokens > ctx:
             raise _LineError("context_length_exceeded", f"max_tokens {max_tokens} plus the prompt "
                              f"(about {prompt} tokens) exceeds the model's context of {ctx} "
-                             "tokens.", "body.max_tokens")
+                             "tokens.", "body.max_output_tokens" if endpoint == RESPONSES
+                             else "body.max_tokens")
         if prompt >= ctx:
             raise _LineError("context_length_exceeded", f"The prompt has about {prompt} tokens; "
                              f"the model's context is {ctx} tokens.", f"body.{need}")
@@ -259,6 +262,9 @@ class _LineChecker:
         if listed and self.endpoint == EMBEDDINGS:
             raise _LineError("embeddings_dependency", "An embeddings request generates no text and "
                              "takes in none: it cannot have `depends_on`.", "depends_on")
+        if listed and self.endpoint not in DEPENDENT_ENDPOINTS:
+            raise _LineError("unsupported_dependency", "`depends_on` is supported on "
+                             f"{' and '.join(DEPENDENT_ENDPOINTS)} lines only.", "depends_on")
         for j, d in enumerate(listed):
             if d.__class__ is not str:
                 raise _wrong_type("invalid_depends_on", f"depends_on[{j}]", "a string", d)
@@ -349,10 +355,40 @@ def _check_prompt(value: Any, need: str) -> None:
                              "integers (token ids).", f"{param}[{j}]")
 
 
+def _check_response_input(value: Any, need: str) -> None:
+    """A Responses API `input`: a string, or a non-empty list of input items (objects with a string
+    `type` or a `role`), a `content` a string or parts whose text parts have a string `text`."""
+    if value.__class__ is str:
+        return
+    if value.__class__ is not list or not value:
+        raise _wrong_type("invalid_input", "body.input", "a string or a non-empty array of input "
+                          "items", value if value.__class__ is not list else _ABSENT)
+    for i, item in enumerate(value):
+        if item.__class__ is not dict:
+            raise _wrong_type("invalid_input", f"body.input[{i}]", "an input item object", item)
+        kind = item.get("type", None if "role" in item else _ABSENT)
+        if kind is not None and kind.__class__ is not str:
+            raise _wrong_type("invalid_input", f"body.input[{i}].type", "a string", kind)
+        content = item.get("content")
+        parts = content if content.__class__ is list else ()
+        if content is not None and content.__class__ not in (str, list):
+            raise _wrong_type("invalid_input", f"body.input[{i}].content", "a string or an array "
+                              "of content parts", content)
+        for j, p in enumerate(parts):
+            if p.__class__ is not dict or p.get("type").__class__ is not str or \
+                    p["type"] in RESPONSE_TEXT_PARTS and p.get("text").__class__ is not str:
+                raise _wrong_type("invalid_input", f"body.input[{i}].content[{j}]",
+                                  "a content part with a string `type` (and `text`)", p)
+
+
 def _max_tokens(body: dict[str, Any], endpoint: str) -> int | None:
     """The output cap the request asks for: chat prefers `max_completion_tokens`."""
     key, v = "max_tokens", None
-    if endpoint == CHAT:
+    if endpoint == RESPONSES:
+        key, v = "max_output_tokens", body.get("max_output_tokens")
+        if v is None:
+            return None
+    elif endpoint == CHAT:
         key, v = "max_completion_tokens", body.get("max_completion_tokens")
     if v is None:
         key, v = "max_tokens", body.get("max_tokens")

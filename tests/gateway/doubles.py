@@ -76,7 +76,7 @@ class EchoExecutor:
 def _text(it: WorkItem) -> str:
     if "messages" in it.body:
         return " ".join(str(m.get("content", "")) for m in it.body["messages"])
-    return str(it.body.get("prompt", ""))
+    return str(it.body.get("prompt", it.body.get("input", "")))
 
 
 def outcome_for(it: WorkItem) -> Outcome:
@@ -92,6 +92,15 @@ def outcome_for(it: WorkItem) -> Outcome:
         return Outcome(it.custom_id, it.line, it.model, None,
                        error={"code": "engine_failed", "message": "engine died"}, attempts=3)
     completion = 3
+    if it.url == "/v1/responses":  # vLLM's Responses API object, trimmed
+        body = {"id": f"resp_{it.custom_id}", "object": "response", "model": it.model,
+                "status": "completed", "output": [{
+                    "type": "message", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": f"echo {text[:20]}"}]}],
+                "usage": {"input_tokens": it.prompt_tokens, "output_tokens": completion,
+                          "total_tokens": it.prompt_tokens + completion}}
+        return Outcome(it.custom_id, it.line, it.model, 200, response_body=body,
+                       request_id=f"req-{it.custom_id}")
     body = {"id": f"cmpl-{it.custom_id}", "object": "chat.completion", "model": it.model,
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": f"echo {text[:20]}"}}],

@@ -59,7 +59,6 @@ CASES = [
      "duplicate_custom_id", 3, "custom_id"),
     ("method not POST", [_with(method="GET")], CHAT, "invalid_method", 1, "method"),
     ("url mismatch", [GOOD, _with(url="/v1/completions")], CHAT, "url_mismatch", 2, "url"),
-    ("unsupported endpoint", [GOOD], "/v1/responses", "unsupported_endpoint", None, "endpoint"),
     ("embeddings on a chat model",
      [{"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
        "body": {"model": "tiny-a", "input": "hi"}}], "/v1/embeddings", "unsupported_endpoint", 1,
