@@ -28,15 +28,18 @@ ITEMS = [{"role": "system", "content": "Be brief."},
          {"type": "function_call_output", "call_id": "c1", "output": "4"}]
 
 
+async def _run(client, lines):
+    f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    b = await client.batches.create(input_file_id=f.id, endpoint=RESPONSES, completion_window="24h")
+    return b, await poll(client, b.id)
+
+
 async def test_responses_batch_runs_and_writes_response_objects(cfg):
     lines = [resp_line("s", "Say hi"), resp_line("i", ITEMS, model="tiny-b",
                                                  body={"instructions": "You are terse."})]
     async with running(cfg) as srv:
         client = srv.client()
-        f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-        b = await client.batches.create(input_file_id=f.id, endpoint=RESPONSES,
-                                        completion_window="24h")
-        done = await poll(client, b.id)
+        b, done = await _run(client, lines)
         assert done.status == "completed" and done.request_counts.completed == 2, done
         items = {it.custom_id: it for it in srv.executor.submitted[b.id]}
         assert items["s"].url == RESPONSES and items["s"].max_tokens == 8
@@ -76,10 +79,7 @@ RULES = [
 async def test_responses_rules(cfg, name, lines, code, param):
     async with running(cfg) as srv:
         client = srv.client()
-        f = await client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-        b = await client.batches.create(input_file_id=f.id, endpoint=RESPONSES,
-                                        completion_window="24h")
-        done = await poll(client, b.id)
+        b, done = await _run(client, lines)
         assert done.status == "failed", done
         first = done.errors.data[0]
         assert (first.code, first.param) == (code, param), done.errors
