@@ -25,9 +25,11 @@ from gateway.logs import request_id_middleware
 from gateway.looplag import LoopLagMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_json
+from gateway.outbox import Outbox
 from gateway.responses import json_response
 from gateway.state import CONFIG, DB, METRICS, SERVICE, STORE
 from gateway.state_dir import StateDirLock, open_database
+from gateway.webhooks import WebhookSender
 from runtime.config import Config
 from runtime.executor_api import Executor
 
@@ -96,16 +98,21 @@ def create_app(cfg: Config, executor: Executor, *,
             service = BatchService(cfg, db, store, ex, gm, clock)
             gm.bind(db.count_by_status, service.queue_depth,
                     lambda: len(ex.health().get("idle_engines", ())))
+            outbox = Outbox(db, cfg.webhooks)  # hooked before a resumed batch can end
+            sender = WebhookSender(outbox, cfg.webhooks, gm)
+            gm.bind_webhooks(outbox.count_pending)
             app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
             lag = LoopLagMonitor(gm.registry)
             await ex.start()
             await service.start()
+            await sender.start()
             lag.start()
             try:
                 yield
             finally:
                 await lag.stop()
                 await service.close()  # stops runners, then closes the executor
+                await sender.close()  # attempts under way stay pending for the next start
                 db.close()
         finally:
             if own_lock is not None:

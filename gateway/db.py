@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 
@@ -57,6 +57,17 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE batches ADD COLUMN input_lines INTEGER",
         "CREATE INDEX batches_owner_status ON batches(owner, status)",
     ],
+    [  # the webhook outbox (gateway.outbox): one row per (event, endpoint), written in the
+        # transaction of the status change that causes the event; `webhook_id` is the
+        # `webhook-id` header of every attempt, `payload` the exact body (signed anew each time)
+        """CREATE TABLE webhook_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            webhook_id TEXT UNIQUE NOT NULL, url TEXT NOT NULL, event_type TEXT NOT NULL,
+            batch_id TEXT NOT NULL, payload BLOB NOT NULL, enqueued_at REAL NOT NULL,
+            state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL, last_error TEXT, delivered_at REAL)""",
+        "CREATE INDEX webhook_outbox_due ON webhook_outbox(state, next_attempt_at)",
+    ],
 ]
 
 _JSON_COLS = ("errors", "metadata", "request_counts", "model_request_counts", "usage")
@@ -82,6 +93,9 @@ class Database:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # called inside `transition`'s savepoint once a batch moved, with (batch id, new status,
+        # the fields written): what they write commits or rolls back with the status change
+        self.on_transition: list[Callable[[str, str, dict[str, Any]], None]] = []
         self._migrate()
 
     def _migrate(self) -> None:
@@ -97,6 +111,10 @@ class Database:
 
     def tx(self) -> "_Tx":
         return _Tx(self._db)
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """A statement on this connection, for a table another module owns (the webhook outbox)."""
+        return self._db.execute(sql, args)
 
     # --- files -----------------------------------------------------------------------------------
     def insert_file(self, row: dict[str, Any]) -> None:
@@ -193,15 +211,29 @@ class Database:
 
     def transition(self, batch_id: str, allowed_from: Iterable[str], to: str,
                    **fields: Any) -> bool:
-        """Move the batch to `to` if its status is in `allowed_from`; False (no change) otherwise."""
+        """Move the batch to `to` if its status is in `allowed_from`; False (no change) otherwise.
+        The move and what the `on_transition` hooks write are one transaction (a savepoint, so
+        inside `tx()` too): a hook that raises undoes the move."""
+        written = fields
         fields = {k: (json.dumps(v) if k in _JSON_COLS and v is not None else v)
                   for k, v in {"status": to, **fields}.items()}
         frm = list(allowed_from)
         sets = ", ".join(f"{k} = ?" for k in fields)
-        cur = self._db.execute(
-            f"UPDATE batches SET {sets} WHERE id = ? AND status IN ({', '.join('?' * len(frm))})",
-            [*fields.values(), batch_id, *frm])
-        return cur.rowcount == 1
+        self._db.execute("SAVEPOINT transition")
+        try:
+            cur = self._db.execute(
+                f"UPDATE batches SET {sets} WHERE id = ? AND status IN "
+                f"({', '.join('?' * len(frm))})", [*fields.values(), batch_id, *frm])
+            moved = cur.rowcount == 1
+            if moved:
+                for hook in self.on_transition:
+                    hook(batch_id, to, written)
+        except BaseException:
+            self._db.execute("ROLLBACK TO transition")
+            self._db.execute("RELEASE transition")
+            raise
+        self._db.execute("RELEASE transition")
+        return moved
 
     def _seq(self, table: str, obj_id: str, owner: str, kind: str) -> int:
         r = self._db.execute(f"SELECT seq FROM {table} WHERE id = ? AND owner = ?",

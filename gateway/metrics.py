@@ -34,6 +34,16 @@ class _LiveCollector(Collector):
                                 value=self._idle())
 
 
+class _Gauge(Collector):
+    """One value read at scrape time."""
+
+    def __init__(self, name: str, doc: str, read: Callable[[], int]) -> None:
+        self._name, self._doc, self._read = name, doc, read
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(self._name, self._doc, value=self._read())
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -43,10 +53,20 @@ class GatewayMetrics:
                               registry=self.registry)
         self.finished = Counter("samullm_batches_finished", "Batches that reached a final status",
                                 ["status"], registry=self.registry)
+        self.webhooks = Counter(
+            "samullm_webhook_deliveries", "Webhook delivery attempts by result: delivered (a 2xx "
+            "answer), failed (an attempt to retry or give up), gave_up (an event no longer retried)",
+            ["result"], registry=self.registry)
+        for result in ("delivered", "failed", "gave_up"):
+            self.webhooks.labels(result)  # scraped as 0 before the first
 
     def bind(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int],
              idle: Callable[[], int] = lambda: 0) -> None:
         self.registry.register(_LiveCollector(by_status, depth, idle))
+
+    def bind_webhooks(self, pending: Callable[[], int]) -> None:
+        self.registry.register(_Gauge("samullm_webhook_pending",
+                                      "Webhook events not yet delivered nor given up", pending))
 
     def observe_outcome(self, o: Outcome) -> None:
         self.requests.labels(o.model, "completed" if o.ok else "failed").inc()

@@ -9,6 +9,8 @@ printer that reads them; splitting the tables apart would scatter one schema.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import re
@@ -19,11 +21,14 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from scheduler.planner import STRATEGIES
 
 # whose request a model's engines take next (`runtime.executor.queues`)
 FAIRNESS = ("fair", "fifo")
+# the batch events a [[webhooks]] endpoint may take (OpenAI's names)
+WEBHOOK_EVENTS = ("batch.completed", "batch.failed", "batch.cancelled", "batch.expired")
 
 
 class ConfigError(ValueError):
@@ -381,6 +386,51 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    url: str = field(metadata={
+        "help": "where the events are POSTed (http:// or https://)",
+        "example": "http://127.0.0.1:9000/webhooks"})
+    secret: str = field(metadata={
+        "help": "the signing key as OpenAI gives it: whsec_ + base64 of the key bytes (make one: "
+                "python -c \"import base64,os; print('whsec_' + base64.b64encode(os.urandom(32))"
+                ".decode())\"); receivers verify with the openai SDK's client.webhooks.unwrap(body, "
+                "headers, secret=...)",
+        "example": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"})
+    events: list[str] = field(default_factory=lambda: list(WEBHOOK_EVENTS), metadata={
+        "help": f"the events sent to this url, of {', '.join(WEBHOOK_EVENTS)}"})
+    timeout_s: float = field(default=10.0, metadata={
+        "help": "seconds one delivery attempt may take; a slower answer is a failed attempt"})
+    retry_first_s: float = field(default=5.0, metadata={
+        "help": "seconds before the first retry of a failed delivery (no 2xx answer); each "
+                "further wait doubles, up to retry_max_s"})
+    retry_max_s: float = field(default=3600.0, metadata={
+        "help": "longest wait between two attempts, in seconds"})
+    retry_for_s: float = field(default=86400.0, metadata={
+        "help": "seconds after its status change an event is retried for (24 h; OpenAI: 72 h); "
+                "then it is given up and logged. A restarted gateway retries pending events at "
+                "once"})
+
+    def validate(self, where: str) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.url: an http:// or https:// URL, got {self.url!r}")
+        try:
+            key = base64.b64decode(self.secret.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not self.secret.startswith("whsec_") or not key:
+            raise ConfigError(f"{where}.secret: whsec_ followed by the base64 of the key bytes")
+        if not self.events or any(e not in WEBHOOK_EVENTS for e in self.events):
+            raise ConfigError(f"{where}.events: a non-empty list of {', '.join(WEBHOOK_EVENTS)}; "
+                              f"got {self.events!r}")
+        for key_name in ("timeout_s", "retry_first_s", "retry_max_s", "retry_for_s"):
+            if not getattr(self, key_name) > 0:
+                raise ConfigError(f"{where}.{key_name}: must be positive")
+        if self.retry_max_s < self.retry_first_s:
+            raise ConfigError(f"{where}.retry_max_s: must be at least retry_first_s")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig, metadata={
         "help": "the HTTP API and the state it keeps"})
@@ -393,6 +443,10 @@ class Config:
         "help": "bounds on uploads, batches and retries"})
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={
         "help": "how the pooled batches are planned"})
+    webhooks: list[WebhookConfig] = field(default_factory=list, metadata={
+        "help": "endpoints told when a batch ends (batch.completed, .failed, .cancelled, .expired), "
+                "signed as OpenAI signs its webhooks (Standard Webhooks), one [[webhooks]] table "
+                "each; [] = none"})
     base_dir: Path = field(default=Path("."), metadata={
         "help": "not a TOML key: the directory relative paths (`state_dir`, a model's `path`) "
                 "resolve from; the current directory when loaded from a file"})
@@ -403,12 +457,8 @@ class Config:
         self.auth.validate("auth")
         self.limits.validate("limits")
         self.scheduler.validate("scheduler")
-        names: set[str] = set()
-        for i, m in enumerate(self.models):
-            m.validate(f"models[{i}]")
-            if m.name in names:
-                raise ConfigError(f"models[{i}].name: duplicate model name {m.name!r}")
-            names.add(m.name)
+        _validate_entries(self.models, "models", "name", "model name")
+        _validate_entries(self.webhooks, "webhooks", "url", "webhook url")
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -417,6 +467,17 @@ class Config:
     def state_dir(self) -> Path:
         p = Path(self.server.state_dir)
         return p if p.is_absolute() else self.base_dir / p
+
+
+def _validate_entries(entries: list[Any], table: str, key: str, what: str) -> None:
+    """Validate each entry of an array of tables, whose `key` must differ from entry to entry."""
+    seen: set[Any] = set()
+    for i, entry in enumerate(entries):
+        entry.validate(f"{table}[{i}]")
+        value = getattr(entry, key)
+        if value in seen:
+            raise ConfigError(f"{table}[{i}].{key}: duplicate {what} {value!r}")
+        seen.add(value)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
