@@ -11,7 +11,16 @@ from its own `batches.create` to the poll that sees it `completed`:
 Targets (the issue): the small batch within 2x its alone time; the big batch at most 5 % slower
 than alone; the pool's makespan at most 3 % worse than in arrival order.
 
-    .venv/bin/python -m bench.fairness --data ../shared/data --skip-profiles [--big 800]
+`--mix`: three API keys share the gateway over the three demo models: key 0 submits one big batch
+(`--mix-big`, 2,000 requests: tiny-a 45 %, small 40 %, medium 15 %, 32 tokens out each), keys 1
+and 2 ten 20-request batches of one model each (16 tokens out) at seeded random times in the first
+`--mix-span` seconds. Measured with fair queues and in arrival order; each small batch is also run
+alone on a gateway with its model's engine warm (a first batch of that model starts the engine; its
+time minus the warm repeat is that model's engine-start allowance), and the big batch alone on a
+fresh gateway. Target per small batch: within 2x its alone time, plus the allowance when the gateway
+had no engine of its model up when it was submitted (read from the gateway's engine events).
+
+    .venv/bin/python -m bench.fairness --data ../shared/data --skip-profiles [--big 800] [--mix]
 """
 
 from __future__ import annotations
@@ -34,10 +43,11 @@ from bench import makespan as mk  # noqa: E402
 CHAT = "/v1/chat/completions"
 
 
-def requests(tag: str, n: int, out_tokens: int, words: list[str], seed: int) -> list[dict]:
+def requests(tag: str, n: int, out_tokens: int, words: list[str], seed: int,
+             model: str = "small") -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"custom_id": f"{tag}-{i}", "method": "POST", "url": CHAT,
-             "body": {"model": "small", "max_tokens": out_tokens, "ignore_eos": True,
+             "body": {"model": model, "max_tokens": out_tokens, "ignore_eos": True,
                       "temperature": 1.0, "messages": [{"role": "user", "content": " ".join(
                           words[j] for j in rng.integers(0, len(words), 32))}]}}
             for i in range(n)]
@@ -45,7 +55,7 @@ def requests(tag: str, n: int, out_tokens: int, words: list[str], seed: int) -> 
 
 def timed(client: Any, file_id: str, reqs: list[dict], what: str, out: dict) -> None:
     """Create a batch of `file_id`, wait for it, check it; `out` gets its start and end."""
-    out["start"] = time.monotonic()
+    out["start"], out["wall"] = time.monotonic(), time.time()
     batch = mk.run_to_end(client, file_id, None, 900, what)
     out["end"] = time.monotonic()
     mk.check_output(client.files.content(batch.output_file_id).text, reqs, what)
@@ -85,6 +95,164 @@ def big_alone(cfg: Path, root: Path, big: list[dict]) -> float:
     return b["end"] - b["start"]
 
 
+# ---------------------------------------------------------------------------------------------
+# the mix: three keys, one big batch, ten small ones at random times
+
+KEYS = ("bench-key-big", "bench-key-team-b", "bench-key-team-c")
+MIX_SHARE = {"tiny-a": 0.45, "small": 0.40, "medium": 0.15}
+
+
+def with_keys(cfg: Path, name: str) -> Path:
+    out = cfg.with_name(name)
+    out.write_text(cfg.read_text() + f"\n[auth]\napi_keys = {json.dumps(list(KEYS))}\n")
+    return out
+
+
+def mix_batches(n_big: int, span_s: float, words: list[str], seed: int
+                ) -> tuple[list[dict], list[dict]]:
+    """The big batch's requests (models interleaved) and the small batches: name, key, model,
+    submit offset, requests."""
+    rng = np.random.default_rng(seed)
+    big: list[dict] = []
+    for k, (model, share) in enumerate(MIX_SHARE.items()):
+        big += requests(f"big-{model}", round(n_big * share), 32, words, seed + 10 + k, model)
+    big = [big[i] for i in rng.permutation(len(big))]
+    models = list(MIX_SHARE)
+    smalls = [{"name": f"s{k}", "key": KEYS[1 + k % 2], "model": models[rng.integers(len(models))],
+               "at": float(rng.uniform(2.0, span_s))} for k in range(10)]
+    for k, sb in enumerate(smalls):
+        sb["reqs"] = requests(sb["name"], 20, 16, words, seed + 100 + k, sb["model"])
+    return big, sorted(smalls, key=lambda sb: sb["at"])
+
+
+def clients_of(client: Any) -> dict[str, Any]:
+    from openai import OpenAI
+
+    return {k: OpenAI(base_url=str(client.base_url), api_key=k, max_retries=2) for k in KEYS}
+
+
+def engine_up(events: list[dict], model: str, at_wall: float) -> bool:
+    """Whether the gateway had an engine of `model` serving at unix time `at_wall` (its
+    engine_started before, and no stop or failure of that slot in between)."""
+    up: set[int] = set()
+    for e in sorted(events, key=lambda e: e["t"]):
+        if e["t"] > at_wall:
+            break
+        if e.get("model") != model:
+            continue
+        if e["event"] == "engine_started":
+            up.add(e["slot"])
+        elif e["event"] in ("engine_stop", "engine_failed"):
+            up.discard(e["slot"])
+    return bool(up)
+
+
+def mix_scene(cfg: Path, root: Path, tag: str, big: list[dict], smalls: list[dict]) -> dict:
+    with mk.serving(cfg, root, f"mix-{tag}", "samullm", api_key=KEYS[0]) as (client, log):
+        cl = clients_of(client)
+        big_id = upload(cl[KEYS[0]], mk.write_jsonl(root / f"mix-{tag}-big.jsonl", big))
+        ids = {sb["name"]: upload(cl[sb["key"]], mk.write_jsonl(
+            root / f"mix-{tag}-{sb['name']}.jsonl", sb["reqs"])) for sb in smalls}
+        outs: dict[str, dict] = {sb["name"]: {} for sb in smalls}
+        b: dict = {}
+        t0 = time.monotonic()
+
+        def small_at(sb: dict) -> None:
+            time.sleep(max(0.0, t0 + sb["at"] - time.monotonic()))
+            timed(cl[sb["key"]], ids[sb["name"]], sb["reqs"], sb["name"], outs[sb["name"]])
+
+        threads = [threading.Thread(target=timed, args=(cl[KEYS[0]], big_id, big, "big", b))]
+        threads += [threading.Thread(target=small_at, args=(sb,)) for sb in smalls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        missing = [n for n, o in outs.items() if "end" not in o] + ([] if "end" in b else ["big"])
+        if missing:
+            raise RuntimeError(f"mix {tag}: batches without a result: {missing}")
+        events = mk.executor_events(log)
+    return {"big_s": b["end"] - b["start"],
+            "makespan_s": max([b["end"]] + [o["end"] for o in outs.values()]) - t0,
+            "small": {sb["name"]: {"s": outs[sb["name"]]["end"] - outs[sb["name"]]["start"],
+                                   "model_up": engine_up(events, sb["model"],
+                                                         outs[sb["name"]]["wall"])}
+                      for sb in smalls}}
+
+
+def mix_alone(cfg: Path, root: Path, big: list[dict], smalls: list[dict]) -> dict:
+    """Each small batch alone with its model's engine warm, each model's start allowance, and the
+    big batch alone on a fresh gateway."""
+    out: dict[str, Any] = {"small": {}, "start_allowance_s": {}}
+    with mk.serving(cfg, root, "mix-alone", "samullm", api_key=KEYS[0]) as (client, _log):
+        cl = clients_of(client)
+        for model in MIX_SHARE:
+            group = [sb for sb in smalls if sb["model"] == model]
+            if not group:
+                continue
+            for k, sb in enumerate([group[0]] + group):  # the first run starts the engine
+                fid = upload(cl[sb["key"]], mk.write_jsonl(
+                    root / f"mix-alone-{sb['name']}.jsonl", sb["reqs"]))
+                o: dict = {}
+                timed(cl[sb["key"]], fid, sb["reqs"], f"{sb['name']} alone", o)
+                if k == 0:
+                    cold = o["end"] - o["start"]
+                else:
+                    out["small"][sb["name"]] = o["end"] - o["start"]
+            out["start_allowance_s"][model] = max(0.0, cold - out["small"][group[0]["name"]])
+    with mk.serving(cfg, root, "mix-big-alone", "samullm", api_key=KEYS[0]) as (client, _log):
+        cl = clients_of(client)
+        b: dict = {}
+        timed(cl[KEYS[0]], upload(cl[KEYS[0]], mk.write_jsonl(root / "mix-alone-big.jsonl", big)),
+              big, "big alone", b)
+        out["big_s"] = b["end"] - b["start"]
+    return out
+
+
+def mix_table(out: dict) -> list[str]:
+    alone, allow = out["alone"]["small"], out["alone"]["start_allowance_s"]
+    rows = ["| batch | key | model | submitted s | fair s | fifo s | alone s | fair vs alone | "
+            "engine up | target s | met |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    for sb in out["smalls"]:
+        n = sb["name"]
+        fair, fifo = out["fair"]["small"][n], out["fifo"]["small"][n]
+        target = 2 * alone[n] + (0.0 if fair["model_up"] else allow[sb["model"]])
+        rows.append(f"| {n} | {KEYS.index(sb['key'])} | {sb['model']} | {sb['at']:.1f} | "
+                    f"{fair['s']:.1f} | {fifo['s']:.1f} | {alone[n]:.1f} | "
+                    f"{fair['s'] / alone[n]:.2f}× | {'yes' if fair['model_up'] else 'no'} | "
+                    f"{target:.1f} | {'yes' if fair['s'] <= target else 'NO'} |")
+    big_alone = out["alone"]["big_s"]
+    for name in ("fair", "fifo"):
+        r = out[name]
+        rows.append(f"| big ({name}) | 0 | all | 0.0 | {r['big_s']:.1f} | – | {big_alone:.1f} | "
+                    f"{r['big_s'] / big_alone:.2f}× | – | {1.05 * big_alone:.1f} | "
+                    f"{'yes' if r['big_s'] <= 1.05 * big_alone else 'NO'} |")
+    rows.append(f"\npool makespan: fair {out['fair']['makespan_s']:.1f} s, arrival order "
+                f"{out['fifo']['makespan_s']:.1f} s "
+                f"({out['fair']['makespan_s'] / out['fifo']['makespan_s']:.3f}×; target ≤ 1.03×); "
+                f"engine-start allowance per model: "
+                + ", ".join(f"{m} {v:.1f} s" for m, v in allow.items()))
+    return rows
+
+
+def run_mix(args: argparse.Namespace, root: Path, fair_cfg: Path, fifo_cfg: Path,
+            words: list[str]) -> None:
+    big, smalls = mix_batches(args.mix_big, args.mix_span, words, seed=7)
+    out: dict[str, Any] = {"big_requests": len(big),
+                           "smalls": [{k: v for k, v in sb.items() if k != "reqs"} for sb in smalls]}
+    for name, cfg in (("fair", with_keys(fair_cfg, "mix-fair.toml")),
+                      ("fifo", with_keys(fifo_cfg, "mix-fifo.toml"))):
+        load = mk.wait_quiet(args.max_load, args.max_wait)
+        out[name] = mix_scene(cfg, root, name, big, smalls) | {"load": load}
+        print(f"  mix {name}: big {out[name]['big_s']:.1f} s, makespan "
+              f"{out[name]['makespan_s']:.1f} s (load {load:.2f})", flush=True)
+    load = mk.wait_quiet(args.max_load, args.max_wait)
+    out["alone"] = mix_alone(with_keys(fair_cfg, "mix-alone.toml"), root, big, smalls)
+    out["alone"]["load"] = load
+    (root / "fairness-mix.json").write_text(json.dumps(out, indent=1))
+    for line in mix_table(out):
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None)
@@ -95,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--max-load", type=float, default=1.5)
     ap.add_argument("--max-wait", type=float, default=900)
+    ap.add_argument("--mix", action="store_true", help="also the three-key mix")
+    ap.add_argument("--mix-only", action="store_true", help="only the three-key mix")
+    ap.add_argument("--mix-big", type=int, default=2000)
+    ap.add_argument("--mix-span", type=float, default=45.0)
     args = ap.parse_args(argv)
     root = args.root.resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -106,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_profiles:
         mk.ensure_profiles(fair_cfg, root, ["small"], args.quick_profile)
     words = mk.word_tokens(paths["tiny-a"])
+    if args.mix or args.mix_only:
+        if not args.skip_profiles:
+            mk.ensure_profiles(fair_cfg, root, list(MIX_SHARE), args.quick_profile)
+        if args.mix_only:
+            run_mix(args, root, fair_cfg, fifo_cfg, words)
+            return 0
     big, small = requests("big", args.big, 64, words, 1), requests("small", 5, 16, words, 2)
     out: dict[str, Any] = {"big_requests": args.big, "delay_s": args.delay}
     for name, cfg in (("fair", fair_cfg), ("fifo", fifo_cfg)):
@@ -119,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     (root / "fairness.json").write_text(json.dumps(out, indent=1))
     for line in table(out):
         print(line)
+    if args.mix:
+        run_mix(args, root, fair_cfg, fifo_cfg, words)
     return 0
 
 
