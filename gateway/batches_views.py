@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.auth import ANONYMOUS, OWNER
 from gateway.batches import QueueFull
 from gateway.errors import bad_request, conflict, queue_limit_exceeded
+from gateway.file_expiry import expiry_seconds
 from gateway.lines import count_lines
 from gateway.responses import json_response
 from gateway.state import CONFIG, DB, SERVICE, STORE
@@ -78,11 +79,14 @@ async def create(request: web.Request) -> web.Response:
                           f"{', '.join(cfg.limits.completion_windows)}.",
                           param="completion_window", code="invalid_completion_window")
     metadata = _check_metadata(body.get("metadata"))
-    f = request.app[DB].get_file(input_file_id, owner)  # 404 for unknown or another key's file
+    output_expires = expiry_seconds(body.get("output_expires_after"), "output_expires_after")
+    service = request.app[SERVICE]
+    # 404 for an unknown, expired or another key's file
+    f = request.app[DB].get_file(input_file_id, owner, service.now())
     if f["purpose"] != "batch":
         raise bad_request(f"File {input_file_id} has purpose {f['purpose']!r}; a batch input needs "
                           "purpose 'batch'.", param="input_file_id", code="invalid_file_purpose")
-    service, lines = request.app[SERVICE], None
+    lines = None
     if cfg.limits.max_queued_requests_per_key:
         lines = await asyncio.to_thread(_input_lines, request.app[STORE].path(input_file_id))
         request.app[DB].get_file(input_file_id, owner)  # not deleted while it was counted
@@ -93,6 +97,8 @@ async def create(request: web.Request) -> web.Response:
         who = ("this gateway (no [auth].api_keys: every caller shares one queue)"
                if owner == ANONYMOUS else "this API key")
         raise queue_limit_exceeded(full.limit, full.queued, full.new, who) from None
+    if output_expires is not None:  # no await since the create: its runner has not run yet
+        request.app[DB].update_batch(row["id"], output_expires_after=output_expires)
     return json_response(service.view(row))
 
 

@@ -11,6 +11,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.auth import OWNER
 from gateway.errors import ApiError, bad_request, disk_full
+from gateway.file_expiry import expiry_seconds
 from gateway.filestore import AtomicWriter, NotUtf8, TooLarge
 from gateway.ids import new_file_id
 from gateway.responses import json_response
@@ -20,12 +21,14 @@ from gateway.views_util import int_param, list_page
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 CHUNK = 1 << 20  # an upper bound: read_chunk returns what has arrived, up to this
 MAX_FIELD = 4096
+# the SDK's form fields of `expires_after` (the nested object, as multipart spells it)
+EXPIRY_FIELDS = {"expires_after[anchor]": "anchor", "expires_after[seconds]": "seconds"}
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["id"], "object": "file", "bytes": row["bytes"],
             "created_at": row["created_at"], "filename": row["filename"],
-            "purpose": row["purpose"], "status": "processed", "expires_at": None,
+            "purpose": row["purpose"], "status": "processed", "expires_at": row.get("expires_at"),
             "status_details": None}
 
 
@@ -39,6 +42,7 @@ async def upload(request: web.Request) -> web.Response:
     purpose: str | None = None
     file_id, filename, size, problem, n_files = None, "", 0, None, 0
     not_utf8: str | None = None
+    expires: dict[str, str] = {}
     try:  # any way out without a committed row deletes the content: nothing unowned stays on disk
         try:
             reader = await request.multipart()  # ValueError without a (valid) boundary
@@ -47,6 +51,10 @@ async def upload(request: web.Request) -> web.Response:
                     raise bad_request("Nested multipart bodies are not supported.")
                 if part.name == "purpose":
                     purpose = (await part.read_chunk(MAX_FIELD)).decode("utf-8", "replace").strip()
+                    await part.release()
+                elif part.name in EXPIRY_FIELDS:
+                    raw = await part.read_chunk(MAX_FIELD)
+                    expires[EXPIRY_FIELDS[part.name]] = raw.decode("utf-8", "replace").strip()
                     await part.release()
                 elif part.name == "file" and n_files == 0:
                     n_files, filename = 1, part.filename or "upload.jsonl"
@@ -84,9 +92,11 @@ async def upload(request: web.Request) -> web.Response:
                               code="invalid_encoding")
         if size == 0:
             raise bad_request("The file is empty.", param="file", code="empty_file")
-        row = {"id": file_id, "owner": request[OWNER], "bytes": size,
-               "created_at": request.app[SERVICE].now(),
-               "filename": filename, "purpose": purpose, "batch_id": None}
+        seconds = expiry_seconds(expires or None, "expires_after")
+        now = request.app[SERVICE].now()
+        row = {"id": file_id, "owner": request[OWNER], "bytes": size, "created_at": now,
+               "filename": filename, "purpose": purpose, "batch_id": None,
+               "expires_at": None if seconds is None else now + seconds}
         request.app[DB].insert_file(row)
     except BaseException:
         if file_id is not None:
@@ -145,17 +155,24 @@ async def list_files(request: web.Request) -> web.Response:
         raise bad_request("`order` must be 'asc' or 'desc'.", param="order")
     rows, more = request.app[DB].list_files(request[OWNER], after=q.get("after") or None,
                                            limit=limit, order=order,
-                                           purpose=q.get("purpose") or None)
+                                           purpose=q.get("purpose") or None,
+                                           now=request.app[SERVICE].now())
     return json_response(list_page([file_object(r) for r in rows], more))
 
 
+def _file(request: web.Request) -> dict[str, Any]:
+    """The caller's file named in the path; an expired one is not found (`gateway.file_expiry`)."""
+    return request.app[DB].get_file(request.match_info["file_id"], request[OWNER],
+                                    request.app[SERVICE].now())
+
+
 async def retrieve(request: web.Request) -> web.Response:
-    row = request.app[DB].get_file(request.match_info["file_id"], request[OWNER])
+    row = _file(request)
     return json_response(file_object(row))
 
 
 async def content(request: web.Request) -> web.StreamResponse:
-    row = request.app[DB].get_file(request.match_info["file_id"], request[OWNER])
+    row = _file(request)
     path = request.app[STORE].path(row["id"])
     if not path.is_file():  # lost outside the API (or mid-delete): say so, not an empty 404
         raise ApiError(404, f"The content of file {row['id']} is missing from the server's "
@@ -169,9 +186,9 @@ async def delete(request: web.Request) -> web.Response:
     Its bytes are freed first (kept freed even if the retry fails too: the row then goes on the
     client's retry), then the store's reserve, and the DELETE is retried in that room."""
     file_id = request.match_info["file_id"]
-    db, store = request.app[DB], request.app[STORE]
+    db, store, now = request.app[DB], request.app[STORE], request.app[SERVICE].now()
     try:
-        db.delete_file(file_id, request[OWNER])
+        db.delete_file(file_id, request[OWNER], now)
     except sqlite3.OperationalError as exc:
         if not disk_full(exc):
             raise
