@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cli.batch import add_batch_args
 from cli.plan import add_plan_args, plan_main
 from cli.serve import serve_main
 from runtime.config import ConfigError, annotated_config
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiny_model(sub)
     _add_plan(sub)
     _add_profile(sub)
+    add_batch_args(sub)
     return parser
 
 

@@ -16,10 +16,11 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from gateway import batches_views, file_expiry, files_views
+from gateway import batches_views, events_views, files_views
 from gateway.auth import auth_middleware
 from gateway.batches import BatchService
 from gateway.errors import error_middleware
+from gateway.events import BatchEvents
 from gateway.filestore import FileStore
 from gateway.logs import request_id_middleware
 from gateway.looplag import LoopLagMonitor
@@ -27,7 +28,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_json
 from gateway.outbox import Outbox
 from gateway.responses import json_response
-from gateway.state import CONFIG, DB, METRICS, SERVICE, STORE
+from gateway.state import CONFIG, DB, EVENTS, METRICS, SERVICE, STORE
 from gateway.state_dir import StateDirLock, open_database
 from gateway.webhooks import WebhookSender
 from runtime.config import Config
@@ -70,6 +71,7 @@ ROUTES = [
     web.post("/v1/batches", batches_views.create),
     web.get("/v1/batches", batches_views.list_batches),
     web.get("/v1/batches/{batch_id}", batches_views.retrieve),
+    web.get("/v1/batches/{batch_id}/events", events_views.list_events),
     web.post("/v1/batches/{batch_id}/cancel", batches_views.cancel),
 ]
 
@@ -102,6 +104,8 @@ def create_app(cfg: Config, executor: Executor, *,
             sender = WebhookSender(outbox, cfg.webhooks, gm)
             gm.bind_webhooks(outbox.count_pending)
             app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
+            app[EVENTS] = events = BatchEvents(db)
+            ex.listen(events.record)  # before anything runs: a batch's first events are kept
             lag = LoopLagMonitor(gm.registry)
             await ex.start()
             await service.start()
@@ -112,6 +116,7 @@ def create_app(cfg: Config, executor: Executor, *,
             finally:
                 await lag.stop()
                 await service.close()  # stops runners, then closes the executor
+                events.close()  # the last events written
                 await sender.close()  # attempts under way stay pending for the next start
                 db.close()
         finally:
@@ -125,10 +130,6 @@ def create_app(cfg: Config, executor: Executor, *,
                     app[SERVICE].expire_due()
                 except Exception:  # keep expiring later batches even if one check failed
                     log.exception("expiry check failed")
-                try:  # expired files: content and row (kept while a live batch reads its input)
-                    file_expiry.sweep(app[DB], app[STORE], app[SERVICE].now())
-                except Exception:
-                    log.exception("file expiry sweep failed")
                 await asyncio.sleep(expiry_interval_s)
 
         task = asyncio.create_task(loop(), name="expiry")

@@ -145,22 +145,22 @@ class BatchService:
         return hit
 
     def view(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The OpenAI `Batch` object (plus `model_request_counts`), counts live while running."""
+        """The OpenAI `Batch` object, counts live while running, plus `model_request_counts` and
+        `estimated_completion_at` (the latest plan's, `gateway.events`; null once it ended)."""
         live = self.live.get(row["id"])
         counts, per_model, usage = row["request_counts"], row["model_request_counts"], row["usage"]
         if live is not None and live.counts is not None and row["status"] not in lc.TERMINAL:
             counts, per_model = live.counts.request_counts(), live.counts.per_model
             usage = live.counts.usage()
         out = {"id": row["id"], "object": "batch", "endpoint": row["endpoint"],
-               "model": row["model"], "errors": row["errors"],
-               "input_file_id": row["input_file_id"],
+               "model": row["model"], "errors": row["errors"], "input_file_id": row["input_file_id"],
                "completion_window": row["completion_window"], "status": row["status"],
                "output_file_id": row["output_file_id"], "error_file_id": row["error_file_id"],
                "created_at": row["created_at"], "expires_at": row["expires_at"]}
         out.update({k: row[k] for k in lc.STAMP.values()})
-        out.update({"request_counts": counts, "metadata": row["metadata"], "usage": usage,
-                    "model_request_counts": per_model})
-        return out
+        eta = None if row["status"] in lc.TERMINAL else row["estimated_completion_at"]
+        return out | {"request_counts": counts, "metadata": row["metadata"], "usage": usage,
+                      "model_request_counts": per_model, "estimated_completion_at": eta}
 
     def queue_depth(self) -> int:
         """Requests handed to the executor and not finished yet, over all batches."""

@@ -1,4 +1,4 @@
-"""Object ids with OpenAI's prefixes: `file-…`, `batch_…`, `batch_req_…`."""
+"""Object ids with OpenAI's prefixes: `file-…`, `batch_…`, `batch_req_…`; ours: `batchevent_…`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ def new_file_id() -> str:
 
 def new_batch_id() -> str:
     return "batch_" + secrets.token_hex(12)
+
+
+def new_event_id() -> str:
+    return "batchevent_" + secrets.token_hex(12)
 
 
 def derived_id(prefix: str, *parts: object) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 from aiohttp import web
 
 from gateway.batches_views import META_KEY_LEN, META_KEYS, META_VALUE_LEN, STRATEGY_KEY
-from gateway.file_expiry import ANCHOR, MAX_S, MIN_S
 from gateway.files_views import UPLOAD_PURPOSES
 from gateway.lifecycle import STATUSES
 from gateway.responses import json_response
@@ -115,7 +114,7 @@ SCHEMAS: dict[str, Any] = {
                      "completion_window", "status", "output_file_id", "error_file_id",
                      "created_at", "expires_at", "in_progress_at", "finalizing_at", "completed_at",
                      "failed_at", "expired_at", "cancelling_at", "cancelled_at", "request_counts",
-                     "metadata", "usage", "model_request_counts"],
+                     "metadata", "usage", "model_request_counts", "estimated_completion_at"],
         "properties": {
             "id": {"type": "string", "pattern": "^batch_"},
             "object": {"type": "string", "enum": ["batch"]},
@@ -140,6 +139,9 @@ SCHEMAS: dict[str, Any] = {
             "usage": _nullable(_ref("Usage")),
             "model_request_counts": {"type": "object", "additionalProperties": _COUNTS,
                                      "description": "extension: request_counts per model"},
+            "estimated_completion_at": {**_TS, "description": "extension: when the latest plan "
+                                        "predicts the batch done (unix s); null before the "
+                                        "first plan and once the batch ended"},
         },
     },
     "BatchList": {
@@ -148,6 +150,22 @@ SCHEMAS: dict[str, Any] = {
                        "data": {"type": "array", "items": _ref("Batch")},
                        "first_id": _PAGE_ID, "last_id": _PAGE_ID,
                        "has_more": {"type": "boolean"}},
+    },
+    "BatchEvent": {
+        "type": "object", "required": ["id", "object", "created_at", "type", "data"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^batchevent_"},
+            "object": {"type": "string", "enum": ["batch.event"]},
+            "created_at": _INT,
+            "type": {"type": "string", "description":
+                     "batch_submitted, plan, replan (stage, stages, strategy, reasons, "
+                     "predicted_makespan_s, predicted_completion_s/_at), plan_failed, "
+                     "engine_start, engine_started, engine_stop, engine_start_failed, "
+                     "engine_failed, engine_sleep, engine_wake, model_finished, deadline_at_risk, "
+                     "deadline_miss_predicted, storage_stalled, storage_resumed, batch_finished, "
+                     "batch_cancelled"},
+            "data": {"type": "object", "description": "the event's fields; `time`: unix s"},
+        },
     },
     "CreateBatchRequest": {
         "type": "object", "required": ["input_file_id", "endpoint", "completion_window"],
@@ -159,15 +177,7 @@ SCHEMAS: dict[str, Any] = {
             "completion_window": {"type": "string", "minLength": 1,
                                   "description": "one of [limits].completion_windows, e.g. 24h"},
             "metadata": _nullable(_ref("Metadata")),
-            "output_expires_after": {"$ref": "#/components/schemas/ExpiresAfter", "description":
-                                     "the output and error files expire that long after they "
-                                     "are written"},
         },
-    },
-    "ExpiresAfter": {
-        "type": "object", "required": ["anchor", "seconds"],
-        "properties": {"anchor": {"type": "string", "enum": [ANCHOR]},
-                       "seconds": {"type": "integer", "minimum": MIN_S, "maximum": MAX_S}},
     },
     "ModelList": {
         "type": "object", "required": ["object", "data"],
@@ -179,6 +189,10 @@ SCHEMAS: dict[str, Any] = {
                                           "created": _INT, "owned_by": _STR}}}},
     },
 }
+
+# the list envelope of BatchList, of events
+SCHEMAS["BatchEventList"] = {**SCHEMAS["BatchList"], "properties": {
+    **SCHEMAS["BatchList"]["properties"], "data": {"type": "array", "items": _ref("BatchEvent")}}}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -247,13 +261,7 @@ PATHS: dict[str, Any] = {
                     "file": {"type": "string", "format": "binary", "minLength": 1,
                              "description": "at most [limits].max_file_bytes; for purpose "
                                             "`batch` UTF-8 JSONL, any bytes for the others"},
-                    "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
-                    "expires_after[anchor]": {"type": "string", "enum": [ANCHOR], "description":
-                                              "with expires_after[seconds]: the file expires "
-                                              "(reads as deleted, then is deleted) that long "
-                                              "after it was created"},
-                    "expires_after[seconds]": {"type": "integer", "minimum": MIN_S,
-                                               "maximum": MAX_S}}}}}},
+                    "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)}}}}}},
             "responses": {"200": _ok("FileObject"),
                           **_bad("missing field, unknown purpose, empty, batch input not UTF-8"),
                           **AUTH_ERR, **TOO_LARGE,
@@ -313,6 +321,14 @@ PATHS: dict[str, Any] = {
         "post": {"operationId": "cancelBatch",
                  "responses": {"200": _ok("Batch", "cancelling or cancelled"), **AUTH_ERR,
                                **MISSING, **CONFLICT}},
+    },
+    "/v1/batches/{batch_id}/events": {
+        "parameters": [_path_param("batch_id")],
+        "get": {"operationId": "listBatchEvents",
+                "description": "the batch's events, oldest first (extension)",
+                "parameters": [_AFTER, _query("limit", {"type": "integer", "minimum": 1,
+                                                        "maximum": 1000}, "page size (100)")],
+                "responses": {"200": _ok("BatchEventList"), **BAD, **AUTH_ERR, **MISSING}},
     },
 }
 

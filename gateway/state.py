@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.batches import BatchService
 from gateway.db import Database
+from gateway.events import BatchEvents
 from gateway.filestore import FileStore
 from gateway.metrics import GatewayMetrics
 from runtime.config import Config
@@ -15,3 +16,4 @@ DB = web.AppKey("db", Database)
 STORE = web.AppKey("store", FileStore)
 SERVICE = web.AppKey("service", BatchService)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+EVENTS = web.AppKey("events", BatchEvents)

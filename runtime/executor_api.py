@@ -5,7 +5,8 @@ The gateway validates a batch, then hands its not-yet-finished requests to an `E
 The executor pools every batch in progress into one multi-LLM job, runs it on engines, and reports each
 finished request exactly once as an `Outcome` to the batch's `OutcomeSink` (the gateway's durable
 journal). A request counts as done only once the sink has returned. The executor never writes the
-batch's output files: the gateway finalizes them from the journal when `Executor.wait` returns.
+batch's output files: the gateway finalizes them from the journal when `Executor.wait` returns. What happens meanwhile (plans, engines)
+is reported as events to the `EventSink`s given to `Executor.listen`.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ class Outcome:
 # Called by the executor for each finished request; returns once the outcome is durable.
 OutcomeSink = Callable[[Outcome], Awaitable[None]]
 
+# Called by the executor for each event as it emits it, with the ids of the batches it concerns and
+# the event, `{"time": unix s, "event": kind, **data}` (one dict shared by those batches: read it,
+# never change it). Called on the event loop: it must not block, and what it raises is only logged.
+EventSink = Callable[[Sequence[str], Mapping[str, Any]], None]
+
 
 class Executor(Protocol):
     async def start(self) -> None:
@@ -124,6 +130,12 @@ class Executor(Protocol):
 
     def events(self, batch_id: str) -> list[dict[str, Any]]:
         """What happened for this batch: plans, engine starts/stops, re-plans (for logs and tests)."""
+
+    def listen(self, sink: EventSink) -> None:
+        """Report every later event to `sink` (the gateway stores each batch's events): plans and
+        re-plans (stages, strategy, reasons, predicted makespan, each batch's predicted completion
+        `batches_predicted_s`), engine start/started/stop/failed, model finished, batch
+        submitted/finished/cancelled, deadline events."""
 
     def health(self) -> dict[str, Any]:
         """What `/health` shows of the executor (e.g. `spare_engines`); {} when nothing to add."""

@@ -52,7 +52,7 @@ from runtime.engines.devices import discover_pool
 from runtime.executor.deps import DEPENDENCY_FAILED, BatchGraph
 from runtime.executor.dispatch import Slot
 from runtime.engines.engine import Launcher
-from runtime.executor_api import Outcome, OutcomeSink, WorkItem
+from runtime.executor_api import EventSink, Outcome, OutcomeSink, WorkItem
 from runtime.persist import (alone_start_s, blend, load_calibration, load_length_model,
                              load_start_times, save_calibration, save_length_model,
                              save_start_times)
@@ -128,6 +128,7 @@ class PoolExecutor:
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
         self._linger: asyncio.Task | None = None  # wakes a pass when a warm engine's time is up
+        self._listeners: list[EventSink] = []  # told of every event (`listen`)
 
     @property
     def dispatch_paused(self) -> bool:
@@ -214,6 +215,9 @@ class PoolExecutor:
     def events(self, batch_id: str) -> list[dict[str, Any]]:
         batch = self._batches.get(batch_id)
         return list(batch.events) if batch else []
+
+    def listen(self, sink: EventSink) -> None:
+        self._listeners.append(sink)
 
     async def close(self) -> None:
         self._closing = True
@@ -654,5 +658,10 @@ class PoolExecutor:
         event = {"time": round(self.clock.time(), 3), "event": kind, **data}
         for b in batches:
             b.events.append(event)
+        for sink in self._listeners if batches else ():
+            try:
+                sink([b.batch_id for b in batches], event)
+            except Exception:
+                log.exception("event listener failed on %s", kind)
         log.info("%s %s", kind, {k: v for k, v in data.items() if k != "message"} | (
             {"batches": [b.batch_id for b in batches]}))

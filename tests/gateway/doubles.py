@@ -1,15 +1,18 @@
 """An in-process executor double for gateway tests that need no engines (validation, listing, auth,
 cancel, restart). It honours the `Executor` protocol: each item yields exactly one Outcome through
-the sink, cancel stops the rest without outcomes. Requests whose prompt contains "FAIL" get the HTTP
+the sink, cancel stops the rest without outcomes; listeners hear `batch_submitted`, a `plan` (or
+`replan`) predicting every running batch done in `predict_s`, and `batch_finished` /
+`batch_cancelled`. Requests whose prompt contains "FAIL" get the HTTP
 400 an engine would send, "CRASH" an `engine_failed` error without any HTTP answer. `hold()` makes
 requests wait until `release(n)` lets n of them finish."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Sequence
 
-from runtime.executor_api import Outcome, OutcomeSink, WorkItem
+from runtime.executor_api import EventSink, Outcome, OutcomeSink, WorkItem
 
 
 class EchoExecutor:
@@ -21,6 +24,9 @@ class EchoExecutor:
         self._gate: asyncio.Semaphore | None = None
         self.started = self.closed = False
         self.finished = 0
+        self.predict_s = 60.0  # what each plan predicts for every running batch
+        self._listeners: list[EventSink] = []
+        self._plans = 0
 
     def hold(self) -> None:
         self._gate = asyncio.Semaphore(0)
@@ -36,7 +42,7 @@ class EchoExecutor:
     async def close(self) -> None:
         self.closed = True
         for bid in list(self._tasks):
-            await self.cancel(bid)
+            await self._stop(bid)
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
                strategy: str | None = None, known: Any = None,
@@ -45,6 +51,16 @@ class EchoExecutor:
         self.strategies[batch_id] = strategy
         tasks = self._tasks.setdefault(batch_id, [])
         tasks.extend(asyncio.create_task(self._run(it, sink)) for it in items)
+        others = [b for b in self._tasks if b != batch_id]
+        self._emit([batch_id], "batch_submitted", requests=len(items),
+                   strategy=strategy or "samullm", pooled_with=others)
+        self._plans += 1
+        models = sorted({it.model for it in items})
+        self._emit([*others, batch_id], "plan" if self._plans == 1 else "replan",
+                   strategy=strategy or "samullm", reasons=[f"batch_submitted:{batch_id}"],
+                   stage=[{"model": m, "tp": 1, "dp": 1, "devices": [0]} for m in models],
+                   stages=1, predicted_makespan_s=self.predict_s,
+                   batches_predicted_s={b: self.predict_s for b in [*others, batch_id]})
 
     async def _run(self, it: WorkItem, sink: OutcomeSink) -> None:
         if self._gate is not None:
@@ -54,6 +70,11 @@ class EchoExecutor:
         self.finished += 1
 
     async def cancel(self, batch_id: str) -> None:
+        if batch_id in self._tasks:
+            self._emit([batch_id], "batch_cancelled")
+        await self._stop(batch_id)
+
+    async def _stop(self, batch_id: str) -> None:
         tasks = self._tasks.pop(batch_id, [])
         for t in tasks:
             t.cancel()
@@ -65,12 +86,21 @@ class EchoExecutor:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._tasks.get(batch_id) == tasks:
                 self._tasks.pop(batch_id, None)
+                self._emit([batch_id], "batch_finished")
 
     def events(self, batch_id: str) -> list[dict[str, Any]]:
         return [{"event": "submit", "items": len(self.submitted.get(batch_id, []))}]
 
     def health(self) -> dict[str, Any]:
         return {}
+
+    def listen(self, sink: EventSink) -> None:
+        self._listeners.append(sink)
+
+    def _emit(self, batch_ids: list[str], kind: str, **data: Any) -> None:
+        event = {"time": round(time.time(), 3), "event": kind, **data}
+        for sink in self._listeners:
+            sink(batch_ids, event)
 
 
 def _text(it: WorkItem) -> str:
