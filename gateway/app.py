@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from gateway import batches_views, events_views, files_views
+from gateway import batches_views, events_views, file_expiry, files_views
 from gateway.auth import auth_middleware
 from gateway.batches import BatchService
 from gateway.errors import error_middleware
@@ -130,6 +130,10 @@ def create_app(cfg: Config, executor: Executor, *,
                     app[SERVICE].expire_due()
                 except Exception:  # keep expiring later batches even if one check failed
                     log.exception("expiry check failed")
+                try:  # expired files: content and row (kept while a live batch reads its input)
+                    file_expiry.sweep(app[DB], app[STORE], app[SERVICE].now())
+                except Exception:
+                    log.exception("file expiry sweep failed")
                 await asyncio.sleep(expiry_interval_s)
 
         task = asyncio.create_task(loop(), name="expiry")

@@ -77,8 +77,15 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX batch_events_batch ON batch_events(batch_id, seq)",
         "ALTER TABLE batches ADD COLUMN estimated_completion_at INTEGER",
     ],
+    [  # file expiry (gateway.file_expiry): when a file expires (NULL: never), and the seconds a
+        # batch's output and error files live after they are written (output_expires_after)
+        "ALTER TABLE files ADD COLUMN expires_at INTEGER",
+        "CREATE INDEX files_expires ON files(expires_at) WHERE expires_at IS NOT NULL",
+        "ALTER TABLE batches ADD COLUMN output_expires_after INTEGER",
+    ],
 ]
 
+_LIVE_FILE = " AND (expires_at IS NULL OR expires_at > ?)"  # not expired by `now`
 _JSON_COLS = ("errors", "metadata", "request_counts", "model_request_counts", "usage")
 
 
@@ -127,21 +134,37 @@ class Database:
 
     # --- files -----------------------------------------------------------------------------------
     def insert_file(self, row: dict[str, Any]) -> None:
-        cols = ("id", "owner", "bytes", "created_at", "filename", "purpose", "batch_id")
+        """A batch's output or error file (`batch_id` set) without an `expires_at` expires its
+        batch's `output_expires_after` seconds after `created_at` (never when that is NULL)."""
+        cols = ("id", "owner", "bytes", "created_at", "filename", "purpose", "batch_id",
+                "expires_at")
+        args = [row.get(c) for c in cols]
+        if row.get("expires_at") is None and row.get("batch_id") is not None:
+            r = self._db.execute("SELECT output_expires_after FROM batches WHERE id = ?",
+                                 (row["batch_id"],)).fetchone()
+            if r is not None and r[0] is not None:
+                args[-1] = row["created_at"] + r[0]
         self._db.execute(
             f"INSERT OR REPLACE INTO files ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            [row.get(c) for c in cols])
+            args)
 
-    def get_file(self, file_id: str, owner: str) -> dict[str, Any]:
-        r = self._db.execute("SELECT * FROM files WHERE id = ? AND owner = ?",
-                             (file_id, owner)).fetchone()
+    def get_file(self, file_id: str, owner: str, now: int | None = None) -> dict[str, Any]:
+        """With `now`, a file expired by then is not found (it reads as deleted)."""
+        sql, args = "SELECT * FROM files WHERE id = ? AND owner = ?", [file_id, owner]
+        if now is not None:
+            sql, args = sql + _LIVE_FILE, [*args, now]
+        r = self._db.execute(sql, args).fetchone()
         if r is None:
             raise NotFound("File", file_id)
         return dict(r)
 
     def list_files(self, owner: str, *, after: str | None, limit: int, order: str,
-                   purpose: str | None) -> tuple[list[dict[str, Any]], bool]:
+                   purpose: str | None, now: int | None = None
+                   ) -> tuple[list[dict[str, Any]], bool]:
         where, args = ["owner = ?"], [owner]
+        if now is not None:
+            where.append(_LIVE_FILE[5:])
+            args.append(now)
         if purpose:
             where.append("purpose = ?")
             args.append(purpose)
@@ -158,8 +181,19 @@ class Database:
         """Every file id, whoever owns it (the start-up sweep's `known`)."""
         return {r[0] for r in self._db.execute("SELECT id FROM files")}
 
-    def delete_file(self, file_id: str, owner: str) -> None:
-        self.get_file(file_id, owner)
+    def expired_files(self, now: int) -> list[str]:
+        """Ids of the files expired by `now` that are not the input of a live batch."""
+        return [r[0] for r in self._db.execute(
+            "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? AND id NOT IN "
+            "(SELECT input_file_id FROM batches WHERE status IN "
+            "('validating', 'in_progress', 'finalizing', 'cancelling')) ORDER BY expires_at",
+            (now,))]
+
+    def delete_expired_file(self, file_id: str, now: int) -> None:
+        self._db.execute("DELETE FROM files WHERE id = ? AND expires_at <= ?", (file_id, now))
+
+    def delete_file(self, file_id: str, owner: str, now: int | None = None) -> None:
+        self.get_file(file_id, owner, now)
         live = self._db.execute(
             "SELECT id FROM batches WHERE input_file_id = ? AND status IN "
             "('validating', 'in_progress', 'finalizing', 'cancelling') LIMIT 1", (file_id,)).fetchone()

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.batches_views import META_KEY_LEN, META_KEYS, META_VALUE_LEN, STRATEGY_KEY
+from gateway.file_expiry import ANCHOR, MAX_S, MIN_S
 from gateway.files_views import UPLOAD_PURPOSES
 from gateway.lifecycle import STATUSES
 from gateway.responses import json_response
@@ -177,7 +178,15 @@ SCHEMAS: dict[str, Any] = {
             "completion_window": {"type": "string", "minLength": 1,
                                   "description": "one of [limits].completion_windows, e.g. 24h"},
             "metadata": _nullable(_ref("Metadata")),
+            "output_expires_after": {"$ref": "#/components/schemas/ExpiresAfter", "description":
+                                     "the output and error files expire that long after they "
+                                     "are written"},
         },
+    },
+    "ExpiresAfter": {
+        "type": "object", "required": ["anchor", "seconds"],
+        "properties": {"anchor": {"type": "string", "enum": [ANCHOR]},
+                       "seconds": {"type": "integer", "minimum": MIN_S, "maximum": MAX_S}},
     },
     "ModelList": {
         "type": "object", "required": ["object", "data"],
@@ -261,7 +270,13 @@ PATHS: dict[str, Any] = {
                     "file": {"type": "string", "format": "binary", "minLength": 1,
                              "description": "at most [limits].max_file_bytes; for purpose "
                                             "`batch` UTF-8 JSONL, any bytes for the others"},
-                    "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)}}}}}},
+                    "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+                    "expires_after[anchor]": {"type": "string", "enum": [ANCHOR], "description":
+                                              "with expires_after[seconds]: the file expires "
+                                              "(reads as deleted, then is deleted) that long "
+                                              "after it was created"},
+                    "expires_after[seconds]": {"type": "integer", "minimum": MIN_S,
+                                               "maximum": MAX_S}}}}}},
             "responses": {"200": _ok("FileObject"),
                           **_bad("missing field, unknown purpose, empty, batch input not UTF-8"),
                           **AUTH_ERR, **TOO_LARGE,
