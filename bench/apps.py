@@ -25,6 +25,8 @@ Strategies:
   (`runtime.placeholders.substitute`) before uploading it; timed from the first `batches.create` to
   the poll that sees the last level `completed` (uploads and downloads in between included);
   predicted = the planner's `level-by-level` strategy on the whole file (`samullm plan --json`).
+Each row's lower bound (`scheduler.bounds`, with measured / bound): the `lower_bound_s` of the run's
+first plan event; level-by-level's is the whole file's, from `samullm plan --json`.
 
     .venv/bin/python -m bench.apps --data ../shared/data --quick-profile [--apps ensemble,chain,judge]
         [--strategies samullm,level-by-level,sequential,even-split] [--scale-requests 1.0]
@@ -51,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.makespan import (CHAT, REPO, add_run, check_output, describe_events, describe_plan,
-                            ensure_profiles, executor_events, free_port, offline_plan, print_table,
-                            refresh_start_times, run_gateway, table, trace_pairs, wait_quiet,
-                            run_to_end, serving, word_tokens, write_config, write_jsonl,
-                            write_models)
+from bench.makespan import (CHAT, REPO, add_run, add_wait_args, check_output, describe_events,
+                            describe_plan, ensure_profiles, executor_events, free_port,
+                            offline_plan, print_table, refresh_start_times, run_gateway, table,
+                            trace_pairs, wait_quiet, run_to_end, serving, word_tokens,
+                            write_config, write_jsonl, write_models)
 from runtime.placeholders import generated_text, placeholder, substitute
 
 # per role: (most prompt tokens of its own, most output tokens); the worst dependent prompt is the
@@ -286,7 +288,9 @@ def run_app(name: str, reqs: list[dict], strategies: list[str], cfg_path: Path, 
             tag = f"apps-{name}-r{rep}"
             if s == "level-by-level":
                 lrun = run_levels(cfg_path, root, reqs, args.timeout, tag)
-                rec = {"measured_s": lrun.makespan_s, "predicted_s": lbl_pred, "load": load,
+                # the whole file's bound (`samullm plan`): the first level's plan sees one level
+                rec = {"measured_s": lrun.makespan_s, "predicted_s": lbl_pred,
+                       "lower_bound_s": offline.get("lower_bound_s"), "load": load,
                        "levels": lrun.levels, "predicted_levels_s": lrun.predicted_levels_s,
                        "events": lrun.events}
                 detail = "; levels " + ", ".join(
@@ -295,7 +299,8 @@ def run_app(name: str, reqs: list[dict], strategies: list[str], cfg_path: Path, 
                                              f"{sum(rec['predicted_levels_s']):.1f} s in all")
             else:
                 run = run_gateway(cfg_path, root, inp, s, reqs, args.timeout, tag)
-                rec = {"measured_s": run.makespan_s, "predicted_s": run.predicted_s, "load": load,
+                rec = {"measured_s": run.makespan_s, "predicted_s": run.predicted_s,
+                       "lower_bound_s": run.lower_bound_s, "load": load,
                        "offline_predicted_s": predicted(offline, s), "events": run.events}
                 detail = ""
                 for line in describe_events(run):
@@ -340,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-profiles", action="store_true",
                     help="plan with the profiles stored (none: the analytic estimate): smoke runs")
     ap.add_argument("--refresh-start-times", action="store_true")
-    ap.add_argument("--timeout", type=float, default=300, help="per batch, seconds")
-    ap.add_argument("--max-load", type=float, default=99.0,
-                    help="wait (up to --max-wait) until the 1-min load average is below this")
-    ap.add_argument("--max-wait", type=float, default=1800)
+    add_wait_args(ap)
     ap.add_argument("--repeats", type=int, default=1, help="runs per strategy; the table shows medians")
     args = ap.parse_args(argv)
     strategies = args.strategies.split(",")

@@ -12,7 +12,8 @@ requests split per model (same engine args, both cores: `VLLM_CPU_OMP_THREADS_BI
 Predicted makespan: the executor's first `plan` event (read from the gateway's JSON log), which the
 planner made with the profiles stored under `<root>/state/profiles/` (`samullm profile` is run for each
 (model, TP) missing there). `samullm plan --json` on the same input shows every strategy's stages and
-predictions, to explain what the planner chose.
+predictions, to explain what the planner chose. The same plan event's `lower_bound_s` (no schedule
+can be predicted shorter, `scheduler.bounds`) gives each row's bound and measured / bound.
 
     .venv/bin/python -m bench.makespan [--data ../shared/data] [--workloads single,mixed,big-vs-tiny,overhead]
         [--strategies samullm,sequential,even-split] [--no-anchor] [--scale-requests 1.0]
@@ -235,6 +236,12 @@ class GatewayRun:
         plan = self.first("plan")
         return plan["predicted_makespan_s"] if plan else None
 
+    @property
+    def lower_bound_s(self) -> float | None:
+        """The first plan's lower bound on the makespan (`scheduler.bounds`)."""
+        plan = self.first("plan")
+        return plan.get("lower_bound_s") if plan else None
+
 
 def executor_events(log_path: Path) -> list[dict]:
     """The executor's events from the gateway's JSON log (`<kind> <dict repr>` messages)."""
@@ -257,25 +264,28 @@ def executor_events(log_path: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def serving(cfg_path: Path, root: Path, tag: str, strategy: str) -> Iterator[tuple[Any, Path]]:
+def serving(cfg_path: Path, root: Path, tag: str, strategy: str, api_key: str = "unused",
+            state: Path | None = None) -> Iterator[tuple[Any, Path]]:
     """A fresh `samullm serve` with its spare engine processes ready; yields (OpenAI client, its log
     path), and stops it (SIGTERM) on exit. A fresh state dir per run: no batch of an earlier
     (interrupted) run resumes in front of this one, and every run starts from the same length
-    prior; the profiles are shared."""
+    prior; the profiles are shared. `state`: the caller's state dir instead (e.g. one without
+    profiles, `bench.fresh`)."""
     from openai import OpenAI
 
     port = free_port()
     log_path = root / "logs" / f"gateway-{tag}-{strategy}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    state = Path(tempfile.mkdtemp(prefix=f"state-{tag}-{strategy}-", dir=root / "runs"))
-    (state / "profiles").symlink_to(root / "state" / "profiles")
+    if state is None:
+        state = Path(tempfile.mkdtemp(prefix=f"state-{tag}-{strategy}-", dir=root / "runs"))
+        (state / "profiles").symlink_to(root / "state" / "profiles")
     cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(cfg_path),
            "--port", str(port), "--state-dir", str(state)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -500,10 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick-profile", action="store_true")
     ap.add_argument("--refresh-start-times", action="store_true",
                     help="re-measure every stored profile's engine start time before the runs")
-    ap.add_argument("--timeout", type=float, default=300, help="per batch, seconds")
-    ap.add_argument("--max-load", type=float, default=99.0,
-                    help="wait (up to --max-wait) until the 1-min load average is below this")
-    ap.add_argument("--max-wait", type=float, default=1800)
+    add_wait_args(ap)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per strategy and of the anchor (alternating); the table shows medians")
@@ -548,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                 for line in describe_events(run):
                     print(line)
                 add_run(row["runs"], s, {"measured_s": run.makespan_s,
-                                         "predicted_s": run.predicted_s, "load": load,
+                                         "predicted_s": run.predicted_s,
+                                         "lower_bound_s": run.lower_bound_s, "load": load,
                                          "events": run.events})
             if not args.no_anchor:
                 load = wait_quiet(args.max_load, args.max_wait)
@@ -566,6 +574,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def add_wait_args(ap: argparse.ArgumentParser, timeout_s: float = 300) -> None:
+    """The options of every gateway bench for how long a batch may take and when to start one."""
+    ap.add_argument("--timeout", type=float, default=timeout_s, help="per batch, seconds")
+    ap.add_argument("--max-load", type=float, default=99.0,
+                    help="wait (up to --max-wait) until the 1-min load average is below this")
+    ap.add_argument("--max-wait", type=float, default=1800)
+
+
 def add_run(runs: dict, name: str, rec: dict) -> None:
     """Keep every repeat under "repeats"; the row's own fields are the median repeat's."""
     reps = runs.setdefault(name, {"repeats": []})["repeats"]
@@ -578,8 +594,9 @@ def add_run(runs: dict, name: str, rec: dict) -> None:
 
 def table(results: list[dict]) -> list[str]:
     """The README's Markdown table (rows of `--json` output)."""
-    out = ["| workload | strategy | measured s | predicted s | error | load | samullm speed-up over it |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+    out = ["| workload | strategy | measured s | predicted s | error | bound s | measured / bound "
+           "| load | samullm speed-up over it |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results:
         runs = row["runs"]
         ours = runs.get("samullm", {}).get("measured_s")
@@ -592,8 +609,18 @@ def table(results: list[dict]) -> list[str]:
             measured = f"{r['measured_s']:.1f}" + (
                 f" ({', '.join(f'{x:.1f}' for x in reps)})" if len(reps) > 1 else "")
             out.append(f"| {row['workload']} ({models}) | {s} | {measured} | "
-                       f"{f'{pred:.1f}' if pred else '–'} | {err} | {r.get('load', 0):.1f} | {speed} |")
+                       f"{f'{pred:.1f}' if pred else '–'} | {err} | "
+                       f"{bound_cells(r['measured_s'], r.get('lower_bound_s'))} | "
+                       f"{r.get('load', 0):.1f} | {speed} |")
     return out
+
+
+def bound_cells(measured: float | None, bound: float | None) -> str:
+    """A makespan table's "bound s | measured / bound" cells: the lower bound of the run's first
+    plan event (`lower_bound_s`, `scheduler.bounds`) and how far above it the run ended."""
+    if not bound or not measured:
+        return "– | –"
+    return f"{bound:.1f} | {measured / bound:.2f}×"
 
 
 def print_table(path: Path) -> int:

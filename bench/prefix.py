@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 mk.check_output(text, reqs, name)
                 plan = next((e for e in mk.executor_events(log_path) if e["event"] == "plan"), {})
             row["samullm"] = {"measured_s": wall, "predicted_s": plan.get("predicted_makespan_s"),
+                              "lower_bound_s": plan.get("lower_bound_s"),
                               "hit_rate": rate(*measured_hits(text)), "load": load}
             print(f"  samullm    {wall:6.1f} s (predicted {row['samullm']['predicted_s']}), hit "
                   f"rate {row['samullm']['hit_rate']} (simulated {row['simulated_hit_rate']})",
@@ -226,15 +227,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: list[dict]) -> list[str]:
-    out = ["| workload | samullm s | predicted s | error | run_batch s | samullm vs run_batch | "
-           "hit rate measured | simulated | run_batch's |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| workload | samullm s | predicted s | error | bound s | measured / bound | run_batch s | "
+           "samullm vs run_batch | hit rate measured | simulated | run_batch's |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results:
         ours, anchor = row.get("samullm", {}), row.get("run_batch", {})
         if "batches" in ours:
             for k, b in enumerate(ours["batches"], 1):
                 out.append(f"| {row['workload']} #{k} ({b['engine_starts']} engine starts) | "
-                           f"{b['measured_s']:.1f} | – | – | "
+                           f"{b['measured_s']:.1f} | – | – | – | – | "
                            f"{anchor.get('measured_s', float('nan')):.1f} | "
                            f"{_speed(anchor, b)} | {b['hit_rate']} | "
                            f"{row['simulated_hit_rate']} | {anchor.get('hit_rate')} |")
@@ -242,6 +243,7 @@ def table(results: list[dict]) -> list[str]:
         pred, meas = ours.get("predicted_s"), ours.get("measured_s")
         err = f"{(pred - meas) / meas:+.0%}" if pred and meas else "–"
         out.append(f"| {row['workload']} | {meas:.1f} | {f'{pred:.1f}' if pred else '–'} | {err} | "
+                   f"{mk.bound_cells(meas, ours.get('lower_bound_s'))} | "
                    f"{anchor.get('measured_s', float('nan')):.1f} | {_speed(anchor, ours)} | "
                    f"{ours.get('hit_rate')} | {row['simulated_hit_rate']} | "
                    f"{anchor.get('hit_rate')} |")

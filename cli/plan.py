@@ -14,6 +14,8 @@ an idle gateway reports; that includes the online calibration `serve` keeps in t
 `--samples` draws for the makespan's mean and spread. `latency_sources` says, per model and
 shape, where its latency comes from: a profile, the roofline (or GPU model), corrected by the
 online calibration of that shape or by one derived from other shapes or models.
+`lower_bound_s` ("lower bound N s"): the least makespan any schedule of the input could have under
+the same cost model (`scheduler.bounds`), as the `plan` event reports it.
 
 Each input file is a batch of the pool (`input-<i>`, as batches submitted in turn): per strategy,
 `inputs` gives each file's requests and its predicted completion (when its last request is
@@ -201,6 +203,8 @@ def render_text(result: dict[str, Any], chosen: str | None = None) -> str:
         spread = f"{_fmt_s(st['mean_s'])} ± {_fmt_s(st['std_s'])}"
         speed = f"{s['makespan_s'] / ref['makespan_s']:.2f}x" if ref and ref["makespan_s"] > 0 else "-"
         lines.append(f"{name:<17}{_fmt_s(s['makespan_s']):>12}{spread:>28}{speed:>17}")
+    if result.get("lower_bound_s") is not None:
+        lines.append(f"lower bound {result['lower_bound_s']:,.1f} s")
     if chosen in strategies and strategies[chosen].get("inputs"):
         lines += [""] + render_inputs(chosen, strategies[chosen]["inputs"])
     if result.get("latency_sources"):
@@ -248,6 +252,8 @@ def plan_main(args: argparse.Namespace) -> int:
         "start_contention": pool.start_contention,
         "requests": len(reqs),
         "samples": samples, "seed": seed, "planning_time_s": planning,
+        # no schedule can be predicted shorter (`scheduler.bounds`; the plan event's lower_bound_s)
+        "lower_bound_s": planner.lower_bound().value_s,
         "strategies": {n: {"makespan_s": s.makespan_s, "origin": s.origin,
                            "samples": makespan_stats(planner, s, draws).to_dict(),
                            "stages": stage_rows(s),

@@ -41,9 +41,11 @@ FinishTimes = dict[str, dict[int, float]]  # model -> rid -> predicted finish (s
 class CompletedSchedule(Schedule):
     """A `Schedule` with, per group of requests (`PlanningProblem.groups`), when its last request
     is predicted to finish (seconds from the plan's start; a group with no request left is
-    absent)."""
+    absent), and the least makespan any schedule of the work could have (`scheduler.bounds`;
+    None: not asked, `PlanningProblem.lower_bound`)."""
 
     group_finish_s: dict[Hashable, float] = field(default_factory=dict)
+    lower_bound_s: float | None = None
 
 
 def finish_times(ctx: Context, state: PlanState, schedule: Schedule) -> FinishTimes:

@@ -47,6 +47,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping
 
+from scheduler.bounds import LowerBound, plan_lower_bound
 from scheduler.completion import CompletedSchedule, FinishTimes, finish_times, group_finish
 from scheduler.baselines import PerModelBest, even_split, muxserve_greedy, sequential
 from scheduler.dag import Dag, dependent, resolve_prompts
@@ -96,6 +97,8 @@ class PlanningProblem:
     groups: model -> rid -> group (the runtime: the request's batch id). Set, `plan` returns a
         `CompletedSchedule`: the schedule with each group's predicted completion (the latest finish
         of its requests, `scheduler.completion`); None (the default): not computed.
+    lower_bound: `plan` returns a `CompletedSchedule` whose `lower_bound_s` is the least makespan
+        any schedule of the work can have under this cost model (`Planner.lower_bound`).
     """
 
     models: dict[str, ModelSpec]
@@ -115,6 +118,7 @@ class PlanningProblem:
     # must not take an engine that is 2 s into a 20 s start for one that serves now)
     warmup: dict[str, float] = field(default_factory=dict)
     groups: Mapping[str, Mapping[int, Hashable]] | None = None
+    lower_bound: bool = False
 
 
 class Planner:
@@ -197,6 +201,11 @@ class Planner:
         """Per group (`PlanningProblem.groups`), when its last request is predicted to finish."""
         return group_finish(self.finish_times(schedule), groups)
 
+    def lower_bound(self) -> LowerBound:
+        """No schedule of this problem is predicted to end before it (`scheduler.bounds`): read
+        off the runs the search ranks its options with, on the initial state."""
+        return plan_lower_bound(self.ctx, self.initial_state())
+
     def _searched(self) -> Schedule:
         if self.search_schedule is None:
             self.search_schedule = self._search(self.initial_state())
@@ -257,14 +266,17 @@ class Planner:
 def plan(problem: PlanningProblem, strategy: str = "samullm") -> Schedule:
     """Plan `problem` with `strategy` (one of STRATEGIES). Raises InfeasibleError if some model with
     work fits no plan on the pool, ValueError for an unknown strategy or for requests that wait for
-    each other (a cycle of `upstream`). With `problem.groups`: a `CompletedSchedule`."""
+    each other (a cycle of `upstream`). With `problem.groups` or `problem.lower_bound`: a
+    `CompletedSchedule` (each group's completion, the makespan's lower bound)."""
     planner = Planner(problem)
     schedule = planner.plan(strategy)
-    if problem.groups is None:
+    if problem.groups is None and not problem.lower_bound:
         return schedule
-    return CompletedSchedule(schedule.strategy, schedule.stages, schedule.makespan_s,
-                             schedule.planning_time_s, schedule.origin,
-                             planner.group_finish(schedule, problem.groups))
+    return CompletedSchedule(
+        schedule.strategy, schedule.stages, schedule.makespan_s, schedule.planning_time_s,
+        schedule.origin,
+        {} if problem.groups is None else planner.group_finish(schedule, problem.groups),
+        planner.lower_bound().value_s if problem.lower_bound else None)
 
 
 def plan_all(problem: PlanningProblem, strategies: tuple[str, ...] = STRATEGIES) -> dict[str, Schedule]:

@@ -79,6 +79,11 @@ def test_plan_text_table_and_gantt_svg(cpu_setup, capsys, tmp_path):
     assert rc == 0
     text = capsys.readouterr().out
     assert "samullm speedup" in text and "stage 1:" in text and "2x cpu" in text
+    bound = [line for line in text.splitlines() if line.startswith("lower bound ")]
+    assert len(bound) == 1 and bound[0].endswith(" s")
+    assert 0 < float(bound[0].split()[2].replace(",", "")) <= min(
+        float(line.split()[1].rstrip("s").replace(",", "")) for line in text.splitlines()
+        if line.split()[:1] and line.split()[0] in ("samullm", "sequential"))
     assert svg.read_text().lstrip().startswith(("<?xml", "<svg")) and "TP1" in svg.read_text()
 
 
@@ -144,7 +149,8 @@ async def test_plan_predicts_what_serve_plans(tmp_path, capsys, dag):
                   for i in range(20)]
     inp.write_text("\n".join(lines) + "\n")
     assert main(["plan", str(inp), "--config", str(conf), "--json", "--strategy", "samullm"]) == 0
-    predicted = json.loads(capsys.readouterr().out)["strategies"]["samullm"]["makespan_s"]
+    offline = json.loads(capsys.readouterr().out)
+    predicted = offline["strategies"]["samullm"]["makespan_s"]
     cfg = load_config(str(conf))
     ex = PoolExecutor(cfg, FakeLauncher(start_delay_s=5.0))
     async with running(cfg, ex) as srv:
@@ -160,6 +166,9 @@ async def test_plan_predicts_what_serve_plans(tmp_path, capsys, dag):
             await asyncio.sleep(0.02)
         await client.batches.cancel(b.id)
     assert plans and plans[0]["predicted_makespan_s"] == pytest.approx(predicted, rel=1e-9)
+    # the same lower bound, below the prediction
+    assert plans[0]["lower_bound_s"] == pytest.approx(offline["lower_bound_s"], rel=1e-9)
+    assert 0 < plans[0]["lower_bound_s"] <= predicted
 
 
 def _dep_line(cid: str, model: str, text: str, deps: list[str], max_tokens: int = 16) -> str:

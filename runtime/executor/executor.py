@@ -28,7 +28,7 @@ Failures: an engine that dies has its in-flight requests re-queued (each at most
 that fails to start turns every queued request of its model into an `engine_start_failed` error
 (other models keep running); a 4xx answer is that request's error, never retried; a model the
 planner cannot place at all gets `planning_failed` errors. Events of each batch (plans with their
-reasons and predicted makespan, engine start/started/stop/failed, model finished, ...) are kept for
+reasons, predicted makespan and its lower bound, engine start/started/stop/failed, model finished, ...) are kept for
 `events(batch_id)` and logged.
 
 Long: the executor's control loop and every event it reacts to (submit, cancel, engine
@@ -60,8 +60,8 @@ from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_r
 from runtime.executor.deadlines import Deadlines
 from runtime.executor.queues import ModelQueues
 from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describe_stage,
-                                       model_specs, plan_problem, refit_calibration,
-                                       running_plans, served_record)
+                                       lower_bound, model_specs, plan_problem,
+                                       refit_calibration, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
@@ -638,9 +638,11 @@ class PoolExecutor:
         first = schedule.stages[0] if schedule.stages else None
         # each open batch's predicted completion, computed where the planner ran (`plan`)
         done = batch_completion(schedule)
+        bound = lower_bound(schedule)
         self.emit("plan" if head.plans == 1 else "replan", strategy=head.strategy,
                    reasons=reasons, stage=describe_stage(first) if first else [],
                    stages=len(schedule.stages), predicted_makespan_s=schedule.makespan_s,
+                   **({} if bound is None else {"lower_bound_s": bound}),
                    **({} if done is None else {"batches_predicted_s": done}),
                    planning_time_s=round(self.clock.monotonic() - t0, 4),
                    remaining={m: len(w) for m, w in work.items()},

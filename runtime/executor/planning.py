@@ -322,7 +322,8 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     `starting`: running engines not serving yet, model -> (seconds since their start began, most
     engines seen starting with them); each still owes its expected start minus that (at least a
     second: one that takes longer than expected is about to be up, not up). Its `groups` are the
-    requests' batches: `plan` then predicts each batch's completion (`batch_completion`)."""
+    requests' batches: `plan` then predicts each batch's completion (`batch_completion`), and the
+least makespan any schedule could have (`lower_bound`)."""
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
     latency = LatencySource.load(state_dir, pool, list(work), start_times,
@@ -330,6 +331,7 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     problem = build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
                             spares=spares, no_spare_s=no_spare_s)
     problem.groups = batch_groups(reqs, work)
+    problem.lower_bound = True
     for m, (elapsed, n) in (starting or {}).items():
         if m in problem.running:
             plan = problem.running[m]
@@ -352,6 +354,14 @@ def batch_completion(schedule: Schedule) -> dict[str, float] | None:
     if got is None:
         return None
     return {str(b): min(float(s), schedule.makespan_s) for b, s in sorted(got.items())}
+
+
+def lower_bound(schedule: Schedule) -> float | None:
+    """The least makespan any schedule of the planned work could have under the same cost model
+    (`scheduler.bounds`, computed where the planner runs, `PlanningProblem.lower_bound`); None
+    when the planner did not say."""
+    got = getattr(schedule, "lower_bound_s", None)
+    return None if got is None else float(got)
 
 
 def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,

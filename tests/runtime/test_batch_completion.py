@@ -1,6 +1,7 @@
 """Each pooled batch's predicted completion in the executor's plan events (`batches_predicted_s`):
-every open batch with requests left, never past the predicted makespan, computed where the planner
-runs (its own process too), absent for planners that do not say."""
+every open batch with requests left, never past the predicted makespan; and the makespan's lower
+bound (`lower_bound_s`, `scheduler.bounds`), never above it; both computed where the planner runs
+(its own process too), absent for planners that do not say."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ async def test_every_open_batch_gets_its_predicted_completion(tmp_path) -> None:
         got = e["batches_predicted_s"]
         assert got and set(got) <= {"x", "y"}
         assert all(s <= e["predicted_makespan_s"] for s in got.values())
+        assert 0 < e["lower_bound_s"] <= e["predicted_makespan_s"], e
         if sum(e["remaining"].values()) and "a" not in e["remaining"]:
             assert "x" not in got  # a batch with all its requests done is absent
             after_a += 1
@@ -69,7 +71,8 @@ async def test_a_planner_that_does_not_say_leaves_it_out(tmp_path) -> None:
         return Schedule(strategy, [stage], 1.0)
 
     ex = await _pooled(tmp_path, scripted)
-    assert plans(ex, "x") and all("batches_predicted_s" not in e for e in plans(ex, "x"))
+    assert plans(ex, "x") and all("batches_predicted_s" not in e and "lower_bound_s" not in e
+                                  for e in plans(ex, "x"))
 
 
 async def test_computed_in_the_planners_own_process(tmp_path) -> None:
@@ -81,3 +84,4 @@ async def test_computed_in_the_planners_own_process(tmp_path) -> None:
     first = plans(ex, "x")[0]
     assert set(first["batches_predicted_s"]) == {"x", "y"}
     assert max(first["batches_predicted_s"].values()) <= first["predicted_makespan_s"]
+    assert 0 < first["lower_bound_s"] <= first["predicted_makespan_s"]
