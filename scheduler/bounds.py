@@ -2,7 +2,7 @@
 
 No schedule of the work can end before
 
-    max(alone, area) + start
+    max(area + start, solo)
 
 - `alone`: the longest of the models, each alone at its best shape (the least run time over every
   shape the pool allows, all devices included): a model's requests must all be served, and no shape
@@ -12,7 +12,10 @@ No schedule of the work can end before
   the model is done, and the pool has only so many device-seconds;
 - `start`: the least engine start the plan can be charged (a model whose engine runs and serves
   now: what is left of its start, 0 once it serves; else its cheapest (model, TP) load time as the
-  planner prices a start alone in a ready spare): nothing is served before the first engine is up.
+  planner prices a start alone in a ready spare): nothing is served before the first engine is up;
+- `solo`: the most, over models, of the model's own least start plus its least run time: each
+  model's engines must be up before it is served. It is at least `alone + start`, and tighter once
+  one engine is warm (a warm engine makes `start` 0 while the other models still have to start).
 
 Run times are the planner's own estimates (`scheduler.stages.Context.option` on the planner's
 initial state, i.e. `scheduler.estimator` with the problem's calibrated latency), not a second
@@ -47,15 +50,17 @@ class ShapeCost:
 
 @dataclass(frozen=True)
 class LowerBound:
-    """`value_s` = max(`alone_s`, `area_s`) + `start_s` (see the module docstring)."""
+    """`value_s` = max(`area_s` + `start_s`, `solo_s`) (see the module docstring); `solo_s` is
+    never below `alone_s` + `start_s`."""
 
     alone_s: float
     area_s: float
     start_s: float
+    solo_s: float = 0.0
 
     @property
     def value_s(self) -> float:
-        return max(self.alone_s, self.area_s) + self.start_s
+        return max(max(self.alone_s, self.area_s) + self.start_s, self.solo_s)
 
 
 def lower_bound(costs: Mapping[str, Sequence[ShapeCost]], devices: int) -> LowerBound:
@@ -71,7 +76,8 @@ def lower_bound(costs: Mapping[str, Sequence[ShapeCost]], devices: int) -> Lower
     alone = max(min(c.run_s for c in cs) for cs in costs.values())
     area = sum(min(c.devices * c.run_s for c in cs) for cs in costs.values()) / devices
     start = min(c.start_s for cs in costs.values() for c in cs)
-    return LowerBound(alone, area, start)
+    solo = max(min(c.start_s for c in cs) + min(c.run_s for c in cs) for cs in costs.values())
+    return LowerBound(alone, area, start, solo)
 
 
 def shape_costs(ctx: Context, state: PlanState) -> dict[str, list[ShapeCost]]:

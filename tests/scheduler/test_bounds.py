@@ -31,12 +31,15 @@ def two_core_problem(outputs: dict[str, int], c0: dict[int, float], **kw) -> Pla
 
 def test_bound_of_costs_is_the_larger_term_plus_the_least_start():
     one = {"a": [ShapeCost(1, 4.0, 5.0), ShapeCost(2, 3.0, 6.0)]}
-    assert lower_bound(one, 2) == LowerBound(3.0, 2.0, 5.0)
+    # solo: a's least start (5) + its least run (3)
+    assert lower_bound(one, 2) == LowerBound(3.0, 2.0, 5.0, 8.0)
     assert lower_bound(one, 2).value_s == 8.0
     two = {"a": [ShapeCost(1, 4.0, 5.0), ShapeCost(2, 3.0, 6.0)],
            "b": [ShapeCost(1, 2.0, 7.0), ShapeCost(2, 1.5, 0.0)]}
-    # area: (min(4, 6) + min(2, 3)) / 2 = 3 = alone; b's engine serves now: no start
-    assert lower_bound(two, 2) == LowerBound(3.0, 3.0, 0.0)
+    # area: (min(4, 6) + min(2, 3)) / 2 = 3 = alone; b's engine serves now: no start, but a
+    # must still start its own (solo: 5 + 3 = 8 > area + start = 3)
+    assert lower_bound(two, 2) == LowerBound(3.0, 3.0, 0.0, 8.0)
+    assert lower_bound(two, 2).value_s == 8.0
     assert lower_bound({}, 4).value_s == 0.0
     with pytest.raises(ValueError):
         lower_bound({"a": []}, 2)
@@ -67,6 +70,10 @@ def test_a_warm_engine_starts_nothing_and_spares_are_priced_ready():
     warm = two_core_problem({"a": 10, "b": 30}, {1: 0.1, 2: 0.08},
                             running={"a": ExecPlan("a", 1, 1, (0,))})
     assert Planner(warm).lower_bound().start_s == 0.0
+    # ... but b still has to start: its least start + least run (30 × 0.08 = 2.4 s)
+    assert Planner(warm).lower_bound().value_s >= 5.0 + 2.4 - 1e-9
+    for s in STRATEGIES:
+        assert Planner(warm).plan(s).makespan_s >= Planner(warm).lower_bound().value_s - 1e-9, s
     # no spare ready: the planner charges the import, the bound does not (a ready one could be)
     cold = two_core_problem({"a": 10}, {1: 0.1, 2: 0.08}, spares=(4.0,), no_spare_s=7.0)
     assert Planner(cold).lower_bound().start_s == 5.0
