@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	# PyPI's torchvision breaks `import transformers` next to the CPU torch ("torchvision::nms does not exist").
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	# the status page's browser tests (tests/gateway/test_status_page.py) drive headless chromium
+	if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && \
+			[ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	fi
 	touch $(STAMP)
 
 run: install

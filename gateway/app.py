@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable
 
 from aiohttp import web
 
-from gateway import batches_views, events_views, file_expiry, files_views
+from gateway import batches_views, events_views, file_expiry, files_views, ui
 from gateway.auth import auth_middleware
 from gateway.batches import BatchService
 from gateway.errors import error_middleware
@@ -87,6 +87,7 @@ def create_app(cfg: Config, executor: Executor, *,
                           client_max_size=CONTROL_BODY_LIMIT)
     app[CONFIG] = cfg
     app.router.add_routes(ROUTES)
+    app.router.add_routes(ui.ROUTES)  # the status page (HTML: not in openapi.json)
 
     async def state(app: web.Application) -> AsyncIterator[None]:
         state_dir = cfg.state_dir

@@ -19,7 +19,9 @@ from runtime.config import ConfigError
 
 OWNER = web.RequestKey("owner", str)
 ANONYMOUS = "anonymous"
-PUBLIC_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# the status page's shell is public too: it holds no data (`gateway.ui`: its fragments need a key)
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/openapi.json",
+                          "/", "/ui", "/ui/status.js", "/ui/status.css"})
 # Every key configured in this process, for `gateway.logs` to redact from log records: a key may
 # reach one in any header (aiohttp quotes the raw request when it cannot parse it).
 CONFIGURED_KEYS: set[str] = set()
