@@ -18,6 +18,7 @@ from gateway.filestore import FileStore
 from gateway.ids import derived_id
 from gateway.lines import Requests
 from runtime.executor_api import Outcome
+from runtime.usage import usage_of
 
 UNFINISHED = {
     "batch_expired": "This request could not be executed before the completion window expired.",
@@ -50,11 +51,9 @@ class Counts:
         setattr(self, key, getattr(self, key) + 1)
         pm = self.per_model.setdefault(o.model, {"total": 0, "completed": 0, "failed": 0})
         pm[key] += 1
-        usage = (o.response_body or {}).get("usage") or {}
-        # chat/completions/embeddings name them prompt/completion tokens, responses input/output
-        self.input_tokens += int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
-        self.output_tokens += int(usage.get("completion_tokens") or usage.get("output_tokens")
-                                  or 0)
+        usage = usage_of(o.response_body)
+        self.input_tokens += usage.prompt or 0
+        self.output_tokens += usage.output or 0
 
     def request_counts(self) -> dict[str, int]:
         return {"total": self.total, "completed": self.completed, "failed": self.failed}

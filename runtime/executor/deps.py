@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 from runtime.executor.pool_state import Req
 from runtime.executor_api import Outcome
 from runtime.placeholders import generated_text
+from runtime.usage import usage_of
 
 DEPENDENCY_FAILED = "dependency_failed"
 
@@ -33,9 +34,8 @@ def upstream_failure(custom_id: str, outcome: Outcome | None) -> str:
 
 
 def output_tokens(outcome: Outcome) -> int:
-    usage = (outcome.response_body or {}).get("usage") or {}
-    n = usage.get("completion_tokens")
-    return n if isinstance(n, int) and n > 0 else 0
+    n = usage_of(outcome.response_body).output
+    return n if n else 0
 
 
 @dataclass

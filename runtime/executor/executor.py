@@ -63,6 +63,7 @@ from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describ
                                        lower_bound, model_specs, plan_problem,
                                        refit_calibration, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
+from runtime.usage import hit_length_cap, usage_of
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
 
@@ -518,18 +519,15 @@ class PoolExecutor:
 
     def _observe(self, req: Req, outcome: Outcome) -> None:
         """Feed a finished request's output length to the length model (censored when capped)."""
-        body = outcome.response_body or {}
         if req.item.url == EMBEDDINGS_URL:
             return
-        usage = body.get("usage") or {}
-        tokens = usage.get("completion_tokens")
-        choices = body.get("choices") or [{}]
-        if not isinstance(tokens, int):
+        tokens = usage_of(outcome.response_body).output
+        if tokens is None:
             return
-        per_choice = max(1, round(tokens / len(choices)))
-        for choice in choices:
-            capped = isinstance(choice, dict) and choice.get("finish_reason") == "length"
-            self._lengths.observe(req.model, req.item.url, per_choice, capped)
+        capped = hit_length_cap(outcome.response_body)
+        per_choice = max(1, round(tokens / len(capped)))
+        for cap in capped:
+            self._lengths.observe(req.model, req.item.url, per_choice, cap)
 
     # -- control ----------------------------------------------------------------------------------
     def _request_pass(self, reason: str) -> asyncio.Future:

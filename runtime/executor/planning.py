@@ -26,6 +26,7 @@ import numpy as np
 from runtime.persist import load_profile
 from runtime.config import Config
 from runtime.executor.pool_state import Req, ReqState
+from runtime.usage import usage_of
 from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
 from scheduler.lengths import LengthModel
@@ -205,20 +206,16 @@ def served_record(body: Any, prompt_tokens: int, queued_s: float, sent_s: float,
                   done_s: float) -> Served | None:
     """An answered request as an online-calibration observation (tokens from its `usage`; the
     prompt as validation counted it when the engine does not say); None without a usage."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
+    if not isinstance(body, dict) or not isinstance(body.get("usage"), dict):
         return None
-    prompt = usage.get("prompt_tokens")
-    out = usage.get("completion_tokens")
-    prompt = prompt if isinstance(prompt, int) and prompt > 0 else max(1, prompt_tokens)
+    usage = usage_of(body)
+    prompt = usage.prompt if usage.prompt else max(1, prompt_tokens)
     # tokens the engine's prefix cache already held were not computed: the replay (which has no
     # prefixes) prefills only the rest, else every hit would read as a faster engine
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    if isinstance(cached, int) and 0 < cached < prompt:
-        prompt -= cached
+    if usage.cached and usage.cached < prompt:
+        prompt -= usage.cached
     return Served(min(queued_s, sent_s), sent_s, done_s, prompt,
-                  out if isinstance(out, int) and out > 0 else 1)
+                  usage.output if usage.output else 1)
 
 
 def cold_start_s(meta: dict) -> float:
