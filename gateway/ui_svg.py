@@ -3,8 +3,8 @@
 Input: the batch's events as `GET /v1/batches/{id}/events` gives them (`type`, `created_at`,
 `data`). Each device is a row of two lanes: the upper one holds the planned stages of the latest
 `plan`/`replan` event (a `schedule` list, every stage's `start_s`/`end_s` after the event and its
-`plans`, when the event has one; today's events name the first `stage` only, drawn from the event
-up to the predicted makespan), the lower one each engine as it ran, from `engine_start` (starting,
+`plans`; events stored before plan events carried it name the first `stage` only, drawn from the
+event up to the predicted makespan), the lower one each engine as it ran, from `engine_start` (starting,
 pale) over `engine_started` (serving) to `engine_stop` / `engine_failed` / `engine_start_failed`
 (or now). Pure: strings in, a string out; every text is escaped.
 """

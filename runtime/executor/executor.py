@@ -59,7 +59,8 @@ from runtime.persist import (alone_start_s, blend, load_calibration, load_length
 from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
 from runtime.executor.deadlines import Deadlines
 from runtime.executor.queues import ModelQueues
-from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describe_stage,
+from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describe_schedule,
+                                       describe_stage,
                                        lower_bound, model_specs, plan_problem,
                                        refit_calibration, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
@@ -639,7 +640,8 @@ class PoolExecutor:
         bound = lower_bound(schedule)
         self.emit("plan" if head.plans == 1 else "replan", strategy=head.strategy,
                    reasons=reasons, stage=describe_stage(first) if first else [],
-                   stages=len(schedule.stages), predicted_makespan_s=schedule.makespan_s,
+                   stages=len(schedule.stages), schedule=describe_schedule(schedule),
+                   predicted_makespan_s=schedule.makespan_s,
                    **({} if bound is None else {"lower_bound_s": bound}),
                    **({} if done is None else {"batches_predicted_s": done}),
                    planning_time_s=round(self.clock.monotonic() - t0, 4),

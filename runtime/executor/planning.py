@@ -382,3 +382,9 @@ def stage_replicas(stage: Stage) -> dict[ReplicaKey, ExecPlan]:
 def describe_stage(stage: Stage) -> list[dict]:
     return [{"model": p.model, "tp": p.tp, "dp": p.dp, "devices": list(p.devices)}
             | ({"threads": p.threads} if p.threads > 1 else {}) for p in stage.plans]
+
+
+def describe_schedule(schedule: Schedule) -> list[dict]:
+    """Every stage of a plan, seconds from the plan (the status page's Gantt chart)."""
+    return [{"start_s": round(st.start_s, 3), "end_s": round(st.end_s, 3),
+             "plans": describe_stage(st)} for st in schedule.stages]

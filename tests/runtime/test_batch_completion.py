@@ -64,6 +64,17 @@ async def test_every_open_batch_gets_its_predicted_completion(tmp_path) -> None:
     assert after_a, [e["remaining"] for e in plans(ex, "y")]
 
 
+async def test_plan_events_carry_every_stage(tmp_path) -> None:
+    """The status page draws the whole plan: each event lists every stage, the first as `stage`."""
+    ex = await _pooled(tmp_path)
+    for e in plans(ex, "y"):
+        sched = e["schedule"]
+        assert len(sched) == e["stages"] >= 1 and sched[0]["plans"] == e["stage"]
+        assert all(0 <= st["start_s"] <= st["end_s"] <= e["predicted_makespan_s"] + 1e-3
+                   for st in sched), sched
+        assert sched[-1]["end_s"] == pytest.approx(e["predicted_makespan_s"], abs=1e-3)
+
+
 async def test_a_planner_that_does_not_say_leaves_it_out(tmp_path) -> None:
     def scripted(problem, strategy):
         stage = Stage([ExecPlan(m, 1, 1, (i,)) for i, m in enumerate(sorted(problem.work))],
