@@ -23,9 +23,9 @@ from runtime.config import Config, load_config
 from runtime.engines.devices import discover_pool
 from runtime.engines.engine import VllmLauncher, base_env
 from runtime.engines.spares import SparePool, spare_count
+from runtime.executor.autoprofile import ProfileLaunch, ProfileProcess
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.planner_process import ProcessPlanner
-from runtime.executor_api import Executor
 from tools.tinymodel import write_tiny_model
 
 log = logging.getLogger("samullm.serve")
@@ -58,9 +58,24 @@ def make_demo_models(cfg: Config) -> list[Path]:
         written.append(path)
     return written
 
-def default_executor(cfg: Config) -> Executor:
+# a background profile (`[scheduler] auto_profile`) is a quick one: its cost is in that key's help
+AUTO_PROFILE_ARGS = ("--quick",)
+
+
+def auto_profile_launch(config_path: str | Path, cfg: Config,
+                        extra: tuple[str, ...] = AUTO_PROFILE_ARGS) -> ProfileLaunch:
+    """How the executor's background profiling runs one shape: `samullm profile` of this config
+    file into this gateway's state dir (a subprocess: the runtime does not import the tools)."""
+    argv = [sys.executable, "-m", "cli.main", "profile", "--config",
+            str(Path(config_path).resolve()), "--state-dir", str(cfg.state_dir.resolve()), *extra]
+    return ProfileProcess.launcher(lambda shape: [*argv, *shape.cli_args()],
+                                   cfg.state_dir / "logs", cfg.devices.confine_cpu_engines)
+
+
+def default_executor(cfg: Config, config_path: str | Path | None = None) -> PoolExecutor:
     """The real executor on vLLM engines (the composition root: the gateway never imports the
-    engine stack; tests hand `create_app` a double)."""
+    engine stack; tests hand `create_app` a double). With `config_path` (the file `cfg` was
+    loaded from), `[scheduler] auto_profile = "idle"` can run the profiler on it."""
     # the planner in its own process: in a thread it would hold the GIL the event loop needs
     planner = ProcessPlanner()
     planner.warm_up()  # from this (the main) thread: the worker's parent-death signal is tied to it
@@ -68,7 +83,8 @@ def default_executor(cfg: Config) -> Executor:
     n_spares = spare_count(cfg, pool)
     spares = SparePool(n_spares, cfg.state_dir / "logs", base_env) if n_spares else None
     launcher = VllmLauncher(spares=spares, state_dir=cfg.state_dir)  # state_dir: /dev/shm records
-    return PoolExecutor(cfg, launcher, planner=planner, pool=pool)
+    launch = auto_profile_launch(config_path, cfg) if config_path is not None else None
+    return PoolExecutor(cfg, launcher, planner=planner, pool=pool, profile_launch=launch)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -97,9 +113,14 @@ def serve_main(args: argparse.Namespace) -> int:
     if pool.kind == "cpu":
         print(f"cpu engines: confined to their cores: {cfg.devices.confine_cpu_engines}; "
               f"spare engine processes: {spare_count(cfg, pool)}")
+    if cfg.scheduler.auto_profile != "off":
+        print(f"background profiling: {cfg.scheduler.auto_profile} (shapes without a profile, "
+              f"while no batch runs; logs under {cfg.state_dir / 'logs'})")
     print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
     try:
-        web.run_app(create_app(cfg, default_executor(cfg), lock=lock), sock=sock, print=None, handle_signals=True,
+        executor = default_executor(cfg, args.config)
+        web.run_app(create_app(cfg, executor, lock=lock, on_live_batches=executor.gateway_batches),
+                    sock=sock, print=None, handle_signals=True,
                     access_log=None)  # gateway.logs writes access lines
     except StateDirError as exc:
         print(f"samullm: {exc}", file=sys.stderr)

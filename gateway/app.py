@@ -78,10 +78,13 @@ ROUTES = [
 
 def create_app(cfg: Config, executor: Executor, *,
                clock: Callable[[], float] = time.time,
-               expiry_interval_s: float = 5.0, lock: StateDirLock | None = None) -> web.Application:
+               expiry_interval_s: float = 5.0, lock: StateDirLock | None = None,
+               on_live_batches: Callable[[int], None] | None = None) -> web.Application:
     """The gateway app. It owns `executor` (closes it on shutdown; `cli.serve` builds the real one).
     `lock`:
-    the state dir's lock when the caller took it already (`samullm serve`, before binding)."""
+    the state dir's lock when the caller took it already (`samullm serve`, before binding).
+    `on_live_batches`: told the number of live batches (validating, in progress, finalizing)
+    whenever it changes (`samullm serve`: the executor's background profiling stops for them)."""
     app = web.Application(middlewares=[request_id_middleware, error_middleware,
                                        auth_middleware(cfg.auth.api_keys)],
                           client_max_size=CONTROL_BODY_LIMIT)
@@ -98,7 +101,7 @@ def create_app(cfg: Config, executor: Executor, *,
             store.sweep(known=db.file_ids())  # before anything resumes
             ex = executor
             gm = GatewayMetrics()
-            service = BatchService(cfg, db, store, ex, gm, clock)
+            service = BatchService(cfg, db, store, ex, gm, clock, on_live_batches)
             gm.bind(db.count_by_status, service.queue_depth,
                     lambda: len(ex.health().get("idle_engines", ())))
             outbox = Outbox(db, cfg.webhooks)  # hooked before a resumed batch can end

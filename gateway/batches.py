@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from gateway import lifecycle as lc
@@ -30,6 +29,7 @@ from gateway.filestore import FileStore
 from gateway.finalize import Counts, journaled_requests, write_result_files
 from gateway.ids import new_batch_id
 from gateway.journal import Journal, journal_path, load
+from gateway.live import LiveBatch
 from gateway.lines import input_requests
 from gateway.metrics import GatewayMetrics
 from gateway.tokens import TokenCounter
@@ -53,29 +53,14 @@ class QueueFull(Exception):
         self.limit, self.queued, self.new = limit, queued, new
 
 
-@dataclass
-class LiveBatch:
-    """In-memory state of a batch that has a runner."""
-
-    batch_id: str
-    counts: Counts | None = None
-    done: set[str] = field(default_factory=set)
-    journal: Journal | None = None
-    end_reason: str | None = None  # lc.CANCELLED or lc.EXPIRED once asked to stop early
-    submitted: bool = False
-    stop_task: asyncio.Task[None] | None = None
-    runner: asyncio.Task[None] | None = None
-    # the validated requests (finalizing from them reads the input file no second time)
-    items: list[WorkItem] | None = None
-    # the journal as loaded when the batch resumed (read once, not again to submit)
-    resumed: list[Outcome] | None = None
-
-
 class BatchService:
     def __init__(self, cfg: Config, db: Database, store: FileStore, executor: Executor,
-                 metrics: GatewayMetrics, clock: Callable[[], float] = time.time) -> None:
+                 metrics: GatewayMetrics, clock: Callable[[], float] = time.time,
+                 on_live: Callable[[int], None] | None = None) -> None:
         self.cfg, self.db, self.store, self.executor = cfg, db, store, executor
         self.metrics, self.clock = metrics, clock
+        # told the number of live batches (validating included) whenever it changes
+        self.on_live = on_live or (lambda n: None)
         self.tokens = TokenCounter(cfg)
         self.live: dict[str, LiveBatch] = {}
         self.closing = False
@@ -193,6 +178,7 @@ class BatchService:
     def _start_runner(self, batch_id: str) -> None:
         live = self.live.setdefault(batch_id, LiveBatch(batch_id))
         live.runner = asyncio.create_task(self._run(live), name=f"batch-{batch_id}")
+        self.on_live(len(self.live))
 
     def _stop(self, live: LiveBatch, reason: str) -> None:
         live.end_reason = reason
@@ -231,6 +217,7 @@ class BatchService:
         if live.journal is not None:
             await live.journal.close()
         self.live.pop(live.batch_id, None)
+        self.on_live(len(self.live))
 
     async def _reset(self, live: LiveBatch) -> None:
         """Forget what a failed drive held in memory; the next drive starts from what is durable."""

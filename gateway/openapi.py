@@ -251,7 +251,21 @@ PATHS: dict[str, Any] = {
                                   "properties": {"ready": {"type": "integer", "minimum": 0},
                                                  "target": {"type": "integer", "minimum": 0},
                                                  # what a start without one costs more (CPU s)
-                                                 "import_s": {"type": "number", "minimum": 0}}}}}}}}}}},
+                                                 "import_s": {"type": "number", "minimum": 0}}},
+                # [scheduler] auto_profile = "idle": background profiling of shapes without a
+                # profile (runtime.executor.autoprofile)
+                "auto_profile": {
+                    "type": "object", "required": ["state", "missing"],
+                    "properties": {
+                        "state": {"type": "string", "enum": ["profiling", "waiting", "done"]},
+                        "missing": {"type": "integer", "minimum": 0,
+                                    "description": "shapes without a profile"},
+                        "failed": {"type": "integer", "minimum": 1,
+                                   "description": "of those, the ones whose run failed"},
+                        "shape": {"type": "object", "required": ["model", "tp", "threads",
+                                                                 "devices"],
+                                  "description": "while profiling: the shape measured"},
+                        "running_s": {"type": "number", "minimum": 0}}}}}}}}}}},
     "/metrics": {"get": {"operationId": "metrics", "security": [], "responses": {
         "200": {"description": "Prometheus text exposition",
                 "content": {"text/plain": {"schema": _STR}}}}}},

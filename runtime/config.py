@@ -27,6 +27,8 @@ from scheduler.planner import STRATEGIES
 
 # whose request a model's engines take next (`runtime.executor.queues`)
 FAIRNESS = ("fair", "fifo")
+# what the gateway does with idle devices (`runtime.executor.autoprofile`)
+AUTO_PROFILE = ("off", "idle")
 # the batch events a [[webhooks]] endpoint may take (OpenAI's names)
 WEBHOOK_EVENTS = ("batch.completed", "batch.failed", "batch.cancelled", "batch.expired")
 
@@ -374,8 +376,20 @@ class SchedulerConfig:
         "help": "served requests kept per (model, TP, threads, device kind) for the online "
                 "calibration (of each engine its first quarter and its newest); a fit replays "
                 "them (~15 ms per 100, in a thread)"})
+    auto_profile: str = field(default="off", metadata={
+        "help": "idle = while no batch runs (none validating, queued or in progress, no engine "
+                "up), profile one by one the shapes (model, TP, threads) the planner may choose "
+                "on these devices that have no profile under <state_dir>/profiles yet: `samullm "
+                "profile --quick` at nice 19 on the shape's cores; a batch arriving kills it at "
+                "once (nothing saved; retried at the next idle time); each profile is used from "
+                "the next plan on. Costs the shape's cores for ~45 s per shape for the demo "
+                "models on this 2-core CPU (a quick sweep, an engine start, the served "
+                "calibration; longer for bigger models); off = profiles only by hand"})
 
     def validate(self, where: str) -> None:
+        if self.auto_profile not in AUTO_PROFILE:
+            raise ConfigError(f"{where}.auto_profile: one of {', '.join(AUTO_PROFILE)}; got "
+                              f"{self.auto_profile!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"{where}.strategy: one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         if self.fairness not in FAIRNESS:

@@ -47,7 +47,7 @@ import numpy as np
 
 from runtime.config import Config, ConfigError, ModelConfig, load_config
 from runtime.engines.devices import discover_pool, engine_device_kind
-from runtime.engines.engine import Engine, EngineSpec, base_env, cpu_bind_string
+from runtime.engines.engine import Engine, EngineSpec, base_env, child_setup, cpu_bind_string
 from runtime.engines.spares import SparePool
 from runtime.executor.planning import model_specs
 from runtime.persist import save_profile
@@ -203,11 +203,11 @@ def measure_iterations(model: ModelConfig, model_path: Path, devices: tuple[int,
     log_path = work_dir / f"profile-{model.name}-{shape}.log"
     bar = _bar(len(cases), f"profile {model.name} tp={tp}", progress)
     with open(log_path, "w") as log:
-        # on its cores only, like a confined served engine (EngineSpec.confined_cores)
+        # on its cores only, like a confined served engine (EngineSpec.confined_cores), at this
+        # process's priority (a background run's 19), and gone with this process
         proc = subprocess.Popen([sys.executable, "-m", "tools.profiler", json.dumps(job)],
                                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                start_new_session=True,
-                                preexec_fn=lambda: os.sched_setaffinity(0, devices))
+                                start_new_session=True, preexec_fn=child_setup(0, devices))
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

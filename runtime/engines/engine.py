@@ -180,15 +180,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_setup(nice: int, cores: tuple[int, ...] = ()) -> Callable[[], None]:
-    """preexec_fn for an engine: parent-death signal, then the niceness and the CPU affinity every
-    process of the engine inherits (the engine is throughput work; the gateway's event loop must win
-    a contended core, and an engine keeps to the cores the plan gave it)."""
+def child_setup(nice: int, cores: tuple[int, ...] = ()) -> Callable[[], None]:
+    """preexec_fn for an engine (and for a profiling run, `runtime.executor.autoprofile`, and its
+    workers): parent-death signal, then the niceness and the CPU affinity every process of the
+    engine inherits (the engine is throughput work; the gateway's event loop must win a contended
+    core, and an engine keeps to the cores the plan gave it). A new session's autogroup takes the
+    niceness the process ends up with, so a child that starts a session of its own keeps its
+    parent's priority (a profiling run at 19 starts its sweep worker and engine that way)."""
     def setup() -> None:
         set_pdeathsig()
         if nice:
             os.nice(nice)
-            set_autogroup_nice(nice)
+        set_autogroup_nice(os.getpriority(os.PRIO_PROCESS, 0))
         if cores:
             os.sched_setaffinity(0, cores)
     return setup
@@ -254,7 +257,7 @@ class Engine:
                 self._proc = await asyncio.create_subprocess_exec(
                     *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                     stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                    preexec_fn=_child_setup(self.spec.nice, self.spec.confined_cores()),
+                    preexec_fn=child_setup(self.spec.nice, self.spec.confined_cores()),
                 )
         self.spare_used = spare is not None
         self.pid = self._proc.pid

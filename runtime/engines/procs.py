@@ -1,6 +1,6 @@
 """The engines' process helpers, standard library only (the guard and the spare child import them
 and must start in milliseconds): the parent-death signal, autogroup niceness, and process groups read
-from /proc."""
+from /proc, and a whole process tree frozen to be killed (`freeze_tree`)."""
 
 from __future__ import annotations
 
@@ -65,3 +65,44 @@ def group_cpu_s(pgid: int) -> float:
 def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group `pgid`, from /proc."""
     return [pid for pid, state, _, group in proc_stats() if state != "Z" and group == pgid]
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and its live descendants (followed by parent pid, whatever group or session they
+    made for themselves), from /proc."""
+    children: dict[int, list[int]] = {}
+    alive = set()
+    for pid, state, ppid, _ in proc_stats():
+        if state != "Z":
+            alive.add(pid)
+            children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in alive:
+            out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def freeze_tree(root: int) -> list[int]:
+    """SIGSTOP `root` and each of its descendants until no new one appears, and return them all: a
+    stopped process forks no more, so what is then killed leaves no child behind (a child killed
+    after its parent would be re-parented to init and out of reach)."""
+    frozen: set[int] = set()
+    while True:
+        new = [pid for pid in tree_pids(root) if pid not in frozen]
+        if not new:
+            return sorted(frozen)
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        frozen.update(new)
+
+
+def live_pids(pids: list[int]) -> list[int]:
+    """Those of `pids` that are still running (not gone, not zombies)."""
+    wanted = set(pids)
+    return [pid for pid, state, _, _ in proc_stats() if pid in wanted and state != "Z"]

@@ -57,6 +57,7 @@ from runtime.persist import (alone_start_s, blend, load_calibration, load_length
                              load_start_times, save_calibration, save_length_model,
                              save_start_times)
 from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
+from runtime.executor.autoprofile import AutoProfiler, ProfileLaunch, missing_shapes
 from runtime.executor.deadlines import Deadlines
 from runtime.executor.queues import ModelQueues
 from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describe_schedule,
@@ -99,7 +100,7 @@ class PoolExecutor:
 
     def __init__(self, cfg: Config, launcher: Launcher, *, planner: Planner = plan,
                  state_dir: Path | None = None, pool: DevicePool | None = None,
-                 clock: Clock = SYSTEM) -> None:
+                 clock: Clock = SYSTEM, profile_launch: ProfileLaunch | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.launcher = launcher
@@ -130,6 +131,10 @@ class PoolExecutor:
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
         self._linger: asyncio.Task | None = None  # wakes a pass when a warm engine's time is up
+        # `[scheduler] auto_profile = "idle"`: profiles missing shapes while idle (start())
+        self._profile_launch = profile_launch
+        self.auto_profile: AutoProfiler | None = None
+        self._gateway_live = 0  # the gateway's live batches (`gateway_batches`)
         self._listeners: list[EventSink] = []  # told of every event (`listen`)
 
     @property
@@ -143,6 +148,13 @@ class PoolExecutor:
             self._specs = model_specs(self.cfg, self.pool.kind)
         await self.launcher.start()  # spare engine processes, /dev/shm left by a predecessor
         self._control = asyncio.create_task(self._control_loop(), name="executor-control")
+        if self.cfg.scheduler.auto_profile == "idle" and self._profile_launch is not None:
+            pool = self.pool
+            self.auto_profile = AutoProfiler(
+                lambda: missing_shapes(self.cfg, pool, self._specs, self.state_dir),
+                self._profile_launch, self._idle, self.clock,
+                lambda kind, **data: self.emit(kind, [], **data))
+            self.auto_profile.start()
         log.info("executor ready: %s devices %s", self.pool.kind, list(self.pool.ids))
 
     def submit(self, batch_id: str, items: Sequence[WorkItem], sink: OutcomeSink,
@@ -150,6 +162,8 @@ class PoolExecutor:
                deadline_at: float | None = None) -> None:
         if self._closing:
             raise RuntimeError("executor is closed")
+        if self.auto_profile is not None:  # the devices are the batch's from now on
+            self.auto_profile.stop()
         strategy = strategy or self.cfg.scheduler.strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
@@ -221,8 +235,24 @@ class PoolExecutor:
     def listen(self, sink: EventSink) -> None:
         self._listeners.append(sink)
 
+    def gateway_batches(self, live: int) -> None:
+        """The gateway's live batches (validating, in progress or finalizing), told whenever their
+        number changes: a batch is known there before it is validated and submitted here, and
+        background profiling stops at once when one is created."""
+        self._gateway_live = live
+        if live and self.auto_profile is not None:
+            self.auto_profile.stop()
+
+    def _idle(self) -> bool:
+        """Nothing runs or is about to: no live batch at the gateway, no open pool, no engine up
+        or stopping (what background profiling waits for)."""
+        return not (self._closing or self._gateway_live or any(p.has_open() for p in self._pools)
+                    or self.slots.all or self.slots.dying)
+
     async def close(self) -> None:
         self._closing = True
+        if self.auto_profile is not None:
+            await self.auto_profile.close()
         self._pulse_store_retry()
         if self._linger is not None:
             self._linger.cancel()
@@ -253,6 +283,8 @@ class PoolExecutor:
         if spares is not None:  # ready = an engine start now skips the API server's import
             out["spare_engines"] = {"ready": spares.ready_count(), "target": spares.size,
                                     "import_s": round(spares.import_s(), 2)}
+        if self.auto_profile is not None:
+            out["auto_profile"] = self.auto_profile.health()
         return out
 
     def _spares(self) -> Any:

@@ -174,13 +174,18 @@ class LatencySource:
         return out
 
 
+def planner_shapes(specs: Mapping[str, ModelSpec], pool: DevicePool) -> list[tuple[str, int, int]]:
+    """Every (model, tp, threads) the planner may give each of `specs` on `pool`, by model name."""
+    width = max(len(g) for g in pool.topology_groups())
+    return [(name, tp, th) for name, spec in sorted(specs.items())
+            for tp in tp_degrees(pool) if spec.valid_tp(tp)
+            for th in thread_counts(pool) if tp * th <= width]
+
+
 def latency_sources(latency: LatencySource, specs: Mapping[str, ModelSpec],
                     pool: DevicePool) -> list[dict[str, Any]]:
     """`LatencySource.source` of every shape the planner may give each of `specs` on `pool`."""
-    width = max(len(g) for g in pool.topology_groups())
-    return [latency.source(spec, tp, th) for _, spec in sorted(specs.items())
-            for tp in tp_degrees(pool) if spec.valid_tp(tp)
-            for th in thread_counts(pool) if tp * th <= width]
+    return [latency.source(specs[m], tp, th) for m, tp, th in planner_shapes(specs, pool)]
 
 
 def engine_limits(spec: ModelSpec, tp: int, kv: Callable[[ModelSpec, int], int]) -> EngineLimits:

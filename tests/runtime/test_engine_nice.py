@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from runtime.engines.engine import _child_setup
+from runtime.engines.engine import child_setup
 from scheduler.types import DevicePool
 from tests.runtime.fakes import FakeLauncher
 from tests.runtime.test_executor import items, make_cfg, run_once
@@ -16,7 +16,7 @@ from tests.runtime.test_executor import items, make_cfg, run_once
 def test_child_setup_adds_niceness_to_the_process() -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     for nice in (0, 5):
-        child = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(nice))
+        child = subprocess.Popen(["sleep", "5"], preexec_fn=child_setup(nice))
         try:
             assert os.getpriority(os.PRIO_PROCESS, child.pid) == min(19, base + nice)
         finally:
@@ -41,8 +41,8 @@ def test_engine_session_gets_the_niceness_across_sessions() -> None:
     if not os.path.exists("/proc/self/autogroup"):
         pytest.skip("kernel without CONFIG_SCHED_AUTOGROUP: niceness alone is what counts")
     before = _autogroup("self")
-    child = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(5), start_new_session=True)
-    same = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(5))
+    child = subprocess.Popen(["sleep", "5"], preexec_fn=child_setup(5), start_new_session=True)
+    same = subprocess.Popen(["sleep", "5"], preexec_fn=child_setup(5))
     try:
         group = _autogroup(child.pid)
         if not (before and group):
@@ -55,6 +55,30 @@ def test_engine_session_gets_the_niceness_across_sessions() -> None:
         for c in (child, same):
             c.kill()
             c.wait()
+
+
+def test_a_new_session_keeps_the_niceness_its_process_has() -> None:
+    """A process at nice N (a background profile runs at 19) whose child starts a session of its
+    own (the profiler's sweep worker, the engine it times) gives that session's autogroup N too:
+    at the default 0 it would take a full share against the gateway's session."""
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("kernel without CONFIG_SCHED_AUTOGROUP: niceness alone is what counts")
+    want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+
+    def at_seven_then_setup() -> None:
+        os.nice(7)  # what the parent had (a child inherits its niceness)
+        child_setup(0)()
+
+    child = subprocess.Popen(["sleep", "5"], preexec_fn=at_seven_then_setup,
+                             start_new_session=True)
+    try:
+        group = _autogroup(child.pid)
+        if not group:
+            pytest.skip("a new session gets no autogroup on this kernel: niceness alone counts")
+        assert group[2] == str(want)
+    finally:
+        child.kill()
+        child.wait()
 
 
 async def test_cpu_engines_are_confined_unless_configured_off(tmp_path) -> None:
@@ -73,7 +97,7 @@ async def test_cpu_engines_are_confined_unless_configured_off(tmp_path) -> None:
 
 def test_child_setup_sets_the_affinity() -> None:
     core = min(os.sched_getaffinity(0))
-    child = subprocess.Popen(["sleep", "5"], preexec_fn=_child_setup(0, (core,)))
+    child = subprocess.Popen(["sleep", "5"], preexec_fn=child_setup(0, (core,)))
     try:
         assert os.sched_getaffinity(child.pid) == {core}
     finally:

@@ -197,9 +197,9 @@ async def test_stopped_engine_leaves_no_names_and_no_record(fake_engine, tmp_pat
 # waits; the guard's command is a holder. SIGKILLing this child is the gateway's SIGKILL.
 GATEWAY = textwrap.dedent("""
     import subprocess, sys, time
-    from runtime.engines.engine import _child_setup
+    from runtime.engines.engine import child_setup
     g = subprocess.Popen([sys.executable, "-m", "runtime.engines.guard", sys.executable, "-c",
-                          *sys.argv[1:]], start_new_session=True, preexec_fn=_child_setup(0))
+                          *sys.argv[1:]], start_new_session=True, preexec_fn=child_setup(0))
     print(g.pid, flush=True)
     time.sleep(600)
 """)
