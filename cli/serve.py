@@ -108,7 +108,8 @@ def serve_main(args: argparse.Namespace) -> int:
     print(f"state dir: {cfg.state_dir.resolve()}")
     for m in cfg.models:
         path = m.resolved_path(cfg.base_dir)
-        print(f"model {m.name}: {path if path is not None else 'plan only'}")
+        print(f"model {m.name}: {path if path is not None else 'plan only'} "
+              f"({', '.join(m.served_endpoints)})")
     print(f"devices: {pool.kind} {list(pool.ids)}")
     if pool.kind == "cpu":
         print(f"cpu engines: confined to their cores: {cfg.devices.confine_cpu_engines}; "

@@ -53,8 +53,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
-    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "samullm"}
-            for m in cfg.models]
+    # `endpoints` (an extension the SDK passes through): the batch endpoints the model serves
+    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "samullm",
+             "endpoints": list(m.served_endpoints)} for m in cfg.models]
     return json_response({"object": "list", "data": data})
 
 

@@ -192,10 +192,16 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["object", "data"],
         "properties": {"object": {"type": "string", "enum": ["list"]},
                        "data": {"type": "array", "items": {
-                           "type": "object", "required": ["id", "object", "created", "owned_by"],
+                           "type": "object",
+                           "required": ["id", "object", "created", "owned_by", "endpoints"],
                            "properties": {"id": _STR, "object": {"type": "string",
                                                                  "enum": ["model"]},
-                                          "created": _INT, "owned_by": _STR}}}},
+                                          "created": _INT, "owned_by": _STR,
+                                          # an extension: what lines for this model may address
+                                          "endpoints": {"type": "array", "items": {
+                                              "type": "string", "enum": list(SUPPORTED_ENDPOINTS)},
+                                              "description": "the batch endpoints it serves: "
+                                              "generating ones, or /v1/embeddings"}}}}},
     },
 }
 

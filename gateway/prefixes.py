@@ -27,10 +27,10 @@ from __future__ import annotations
 from array import array
 from typing import Any, Callable, Sequence
 
+from runtime.endpoints import CHAT, COMPLETIONS, RESPONSES
 from runtime.placeholders import spans
 from scheduler.types import BLOCK_SIZE
 
-CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 MAX_BLOCKS = 512  # 8,192 tokens: longer shared prefixes are counted up to here
 _SEP = "\x00"  # between messages: the chat template puts role markers there
 

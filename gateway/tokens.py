@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runtime.config import Config
+from runtime.endpoints import RESPONSES
 
-RESPONSES = "/v1/responses"
 # the content parts of a Responses API input item that hold text
 RESPONSE_TEXT_PARTS = frozenset(("input_text", "output_text", "text", "refusal"))
 MESSAGE_OVERHEAD = 4  # role and separator tokens a chat template adds per message (typical)

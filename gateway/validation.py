@@ -23,14 +23,14 @@ import orjson
 
 from gateway.lines import OVERLONG, LineRef, iter_lines
 from gateway.prefixes import PrefixIndex, prompt_text
-from gateway.tokens import MESSAGE_OVERHEAD, RESPONSE_TEXT_PARTS, RESPONSES, TokenCounter
+from gateway.tokens import MESSAGE_OVERHEAD, RESPONSE_TEXT_PARTS, TokenCounter
 from runtime.config import Config
+from runtime.endpoints import ALL as SUPPORTED_ENDPOINTS
+from runtime.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, mismatch_message
 from runtime.executor_api import WorkItem
 from gateway.dependencies import dependency_errors, shown_id
 from runtime.placeholders import placeholder_ids, template
 
-CHAT, COMPLETIONS, EMBEDDINGS = "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
-SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
 DEPENDENT_ENDPOINTS = (CHAT, COMPLETIONS)  # lines that may take in generated text (depends_on)
 MAX_REPORTED_ERRORS = 100  # errors.data keeps the first ones; `error_count` has them all
 
@@ -193,9 +193,9 @@ class _LineChecker:
             names = ", ".join(m.name for m in self.cfg.models)
             raise _LineError("model_not_found", f"The model {_shown(model_name)} is not configured "
                              f"here (available: {names}).", "body.model")
-        if endpoint == EMBEDDINGS and not model.supports_embeddings:
-            raise _LineError("unsupported_endpoint", f"Model {model.name!r} does not serve "
-                             f"{EMBEDDINGS}.", "url")
+        if endpoint not in (served := model.served_endpoints):
+            raise _LineError("unsupported_endpoint", mismatch_message(model.name, endpoint, served),
+                             "url")
         if body.get("stream"):
             raise _LineError("stream_unsupported", "`stream: true` is not supported in a batch.",
                              "body.stream")

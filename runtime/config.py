@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import re
 import textwrap
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from runtime.endpoints import GENERATING, endpoints_error, served_endpoints
 from scheduler.planner import STRATEGIES
 
 # whose request a model's engines take next (`runtime.executor.queues`)
@@ -132,9 +134,13 @@ class ModelConfig:
     demo: DemoConfig | None = field(default=None, metadata={
         "help": "`serve --make-demo-models` writes a random-weight model at `path` with these sizes "
                 "when it is missing; unset = never"})
-    supports_embeddings: bool = field(default=False, metadata={
-        "help": "accept /v1/embeddings requests for this model (false: they fail as "
-                "unsupported_endpoint)"})
+    endpoints: list[str] = field(default_factory=list, metadata={
+        "help": "the batch endpoints it serves (GET /v1/models lists them; a line for another "
+                "fails as unsupported_endpoint); [] = from engine_args (vLLM's --runner, "
+                "--convert): runner = \"pooling\" or convert = \"embed\" serves /v1/embeddings "
+                "only, else /v1/chat/completions, /v1/completions, /v1/responses. Declare "
+                "[\"/v1/embeddings\"] for a model vLLM pools by its architecture (BERT-like, "
+                "sentence-transformers)"})
 
     def validate(self, where: str) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -150,6 +156,18 @@ class ModelConfig:
             self.arch.validate(f"{where}.arch")
         if self.demo is not None:
             self.demo.validate(f"{where}.demo")
+        if (wrong := endpoints_error(self.engine_args, self.endpoints)) is not None:
+            raise ConfigError(f"{where}.{wrong[0]}: {wrong[1]}")
+
+    @functools.cached_property  # validation asks once a line
+    def served_endpoints(self) -> tuple[str, ...]:
+        """The batch endpoints its engines serve (`runtime.endpoints`)."""
+        return served_endpoints(self.engine_args, self.endpoints)
+
+    @property
+    def generates(self) -> bool:
+        """Whether its engines generate text (what the profiler measures) rather than pool."""
+        return any(e in GENERATING for e in self.served_endpoints)
 
     @property
     def dtype_bytes(self) -> int:

@@ -333,6 +333,9 @@ def profile_model(cfg: Config, name: str, tp: int = 1, devices: tuple[int, ...] 
     path = model.resolved_path(cfg.base_dir)
     if path is None:
         raise ConfigError(f"models[{name}].path: a plan-only model cannot be profiled")
+    if not model.generates:
+        raise ConfigError(f"models[{name}]: serves {', '.join(model.served_endpoints)}; the "
+                          "profiler measures generation (/v1/completions)")
     pool = discover_pool(cfg)
     if threads < 1:
         raise ConfigError(f"--threads {threads}: must be >= 1")

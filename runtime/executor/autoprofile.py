@@ -71,14 +71,16 @@ class Shape:
 
 def missing_shapes(cfg: Config, pool: DevicePool, specs: Mapping[str, ModelSpec],
                    state_dir: Path) -> list[Shape]:
-    """The planner's shapes on `pool` of the models with weights that have no readable profile,
-    fewest cores first (one core per rank is the base the others are derived from), then in the
-    config's model order. None on GPUs: the profiler drives CPU engines only."""
+    """The planner's shapes on `pool` of the generating models with weights that have no readable
+    profile, fewest cores first (one core per rank is the base the others are derived from), then
+    in the config's model order. None on GPUs: the profiler drives CPU engines only; none of an
+    embedding model: it drives generation."""
     if engine_device_kind(pool.kind) != "cpu":
         return []
     order = {m.name: i for i, m in enumerate(cfg.models)}
     shapes = [Shape(m, tp, th, pool.ids[:tp * th]) for m, tp, th in planner_shapes(specs, pool)
               if (model := cfg.model(m)) is not None and model.path is not None
+              and model.generates
               and load_profile(state_dir, m, tp, pool.signature, th) is None]
     return sorted(shapes, key=lambda s: (s.tp * s.threads, order[s.model], s.tp))
 

@@ -35,7 +35,8 @@ def plan_only_config(state_dir: Path, *, api_keys: list[str] | None = None,
         "models": [
             {"name": "tiny-a", "arch": ARCH, "max_model_len": 1024},
             {"name": "tiny-b", "arch": ARCH, "max_model_len": 1024},
-            {"name": "embedder", "arch": ARCH, "max_model_len": 512, "supports_embeddings": True},
+            {"name": "embedder", "arch": ARCH, "max_model_len": 512,
+             "engine_args": {"runner": "pooling", "convert": "embed"}},
         ],
     })
 

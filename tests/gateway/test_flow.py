@@ -74,8 +74,11 @@ async def test_single_model_batch_names_model_and_passes_strategy(cfg):
 async def test_models_health_metrics(cfg):
     async with running(cfg) as srv:
         client = srv.client()
-        models = [m.id async for m in client.models.list()]
-        assert models == ["tiny-a", "tiny-b", "embedder"]
+        models = [m async for m in client.models.list()]
+        assert [m.id for m in models] == ["tiny-a", "tiny-b", "embedder"]
+        # an extension field the SDK passes through: the endpoints each model serves
+        assert [m.model_extra["endpoints"] for m in models] == [
+            ["/v1/chat/completions", "/v1/completions", "/v1/responses"]] * 2 + [["/v1/embeddings"]]
         f = await client.files.create(file=("a.jsonl", jsonl([chat_line("a", model="tiny-b")])),
                                       purpose="batch")
         b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",

@@ -194,7 +194,7 @@ def test_fuzzed_lines_never_raise(tmp_path, monkeypatch, endpoint):
         "limits": {"max_requests_per_batch": 10_000},
         "models": [{"name": "tiny-a", "path": str(model_dir), "max_model_len": 1024},
                    {"name": "embedder", "path": str(model_dir), "max_model_len": 512,
-                    "supports_embeddings": True}]})
+                    "engine_args": {"runner": "pooling", "convert": "embed"}}]})
     rng = random.Random(f"fuzz {endpoint}")
     lines = [_dumps(_mutated(rng, endpoint, i)) for i in range(1500)]
     path = tmp_path / "in.jsonl"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cli.serve import auto_profile_launch
-from runtime.config import Config, load_config, parse_config
+from runtime.config import Config, ConfigError, load_config, parse_config
 from runtime.engines.devices import discover_pool
 from runtime.engines.procs import live_pids, tree_pids
 from runtime.executor.autoprofile import IDLE_CHECK_S, ProfileProcess, Shape, missing_shapes
@@ -23,6 +23,7 @@ from runtime.executor.planning import model_specs, planner_shapes
 from runtime.persist import load_profile, profile_path, profiles_dir, save_profile
 from scheduler.latency import LatencyModel, Profile
 from scheduler.types import DevicePool
+from tools.profiler import profile_model
 
 from .clocks import ManualClock
 from .fakes import FakeLauncher
@@ -130,6 +131,19 @@ def test_missing_shapes_are_the_planners_without_a_profile(tmp_path: Path) -> No
     # profiles are measured on CPU pools only
     assert missing_shapes(cfg, DevicePool("cuda", (0, 1), 1 << 34), model_specs(cfg, "cuda"),
                           cfg.state_dir) == []
+
+
+def test_an_embedding_model_is_not_profiled(tmp_path: Path) -> None:
+    """The profiler drives generation (/v1/completions): a pooling engine serves none of it."""
+    cfg = make_cfg(tmp_path, ("a", "e"))
+    embed = dataclasses.replace(cfg.models[1], engine_args={"runner": "pooling",
+                                                            "convert": "embed"})
+    cfg = dataclasses.replace(cfg, models=[cfg.models[0], embed])
+    pool = DevicePool("cpu", (0,), 1 << 28)
+    missing = missing_shapes(cfg, pool, model_specs(cfg, "cpu"), cfg.state_dir)
+    assert [s.model for s in missing] == ["a"]
+    with pytest.raises(ConfigError, match=r"models\[e\]: .*/v1/embeddings"):
+        profile_model(cfg, "e")
 
 
 async def test_idle_profiles_each_missing_shape_and_a_batch_stops_it_at_once(tmp_path) -> None:
