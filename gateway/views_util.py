@@ -9,7 +9,7 @@ from gateway.errors import bad_request
 
 def int_param(q: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = q.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # absent; an empty value is no integer (400, as the document types it)
         return default
     try:
         v = int(raw)
