@@ -60,11 +60,11 @@ from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_r
 from runtime.executor.autoprofile import AutoProfiler, ProfileLaunch, missing_shapes
 from runtime.executor.deadlines import Deadlines
 from runtime.executor.queues import ModelQueues
-from runtime.executor.planning import (EMBEDDINGS_URL, batch_completion, describe_schedule,
-                                       describe_stage,
+from runtime.executor.planning import (batch_completion, describe_schedule, describe_stage,
                                        lower_bound, model_specs, plan_problem,
                                        refit_calibration, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
+from runtime.endpoints import EMBEDDINGS
 from runtime.usage import hit_length_cap, usage_of
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
@@ -552,7 +552,7 @@ class PoolExecutor:
 
     def _observe(self, req: Req, outcome: Outcome) -> None:
         """Feed a finished request's output length to the length model (censored when capped)."""
-        if req.item.url == EMBEDDINGS_URL:
+        if req.item.url == EMBEDDINGS:
             return
         tokens = usage_of(outcome.response_body).output
         if tokens is None:

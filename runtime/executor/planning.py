@@ -26,6 +26,7 @@ import numpy as np
 from runtime.persist import load_profile
 from runtime.config import Config
 from runtime.executor.pool_state import Req, ReqState
+from runtime.endpoints import EMBEDDINGS
 from runtime.usage import usage_of
 from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
@@ -37,7 +38,6 @@ from scheduler.planner import PlanningProblem
 from scheduler.simulator import EngineLimits, kv_blocks
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest, Stage
 
-EMBEDDINGS_URL = "/v1/embeddings"
 # vLLM CPU engine start (spawn, weights, KV allocation, warm-up) measured on this machine: 21-30 s;
 # planning with a zero reload cost would make re-plans churn engines for nothing.
 DEFAULT_CPU_LOAD_S = 25.0
@@ -274,7 +274,7 @@ def sample_work(reqs: Sequence[Req], lengths: LengthModel,
     work: dict[str, list[SimRequest]] = {}
     for (model, url), idx in sorted(groups.items()):
         caps = np.array([max(1, reqs[i].item.max_tokens) for i in idx], dtype=np.int64)
-        if url == EMBEDDINGS_URL:
+        if url == EMBEDDINGS:
             outs = np.ones(len(idx), dtype=np.int64)
         else:
             outs = np.minimum(lengths.sample(model, url, caps, rng), caps)
