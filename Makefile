@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi >/dev/null 2>&1; then \
-		$(PY) -m pip install -q -e '.[gpu,test]'; \
+		$(PY) -m pip install -q -e '.[gpu,ray,test]'; \
 	else \
-		$(PY) -m pip install -q 'torch==2.13.0' -e '.[cpu,test]'; \
+		$(PY) -m pip install -q 'torch==2.13.0' -e '.[cpu,ray,test]'; \
 	fi
 	# PyPI's torchvision breaks `import transformers` next to the CPU torch ("torchvision::nms does not exist").
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true

@@ -41,7 +41,8 @@ from gateway.lines import iter_lines
 from gateway.validation import CHAT, validate_file
 from runtime.config import Config, ConfigError, load_config
 from runtime.engines.devices import planning_pool
-from runtime.persist import load_calibration, load_length_model, load_start_times
+from runtime.persist import (load_calibration, load_length_model, load_start_times,
+                             start_times_file)
 from runtime.executor.deps import BatchGraph
 from runtime.executor.pool_state import batch_reqs
 from runtime.executor.planning import (LatencySource, latency_sources, model_specs, plan_problem,
@@ -237,8 +238,9 @@ def plan_main(args: argparse.Namespace) -> int:
         served, stored = load_calibration(cfg.state_dir, cfg.scheduler.calibration_window)
         fits = refit_calibration(cfg, pool, specs, cfg.state_dir, served.snapshot(), stored)
     # the problem an idle gateway's first plan of these requests solves (same draw, same seed)
+    starts = load_start_times(cfg.state_dir, start_times_file(cfg.cluster.backend))
     problem = plan_problem(cfg, pool, specs, cfg.state_dir, reqs, lengths,
-                           load_start_times(cfg.state_dir), 1, {}, spares, no_spare_s, fits)
+                           starts, 1, {}, spares, no_spare_s, fits)
     draws = [problem.work] + [sample_work(reqs, lengths, np.random.default_rng([seed, s]))
                               for s in range(2, samples + 1)]
     names = STRATEGIES if args.strategy == "all" else (args.strategy,)

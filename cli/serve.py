@@ -19,9 +19,10 @@ from gateway.app import create_app
 from gateway.auth import check_bind
 from gateway.logs import setup_logging
 from gateway.state_dir import StateDirError, StateDirLock
-from runtime.config import Config, load_config
+from runtime.config import Config, ConfigError, load_config
 from runtime.engines.devices import discover_pool
 from runtime.engines.engine import VllmLauncher, base_env
+from runtime.engines.ray_launcher import RayLauncher
 from runtime.engines.spares import SparePool, spare_count
 from runtime.executor.autoprofile import ProfileLaunch, ProfileProcess
 from runtime.executor.executor import PoolExecutor
@@ -79,6 +80,11 @@ def default_executor(cfg: Config, config_path: str | Path | None = None) -> Pool
     # the planner in its own process: in a thread it would hold the GIL the event loop needs
     planner = ProcessPlanner()
     planner.warm_up()  # from this (the main) thread: the worker's parent-death signal is tied to it
+    if cfg.cluster.backend == "ray":  # engines on the cluster's nodes: no spares, no auto profile
+        cluster = RayLauncher(cfg)
+        executor = PoolExecutor(cfg, cluster, planner=planner, pool=cluster.connect())
+        cluster.on_nodes = executor.nodes_changed
+        return executor
     pool = discover_pool(cfg)
     n_spares = spare_count(cfg, pool)
     spares = SparePool(n_spares, cfg.state_dir / "logs", base_env) if n_spares else None
@@ -104,22 +110,32 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     if getattr(args, "make_demo_models", False):
         make_demo_models(cfg)
-    pool = discover_pool(cfg)
+    try:
+        executor = default_executor(cfg, args.config)
+    except ConfigError as exc:  # a Ray cluster it cannot join
+        lock.release()
+        print(f"samullm: {exc}", file=sys.stderr)
+        return 2
+    pool = executor.pool
+    assert pool is not None
     print(f"state dir: {cfg.state_dir.resolve()}")
     for m in cfg.models:
         path = m.resolved_path(cfg.base_dir)
         print(f"model {m.name}: {path if path is not None else 'plan only'} "
               f"({', '.join(m.served_endpoints)})")
     print(f"devices: {pool.kind} {list(pool.ids)}")
+    if isinstance(executor.launcher, RayLauncher):
+        for node in executor.launcher.nodes():
+            print(f"node {node['node'][:12]} {node['address']}: {node['device_kind']} devices "
+                  f"{node['devices']} (its own {node['local_devices']})")
     if pool.kind == "cpu":
         print(f"cpu engines: confined to their cores: {cfg.devices.confine_cpu_engines}; "
-              f"spare engine processes: {spare_count(cfg, pool)}")
+              f"spare engine processes: {getattr(executor.launcher.spares, 'size', 0)}")
     if cfg.scheduler.auto_profile != "off":
         print(f"background profiling: {cfg.scheduler.auto_profile} (shapes without a profile, "
               f"while no batch runs; logs under {cfg.state_dir / 'logs'})")
     print(f"serving on http://{cfg.server.host}:{cfg.server.port}/v1", flush=True)
     try:
-        executor = default_executor(cfg, args.config)
         web.run_app(create_app(cfg, executor, lock=lock, on_live_batches=executor.gateway_batches),
                     sock=sock, print=None, handle_signals=True,
                     access_log=None)  # gateway.logs writes access lines

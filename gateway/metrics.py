@@ -1,5 +1,6 @@
 """Prometheus metrics (`GET /metrics`): batches by status, requests done/failed per model, tokens,
-queue depth, engines kept warm. Each app owns its registry, so several apps (tests) never clash."""
+queue depth, engines kept warm, a cluster's nodes. Each app owns its registry, so several apps
+(tests) never clash."""
 
 from __future__ import annotations
 
@@ -44,6 +45,26 @@ class _Gauge(Collector):
         yield GaugeMetricFamily(self._name, self._doc, value=self._read())
 
 
+class _NodesCollector(Collector):
+    """A cluster's nodes (`[cluster] backend = "ray"`): devices per node, read at scrape time."""
+
+    def __init__(self, read: Callable[[], list[dict[str, Any]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Any]:
+        nodes = self._read()
+        if not nodes:
+            return
+        g = GaugeMetricFamily("samullm_node_devices", "Devices (cores or GPUs) of each cluster "
+                              "node the planner uses (0: a node of another device kind)",
+                              labels=["node", "address", "kind"])
+        for n in nodes:
+            g.add_metric([n["node"], n["address"], n["device_kind"]], len(n["devices"]))
+        yield g
+        yield GaugeMetricFamily("samullm_cluster_nodes", "Alive nodes of the cluster",
+                                value=len(nodes))
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -63,6 +84,9 @@ class GatewayMetrics:
     def bind(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int],
              idle: Callable[[], int] = lambda: 0) -> None:
         self.registry.register(_LiveCollector(by_status, depth, idle))
+
+    def bind_nodes(self, read: Callable[[], list[dict[str, Any]]]) -> None:
+        self.registry.register(_NodesCollector(read))
 
     def bind_webhooks(self, pending: Callable[[], int]) -> None:
         self.registry.register(_Gauge("samullm_webhook_pending",

@@ -417,6 +417,42 @@ class SchedulerConfig:
             raise ConfigError(f"{where}.calibration_window: at least 16; got {self.calibration_window}")
 
 
+# where engines run (`[cluster] backend`): this machine, or the nodes of a Ray cluster
+CLUSTER_BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    backend: str = field(default="local", metadata={
+        "help": "local = engines on this machine's cores or GPUs ([devices]); ray = on the nodes "
+                "of a Ray cluster (runtime.engines.ray_launcher): each node's cores (or GPUs) "
+                "one topology group, a placement group per engine on its planned node; "
+                "[devices] ids and topology_groups then do not apply"})
+    address: str = field(default="auto", metadata={
+        "help": "ray: the cluster to join: auto (the one `ray start` runs on this machine), "
+                "host:port of its GCS, ray://host:10001 (Ray Client), or local:N = start an "
+                "in-process test cluster of N nodes on this machine's cores (split evenly)"})
+    namespace: str = field(default="samullm", metadata={
+        "help": "ray: the namespace the gateway's placement groups are named in (each name "
+                "starts with samullm-<hash of host and state dir>-, so a restarted gateway "
+                "finds and removes what its predecessor left)"})
+    node_poll_s: float = field(default=2.0, metadata={
+        "help": "ray: seconds between two reads of the cluster's nodes; a node joining or "
+                "leaving re-plans (a node lost is an engine death for each engine on it)"})
+
+    def validate(self, where: str) -> None:
+        if self.backend not in CLUSTER_BACKENDS:
+            raise ConfigError(f"{where}.backend: one of {', '.join(CLUSTER_BACKENDS)}; got "
+                              f"{self.backend!r}")
+        a = self.address
+        if a.startswith("local:") and not (a[6:].isdigit() and int(a[6:]) >= 1):
+            raise ConfigError(f"{where}.address: local:N with N a positive integer; got {a!r}")
+        if not a:
+            raise ConfigError(f"{where}.address: auto, host:port, ray://host:port or local:N")
+        if not 0.1 <= self.node_poll_s <= 3600:
+            raise ConfigError(f"{where}.node_poll_s: seconds in [0.1, 3600]")
+
+
 @dataclass(frozen=True)
 class WebhookConfig:
     url: str = field(metadata={
@@ -475,6 +511,8 @@ class Config:
         "help": "bounds on uploads, batches and retries"})
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={
         "help": "how the pooled batches are planned"})
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, metadata={
+        "help": "where engines run: this machine, or the nodes of a Ray cluster"})
     webhooks: list[WebhookConfig] = field(default_factory=list, metadata={
         "help": "endpoints told when a batch ends (batch.completed, .failed, .cancelled, .expired), "
                 "signed as OpenAI signs its webhooks (Standard Webhooks), one [[webhooks]] table "
@@ -489,6 +527,10 @@ class Config:
         self.auth.validate("auth")
         self.limits.validate("limits")
         self.scheduler.validate("scheduler")
+        self.cluster.validate("cluster")
+        if self.cluster.backend == "ray" and (self.devices.ids or self.devices.topology_groups):
+            raise ConfigError("devices.ids / devices.topology_groups: not with [cluster] backend "
+                              "= \"ray\" (the cluster's nodes are the devices and their groups)")
         _validate_entries(self.models, "models", "name", "model name")
         _validate_entries(self.webhooks, "webhooks", "url", "webhook url")
 

@@ -72,8 +72,15 @@ def alone_start_s(measured_s: float, factor: float) -> float:
     return measured_s / max(1.0, factor)
 
 
-def load_start_times(state_dir: Path) -> StartTimes:
-    path = Path(state_dir) / START_TIMES_FILE
+def start_times_file(backend: str = "local") -> str:
+    """Where a backend's start times are kept: an engine on a Ray cluster starts through a
+    placement group and an actor, with no spare process, so its starts are kept apart from this
+    machine's (`[cluster] backend`)."""
+    return START_TIMES_FILE if backend == "local" else f"start_times-{backend}.json"
+
+
+def load_start_times(state_dir: Path, name: str = START_TIMES_FILE) -> StartTimes:
+    path = Path(state_dir) / name
     try:
         raw = json.loads(path.read_text())
         out: StartTimes = {}
@@ -89,8 +96,8 @@ def load_start_times(state_dir: Path) -> StartTimes:
         return {}
 
 
-def save_start_times(state_dir: Path, times: StartTimes) -> Path:
-    return write_json_atomic(Path(state_dir) / START_TIMES_FILE,
+def save_start_times(state_dir: Path, times: StartTimes, name: str = START_TIMES_FILE) -> Path:
+    return write_json_atomic(Path(state_dir) / name,
                              {f"{m}|{tp}": round(s, 3) for (m, tp), s in sorted(times.items())})
 
 

@@ -4,12 +4,20 @@ CPU: a device is a core this process may run on (`os.sched_getaffinity`); its "m
 space one engine gets (`[devices].cpu_kvcache_gib`). CUDA: GPUs seen by NVML (pynvml, the `gpu` extra),
 their memory, and NVLink-connected groups (a TP group never spans two groups). `[devices]` overrides what
 is detected: `ids` restricts, `topology_groups` replaces the detected groups, `memory_gib` the memory.
+
+A Ray cluster (`[cluster] backend = "ray"`): the pool is the cluster's nodes (`Node`, read by
+`runtime.engines.ray_cluster`) laid out by a `ClusterLayout`: each node's cores (or GPUs) are one
+topology group, so a TP group never crosses a node while DP replicas may; a node's devices get
+global ids on first sight, kept while it stays (a running engine's ids keep their meaning when
+other nodes join or leave) and never reused for another node.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from runtime.config import Config, ConfigError
 from scheduler.types import DevicePool, default_start_contention
@@ -36,7 +44,14 @@ def engine_device_kind(pool_kind: str) -> str:
     return "cpu" if pool_kind == "cpu" else "cuda"
 
 
-def discover_pool(cfg: Config) -> DevicePool:
+def discover_pool(cfg: Config, layout: "ClusterLayout | None" = None) -> DevicePool:
+    """The devices `serve` plans on: this machine's ([devices]), or with `[cluster] backend =
+    "ray"` the cluster's nodes as `layout` (the Ray launcher's) has them now."""
+    if cfg.cluster.backend == "ray":
+        if layout is None:
+            raise ConfigError("cluster.backend: \"ray\" pools come from the cluster's nodes "
+                              "(runtime.engines.ray_launcher.RayLauncher.connect)")
+        return layout.pool(cfg)
     d = cfg.devices
     kind = d.kind
     gpus = _nvml_gpus() if kind in ("auto", "cuda") else None
@@ -51,6 +66,115 @@ def discover_pool(cfg: Config) -> DevicePool:
     memory = int((d.memory_gib or d.cpu_kvcache_gib) * GiB)
     return DevicePool("cpu", tuple(ids), memory, _groups(d.topology_groups, ids),
                       start_contention(cfg, "cpu"), max_threads(cfg, len(ids)))
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a cluster as the gateway uses it: `devices` are its own ids (the cores an
+    engine there is pinned to, or its GPU indices), `address` the IP its engines listen on."""
+
+    node_id: str
+    address: str
+    kind: str  # "cpu" or a GPU kind ("a100", ...; "cuda" when unknown)
+    devices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A node and the pool's ids of its devices (`ids[i]` is `node.devices[i]`)."""
+
+    node: Node
+    ids: tuple[int, ...]
+
+    def local(self, ids: Iterable[int]) -> tuple[int, ...]:
+        """The node's own ids of pool ids `ids` (all on this node)."""
+        where = {g: i for i, g in enumerate(self.ids)}
+        return tuple(self.node.devices[where[g]] for g in ids)
+
+    def describe(self) -> dict[str, Any]:
+        return {"node": self.node.node_id, "address": self.node.address,
+                "device_kind": self.node.kind, "devices": list(self.ids),
+                "local_devices": list(self.node.devices)}
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    """What a read of the cluster's nodes changed: the pool to plan on from now, the nodes that
+    joined and left (with the ids they had), every node now, and those of another kind than the
+    pool's (not used: one pool has one device kind)."""
+
+    pool: DevicePool
+    joined: tuple[Placed, ...]
+    left: tuple[Placed, ...]
+    nodes: tuple[Placed, ...]
+    unused: tuple[Node, ...] = ()
+
+
+@dataclass
+class ClusterLayout:
+    """Stable pool ids for a changing set of nodes (see the module docstring)."""
+
+    placed: dict[str, Placed] = field(default_factory=dict)  # alive nodes by node id
+    unused: tuple[Node, ...] = ()
+    _next: int = 0
+    _pool: DevicePool | None = None
+
+    def update(self, nodes: Iterable[Node], cfg: Config) -> NodeChange:
+        """Take the nodes alive now (sorted by node id for a deterministic first layout)."""
+        alive = {n.node_id: n for n in nodes if n.devices}
+        left = tuple(p for nid, p in self.placed.items() if nid not in alive)
+        for p in left:
+            del self.placed[p.node.node_id]
+        kind = _pool_kind([*alive.values()])
+        joined = []
+        for nid in sorted(alive):
+            n = alive[nid]
+            if nid in self.placed or n.kind != kind:
+                continue
+            ids = tuple(range(self._next, self._next + len(n.devices)))
+            self._next += len(ids)
+            self.placed[nid] = p = Placed(n, ids)
+            joined.append(p)
+        self.unused = tuple(n for nid, n in sorted(alive.items()) if n.kind != kind)
+        self._pool = _cluster_pool(cfg, kind, list(self.placed.values()))
+        return NodeChange(self._pool, tuple(joined), left, tuple(self.placed.values()),
+                          self.unused)
+
+    def pool(self, cfg: Config) -> DevicePool:
+        if self._pool is None:
+            self._pool = _cluster_pool(cfg, "cpu", [])
+        return self._pool
+
+    def locate(self, ids: Iterable[int]) -> Placed | None:
+        """The node holding every one of pool ids `ids`, or None (a node gone, or ids of two)."""
+        want = set(ids)
+        for p in self.placed.values():
+            if want <= set(p.ids):
+                return p
+        return None
+
+
+def _pool_kind(nodes: list[Node]) -> str:
+    """The device kind with the most devices (ties: "cpu" last, then by name)."""
+    count: dict[str, int] = {}
+    for n in nodes:
+        count[n.kind] = count.get(n.kind, 0) + len(n.devices)
+    if not count:
+        return "cpu"
+    return max(sorted(count), key=lambda k: (count[k], k != "cpu"))
+
+
+def _cluster_pool(cfg: Config, kind: str, placed: list[Placed]) -> DevicePool:
+    ids = tuple(sorted(i for p in placed for i in p.ids))
+    groups = tuple(p.ids for p in sorted(placed, key=lambda p: p.ids))
+    d = cfg.devices
+    if kind == "cpu":
+        memory = int((d.memory_gib or d.cpu_kvcache_gib) * GiB)
+        biggest = max((len(g) for g in groups), default=1)
+        return DevicePool("cpu", ids, memory, groups, start_contention(cfg, "cpu"),
+                          max_threads(cfg, biggest))
+    memory = int((d.memory_gib or GPU_MEMORY_GIB.get(kind, 80)) * GiB)
+    return DevicePool(kind, ids, memory, groups, start_contention(cfg, kind))
 
 
 def planning_pool(spec: str, cfg: Config, gpu: str = "a100") -> DevicePool:

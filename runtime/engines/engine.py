@@ -60,6 +60,11 @@ class EngineDied(EngineError):
     """The engine process exited (or refused connections) while it was supposed to be running."""
 
 
+class NodeLost(EngineDied):
+    """The engine's cluster node is gone (it left, or the node it was planned on was): an engine
+    death for the executor, even while starting, never a failed start of its model."""
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     model: ModelConfig
@@ -120,13 +125,15 @@ def _flag(key: str, value: Any) -> list[str]:
     return [name, str(value)]
 
 
-def build_command(spec: EngineSpec, port: int, python: str = sys.executable) -> tuple[list[str], dict]:
-    """The api_server command line and environment for `spec` (pure; exposed for tests/diagnostics)."""
+def build_command(spec: EngineSpec, port: int, python: str = sys.executable,
+                  host: str = "127.0.0.1") -> tuple[list[str], dict]:
+    """The api_server command line and environment for `spec` (pure; exposed for tests/diagnostics).
+    `host`: the address it listens on (loopback here; a cluster node's own address there)."""
     m = spec.model
     args: dict[str, Any] = {
         "model": str(spec.model_path),
         "served_model_name": m.name,
-        "host": "127.0.0.1",
+        "host": host,
         "port": port,
         "dtype": m.dtype,
         "max_model_len": m.max_model_len,
@@ -202,6 +209,28 @@ def shm_files(pids: list[int]) -> set[str]:
     return {str(SHM_DIR / name) for name in shm_names(pids)}
 
 
+def read_tail(path: Path | None, nbytes: int = LOG_TAIL_BYTES) -> str:
+    """The last `nbytes` of a log file as text ("" when there is none)."""
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read().decode(errors="replace")
+    except (OSError, TypeError):
+        return ""
+
+
+def client_session() -> aiohttp.ClientSession:
+    """The HTTP session requests to one engine go through."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
+        # vLLM's server (uvicorn) closes idle keep-alive connections after 5 s
+        # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); aiohttp keeps them 15 s by default and would reuse one
+        # the server has just closed ("Server disconnected"). Drop ours first.
+        connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=2.0),
+    )
+
+
 _LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
@@ -262,13 +291,7 @@ class Engine:
         self.spare_used = spare is not None
         self.pid = self._proc.pid
         _LIVE.add(self)
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30),
-            # vLLM's server (uvicorn) closes idle keep-alive connections after 5 s
-            # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); aiohttp keeps them 15 s by default and would reuse one
-            # the server has just closed ("Server disconnected"). Drop ours first.
-            connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=2.0),
-        )
+        self._session = client_session()
         try:
             await self._wait_healthy(t0 + timeout_s)
         except BaseException:
@@ -394,13 +417,7 @@ class Engine:
             raise
 
     def log_tail(self, nbytes: int = LOG_TAIL_BYTES) -> str:
-        try:
-            with open(self.log_path, "rb") as f:  # type: ignore[arg-type]
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - nbytes))
-                return f.read().decode(errors="replace")
-        except (OSError, TypeError):
-            return ""
+        return read_tail(self.log_path, nbytes)
 
     def __repr__(self) -> str:
         return (f"Engine({self.spec.model.name!r}, devices={self.spec.devices}, tp={self.spec.tp}, "

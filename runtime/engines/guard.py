@@ -28,10 +28,12 @@ GRACE_S = 20.0
 POLL_S = 0.25
 
 
-def _others_in_group(pgid: int) -> list[int]:
-    """The live processes of the group but this guard."""
+def _others_in_group(pgid: int, parent: int) -> list[int]:
+    """The live processes of the group but this guard and its parent: a guard may run under
+    another guard of the same group (an engine on a Ray node, `runtime.engines.ray_host`), which
+    waits for this one; each waiting for the other would only end at the grace period."""
     me = os.getpid()
-    return [pid for pid in group_pids(pgid) if pid != me]
+    return [pid for pid in group_pids(pgid) if pid not in (me, parent)]
 
 
 def main(cmd: list[str]) -> int:
@@ -52,15 +54,16 @@ def main(cmd: list[str]) -> int:
             stopping = True
             break
         time.sleep(POLL_S)
-    shm = shm_names(_others_in_group(pgid))  # before a signal: exiting processes drop their maps
+    # before a signal: exiting processes drop their maps
+    shm = shm_names(_others_in_group(pgid, parent))
     if stopping:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
-    while _others_in_group(pgid) and time.monotonic() < deadline:
+    while _others_in_group(pgid, parent) and time.monotonic() < deadline:
         child.poll()  # reap the direct child so it does not count as alive
         time.sleep(POLL_S)
-    rest = _others_in_group(pgid)
+    rest = _others_in_group(pgid, parent)
     shm.update(shm_names(rest))
     for pid in rest:
         try:
@@ -69,7 +72,8 @@ def main(cmd: list[str]) -> int:
             pass
     rc = child.wait()
     deadline = time.monotonic() + 5
-    while _others_in_group(pgid) and time.monotonic() < deadline:  # dying ones still map theirs
+    # dying ones still map theirs
+    while _others_in_group(pgid, parent) and time.monotonic() < deadline:
         time.sleep(0.02)
     cleared, _ = clear_unused(shm)
     if cleared:

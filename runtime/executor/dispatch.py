@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from runtime.clock import Clock
-from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher
+from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher, NodeLost
 from runtime.executor_api import Outcome
 from runtime.executor.pool_state import Req
 from runtime.executor.queues import ModelQueues
@@ -127,6 +127,9 @@ async def run_slot(slot: Slot, host: SlotHost) -> None:
         slot.engine = await host.launcher.launch(slot.spec)
     except asyncio.CancelledError:
         raise
+    except NodeLost as exc:  # its node left the cluster: no fault of the model's, a re-plan moves it
+        host.slot_died(slot, str(exc))
+        return
     except Exception as exc:  # EngineError (bad path, OOM, timeout) or anything the launcher raised
         host.slot_start_failed(slot, str(exc) or type(exc).__name__)
         return

@@ -48,14 +48,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from runtime.clock import SYSTEM, Clock, wait_event
 from runtime.config import STRATEGIES, Config
-from runtime.engines.devices import discover_pool
+from runtime.engines.devices import NodeChange, discover_pool
 from runtime.executor.deps import DEPENDENCY_FAILED, BatchGraph
 from runtime.executor.dispatch import Slot
 from runtime.engines.engine import Launcher
 from runtime.executor_api import EventSink, Outcome, OutcomeSink, WorkItem
 from runtime.persist import (alone_start_s, blend, load_calibration, load_length_model,
                              load_start_times, save_calibration, save_length_model,
-                             save_start_times)
+                             save_start_times, start_times_file)
 from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
 from runtime.executor.autoprofile import AutoProfiler, ProfileLaunch, missing_shapes
 from runtime.executor.deadlines import Deadlines
@@ -122,7 +122,8 @@ class PoolExecutor:
         self._control: asyncio.Task | None = None
         self._closing = False
         # measured engine starts per (model, tp), kept across restarts (runtime.persist)
-        self._start_times = load_start_times(self.state_dir)
+        self._start_file = start_times_file(cfg.cluster.backend)
+        self._start_times = load_start_times(self.state_dir, self._start_file)
         # online calibration: served requests per engine shape and the fits (runtime.persist)
         self._served, self._fits = load_calibration(self.state_dir,
                                                     cfg.scheduler.calibration_window)
@@ -136,6 +137,7 @@ class PoolExecutor:
         self.auto_profile: AutoProfiler | None = None
         self._gateway_live = 0  # the gateway's live batches (`gateway_batches`)
         self._listeners: list[EventSink] = []  # told of every event (`listen`)
+        self._nodes: list[dict[str, Any]] | None = None  # a cluster's nodes (`nodes_changed`)
 
     @property
     def dispatch_paused(self) -> bool:
@@ -285,7 +287,29 @@ class PoolExecutor:
                                     "import_s": round(spares.import_s(), 2)}
         if self.auto_profile is not None:
             out["auto_profile"] = self.auto_profile.health()
+        if self._nodes is not None:
+            out["nodes"] = self._nodes
         return out
+
+    def nodes_changed(self, change: NodeChange) -> None:
+        """The cluster's nodes changed (`runtime.engines.ray_launcher`): plan on `change.pool`
+        from now on. An engine on a node that left is dead (its in-flight requests re-queued,
+        bounded retries); a re-plan places what ran there on the nodes left, or on new ones."""
+        self.pool = self.slots.pool = change.pool
+        self._nodes = [p.describe() for p in change.nodes] + [
+            {"node": n.node_id, "address": n.address, "device_kind": n.kind, "devices": [],
+             "unused": f"another device kind than the pool's ({change.pool.kind})"}
+            for n in change.unused]
+        for p in change.joined:
+            self.emit("node_joined", **p.describe())
+        for p in change.left:
+            self.emit("node_left", **p.describe())
+            lost = set(p.ids)
+            for slot in [s for s in self.slots if s.state.active and lost & set(s.spec.devices)]:
+                self.slot_died(slot, f"its node {p.node.node_id[:12]} ({p.node.address}) left "
+                                     "the cluster")
+        if change.joined or change.left:
+            self._request_pass("nodes_changed")
 
     def _spares(self) -> Any:
         return self.launcher.spares  # runtime.engines.spares.SparePool, when configured
@@ -522,7 +546,7 @@ class PoolExecutor:
             return
         try:
             await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
-            await asyncio.to_thread(save_start_times, self.state_dir, learned[1])
+            await asyncio.to_thread(save_start_times, self.state_dir, learned[1], self._start_file)
             if learned[2:] != self._saved[2:]:
                 await asyncio.to_thread(save_calibration, self.state_dir,
                                         self._served.snapshot(), learned[3])
