@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from runtime.config import Config
@@ -98,8 +99,11 @@ class RayEngine(Engine):
         if self._proc is not None:
             raise RuntimeError("engine already started")
         t0 = time.monotonic()
+        # the node's own devices; paths absolute (the same on every node, not the gateway's cwd)
         local = EngineSpec(**{**self.spec.__dict__,
-                              "devices": self.placed.local(self.spec.devices)})
+                              "devices": self.placed.local(self.spec.devices),
+                              "model_path": Path(self.spec.model_path).resolve(),
+                              "log_path": self.spec.log_path and Path(self.spec.log_path).resolve()})
         gpus = len(local.devices) if local.device_kind == "cuda" else 0
         cpus = 0 if gpus else len(local.devices)
         try:
