@@ -1,6 +1,6 @@
 """`samullm plan`: predict the stages and makespan of a batch input under every strategy, offline.
 
-    samullm plan INPUT.jsonl [...] --config C [--devices auto|cpu:N|a100x8-nvlink-pairs|h100x8]
+    samullm plan INPUT.jsonl [...] --config C [--devices auto|cpu:N|a100x8-nvlink-pairs|h100x8|4xa100x8]
         [--strategy samullm|sequential|even-split|per-model-best|muxserve-greedy|all]
         [--json] [--gantt OUT.png|OUT.svg] [--seed N] [--samples N]
 
@@ -58,7 +58,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT.jsonl", help="OpenAI batch input file(s)")
     p.add_argument("--config", default="conf/default.toml")
     p.add_argument("--devices", default="auto",
-                   help="auto (from the config) | cpu:N | a100xN[-nvlink-pairs] | h100xN")
+                   help="auto (from the config) | cpu:N | a100xN[-nvlink-pairs] | h100xN | "
+                        "NxKINDxM: N cluster nodes of M devices (4xa100x8, 2xcpux16)")
     p.add_argument("--gpu", default="a100", choices=("a100", "h100"),
                    help="GPU profiles for --devices auto with a cuda config")
     p.add_argument("--strategy", default="all", choices=STRATEGIES + ("all",))

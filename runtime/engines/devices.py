@@ -25,6 +25,7 @@ from scheduler.types import DevicePool, default_start_contention
 GiB = 1 << 30
 GPU_MEMORY_GIB = {"a100": 80, "h100": 80}  # `samullm plan`'s GPU presets (no NVML to ask)
 _PRESET = re.compile(r"^(a100|h100)x(\d+)(-nvlink-pairs)?$")
+_NODES = re.compile(r"^(\d+)x(a100|h100|cpu)x(\d+)$")  # N nodes of M devices: a cluster's pool
 
 
 def start_contention(cfg: Config, pool_kind: str) -> float:
@@ -182,12 +183,18 @@ def planning_pool(spec: str, cfg: Config, gpu: str = "a100") -> DevicePool:
     (`discover_pool`, so plan and serve plan alike), else, where this machine cannot serve the
     config (a cuda config without GPUs, cores it does not have), the pool the config describes,
     with `gpu`'s memory for a cuda config that sets none. `cpu:N`, `a100xN[-nvlink-pairs]` and
-    `h100xN`: hypothetical pools."""
+    `h100xN`: hypothetical pools; `NxKINDxM` (`4xa100x8`, `2xcpux16`): a cluster of N nodes of M
+    devices each, laid out as `serve` lays out a Ray cluster's (`ClusterLayout`)."""
     if spec == "auto":
         try:
             return discover_pool(cfg)
         except ConfigError:
             return _described_pool(cfg, gpu)
+    m = _NODES.match(spec)
+    if m:
+        n, kind, per = int(m.group(1)), m.group(2), int(m.group(3))
+        nodes = [Node(f"node-{i}", f"node-{i}", kind, tuple(range(per))) for i in range(n)]
+        return ClusterLayout().update(nodes, cfg).pool
     m = _PRESET.match(spec)
     if m:
         kind, n = m.group(1), int(m.group(2))
@@ -201,7 +208,8 @@ def planning_pool(spec: str, cfg: Config, gpu: str = "a100") -> DevicePool:
             raise ConfigError(f"--devices {spec}: expected cpu:N") from None
         return DevicePool("cpu", tuple(range(n)), int(cfg.devices.cpu_kvcache_gib * GiB), (),
                           start_contention(cfg, "cpu"), max_threads(cfg, n))
-    raise ConfigError(f"--devices {spec}: one of auto, cpu:N, a100xN[-nvlink-pairs], h100xN")
+    raise ConfigError(f"--devices {spec}: one of auto, cpu:N, a100xN[-nvlink-pairs], h100xN, "
+                      "NxKINDxM (N nodes of M a100, h100 or cpu devices)")
 
 
 def _described_pool(cfg: Config, gpu: str) -> DevicePool:

@@ -68,6 +68,11 @@ class EngineHost:
         host = node_address()
         port = free_port()
         cmd, env = build_command(spec, port, sys.executable, host=host)
+        # vLLM in a Ray worker's environment would take Ray for its TP executor (and lose the
+        # placement group in its engine core: vllm-project/vllm#30016); its own processes instead
+        env.pop("RAY_ADDRESS", None)
+        if spec.tp > 1 and "--distributed-executor-backend" not in cmd:
+            cmd += ["--distributed-executor-backend", "mp"]
         cmd = [sys.executable, "-m", "runtime.engines.guard", *cmd]  # the outer guard (docstring)
         self.log_path = spec.log_path or Path(f"/tmp/samullm-engine-{port}.log")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

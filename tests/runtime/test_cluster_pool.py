@@ -5,6 +5,9 @@ The real thing (Ray, vLLM engines on a two-node cluster) is `tests/runtime/test_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from gateway.metrics import GatewayMetrics
-from runtime.config import ConfigError, parse_config
-from runtime.engines.devices import ClusterLayout, Node, discover_pool
+from runtime.config import ClusterConfig, ConfigError, parse_config
+from runtime.engines.devices import ClusterLayout, Node, discover_pool, planning_pool
 from runtime.engines.engine import EngineSpec, NodeLost
 from runtime.engines.ray_cluster import gateway_prefix, node_from_ray, parse_cores
 from runtime.executor.executor import PoolExecutor
@@ -74,6 +77,16 @@ def test_gpu_nodes_and_nodes_of_another_kind(tmp_path: Path) -> None:
     assert change.pool.memory_bytes == 80 << 30
     assert [n.node_id for n in change.unused] == ["c"]  # one pool, one device kind
     assert layout.locate((5, 6)).local((5, 6)) == (1, 2)
+
+
+def test_plan_takes_a_cluster_of_n_nodes(tmp_path: Path) -> None:
+    """`samullm plan --devices 4xa100x8`: the pool `serve` would have on such a cluster."""
+    pool = planning_pool("4xa100x8", parse_config({}))
+    assert pool.kind == "a100" and pool.ids == tuple(range(32))
+    assert pool.groups == tuple(tuple(range(i, i + 8)) for i in range(0, 32, 8))
+    assert planning_pool("2xcpux4", parse_config({})).groups == ((0, 1, 2, 3), (4, 5, 6, 7))
+    with pytest.raises(ConfigError, match="NxKINDxM"):
+        planning_pool("4xtpux8", parse_config({}))
 
 
 def test_ray_nodes_are_read_as_nodes() -> None:
@@ -136,8 +149,7 @@ class NodeLauncher(FakeLauncher):
 
 
 async def test_a_lost_node_is_an_engine_death_for_each_engine_on_it(tmp_path: Path) -> None:
-    cfg = ray_cfg(tmp_path)
-    cfg = parse_config({**_dump(make_cfg(tmp_path)), "cluster": {"backend": "ray"}})
+    cfg = dataclasses.replace(make_cfg(tmp_path), cluster=ClusterConfig(backend="ray"))
     layout = ClusterLayout()
     n1, n2 = Node("n1", "10.0.0.1", "cpu", (0, 1)), Node("n2", "10.0.0.2", "cpu", (0, 1))
     first = layout.update([n1, n2], cfg)
@@ -180,7 +192,7 @@ async def test_a_lost_node_is_an_engine_death_for_each_engine_on_it(tmp_path: Pa
 async def test_a_start_on_a_node_gone_is_no_start_failure(tmp_path: Path) -> None:
     """The plan still names a node the launcher finds gone: the slot dies (a re-plan moves it),
     and its model's requests are not failed as `engine_start_failed`."""
-    cfg = parse_config({**_dump(make_cfg(tmp_path)), "cluster": {"backend": "ray"}})
+    cfg = dataclasses.replace(make_cfg(tmp_path), cluster=ClusterConfig(backend="ray"))
     layout = ClusterLayout()
     n1, n2 = Node("n1", "h1", "cpu", (0,)), Node("n2", "h2", "cpu", (0,))
     first = layout.update([n1, n2], cfg)
@@ -204,11 +216,42 @@ async def test_a_start_on_a_node_gone_is_no_start_failure(tmp_path: Path) -> Non
         await ex.close()
 
 
-def _dump(cfg) -> dict:
-    """A parsed config back as the TOML document it came from (models, state dir, devices)."""
-    models = [{"name": m.name, "path": m.path, "max_model_len": m.max_model_len,
-               "max_num_seqs": m.max_num_seqs, "max_num_batched_tokens": m.max_num_batched_tokens,
-               "arch": m.arch.__dict__} for m in cfg.models if m.name != "huge"]
-    return {"server": {"state_dir": cfg.server.state_dir},
-            "devices": {"kind": "cpu", "cpu_kvcache_gib": 0.25},
-            "limits": {"max_retries": cfg.limits.max_retries}, "models": models}
+
+def test_the_actor_body_confines_and_its_death_takes_the_engine_down(monkeypatch, tmp_path) -> None:
+    """`EngineHost` (the actor's body) without Ray: a stand-in engine (`sleep`) runs on the
+    planned core at the planned niceness under two guards of one group; `stop()` ends the group,
+    and a SIGKILL of the outer guard (Ray killing a dead actor's children) ends it too."""
+    from runtime.engines import ray_host
+    from runtime.engines.procs import group_pids
+
+    def stand_in(spec, port, python, host):
+        return [python, "-m", "runtime.engines.guard", "sleep", "60"], dict(os.environ)
+    monkeypatch.setattr(ray_host, "build_command", stand_in)
+    monkeypatch.setattr(ray_host, "node_address", lambda: "127.0.0.1")
+    core = sorted(os.sched_getaffinity(0))[-1]
+    mc = parse_config({"models": [{"name": "m", "path": "/x"}]}).models[0]
+    spec = EngineSpec(model=mc, model_path=Path("/x"), devices=(core,),
+                      log_path=tmp_path / "e.log")
+    for kill in (False, True):
+        host = ray_host.EngineHost()
+        info = host.start(spec, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+        assert info["url"].startswith("http://127.0.0.1:")
+        pgid = info["pid"]
+        deadline = time.monotonic() + 10
+        while len(group_pids(pgid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = group_pids(pgid)
+        assert len(pids) == 3  # outer guard, inner guard, the engine
+        assert all(os.sched_getaffinity(p) == {core} for p in pids)
+        assert all(os.getpriority(os.PRIO_PROCESS, p) >= 3 for p in pids)
+        if kill:
+            os.kill(pgid, signal.SIGKILL)
+            host.proc.wait(5)
+        else:
+            assert host.poll() is None
+            host.stop(10)
+        deadline = time.monotonic() + 10
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_pids(pgid), "the engine outlived its guards"
+        assert host.poll() is not None
