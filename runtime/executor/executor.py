@@ -26,8 +26,10 @@ cancelled batch reports such requests as cancelled; after a shutdown they re-run
 Failures: an engine that dies has its in-flight requests re-queued (each at most
 `limits.max_retries` times, then an `engine_failed` error outcome) and the pass restarts one; an engine
 that fails to start turns every queued request of its model into an `engine_start_failed` error
-(other models keep running); a 4xx answer is that request's error, never retried; a model the
-planner cannot place at all gets `planning_failed` errors. Events of each batch (plans with their
+(other models keep running); a cluster node that leaves (`nodes_changed`) is an engine death for
+each engine on it, and a start on a node gone is one too (`NodeLost`), never a failed start; a
+4xx answer is that request's error, never retried; a model the planner cannot place at all gets
+`planning_failed` errors. Events of each batch (plans with their
 reasons, predicted makespan and its lower bound, engine start/started/stop/failed, model finished, ...) are kept for
 `events(batch_id)` and logged.
 

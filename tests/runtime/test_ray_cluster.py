@@ -214,7 +214,8 @@ def test_sigkilled_gateway_leaves_nothing_on_the_cluster(cluster: TwoNodes, tiny
         del leftover
         _check_once(client, proc.url, bid, 120)
         _wait(lambda: not _live_groups(prefix), 60, "every placement group of the gateway gone")
-        assert "removed 1 placement groups an earlier gateway left" in proc.log.read_text()
+        assert re.search(r"removed \d+ placement groups an earlier gateway left: .*leftover",
+                         proc.log.read_text())
     finally:
         proc.kill()
     _wait(lambda: not _live_groups(prefix), 60, "the groups of the last gateway gone")
@@ -249,6 +250,14 @@ def test_a_node_removed_mid_run_is_survived(cluster: TwoNodes, tiny_model_dir: P
         health = requests.get(f"{proc.url}/health").json()
         assert len(health["nodes"]) == 1
         _wait(lambda: not _live_groups(prefix), 60, "the engines' groups to go")
+        # a node joining: the pool grows by ids never used before (the lost node's stay unused)
+        gone = {d for n in _events(proc.url, bid) if n["event"] == "node_left"
+                for d in n["devices"]}
+        cluster.ensure_worker()
+        nodes = _wait(lambda: len(n := requests.get(f"{proc.url}/health").json()["nodes"]) == 2
+                      and n, 60, "the new node in /health")
+        ids = {d for n in nodes for d in n["devices"]}
+        assert len(ids) == 2 and not ids & gone
     finally:
         proc.p.send_signal(signal.SIGTERM)
         proc.p.wait(60)
