@@ -60,7 +60,10 @@ class RemoteProcess:
                 raise
             except Exception as exc:  # RayActorError: the actor (or its node) is gone
                 log.warning("engine %s: its Ray actor is gone (%s)", self.pid, type(exc).__name__)
-                await self._on_death()  # the nodes first: the re-plan must not use a lost node
+                try:  # the nodes first: the re-plan must not use a lost node
+                    await self._on_death()
+                except Exception:
+                    log.exception("cannot read the cluster's nodes")
                 code = -9
             if code is not None:
                 self.exited(code)
@@ -125,9 +128,7 @@ class RayEngine(Engine):
             raise
         except Exception as exc:  # the actor died while starting: its node went away, or worse
             await self.stop()
-            if not await self.launcher.node_alive(self.node.node_id, SETTLE_S):
-                raise NodeLost(f"node {self.node.node_id[:12]} ({self.node.address}) left while "
-                               f"engine {self.spec.model.name!r} started there") from exc
+            await self._raise_if_node_lost(exc)
             raise EngineError(f"engine {self.spec.model.name!r} could not be placed on node "
                               f"{self.node.address}: {type(exc).__name__}: {exc}") from exc
         self.base_url, self.pid = info["url"], info["pid"]
@@ -137,14 +138,19 @@ class RayEngine(Engine):
             await self._wait_healthy(t0 + timeout_s)
         except EngineError as exc:
             await self.stop()
-            if not await self.launcher.node_alive(self.node.node_id, SETTLE_S):
-                raise NodeLost(f"node {self.node.node_id[:12]} ({self.node.address}) left while "
-                               f"engine {self.spec.model.name!r} started there") from exc
+            await self._raise_if_node_lost(exc)
             raise
         except BaseException:
             await self.stop()
             raise
         self.start_time_s = time.monotonic() - t0
+
+    async def _raise_if_node_lost(self, exc: BaseException) -> None:
+        """A start that failed because its node left is NodeLost (an engine death for the
+        executor), not the model's failure."""
+        if not await self.launcher.node_alive(self.node.node_id, SETTLE_S):
+            raise NodeLost(f"node {self.node.node_id[:12]} ({self.node.address}) left while "
+                           f"engine {self.spec.model.name!r} started there") from exc
 
     async def stop(self, timeout_s: float = 30) -> None:
         """Stop the engine's group on its node, kill the actor, remove the placement group;
