@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DISK_MB = 4
+DISK_MB = 8  # room for a 3,000-request batch: input, journal, WAL, 1 MiB reserve and its output
 
 
 @pytest.fixture
