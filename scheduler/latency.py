@@ -194,12 +194,20 @@ def assumed_threads_latency(lat: LatencyModel, threads: int) -> LatencyModel:
 
 # Roofline constants for `analytic_latency_model`, per device (one CPU core / one GPU):
 # (sustained linear-layer FLOP/s, memory bandwidth B/s, fixed per-iteration overhead s,
-#  per-sequence overhead s). CPU: ~20 GFLOP/s fp32 GEMM and ~10 GB/s per core, several ms of
-# Python/scheduler work per step. GPUs: dense fp16 peak × ~50% achieved, published HBM bandwidth.
-DEVICE_ROOFLINE: dict[str, tuple[float, float, float, float]] = {
-    "cpu": (20e9, 10e9, 4e-3, 5e-5),
-    "a100": (312e12 * 0.5, 2.039e12, 4e-3, 2e-5),
-    "h100": (989e12 * 0.5, 3.35e12, 3e-3, 1.5e-5),
+#  per-sequence overhead s, all-reduce cost per layer and step at TP > 1 s).
+# CPU: fitted (`bench/derive_cpu_roofline.py`) to the profiles of the demo models (tiny-a, small,
+# medium at TP 1 and 2, one core per rank; `samullm profile --quick` with the served calibration)
+# on the 2-core development machine, 4 Dec 2026: 146 GFLOP/s, 9.3 GB/s, 2.0 ms per step, 92 us
+# per layer's all-reduces at TP 2; the profiles' step times on a grid of decode and prefill steps
+# are met within a median 0.95-1.07x (the earlier guesses, 20 GFLOP/s and 4 ms per step,
+# predicted 1.7-2.3x too slow: a fresh gateway's first plan was twice the measured makespan).
+# GPUs: dense fp16 peak × ~50% achieved, published HBM bandwidth.
+CPU_FLOPS, CPU_BW, CPU_FIXED_S = 1.46e11, 9.28e9, 2.03e-3
+CPU_PER_SEQ_S, CPU_ALLREDUCE_S = 4.03e-5, 9.15e-5
+DEVICE_ROOFLINE: dict[str, tuple[float, float, float, float, float]] = {
+    "cpu": (CPU_FLOPS, CPU_BW, CPU_FIXED_S, CPU_PER_SEQ_S, CPU_ALLREDUCE_S),
+    "a100": (312e12 * 0.5, 2.039e12, 4e-3, 2e-5, 2e-5),
+    "h100": (989e12 * 0.5, 3.35e12, 3e-3, 1.5e-5, 2e-5),
 }
 DEVICE_ROOFLINE["cuda"] = DEVICE_ROOFLINE["a100"]
 
@@ -214,7 +222,7 @@ def analytic_latency_model(spec: ModelSpec, tp: int, device: str = "cpu") -> Lat
     c4: per-sequence overhead (sampling, bookkeeping).
     TP adds per-layer all-reduces, modelled as moving hidden·dtype bytes twice per layer at memory speed.
     """
-    flops, bw, fixed, per_seq = DEVICE_ROOFLINE.get(device, DEVICE_ROOFLINE["cpu"])
+    flops, bw, fixed, per_seq, ar_layer = DEVICE_ROOFLINE.get(device, DEVICE_ROOFLINE["cpu"])
     c0 = spec.weight_bytes / tp / bw + fixed
     c1 = spec.flops_per_token / tp / flops
     c2 = 4.0 * spec.hidden_size * spec.num_layers / tp / flops
@@ -223,6 +231,6 @@ def analytic_latency_model(spec: ModelSpec, tp: int, device: str = "cpu") -> Lat
     ar_fixed = 0.0
     if tp > 1:
         ar_tok = 2 * spec.num_layers * spec.hidden_size * spec.dtype_bytes * 2 * (tp - 1) / tp / bw
-        ar_fixed = 2 * spec.num_layers * 2e-5
+        ar_fixed = 2 * spec.num_layers * ar_layer
     return LatencyModel(c0, c1, c2, c3, per_seq, allreduce_s_per_token=ar_tok,
                         allreduce_fixed_s=ar_fixed)

@@ -40,7 +40,10 @@ from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimReques
 
 # vLLM CPU engine start (spawn, weights, KV allocation, warm-up) measured on this machine: 21-30 s;
 # planning with a zero reload cost would make re-plans churn engines for nothing.
-DEFAULT_CPU_LOAD_S = 25.0
+# an engine start on CPU before any was measured: one from a ready spare process (the planner adds
+# the import for a start that finds none, `scheduler.spares`); the demo models' spare starts took
+# 13.0-15.5 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`, profiles' load_time)
+DEFAULT_CPU_LOAD_S = 14.5
 ReplicaKey = tuple[str, int, tuple[int, ...]]  # (model, tp, devices of one replica)
 
 

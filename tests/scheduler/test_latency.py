@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from scheduler.latency import (IterationSample, LatencyModel, Profile, analytic_latency_model,
+from scheduler.latency import (DEVICE_ROOFLINE, IterationSample, LatencyModel, Profile, analytic_latency_model,
                                fit_latency_model, prefill_attn_work, relative_errors)
 from scheduler.types import ModelSpec
 
@@ -83,7 +83,7 @@ def test_analytic_model_scales_with_size_and_tp():
                   analytic_latency_model(big, 2))
     assert b1.iteration_time(256, 0, 0, 1) > s1.iteration_time(256, 0, 0, 1)
     assert b2.c1 == pytest.approx(b1.c1 / 2) and b2.allreduce_s_per_token > 0
-    assert b1.c3 == pytest.approx(big.kv_bytes_per_token(1) / 10e9)
+    assert b1.c3 == pytest.approx(big.kv_bytes_per_token(1) / DEVICE_ROOFLINE["cpu"][1])
     gpu = analytic_latency_model(big, 1, "h100")
     assert gpu.iteration_time(256, 0, 0, 1) < b1.iteration_time(256, 0, 0, 1)
 
