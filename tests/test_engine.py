@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import Config, ModelConfig
+from runtime.config import Config
 from runtime.engines.devices import discover_pool
 from runtime.engines.engine import (Engine, EngineError, EngineSpec, VllmLauncher, build_command,
                                     shm_files)
@@ -36,7 +36,7 @@ def _spec(cfg: Config, name: str, cores: tuple[int, ...], tp: int = 1, **model_c
     m = cfg.model(name)
     assert m is not None
     if model_changes:
-        m = ModelConfig(**{**m.__dict__, **model_changes})
+        m = dataclasses.replace(m, **model_changes)  # not __dict__: it caches served_endpoints
     return EngineSpec(model=m, model_path=m.resolved_path(cfg.base_dir), devices=cores, tp=tp,
                       kv_cache_gib=cfg.devices.cpu_kvcache_gib,
                       log_path=cfg.state_dir / "logs" / f"{name}-{'-'.join(map(str, cores))}.log")
