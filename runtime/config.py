@@ -39,6 +39,12 @@ class ConfigError(ValueError):
     """A configuration file is missing, unparsable or invalid. The message names the key."""
 
 
+def check_choice(where: str, key: str, value: object, choices: tuple[str, ...]) -> None:
+    """ConfigError naming `where.key` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"{where}.{key}: one of {', '.join(choices)}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={
@@ -145,8 +151,7 @@ class ModelConfig:
     def validate(self, where: str) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ConfigError(f"{where}.name: must be a non-empty string")
-        if self.dtype not in ("float32", "float16", "bfloat16", "auto"):
-            raise ConfigError(f"{where}.dtype: one of float32, float16, bfloat16, auto")
+        check_choice(where, "dtype", self.dtype, ("float32", "float16", "bfloat16", "auto"))
         for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key}: must be positive")
@@ -296,8 +301,7 @@ class DevicesConfig:
         if self.start_contention is not None and not 0 <= self.start_contention < 100:
             raise ConfigError(f"{where}.start_contention: must be a number in [0, 100), "
                               f"got {self.start_contention!r}")
-        if self.kind not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{where}.kind: one of auto, cpu, cuda; got {self.kind!r}")
+        check_choice(where, "kind", self.kind, ("auto", "cpu", "cuda"))
         if any(i < 0 for i in self.ids) or len(set(self.ids)) != len(self.ids):
             raise ConfigError(f"{where}.ids: distinct non-negative integers")
         seen: set[int] = set()
@@ -405,14 +409,9 @@ class SchedulerConfig:
                 "calibration; longer for bigger models); off = profiles only by hand"})
 
     def validate(self, where: str) -> None:
-        if self.auto_profile not in AUTO_PROFILE:
-            raise ConfigError(f"{where}.auto_profile: one of {', '.join(AUTO_PROFILE)}; got "
-                              f"{self.auto_profile!r}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"{where}.strategy: one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
-        if self.fairness not in FAIRNESS:
-            raise ConfigError(f"{where}.fairness: one of {', '.join(FAIRNESS)}; got "
-                              f"{self.fairness!r}")
+        check_choice(where, "auto_profile", self.auto_profile, AUTO_PROFILE)
+        check_choice(where, "strategy", self.strategy, STRATEGIES)
+        check_choice(where, "fairness", self.fairness, FAIRNESS)
         if self.calibration_window < 16:
             raise ConfigError(f"{where}.calibration_window: at least 16; got {self.calibration_window}")
 
@@ -441,9 +440,7 @@ class ClusterConfig:
                 "leaving re-plans (a node lost is an engine death for each engine on it)"})
 
     def validate(self, where: str) -> None:
-        if self.backend not in CLUSTER_BACKENDS:
-            raise ConfigError(f"{where}.backend: one of {', '.join(CLUSTER_BACKENDS)}; got "
-                              f"{self.backend!r}")
+        check_choice(where, "backend", self.backend, CLUSTER_BACKENDS)
         a = self.address
         if a.startswith("local:") and not (a[6:].isdigit() and int(a[6:]) >= 1):
             raise ConfigError(f"{where}.address: local:N with N a positive integer; got {a!r}")
