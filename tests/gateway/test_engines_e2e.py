@@ -35,6 +35,14 @@ def _completions_batch():
         for i in range(3)]
 
 
+def _responses_batch():
+    # the Responses API on the same engines (pooled with the others: no engine of its own)
+    return "/v1/responses", [
+        {"custom_id": f"resp{i}", "method": "POST", "url": "/v1/responses",
+         "body": {"model": "tiny-b", "input": f"say {i}", "max_output_tokens": 5}}
+        for i in range(2)]
+
+
 def _long_batch():
     # a few short requests finish early; the long ones (ignore_eos) are still running at cancel
     lines = [chat_line(f"s{i}", max_tokens=2) for i in range(3)]
@@ -72,7 +80,8 @@ async def e2e(test_config, tiny_model_dir, tmp_path_factory):
         client = srv.client()
         batches = {}
         for name, (endpoint, lines) in (("chat", _chat_batch()), ("completions",
-                                        _completions_batch()), ("long", _long_batch()),
+                                        _completions_batch()), ("responses", _responses_batch()),
+                                        ("long", _long_batch()),
                                         ("broken", _broken_batch())):
             f = await client.files.create(file=(f"{name}.jsonl", jsonl(lines)), purpose="batch")
             b = await client.batches.create(input_file_id=f.id, endpoint=endpoint,
@@ -126,6 +135,21 @@ async def test_completions_endpoint_on_real_engine(e2e):
     out = await read_lines(client, done.output_file_id)
     assert [o["custom_id"] for o in out] == ["c0", "c1", "c2"]  # input order
     assert all(o["response"]["body"]["object"] == "text_completion" for o in out)
+
+
+async def test_responses_endpoint_on_real_engine(e2e):
+    """vLLM's own /v1/responses: each line's response body, its usage counted as the batch's."""
+    _, client, batches, _ = e2e
+    bid, _lines = batches["responses"]
+    done = await poll(client, bid, timeout_s=800)
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+    out = await read_lines(client, done.output_file_id)
+    assert [o["custom_id"] for o in out] == ["resp0", "resp1"]
+    bodies = [o["response"]["body"] for o in out]
+    assert all(b["object"] == "response" and b["model"] == "tiny-b" for b in bodies), bodies
+    assert all(1 <= b["usage"]["output_tokens"] <= 5 for b in bodies), bodies
+    assert done.usage.output_tokens == sum(b["usage"]["output_tokens"] for b in bodies)
+    assert done.usage.input_tokens == sum(b["usage"]["input_tokens"] for b in bodies)
 
 
 async def test_cancel_mid_run_on_real_engines(e2e):
