@@ -121,14 +121,15 @@ class ClusterLayout:
     _pool: DevicePool | None = None
 
     def update(self, nodes: Iterable[Node], cfg: Config) -> NodeChange:
-        """Take the nodes alive now (sorted by node id for a deterministic first layout)."""
+        """Take the nodes alive now; new ones get ids in order of address, then of their own
+        devices (nodes sharing a machine: their cores in order), then of node id."""
         alive = {n.node_id: n for n in nodes if n.devices}
         left = tuple(p for nid, p in self.placed.items() if nid not in alive)
         for p in left:
             del self.placed[p.node.node_id]
         kind = _pool_kind([*alive.values()])
         joined = []
-        for nid in sorted(alive):
+        for nid in sorted(alive, key=lambda i: (alive[i].address, alive[i].devices, i)):
             n = alive[nid]
             if nid in self.placed or n.kind != kind:
                 continue

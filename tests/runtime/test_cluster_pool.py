@@ -66,6 +66,12 @@ def test_each_node_is_one_group_with_ids_of_its_own(tmp_path: Path) -> None:
     assert not layout.update([a, Node("c", "10.0.0.3", "cpu", (0, 1))], cfg).joined
 
 
+def test_nodes_of_one_machine_are_numbered_in_order_of_their_cores(tmp_path: Path) -> None:
+    change = ClusterLayout().update([Node("a", "h", "cpu", (1,)), Node("b", "h", "cpu", (0,))],
+                                    ray_cfg(tmp_path))
+    assert [(p.node.node_id, p.ids) for p in change.joined] == [("b", (0,)), ("a", (1,))]
+
+
 def test_gpu_nodes_and_nodes_of_another_kind(tmp_path: Path) -> None:
     cfg = ray_cfg(tmp_path)
     layout = ClusterLayout()
