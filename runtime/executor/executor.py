@@ -601,12 +601,14 @@ class PoolExecutor:
         last_pass_end = -math.inf
         while True:
             await self._wake.wait()
-            if all(r.startswith(ARRIVALS) for r in self._reasons):
+            if all(r.startswith(ARRIVALS) for r in self._reasons) and self._serving():
                 # New batches alone do not need a pass at once (their requests for running models
                 # are dispatched already); a stream of small batches would otherwise keep the
                 # planner busy back to back and starve the gateway of CPU. Likewise dependents
                 # released one by one for a model without an engine. Engine events and model
-                # finishes never wait. Arrivals during the pause join the same pass.
+                # finishes never wait, nor does a batch that finds nothing in flight (there is
+                # no busy gateway to spare, and its ETA starts with its plan). Arrivals during
+                # the pause join the same pass.
                 pause = last_pass_end + ARRIVAL_PASS_INTERVAL_S - self.clock.monotonic()
                 if pause > 0:
                     await self.clock.sleep(pause)
@@ -624,6 +626,10 @@ class PoolExecutor:
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
+
+    def _serving(self) -> bool:
+        """Whether some engine has requests in flight."""
+        return any(s.inflight for s in self.slots)
 
     def _active_pool(self) -> Pool | None:
         """Retire finished pools; activate the next one (its requests enter the queues)."""

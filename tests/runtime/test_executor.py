@@ -304,6 +304,20 @@ async def test_a_stream_of_new_batches_is_planned_in_few_passes(run, launcher) -
     assert len(plans()) == 2
 
 
+async def test_a_batch_after_an_idle_spell_is_planned_at_once(run, launcher) -> None:
+    """The arrival pause spares a busy gateway back-to-back passes; with nothing in flight there is
+    nothing to spare, and a batch sent right after the last one completed is planned at once (the
+    bench sent batch 2 0.1 s after batch 1 ended: its plan came 0.9 s later, its ETA was late)."""
+    clock = ManualClock()
+    ex = await run(devices=1, clock=clock)
+    ex.submit("first", items("a", 3), Sink())
+    await asyncio.wait_for(ex.wait("first"), 10)
+    await asyncio.sleep(0.3)  # the pass after the pool finished has run (the manual clock is still)
+    ex.submit("second", items("b", 3), sink := Sink())  # b has no engine: it needs a pass
+    await asyncio.wait_for(ex.wait("second"), 10)  # the manual clock never moved
+    assert len(sink.outcomes) == 3
+
+
 async def test_cancel_mid_run_aborts_and_frees_every_engine(run, launcher: FakeLauncher) -> None:
     launcher.delay_s.update(a=0.2, b=0.2)
     ex = await run()
