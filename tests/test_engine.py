@@ -7,9 +7,8 @@ them and checks the cleanup.
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -158,7 +157,11 @@ async def test_engine_starts_in_a_spare_process(test_config: Config, tmp_path: P
     spare_pid = pool._spares[0].pid
     spec = EngineSpec(**{**_spec(test_config, "tiny-a", (1,)).__dict__, "nice": 3,
                          "log_path": tmp_path / "engine.log"})
-    engine = await launcher.launch(spec)
+    launch = asyncio.create_task(launcher.launch(spec))
+    await asyncio.sleep(0.5)
+    assert launcher.in_spare(spec)  # a re-plan during the start knows it skips the import
+    engine = await launch
+    assert not launcher.in_spare(spec)  # asked only while it starts
     try:
         assert engine.spare_used and engine.pid == spare_pid
         status, body = await engine.post("/v1/chat/completions", _chat("tiny-a", "hello", 4))

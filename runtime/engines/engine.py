@@ -456,6 +456,10 @@ class Launcher(Protocol):
         """Return a started, healthy engine for `spec` (raises EngineError). The engine's
         `start_time_s` (spawn to healthy) and `spare_used` are set."""
 
+    def in_spare(self, spec: EngineSpec) -> bool:
+        """Whether the engine being launched for `spec` started in a spare process (while its
+        launch runs; a re-plan then knows whether it still imports the API server)."""
+
     async def close(self) -> None:
         """After the last engine stopped: stop the spares."""
 
@@ -473,6 +477,7 @@ class VllmLauncher:
         self.start_timeout_s = start_timeout_s
         self.python = python
         self.spares = spares
+        self._in_spare: set[int] = set()  # id() of the specs being launched in a spare
         self.shm_records = Path(state_dir) / RECORD_DIR if state_dir is not None else None
         if spares is not None:
             _POOLS.add(spares)
@@ -491,15 +496,22 @@ class VllmLauncher:
             await self.spares.close()
 
     async def launch(self, spec: EngineSpec) -> Engine:
+        asked = id(spec)  # the caller's spec (`in_spare`), before a log path is filled in
         if spec.log_path is None and self.log_dir is not None:
             devs = "-".join(map(str, spec.devices))
             name = f"{spec.model.name}-tp{spec.tp}-d{devs}-{int(time.time() * 1000)}.log"
             spec = EngineSpec(**{**spec.__dict__, "log_path": self.log_dir / name})
         engine = Engine(spec, python=self.python, shm_record_dir=self.shm_records)
         spare = self.spares.take() if self.spares is not None and spec.device_kind == "cpu" else None
+        if spare is not None:
+            self._in_spare.add(asked)
         try:
             await engine.start(self.start_timeout_s, spare=spare)
         finally:
+            self._in_spare.discard(asked)
             if spare is not None:
                 self.spares.refill()  # not before: its import would compete with this start
         return engine
+
+    def in_spare(self, spec: EngineSpec) -> bool:
+        return id(spec) in self._in_spare

@@ -285,6 +285,9 @@ class RayLauncher:
                 raise EngineError(f"placement group {name} not placed on node {node_id[:12]} "
                                   f"in {PLACE_TIMEOUT_S:.0f} s (its resources are taken?)")
 
+    def in_spare(self, spec: EngineSpec) -> bool:
+        return False  # no spares on a cluster
+
     async def launch(self, spec: EngineSpec) -> Engine:
         placed = self.layout.locate(spec.devices)
         if placed is None:

@@ -319,14 +319,15 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                  running: dict[str, ExecPlan], spares: tuple[float, ...] | None = None,
                  no_spare_s: float = 0.0,
                  fits: Mapping[ShapeKey, ShapeFit] | None = None,
-                 starting: Mapping[str, tuple[float, int]] | None = None) -> PlanningProblem:
+                 starting: Mapping[str, tuple[float, int, bool]] | None = None) -> PlanningProblem:
     """The problem of a pool's `plan_no`-th plan (1 = the first) over its unfinished `reqs`: the
     one way both `serve` (the executor, at every pass) and `samullm plan` build it, so that for the
     same input, config and state dir the two predict the same makespan. `fits`: the online
     calibration (`refit_calibration`), ignored when `[scheduler] online_calibration` is off.
     `starting`: running engines not serving yet, model -> (seconds since their start began, most
-    engines seen starting with them); each still owes its expected start minus that (at least a
-    second: one that takes longer than expected is about to be up, not up). Its `groups` are the
+    engines seen starting with them, whether it started in a spare process); each still owes its
+    expected start (plus `no_spare_s` when the pool keeps spares and it found none ready) minus
+    that (at least a second: one that takes longer than expected is about to be up, not up). Its `groups` are the
     requests' batches: `plan` then predicts each batch's completion (`batch_completion`), and the
 least makespan any schedule could have (`lower_bound`)."""
     seed = cfg.scheduler.seed
@@ -337,10 +338,12 @@ least makespan any schedule could have (`lower_bound`)."""
                             spares=spares, no_spare_s=no_spare_s)
     problem.groups = batch_groups(reqs, work)
     problem.lower_bound = True
-    for m, (elapsed, n) in (starting or {}).items():
+    for m, (elapsed, n, in_spare) in (starting or {}).items():
         if m in problem.running:
             plan = problem.running[m]
             expected = latency(specs[m], plan.tp).load_time_s * pool.start_factor(n)
+            if spares is not None and not in_spare:
+                expected += no_spare_s
             problem.warmup[m] = max(1.0, expected - elapsed)
     return problem
 

@@ -72,11 +72,13 @@ class EngineSlots:
     def __iter__(self):
         return iter(list(self.all))
 
-    def starting(self, now: float) -> dict[str, tuple[float, int]]:
+    def starting(self, now: float) -> dict[str, tuple[float, int, bool]]:
         """Engines not serving yet: model -> (seconds since their start began, most engines seen
-        starting with them), for the planner (`planning.plan_problem`)."""
-        return {s.model: (now - s.launched_at, s.starting_with) for s in self.all
-                if s.state is SlotState.STARTING}
+        starting with them, whether it started in a spare process), for the planner
+        (`planning.plan_problem`)."""
+        launcher = self.owner.launcher
+        return {s.model: (now - s.launched_at, s.starting_with, launcher.in_spare(s.spec))
+                for s in self.all if s.state is SlotState.STARTING}
 
     def active_keys(self) -> list[ReplicaKey]:
         return [s.key for s in self.all if s.state.active]

@@ -142,6 +142,9 @@ class FakeLauncher:
     def alive(self, model: str | None = None) -> list[FakeEngine]:
         return [e for e in self.engines if e.alive() and (model is None or e.spec.model.name == model)]
 
+    def in_spare(self, spec: EngineSpec) -> bool:
+        return False  # its `spares`, when a test sets some, are never ready
+
     async def launch(self, spec: EngineSpec) -> FakeEngine:
         for other in self.alive():
             if set(other.spec.devices) & set(spec.devices):

@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from runtime.config import Config, parse_config
 from runtime.executor import executor as executor_mod
+from runtime.executor.planning import DEFAULT_CPU_LOAD_S
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.slots import INFLIGHT_FACTOR
 from gateway.lines import LineRef
@@ -596,3 +597,45 @@ async def test_a_replan_during_an_engine_start_knows_the_start_is_not_over(run, 
         await ex.close()
     assert seen[0] == {}  # nothing started yet
     assert seen[1]["a"] > 1.0  # the default CPU start (25 s) minus the little time gone by
+
+
+class NoReadySpares:
+    """A spare pool (`runtime.engines.spares.SparePool`'s planner side) whose spares all import."""
+
+    size = 1
+
+    def import_left(self) -> tuple[float, ...]:
+        return (7.0,)
+
+    def import_s(self) -> float:
+        return 7.0
+
+    def ready_count(self) -> int:
+        return 0
+
+
+async def test_a_replan_knows_a_start_that_found_no_spare_takes_the_import_longer(
+        run, launcher, tmp_path) -> None:
+    """An engine started without a ready spare imports vLLM's API server first: a re-plan during
+    its start must expect that (fresh bench, batch 2: such a start took 21.1 s, and the re-plans
+    during it expected the 14.5 s of a start in a spare)."""
+    seen: list[dict] = []
+
+    def recording(problem, strategy):
+        seen.append(dict(problem.warmup))
+        return executor_mod.plan(problem, strategy)
+
+    launcher.start_delay_s = 0.5
+    launcher.spares = NoReadySpares()
+    ex = PoolExecutor(make_cfg(tmp_path), launcher, planner=recording, clock=ManualClock(auto=True),
+                      pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))
+    await ex.start()
+    try:
+        ex.submit("x", items("a", 4), Sink())
+        while not seen:
+            await asyncio.sleep(0.005)
+        ex.submit("y", items("a", 2, prefix="y"), Sink())  # re-plans while a's engine starts
+        await asyncio.wait_for(asyncio.gather(ex.wait("x"), ex.wait("y")), 30)
+    finally:
+        await ex.close()
+    assert seen[1]["a"] > DEFAULT_CPU_LOAD_S + 7.0 - 1.0  # a spare's start plus the import

@@ -45,6 +45,9 @@ class RecordingLauncher:
         self.engines.append(engine)
         return engine
 
+    def in_spare(self, spec: EngineSpec) -> bool:
+        return self.inner.in_spare(spec)
+
     def running(self, model: str | None = None) -> list[Engine]:
         return [e for e in self.engines
                 if e.alive() and (model is None or e.spec.model.name == model)]
