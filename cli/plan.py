@@ -45,8 +45,8 @@ from runtime.persist import (load_calibration, load_length_model, load_start_tim
                              start_times_file)
 from runtime.executor.deps import BatchGraph
 from runtime.executor.pool_state import batch_reqs
-from runtime.executor.planning import (LatencySource, latency_sources, model_specs, plan_problem,
-                                       refit_calibration, sample_work)
+from runtime.executor.planning import model_specs, plan_problem, refit_calibration, sample_work
+from runtime.executor.latency_source import LatencySource, latency_sources
 from runtime.engines.spares import IMPORT_S_GUESS, spare_count
 from scheduler.planner import STRATEGIES, Planner
 from scheduler.types import DevicePool, Schedule

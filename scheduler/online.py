@@ -89,7 +89,7 @@ class ShapeFit:
     base: tuple[float, ...]  # the base's coefficients (another base: the fit is redone)
     seen: int  # ShapeWindow.seen when fitted
     # a fresh engine's one-off costs (charged with its start, as a profile's cold cost is:
-    # `runtime.executor.planning.LatencySource`): the delay of its first answers, and
+    # `runtime.executor.latency_source.LatencySource`): the delay of its first answers, and
     # new_shape_s for each token count it runs a step of the first time, `shapes` of them
     first_s: float = 0.0
     new_shape_s: float = 0.0

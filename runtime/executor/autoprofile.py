@@ -1,7 +1,7 @@
 """Background profiling (`[scheduler] auto_profile = "idle"`): the executor's idle devices measure
 the shapes the planner may choose that have no profile yet.
 
-What: the shapes (model, TP, threads per rank) `planning.planner_shapes` gives the configured
+What: the shapes (model, TP, threads per rank) `latency_source.planner_shapes` gives the configured
 models on this CPU pool, less those with a profile under `<state_dir>/profiles/`
 (`runtime.persist.load_profile`: the reader `serve` and `samullm plan` plan with), fewest cores
 first, one at a time. A run is `samullm profile --quick` of one shape (the command comes from the
@@ -40,7 +40,7 @@ from runtime.engines.devices import engine_device_kind
 from runtime.engines.engine import base_env, child_setup
 from runtime.engines.procs import freeze_tree, live_pids
 from runtime.engines.shm import clear_unused, shm_names
-from runtime.executor.planning import planner_shapes
+from runtime.executor.latency_source import planner_shapes
 from runtime.persist import load_profile
 from scheduler.types import DevicePool, ModelSpec
 

@@ -12,38 +12,30 @@ Planning inputs (all observed, never the submission-time guesses):
   speed-up of `scheduler.latency.assumed_threads_latency`. Either base is then corrected by what
   the engines served (`scheduler.online`: the shape's own fit, else one derived from the model's
   other shapes or other models'), refitted before each plan (`refit_calibration`) from the
-  windows `<state_dir>/calibration.json` keeps (`runtime.persist`).
+  windows `<state_dir>/calibration.json` keeps (`runtime.persist`); `runtime.executor.latency_source`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.persist import load_profile
 from runtime.config import Config
+from runtime.executor.latency_source import LatencySource
 from runtime.executor.pool_state import Req, ReqState
 from runtime.endpoints import EMBEDDINGS
 from runtime.usage import usage_of
-from scheduler.gpu_profiles import gpu_latency_model
-from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
 from scheduler.lengths import LengthModel
-from scheduler.online import Correction, ShapeFit, correction, refit
+from scheduler.online import ShapeFit, refit
 from scheduler.served import Served, ShapeKey, ShapeWindow
-from scheduler.placement import gpu_kv_bytes_per_rank, thread_counts, tp_degrees
+from scheduler.placement import gpu_kv_bytes_per_rank
 from scheduler.planner import PlanningProblem
 from scheduler.simulator import EngineLimits, kv_blocks
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest, Stage
 
-# vLLM CPU engine start (spawn, weights, KV allocation, warm-up) measured on this machine: 21-30 s;
-# planning with a zero reload cost would make re-plans churn engines for nothing.
-# an engine start on CPU before any was measured: one from a ready spare process (the planner adds
-# the import for a start that finds none, `scheduler.spares`); the demo models' spare starts took
-# 13.0-15.5 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`, profiles' load_time)
-DEFAULT_CPU_LOAD_S = 14.5
 ReplicaKey = tuple[str, int, tuple[int, ...]]  # (model, tp, devices of one replica)
 
 
@@ -62,133 +54,6 @@ def model_specs(cfg: Config, device_kind: str | None = None) -> dict[str, ModelS
             num_experts=a.num_experts, experts_per_token=a.experts_per_token,
             prefix_caching=m.prefix_caching, block_size=m.kv_block_size(kind))
     return out
-
-
-@dataclass
-class LatencySource:
-    """Latency per (model, tp) for the planner. Per-iteration costs: the profile stored under
-    `<state_dir>/profiles/` when one was measured, else on GPUs the committed operator-level model
-    (`scheduler.gpu_profiles`), else the analytic roofline (`base`); that base corrected by the
-    online calibration's `fits` (`scheduler.online.correction`). Load time: the engine start time
-    this runtime measured for (model, tp) when it has one (the truth on this machine), else the
-    profile's or GPU model's estimate, else DEFAULT_CPU_LOAD_S. Loaded before planning (the
-    profiler may have written a profile since), so the planner's thread does no I/O."""
-
-    table: dict[tuple[str, int], LatencyModel]
-    device: str
-    start_times: dict[tuple[str, int], float]
-    threaded: dict[tuple[str, int, int], LatencyModel] = field(default_factory=dict)
-    # a fresh engine's one-off slowness after it is healthy (its first requests, and every token
-    # count it runs for the first time), from the profile's served calibration; charged with the
-    # start, since every (re)started engine pays it once
-    cold: dict[tuple[str, int, int], float] = field(default_factory=dict)
-    # start times here are those of starts in a spare engine process (runtime.engines.spares); what a
-    # start without one costs more is the planner's (`PlanningProblem.spares`, `no_spare_s`)
-    fits: Mapping[ShapeKey, ShapeFit] = field(default_factory=dict)  # online calibration
-
-    @classmethod
-    def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
-             start_times: dict[tuple[str, int], float],
-             fits: Mapping[ShapeKey, ShapeFit] | None = None) -> "LatencySource":
-        table, threaded, cold = {}, {}, {}
-        for m in models:
-            for tp in tp_degrees(pool):
-                for th in thread_counts(pool):
-                    prof = load_profile(state_dir, m, tp, pool.signature, th)
-                    if prof is None:
-                        continue
-                    if th == 1:
-                        table[(m, tp)] = prof.latency
-                    else:
-                        threaded[(m, tp, th)] = prof.latency
-                    cold[(m, tp, th)] = cold_start_s(prof.meta)
-        return cls(table, pool.signature, dict(start_times), threaded, cold, dict(fits or {}))
-
-    def base(self, spec: ModelSpec, tp: int, threads: int = 1) -> tuple[LatencyModel, str]:
-        """The shape's latency before online calibration, and its kind ("profile", "gpu-model",
-        "roofline"; "..., threads assumed" for a threads shape without a profile)."""
-        if threads > 1:
-            hit = self.threaded.get((spec.name, tp, threads))
-            if hit is not None:
-                return hit, "profile"
-            one, kind = self.base(spec, tp)
-            return assumed_threads_latency(one, threads), f"{kind}, threads assumed"
-        hit = self.table.get((spec.name, tp))
-        if hit is not None:
-            return hit, "profile"
-        if self.device == "cpu":
-            return analytic_latency_model(spec, tp, "cpu"), "roofline"
-        for gpu in (self.device, "cuda"):  # a GPU kind without coefficients: the generic ones
-            try:
-                return gpu_latency_model(spec, tp, gpu), "gpu-model"
-            except ValueError:
-                continue
-        return analytic_latency_model(spec, tp, "cuda"), "roofline"
-
-    def correction(self, spec: ModelSpec, tp: int, threads: int = 1) -> Correction | None:
-        return correction(self.fits, (spec.name, tp, threads, self.device),
-                          self.base(spec, tp, threads)[1])
-
-    def __call__(self, spec: ModelSpec, tp: int) -> LatencyModel:
-        return self.threads(spec, tp, 1)
-
-    def _start_s(self, spec: ModelSpec, tp: int) -> float:
-        measured = self.start_times.get((spec.name, tp))
-        if measured is not None:
-            return measured
-        lat = self.base(spec, tp)[0]
-        if lat.load_time_s > 0 or self.device != "cpu":
-            return lat.load_time_s
-        return DEFAULT_CPU_LOAD_S
-
-    def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
-        """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over
-        threads = 1, corrected by the online calibration. The start time is the (model, tp) one
-        either way (one engine starts alike), plus a fresh engine's one-off cost: the online
-        calibration's for a shape it fitted, else the profile's."""
-        lat, _ = self.base(spec, tp, threads)
-        fix = self.correction(spec, tp, threads)
-        if fix is not None:
-            lat = fix.apply(lat)
-        own = threads > 1 and (spec.name, tp, threads) in self.threaded
-        cold = self.cold.get((spec.name, tp, threads if own else 1), 0.0)
-        if fix is not None and fix.cold_s is not None:  # measured on served engines instead
-            cold = fix.cold_s
-        return lat.with_load_time(self._start_s(spec, tp) + cold)
-
-    def source(self, spec: ModelSpec, tp: int, threads: int = 1) -> dict[str, Any]:
-        """Where the shape's figures come from (`samullm plan`'s `latency_sources`)."""
-        _, kind = self.base(spec, tp, threads)
-        fix = self.correction(spec, tp, threads)
-        out: dict[str, Any] = {"model": spec.name, "tp": tp, "threads": threads, "base": kind,
-                               "source": kind if fix is None else
-                               ("online calibration" if fix.source == "online" else "derived")}
-        if fix is not None:
-            out |= {"detail": fix.detail, "token_scale": round(fix.token_scale, 4),
-                    "step_scale": round(fix.step_scale, 4)}
-            hit = self.fits.get((spec.name, tp, threads, self.device))
-            if fix.source == "online" and hit is not None:
-                before, after = hit.replay_errors()
-                out |= {"served": hit.served, "replay_err_before": round(before, 4),
-                        "replay_err_after": round(after, 4), "fresh_engine_s": round(hit.cold_s, 3)}
-        out["start_s"] = round(self._start_s(spec, tp), 3)
-        out["start"] = "measured" if (spec.name, tp) in self.start_times else (
-            "profile" if kind == "profile" or self.device != "cpu" else "default")
-        return out
-
-
-def planner_shapes(specs: Mapping[str, ModelSpec], pool: DevicePool) -> list[tuple[str, int, int]]:
-    """Every (model, tp, threads) the planner may give each of `specs` on `pool`, by model name."""
-    width = max(len(g) for g in pool.topology_groups())
-    return [(name, tp, th) for name, spec in sorted(specs.items())
-            for tp in tp_degrees(pool) if spec.valid_tp(tp)
-            for th in thread_counts(pool) if tp * th <= width]
-
-
-def latency_sources(latency: LatencySource, specs: Mapping[str, ModelSpec],
-                    pool: DevicePool) -> list[dict[str, Any]]:
-    """`LatencySource.source` of every shape the planner may give each of `specs` on `pool`."""
-    return [latency.source(specs[m], tp, th) for m, tp, th in planner_shapes(specs, pool)]
 
 
 def engine_limits(spec: ModelSpec, tp: int, kv: Callable[[ModelSpec, int], int]) -> EngineLimits:
@@ -224,20 +89,6 @@ def served_record(body: Any, prompt_tokens: int, queued_s: float, sent_s: float,
         prompt -= usage.cached
     return Served(min(queued_s, sent_s), sent_s, done_s, prompt,
                   usage.output if usage.output else 1)
-
-
-def cold_start_s(meta: dict) -> float:
-    """A profile's fresh-engine cost: the first requests' extra plus the new-token-count cost times
-    the most new counts one of its calibration sets ran (the shapes a whole run visits)."""
-    cal = meta.get("served_calibration") if isinstance(meta, dict) else None
-    if not isinstance(cal, dict):
-        return 0.0
-    try:
-        shapes = max((int(s.get("new_shapes", 0)) for s in cal.get("sets", [])), default=0)
-        return max(0.0, float(cal.get("first_request_s", 0.0))
-                   + float(cal.get("new_shape_s", 0.0)) * shapes)
-    except (TypeError, ValueError, AttributeError):
-        return 0.0
 
 
 def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int]:

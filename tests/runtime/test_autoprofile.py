@@ -19,7 +19,8 @@ from runtime.engines.devices import discover_pool
 from runtime.engines.procs import live_pids, tree_pids
 from runtime.executor.autoprofile import IDLE_CHECK_S, ProfileProcess, Shape, missing_shapes
 from runtime.executor.executor import PoolExecutor
-from runtime.executor.planning import model_specs, planner_shapes
+from runtime.executor.planning import model_specs
+from runtime.executor.latency_source import planner_shapes
 from runtime.persist import load_profile, profile_path, profiles_dir, save_profile
 from scheduler.latency import LatencyModel, Profile
 from scheduler.types import DevicePool

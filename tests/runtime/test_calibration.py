@@ -20,7 +20,8 @@ from cli.main import main
 from cli.plan import read_requests
 from runtime.config import load_config
 from runtime.executor.executor import PoolExecutor
-from runtime.executor.planning import LatencySource, model_specs
+from runtime.executor.planning import model_specs
+from runtime.executor.latency_source import LatencySource
 from runtime.persist import CALIBRATION_FILE, load_calibration, save_start_times
 from scheduler.latency import analytic_latency_model
 from scheduler.online import ShapeFit, coefficients

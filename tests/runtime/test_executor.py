@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from runtime.config import Config, parse_config
 from runtime.executor import executor as executor_mod
-from runtime.executor.planning import DEFAULT_CPU_LOAD_S
+from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.slots import INFLIGHT_FACTOR
 from gateway.lines import LineRef

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from runtime.executor.planner_process import ProcessPlanner
-from runtime.executor.planning import KvBytes, LatencySource, build_problem
+from runtime.executor.planning import KvBytes, build_problem
+from runtime.executor.latency_source import LatencySource
 from scheduler.planner import plan
 from scheduler.types import DevicePool, ModelSpec, SimRequest
 from tests.runtime.test_executor import Sink, items, make_cfg

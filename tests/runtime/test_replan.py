@@ -8,7 +8,8 @@ import pytest
 from runtime.executor_api import WorkItem
 from runtime.persist import load_length_model, save_length_model, save_profile
 from runtime.executor.pool_state import Req, ReqState, TransitionError
-from runtime.executor.planning import DEFAULT_CPU_LOAD_S, LatencySource, running_plans, sample_work
+from runtime.executor.planning import running_plans, sample_work
+from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S, LatencySource
 from scheduler.latency import LatencyModel, Profile, analytic_latency_model
 from scheduler.lengths import LengthModel
 from scheduler.types import DevicePool, ModelSpec
@@ -76,7 +77,7 @@ def test_length_model_store_round_trip_and_corruption(tmp_path) -> None:
 
 
 def test_a_profiles_cold_start_cost_is_charged_with_the_start(tmp_path) -> None:
-    from runtime.executor.planning import cold_start_s
+    from runtime.executor.latency_source import cold_start_s
 
     pool = DevicePool("cpu", (0, 1), 1 << 28)
     lat = LatencyModel(1e-3, 2e-5, 0.0, 1e-7, 1e-4, load_time_s=30.0)

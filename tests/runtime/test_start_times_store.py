@@ -37,7 +37,7 @@ async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_pat
     import asyncio
 
     from runtime.executor.executor import PoolExecutor
-    from runtime.executor.planning import DEFAULT_CPU_LOAD_S
+    from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S
     from scheduler.planner import plan
     from scheduler.types import DevicePool
 

@@ -9,7 +9,8 @@ import pytest
 
 from runtime.engines.engine import EngineSpec, build_command, cpu_bind_string
 from runtime.persist import load_profile, load_profiles, profile_path, save_profile
-from runtime.executor.planning import LatencySource, describe_stage, running_plans, stage_replicas
+from runtime.executor.planning import describe_stage, running_plans, stage_replicas
+from runtime.executor.latency_source import LatencySource
 from scheduler.latency import LatencyModel, Profile, assumed_threads_latency
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, Stage
 
