@@ -573,10 +573,9 @@ async def test_cancel_and_close_do_not_wait_for_a_full_disk(run, launcher) -> No
     await asyncio.wait_for(ex.close(), 10)  # y's are given up too: they re-run after a restart
 
 
-async def test_a_replan_during_an_engine_start_knows_the_start_is_not_over(run, launcher,
-                                                                          tmp_path) -> None:
-    """The planner is told what a starting engine still owes of its start (else it prices it as
-    serving now and leaves devices idle waiting for it)."""
+async def warmups_of_a_replan_during_a_start(launcher, tmp_path) -> list[dict]:
+    """`PlanningProblem.warmup` of each plan when a batch arrives while the first one's engine
+    starts (0.5 s: the re-plan comes during it)."""
     seen: list[dict] = []
 
     def recording(problem, strategy):
@@ -595,6 +594,14 @@ async def test_a_replan_during_an_engine_start_knows_the_start_is_not_over(run, 
         await asyncio.wait_for(asyncio.gather(ex.wait("x"), ex.wait("y")), 30)
     finally:
         await ex.close()
+    return seen
+
+
+async def test_a_replan_during_an_engine_start_knows_the_start_is_not_over(run, launcher,
+                                                                          tmp_path) -> None:
+    """The planner is told what a starting engine still owes of its start (else it prices it as
+    serving now and leaves devices idle waiting for it)."""
+    seen = await warmups_of_a_replan_during_a_start(launcher, tmp_path)
     assert seen[0] == {}  # nothing started yet
     assert seen[1]["a"] > 1.0  # the default CPU start (25 s) minus the little time gone by
 
@@ -619,23 +626,6 @@ async def test_a_replan_knows_a_start_that_found_no_spare_takes_the_import_longe
     """An engine started without a ready spare imports vLLM's API server first: a re-plan during
     its start must expect that (fresh bench, batch 2: such a start took 21.1 s, and the re-plans
     during it expected the 14.5 s of a start in a spare)."""
-    seen: list[dict] = []
-
-    def recording(problem, strategy):
-        seen.append(dict(problem.warmup))
-        return executor_mod.plan(problem, strategy)
-
-    launcher.start_delay_s = 0.5
     launcher.spares = NoReadySpares()
-    ex = PoolExecutor(make_cfg(tmp_path), launcher, planner=recording, clock=ManualClock(auto=True),
-                      pool=DevicePool("cpu", (0, 1), int(0.25 * 2**30)))
-    await ex.start()
-    try:
-        ex.submit("x", items("a", 4), Sink())
-        while not seen:
-            await asyncio.sleep(0.005)
-        ex.submit("y", items("a", 2, prefix="y"), Sink())  # re-plans while a's engine starts
-        await asyncio.wait_for(asyncio.gather(ex.wait("x"), ex.wait("y")), 30)
-    finally:
-        await ex.close()
+    seen = await warmups_of_a_replan_during_a_start(launcher, tmp_path)
     assert seen[1]["a"] > DEFAULT_CPU_LOAD_S + 7.0 - 1.0  # a spare's start plus the import
