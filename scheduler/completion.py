@@ -3,7 +3,7 @@
 A pooled plan predicts one makespan; a user of the pool wants to know when *their* batch is done.
 Computed only when asked (`Planner.finish_times`, `Planner.group_finish`, or `plan` for a problem
 with `PlanningProblem.groups`), never while planning: the schedule is replayed with the planner's
-exact context (`scheduler.stages.replay`, the replay that gave the schedule its stage times, so
+exact context (`scheduler.replay.replay`, the replay that gave the schedule its stage times, so
 its runs are the planning's own, read from the estimator's caches), every stage telling what it
 ran (`StageRuns`), and each request's finish is read off the run of the stage it finishes in:
 
@@ -31,7 +31,8 @@ import numpy as np
 
 from scheduler.dag import split_replicas
 from scheduler.estimator import Estimator, PlanRun, Workload
-from scheduler.stages import EPS, Context, PlanState, StageRuns, replay
+from scheduler.replay import replay
+from scheduler.stages import EPS, Context, PlanState, StageRuns
 from scheduler.types import ExecPlan, Schedule
 
 FinishTimes = dict[str, dict[int, float]]  # model -> rid -> predicted finish (s from the plan start)

@@ -55,8 +55,9 @@ from scheduler.estimator import Estimator, Workload
 from scheduler.latency import LatencyModel
 from scheduler.search import greedy_chooser, rank_groups
 from scheduler.spares import slots_of
-from scheduler.stages import (Context, InfeasibleError, PlanState, evaluate, initial_warmup,
-                              run_policy, run_stage)
+from scheduler.replay import evaluate
+from scheduler.stages import (Context, InfeasibleError, PlanState, initial_warmup, run_policy,
+                              run_stage)
 from scheduler.placement import place
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, SimRequest
 
@@ -119,6 +120,14 @@ class PlanningProblem:
     warmup: dict[str, float] = field(default_factory=dict)
     groups: Mapping[str, Mapping[int, Hashable]] | None = None
     lower_bound: bool = False
+    # engines up now whose model has no work here (kept warm; a start on their devices stops them)
+    idle: dict[str, ExecPlan] = field(default_factory=dict)
+    stop_s: float = 0.0  # an engine stop: starts wait for the stops of their stage (`stages`)
+    # `samullm` replaces a running engine (stops or reshapes it) only for a schedule predicted
+    # shorter than the best that keeps them all by more than this (seconds + share of it): the
+    # cost model's error is larger for a shape not served yet, and a start thrown away is lost
+    replace_margin_s: float = 1.0
+    replace_margin: float = 0.03
 
 
 class Planner:
@@ -139,13 +148,15 @@ class Planner:
             order = self.dag.order  # upstream models first, ties largest first
             self.est.chains = self.dag.same_model
         self.ctx = Context(self.est, problem.pool, order, no_spare_s=problem.no_spare_s,
-                           dag=self.dag)
+                           dag=self.dag, stop_s=problem.stop_s)
         # stages are chosen with `ctx` (restarts estimated from the root runs) and every schedule
         # returned is re-run with `exact_ctx` (restarts simulated), which gives its stage times
         self.exact_ctx = Context(self.est.exact(), problem.pool, order, self.ctx._shapes,
-                                 problem.no_spare_s, self.dag)
+                                 problem.no_spare_s, self.dag, problem.stop_s)
         self._done: dict[str, Schedule] = {}
         self._initial: PlanState | None = None
+        # the search's best schedule that keeps every running engine (`_steady`), once searched
+        self._keeping: Schedule | None = None
         # the search's own schedule (before the comparison with the baselines), once planned
         self.search_schedule: Schedule | None = None
 
@@ -156,15 +167,24 @@ class Planner:
 
     def _make_initial_state(self) -> PlanState:
         work = {m: Workload.of(reqs) for m, reqs in sorted(self.work.items())}
-        work = {m: w for m, w in work.items() if len(w)}
         unknown = sorted(set(work) - set(self.problem.models))
         if unknown:
             raise KeyError(f"work for unknown model(s): {', '.join(unknown)}")
-        for m in work:
+        state = self.state_for(work)
+        for m in state.work:
             self.ctx.shapes(m)  # raises InfeasibleError early, naming the model
-        running = {m: p for m, p in self.problem.running.items() if m in work}
-        return PlanState(0.0, work, running, initial_warmup(self.problem.warmup, running),
-                         slots_of(self.problem.spares))
+        return state
+
+    def state_for(self, work: Mapping[str, Workload]) -> PlanState:
+        """The state at the plan's start with `work` left (the problem's, or another draw of it):
+        the problem's engines up, running for the models with work and idle for the others."""
+        work = {m: w for m, w in work.items() if len(w)}
+        p = self.problem
+        running = {m: e for m, e in p.running.items() if m in work}
+        idle = {m: e for m, e in p.running.items() if m not in work} | {
+            m: e for m, e in p.idle.items() if m not in work}
+        return PlanState(0.0, work, running, initial_warmup(p.warmup, running),
+                         slots_of(p.spares), idle=idle)
 
     def plan(self, strategy: str = "samullm") -> Schedule:
         if strategy not in STRATEGIES:
@@ -183,12 +203,34 @@ class Planner:
         if strategy == "level-by-level":
             return self._level_by_level()
         best = self._searched()
+        keeping = self._keeping
         if self.problem.compare_baselines:
             for name in BASELINES:
                 other = self.plan(name)
+                mine = Schedule("samullm", other.stages, other.makespan_s, origin=f"baseline:{name}")
                 if other.makespan_s < best.makespan_s * (1 - 1e-9):
-                    best = Schedule("samullm", other.stages, other.makespan_s, origin=f"baseline:{name}")
-        return best
+                    best = mine
+                if self._keeps(other) and (keeping is None or other.makespan_s < keeping.makespan_s
+                                           * (1 - 1e-9)):
+                    keeping = mine
+        return self._steady(best, keeping)
+
+    def _keeps(self, schedule: Schedule | list[ExecPlan]) -> bool:
+        """Whether `schedule`'s first stage (or these plans) keeps every engine running now (none
+        stopped or reshaped; one still starting goes on starting)."""
+        first = schedule if isinstance(schedule, list) else (
+            schedule.stages[0].plans if schedule.stages else [])
+        return all(any(p.same_shape(e) for p in first)
+                   for e in self.initial_state().running.values())
+
+    def _steady(self, best: Schedule, keeping: Schedule | None) -> Schedule:
+        """`best`, unless it replaces a running engine and `keeping` (the best schedule that
+        keeps them all) is within the problem's replace margin of it."""
+        if keeping is None or self._keeps(best):
+            return best
+        p = self.problem
+        margin = p.replace_margin_s + p.replace_margin * keeping.makespan_s
+        return keeping if keeping.makespan_s <= best.makespan_s + margin else best
 
     def finish_times(self, schedule: Schedule) -> FinishTimes:
         """Per model, each request's (rid) predicted finish under `schedule`, one of this planner's
@@ -222,7 +264,7 @@ class Planner:
         for lv, work in enumerate(self.dag.split_levels(self.work)):
             first = lv == 0
             job = dataclasses.replace(
-                p, work=work, running={m: pl for m, pl in warm.items() if m in work},
+                p, work=work, running=warm, idle=p.idle if first else {},  # split by `state_for`
                 warmup=p.warmup if first else {},
                 # every spare ready again (`scheduler.spares.refilled`, as the replay assumes)
                 spares=p.spares if first or p.spares is None else tuple(0.0 for _ in p.spares))
@@ -244,22 +286,31 @@ class Planner:
         if not state.work:
             return Schedule("samullm", [], 0.0, origin="search")
         explore = max(1, self.problem.explore)
-        drafts: list[Schedule] = []
-        for group in rank_groups(self.ctx, state, self.problem.top_k)[:2 * explore]:
-            plans = place(group.shapes, self.ctx.pool, state.running)
-            if plans is None:
-                continue
+
+        def draft(plans: list[ExecPlan]) -> Schedule:
             first, after = run_stage(self.ctx, state, plans)
             rest = run_policy(self.ctx, after, choose, "samullm")
-            drafts.append(Schedule("samullm", [first] + rest.stages, rest.makespan_s,
-                                   origin="search"))
+            return Schedule("samullm", [first] + rest.stages, rest.makespan_s, origin="search")
+
+        ranked = [(g, place(g.shapes, self.ctx.pool, state.running))
+                  for g in rank_groups(self.ctx, state, self.problem.top_k)]
+        ranked = [(g, plans) for g, plans in ranked if plans is not None]
+        drafts = [draft(plans) for _, plans in ranked[:2 * explore]]
         best: Schedule | None = None
-        for draft in sorted(drafts, key=lambda d: d.makespan_s)[:explore]:  # stable: rank order
-            cand = evaluate(self.exact_ctx, state, draft)
+        for cand in sorted(drafts, key=lambda d: d.makespan_s)[:explore]:  # stable: rank order
+            cand = evaluate(self.exact_ctx, state, cand)
             if best is None or cand.makespan_s < best.makespan_s * (1 - 1e-9):
                 best = cand
+            if self._keeps(cand) and (self._keeping is None or cand.makespan_s
+                                      < self._keeping.makespan_s * (1 - 1e-9)):
+                self._keeping = cand
         if best is None:
             raise InfeasibleError("samullm: no placeable first stage")
+        if self._keeping is None and not self._keeps(best):
+            # the best-ranked first stage that keeps every running engine, completed greedily
+            keep = next((plans for _, plans in ranked if self._keeps(plans)), None)
+            if keep is not None:
+                self._keeping = evaluate(self.exact_ctx, state, draft(keep))
         return best
 
 

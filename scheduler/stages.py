@@ -17,6 +17,12 @@ remaining start-up is left as it was charged). An option (`Context.option`), pri
 its own replicas; a candidate group re-prices its options' starts with the group's count
 (`Option.in_group`, used by `scheduler.search`), and `run_stage` charges the whole stage.
 
+Stops: the runtime stops the engines a stage replaces (running ones it does not keep, idle ones on
+devices it needs) and waits until they are gone before it starts any (`runtime.executor.slots`), so
+each engine a stage (re)starts while something stops pays `Context.stop_s` more. An engine whose
+model finished stays up idle (`PlanState.idle`: the runtime keeps it warm) until a start needs its
+devices.
+
 Spare engine processes (`runtime.engines.spares`, CPU; `scheduler.spares`): each engine a stage starts
 takes a ready spare in plan order, and one that finds none pays `Context.no_spare_s` more; the
 replacements import on the stage's idle cores once their engines are up. `PlanState.spares` is
@@ -64,6 +70,8 @@ class PlanState:
     # dependent work: the last stage's run of each of its models (a kept engine may continue its
     # own; they also say when each request was admitted and finished)
     timed: dict[str, Placed] = field(default_factory=dict)
+    # engines up whose model has no work left (kept warm; stopped when a start needs their devices)
+    idle: dict[str, ExecPlan] = field(default_factory=dict)
     _waiting: Waiting | None = field(default=None, repr=False, compare=False)
 
 
@@ -95,13 +103,14 @@ class Option:
     starting: int = 0  # engines of this option starting (or still warming up) in the stage
     load_s: float = 0.0  # alone start time of a (re)started engine; 0 when kept
     no_spare_s: float = 0.0  # added to the start: too few spares ready for its replicas
+    stop_s: float = 0.0  # added to the start: the model's running engine stops first (reshaped)
 
     def in_group(self, starting: int, pool: DevicePool) -> "Option":
         """This option when `starting` engines in all start with it (its warm-up re-priced)."""
         if self.load_s <= 0:
             return self
         return dataclasses.replace(
-            self, warm_s=self.load_s * pool.start_factor(starting) + self.no_spare_s)
+            self, warm_s=self.load_s * pool.start_factor(starting) + self.no_spare_s + self.stop_s)
 
     @property
     def devices(self) -> int:
@@ -125,6 +134,7 @@ class Context:
     _shapes: dict[str, list[Shape]] = field(default_factory=dict)
     no_spare_s: float = 0.0  # what a start costs more without a ready spare (`PlanState.spares`)
     dag: Dag | None = None  # the requests' dependencies; None: none (and no arrival times)
+    stop_s: float = 0.0  # what a start costs more while engines stop (the runtime waits for them)
 
     def first_movable(self, state: PlanState) -> str:
         """The first model left in `order` that can run on its own: with dependent work, one with
@@ -167,8 +177,9 @@ class Context:
             warming = state.warmup.get(m, 0.0)
             return Option(shape, warming, run, dp if warming > 0 else 0)
         extra = self.spare_charge(spare_pool.ready_count(state.spares), dp)
-        return Option(shape, self.start_s(m, tp, dp) + extra, run, dp, self.est.load_time(m, tp),
-                      extra)
+        stop = self.stop_s if cur is not None else 0.0  # priced alone: its own engine's stop
+        return Option(shape, self.start_s(m, tp, dp) + extra + stop, run, dp,
+                      self.est.load_time(m, tp), extra, stop)
 
     def spare_charge(self, spares: int | None, engines: int) -> float:
         """Extra start time of a model whose `engines` replicas start with `spares` ready (priced
@@ -219,12 +230,13 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     # engines starting together: every replica (re)started now, plus kept ones still warming up
     starting = sum(p.dp for p in plans if not kept[p.model] or state.warmup.get(p.model, 0.0) > 0)
     spares = state.spares
+    stopped = stopped_by(state, plans, kept)
     for p in plans:
         if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
         else:
             warm[p.model] = ctx.start_s(p.model, p.tp, starting) + ctx.spare_charge(
-                spare_pool.ready_count(spares), p.dp)
+                spare_pool.ready_count(spares), p.dp) + (ctx.stop_s if stopped else 0.0)
             if spares is not None:
                 spares = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)
             restarts.append(p.model)
@@ -268,12 +280,24 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
                   waits_on={p.model: sorted(waits[p.model]) for p in plans if waits.get(p.model)})
     running = {p.model: p for p in plans if p.model not in done}
     if spares is not None:
-        idle = ctx.pool.count - sum(len(p.devices) for p in plans)
-        spares = spare_pool.advance(spares, dur, max(0, idle))
-    after = PlanState(state.t + dur, work, running, warmup, spares, placed)
+        free = ctx.pool.count - sum(len(p.devices) for p in plans)
+        spares = spare_pool.advance(spares, dur, max(0, free))
+    gone = {e.model for e in stopped}
+    idle = {m: e for m, e in state.idle.items() if m not in gone} | {
+        p.model: p for p in plans if p.model in done}
+    after = PlanState(state.t + dur, work, running, warmup, spares, placed, idle=idle)
     if observe is not None:
         observe(StageRuns(stage, state, after, runs, placed, warm, kept))
     return stage, after
+
+
+def stopped_by(state: PlanState, plans: Sequence[ExecPlan], kept: dict[str, bool]) -> list[ExecPlan]:
+    """The engines up at `state` that a stage of `plans` stops (as `runtime.executor.slots` does):
+    running ones it does not keep, and idle ones on devices an engine it (re)starts needs."""
+    keep = {p.model for p in plans if kept[p.model]}
+    needed = {d for p in plans if not kept[p.model] for d in p.devices}
+    return [e for m, e in state.running.items() if m not in keep] + [
+        e for e in state.idle.values() if needed & set(e.devices)]
 
 
 def _stage_end(finish: dict[str, float], can_end: dict[str, float],
@@ -311,69 +335,3 @@ def run_policy(ctx: Context, state: PlanState, choose: Chooser, strategy: str) -
         stage, state = run_stage(ctx, state, plans)
         stages.append(stage)
     return Schedule(strategy=strategy, stages=stages, makespan_s=state.t)
-
-
-def evaluate(ctx: Context, state: PlanState, schedule: Schedule) -> Schedule:
-    """`schedule`'s stages re-run with `ctx`'s estimator (`replay`), with their times recomputed:
-    the planner chooses stages with cheap estimates and reports what the exact ones predict."""
-    stages: list[Stage] = []
-    state = replay(ctx, state, schedule, stages)
-    return Schedule(schedule.strategy, stages, state.t, origin=schedule.origin)
-
-
-def replay(ctx: Context, state: PlanState, schedule: Schedule,
-           stages: list[Stage] | None = None, observe: Observer | None = None) -> PlanState:
-    """`schedule`'s stages executed on another workload draw (the state after them; its `t` is the
-    makespan; the stages run are appended to `stages`): stage k runs its plans until
-    the models it was planned to finish are done. Models left over (none, when every model is planned
-    to finish somewhere) run one after another on their last plan. With dependent work, a stage
-    whose models all wait for work not done yet on this draw is skipped (it could not progress).
-    `observe`: told what each stage ran (`run_stage`)."""
-    if any(st.level is not None for st in schedule.stages):
-        return _replay_levels(ctx, state, schedule, stages, observe)
-    last: dict[str, ExecPlan] = {}
-    for st in schedule.stages:
-        for p in st.plans:
-            last[p.model] = p
-        if not any(p.model in state.work for p in st.plans):
-            continue
-        if ctx.dag is not None and not any(ctx.waiting(state).released.get(p.model, 0.0) > 0
-                                           for p in st.plans):
-            continue  # on this draw, all its models still wait for work of later stages
-        stage, state = run_stage(ctx, state, st.plans, set(st.finished), observe)
-        if stages is not None:
-            stages.append(stage)
-    while state.work:
-        m = ctx.first_movable(state)
-        plan = last.get(m) or place([ctx.best(state, m).shape], ctx.pool, state.running)[0]
-        stage, state = run_stage(ctx, state, [plan], observe=observe)
-        if stages is not None:
-            stages.append(stage)
-    return state
-
-
-def _replay_levels(ctx: Context, state: PlanState, schedule: Schedule,
-                   stages: list[Stage] | None, observe: Observer | None = None) -> PlanState:
-    """A `level-by-level` schedule: each level's stages replayed on that level's requests alone,
-    from when the previous level ended, with the engines of the previous level's last stage still
-    running (warm; the first level: those running now) and every spare ready again (as `Planner`
-    plans the levels)."""
-    flat = dataclasses.replace(ctx, dag=None)  # a level's requests wait for nothing
-    jobs = (ctx.dag.split_levels({m: w.requests for m, w in state.work.items()})
-            if ctx.dag is not None else [{m: list(w.requests) for m, w in state.work.items()}])
-    t = state.t
-    warm = state.running
-    for lv, job in enumerate(jobs):
-        work = {m: w for m, w in ((m, Workload.of(r)) for m, r in sorted(job.items())) if len(w)}
-        first = lv == 0
-        sub = PlanState(t, work, {m: p for m, p in warm.items() if m in work},
-                        {}, state.spares if first else spare_pool.refilled(state.spares))
-        mine = Schedule(schedule.strategy, [dataclasses.replace(st, level=None)
-                                            for st in schedule.stages if st.level == lv], 0.0)
-        if mine.stages:
-            warm = {p.model: p for p in mine.stages[-1].plans}
-        n = len(stages) if stages is not None else 0
-        t = replay(flat, sub, mine, stages, observe).t
-        for st in (stages or [])[n:]:
-            st.level = lv
-    return PlanState(t, {}, {}, {}, state.spares)

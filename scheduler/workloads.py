@@ -18,8 +18,7 @@ import numpy as np
 
 from scheduler.dag import resolve_prompts
 from scheduler.estimator import Workload
-from scheduler.spares import slots_of
-from scheduler.stages import PlanState, initial_warmup, replay
+from scheduler.replay import replay
 from scheduler.types import Schedule, SimRequest
 
 
@@ -99,11 +98,7 @@ def makespan_stats(planner, schedule: Schedule,
     for draw in draws:
         work = {m: Workload.of(reqs)
                 for m, reqs in sorted(resolve_prompts(draw, problem.models).items())}
-        work = {m: w for m, w in work.items() if len(w)}
-        running = {m: p for m, p in problem.running.items() if m in work}
-        state = PlanState(0.0, work, running, initial_warmup(problem.warmup, running),
-                          slots_of(problem.spares))
-        vals.append(replay(ctx, state, schedule).t)
+        vals.append(replay(ctx, planner.state_for(work), schedule).t)
     arr = np.asarray(vals, dtype=float)
     if not len(arr):
         return MakespanStats(schedule.makespan_s, 0.0, schedule.makespan_s, schedule.makespan_s, 0)

@@ -682,7 +682,7 @@ class PoolExecutor:
         problem = plan_problem(self.cfg, self.pool, self._specs, self.state_dir, todo,
                                self._lengths, self._start_times, head.plans, running_plans(alive),
                                ready, no_spare_s, self._fits,
-                               self.slots.starting(self.clock.monotonic()))
+                               self.slots.starting(self.clock.monotonic()), self.slots.stop_s)
         work = problem.work
         t0 = self.clock.monotonic()
         try:

@@ -26,6 +26,10 @@ from scheduler.types import DevicePool, ModelSpec
 # the import for a start that finds none, `scheduler.spares`); the demo models' spare starts took
 # 13.0-15.5 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`, profiles' load_time)
 DEFAULT_CPU_LOAD_S = 14.5
+# an engine stop (SIGTERM to its process group until it is gone) before any was measured: the demo
+# models' stops took 0.5-1.4 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`
+# events); the runtime starts nothing while one is in progress (`runtime.executor.slots`)
+DEFAULT_STOP_S = 1.0
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from runtime.config import Config
-from runtime.executor.latency_source import LatencySource
+from runtime.executor.latency_source import DEFAULT_STOP_S, LatencySource
 from runtime.executor.pool_state import Req, ReqState
 from runtime.endpoints import EMBEDDINGS
 from runtime.usage import usage_of
@@ -170,7 +170,8 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                  running: dict[str, ExecPlan], spares: tuple[float, ...] | None = None,
                  no_spare_s: float = 0.0,
                  fits: Mapping[ShapeKey, ShapeFit] | None = None,
-                 starting: Mapping[str, tuple[float, int, bool]] | None = None) -> PlanningProblem:
+                 starting: Mapping[str, tuple[float, int, bool]] | None = None,
+                 stop_s: float | None = None) -> PlanningProblem:
     """The problem of a pool's `plan_no`-th plan (1 = the first) over its unfinished `reqs`: the
     one way both `serve` (the executor, at every pass) and `samullm plan` build it, so that for the
     same input, config and state dir the two predict the same makespan. `fits`: the online
@@ -178,15 +179,18 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     `starting`: running engines not serving yet, model -> (seconds since their start began, most
     engines seen starting with them, whether it started in a spare process); each still owes its
     expected start (plus `no_spare_s` when the pool keeps spares and it found none ready) minus
-    that (at least a second: one that takes longer than expected is about to be up, not up). Its `groups` are the
-    requests' batches: `plan` then predicts each batch's completion (`batch_completion`), and the
-least makespan any schedule could have (`lower_bound`)."""
+    that (at least a second: one that takes longer than expected is about to be up, not up).
+    `stop_s`: an engine stop as measured (None: `DEFAULT_STOP_S`); `running` may hold engines
+    whose model has no work (kept warm: the problem's `idle`). Its `groups` are the requests'
+    batches: `plan` then predicts each batch's completion (`batch_completion`), and the least
+    makespan any schedule could have (`lower_bound`)."""
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
     latency = LatencySource.load(state_dir, pool, list(work), start_times,
                                  fits if cfg.scheduler.online_calibration else None)
     problem = build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
-                            spares=spares, no_spare_s=no_spare_s)
+                            spares=spares, no_spare_s=no_spare_s,
+                            stop_s=DEFAULT_STOP_S if stop_s is None else stop_s)
     problem.groups = batch_groups(reqs, work)
     problem.lower_bound = True
     for m, (elapsed, n, in_spare) in (starting or {}).items():
@@ -226,14 +230,16 @@ def lower_bound(schedule: Schedule) -> float | None:
 def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], latency: LatencySource,
                   work: dict[str, list[SimRequest]], running: dict[str, ExecPlan],
                   seed: int, spares: tuple[float, ...] | None = None,
-                  no_spare_s: float = 0.0) -> PlanningProblem:
+                  no_spare_s: float = 0.0, stop_s: float = 0.0) -> PlanningProblem:
     """`spares`: per spare engine process, the CPU seconds of import it has left (0: ready; None:
-    the gateway keeps none); a start without a ready one costs `no_spare_s` more (`scheduler.spares`)."""
+    the gateway keeps none); a start without a ready one costs `no_spare_s` more (`scheduler.spares`).
+    `running`: every engine up; those of models without work are the problem's `idle`."""
     models = {m: specs[m] for m in work}
     return PlanningProblem(
         models=models, work=work, pool=pool, latency=latency, kv_bytes_per_rank=kv_bytes_fn(cfg, pool),
         running={m: p for m, p in running.items() if m in models}, top_k=cfg.scheduler.top_k,
-        seed=seed, threads_latency=latency.threads, spares=spares, no_spare_s=no_spare_s)
+        seed=seed, threads_latency=latency.threads, spares=spares, no_spare_s=no_spare_s,
+        idle={m: p for m, p in running.items() if m not in models}, stop_s=stop_s)
 
 
 def stage_replicas(stage: Stage) -> dict[ReplicaKey, ExecPlan]:

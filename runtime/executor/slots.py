@@ -26,6 +26,7 @@ from runtime.executor.dispatch import Slot, SlotHost, SlotState
 from runtime.engines.engine import EngineSpec
 from runtime.executor.pool_state import Req
 from runtime.executor.planning import ReplicaKey, stage_replicas
+from runtime.persist import blend
 from scheduler.types import DevicePool, Stage
 
 INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max_num_seqs
@@ -68,6 +69,7 @@ class EngineSlots:
         self._sid = itertools.count(1)
         self.dying: set[asyncio.Task] = set()
         self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
+        self.stop_s: float | None = None  # an engine's stop as measured here (smoothed)
 
     def __iter__(self):
         return iter(list(self.all))
@@ -210,9 +212,12 @@ class EngineSlots:
         reqs = self._preempt(slot)
         if not resumed:
             self.owner.emit("engine_stop", **slot.describe(), why=why, requeued=len(reqs))
+        t0 = self.owner.clock.monotonic()
         await stop_task(slot.task)
         if slot.engine is not None:
             await asyncio.shield(self.reap(slot.engine))
+            if not resumed:  # what the next starts wait for (`planning.plan_problem`)
+                self.stop_s = blend(self.stop_s, self.owner.clock.monotonic() - t0)
         slot.move(SlotState.STOPPED)
         if slot in self.all:
             self.all.remove(slot)

@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from runtime.config import Config, parse_config
 from runtime.executor import executor as executor_mod
-from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S
+from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S, DEFAULT_STOP_S
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.slots import INFLIGHT_FACTOR
 from gateway.lines import LineRef
@@ -629,3 +629,32 @@ async def test_a_replan_knows_a_start_that_found_no_spare_takes_the_import_longe
     launcher.spares = NoReadySpares()
     seen = await warmups_of_a_replan_during_a_start(launcher, tmp_path)
     assert seen[1]["a"] > DEFAULT_CPU_LOAD_S + 7.0 - 1.0  # a spare's start plus the import
+
+
+async def test_the_planner_is_told_the_idle_engines_and_what_a_stop_takes(launcher,
+                                                                        tmp_path) -> None:
+    """An engine kept warm after its model's work is up (idle), and starts wait for stops: the
+    planner is told which engines idle where, and the stop time measured (a default before any)."""
+    seen: list[Any] = []
+
+    def recording(problem, strategy):
+        seen.append(problem)
+        return executor_mod.plan(problem, strategy)
+
+    launcher.stop_delay_s = 0.3  # real time: the stop is measured on the system clock
+    ex = PoolExecutor(make_cfg(tmp_path), launcher, planner=recording,
+                      pool=DevicePool("cpu", (0,), int(0.25 * 2**30)))
+    await ex.start()
+    try:
+        ex.submit("x", items("a", 2), Sink())
+        await asyncio.wait_for(ex.wait("x"), 30)
+        await asyncio.sleep(0.2)  # a's engine idles (kept warm) on the only core
+        ex.submit("y", items("b", 2), Sink())  # b's engine needs the core: a's engine stops
+        await asyncio.wait_for(ex.wait("y"), 30)
+        ex.submit("z", items("a", 2, prefix="z"), Sink())
+        await asyncio.wait_for(ex.wait("z"), 30)
+    finally:
+        await ex.close()
+    assert seen[0].idle == {} and seen[0].stop_s == DEFAULT_STOP_S
+    assert set(seen[1].idle) == {"a"} and seen[1].idle["a"].devices == (0,)
+    assert set(seen[2].idle) == {"b"} and 0.3 <= seen[2].stop_s < 0.3 + 0.5 * DEFAULT_STOP_S
