@@ -266,6 +266,8 @@ def test_build_command_cpu_and_cuda(test_config: Config):
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == str(1 << 28)
     assert "--enforce-eager" in cmd and "--enable-prefix-caching" in cmd
     assert "--enable-prompt-tokens-details" in cmd  # cached_tokens in every response's usage
+    # the gateway's fair order reaches into the engine's own queue (`Req.priority`)
+    assert cmd[cmd.index("--scheduling-policy") + 1] == "priority"
     off = dataclasses.replace(test_config.model("small"),
                               engine_args={"enable_prefix_caching": False})
     assert not off.prefix_caching and test_config.model("small").prefix_caching

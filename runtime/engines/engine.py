@@ -148,6 +148,10 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable,
         "enable_prompt_tokens_details": True,
         "disable_log_stats": True,
         "disable_uvicorn_access_log": True,
+        # an engine holds more requests than it runs (`runtime.executor.slots.INFLIGHT_FACTOR`);
+        # those wait in its own queue, ordered by each request's `priority` (the gateway's fair
+        # turns: `runtime.executor.queues`), not by arrival behind a big batch's
+        "scheduling_policy": "priority",
     }
     env = base_env()
     if spec.device_kind == "cpu":

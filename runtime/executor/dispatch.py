@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from runtime.clock import Clock
+from runtime.endpoints import GENERATING
 from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher, NodeLost
 from runtime.executor_api import Outcome
 from runtime.executor.pool_state import Req
@@ -174,6 +175,8 @@ async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
     try:
         # read back from the stored input file only now (see WorkItem), upstream outputs filled in
         payload = req.body()
+        if req.item.url in GENERATING:  # its place in the engine's queue (`queues`); a copy
+            payload = {**payload, "priority": req.priority}
     except (OSError, ValueError, KeyError, TypeError) as exc:  # input file gone or rewritten
         del slot.inflight[req]
         slot.wake.set()

@@ -50,6 +50,8 @@ class Req:
     # upstream custom_id -> its generated text, put in the body's placeholders when sent
     inputs: dict[str, str] = field(default_factory=dict)
     known_tokens: int = 0  # output tokens of the upstream requests finished (planning: prompt)
+    # the engine's queue order (vLLM `priority`, lower first), set when it is dispatched (`queues`)
+    priority: int = 0
 
     @property
     def model(self) -> str:

@@ -67,11 +67,21 @@ class ModelQueues:
                 req = q.pop() if tail else q.popleft()
                 if req.state is ReqState.QUEUED:
                     self._served[model][batch] += 1
+                    req.priority = self._priority(batch, len(q))
                     if not q:
                         self._leave(model, batch)
                     return req
             self._leave(model, batch)
         return None
+
+    def _priority(self, batch: str, left: int) -> int:
+        """The engine's order among the requests it holds (vLLM `priority`, lower first; ties in
+        arrival order): fair, what the request's batch has left queued (a small batch's requests
+        pass the big one's already waiting there); a batch moved up for its deadline before all;
+        fifo: all alike (arrival order)."""
+        if batch in self.urgent:
+            return -1
+        return left if self.fair else 0
 
     def _next_batch(self, model: str, by_batch: dict[str, deque[Req]]) -> str:
         first = next(iter(by_batch))

@@ -89,3 +89,24 @@ def test_cancelled_requests_are_skipped_and_purged() -> None:
 def test_unknown_fairness_is_refused() -> None:
     with pytest.raises(ValueError, match="fairness"):
         ModelQueues("lottery")
+
+
+def test_the_engines_own_queue_follows_the_turns_by_priority() -> None:
+    """An engine keeps more requests than it runs (`slots.INFLIGHT_FACTOR`): those wait in vLLM's
+    queue, which orders them by `priority` (lower first). A request of a batch with little left
+    gets a lower one than the big batch's, so it does not wait behind what the big batch already
+    has queued there; a batch moved up for its deadline goes first; `fifo` leaves vLLM's order."""
+    q = ModelQueues()
+    fill(q, "big", 800)
+    big = [q.pop("m") for _ in range(48)]
+    fill(q, "small", 5)
+    nxt = [q.pop("m") for _ in range(4)]
+    assert [r.batch_id for r in nxt] == ["big", "small"] * 2
+    assert all(r.priority > 700 for r in big + nxt[::2])  # what the big batch has left
+    assert [r.priority for r in nxt[1::2]] == [4, 3]
+    q.urgent.add("big")
+    assert q.pop("m").priority == -1
+    fifo = ModelQueues("fifo")
+    fill(fifo, "big", 10)
+    fill(fifo, "small", 2)
+    assert {r.priority for r in (fifo.pop("m") for _ in range(12))} == {0}
