@@ -392,8 +392,9 @@ class SchedulerConfig:
                 "`samullm plan` reads them too"})
     fairness: str = field(default="fair", metadata={
         "help": "whose request a model's engines take next when several batches queue for it: "
-                "fair = the batch served least since it joined (batches take turns, a small one "
-                "is not stuck behind a big one, none starves); fifo = the earliest batch first"})
+                "fair = the batch with the least left, aged by its wait (shortest remaining "
+                "first: a small one is not stuck behind a big one, none starves); fifo = the "
+                "earliest batch first"})
     calibration_window: int = field(default=512, metadata={
         "help": "served requests kept per (model, TP, threads, device kind) for the online "
                 "calibration (of each engine its first quarter and its newest); a fit replays "

@@ -2,13 +2,20 @@
 
 Pooling makes samullm fast, but a pool served in arrival order makes a 5-request evaluation wait
 behind whoever submitted 800 requests first. So each model's queue is one queue per batch, and a
-replica takes its next request from the batch that has been served least (`fairness = "fair"`,
-start-time fair queuing): a batch joining a model's queue starts level with the least-served batch
-already there, so from then on the batches take turns. A small batch is done within about
-(batches in the queue) x its own size of dispatches, a big one is never starved (it keeps its
-turn whatever arrives), and the engines never idle for it (any batch with work is served).
-`fairness = "fifo"`: the earliest batch first, in arrival order. Either way a batch predicted to
-miss its completion window (`urgent`, `runtime.executor.deadlines`) goes before the others.
+replica takes its next request from the batch with the least left, aged (`fairness = "fair"`:
+shortest remaining first, which minimises the batches' mean completion time): a batch's claim is
+what it has queued minus `AGING` for every dispatch that went to another batch since it was last
+served (or joined), so a small batch arriving behind a big one is dispatched at once, and the big
+one goes again within (its size - the other's) / (AGING - 1) dispatches: never starved, whatever
+arrives. A batch that had nothing queued joins again with no claim for the time it was away. The
+engines never idle for it (any batch with work is served). `fairness = "fifo"`: the earliest batch
+first, in arrival order. Either way a batch predicted to miss its completion window (`urgent`,
+`runtime.executor.deadlines`) goes before the others.
+
+An engine holds more requests than it runs (`slots.INFLIGHT_FACTOR`); those wait in vLLM's own
+queue, which the engines order by `priority` (`runtime.engines.engine.build_command`): each
+request carries what its batch had left when it was dispatched, to a power of two (`_priority`),
+so a small batch's requests also pass the big one's already waiting there.
 
 Within a batch, requests go in the order `pool_state.prefix_order` gave them; a replica marked
 `tail` takes its batch's requests from the end (prefix affinity: two replicas meet once in a
@@ -21,6 +28,8 @@ from collections import deque
 
 from runtime.config import FAIRNESS
 from runtime.executor.pool_state import Req, ReqState
+
+AGING = 4  # requests a waiting batch's claim grows by per dispatch that went to another batch
 
 
 class ModelQueues:
@@ -38,9 +47,9 @@ class ModelQueues:
         # model -> batch -> its queued requests (batches in arrival order; cancelled ones are
         # skipped lazily)
         self._q: dict[str, dict[str, deque[Req]]] = {}
-        # model -> batch -> requests dispatched since it joined the queue, counted from the level
-        # of the least-served batch there at that time
-        self._served: dict[str, dict[str, int]] = {}
+        # model -> dispatches so far, and per batch the count when it was last served or joined
+        self._count: dict[str, int] = {}
+        self._since: dict[str, dict[str, int]] = {}
         self.finish_signalled: dict[str, bool] = {}
         # WAITING requests per model (active pool): a model with some is not finished
         self.waiting: dict[str, int] = {}
@@ -50,9 +59,7 @@ class ModelQueues:
         q = by_batch.get(req.batch_id)
         if q is None:
             q = by_batch[req.batch_id] = deque()
-            served = self._served.setdefault(req.model, {})
-            if req.batch_id not in served:
-                served[req.batch_id] = min(served.values(), default=0)
+            self._since.setdefault(req.model, {})[req.batch_id] = self._count.get(req.model, 0)
         # re-queued requests go first: they were admitted earlier (input order is kept where possible)
         q.appendleft(req) if front else q.append(req)
         self.finish_signalled[req.model] = False
@@ -66,7 +73,8 @@ class ModelQueues:
             while q:
                 req = q.pop() if tail else q.popleft()
                 if req.state is ReqState.QUEUED:
-                    self._served[model][batch] += 1
+                    self._count[model] = self._count.get(model, 0) + 1
+                    self._since[model][batch] = self._count[model]
                     req.priority = self._priority(batch, len(q))
                     if not q:
                         self._leave(model, batch)
@@ -76,12 +84,13 @@ class ModelQueues:
 
     def _priority(self, batch: str, left: int) -> int:
         """The engine's order among the requests it holds (vLLM `priority`, lower first; ties in
-        arrival order): fair, what the request's batch has left queued (a small batch's requests
-        pass the big one's already waiting there); a batch moved up for its deadline before all;
-        fifo: all alike (arrival order)."""
+        arrival order): fair, what the request's batch has left queued, to a power of two (a
+        small batch's requests pass the big one's already waiting there; a batch's own keep their
+        order but where its count halves); a batch moved up for its deadline before all; fifo:
+        all alike (arrival order)."""
         if batch in self.urgent:
             return -1
-        return left if self.fair else 0
+        return left.bit_length() if self.fair else 0
 
     def _next_batch(self, model: str, by_batch: dict[str, deque[Req]]) -> str:
         first = next(iter(by_batch))
@@ -90,15 +99,16 @@ class ModelQueues:
         pick = [b for b in by_batch if b in self.urgent] if self.urgent else []
         if not self.fair:
             return pick[0] if pick else first
-        served = self._served[model]
-        return min(pick or by_batch, key=served.__getitem__)  # ties: the earliest (dict order)
+        now, since = self._count.get(model, 0), self._since[model]
+        # ties: the earliest (dict order)
+        return min(pick or by_batch, key=lambda b: len(by_batch[b]) - AGING * (now - since[b]))
 
     def _leave(self, model: str, batch: str) -> None:
-        """`batch` has nothing queued for `model`: it leaves the turns (it joins again level with the
-        least-served batch, not with a credit for the time it had nothing queued)."""
+        """`batch` has nothing queued for `model`: it leaves (it joins again with no claim for the
+        time it had nothing queued)."""
         by_batch = self._q[model]
         del by_batch[batch]
-        self._served[model].pop(batch, None)
+        self._since[model].pop(batch, None)
         if not by_batch:
             del self._q[model]
 
@@ -124,7 +134,7 @@ class ModelQueues:
         """Remove and return every queued request of `model`."""
         reqs = self.queued(model)
         self._q.pop(model, None)
-        self._served.pop(model, None)
+        self._since.pop(model, None)
         return reqs
 
     def purge(self) -> None:

@@ -1,13 +1,16 @@
-"""Whose request a model's engines take next (`runtime.executor.queues.ModelQueues`): batches take
-turns (a small batch that arrives behind a big one is done within about twice its own dispatches),
-none starves, a batch that left and comes back has no credit, and `fifo` keeps arrival order."""
+"""Whose request a model's engines take next (`runtime.executor.queues.ModelQueues`): the batch with
+the least left, aged by how long it waited (a small batch that arrives behind a big one is
+dispatched at once, the big one is never starved), a batch that left and comes back has no credit
+for the time it was away, and `fifo` keeps arrival order."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
 from runtime.executor.pool_state import Req
-from runtime.executor.queues import ModelQueues
+from runtime.executor.queues import AGING, ModelQueues
 from runtime.executor_api import WorkItem
 
 CHAT = "/v1/chat/completions"
@@ -27,14 +30,27 @@ def drain(q: ModelQueues, k: int, model: str = "m") -> list[str]:
     return [r.batch_id for r in (q.pop(model) for _ in range(k)) if r is not None]
 
 
-def test_a_small_batch_behind_a_big_one_is_done_within_twice_its_size() -> None:
+def test_a_small_batch_behind_a_big_one_is_dispatched_first() -> None:
     q = ModelQueues()
     fill(q, "big", 800)
     assert drain(q, 300) == ["big"] * 300  # the big batch alone: it is served
     fill(q, "small", 5)
-    got = drain(q, 10)
-    assert got == ["big", "small"] * 5  # turns, from the level it joined at
-    assert drain(q, 1000).count("big") == 495  # nothing lost
+    assert drain(q, 6) == ["small"] * 5 + ["big"]  # the least left first
+    assert drain(q, 1000).count("big") == 499  # nothing lost
+
+
+def test_a_waiting_batch_ages_until_it_goes_first() -> None:
+    """A batch's claim grows by `AGING` requests for each dispatch it waits: a 200-request batch
+    behind a 100-request one goes first once (200 - 100) / (AGING - 1) dispatches have gone to
+    the other, not after all of it."""
+    q = ModelQueues()
+    fill(q, "big", 200)
+    fill(q, "mid", 100)
+    got = drain(q, 100)
+    first_big = got.index("big")
+    assert got[:first_big] == ["mid"] * first_big
+    assert first_big == math.floor((200 - 100) / (AGING - 1)) + 1
+    assert got.count("big") >= 2  # and again after each wait of its own
 
 
 def test_fifo_keeps_arrival_order() -> None:
@@ -57,11 +73,11 @@ def test_no_batch_starves_under_a_stream_of_new_ones() -> None:
 def test_a_batch_that_had_nothing_queued_rejoins_without_credit() -> None:
     q = ModelQueues()
     fill(q, "a", 1)
-    fill(q, "b", 50)
-    drain(q, 21)  # a's one request and 20 of b's
-    fill(q, "a", 10)  # a is back: level with b, not 19 turns ahead
-    got = drain(q, 6)
-    assert 2 <= got.count("a") <= 4
+    fill(q, "b", 120)
+    drain(q, 41)  # a's one request and 40 of b's
+    fill(q, "a", 100)  # a is back, with more left than b: no claim for the 40 dispatches away
+    assert drain(q, 4) == ["b"] * 4
+    assert "a" in drain(q, 20)  # and its own wait counts from its return
 
 
 def test_models_are_separate_turns() -> None:
@@ -100,10 +116,11 @@ def test_the_engines_own_queue_follows_the_turns_by_priority() -> None:
     fill(q, "big", 800)
     big = [q.pop("m") for _ in range(48)]
     fill(q, "small", 5)
-    nxt = [q.pop("m") for _ in range(4)]
-    assert [r.batch_id for r in nxt] == ["big", "small"] * 2
-    assert all(r.priority > 700 for r in big + nxt[::2])  # what the big batch has left
-    assert [r.priority for r in nxt[1::2]] == [4, 3]
+    nxt = [q.pop("m") for _ in range(6)]
+    assert [r.batch_id for r in nxt] == ["small"] * 5 + ["big"]
+    # what the batch has left, to a power of two (so a batch's own requests keep their order)
+    assert {r.priority for r in big + nxt[5:]} == {10}
+    assert [r.priority for r in nxt[:5]] == [3, 2, 2, 1, 0]
     q.urgent.add("big")
     assert q.pop("m").priority == -1
     fifo = ModelQueues("fifo")
