@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from runtime.persist import load_profile
+from scheduler.calibration import scale_latency
 from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
 from scheduler.online import Correction, ShapeFit, correction
@@ -30,6 +31,12 @@ DEFAULT_CPU_LOAD_S = 14.5
 # models' stops took 0.5-1.4 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`
 # events); the runtime starts nothing while one is in progress (`runtime.executor.slots`)
 DEFAULT_STOP_S = 1.0
+# a shape never served nor profiled, of a model that has one that was: its (derived or roofline)
+# estimate is priced this much slower, so the planner leaves what it knows only for a shape
+# predicted clearly faster. On 5 Dec (`bench/fresh.py`) `sequential` moved small and tiny-a from
+# served shapes to a TP 2 derived from medium's and ran 34 % slower than with profiles; the
+# derived shapes' errors seen there were 10-30 %.
+UNSERVED_CAUTION = 0.15
 
 
 @dataclass
@@ -53,11 +60,13 @@ class LatencySource:
     # start times here are those of starts in a spare engine process (runtime.engines.spares); what a
     # start without one costs more is the planner's (`PlanningProblem.spares`, `no_spare_s`)
     fits: Mapping[ShapeKey, ShapeFit] = field(default_factory=dict)  # online calibration
+    caution: float = 0.0  # `UNSERVED_CAUTION` where the planner prices (`planning.plan_problem`)
 
     @classmethod
     def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
              start_times: dict[tuple[str, int], float],
-             fits: Mapping[ShapeKey, ShapeFit] | None = None) -> "LatencySource":
+             fits: Mapping[ShapeKey, ShapeFit] | None = None,
+             caution: float = 0.0) -> "LatencySource":
         table, threaded, cold = {}, {}, {}
         for m in models:
             for tp in tp_degrees(pool):
@@ -70,7 +79,8 @@ class LatencySource:
                     else:
                         threaded[(m, tp, th)] = prof.latency
                     cold[(m, tp, th)] = cold_start_s(prof.meta)
-        return cls(table, pool.signature, dict(start_times), threaded, cold, dict(fits or {}))
+        return cls(table, pool.signature, dict(start_times), threaded, cold, dict(fits or {}),
+                   caution)
 
     def base(self, spec: ModelSpec, tp: int, threads: int = 1) -> tuple[LatencyModel, str]:
         """The shape's latency before online calibration, and its kind ("profile", "gpu-model",
@@ -118,11 +128,26 @@ class LatencySource:
         fix = self.correction(spec, tp, threads)
         if fix is not None:
             lat = fix.apply(lat)
+        if self._cautious(spec.name, tp, threads):
+            lat = scale_latency(lat, 1.0 + self.caution, 1.0 + self.caution)
         own = threads > 1 and (spec.name, tp, threads) in self.threaded
         cold = self.cold.get((spec.name, tp, threads if own else 1), 0.0)
         if fix is not None and fix.cold_s is not None:  # measured on served engines instead
             cold = fix.cold_s
         return lat.with_load_time(self._start_s(spec, tp) + cold)
+
+    def _cautious(self, model: str, tp: int, threads: int) -> bool:
+        """Whether (model, tp, threads) is priced with `caution`: neither profiled nor served
+        itself, while another shape of the model was."""
+        if self.caution <= 0 or self._observed(model, tp, threads):
+            return False
+        shapes = {(m, t, 1) for m, t in self.table} | set(self.threaded) | {
+            k[:3] for k in self.fits if k[3] == self.device}
+        return any(k[0] == model for k in shapes)
+
+    def _observed(self, model: str, tp: int, threads: int) -> bool:
+        own = (model, tp) in self.table if threads == 1 else (model, tp, threads) in self.threaded
+        return own or (model, tp, threads, self.device) in self.fits
 
     def source(self, spec: ModelSpec, tp: int, threads: int = 1) -> dict[str, Any]:
         """Where the shape's figures come from (`samullm plan`'s `latency_sources`)."""
@@ -139,6 +164,8 @@ class LatencySource:
                 before, after = hit.replay_errors()
                 out |= {"served": hit.served, "replay_err_before": round(before, 4),
                         "replay_err_after": round(after, 4), "fresh_engine_s": round(hit.cold_s, 3)}
+        if self._cautious(spec.name, tp, threads):
+            out["caution"] = self.caution
         out["start_s"] = round(self._start_s(spec, tp), 3)
         out["start"] = "measured" if (spec.name, tp) in self.start_times else (
             "profile" if kind == "profile" or self.device != "cpu" else "default")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from runtime.config import Config
-from runtime.executor.latency_source import DEFAULT_STOP_S, LatencySource
+from runtime.executor.latency_source import DEFAULT_STOP_S, UNSERVED_CAUTION, LatencySource
 from runtime.executor.pool_state import Req, ReqState
 from runtime.endpoints import EMBEDDINGS
 from runtime.usage import usage_of
@@ -187,7 +187,8 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
     latency = LatencySource.load(state_dir, pool, list(work), start_times,
-                                 fits if cfg.scheduler.online_calibration else None)
+                                 fits if cfg.scheduler.online_calibration else None,
+                                 UNSERVED_CAUTION)
     problem = build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
                             spares=spares, no_spare_s=no_spare_s,
                             stop_s=DEFAULT_STOP_S if stop_s is None else stop_s)

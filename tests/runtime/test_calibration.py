@@ -252,3 +252,24 @@ async def test_plan_reads_the_calibrated_state_and_says_where_figures_come_from(
     assert main(["plan", str(inp), "--config", str(conf), "--strategy", "samullm"]) == 0
     text = capsys.readouterr().out
     assert "latency sources" in text and "online calibration of 12 served requests" in text
+
+
+def test_a_shape_never_served_is_priced_with_caution_beside_one_that_was(tmp_path: Path) -> None:
+    """A model that served at TP 1 has its TP 2 derived: that estimate is priced `caution` slower,
+    so the planner leaves the shape it knows only for one predicted clearly faster (fresh bench,
+    5 Dec: `sequential` moved small and tiny-a to a derived TP 2 and ran 34 % slower than with
+    profiles). A model with nothing served, and a served shape itself, are priced as they are."""
+    cfg = make_cfg(tmp_path)
+    pool = DevicePool("cpu", (0, 1), 1 << 28)
+    specs = {n: spec for n, spec in model_specs(cfg).items() if n in ("a", "b")}
+    base = analytic_latency_model(specs["a"], 1, "cpu")
+    fits = {("a", 1, 1, "cpu"): ShapeFit(2.0, 3.0, 40, 1, 10.0, 2.0, 10.0, "roofline",
+                                         coefficients(base), 40)}
+    plain = LatencySource.load(tmp_path, pool, ["a", "b"], {}, fits)
+    careful = LatencySource.load(tmp_path, pool, ["a", "b"], {}, fits, caution=0.15)
+    assert careful(specs["a"], 2).c1 == pytest.approx(plain(specs["a"], 2).c1 * 1.15)
+    assert careful(specs["a"], 2).c0 == pytest.approx(plain(specs["a"], 2).c0 * 1.15)
+    assert careful(specs["a"], 1) == plain(specs["a"], 1)  # served: as fitted
+    assert careful(specs["b"], 2) == plain(specs["b"], 2)  # b served nothing: no other to prefer
+    assert careful.source(specs["a"], 2)["caution"] == 0.15
+    assert "caution" not in careful.source(specs["a"], 1)
