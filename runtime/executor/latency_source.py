@@ -130,11 +130,23 @@ class LatencySource:
             lat = fix.apply(lat)
         if self._cautious(spec.name, tp, threads):
             lat = scale_latency(lat, 1.0 + self.caution, 1.0 + self.caution)
-        own = threads > 1 and (spec.name, tp, threads) in self.threaded
-        cold = self.cold.get((spec.name, tp, threads if own else 1), 0.0)
-        if fix is not None and fix.cold_s is not None:  # measured on served engines instead
-            cold = fix.cold_s
+        cold = self._cold_s(spec.name, tp, threads, fix)
         return lat.with_load_time(self._start_s(spec, tp) + cold)
+
+    def _cold_s(self, model: str, tp: int, threads: int, fix: Correction | None) -> float:
+        """A fresh engine's one-off slowness: as measured on served engines of the shape, else the
+        profile's; a shape neither served nor profiled pays the most another model's engines paid
+        at that shape (TP 2 engines here paid 2-3 s that TP 1 ones did not), else nothing."""
+        if fix is not None and fix.cold_s is not None:
+            return fix.cold_s
+        own = threads > 1 and (model, tp, threads) in self.threaded
+        hit = self.cold.get((model, tp, threads if own else 1))
+        if hit is not None:
+            return hit
+        peers = [f.cold_s for k, f in self.fits.items()
+                 if k[0] != model and k[1:] == (tp, threads, self.device)]
+        peers += [c for k, c in self.cold.items() if k[0] != model and k[1:] == (tp, threads)]
+        return max(peers, default=0.0)
 
     def _cautious(self, model: str, tp: int, threads: int) -> bool:
         """Whether (model, tp, threads) is priced with `caution`: neither profiled nor served

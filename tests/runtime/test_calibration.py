@@ -273,3 +273,28 @@ def test_a_shape_never_served_is_priced_with_caution_beside_one_that_was(tmp_pat
     assert careful(specs["b"], 2) == plain(specs["b"], 2)  # b served nothing: no other to prefer
     assert careful.source(specs["a"], 2)["caution"] == 0.15
     assert "caution" not in careful.source(specs["a"], 1)
+
+
+def test_a_shape_never_served_pays_the_fresh_engine_cost_others_paid_at_it(tmp_path: Path) -> None:
+    """A fresh engine is slow on its first requests, more so at TP 2 (2-3 s here): a shape neither
+    served nor profiled is charged the most another model's engines paid at that shape, not
+    nothing (fresh bench, 5 Dec: tiny-a's first TP 2 engine took 3.2 s for what one core did in
+    0.8 s, priced as if warm)."""
+    cfg = make_cfg(tmp_path)
+    pool = DevicePool("cpu", (0, 1), 1 << 28)
+    specs = {n: spec for n, spec in model_specs(cfg).items() if n in ("a", "b")}
+
+    def fit(model: str, tp: int, first_s: float) -> ShapeFit:
+        base = analytic_latency_model(specs[model], tp, "cpu")
+        return ShapeFit(1.0, 1.0, 40, 1, 10.0, 2.0, 10.0, "roofline", coefficients(base), 40,
+                        first_s=first_s)
+
+    starts = {("a", 1): 10.0, ("a", 2): 10.0, ("b", 1): 10.0, ("b", 2): 10.0}
+    fits = {("a", 1, 1, "cpu"): fit("a", 1, 0.5), ("b", 2, 1, "cpu"): fit("b", 2, 2.5)}
+    src = LatencySource.load(tmp_path, pool, ["a", "b"], starts, fits)
+    assert src(specs["a"], 2).load_time_s == pytest.approx(12.5)  # b's TP 2 engines' cost
+    assert src(specs["a"], 1).load_time_s == pytest.approx(10.5)  # its own
+    assert src(specs["b"], 1).load_time_s == pytest.approx(10.5)  # a's at TP 1
+    alone = LatencySource.load(tmp_path, pool, ["a"], starts,
+                               {("a", 1, 1, "cpu"): fits[("a", 1, 1, "cpu")]})
+    assert alone(specs["a"], 2).load_time_s == pytest.approx(10.0)  # nobody served TP 2
