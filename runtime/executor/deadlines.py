@@ -3,7 +3,7 @@ would miss it even first is reported long before it expires.
 
 Every plan predicts each open batch's completion (`batches_predicted_s`). A batch whose predicted
 completion falls after its deadline (the gateway's `expires_at`) becomes *urgent*: its model queues
-serve it before the fair turns (`queues.ModelQueues.urgent`) and the next plan orders its requests
+serve it before the fair order (`queues.ModelQueues.urgent`) and the next plan orders its requests
 first, so that plan predicts it moved up (event `deadline_at_risk`). If a plan made with it moved up
 still predicts it late, it cannot make it whatever runs first (event `deadline_miss_predicted`,
 once). Urgency is kept once given: a batch that is back on time because it was moved up would

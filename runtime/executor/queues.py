@@ -42,7 +42,7 @@ class ModelQueues:
         if fairness not in FAIRNESS:
             raise ValueError(f"fairness: one of {', '.join(FAIRNESS)}; got {fairness!r}")
         self.fair = fairness == "fair"
-        # batches predicted to miss their deadline (`deadlines.Deadlines`): served before the turns
+        # batches predicted to miss their deadline (`deadlines.Deadlines`): served before the others
         self.urgent: set[str] = urgent if urgent is not None else set()
         # model -> batch -> its queued requests (batches in arrival order; cancelled ones are
         # skipped lazily)
