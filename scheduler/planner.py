@@ -203,30 +203,34 @@ class Planner:
         if strategy == "level-by-level":
             return self._level_by_level()
         best = self._searched()
-        keeping = self._keeping
         if self.problem.compare_baselines:
             for name in BASELINES:
                 other = self.plan(name)
                 mine = Schedule("samullm", other.stages, other.makespan_s, origin=f"baseline:{name}")
                 if other.makespan_s < best.makespan_s * (1 - 1e-9):
                     best = mine
-                if self._keeps(other) and (keeping is None or other.makespan_s < keeping.makespan_s
-                                           * (1 - 1e-9)):
-                    keeping = mine
-        return self._steady(best, keeping)
+                self._consider_keeping(mine)
+        return self._steady(best)
 
-    def _keeps(self, schedule: Schedule | list[ExecPlan]) -> bool:
-        """Whether `schedule`'s first stage (or these plans) keeps every engine running now (none
-        stopped or reshaped; one still starting goes on starting)."""
-        first = schedule if isinstance(schedule, list) else (
-            schedule.stages[0].plans if schedule.stages else [])
+    def _keeps(self, first: list[ExecPlan]) -> bool:
+        """Whether a first stage of `first` keeps every engine running now (none stopped or
+        reshaped; one still starting goes on starting)."""
         return all(any(p.same_shape(e) for p in first)
                    for e in self.initial_state().running.values())
 
-    def _steady(self, best: Schedule, keeping: Schedule | None) -> Schedule:
-        """`best`, unless it replaces a running engine and `keeping` (the best schedule that
+    def _consider_keeping(self, schedule: Schedule) -> None:
+        """Remember `schedule` as `_keeping` if it keeps every running engine and is the shortest
+        such so far."""
+        first = schedule.stages[0].plans if schedule.stages else []
+        if self._keeps(first) and (self._keeping is None or schedule.makespan_s
+                                   < self._keeping.makespan_s * (1 - 1e-9)):
+            self._keeping = schedule
+
+    def _steady(self, best: Schedule) -> Schedule:
+        """`best`, unless it replaces a running engine and `_keeping` (the best schedule that
         keeps them all) is within the problem's replace margin of it."""
-        if keeping is None or self._keeps(best):
+        keeping = self._keeping
+        if keeping is None or self._keeps(best.stages[0].plans if best.stages else []):
             return best
         p = self.problem
         margin = p.replace_margin_s + p.replace_margin * keeping.makespan_s
@@ -301,12 +305,10 @@ class Planner:
             cand = evaluate(self.exact_ctx, state, cand)
             if best is None or cand.makespan_s < best.makespan_s * (1 - 1e-9):
                 best = cand
-            if self._keeps(cand) and (self._keeping is None or cand.makespan_s
-                                      < self._keeping.makespan_s * (1 - 1e-9)):
-                self._keeping = cand
+            self._consider_keeping(cand)
         if best is None:
             raise InfeasibleError("samullm: no placeable first stage")
-        if self._keeping is None and not self._keeps(best):
+        if self._keeping is None and not self._keeps(best.stages[0].plans):
             # the best-ranked first stage that keeps every running engine, completed greedily
             keep = next((plans for _, plans in ranked if self._keeps(plans)), None)
             if keep is not None:
