@@ -123,7 +123,8 @@ class LatencySource:
         """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over
         threads = 1, corrected by the online calibration. The start time is the (model, tp) one
         either way (one engine starts alike), plus a fresh engine's one-off cost: the online
-        calibration's for a shape it fitted, else the profile's."""
+        calibration's for a shape it fitted, else the profile's (`_cold_s`). A shape neither served
+        nor profiled, of a model that has one that was, is priced `caution` slower."""
         lat, _ = self.base(spec, tp, threads)
         fix = self.correction(spec, tp, threads)
         if fix is not None:
