@@ -13,6 +13,12 @@ calibration, i.e. what the planner uses when a profile exists) predict for a gri
 stored TP-1 and TP-2 profile at one core per rank. One set of constants for all models, so it
 carries to architectures that were never profiled. Prints the constants and each profile's error
 on the grid; paste them into `scheduler/latency.py` with the date and the profiles' source.
+
+Then the threads exponents (`scheduler.latency.CPU_THREADS_EXPONENTS`): each stored 2-thread
+profile against the same model's 1-thread one, on the same grid, as the 1-thread step split into
+compute (c1, c2), memory (c3 and the weight-reading share of c0) and fixed (the rest of c0, c4)
+seconds, each divided by its own gain (non-negative least squares on relative error); the
+exponents are log2 of the gains.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ sys.path.insert(0, str(REPO))
 from runtime.config import load_config  # noqa: E402
 from runtime.executor.planning import model_specs  # noqa: E402
 from runtime.persist import load_profiles  # noqa: E402
-from scheduler.latency import DEVICE_ROOFLINE, analytic_latency_model  # noqa: E402
+from scheduler.latency import (CPU_THREADS_EXPONENTS, DEVICE_ROOFLINE,  # noqa: E402
+                               analytic_latency_model, assumed_threads_latency,
+                               weight_read_share)
 
 # (tokens, prefill attention pairs, decode context tokens, sequences) of typical steps
 DECODE = [(b, 0, b * ctx, b) for b in (1, 4, 8, 16, 32) for ctx in (64, 256, 768)]
@@ -86,7 +94,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {p.model:7s} tp{p.tp}: fitted {np.median(fit):.2f} (worst "
               f"{max(fit, key=lambda r: abs(np.log(r))):.2f}); old roofline {np.median(was):.2f} "
               f"(worst {max(was, key=lambda r: abs(np.log(r))):.2f})")
+    fit_threads(specs, load_profiles(args.root / "state").values())
     return 0
+
+
+def threads_parts(lat, spec, step: tuple) -> list[float]:
+    """A 1-thread step's (compute, memory, fixed) seconds (`assumed_threads_latency`'s split)."""
+    n, pairs, ctx, seqs = step
+    share = weight_read_share(spec, 1)
+    return [lat.c1 * n + lat.c2 * pairs, lat.c3 * ctx + lat.c0 * share,
+            lat.c0 * (1.0 - share) + lat.c4 * seqs]
+
+
+def fit_threads(specs, profiles) -> None:
+    """Print the fitted `CPU_THREADS_EXPONENTS` and each model's error on the grid."""
+    by = {(p.model, p.tp, p.threads): p.latency for p in profiles
+          if p.device == "cpu" and p.model in specs and not p.meta.get("copied_from")}
+    pairs = [(m, by[(m, 1, 1)], by[(m, 1, 2)]) for m in sorted(specs)
+             if (m, 1, 1) in by and (m, 1, 2) in by]
+    if not pairs:
+        print("\nno 2-thread profile beside a 1-thread one: threads exponents not fitted")
+        return
+    rows = [np.array(threads_parts(one, specs[m], s)) / measured(two, s)
+            for m, one, two in pairs for s in STEPS]
+    inv, _ = nnls(np.array(rows), np.ones(len(rows)))
+    exps = tuple(float(-np.log2(x)) if x > 0 else float("inf") for x in inv)
+    print(f"\nthreads exponents (compute, memory, fixed): {tuple(round(e, 2) for e in exps)}; "
+          f"was {CPU_THREADS_EXPONENTS}")
+    print("per model, 2-thread grid step time predicted / profiled (median, worst):")
+    for m, one, two in pairs:
+        fit = [float(np.dot(threads_parts(one, specs[m], s), inv)) / measured(two, s) for s in STEPS]
+        now = [measured(assumed_threads_latency(one, specs[m], 1, 2), s) / measured(two, s)
+               for s in STEPS]
+        print(f"  {m:7s}: fitted {np.median(fit):.2f} (worst "
+              f"{max(fit, key=lambda r: abs(np.log(r))):.2f}); current {np.median(now):.2f}")
 
 
 if __name__ == "__main__":

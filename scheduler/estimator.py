@@ -118,7 +118,8 @@ class Estimator:
                 real, threads = base
                 self._lat[key] = (self.threads_fn(self.models[real], tp, threads)
                                   if self.threads_fn is not None
-                                  else assumed_threads_latency(self.latency(real, tp), threads))
+                                  else assumed_threads_latency(self.latency(real, tp),
+                                                              self.models[real], tp, threads))
         return self._lat[key]
 
     def load_time(self, model: str, tp: int) -> float:

@@ -172,24 +172,39 @@ class Profile:
                    threads=int(d.get("threads", 1)))
 
 
-# How much faster a CPU rank runs on `threads` cores than on one, where nothing was measured for
-# that shape (`samullm profile --threads N` measures it): the compute terms (GEMMs c1, prefill
-# attention c2, decode KV reads c3) are divided by threads ** THREADS_SPEEDUP_EXPONENT, the fixed
-# per-step and per-sequence costs (c0, c4: Python scheduling, sampling, which run on one thread)
-# not at all. Measured on this 2-core machine (`small` test model, `samullm profile --quick`,
-# 2026-11-22 04:00-04:11 UTC, load 1.7-2.1): in-process steps got c1 1.8x and c3 2.4x faster on
-# two cores, but the served engine (whose API server and engine-core processes then share those
-# cores) finished the calibration sets 1.05x (prefill), 0.93x (decode) and 1.25x (mixed) as fast.
-# So a conservative 2 ** 0.25 = 1.19 on the compute terms (about 1.05-1.1x per step overall).
-THREADS_SPEEDUP_EXPONENT = 0.25
+# How a CPU rank runs on `threads` cores against one, where that shape was not measured
+# (`samullm profile --threads N` measures it), as exponents of `threads` by which three kinds of
+# cost are divided: (compute: the GEMMs c1 and prefill attention c2; memory: the decode KV reads c3
+# and the weight-reading share of c0; fixed: the rest of c0 and the per-sequence c4). Fitted
+# (`bench/derive_cpu_roofline.py`) to the 2-thread profiles of the demo models (tiny-a, small,
+# medium; `samullm profile --quick` with the served calibration, 4 Dec 2026, 2-core development
+# machine) against their 1-thread ones: compute 1.80x and memory 1.57x faster on two cores, fixed
+# costs 1.51x slower (the API server and engine-core processes then share those cores). So medium
+# (weights and GEMMs dominate) steps ~1.5x faster and tiny-a's ~1.2x slower, as profiled; the
+# earlier assumption (every compute term 2 ** 0.25 = 1.19x faster, from `small` alone) priced
+# medium's 2-thread engine 43 % too slow, and a fresh gateway put it at TP 2 instead.
+CPU_THREADS_EXPONENTS = (0.85, 0.65, -0.59)
 
 
-def assumed_threads_latency(lat: LatencyModel, threads: int) -> LatencyModel:
-    """`lat` (one core per rank) for ranks on `threads` cores, by the assumption above."""
+def assumed_threads_latency(lat: LatencyModel, spec: ModelSpec, tp: int,
+                            threads: int) -> LatencyModel:
+    """`lat` (one core per rank) for ranks on `threads` cores, by `CPU_THREADS_EXPONENTS`; the
+    weight-reading share of c0 is the roofline's for (spec, tp) (`weight_read_share`)."""
     if threads <= 1:
         return lat
-    f = float(threads) ** THREADS_SPEEDUP_EXPONENT
-    return LatencyModel(**{**asdict(lat), "c1": lat.c1 / f, "c2": lat.c2 / f, "c3": lat.c3 / f})
+    compute, memory, fixed = (float(threads) ** k for k in CPU_THREADS_EXPONENTS)
+    share = weight_read_share(spec, tp)
+    return LatencyModel(**{**asdict(lat), "c0": lat.c0 * (share / memory + (1.0 - share) / fixed),
+                           "c1": lat.c1 / compute, "c2": lat.c2 / compute,
+                           "c3": lat.c3 / memory, "c4": lat.c4 / fixed})
+
+
+def weight_read_share(spec: ModelSpec, tp: int) -> float:
+    """The share of the CPU roofline's per-step c0 that is reading the weight shard (the rest is
+    fixed overhead)."""
+    _, bw, fixed, _, _ = DEVICE_ROOFLINE["cpu"]
+    read = spec.weight_bytes / tp / bw
+    return read / (read + fixed)
 
 
 # Roofline constants for `analytic_latency_model`, per device (one CPU core / one GPU):

@@ -229,3 +229,27 @@ def test_plan_predicts_each_input_files_completion(cpu_setup, capsys, tmp_path):
     rows = [ln.split() for ln in text.splitlines() if ln.strip().startswith(str(tmp_path))]
     assert [(r[0], int(r[1])) for r in rows] == [(str(quick), 6), (str(inp), 90)]
     assert "samullm speedup" in text and "stage 1:" in text
+
+
+def test_a_fresh_two_core_gateway_puts_the_demo_medium_on_one_rank_of_both_cores(tmp_path, capsys):
+    """No profile, nothing served: one engine of the demo medium on the two cores of this machine
+    runs faster as one rank on both than at TP 2 (profiles of 4 Dec: TP 2 ~ the same per step plus
+    2.2 s of first requests). The roofline's threads speed-up and a TP-2 engine's fresh cost say
+    so; without them `sequential` put every model at TP 2 and ran 5-20 % slower (`bench/fresh.py`)."""
+    models = "".join(MODEL.format(name=n, layers=l, hidden=h, inter=4 * h).replace(
+        "num_heads = 4, num_kv_heads = 2", f"num_heads = {heads}, num_kv_heads = {kv}")
+        for n, l, h, heads, kv in (("tiny-a", 2, 128, 2, 1), ("small", 4, 256, 4, 2),
+                                   ("medium", 8, 512, 8, 2)))
+    conf = tmp_path / "c.toml"
+    conf.write_text(CPU_CONF.format(state=tmp_path / "state", models=models)
+                    .replace("ids = [0, 1, 2, 3]", "ids = [0, 1]"))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(_line(i, m, "word " * (40 + 3 * i), 96) for m, n in
+                             (("tiny-a", 64), ("small", 64), ("medium", 32)) for i in range(n)))
+    assert main(["plan", str(inp), "--config", str(conf), "--strategy", "sequential",
+                 "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)["strategies"]["sequential"]["stages"]
+    shapes = {p["model"]: (p["tp"], p["dp"], p.get("threads", 1))
+              for st in stages for p in st["plans"]}
+    assert shapes["medium"] == (1, 1, 2)
+    assert all(tp == 1 for tp, _, _ in shapes.values())

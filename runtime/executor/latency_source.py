@@ -37,6 +37,11 @@ DEFAULT_STOP_S = 1.0
 # served shapes to a TP 2 derived from medium's and ran 34 % slower than with profiles; the
 # derived shapes' errors seen there were 10-30 %.
 UNSERVED_CAUTION = 0.15
+# a fresh CPU engine's one-off cost at TP > 1 before any was measured (nor profiled) for any model:
+# its first requests; the demo models' TP-2 profiles paid 2.18-2.28 s, their TP-1 ones 0.04-0.9 s
+# (4 Dec 2026, `samullm profile --quick`'s served calibration, 2-core development machine). Without
+# it a fresh gateway priced a TP-2 engine as a warm one and chose it over one rank on both cores.
+DEFAULT_CPU_TP_COLD_S = 2.2
 
 
 @dataclass
@@ -90,7 +95,7 @@ class LatencySource:
             if hit is not None:
                 return hit, "profile"
             one, kind = self.base(spec, tp)
-            return assumed_threads_latency(one, threads), f"{kind}, threads assumed"
+            return assumed_threads_latency(one, spec, tp, threads), f"{kind}, threads assumed"
         hit = self.table.get((spec.name, tp))
         if hit is not None:
             return hit, "profile"
@@ -137,7 +142,8 @@ class LatencySource:
     def _cold_s(self, model: str, tp: int, threads: int, fix: Correction | None) -> float:
         """A fresh engine's one-off slowness: as measured on served engines of the shape, else the
         profile's; a shape neither served nor profiled pays the most another model's engines paid
-        at that shape (TP 2 engines here paid 2-3 s that TP 1 ones did not), else nothing."""
+        at that shape (TP 2 engines here paid 2-3 s that TP 1 ones did not), else on CPU at TP > 1
+        `DEFAULT_CPU_TP_COLD_S`, else nothing."""
         if fix is not None and fix.cold_s is not None:
             return fix.cold_s
         own = threads > 1 and (model, tp, threads) in self.threaded
@@ -147,7 +153,9 @@ class LatencySource:
         peers = [f.cold_s for k, f in self.fits.items()
                  if k[0] != model and k[1:] == (tp, threads, self.device)]
         peers += [c for k, c in self.cold.items() if k[0] != model and k[1:] == (tp, threads)]
-        return max(peers, default=0.0)
+        if peers:
+            return max(peers)
+        return DEFAULT_CPU_TP_COLD_S if self.device == "cpu" and tp > 1 else 0.0
 
     def _cautious(self, model: str, tp: int, threads: int) -> bool:
         """Whether (model, tp, threads) is priced with `caution`: neither profiled nor served

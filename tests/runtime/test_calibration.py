@@ -21,7 +21,7 @@ from cli.plan import read_requests
 from runtime.config import load_config
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.planning import model_specs
-from runtime.executor.latency_source import LatencySource
+from runtime.executor.latency_source import DEFAULT_CPU_TP_COLD_S, LatencySource
 from runtime.persist import CALIBRATION_FILE, load_calibration, save_start_times
 from scheduler.latency import analytic_latency_model
 from scheduler.online import ShapeFit, coefficients
@@ -297,4 +297,5 @@ def test_a_shape_never_served_pays_the_fresh_engine_cost_others_paid_at_it(tmp_p
     assert src(specs["b"], 1).load_time_s == pytest.approx(10.5)  # a's at TP 1
     alone = LatencySource.load(tmp_path, pool, ["a"], starts,
                                {("a", 1, 1, "cpu"): fits[("a", 1, 1, "cpu")]})
-    assert alone(specs["a"], 2).load_time_s == pytest.approx(10.0)  # nobody served TP 2
+    # nobody served TP 2: a CPU engine's first requests at TP 2 cost what the profiles here paid
+    assert alone(specs["a"], 2).load_time_s == pytest.approx(10.0 + DEFAULT_CPU_TP_COLD_S)

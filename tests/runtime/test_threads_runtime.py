@@ -57,7 +57,7 @@ def test_latency_source_uses_the_threads_profile_else_the_assumption(tmp_path: P
     assert src.threads(spec, 1, 2) == fast.with_load_time(LAT.load_time_s)
     save_profile(tmp_path / "none", Profile("m", 1, "cpu", LAT))
     src = LatencySource.load(tmp_path / "none", pool, ["m"], {})
-    assert src.threads(spec, 1, 2) == assumed_threads_latency(LAT, 2)
+    assert src.threads(spec, 1, 2) == assumed_threads_latency(LAT, spec, 1, 2)
 
 
 def test_replicas_and_running_plans_keep_threads() -> None:

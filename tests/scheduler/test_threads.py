@@ -77,10 +77,19 @@ def test_long_decoding_still_prefers_two_engines_over_the_assumed_speedup() -> N
     assert [(q.tp, q.dp, q.threads) for q in plans] == [(1, 2, 1)]
 
 
-def test_assumed_speedup_divides_compute_terms_only() -> None:
-    base = lat(SPEC, 1)
-    two = assumed_threads_latency(base, 2)
-    assert two.c1 == pytest.approx(base.c1 / 2 ** 0.25)
-    assert two.c3 == pytest.approx(base.c3 / 2 ** 0.25)
-    assert (two.c0, two.c4, two.load_time_s) == (base.c0, base.c4, base.load_time_s)
-    assert assumed_threads_latency(base, 1) is base
+def test_assumed_threads_speed_weights_and_gemms_up_and_fixed_costs_down() -> None:
+    """Two cores per rank, unprofiled: the demo medium's decode step (weights and GEMMs dominate)
+    runs ~1.5x faster, tiny-a's (fixed per-step costs dominate) slower, as their profiles showed
+    (4 Dec: medium 1.49x, tiny-a 0.85x, median over a grid of steps); the start is the same."""
+    def demo(name: str, layers: int, hidden: int, heads: int, kv: int) -> ModelSpec:
+        return ModelSpec(name, layers, hidden, heads, kv, 4 * hidden, 2048, dtype_bytes=4,
+                         max_model_len=1024, max_num_seqs=32, max_num_batched_tokens=1024)
+
+    decode = (32, 0.0, 32 * 256, 32)
+    for spec, lo, hi in ((demo("medium", 8, 512, 8, 2), 1.35, 1.6),
+                         (demo("tiny-a", 2, 128, 2, 1), 0.7, 0.95)):
+        base = lat(spec, 1)
+        two = assumed_threads_latency(base, spec, 1, 2)
+        assert lo < base.iteration_time(*decode) / two.iteration_time(*decode) < hi, spec.name
+        assert two.load_time_s == base.load_time_s
+        assert assumed_threads_latency(base, spec, 1, 1) is base
