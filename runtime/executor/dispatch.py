@@ -25,6 +25,7 @@ from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher, Nod
 from runtime.executor_api import Outcome
 from runtime.executor.pool_state import Req
 from runtime.executor.queues import ModelQueues
+from runtime.executor.seats import InFlight
 
 log = logging.getLogger(__name__)
 DEATH_GRACE_S = 3.0  # how long a 5xx / dropped connection waits for the engine process to exit
@@ -66,7 +67,8 @@ class Slot:
     limit: int  # requests kept in flight
     state: SlotState = SlotState.STARTING
     engine: Engine | None = None
-    inflight: dict[Req, asyncio.Task] = field(default_factory=dict)
+    # what it runs among them: `seats.InFlight` (made from the spec's max_num_seqs)
+    inflight: InFlight = field(init=False)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # launch, then the dispatch loop
     # most engines seen starting at once while this one started (itself included): its measured
@@ -79,6 +81,9 @@ class Slot:
     # takes its model's requests from the queue's end (every other replica of a model: prefix
     # affinity, `ModelQueues.pop`)
     tail: bool = False
+
+    def __post_init__(self) -> None:
+        self.inflight = InFlight(self.spec.model.max_num_seqs)
 
     def move(self, to: SlotState) -> None:
         if to not in SLOT_MOVES[self.state]:
@@ -116,6 +121,8 @@ class SlotHost(Protocol):
     def slot_start_failed(self, slot: Slot, message: str) -> None: ...
     def slot_died(self, slot: Slot, message: str) -> None: ...
     def request_dropped(self, slot: Slot, req: Req, message: str) -> None: ...
+    # `reqs` were taken from the slot's in-flight and aborted to run `by` at once (`seats`)
+    def requests_preempted(self, slot: Slot, reqs: list[Req], by: Req) -> None: ...
     # the engine answered `req` with 200 just now; it was sent at `sent_s` (host.clock)
     def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None: ...
     def check_drained(self, model: str) -> None: ...
@@ -149,18 +156,39 @@ async def serve_slot(slot: Slot, host: SlotHost) -> None:
 
 
 async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
+    """Keep `slot.limit` requests in flight; past it, a request of a small batch still goes when a
+    running request of a much bigger one can be aborted for it (`seats`: that one is re-queued)."""
     while slot.state is SlotState.RUNNING:
-        while len(slot.inflight) < slot.limit and not host.dispatch_paused:
+        preempted: list[Req] = []
+        by: Req | None = None
+        while not host.dispatch_paused and (len(slot.inflight) < slot.limit or _may_preempt(slot, host)):
             req = host.queues.pop(slot.model, slot.tail)
             if req is None:
                 break
             req.dispatch()
             slot.idle_since = None  # serving again (a warm engine's next batch): not idle
             req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
+            if host.queues.fair and req not in slot.inflight.running:
+                victim = slot.inflight.victim(req.priority, req.batch_id)
+                if victim is not None:  # its seat goes to `req`, the best waiting (`InFlight`)
+                    slot.inflight.pop(victim).cancel()
+                    preempted.append(victim)
+                    by = req
+        if preempted:
+            assert by is not None
+            host.requests_preempted(slot, preempted, by)
         host.check_drained(slot.model)
         # no await between filling and clearing: a wake-up cannot be lost
         slot.wake.clear()
         await slot.wake.wait()
+
+
+def _may_preempt(slot: Slot, host: SlotHost) -> bool:
+    """Whether the request its model's queue gives next would get a running one aborted for it."""
+    if not host.queues.fair:
+        return False
+    nxt = host.queues.next_priority(slot.model)
+    return nxt is not None and slot.inflight.victim(*nxt) is not None
 
 
 async def _watch_exit(slot: Slot, host: SlotHost) -> None:

@@ -15,7 +15,8 @@ first, in arrival order. Either way a batch predicted to miss its completion win
 An engine holds more requests than it runs (`slots.INFLIGHT_FACTOR`); those wait in vLLM's own
 queue, which the engines order by `priority` (`runtime.engines.engine.build_command`): each
 request carries what its batch had left when it was dispatched, to a power of two (`_priority`),
-so a small batch's requests also pass the big one's already waiting there.
+so a small batch's requests also pass the big one's already waiting there; and where the big one
+holds every seat, one of its running requests is aborted for each of them (`seats`).
 
 Within a batch, requests go in the order `pool_state.prefix_order` gave them; a replica marked
 `tail` takes its batch's requests from the end (prefix affinity: two replicas meet once in a
@@ -81,6 +82,14 @@ class ModelQueues:
                     return req
             self._leave(model, batch)
         return None
+
+    def next_priority(self, model: str) -> tuple[int, str] | None:
+        """The `priority` the next `pop(model)` would give its request, and its batch; None:
+        nothing queued."""
+        if not self.has_queued(model):
+            return None
+        batch = self._next_batch(model, self._q[model])
+        return self._priority(batch, len(self._q[model][batch]) - 1), batch
 
     def _priority(self, batch: str, left: int) -> int:
         """The engine's order among the requests it holds (vLLM `priority`, lower first; ties in

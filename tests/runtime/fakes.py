@@ -2,12 +2,15 @@
 can fail to start, and check the invariants a real node enforces (one engine per device at a time).
 
 With `step_s` for a model, its engines serve like a (very regular) vLLM engine instead: at most
-`max_num_seqs` requests run at once, the others wait their turn in order, and each running request
-takes `step_s` per output token (a decode step whose cost does not depend on the batch)."""
+`max_num_seqs` requests run at once, the others wait their turn (the best `priority` first, then
+in order, as vLLM's priority policy admits them), each running request takes `step_s` per output
+token (a decode step whose cost does not depend on the batch), and a request whose connection is
+closed (its task cancelled) is aborted: it leaves its seat or its place in the queue."""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +31,10 @@ class FakeEngine:
         self.served = 0
         self.stopped = False
         self.asleep = False
-        self.running = asyncio.Semaphore(max(1, spec.model.max_num_seqs))  # step_s mode
+        self.seats = max(1, spec.model.max_num_seqs)  # step_s mode: free seats, and who waits
+        self.waiting: list[tuple[int, int, asyncio.Future]] = []
+        self._order = itertools.count()
+        self.aborted = 0  # requests whose connection closed before their answer
         self.reaped = False  # stop() completed: the whole process group is gone (kill() is not enough)
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
@@ -52,14 +58,39 @@ class FakeEngine:
     async def wait_exit(self) -> int:
         return await asyncio.shield(self._exit)
 
-    async def _serve(self, tokens: int) -> None:
+    async def _serve(self, tokens: int, priority: int) -> None:
         name = self.spec.model.name
         step = self.launcher.step_s.get(name)
         if step is None:
             await asyncio.sleep(self.launcher.delay_s.get(name, 0.01))
             return
-        async with self.running:
+        await self._admit(priority)
+        try:
             await asyncio.sleep(step * tokens)
+        finally:
+            self._leave()
+
+    async def _admit(self, priority: int) -> None:
+        if self.seats > 0 and not self.waiting:
+            self.seats -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiting, (priority, next(self._order), turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # admitted as it was aborted: leave the seat
+                self._leave()
+            raise
+
+    def _leave(self) -> None:
+        """A running request is done or aborted: its seat goes to the best waiting one."""
+        while self.waiting:
+            _, _, turn = heapq.heappop(self.waiting)
+            if not turn.done():  # (an aborted waiting request's turn is cancelled)
+                turn.set_result(None)
+                return
+        self.seats += 1
 
     async def post(self, url: str, body: dict) -> tuple[int, dict]:
         if not self.alive():
@@ -90,8 +121,15 @@ class FakeEngine:
             if self.launcher.die_on_post.get(self.spec.model.name):
                 self.kill(-9)
             sleep = asyncio.ensure_future(self._serve(min(int(body.get("max_tokens", 16)),
-                                                          self.launcher.output_tokens)))
-            done, _ = await asyncio.wait({sleep, self._exit}, return_when=asyncio.FIRST_COMPLETED)
+                                                          self.launcher.output_tokens),
+                                                      int(body.get("priority", 0))))
+            try:
+                done, _ = await asyncio.wait({sleep, self._exit},
+                                             return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # the connection closed: vLLM aborts the request
+                sleep.cancel()
+                self.aborted += 1
+                raise
             if sleep not in done:
                 sleep.cancel()
                 raise EngineDied(f"engine {self.pid} died with code {self._exit.result()}")

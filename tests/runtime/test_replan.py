@@ -9,7 +9,8 @@ from runtime.executor_api import WorkItem
 from runtime.persist import load_length_model, save_length_model, save_profile
 from runtime.executor.pool_state import Req, ReqState, TransitionError
 from runtime.executor.planning import running_plans, sample_work
-from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S, LatencySource
+from runtime.executor.latency_source import (DEFAULT_CPU_LOAD_S, DEFAULT_CPU_TP_COLD_S,
+                                             LatencySource)
 from scheduler.latency import LatencyModel, Profile, analytic_latency_model
 from scheduler.lengths import LengthModel
 from scheduler.types import DevicePool, ModelSpec
@@ -46,8 +47,11 @@ def test_latency_source_prefers_profiles_and_measured_starts(tmp_path) -> None:
     save_profile(tmp_path, Profile("a", 1, "cpu", measured, {}))
     src = LatencySource.load(tmp_path, pool, ["a"], {("a", 2): 40.0})
     assert src(SPEC, 1) == measured  # the stored profile, its load time included
-    tp2 = src(SPEC, 2)  # no profile: analytic, with the start time this runtime measured
-    assert tp2.c1 == analytic_latency_model(SPEC, 2, "cpu").c1 and tp2.load_time_s == 40.0
+    # no profile: analytic, with the start time this runtime measured and, never served at TP 2,
+    # a TP-2 engine's first requests
+    tp2 = src(SPEC, 2)
+    assert tp2.c1 == analytic_latency_model(SPEC, 2, "cpu").c1
+    assert tp2.load_time_s == 40.0 + DEFAULT_CPU_TP_COLD_S
     fresh = LatencySource.load(tmp_path / "none", pool, ["a"], {})
     assert fresh(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S
 

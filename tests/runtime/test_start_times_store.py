@@ -37,7 +37,7 @@ async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_pat
     import asyncio
 
     from runtime.executor.executor import PoolExecutor
-    from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S
+    from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S, DEFAULT_CPU_TP_COLD_S
     from scheduler.planner import plan
     from scheduler.types import DevicePool
 
@@ -63,7 +63,8 @@ async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_pat
         finally:
             await ex.close()
         if run == 0:
-            assert seen[0] == {1: DEFAULT_CPU_LOAD_S, 2: DEFAULT_CPU_LOAD_S}  # nothing measured
+            # nothing measured (a TP-2 engine also pays its first requests)
+            assert seen[0] == {1: DEFAULT_CPU_LOAD_S, 2: DEFAULT_CPU_LOAD_S + DEFAULT_CPU_TP_COLD_S}
             measured = load_start_times(tmp_path / "state")
             assert len(measured) == 1
             (key, start_s), = measured.items()
