@@ -122,7 +122,7 @@ class SlotHost(Protocol):
     def slot_died(self, slot: Slot, message: str) -> None: ...
     def request_dropped(self, slot: Slot, req: Req, message: str) -> None: ...
     # `reqs` were taken from the slot's in-flight and aborted to run `by` at once (`seats`)
-    def requests_preempted(self, slot: Slot, reqs: list[Req], by: Req) -> None: ...
+    def requests_preempted(self, slot: Slot, reqs: list[Req], by: list[Req]) -> None: ...
     # the engine answered `req` with 200 just now; it was sent at `sent_s` (host.clock)
     def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None: ...
     def check_drained(self, model: str) -> None: ...
@@ -160,7 +160,7 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
     running request of a much bigger one can be aborted for it (`seats`: that one is re-queued)."""
     while slot.state is SlotState.RUNNING:
         preempted: list[Req] = []
-        by: Req | None = None
+        by: list[Req] = []
         while not host.dispatch_paused and (len(slot.inflight) < slot.limit or _may_preempt(slot, host)):
             req = host.queues.pop(slot.model, slot.tail)
             if req is None:
@@ -169,13 +169,13 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
             slot.idle_since = None  # serving again (a warm engine's next batch): not idle
             req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
             if host.queues.fair and req not in slot.inflight.running:
-                victim = slot.inflight.victim(req.priority, req.batch_id)
+                victim = slot.inflight.victim(req.priority, req.batch_id,
+                                              host.queues.priorities(slot.model))
                 if victim is not None:  # its seat goes to `req`, the best waiting (`InFlight`)
                     slot.inflight.pop(victim).cancel()
                     preempted.append(victim)
-                    by = req
+                    by.append(req)
         if preempted:
-            assert by is not None
             host.requests_preempted(slot, preempted, by)
         host.check_drained(slot.model)
         # no await between filling and clearing: a wake-up cannot be lost
@@ -188,7 +188,8 @@ def _may_preempt(slot: Slot, host: SlotHost) -> bool:
     if not host.queues.fair:
         return False
     nxt = host.queues.next_priority(slot.model)
-    return nxt is not None and slot.inflight.victim(*nxt) is not None
+    return nxt is not None and slot.inflight.victim(
+        *nxt, host.queues.priorities(slot.model)) is not None
 
 
 async def _watch_exit(slot: Slot, host: SlotHost) -> None:

@@ -386,14 +386,15 @@ class PoolExecutor:
         else:
             self.push(req, front=True)
 
-    def requests_preempted(self, slot: Slot, reqs: list[Req], by: Req) -> None:
-        """Running requests aborted so that a small batch's run at once (`seats`): back at the
-        head of their batch's queue, in order. Not a failure: no retry is consumed."""
+    def requests_preempted(self, slot: Slot, reqs: list[Req], by: list[Req]) -> None:
+        """Running requests aborted so that small batches' (`by`) run at once (`seats`): back at
+        the head of their batch's queue, in order. Not a failure: no retry is consumed."""
         for req in reversed(reqs):
             req.requeue()
             self.push(req, front=True)
         self.emit("requests_preempted", model=slot.model, slot=slot.sid, requeued=len(reqs),
-                  batch=by.batch_id, preempted_batches=sorted({r.batch_id for r in reqs}))
+                  for_batches=sorted({r.batch_id for r in by}),
+                  preempted_batches=sorted({r.batch_id for r in reqs}))
 
     def check_drained(self, model: str) -> None:
         if self.queues.finish_signalled.get(model, True) or self.queues.has_queued(model):

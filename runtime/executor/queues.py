@@ -83,6 +83,10 @@ class ModelQueues:
             self._leave(model, batch)
         return None
 
+    def priorities(self, model: str) -> dict[str, int]:
+        """Per batch with requests of `model` queued, the `priority` its next one would get."""
+        return {b: self._priority(b, len(q) - 1) for b, q in self._q.get(model, {}).items() if q}
+
     def next_priority(self, model: str) -> tuple[int, str] | None:
         """The `priority` the next `pop(model)` would give its request, and its batch; None:
         nothing queued."""

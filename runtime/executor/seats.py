@@ -9,22 +9,28 @@ a 20-request batch on a saturated `small` engine took 0.8-1.0 s against 0.3 s al
 (`bench/fairness.py --mix`, 5 Dec 2026).
 
 vLLM does not say which requests it runs, so `InFlight` emulates its admission from what the slot
-sent and got back. When a request of a batch about small enough to run at once (`priority` at most the
-seats' bit length: fewer than twice the seats left) finds every seat taken, and some by other
-batches with `PREEMPT_GAP` powers of two more left, the slot aborts the one of those admitted last,
-the least done (its tokens so far are what the preemption costs), and re-queues it at the head of
-its batch (`dispatch.dispatch_loop`). With `fairness = "fifo"` every priority is 0: nothing is preempted.
+sent and got back. A batch is *small* here when its `priority` is at most the seats' bit length
+(fewer than twice the seats left), *big* when its current one (what it has queued now, `queues`)
+is `PREEMPT_GAP` above that (at least 8× the seats left). When a small batch's request finds every
+seat taken, and some by big batches, the slot aborts the big batches' request admitted last, the
+least done (its tokens so far are what the preemption costs), and re-queues it at the head of its
+batch (`dispatch.dispatch_loop`). Small batches never preempt each other: the priority each
+request carries is what its batch had left when it went, and compared across batches that drain
+quickly those made five 20-request batches abort 61 of each other's requests in 0.4 s (5 Dec
+2026, `bench/fairness.py --mix`, when tiny-a's engine came up to all five at once). A big batch
+that drained to below 8× the seats is not preempted any more. With `fairness = "fifo"` every
+priority is 0: nothing is preempted.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Mapping
 
 from runtime.executor.pool_state import Req
 
-# a running request is aborted only for a request whose batch has at least 2 ** PREEMPT_GAP times
-# fewer left: a 20-request batch preempts a 100-request one, not a 40-request one (their tokens
-# lost would buy the small batch little)
+# what a big batch's priority is above a small one's at least (powers of two of what they have
+# left, see the module docstring): 32 seats, a batch with up to 63 left preempts one with 256
 PREEMPT_GAP = 2
 
 
@@ -69,13 +75,13 @@ class InFlight(dict[Req, asyncio.Task]):
             if waiting:  # the best priority, then the earliest (min keeps the first of equals)
                 self.running[min(waiting, key=lambda r: r.priority)] = None
 
-    def victim(self, priority: int, batch: str) -> Req | None:
+    def victim(self, priority: int, batch: str, current: Mapping[str, int]) -> Req | None:
         """The running request to abort so that one of `priority` of `batch`, not running, runs
-        now (see the module docstring); None: a seat is free, or nothing running is worth
-        aborting for it. Never one of `batch`'s own: each of its requests carries what it had left
-        when it went, fewer and fewer, so its later ones would abort its earlier ones."""
-        if len(self.running) < self.seats or priority > self.seats.bit_length():
+        now, by `current` priority per batch with something queued (see the module docstring);
+        None: a seat is free, the batch is not small, or nothing running is of a big one."""
+        small = self.seats.bit_length()
+        if len(self.running) < self.seats or priority > small:
             return None
-        worse = [r for r in self.running
-                 if r.priority >= priority + PREEMPT_GAP and r.batch_id != batch]
-        return worse[-1] if worse else None
+        big = [r for r in self.running
+               if r.batch_id != batch and current.get(r.batch_id, 0) >= small + PREEMPT_GAP]
+        return big[-1] if big else None

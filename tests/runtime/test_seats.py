@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.pool_state import Req
+from runtime.executor.queues import ModelQueues
 from runtime.executor.seats import PREEMPT_GAP, InFlight
 from runtime.executor_api import WorkItem
 from scheduler.types import DevicePool
@@ -44,35 +45,56 @@ def test_the_first_seats_run_and_a_seat_left_goes_to_the_best_waiting_then_the_e
     assert fl.running == {} and len(fl) == 0
 
 
-def test_the_victim_is_the_last_admitted_of_a_much_bigger_batch() -> None:
-    fl = InFlight(64)  # a batch with up to 127 left may preempt (priority <= 64's bit length, 7)
-    big = [req("big", i, 10) for i in range(63)]
-    mid = req("mid", 0, 5 + PREEMPT_GAP - 1)
-    for r in (*big[:62], mid, big[62]):
-        assert fl.victim(5, "small") is None  # a seat is free
+def test_the_victim_is_the_big_batchs_request_admitted_last() -> None:
+    fl = InFlight(4)  # small: priority <= 3 (up to 7 left); big: 3 + PREEMPT_GAP now (32 left)
+    big = [req("big", i, 10) for i in range(3)]
+    mid = req("mid", 0, 2)
+    for r in (big[0], mid, big[1], big[2]):
+        assert fl.victim(2, "small", {"big": 6}) is None  # a seat is free
         fl[r] = None  # type: ignore[assignment]
-    assert fl.victim(5, "small") is big[62]  # admitted last of the batches PREEMPT_GAP bigger
-    assert fl.victim(9, "small") is None  # more left than the engine seats
-    assert fl.victim(-1, "small") is big[62]  # a batch moved up for its deadline
+    now = {"big": 3 + PREEMPT_GAP, "mid": 2}
+    assert fl.victim(2, "small", now) is big[2]  # admitted last
+    assert fl.victim(-1, "small", now) is big[2]  # a batch moved up for its deadline
+    assert fl.victim(4, "small", now) is None  # more left than about twice the seats: not small
+    assert fl.victim(2, "small", {**now, "big": 4}) is None  # drained: not big any more
+    assert fl.victim(2, "small", {**now, "big": -1}) is None  # moved up for its deadline itself
+    assert fl.victim(0, "mid", {"mid": 3, "big": 3 + PREEMPT_GAP}) is big[2]
     # a batch's own requests carry what it had left when each went, fewer and fewer: its later
     # ones never preempt its earlier ones
-    assert fl.victim(5, "big") is None
-    for r in big:
-        fl.pop(r)
-    assert fl.victim(5, "small") is None  # a seat is free
-    for i in range(63):
-        fl[req("other", i, 5 + PREEMPT_GAP - 1)] = None  # type: ignore[assignment]
-    assert fl.victim(5, "small") is None  # a batch not PREEMPT_GAP bigger: not worth it
+    assert fl.victim(2, "big", now) is None
 
 
-def test_a_batch_draining_alone_preempts_nothing_of_its_own() -> None:
-    fl = InFlight(4)
-    for i, left in enumerate(range(200, 0, -1)):  # one batch, dispatched as seats free
-        r = req("big", i, left.bit_length())
+def test_small_batches_arriving_together_preempt_only_the_big_one() -> None:
+    """An engine saturated by a big batch, then five 20-request batches at once (what tiny-a's
+    engine met when it came up in the fairness bench): dispatching as `dispatch_loop` does, every
+    request aborted is the big batch's, and the small batches' requests all get seats."""
+    q, fl = ModelQueues(), InFlight(32)
+    for n in range(900):
+        q.push(req("big", n, 0))
+    while len(fl) < 48:
+        r = q.pop("m")
+        r.dispatch()
         fl[r] = None  # type: ignore[assignment]
-        assert r in fl.running or fl.victim(r.priority, r.batch_id) is None
-        if len(fl) > 6:
-            del fl[next(iter(fl.running))]
+    for b in range(5):
+        for n in range(20):
+            q.push(req(f"s{b}", n, 0))
+    aborted = []
+    while True:
+        nxt = q.next_priority("m")
+        if nxt is None or (len(fl) >= 48 and fl.victim(*nxt, q.priorities("m")) is None):
+            break
+        r = q.pop("m")
+        r.dispatch()
+        fl[r] = None  # type: ignore[assignment]
+        victim = None if r in fl.running else fl.victim(r.priority, r.batch_id, q.priorities("m"))
+        if victim is not None:
+            fl.pop(victim)
+            victim.requeue()
+            q.push(victim, front=True)
+            aborted.append(victim)
+    assert aborted and {r.batch_id for r in aborted} == {"big"}
+    small = [r for r in fl if r.batch_id != "big"]
+    assert len(aborted) <= 32 and all(r in fl.running for r in small)
 
 
 async def test_a_small_batch_runs_at_once_on_an_engine_a_big_batch_saturates(tmp_path: Path) -> None:
@@ -106,7 +128,7 @@ async def test_a_small_batch_runs_at_once_on_an_engine_a_big_batch_saturates(tmp
         engine = launcher.engines[0]
         if preempts:
             assert sum(e["requeued"] for e in events) == 3 == engine.aborted
-            assert events[0]["batch"] == "small" and events[0]["preempted_batches"] == ["big"]
+            assert events[0]["for_batches"] == ["small"] and events[0]["preempted_batches"] == ["big"]
             assert took < 0.3  # one request's 0.16 s, not the wait for three seats
         else:
             assert events == [] and engine.aborted == 0
