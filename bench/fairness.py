@@ -3,7 +3,7 @@
 The scene (on `bench.makespan`'s demo models, outputs forced and checked): a big batch of `--big`
 requests on `small` (64 tokens out each) is submitted to a gateway whose spare engine processes
 are ready; `--delay` seconds later a batch of 5 requests on `small` (16 tokens out). Measured, each
-from its own `batches.create` to the poll (every 0.05 s) that sees it `completed`:
+from its own `batches.create` to the poll that sees it `completed`:
 - `fair` (`[scheduler] fairness = "fair"`, the default) and `fifo` (arrival order): the small
   batch's and the big batch's completion, and the pool's makespan (first create to last done);
 - alone: the small batch on the same gateway right after (its engine still warm, nothing else
@@ -41,9 +41,6 @@ sys.path.insert(0, str(REPO))
 from bench import makespan as mk  # noqa: E402
 
 CHAT = "/v1/chat/completions"
-# seconds between polls of a batch's status: the makespan benches' 0.25 s made a small batch's
-# 0.1-0.2 s alone read as 0.3 s (one poll and its round trip) and hid up to 0.25 s of any other
-POLL_S = 0.05
 
 
 def requests(tag: str, n: int, out_tokens: int, words: list[str], seed: int,
@@ -57,10 +54,9 @@ def requests(tag: str, n: int, out_tokens: int, words: list[str], seed: int,
 
 
 def timed(client: Any, file_id: str, reqs: list[dict], what: str, out: dict) -> None:
-    """Create a batch of `file_id`, wait for it, check it; `out` gets its start and end. Polled
-    every POLL_S: a small batch alone on a warm engine is done in 0.1-0.2 s."""
+    """Create a batch of `file_id`, wait for it, check it; `out` gets its start and end."""
     out["start"], out["wall"] = time.monotonic(), time.time()
-    batch = mk.run_to_end(client, file_id, None, 900, what, POLL_S)
+    batch = mk.run_to_end(client, file_id, None, 900, what)
     out["end"] = time.monotonic()
     mk.check_output(client.files.content(batch.output_file_id).text, reqs, what)
 

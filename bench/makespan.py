@@ -308,10 +308,8 @@ def serving(cfg_path: Path, root: Path, tag: str, strategy: str, api_key: str = 
             proc.wait()
 
 
-def run_to_end(client: Any, file_id: str, metadata: dict | None, timeout_s: float, what: str,
-               poll_s: float = 0.25) -> Any:
-    """Create a batch of the uploaded file and poll it every `poll_s` until it is completed (else
-    raise)."""
+def run_to_end(client: Any, file_id: str, metadata: dict | None, timeout_s: float, what: str) -> Any:
+    """Create a batch of the uploaded file and poll it until it is completed (else raise)."""
     t0 = time.monotonic()
     batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h",
                                   metadata=metadata)
@@ -319,7 +317,7 @@ def run_to_end(client: Any, file_id: str, metadata: dict | None, timeout_s: floa
         if time.monotonic() - t0 > timeout_s:
             client.batches.cancel(batch.id)
             raise RuntimeError(f"{what}: batch not done after {timeout_s} s")
-        time.sleep(poll_s)
+        time.sleep(0.25)
         batch = client.batches.retrieve(batch.id)
     if batch.status != "completed":
         raise RuntimeError(f"{what}: batch {batch.status}: {batch.errors}")
