@@ -2,7 +2,8 @@
 
 Few and slow on purpose (an engine start takes 20-30 s): a pooled multi-model job completes with a
 re-plan when the first model finishes; a killed engine process does not lose the batch; a cancel
-mid-run frees every engine, its process group included."""
+mid-run frees every engine, its process group included; a small batch's requests preempt a big
+one's running ones, which the engine aborts and the executor re-runs."""
 
 from __future__ import annotations
 
@@ -169,3 +170,29 @@ async def test_cancel_mid_run_frees_every_engine(executor) -> None:
     assert launcher.running() == []
     assert leftovers() == []
     await asyncio.wait_for(ex.wait("cancel"), 1)
+
+
+async def test_a_small_batch_preempts_running_requests_of_a_big_one(executor) -> None:
+    """vLLM admits a request only as one of its 32 running ones leaves: a small batch arriving
+    while a big one holds every seat gets a running request of the big one aborted for each of
+    its own (`runtime.executor.seats`). The real engine aborts them when their connection closes;
+    each is re-run and answered once, at the length asked."""
+    ex, _ = executor
+    big, small = Sink(), Sink()
+    ex.submit("big", chat("tiny-a", 400, 48), big)
+    while not big.outcomes:
+        await asyncio.sleep(0.05)
+    ex.submit("small", [dataclasses.replace(w, custom_id=f"s-{w.custom_id}")
+                        for w in chat("tiny-a", 5, 16)], small)
+    await asyncio.wait_for(ex.wait("small"), 120)
+    await asyncio.wait_for(ex.wait("big"), 500)
+    got = big.once() | small.once()
+    assert len(got) == 405 and all(o.ok for o in got.values()), [o.error for o in got.values()]
+    for o in got.values():
+        asked = 16 if o.custom_id.startswith("s-") else 48
+        assert o.response_body["usage"]["completion_tokens"] == asked
+    ev = [e for e in ex.events("small") if e["event"] == "requests_preempted"]
+    assert ev and {b for e in ev for b in e["preempted_batches"]} == {"big"}
+    requeued = sum(e["requeued"] for e in ev)
+    assert 1 <= requeued <= 5
+    assert sum(o.attempts > 1 for o in got.values()) == requeued
