@@ -112,6 +112,7 @@ def create_app(cfg: Config, executor: Executor, *,
             app[DB], app[STORE], app[METRICS], app[SERVICE] = db, store, gm, service
             app[EVENTS] = events = BatchEvents(db)
             ex.listen(events.record)  # before anything runs: a batch's first events are kept
+            ex.listen(gm.observe_event)
             lag = LoopLagMonitor(gm.registry)
             await ex.start()
             await service.start()

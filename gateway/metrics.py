@@ -4,7 +4,7 @@ queue depth, engines kept warm, a cluster's nodes. Each app owns its registry, s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -80,6 +80,10 @@ class GatewayMetrics:
             ["result"], registry=self.registry)
         for result in ("delivered", "failed", "gave_up"):
             self.webhooks.labels(result)  # scraped as 0 before the first
+        self.preempted = Counter(
+            "samullm_requests_preempted", "Running requests aborted and re-queued so that a small "
+            "batch's ran at once (their tokens so far are lost; `runtime/executor/seats.py`)",
+            ["model"], registry=self.registry)
 
     def bind(self, by_status: Callable[[], dict[str, int]], depth: Callable[[], int],
              idle: Callable[[], int] = lambda: 0) -> None:
@@ -97,6 +101,11 @@ class GatewayMetrics:
         usage = (o.response_body or {}).get("usage") or {}
         self.tokens.labels(o.model, "input").inc(int(usage.get("prompt_tokens") or 0))
         self.tokens.labels(o.model, "output").inc(int(usage.get("completion_tokens") or 0))
+
+    def observe_event(self, _batch_ids: Any, event: Mapping[str, Any]) -> None:
+        """An executor event sink (`PoolExecutor.listen`): counts what the events count."""
+        if event.get("event") == "requests_preempted":
+            self.preempted.labels(str(event.get("model"))).inc(int(event.get("requeued", 0)))
 
     def observe_final(self, status: str, _counts: Any) -> None:
         self.finished.labels(status).inc()

@@ -168,7 +168,7 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
             req.dispatch()
             slot.idle_since = None  # serving again (a warm engine's next batch): not idle
             req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
-            if host.queues.fair and req not in slot.inflight.running:
+            if _preempts(slot, host) and req not in slot.inflight.running:
                 victim = slot.inflight.victim(req.priority, req.batch_id,
                                               host.queues.priorities(slot.model))
                 if victim is not None:  # its seat goes to `req`, the best waiting (`InFlight`)
@@ -183,9 +183,15 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
         await slot.wake.wait()
 
 
+def _preempts(slot: Slot, host: SlotHost) -> bool:
+    """Whether the slot aborts running requests for small batches' (`seats`): with fair queues,
+    on a generating engine (a pooling one gets no `priority`, nor is its admission ordered by it)."""
+    return host.queues.fair and slot.spec.model.generates
+
+
 def _may_preempt(slot: Slot, host: SlotHost) -> bool:
     """Whether the request its model's queue gives next would get a running one aborted for it."""
-    if not host.queues.fair:
+    if not _preempts(slot, host):
         return False
     nxt = host.queues.next_priority(slot.model)
     return nxt is not None and slot.inflight.victim(

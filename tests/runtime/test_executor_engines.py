@@ -182,8 +182,10 @@ async def test_a_small_batch_preempts_running_requests_of_a_big_one(executor) ->
     ex.submit("big", chat("tiny-a", 400, 48), big)
     while not big.outcomes:
         await asyncio.sleep(0.05)
-    ex.submit("small", [dataclasses.replace(w, custom_id=f"s-{w.custom_id}")
-                        for w in chat("tiny-a", 5, 16)], small)
+    few = chat("tiny-a", 5, 16)
+    for w in few:
+        w.custom_id = f"s-{w.custom_id}"
+    ex.submit("small", few, small)
     await asyncio.wait_for(ex.wait("small"), 120)
     await asyncio.wait_for(ex.wait("big"), 500)
     got = big.once() | small.once()

@@ -132,3 +132,14 @@ async def test_a_small_batch_runs_at_once_on_an_engine_a_big_batch_saturates(tmp
             assert took < 0.3  # one request's 0.16 s, not the wait for three seats
         else:
             assert events == [] and engine.aborted == 0
+
+
+def test_metrics_count_the_preempted_requests_per_model() -> None:
+    from gateway.metrics import GatewayMetrics
+    gm = GatewayMetrics()
+    assert b'samullm_requests_preempted_total{model="a"}' not in gm.render()
+    for n in (3, 2):
+        gm.observe_event(["big", "small"], {"event": "requests_preempted", "model": "a",
+                                            "requeued": n})
+    gm.observe_event(["big"], {"event": "plan"})
+    assert b'samullm_requests_preempted_total{model="a"} 5.0' in gm.render()
