@@ -677,8 +677,10 @@ class PoolExecutor:
         await self.slots.apply(schedule.stages[0] if schedule.stages else None, has_work,
                                self.clock.monotonic())
         self._arm_linger()
-        if not self.slots.any_active() and not self.slots.dying:
-            # nothing runs and nothing will produce an event: the plan left queued work stranded
+        if not self.slots.any_active() and not self.slots.dying and not self._reasons:
+            # nothing runs and nothing will produce an event: the plan left queued work stranded.
+            # Not when a pass is already asked for: an engine died or a node left while this one
+            # applied its plan, and the next one plans for that (it failed them on 5 Dec).
             for req in [r for r in head.open_reqs() if r.state is ReqState.QUEUED]:
                 self._fail_queued(req, "planning_failed", "the plan runs no engine for this model")
 

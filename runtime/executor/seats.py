@@ -11,14 +11,14 @@ a 20-request batch on a saturated `small` engine took 0.8-1.0 s against 0.3 s al
 vLLM does not say which requests it runs, so `InFlight` emulates its admission from what the slot
 sent and got back. A batch is *small* here when its `priority` is at most the seats' bit length
 (fewer than twice the seats left), *big* when its current one (what it has queued now, `queues`)
-is `PREEMPT_GAP` above that (at least 8× the seats left). When a small batch's request finds every
+is `PREEMPT_GAP` above that (more than 4× the seats queued). When a small batch's request finds every
 seat taken, and some by big batches, the slot aborts the big batches' request admitted last, the
 least done (its tokens so far are what the preemption costs), and re-queues it at the head of its
 batch (`dispatch.dispatch_loop`). Small batches never preempt each other: the priority each
 request carries is what its batch had left when it went, and compared across batches that drain
 quickly those made five 20-request batches abort 61 of each other's requests in 0.4 s (5 Dec
 2026, `bench/fairness.py --mix`, when tiny-a's engine came up to all five at once). A big batch
-that drained to below 8× the seats is not preempted any more. With `fairness = "fifo"` every
+that drained to 4× the seats is not preempted any more. With `fairness = "fifo"` every
 priority is 0: nothing is preempted.
 """
 
@@ -30,7 +30,8 @@ from typing import Mapping
 from runtime.executor.pool_state import Req
 
 # what a big batch's priority is above a small one's at least (powers of two of what they have
-# left, see the module docstring): 32 seats, a batch with up to 63 left preempts one with 256
+# left, see the module docstring): 32 seats, a batch with up to 63 left preempts one with 129 or
+# more queued
 PREEMPT_GAP = 2
 
 

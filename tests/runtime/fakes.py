@@ -51,7 +51,8 @@ class FakeEngine:
         if self.stopped:
             return
         self.stopped = True
-        await asyncio.sleep(self.launcher.stop_delay_s)
+        await asyncio.sleep(self.launcher.stop_delays.get(self.spec.model.name,
+                                                          self.launcher.stop_delay_s))
         self.kill(0)
         self.reaped = True
 
@@ -157,6 +158,7 @@ class FakeLauncher:
     delay_s: dict[str, float] = field(default_factory=dict)  # per-request service time per model
     step_s: dict[str, float] = field(default_factory=dict)  # per model: seconds per output token
     stop_delay_s: float = 0.0
+    stop_delays: dict[str, float] = field(default_factory=dict)  # per model, else stop_delay_s
     output_tokens: int = 8
     fail_start: set[str] = field(default_factory=set)  # models whose engines fail to start
     die_on_post: dict[str, bool] = field(default_factory=dict)  # models whose engines die when used

@@ -222,6 +222,37 @@ async def test_a_start_on_a_node_gone_is_no_start_failure(tmp_path: Path) -> Non
         await ex.close()
 
 
+async def test_a_node_lost_while_a_pass_stops_an_engine_is_planned_again(tmp_path: Path) -> None:
+    """A pass stops the engine of a model that finished (slowly) and, meanwhile, the node of the
+    other model's engine leaves: when the pass ends nothing runs, but a pass is already asked for
+    (the engine death, the node change). That one places the model on the node left; its
+    requests are not failed as stranded (`planning_failed`), as they were in the full suite's
+    real two-node test on 5 Dec."""
+    cfg = dataclasses.replace(make_cfg(tmp_path), cluster=ClusterConfig(backend="ray"))
+    layout = ClusterLayout()
+    nodes = [Node("n1", "h1", "cpu", (0,)), Node("n2", "h2", "cpu", (0,))]
+    first = layout.update(nodes, cfg)
+    launcher = NodeLauncher(delay_s={"a": 0.01, "b": 0.2}, stop_delays={"a": 0.5})
+    launcher.gone = set()
+    ex = PoolExecutor(cfg, launcher, pool=first.pool, clock=ManualClock(auto=True))
+    await ex.start()
+    try:
+        ex.nodes_changed(first)
+        ex.submit("b", items("a", 4) + items("b", 40), sink := Sink())
+        while not any(e["event"] == "engine_stop" and e["model"] == "a" for e in ex.events("b")):
+            await asyncio.sleep(0.01)
+        (b,) = launcher.alive("b")
+        lost = nodes[b.spec.devices[0]]
+        launcher.gone = set(b.spec.devices)
+        b.kill()  # its actor died with the node
+        ex.nodes_changed(layout.update([n for n in nodes if n is not lost], cfg))
+        await asyncio.wait_for(ex.wait("b"), 30)
+        got = sink.by_id()
+        assert [o.error for o in got.values() if not o.ok] == []
+        assert len(got) == 44
+    finally:
+        await ex.close()
+
 
 def test_the_actor_body_confines_and_its_death_takes_the_engine_down(monkeypatch, tmp_path) -> None:
     """`EngineHost` (the actor's body) without Ray: a stand-in engine (`sleep`) runs on the

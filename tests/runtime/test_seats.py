@@ -46,7 +46,7 @@ def test_the_first_seats_run_and_a_seat_left_goes_to_the_best_waiting_then_the_e
 
 
 def test_the_victim_is_the_big_batchs_request_admitted_last() -> None:
-    fl = InFlight(4)  # small: priority <= 3 (up to 7 left); big: 3 + PREEMPT_GAP now (32 left)
+    fl = InFlight(4)  # small: priority <= 3 (up to 7 left); big: 3 + PREEMPT_GAP now (17+ queued)
     big = [req("big", i, 10) for i in range(3)]
     mid = req("mid", 0, 2)
     for r in (big[0], mid, big[1], big[2]):
