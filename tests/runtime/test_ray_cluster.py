@@ -231,7 +231,9 @@ def test_a_node_removed_mid_run_is_survived(cluster: TwoNodes, tiny_model_dir: P
     _, proc, prefix = _gateway(cluster, tiny_model_dir, tmp_path)
     try:
         client = OpenAI(base_url=f"{proc.url}/v1", api_key="unused")
-        f = client.files.create(file=("in.jsonl", _requests(80, 96)), purpose="batch")
+        # long enough that the batch still runs when the node is gone (with 96 tokens each a
+        # model's 80 were done 1.4 s after its engine started, before the node's removal showed)
+        f = client.files.create(file=("in.jsonl", _requests(80, 384)), purpose="batch")
         bid = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                     completion_window="24h").id
 
