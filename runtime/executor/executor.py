@@ -388,10 +388,8 @@ class PoolExecutor:
 
     def requests_preempted(self, slot: Slot, reqs: list[Req], by: list[Req]) -> None:
         """Running requests aborted so that small batches' (`by`) run at once (`seats`): back at
-        the head of their batch's queue, in order. Not a failure: no retry is consumed."""
-        for req in reversed(reqs):
-            req.requeue()
-            self.push(req, front=True)
+        the head of their batch's queue, in order (`slots.EngineSlots.requeue`)."""
+        self.slots.requeue(reqs)
         self.emit("requests_preempted", model=slot.model, slot=slot.sid, requeued=len(reqs),
                   for_batches=sorted({r.batch_id for r in by}),
                   preempted_batches=sorted({r.batch_id for r in reqs}))

@@ -110,13 +110,17 @@ class EngineSlots:
         return reqs
 
     def _preempt(self, slot: Slot) -> list[Req]:
-        """Abort the slot's in-flight requests and put them back at the head of their queue, in
-        order. A preemption is not a failure: no retry is consumed (the attempt is counted)."""
+        """Abort the slot's in-flight requests and put them back at the head of their queue."""
         reqs = self.take_inflight(slot)
+        self.requeue(reqs)
+        return reqs
+
+    def requeue(self, reqs: list[Req]) -> None:
+        """Put aborted in-flight `reqs` (in dispatch order) back at the head of their queue, in
+        order. A preemption is not a failure: no retry is consumed (the attempt is counted)."""
         for req in reversed(reqs):
             req.requeue()
             self.owner.push(req, front=True)
-        return reqs
 
     def reap(self, engine: Any) -> asyncio.Task:
         """Stop `engine` in a task of its own that nothing cancels: a stop cut short by a cancel
