@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from runtime.engines.procs import set_pdeathsig
+from runtime.engines.procs import set_autogroup_nice, set_pdeathsig
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import Schedule
 
@@ -38,8 +38,17 @@ def _init_worker() -> None:
     if os.getppid() == 1:  # the gateway died before the line above ran
         os._exit(0)
     # Planning is background work: when cores are short (engines busy, CPU node) the gateway's
-    # event loop must win the core, or every API call waits behind a re-plan.
+    # event loop must win the core, or every API call waits behind a re-plan; and so must the
+    # engines, or a re-plan on every new batch slows the batches it plans. With autogroups a
+    # niceness weighs only within a session, and the engines lead sessions of their own at
+    # autogroup nice 5: left in the gateway's session at nice 10, the worker took 3/4 of a shared
+    # core from an engine (measured, 5 Dec 2026), and a 20-request batch on `small`'s engine took
+    # 0.55-0.78 s while re-plans of the 2,000-request pool ran, against 0.11-0.28 s alone
+    # (`bench/fairness.py --mix`). So it leads a session of its own at that niceness (it dies
+    # with the gateway by the parent-death signal above, not by its process group).
+    os.setsid()
     os.nice(WORKER_NICE)
+    set_autogroup_nice(WORKER_NICE)
 
 
 def _ping() -> int:

@@ -10,7 +10,8 @@ import signal
 import numpy as np
 import pytest
 
-from runtime.executor.planner_process import ProcessPlanner
+from runtime.config import DEFAULT_CPU_ENGINE_NICE
+from runtime.executor.planner_process import WORKER_NICE, ProcessPlanner
 from runtime.executor.planning import KvBytes, build_problem
 from runtime.executor.latency_source import LatencySource
 from scheduler.planner import plan
@@ -59,6 +60,20 @@ def test_a_killed_worker_is_replaced(tmp_path, planner) -> None:
     os.kill(pid, signal.SIGKILL)
     assert planner(prob, "sequential").stages  # a new worker answers
     assert planner.warm_up() != pid
+
+
+def test_the_worker_yields_to_engines_across_sessions(planner) -> None:
+    """With autogroups, niceness weighs only within a session: a worker left in the gateway's
+    session at nice 10 took 3/4 of a core from an engine at autogroup nice 5 (measured, 5 Dec), so
+    a re-plan slowed the small batches it was planning. Its own session, at a niceness above the
+    engines', makes it the one that yields."""
+    if not os.path.exists("/proc/self/autogroup"):
+        pytest.skip("kernel without autogroups: niceness weighs across sessions already")
+    pid = planner.warm_up()
+    assert os.getsid(pid) == pid != os.getsid(0)
+    group, nice = open(f"/proc/{pid}/autogroup").read().split(" nice ")
+    assert group != open("/proc/self/autogroup").read().split(" nice ")[0]
+    assert int(nice) == WORKER_NICE > DEFAULT_CPU_ENGINE_NICE
 
 
 def test_the_worker_dies_with_its_parent(tmp_path) -> None:
