@@ -45,6 +45,7 @@ from runtime.persist import (load_calibration, load_length_model, load_start_tim
                              start_times_file)
 from runtime.executor.deps import BatchGraph
 from runtime.executor.pool_state import batch_reqs
+from runtime.executor.queues import idle_gateway_order
 from runtime.executor.planning import model_specs, plan_problem, refit_calibration, sample_work
 from runtime.executor.latency_source import LatencySource, latency_sources
 from runtime.engines.spares import IMPORT_S_GUESS, spare_count
@@ -226,7 +227,8 @@ def plan_main(args: argparse.Namespace) -> int:
         top_k=sched.top_k if args.top_k is None else args.top_k))
     seed = cfg.scheduler.seed
     samples = max(1, cfg.scheduler.samples if args.samples is None else args.samples)
-    reqs = read_requests(args.inputs, cfg)
+    # in the order the engines would serve them (fair queues: the smallest batch first)
+    reqs = idle_gateway_order(read_requests(args.inputs, cfg), cfg.scheduler.fairness)
     if not reqs:
         print("samullm plan: no requests in the input", file=sys.stderr)
         return 1

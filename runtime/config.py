@@ -395,6 +395,12 @@ class SchedulerConfig:
                 "fair = the batch with the least left, aged by its wait (shortest remaining "
                 "first: a small one is not stuck behind a big one, none starves); fifo = the "
                 "earliest batch first"})
+    batch_slack: float = field(default=0.02, metadata={
+        "help": "samullm's second objective, the batches' own completions: of the schedules "
+                "the search finds whose predicted makespan is within this share of the "
+                "shortest, the one whose pooled batches complete soonest in sum (a small "
+                "batch's model run before a big batch's where the pool ends alike); a running "
+                "engine is never stopped for it; 0 = the makespan alone decides"})
     calibration_window: int = field(default=512, metadata={
         "help": "served requests kept per (model, TP, threads, device kind) for the online "
                 "calibration (of each engine its first quarter and its newest); a fit replays "
@@ -413,6 +419,8 @@ class SchedulerConfig:
         check_choice(where, "auto_profile", self.auto_profile, AUTO_PROFILE)
         check_choice(where, "strategy", self.strategy, STRATEGIES)
         check_choice(where, "fairness", self.fairness, FAIRNESS)
+        if not 0 <= self.batch_slack <= 1:
+            raise ConfigError(f"{where}.batch_slack: a share in [0, 1]; got {self.batch_slack}")
         if self.calibration_window < 16:
             raise ConfigError(f"{where}.calibration_window: at least 16; got {self.calibration_window}")
 

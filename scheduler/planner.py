@@ -128,6 +128,10 @@ class PlanningProblem:
     # cost model's error is larger for a shape not served yet, and a start thrown away is lost
     replace_margin_s: float = 1.0
     replace_margin: float = 0.03
+    # `samullm`'s second objective, the batches' own (`groups`): among the schedules it found whose
+    # makespan is within this share of the one it chose, the one whose groups complete soonest in
+    # sum (0: the makespan alone decides; see `Planner._by_batches`)
+    batch_slack: float = 0.0
 
 
 class Planner:
@@ -159,6 +163,9 @@ class Planner:
         self._keeping: Schedule | None = None
         # the search's own schedule (before the comparison with the baselines), once planned
         self.search_schedule: Schedule | None = None
+        # every schedule `samullm` evaluated exactly: the search's, the baselines' (`_by_batches`)
+        self._candidates: list[Schedule] = []
+        self._finish: dict[int, tuple[Schedule, FinishTimes]] = {}  # by id(schedule)
 
     def initial_state(self) -> PlanState:
         if self._initial is None:
@@ -210,7 +217,8 @@ class Planner:
                 if other.makespan_s < best.makespan_s * (1 - 1e-9):
                     best = mine
                 self._consider_keeping(mine)
-        return self._steady(best)
+                self._candidates.append(mine)
+        return self._by_batches(self._steady(best))
 
     def _keeps(self, first: list[ExecPlan]) -> bool:
         """Whether a first stage of `first` keeps every engine running now (none stopped or
@@ -236,11 +244,41 @@ class Planner:
         margin = p.replace_margin_s + p.replace_margin * keeping.makespan_s
         return keeping if keeping.makespan_s <= best.makespan_s + margin else best
 
+    def _by_batches(self, best: Schedule) -> Schedule:
+        """The batches' objective after the pool's: of the schedules evaluated (`_candidates`)
+        whose makespan is within `batch_slack` of `best`'s, the one with the least sum of its
+        groups' predicted completions (`best` on ties). The pool's makespan is what makes pooling
+        pay, so it comes first; but where several schedules finish the pool alike, the order of
+        their stages decides when each batch is done: a 5-request batch's model run before a
+        big batch's rather than after it costs the pool nothing. A candidate that stops or
+        reshapes a running engine is not taken over one that keeps them all (`_steady`)."""
+        p = self.problem
+        if p.batch_slack <= 0 or not p.groups or len(
+                {g for of in p.groups.values() for g in of.values()}) < 2:
+            return best
+        keeps = self._keeps(best.stages[0].plans if best.stages else [])
+        limit = best.makespan_s * (1 + p.batch_slack)
+        near = [c for c in self._candidates if c is not best and c.makespan_s <= limit
+                and (not keeps or self._keeps(c.stages[0].plans if c.stages else []))]
+        if not near:
+            return best
+        score = lambda s: sum(self.group_finish(s, p.groups).values())  # noqa: E731
+        choice, least = best, score(best)
+        for cand in near:
+            got = score(cand)
+            if got < least * (1 - 1e-9):
+                choice, least = cand, got
+        return choice
+
     def finish_times(self, schedule: Schedule) -> FinishTimes:
         """Per model, each request's (rid) predicted finish under `schedule`, one of this planner's
-        (seconds from the plan's start; `scheduler.completion`). Replays the schedule: call it only
-        when the answer is wanted."""
-        return finish_times(self.exact_ctx, self.initial_state(), schedule)
+        (seconds from the plan's start; `scheduler.completion`). Replays the schedule once (then
+        cached): call it only when the answer is wanted."""
+        got = self._finish.get(id(schedule))
+        if got is None or got[0] is not schedule:
+            got = self._finish[id(schedule)] = (
+                schedule, finish_times(self.exact_ctx, self.initial_state(), schedule))
+        return got[1]
 
     def group_finish(self, schedule: Schedule,
                      groups: Mapping[str, Mapping[int, Hashable]]) -> dict[Hashable, float]:
@@ -303,6 +341,7 @@ class Planner:
         best: Schedule | None = None
         for cand in sorted(drafts, key=lambda d: d.makespan_s)[:explore]:  # stable: rank order
             cand = evaluate(self.exact_ctx, state, cand)
+            self._candidates.append(cand)
             if best is None or cand.makespan_s < best.makespan_s * (1 - 1e-9):
                 best = cand
             self._consider_keeping(cand)

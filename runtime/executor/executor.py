@@ -61,7 +61,7 @@ from runtime.persist import (alone_start_s, blend, load_calibration, load_length
 from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
 from runtime.executor.autoprofile import AutoProfiler, ProfileLaunch, missing_shapes
 from runtime.executor.deadlines import Deadlines
-from runtime.executor.queues import ModelQueues
+from runtime.executor.queues import ModelQueues, serving_order
 from runtime.executor.planning import (batch_completion, describe_schedule, describe_stage,
                                        lower_bound, model_specs, plan_problem,
                                        refit_calibration, running_plans, served_record)
@@ -659,8 +659,8 @@ class PoolExecutor:
 
     async def _pass(self, reasons: list[str]) -> None:
         head = self._active_pool()
-        todo = self.deadlines.first(r for r in head.open_reqs() if r.state in PLANNED) \
-            if head else []
+        todo = self.deadlines.first(serving_order(
+            [r for r in head.open_reqs() if r.state in PLANNED], self.queues)) if head else []
         if not todo:  # nothing left to run: engines stay warm a while, then their devices are freed
             await self.slots.apply(None, set(), self.clock.monotonic())
             self._arm_linger()

@@ -240,7 +240,8 @@ def build_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], la
         models=models, work=work, pool=pool, latency=latency, kv_bytes_per_rank=kv_bytes_fn(cfg, pool),
         running={m: p for m, p in running.items() if m in models}, top_k=cfg.scheduler.top_k,
         seed=seed, threads_latency=latency.threads, spares=spares, no_spare_s=no_spare_s,
-        idle={m: p for m, p in running.items() if m not in models}, stop_s=stop_s)
+        idle={m: p for m, p in running.items() if m not in models}, stop_s=stop_s,
+        batch_slack=cfg.scheduler.batch_slack)
 
 
 def stage_replicas(stage: Stage) -> dict[ReplicaKey, ExecPlan]:

@@ -106,15 +106,40 @@ class ModelQueues:
         return left.bit_length() if self.fair else 0
 
     def _next_batch(self, model: str, by_batch: dict[str, deque[Req]]) -> str:
+        return self._pick(by_batch, self._count.get(model, 0), self._since.get(model, {}))
+
+    def _pick(self, by_batch: dict[str, deque[Req]], now: int, since: dict[str, int]) -> str:
+        """The batch whose request goes next (see the module docstring), `now` dispatches so far
+        and `since` the count when each batch was last served or joined."""
         first = next(iter(by_batch))
         if len(by_batch) == 1:
             return first
         pick = [b for b in by_batch if b in self.urgent] if self.urgent else []
         if not self.fair:
             return pick[0] if pick else first
-        now, since = self._count.get(model, 0), self._since[model]
         # ties: the earliest (dict order)
         return min(pick or by_batch, key=lambda b: len(by_batch[b]) - AGING * (now - since[b]))
+
+    def order(self, model: str) -> list[Req]:
+        """`model`'s queued requests in the order `pop` would hand them out if nothing else
+        arrived (the planner simulates them in this order: `serving_order`)."""
+        # copies, cancelled entries kept: `pop` counts them in a batch's claim until it skips them
+        by_batch = {b: deque(q) for b, q in self._q.get(model, {}).items()}
+        now, since = self._count.get(model, 0), dict(self._since.get(model, {}))
+        out: list[Req] = []
+        while by_batch:
+            batch = self._pick(by_batch, now, since)
+            q = by_batch[batch]
+            while q:
+                req = q.popleft()
+                if req.state is ReqState.QUEUED:
+                    now += 1
+                    since[batch] = now
+                    out.append(req)
+                    break
+            if not q:
+                del by_batch[batch]
+        return out
 
     def _leave(self, model: str, batch: str) -> None:
         """`batch` has nothing queued for `model`: it leaves (it joins again with no claim for the
@@ -159,3 +184,30 @@ class ModelQueues:
                     self._q[m][batch] = q
                 else:
                     self._leave(m, batch)
+
+
+def serving_order(reqs: list[Req], queues: ModelQueues) -> list[Req]:
+    """`reqs` (a pool's open requests, in arrival order) in the order its engines serve them,
+    the order the planner simulates them in (FCFS by position): those in flight first, then each
+    model's queued ones as `queues` hands them out, then those waiting for upstream requests. In
+    arrival order the plan put a small batch behind the big one it joined, and predicted it done
+    with it, while fair queues serve it first (its ETA and its deadline check read that)."""
+    queued = {r for r in reqs if r.state is ReqState.QUEUED}
+    if not queues.fair or not queued:
+        return reqs
+    ordered = [r for m in dict.fromkeys(r.model for r in queued) for r in queues.order(m)
+               if r in queued]
+    seen = set(ordered)
+    return ([r for r in reqs if r.state is ReqState.INFLIGHT] + ordered
+            + [r for r in reqs if r.state is ReqState.QUEUED and r not in seen]
+            + [r for r in reqs if r.state not in (ReqState.INFLIGHT, ReqState.QUEUED)])
+
+
+def idle_gateway_order(reqs: list[Req], fairness: str) -> list[Req]:
+    """The serving order (`serving_order`) of `reqs`, batches submitted together to an idle
+    gateway with `[scheduler] fairness` (`samullm plan` predicts what that gateway's plan does)."""
+    queues = ModelQueues(fairness)
+    for r in reqs:
+        if r.state is ReqState.QUEUED:
+            queues.push(r)
+    return serving_order(reqs, queues)

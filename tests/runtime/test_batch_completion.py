@@ -6,6 +6,7 @@ bound (`lower_bound_s`, `scheduler.bounds`), never above it; both computed where
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,35 @@ async def test_computed_in_the_planners_own_process(tmp_path) -> None:
     assert set(first["batches_predicted_s"]) == {"x", "y"}
     assert max(first["batches_predicted_s"].values()) <= first["predicted_makespan_s"]
     assert 0 < first["lower_bound_s"] <= first["predicted_makespan_s"]
+
+
+async def _behind_a_big_one(tmp_path: Path, fairness: str) -> dict[str, float]:
+    """The first plan's predicted completions of a 3-request batch submitted with a 480-request one
+    on the same model, in one pool (the big one first)."""
+    cfg = make_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, fairness=fairness))
+    ex = PoolExecutor(cfg, FakeLauncher(), clock=ManualClock(auto=True),
+                      pool=DevicePool("cpu", (0,), int(cfg.devices.cpu_kvcache_gib * 2**30)))
+    await ex.start()
+    try:
+        # long answers (as the planner sees them: the fake engine answers at once), so that the
+        # big batch's run, not the engine's start, is most of the plan
+        big = items("a", 480)
+        for it in big:
+            it.max_tokens = 1000
+        ex.submit("big", big, Sink())
+        ex.submit("small", items("a", 3, prefix="s"), Sink())
+        await asyncio.wait_for(asyncio.gather(ex.wait("big"), ex.wait("small")), 60)
+    finally:
+        await ex.close()
+    return plans(ex, "small")[0]["batches_predicted_s"]
+
+
+async def test_fair_queues_predict_a_small_batch_done_long_before_the_big_one(tmp_path) -> None:
+    """The engines serve the small batch first (`queues`), so the plan must predict it so: a
+    planner that saw the requests in arrival order put its completion at the big one's (its ETA
+    and its deadline check with it)."""
+    fair = await _behind_a_big_one(tmp_path / "fair", "fair")
+    assert fair["small"] < 0.25 * fair["big"], fair
+    fifo = await _behind_a_big_one(tmp_path / "fifo", "fifo")
+    assert fifo["small"] == pytest.approx(fifo["big"], rel=0.1), fifo

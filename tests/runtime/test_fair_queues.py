@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from runtime.executor.pool_state import Req
-from runtime.executor.queues import AGING, ModelQueues
+from runtime.executor.pool_state import Req, ReqState
+from runtime.executor.queues import AGING, ModelQueues, serving_order
 from runtime.executor_api import WorkItem
 
 CHAT = "/v1/chat/completions"
@@ -127,3 +127,39 @@ def test_the_engines_own_queue_follows_the_turns_by_priority() -> None:
     fill(fifo, "big", 10)
     fill(fifo, "small", 2)
     assert {r.priority for r in (fifo.pop("m") for _ in range(12))} == {0}
+
+
+@pytest.mark.parametrize("fairness", ["fair", "fifo"])
+def test_the_order_the_planner_sees_is_the_order_pop_hands_out(fairness) -> None:
+    """`order` (what `serving_order` gives the planner) is the sequence of `pop`s, mid-way through
+    a drain too (the aging state carries over), cancelled requests left out."""
+    q = ModelQueues(fairness)
+    fill(q, "big", 300)
+    drain(q, 40)
+    fill(q, "mid", 120)
+    fill(q, "small", 7)
+    drain(q, 3)
+    fill(q, "late", 30)
+    cancelled = q.queued("m")[5]
+    cancelled.state = ReqState.CANCELLED
+    predicted = q.order("m")
+    assert cancelled not in predicted
+    got = [q.pop("m") for _ in range(len(predicted) + 1)]
+    assert got[-1] is None and got[:-1] == predicted
+
+
+def test_serving_order_puts_in_flight_first_then_the_queues_turns_then_the_waiting() -> None:
+    q = ModelQueues()
+    big = [req("big", n) for n in range(50)]
+    small = [req("small", n) for n in range(3)]
+    waiting = req("dep", 0)
+    waiting.state = ReqState.WAITING
+    for r in big + small:
+        q.push(r)
+    sent = q.pop("m")
+    sent.state = ReqState.INFLIGHT
+    arrival = big + small + [waiting]
+    got = serving_order(arrival, q)
+    assert got[0] is small[0] is sent  # the small batch went first, and is in flight
+    assert got[1:3] == small[1:] and got[3:-1] == big and got[-1] is waiting
+    assert serving_order(arrival, ModelQueues("fifo")) == arrival
