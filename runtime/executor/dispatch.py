@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from runtime.clock import Clock
+from runtime.clock import Clock, wait_event
 from runtime.endpoints import GENERATING
 from runtime.engines.engine import Engine, EngineDied, EngineSpec, Launcher, NodeLost
 from runtime.executor_api import Outcome
@@ -156,31 +156,39 @@ async def serve_slot(slot: Slot, host: SlotHost) -> None:
 
 
 async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
-    """Keep `slot.limit` requests in flight; past it, a request of a small batch still goes when a
-    running request of a much bigger one can be aborted for it (`seats`: that one is re-queued)."""
+    """Keep `slot.limit` requests in flight; past it, a request of a small batch still goes when
+    much bigger ones' can be aborted for it, and then none of theirs goes while the small ones
+    run (`seats`: the aborted are re-queued)."""
     while slot.state is SlotState.RUNNING:
         preempted: list[Req] = []
         by: list[Req] = []
-        while not host.dispatch_paused and (len(slot.inflight) < slot.limit or _may_preempt(slot, host)):
+        while not host.dispatch_paused and not _held(slot, host) and (
+                len(slot.inflight) < slot.limit or _may_preempt(slot, host)):
             req = host.queues.pop(slot.model, slot.tail)
             if req is None:
                 break
             req.dispatch()
             slot.idle_since = None  # serving again (a warm engine's next batch): not idle
             req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
-            if _preempts(slot, host) and req not in slot.inflight.running:
-                victim = slot.inflight.victim(req.priority, req.batch_id,
-                                              host.queues.priorities(slot.model))
-                if victim is not None:  # its seat goes to `req`, the best waiting (`InFlight`)
+            if _preempts(slot, host):
+                victims = slot.inflight.victims(req.priority, req.batch_id,
+                                                host.queues.priorities(slot.model))
+                for victim in victims:  # their seats go to the best waiting (`InFlight`)
                     slot.inflight.pop(victim).cancel()
-                    preempted.append(victim)
+                if victims:
+                    slot.inflight.hold(host.clock.monotonic())
+                    preempted += victims
                     by.append(req)
         if preempted:
             host.requests_preempted(slot, preempted, by)
         host.check_drained(slot.model)
         # no await between filling and clearing: a wake-up cannot be lost
         slot.wake.clear()
-        await slot.wake.wait()
+        held = slot.inflight.hold_left(host.clock.monotonic())
+        if held is None:
+            await slot.wake.wait()
+        else:  # look again when the hold runs out, if no answer comes first
+            await wait_event(host.clock, slot.wake, held)
 
 
 def _preempts(slot: Slot, host: SlotHost) -> bool:
@@ -190,12 +198,21 @@ def _preempts(slot: Slot, host: SlotHost) -> bool:
 
 
 def _may_preempt(slot: Slot, host: SlotHost) -> bool:
-    """Whether the request its model's queue gives next would get a running one aborted for it."""
+    """Whether the request its model's queue gives next would get in-flight ones aborted for it."""
     if not _preempts(slot, host):
         return False
     nxt = host.queues.next_priority(slot.model)
-    return nxt is not None and slot.inflight.victim(
-        *nxt, host.queues.priorities(slot.model)) is not None
+    return nxt is not None and bool(slot.inflight.victims(
+        *nxt, host.queues.priorities(slot.model)))
+
+
+def _held(slot: Slot, host: SlotHost) -> bool:
+    """Whether the request its model's queue gives next is kept back while small batches run."""
+    if not _preempts(slot, host) or slot.inflight.held_since is None:
+        return False
+    nxt = host.queues.next_priority(slot.model)
+    return nxt is not None and slot.inflight.holds(
+        nxt[1], host.queues.priorities(slot.model), host.clock.monotonic())
 
 
 async def _watch_exit(slot: Slot, host: SlotHost) -> None:

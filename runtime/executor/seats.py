@@ -1,4 +1,4 @@
-"""Which of a slot's in-flight requests its engine runs, and which one to abort for a small batch.
+"""Which of a slot's in-flight requests its engine runs, and how a small batch gets the engine to itself.
 
 vLLM runs at most `max_num_seqs` requests at once (its "seats") and keeps the others waiting. It
 admits a waiting request only when a running one leaves, the best `priority` first (then the
@@ -8,18 +8,31 @@ queue (`queues._priority`), still waited for as many of a big batch's running re
 a 20-request batch on a saturated `small` engine took 0.8-1.0 s against 0.3 s alone
 (`bench/fairness.py --mix`, 5 Dec 2026).
 
-vLLM does not say which requests it runs, so `InFlight` emulates its admission from what the slot
-sent and got back. A batch is *small* here when its `priority` is at most the seats' bit length
-(fewer than twice the seats left), *big* when its current one (what it has queued now, `queues`)
-is `PREEMPT_GAP` above that (more than 4× the seats queued). When a small batch's request finds every
-seat taken, and some by big batches, the slot aborts the big batches' request admitted last, the
-least done (its tokens so far are what the preemption costs), and re-queues it at the head of its
-batch (`dispatch.dispatch_loop`). Small batches never preempt each other: the priority each
-request carries is what its batch had left when it went, and compared across batches that drain
-quickly those made five 20-request batches abort 61 of each other's requests in 0.4 s (5 Dec
-2026, `bench/fairness.py --mix`, when tiny-a's engine came up to all five at once). A big batch
-that drained to 4× the seats is not preempted any more. With `fairness = "fifo"` every
-priority is 0: nothing is preempted.
+Aborting only as many of the big batch's running requests as the small one needs was not
+enough: the engine then ran the small batch beside the rest of the big one's, and each step of 32
+sequences cost about 1.6× one of 20. Measured on `small`'s engine alone (one core, 32 seats, 48
+of a big batch's 64-token requests kept in flight, then 20 of 16 tokens; 5 Dec 2026): 0.30 s
+with the engine to themselves, 1.03-1.12 s by `priority` alone, 0.47-0.92 s with 20 of the big
+batch's aborted, 0.32 s with all of its requests aborted and none sent until the 20 were done.
+
+So the slot *holds* its engine for small batches. vLLM does not say which requests it runs, so
+`InFlight` emulates its admission from what the slot sent and got back. A batch is *small* here
+when its `priority` is at most the seats' bit length (fewer than twice the seats left), *big*
+when its current one (what it has queued now, `queues`) is `PREEMPT_GAP` above that (more than
+4× the seats queued). When a small batch's request is sent to a slot where big batches have
+requests in flight, the slot aborts all of those, running or waiting in the engine (the running
+ones' tokens so far are what it costs), and re-queues them at the head of their batch
+(`dispatch.dispatch_loop`). Then, while small batches' requests are in flight there and for at
+most `HOLD_MAX_S`, it sends no big batch's request, unless a small batch still has requests
+queued and the fair queues' aging chose the big one over it anyway (so the hold never starves a
+big batch that the queues would serve). The bound is for a small batch of a few long answers,
+which would otherwise keep an engine of many seats on a handful of sequences.
+
+Small batches never preempt each other: the priority each request carries is what its batch had
+left when it went, and compared across batches that drain quickly those made five 20-request
+batches abort 61 of each other's requests in 0.4 s (5 Dec 2026, `bench/fairness.py --mix`, when
+tiny-a's engine came up to all five at once). A big batch that drained to 4× the seats is not
+preempted any more. With `fairness = "fifo"` every priority is 0: nothing is preempted or held.
 """
 
 from __future__ import annotations
@@ -33,6 +46,10 @@ from runtime.executor.pool_state import Req
 # left, see the module docstring): 32 seats, a batch with up to 63 left preempts one with 129 or
 # more queued
 PREEMPT_GAP = 2
+# longest a slot keeps big batches' requests back for small ones after preempting them: several
+# times what a 20-request batch of short answers takes alone (0.1-0.3 s on the demo models), and
+# short against a big batch's run (the fairness bench's big batch: 45-50 s)
+HOLD_MAX_S = 2.0
 
 
 class InFlight(dict[Req, asyncio.Task]):
@@ -45,6 +62,8 @@ class InFlight(dict[Req, asyncio.Task]):
         super().__init__()
         self.seats = max(1, seats)
         self.running: dict[Req, None] = {}  # in admission order
+        # when the slot began holding its engine for small batches (None: it does not)
+        self.held_since: float | None = None
 
     def __setitem__(self, req: Req, task: asyncio.Task) -> None:
         super().__setitem__(req, task)
@@ -76,13 +95,40 @@ class InFlight(dict[Req, asyncio.Task]):
             if waiting:  # the best priority, then the earliest (min keeps the first of equals)
                 self.running[min(waiting, key=lambda r: r.priority)] = None
 
-    def victim(self, priority: int, batch: str, current: Mapping[str, int]) -> Req | None:
-        """The running request to abort so that one of `priority` of `batch`, not running, runs
-        now, by `current` priority per batch with something queued (see the module docstring);
-        None: a seat is free, the batch is not small, or nothing running is of a big one."""
-        small = self.seats.bit_length()
-        if len(self.running) < self.seats or priority > small:
+    def _small(self) -> int:
+        return self.seats.bit_length()
+
+    def victims(self, priority: int, batch: str, current: Mapping[str, int]) -> list[Req]:
+        """The requests to abort now that one of `priority` of `batch` is sent, by `current`
+        priority per batch with something queued (see the module docstring): every one of the
+        big batches' in flight, in dispatch order; none when the batch is not small."""
+        small = self._small()
+        if priority > small:
+            return []
+        return [r for r in self
+                if r.batch_id != batch and current.get(r.batch_id, 0) >= small + PREEMPT_GAP]
+
+    def hold(self, now: float) -> None:
+        """Start holding the engine for the small batches in flight (their requests preempted
+        the big ones' at `now`, a monotonic time)."""
+        self.held_since = now
+
+    def hold_left(self, now: float) -> float | None:
+        """Seconds the hold has left at most (None: no hold)."""
+        if self.held_since is None:
             return None
-        big = [r for r in self.running
-               if r.batch_id != batch and current.get(r.batch_id, 0) >= small + PREEMPT_GAP]
-        return big[-1] if big else None
+        left = self.held_since + HOLD_MAX_S - now
+        small = self._small()
+        if left <= 0 or not any(r.priority <= small for r in self):
+            self.held_since = None  # ended: timed out, or the small batches are done
+            return None
+        return left
+
+    def holds(self, batch: str, current: Mapping[str, int], now: float) -> bool:
+        """Whether `batch`'s next request is kept back (see the module docstring): a hold is on,
+        `batch` is big and no small batch has anything queued (aging chose it over them)."""
+        if self.hold_left(now) is None:
+            return False
+        small = self._small()
+        return current.get(batch, 0) >= small + PREEMPT_GAP and not any(
+            p <= small for b, p in current.items() if b != batch)

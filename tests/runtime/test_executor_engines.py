@@ -174,9 +174,9 @@ async def test_cancel_mid_run_frees_every_engine(executor) -> None:
 
 async def test_a_small_batch_preempts_running_requests_of_a_big_one(executor) -> None:
     """vLLM admits a request only as one of its 32 running ones leaves: a small batch arriving
-    while a big one holds every seat gets a running request of the big one aborted for each of
-    its own (`runtime.executor.seats`). The real engine aborts them when their connection closes;
-    each is re-run and answered once, at the length asked."""
+    while a big one holds every seat gets every request the big one has in flight aborted, and
+    the engine to itself while it runs (`runtime.executor.seats`). The real engine aborts them
+    when their connection closes; each is re-run and answered once, at the length asked."""
     ex, _ = executor
     big, small = Sink(), Sink()
     ex.submit("big", chat("tiny-a", 400, 48), big)
@@ -196,5 +196,6 @@ async def test_a_small_batch_preempts_running_requests_of_a_big_one(executor) ->
     ev = [e for e in ex.events("small") if e["event"] == "requests_preempted"]
     assert ev and {b for e in ev for b in e["preempted_batches"]} == {"big"}
     requeued = sum(e["requeued"] for e in ev)
-    assert 1 <= requeued <= 5
+    # every seat and those waiting in the engine (`slots.limit`), on one engine or both (DP 2)
+    assert 32 <= requeued <= 96
     assert sum(o.attempts > 1 for o in got.values()) == requeued

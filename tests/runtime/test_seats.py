@@ -12,7 +12,7 @@ from pathlib import Path
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.pool_state import Req
 from runtime.executor.queues import ModelQueues
-from runtime.executor.seats import PREEMPT_GAP, InFlight
+from runtime.executor.seats import HOLD_MAX_S, PREEMPT_GAP, InFlight
 from runtime.executor_api import WorkItem
 from scheduler.types import DevicePool
 
@@ -45,29 +45,51 @@ def test_the_first_seats_run_and_a_seat_left_goes_to_the_best_waiting_then_the_e
     assert fl.running == {} and len(fl) == 0
 
 
-def test_the_victim_is_the_big_batchs_request_admitted_last() -> None:
+def test_a_small_batchs_request_aborts_every_request_the_big_batches_have_in_flight() -> None:
     fl = InFlight(4)  # small: priority <= 3 (up to 7 left); big: 3 + PREEMPT_GAP now (17+ queued)
-    big = [req("big", i, 10) for i in range(3)]
+    big = [req("big", i, 10) for i in range(5)]
     mid = req("mid", 0, 2)
-    for r in (big[0], mid, big[1], big[2]):
-        assert fl.victim(2, "small", {"big": 6}) is None  # a seat is free
+    for r in (big[0], mid, big[1], big[2], big[3], big[4]):
         fl[r] = None  # type: ignore[assignment]
     now = {"big": 3 + PREEMPT_GAP, "mid": 2}
-    assert fl.victim(2, "small", now) is big[2]  # admitted last
-    assert fl.victim(-1, "small", now) is big[2]  # a batch moved up for its deadline
-    assert fl.victim(4, "small", now) is None  # more left than about twice the seats: not small
-    assert fl.victim(2, "small", {**now, "big": 4}) is None  # drained: not big any more
-    assert fl.victim(2, "small", {**now, "big": -1}) is None  # moved up for its deadline itself
-    assert fl.victim(0, "mid", {"mid": 3, "big": 3 + PREEMPT_GAP}) is big[2]
+    # running (big 0-2) and waiting in the engine (big 3-4) alike: each would share its steps
+    assert fl.victims(2, "small", now) == big
+    assert fl.victims(-1, "small", now) == big  # a batch moved up for its deadline
+    assert fl.victims(4, "small", now) == []  # more left than about twice the seats: not small
+    assert fl.victims(2, "small", {**now, "big": 4}) == []  # drained: not big any more
+    assert fl.victims(2, "small", {**now, "big": -1}) == []  # moved up for its deadline itself
+    assert fl.victims(0, "mid", {"mid": 3, "big": 3 + PREEMPT_GAP}) == big
     # a batch's own requests carry what it had left when each went, fewer and fewer: its later
     # ones never preempt its earlier ones
-    assert fl.victim(2, "big", now) is None
+    assert fl.victims(2, "big", now) == []
+
+
+def test_the_engine_is_held_for_the_small_batch_until_it_is_done_or_the_hold_ends() -> None:
+    fl = InFlight(4)
+    small = [req("small", i, 2) for i in range(2)]
+    now = {"big": 3 + PREEMPT_GAP}
+    assert not fl.holds("big", now, 0.0)  # no hold yet
+    for r in small:
+        fl[r] = None  # type: ignore[assignment]
+    fl.hold(10.0)
+    assert fl.holds("big", now, 10.5)
+    assert not fl.holds("mid", {**now, "mid": 3}, 10.5)  # not big: shares the engine
+    assert not fl.holds("big", {**now, "other": 1}, 10.5)  # a small batch still queued: the
+    # fair queues' aging chose the big one over it, and the hold does not undo that
+    del fl[small[0]]
+    assert fl.holds("big", now, 10.6)
+    assert not fl.holds("big", now, 10.0 + HOLD_MAX_S + 0.01)  # a long small batch: bounded
+    fl.hold(20.0)
+    del fl[small[1]]
+    assert not fl.holds("big", now, 20.1)  # the small batch is done
+    assert fl.hold_left(20.1) is None
 
 
 def test_small_batches_arriving_together_preempt_only_the_big_one() -> None:
     """An engine saturated by a big batch, then five 20-request batches at once (what tiny-a's
     engine met when it came up in the fairness bench): dispatching as `dispatch_loop` does, every
-    request aborted is the big batch's, and the small batches' requests all get seats."""
+    request aborted is the big batch's, the small batches' requests all get seats, and no big
+    request goes while they run."""
     q, fl = ModelQueues(), InFlight(32)
     for n in range(900):
         q.push(req("big", n, 0))
@@ -81,33 +103,49 @@ def test_small_batches_arriving_together_preempt_only_the_big_one() -> None:
     aborted = []
     while True:
         nxt = q.next_priority("m")
-        if nxt is None or (len(fl) >= 48 and fl.victim(*nxt, q.priorities("m")) is None):
+        if nxt is None or fl.holds(nxt[1], q.priorities("m"), 1.0) or (
+                len(fl) >= 48 and not fl.victims(*nxt, q.priorities("m"))):
             break
         r = q.pop("m")
         r.dispatch()
         fl[r] = None  # type: ignore[assignment]
-        victim = None if r in fl.running else fl.victim(r.priority, r.batch_id, q.priorities("m"))
-        if victim is not None:
+        for victim in fl.victims(r.priority, r.batch_id, q.priorities("m")):
             fl.pop(victim)
             victim.requeue()
             q.push(victim, front=True)
             aborted.append(victim)
-    assert aborted and {r.batch_id for r in aborted} == {"big"}
+            fl.hold(1.0)
+    assert len(aborted) == 48 and {r.batch_id for r in aborted} == {"big"}
     small = [r for r in fl if r.batch_id != "big"]
-    assert len(aborted) <= 32 and all(r in fl.running for r in small)
+    assert len(small) == len(fl) == 48  # the small batches' first 48, and no big one
+    assert set(fl.running) <= set(small) and len(fl.running) == 32
+
+
+class Posts(list):
+    """A fake launcher's posts as (tag, the small batch's requests answered when it was sent)."""
+
+    def __init__(self, launcher: FakeLauncher) -> None:
+        super().__init__()
+        self.launcher = launcher
+
+    def append(self, item) -> None:
+        _, tag = item
+        done = sum(str(b.get("custom_tag", "")).startswith("small-") for b in self.launcher.bodies)
+        super().append((tag, done))
 
 
 async def test_a_small_batch_runs_at_once_on_an_engine_a_big_batch_saturates(tmp_path: Path) -> None:
     """Four seats, 80 requests of a big batch running (0.16 s each), then 3 requests of a small
-    one: three of the big batch's running requests are aborted for them and run again later;
-    every request of both is answered exactly once, and the small batch is done before three of
-    the big batch's requests are (it took no seat they left). With `fifo` nothing is preempted,
-    and the small batch waits for seats."""
+    one: the big batch's six requests in flight (four running, two waiting in the engine) are
+    aborted and run again later, and none of its requests is sent until the small batch is done;
+    every request of both is answered exactly once. With `fifo` nothing is preempted, and the
+    small batch waits for seats."""
     for fairness, preempts in (("fair", True), ("fifo", False)):
         cfg = make_cfg(tmp_path / fairness, max_num_seqs=4)
         cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
                                                                      fairness=fairness))
         launcher = FakeLauncher(start_delay_s=0.02, step_s={"a": 0.02}, output_tokens=8)
+        launcher.posts = Posts(launcher)
         ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0,), 1 << 28))
         await ex.start()
         try:
@@ -127,10 +165,16 @@ async def test_a_small_batch_runs_at_once_on_an_engine_a_big_batch_saturates(tmp
         assert all(o.status_code == 200 for o in big.outcomes + small.outcomes)
         events = [e for e in ex.events("big") if e["event"] == "requests_preempted"]
         engine = launcher.engines[0]
+        first_small = next(i for i, (tag, _) in enumerate(launcher.posts)
+                           if tag.startswith("small-"))
         if preempts:
-            assert sum(e["requeued"] for e in events) == 3 == engine.aborted
+            assert sum(e["requeued"] for e in events) == 6 == engine.aborted
             assert events[0]["for_batches"] == ["small"] and events[0]["preempted_batches"] == ["big"]
-            assert meanwhile < 3
+            assert meanwhile == 0
+            # held: the three small ones, then big ones again only once all three were answered
+            after = launcher.posts[first_small:]
+            assert [tag[:6] for tag, _ in after[:3]] == ["small-"] * 3
+            assert all(done == 3 for tag, done in after[3:]), after[:8]
         else:
             assert events == [] and engine.aborted == 0
             assert meanwhile >= 3
@@ -145,3 +189,29 @@ def test_metrics_count_the_preempted_requests_per_model() -> None:
                                             "requeued": n})
     gm.observe_event(["big"], {"event": "plan"})
     assert b'samullm_requests_preempted_total{model="a"} 5.0' in gm.render()
+
+
+async def test_the_hold_for_a_small_batch_of_long_answers_ends_after_its_bound(
+        tmp_path: Path, monkeypatch) -> None:
+    """One small request of a long answer (1.3 s) must not keep an engine of four seats on one
+    sequence: once the hold's bound passed, the big batch's requests are sent again while it
+    runs, and every request is answered once."""
+    monkeypatch.setattr("runtime.executor.seats.HOLD_MAX_S", 0.2)
+    cfg = make_cfg(tmp_path, max_num_seqs=4)
+    launcher = FakeLauncher(start_delay_s=0.02, step_s={"a": 0.02}, output_tokens=64)
+    launcher.posts = Posts(launcher)
+    ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0,), 1 << 28))
+    await ex.start()
+    try:
+        big, small = Sink(), Sink()
+        ex.submit("big", items("a", 80, prefix="big-", max_tokens=8), big)
+        while len(big.outcomes) < 12:
+            await asyncio.sleep(0.01)
+        ex.submit("small", items("a", 1, prefix="small-", max_tokens=64), small)
+        await asyncio.wait_for(asyncio.gather(ex.wait("small"), ex.wait("big")), 60)
+    finally:
+        await ex.close()
+    assert len(big.by_id()) == 80 and len(small.by_id()) == 1
+    first_small = next(i for i, (tag, _) in enumerate(launcher.posts) if tag.startswith("small-"))
+    during = [tag for tag, done in launcher.posts[first_small + 1:] if done == 0]
+    assert during and all(t.startswith("big-") for t in during)
