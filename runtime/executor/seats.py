@@ -10,10 +10,14 @@ a 20-request batch on a saturated `small` engine took 0.8-1.0 s against 0.3 s al
 
 Aborting only as many of the big batch's running requests as the small one needs was not
 enough: the engine then ran the small batch beside the rest of the big one's, and each step of 32
-sequences cost about 1.6× one of 20. Measured on `small`'s engine alone (one core, 32 seats, 48
-of a big batch's 64-token requests kept in flight, then 20 of 16 tokens; 5 Dec 2026): 0.30 s
-with the engine to themselves, 1.03-1.12 s by `priority` alone, 0.47-0.92 s with 20 of the big
-batch's aborted, 0.32 s with all of its requests aborted and none sent until the 20 were done.
+sequences cost about 1.6× one of 20. Measured on `small`'s engine alone (`bench/seats.py`: one
+core, 32 seats, 48 of a 400-request big batch's 64-token requests kept in flight, then 20 of 16
+tokens; medians of 3, 5 Dec 2026): the 20 took 0.22 s on the idle engine, 0.70 s by `priority`
+alone, 0.58 s with 20 of the big batch's running requests aborted, and 0.24 s with all of its
+requests aborted and none sent until the 20 were done; the big batch took 8.95 s with no small
+one, +0.54 s, +0.81 s and +0.42 s (the small batch's own work included): holding the engine
+costs the big batch least too, since an engine's step costs about as much per sequence at 20
+as at 32, and what it loses is only the aborted requests' tokens so far.
 
 So the slot *holds* its engine for small batches. vLLM does not say which requests it runs, so
 `InFlight` emulates its admission from what the slot sent and got back. A batch is *small* here

@@ -134,6 +134,36 @@ class Posts(list):
         super().append((tag, done))
 
 
+async def behind_a_big_one(tmp_path: Path, small: list[WorkItem], big: list[WorkItem],
+                           fairness: str = "fair", output_tokens: int = 8):
+    """Four seats, `big` running on one engine (0.02 s per token, at most `output_tokens`) until
+    12 are answered, then `small`, both to the end: (executor, launcher with `Posts`, big sink,
+    small sink, big requests answered while the small batch ran)."""
+    cfg = make_cfg(tmp_path, max_num_seqs=4)
+    cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, fairness=fairness))
+    launcher = FakeLauncher(start_delay_s=0.02, step_s={"a": 0.02}, output_tokens=output_tokens)
+    launcher.posts = Posts(launcher)
+    ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0,), 1 << 28))
+    await ex.start()
+    try:
+        big_sink, small_sink = Sink(), Sink()
+        ex.submit("big", big, big_sink)
+        while len(big_sink.outcomes) < 12:  # the engine is up and saturated
+            await asyncio.sleep(0.01)
+        before = len(big_sink.outcomes)
+        ex.submit("small", small, small_sink)
+        await asyncio.wait_for(ex.wait("small"), 30)
+        meanwhile = len(big_sink.outcomes) - before
+        await asyncio.wait_for(ex.wait("big"), 60)
+    finally:
+        await ex.close()
+    return ex, launcher, big_sink, small_sink, meanwhile
+
+
+def first_small(launcher: FakeLauncher) -> int:
+    return next(i for i, (tag, _) in enumerate(launcher.posts) if tag.startswith("small-"))
+
+
 async def test_a_small_batch_runs_at_once_on_an_engine_a_big_batch_saturates(tmp_path: Path) -> None:
     """Four seats, 80 requests of a big batch running (0.16 s each), then 3 requests of a small
     one: the big batch's six requests in flight (four running, two waiting in the engine) are
@@ -141,38 +171,20 @@ async def test_a_small_batch_runs_at_once_on_an_engine_a_big_batch_saturates(tmp
     every request of both is answered exactly once. With `fifo` nothing is preempted, and the
     small batch waits for seats."""
     for fairness, preempts in (("fair", True), ("fifo", False)):
-        cfg = make_cfg(tmp_path / fairness, max_num_seqs=4)
-        cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler,
-                                                                     fairness=fairness))
-        launcher = FakeLauncher(start_delay_s=0.02, step_s={"a": 0.02}, output_tokens=8)
-        launcher.posts = Posts(launcher)
-        ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0,), 1 << 28))
-        await ex.start()
-        try:
-            big, small = Sink(), Sink()
-            ex.submit("big", items("a", 80, prefix="big-"), big)
-            while len(big.outcomes) < 12:  # the engine is up and saturated
-                await asyncio.sleep(0.01)
-            before = len(big.outcomes)
-            ex.submit("small", items("a", 3, prefix="small-"), small)
-            await asyncio.wait_for(ex.wait("small"), 30)
-            meanwhile = len(big.outcomes) - before  # big requests answered while it ran
-            await asyncio.wait_for(ex.wait("big"), 60)
-        finally:
-            await ex.close()
+        ex, launcher, big, small, meanwhile = await behind_a_big_one(
+            tmp_path / fairness, items("a", 3, prefix="small-"), items("a", 80, prefix="big-"),
+            fairness)
         assert Counter(o.custom_id for o in big.outcomes + small.outcomes).most_common(1)[0][1] == 1
         assert len(big.outcomes) == 80 and len(small.outcomes) == 3
         assert all(o.status_code == 200 for o in big.outcomes + small.outcomes)
         events = [e for e in ex.events("big") if e["event"] == "requests_preempted"]
         engine = launcher.engines[0]
-        first_small = next(i for i, (tag, _) in enumerate(launcher.posts)
-                           if tag.startswith("small-"))
         if preempts:
             assert sum(e["requeued"] for e in events) == 6 == engine.aborted
             assert events[0]["for_batches"] == ["small"] and events[0]["preempted_batches"] == ["big"]
             assert meanwhile == 0
             # held: the three small ones, then big ones again only once all three were answered
-            after = launcher.posts[first_small:]
+            after = launcher.posts[first_small(launcher):]
             assert [tag[:6] for tag, _ in after[:3]] == ["small-"] * 3
             assert all(done == 3 for tag, done in after[3:]), after[:8]
         else:
@@ -197,21 +209,9 @@ async def test_the_hold_for_a_small_batch_of_long_answers_ends_after_its_bound(
     sequence: once the hold's bound passed, the big batch's requests are sent again while it
     runs, and every request is answered once."""
     monkeypatch.setattr("runtime.executor.seats.HOLD_MAX_S", 0.2)
-    cfg = make_cfg(tmp_path, max_num_seqs=4)
-    launcher = FakeLauncher(start_delay_s=0.02, step_s={"a": 0.02}, output_tokens=64)
-    launcher.posts = Posts(launcher)
-    ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0,), 1 << 28))
-    await ex.start()
-    try:
-        big, small = Sink(), Sink()
-        ex.submit("big", items("a", 80, prefix="big-", max_tokens=8), big)
-        while len(big.outcomes) < 12:
-            await asyncio.sleep(0.01)
-        ex.submit("small", items("a", 1, prefix="small-", max_tokens=64), small)
-        await asyncio.wait_for(asyncio.gather(ex.wait("small"), ex.wait("big")), 60)
-    finally:
-        await ex.close()
+    _, launcher, big, small, _ = await behind_a_big_one(
+        tmp_path, items("a", 1, prefix="small-", max_tokens=64),
+        items("a", 80, prefix="big-", max_tokens=8), output_tokens=64)
     assert len(big.by_id()) == 80 and len(small.by_id()) == 1
-    first_small = next(i for i, (tag, _) in enumerate(launcher.posts) if tag.startswith("small-"))
-    during = [tag for tag, done in launcher.posts[first_small + 1:] if done == 0]
+    during = [tag for tag, done in launcher.posts[first_small(launcher) + 1:] if done == 0]
     assert during and all(t.startswith("big-") for t in during)
