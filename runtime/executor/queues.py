@@ -128,6 +128,9 @@ class ModelQueues:
         now, since = self._count.get(model, 0), dict(self._since.get(model, {}))
         out: list[Req] = []
         while by_batch:
+            if len(by_batch) == 1:  # the rest in its order (a pool of one big batch: no loop)
+                out += (r for r in next(iter(by_batch.values())) if r.state is ReqState.QUEUED)
+                break
             batch = self._pick(by_batch, now, since)
             q = by_batch[batch]
             while q:
