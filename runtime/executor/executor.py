@@ -11,11 +11,11 @@ are planned together; batches of another strategy wait for the pool ahead of the
 submission, `runtime.executor.pool_state`).
 
 Each engine replica pulls from its model's shared queue (`runtime.executor.dispatch`). A request is
-done once its batch's sink returned; its output length then updates the `LengthModel`, which is
-saved under the state dir at each re-plan and survives restarts (`runtime.persist`). Every answer is
-also an observation of its engine's speed (queued, sent, answered on the executor's clock; tokens):
-before each plan the latency model is refitted to them (`scheduler.online`, in a thread) and saved
-with the rest.
+done once its batch's sink returned; its output length then updates the `LengthModel`. Every answer
+is also an observation of its engine's speed (queued, sent, answered on the executor's clock;
+tokens): before each plan the latency model is refitted to them, and all that is learned (lengths,
+engine starts, calibration) is saved under the state dir at each pass and survives restarts
+(`runtime.executor.learned`).
 
 Storage: a request counts only once its outcome is durable (the sink returned). While the sink
 raises (a full disk under the journal), its outcome is kept and retried with backoff, and dispatch
@@ -55,19 +55,16 @@ from runtime.executor.deps import DEPENDENCY_FAILED, BatchGraph
 from runtime.executor.dispatch import Slot
 from runtime.engines.engine import Launcher
 from runtime.executor_api import EventSink, Outcome, OutcomeSink, WorkItem
-from runtime.persist import (alone_start_s, blend, load_calibration, load_length_model,
-                             load_start_times, save_calibration, save_length_model,
-                             save_start_times, start_times_file)
+from runtime.persist import alone_start_s
 from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_reqs
 from runtime.executor.autoprofile import AutoProfiler, ProfileLaunch, missing_shapes
 from runtime.executor.deadlines import Deadlines
+from runtime.executor.learned import Learned
 from runtime.executor.queues import ModelQueues, serving_order
 from runtime.executor.planning import (batch_completion, describe_schedule, describe_stage,
                                        lower_bound, model_specs, plan_problem,
-                                       refit_calibration, running_plans, served_record)
+                                       running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
-from runtime.endpoints import EMBEDDINGS
-from runtime.usage import hit_length_cap, usage_of
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
 
@@ -112,7 +109,8 @@ class PoolExecutor:
         self.state_dir = Path(state_dir) if state_dir is not None else cfg.state_dir
         self._planner = planner
         self._specs = model_specs(cfg, pool.kind if pool is not None else None)
-        self._lengths = load_length_model(self.state_dir)
+        # output lengths, engine starts, served requests and calibration (`learned`)
+        self.learned = Learned(cfg, self.state_dir)
         self._batches: dict[str, BatchState] = {}
         self._pools: list[Pool] = []  # FIFO; the head is the active one
         self._delivering: set[asyncio.Task] = set()
@@ -123,14 +121,7 @@ class PoolExecutor:
         self._wake = asyncio.Event()
         self._control: asyncio.Task | None = None
         self._closing = False
-        # measured engine starts per (model, tp), kept across restarts (runtime.persist)
-        self._start_file = start_times_file(cfg.cluster.backend)
-        self._start_times = load_start_times(self.state_dir, self._start_file)
-        # online calibration: served requests per engine shape and the fits (runtime.persist)
-        self._served, self._fits = load_calibration(self.state_dir,
-                                                    cfg.scheduler.calibration_window)
         self._queued_at: weakref.WeakKeyDictionary[Req, float] = weakref.WeakKeyDictionary()
-        self._saved: tuple = self._learned()
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
         self._linger: asyncio.Task | None = None  # wakes a pass when a warm engine's time is up
@@ -272,7 +263,7 @@ class PoolExecutor:
         await settle(*(s.task for s in slots), *self.slots.dying, *self._delivering, *reporting)
         await self.launcher.close()
         await self._calibrate()
-        await self._save_learned()
+        await self.learned.save()
         for waiter in self._pass_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -338,7 +329,7 @@ class PoolExecutor:
             if spares is not None and not slot.engine.spare_used:
                 # stored as a start in a spare (what the planner assumes while one is ready)
                 alone_s = max(1.0, alone_s - spares.import_s())
-            self._start_times[key] = blend(self._start_times.get(key), alone_s)
+            self.learned.engine_started(key, alone_s)
         self.emit("engine_started", **slot.describe(), start_s=start_s,
                    starting_with=slot.starting_with, alone_start_s=alone_s,
                    spare=slot.engine.spare_used)
@@ -425,7 +416,7 @@ class PoolExecutor:
         if served is not None:
             assert self.pool is not None
             threads = max(1, len(slot.spec.devices) // max(1, slot.spec.tp))
-            self._served.add((slot.model, slot.spec.tp, threads, self.pool.signature), slot.sid,
+            self.learned.served.add((slot.model, slot.spec.tp, threads, self.pool.signature), slot.sid,
                              served)
 
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
@@ -442,7 +433,7 @@ class PoolExecutor:
     async def _deliver(self, req: Req, outcome: Outcome) -> None:
         batch = self._batches[req.batch_id]
         if outcome.ok:
-            self._observe(req, outcome)
+            self.learned.observe(req, outcome)
         if not await self._store(batch, req, outcome):
             if batch.cancelled:  # reported as never run; counted like the cancelled ones
                 req.abandon()
@@ -544,35 +535,9 @@ class PoolExecutor:
         self._store_retry.set()
         self._store_retry.clear()
 
-    def _learned(self) -> tuple:
-        return (self._lengths.to_dict(), dict(self._start_times), self._served.version,
-                dict(self._fits))
-
-    async def _save_learned(self) -> None:
-        """Learned lengths, start times and calibration, best effort: a full disk must not stop a
-        pass (they are saved again at the next one)."""
-        learned = self._learned()
-        if learned == self._saved:  # most passes learned nothing new: no rewrite, no fsync
-            return
-        try:
-            await asyncio.to_thread(save_length_model, self.state_dir, self._lengths)
-            await asyncio.to_thread(save_start_times, self.state_dir, learned[1], self._start_file)
-            if learned[2:] != self._saved[2:]:
-                await asyncio.to_thread(save_calibration, self.state_dir,
-                                        self._served.snapshot(), learned[3])
-        except OSError as exc:
-            log.warning("could not save learned lengths/start times/calibration (%s); kept in "
-                        "memory", exc)
-            return
-        self._saved = learned
-
     async def _calibrate(self) -> None:
-        """Refit the latency corrections to the requests served since the last pass (in a thread:
-        a fit replays its shape's window of served requests)."""
-        if not self.cfg.scheduler.online_calibration or self.pool is None:
-            return
-        self._fits = await asyncio.to_thread(refit_calibration, self.cfg, self.pool, self._specs,
-                                             self.state_dir, self._served.snapshot(), self._fits)
+        if self.pool is not None:
+            await self.learned.calibrate(self.pool, self._specs)
 
     def _forget(self, batch: BatchState) -> None:
         """Drop a finished batch's requests (its events stay for `events()`); bound the history."""
@@ -583,18 +548,6 @@ class PoolExecutor:
         done = [b for b, st in self._batches.items() if st.finished.is_set() and not st.reqs]
         for b in done[:max(0, len(done) - KEEP_FINISHED_BATCHES)]:
             del self._batches[b]
-
-    def _observe(self, req: Req, outcome: Outcome) -> None:
-        """Feed a finished request's output length to the length model (censored when capped)."""
-        if req.item.url == EMBEDDINGS:
-            return
-        tokens = usage_of(outcome.response_body).output
-        if tokens is None:
-            return
-        capped = hit_length_cap(outcome.response_body)
-        per_choice = max(1, round(tokens / len(capped)))
-        for cap in capped:
-            self._lengths.observe(req.model, req.item.url, per_choice, cap)
 
     # -- control ----------------------------------------------------------------------------------
     def _request_pass(self, reason: str) -> asyncio.Future:
@@ -665,7 +618,7 @@ class PoolExecutor:
             await self.slots.apply(None, set(), self.clock.monotonic())
             self._arm_linger()
             await self._calibrate()
-            await self._save_learned()
+            await self.learned.save()
             return
         assert head is not None
         schedule = await self._plan(head, todo, reasons)
@@ -686,12 +639,12 @@ class PoolExecutor:
         assert self.pool is not None
         head.plans += 1
         await self._calibrate()
-        await self._save_learned()
+        await self.learned.save()
         alive = self.slots.active_keys()
         ready, no_spare_s = self._spare_state()
         problem = plan_problem(self.cfg, self.pool, self._specs, self.state_dir, todo,
-                               self._lengths, self._start_times, head.plans, running_plans(alive),
-                               ready, no_spare_s, self._fits,
+                               self.learned.lengths, self.learned.start_times, head.plans,
+                               running_plans(alive), ready, no_spare_s, self.learned.fits,
                                self.slots.starting(self.clock.monotonic()), self.slots.stop_s)
         work = problem.work
         t0 = self.clock.monotonic()

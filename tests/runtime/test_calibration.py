@@ -178,7 +178,7 @@ def test_an_unreadable_calibration_file_is_ignored_with_a_warning(tmp_path: Path
     cfg = make_cfg(tmp_path)  # an executor starts on it as on a fresh state dir
     cfg.state_dir.mkdir(parents=True)
     (cfg.state_dir / CALIBRATION_FILE).write_text("{not json")
-    assert PoolExecutor(cfg, FakeLauncher())._fits == {}
+    assert PoolExecutor(cfg, FakeLauncher()).learned.fits == {}
 
 
 def _fit_dict() -> dict[str, Any]:
@@ -198,8 +198,8 @@ async def test_the_executor_rewrites_calibration_only_when_it_learned_something(
     ex = PoolExecutor(cfg, launcher, pool=pool)
     path.unlink()
     await ex._calibrate()  # the stored fit is current: nothing learned, nothing written
-    await ex._save_learned()
-    assert ex._fits == stored and not path.exists()
+    await ex.learned.save()
+    assert ex.learned.fits == stored and not path.exists()
 
 
 async def test_plan_reads_the_calibrated_state_and_says_where_figures_come_from(

@@ -116,4 +116,4 @@ async def test_executor_prices_and_records_starts_by_whether_a_spare_was_used(tm
     assert ex._spare_state() == (None, 0.0)
     assert not getattr(launcher.engines[0], "spare_used", False)  # fakes never use one
     # 0.02 s measured without a spare: stored as that minus the import, floored at 1 s
-    assert list(ex._start_times.values()) == [1.0]
+    assert list(ex.learned.start_times.values()) == [1.0]

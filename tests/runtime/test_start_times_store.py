@@ -119,15 +119,15 @@ async def test_the_executor_rewrites_learned_state_only_when_it_changed(tmp_path
     ex = PoolExecutor(cfg, FakeLauncher())
     state = cfg.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    await ex._save_learned()
+    await ex.learned.save()
     assert not (state / LENGTHS_FILE).exists() and not (state / FILENAME).exists()
-    ex._start_times[("a", 1)] = 12.0
-    await ex._save_learned()
+    ex.learned.start_times[("a", 1)] = 12.0
+    await ex.learned.save()
     assert load_start_times(state) == {("a", 1): 12.0}
     (state / FILENAME).unlink()
     (state / LENGTHS_FILE).unlink()
-    await ex._save_learned()  # nothing new since: not written again
+    await ex.learned.save()  # nothing new since: not written again
     assert not (state / FILENAME).exists() and not (state / LENGTHS_FILE).exists()
-    ex._lengths.observe("a", "/v1/chat/completions", 7, False)
-    await ex._save_learned()
+    ex.learned.lengths.observe("a", "/v1/chat/completions", 7, False)
+    await ex.learned.save()
     assert (state / LENGTHS_FILE).exists()
