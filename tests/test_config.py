@@ -105,3 +105,18 @@ def test_spare_engines_default_per_device_kind_and_is_checked(tmp_path: Path):
         "cpu", 2) == 0
     with pytest.raises(ConfigError, match=r"devices\.spare_engines: an integer in \[0, 64\]"):
         _load(tmp_path, "[devices]\nspare_engines = -1\n")
+
+
+def test_batch_slack_reaches_the_planning_problem_and_is_checked(tmp_path: Path):
+    from runtime.executor.latency_source import LatencySource
+    from runtime.executor.planning import build_problem
+    from scheduler.types import DevicePool
+
+    assert _load(tmp_path, "").scheduler.batch_slack == 0.02
+    cfg = _load(tmp_path, MODEL + "[scheduler]\nbatch_slack = 0.1\n")
+    pool = DevicePool("cpu", (0,), 1 << 30)
+    latency = LatencySource.load(tmp_path, pool, [], {})
+    problem = build_problem(cfg, pool, {}, latency, {}, {}, seed=0)
+    assert problem.batch_slack == 0.1
+    with pytest.raises(ConfigError, match=r"scheduler\.batch_slack: a share in \[0, 1\]"):
+        _load(tmp_path, "[scheduler]\nbatch_slack = 1.5\n")
