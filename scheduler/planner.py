@@ -226,11 +226,14 @@ class Planner:
         return all(any(p.same_shape(e) for p in first)
                    for e in self.initial_state().running.values())
 
+    def _keeps_all(self, schedule: Schedule) -> bool:
+        """Whether `schedule`'s first stage keeps every engine running now (`_keeps`)."""
+        return self._keeps(schedule.stages[0].plans if schedule.stages else [])
+
     def _consider_keeping(self, schedule: Schedule) -> None:
         """Remember `schedule` as `_keeping` if it keeps every running engine and is the shortest
         such so far."""
-        first = schedule.stages[0].plans if schedule.stages else []
-        if self._keeps(first) and (self._keeping is None or schedule.makespan_s
+        if self._keeps_all(schedule) and (self._keeping is None or schedule.makespan_s
                                    < self._keeping.makespan_s * (1 - 1e-9)):
             self._keeping = schedule
 
@@ -238,7 +241,7 @@ class Planner:
         """`best`, unless it replaces a running engine and `_keeping` (the best schedule that
         keeps them all) is within the problem's replace margin of it."""
         keeping = self._keeping
-        if keeping is None or self._keeps(best.stages[0].plans if best.stages else []):
+        if keeping is None or self._keeps_all(best):
             return best
         p = self.problem
         margin = p.replace_margin_s + p.replace_margin * keeping.makespan_s
@@ -256,10 +259,10 @@ class Planner:
         if p.batch_slack <= 0 or not p.groups or len(
                 {g for of in p.groups.values() for g in of.values()}) < 2:
             return best
-        keeps = self._keeps(best.stages[0].plans if best.stages else [])
+        keeps = self._keeps_all(best)
         limit = best.makespan_s * (1 + p.batch_slack)
         near = [c for c in self._candidates if c is not best and c.makespan_s <= limit
-                and (not keeps or self._keeps(c.stages[0].plans if c.stages else []))]
+                and (not keeps or self._keeps_all(c))]
         if not near:
             return best
         score = lambda s: sum(self.group_finish(s, p.groups).values())  # noqa: E731
@@ -347,7 +350,7 @@ class Planner:
             self._consider_keeping(cand)
         if best is None:
             raise InfeasibleError("samullm: no placeable first stage")
-        if self._keeping is None and not self._keeps(best.stages[0].plans):
+        if self._keeping is None and not self._keeps_all(best):
             # the best-ranked first stage that keeps every running engine, completed greedily
             keep = next((plans for _, plans in ranked if self._keeps(plans)), None)
             if keep is not None:

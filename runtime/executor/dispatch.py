@@ -67,7 +67,7 @@ class Slot:
     limit: int  # requests kept in flight
     state: SlotState = SlotState.STARTING
     engine: Engine | None = None
-    # what it runs among them: `seats.InFlight` (made from the spec's max_num_seqs)
+    # its requests in flight and its hold for small batches: `seats.InFlight` (max_num_seqs seats)
     inflight: InFlight = field(init=False)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None  # launch, then the dispatch loop
@@ -173,7 +173,7 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
             if _preempts(slot, host):
                 victims = slot.inflight.victims(req.priority, req.batch_id,
                                                 host.queues.priorities(slot.model))
-                for victim in victims:  # their seats go to the best waiting (`InFlight`)
+                for victim in victims:
                     slot.inflight.pop(victim).cancel()
                 if victims:
                     slot.inflight.hold(host.clock.monotonic())

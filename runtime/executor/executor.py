@@ -416,8 +416,8 @@ class PoolExecutor:
         if served is not None:
             assert self.pool is not None
             threads = max(1, len(slot.spec.devices) // max(1, slot.spec.tp))
-            self.learned.served.add((slot.model, slot.spec.tp, threads, self.pool.signature), slot.sid,
-                             served)
+            key = (slot.model, slot.spec.tp, threads, self.pool.signature)
+            self.learned.served.add(key, slot.sid, served)
 
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
         """An error outcome for a request that no engine will answer."""

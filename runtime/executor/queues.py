@@ -15,8 +15,9 @@ first, in arrival order. Either way a batch predicted to miss its completion win
 An engine holds more requests than it runs (`slots.INFLIGHT_FACTOR`); those wait in vLLM's own
 queue, which the engines order by `priority` (`runtime.engines.engine.build_command`): each
 request carries what its batch had left when it was dispatched, to a power of two (`_priority`),
-so a small batch's requests also pass the big one's already waiting there; and where the big one
-holds every seat, one of its running requests is aborted for each of them (`seats`).
+so a small batch's requests also pass the big one's already waiting there; and where a much
+bigger batch has requests in flight on the engine, they are aborted and held back while the small
+batch runs (`seats`).
 
 Within a batch, requests go in the order `pool_state.prefix_order` gave them; a replica marked
 `tail` takes its batch's requests from the end (prefix affinity: two replicas meet once in a

@@ -1,4 +1,4 @@
-"""Which of a slot's in-flight requests its engine runs, and how a small batch gets the engine to itself.
+"""A slot's in-flight requests, and how a small batch gets the slot's engine to itself.
 
 vLLM runs at most `max_num_seqs` requests at once (its "seats") and keeps the others waiting. It
 admits a waiting request only when a running one leaves, the best `priority` first (then the
@@ -19,8 +19,8 @@ one, +0.54 s, +0.81 s and +0.42 s (the small batch's own work included): holding
 costs the big batch least too, since an engine's step costs about as much per sequence at 20
 as at 32, and what it loses is only the aborted requests' tokens so far.
 
-So the slot *holds* its engine for small batches. vLLM does not say which requests it runs, so
-`InFlight` emulates its admission from what the slot sent and got back. A batch is *small* here
+So the slot *holds* its engine for small batches. vLLM does not say which requests it runs, and
+the hold need not know: it aborts every in-flight request of the big batches. A batch is *small* here
 when its `priority` is at most the seats' bit length (fewer than twice the seats left), *big*
 when its current one (what it has queued now, `queues`) is `PREEMPT_GAP` above that (more than
 4× the seats queued). When a small batch's request is sent to a slot where big batches have
@@ -57,47 +57,15 @@ HOLD_MAX_S = 2.0
 
 
 class InFlight(dict[Req, asyncio.Task]):
-    """A slot's in-flight requests (request -> its task), in dispatch order, and `running`: those
-    its engine runs, by vLLM's admission (see the module docstring). Every way a request leaves
-    the slot (its answer, an abort, a stop) goes through `del`, `pop` or `clear`, which free its
-    seat for the best waiting one."""
+    """A slot's in-flight requests (request -> its task), in dispatch order, its engine's seats
+    (`max_num_seqs`), and whether the slot holds the engine for small batches (see the module
+    docstring)."""
 
     def __init__(self, seats: int) -> None:
         super().__init__()
         self.seats = max(1, seats)
-        self.running: dict[Req, None] = {}  # in admission order
         # when the slot began holding its engine for small batches (None: it does not)
         self.held_since: float | None = None
-
-    def __setitem__(self, req: Req, task: asyncio.Task) -> None:
-        super().__setitem__(req, task)
-        if len(self.running) < self.seats:
-            self.running[req] = None
-
-    def __delitem__(self, req: Req) -> None:
-        super().__delitem__(req)
-        self._left(req)
-
-    def pop(self, req: Req, *default):  # type: ignore[override]
-        out = super().pop(req, *default)
-        self._left(req)
-        return out
-
-    def clear(self) -> None:
-        super().clear()
-        self.running.clear()
-
-    def _bypass(self, *args, **kwargs):  # would skip the seats' bookkeeping
-        raise TypeError("InFlight: set, del, pop or clear one request at a time")
-
-    update = setdefault = popitem = _bypass  # type: ignore[assignment]
-
-    def _left(self, req: Req) -> None:
-        if req in self.running:
-            del self.running[req]
-            waiting = [r for r in self if r not in self.running]
-            if waiting:  # the best priority, then the earliest (min keeps the first of equals)
-                self.running[min(waiting, key=lambda r: r.priority)] = None
 
     def _small(self) -> int:
         return self.seats.bit_length()
