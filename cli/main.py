@@ -12,7 +12,8 @@ import sys
 from cli.batch import add_batch_args
 from cli.plan import add_plan_args, plan_main
 from cli.serve import serve_main
-from runtime.config import ConfigError, annotated_config
+from runtime.config import ConfigError
+from runtime.config_help import annotated_config
 from tools.profiler import add_profile_args, profile_main
 from tools.tinymodel import tiny_model_main
 

@@ -10,8 +10,9 @@ import typing
 import pytest
 
 from cli.main import main
-from runtime import config as config_mod
-from runtime.config import Config, annotated_config, parse_config
+from runtime import config as config_mod, config_help
+from runtime.config import Config, parse_config
+from runtime.config_help import annotated_config
 
 CONFIG_CLASSES = [c for c in vars(config_mod).values()
                   if dataclasses.is_dataclass(c) and c.__module__ == config_mod.__name__]
@@ -34,7 +35,7 @@ def _keys(cls: type, data: dict, prefix: str = "") -> set[str]:
     for key, value in data.items():
         assert key in names, f"{prefix}{key} is printed but is not a field of {cls.__name__}"
         keys.add(prefix + key)
-        item = config_mod._dataclass_in(hints[key])
+        item = config_help._dataclass_in(hints[key])
         for table in (value if isinstance(value, list) else [value]) if item else ():
             keys |= _keys(item, table, f"{prefix}{key}.")
     return keys
@@ -47,7 +48,7 @@ def _all_keys(cls: type, prefix: str = "") -> set[str]:
         if f.name == "base_dir":  # set by the loader, not a TOML key
             continue
         keys.add(prefix + f.name)
-        item = config_mod._dataclass_in(hints[f.name])
+        item = config_help._dataclass_in(hints[f.name])
         if item is not None:
             keys |= _all_keys(item, f"{prefix}{f.name}.")
     return keys
@@ -57,7 +58,7 @@ def _all_keys(cls: type, prefix: str = "") -> set[str]:
                          ids=lambda v: getattr(v, "name", getattr(v, "__name__", "")))
 def test_every_field_has_help(cls: type, f: dataclasses.Field) -> None:
     assert f.metadata.get("help", "").strip(), f"{cls.__name__}.{f.name} has no help"
-    table = config_mod._dataclass_in(typing.get_type_hints(cls)[f.name])
+    table = config_help._dataclass_in(typing.get_type_hints(cls)[f.name])
     if table is None and (f.default is None or (f.default is dataclasses.MISSING
                                                 and f.default_factory is dataclasses.MISSING)):
         assert "example" in f.metadata, f"{cls.__name__}.{f.name} has no default and no example"
