@@ -380,6 +380,7 @@ def run_batch_cmd(model: str, path: Path, inp: Path, out: Path, bind: str = "0-1
                   ) -> tuple[list[str], dict]:
     """Same engine args as the gateway's engines (runtime.engines.engine.build_command), both cores."""
     from runtime.config import ModelConfig
+    from runtime.engines.api_server import ENGINE_MAIN
     from runtime.engines.engine import EngineSpec, build_command
 
     spec = EngineSpec(model=ModelConfig(name=model, path=str(path), max_model_len=MAX_MODEL_LEN,
@@ -387,7 +388,7 @@ def run_batch_cmd(model: str, path: Path, inp: Path, out: Path, bind: str = "0-1
                                         engine_args=dict(ENGINE_ARGS)),
                       model_path=path, devices=(0, 1), tp=1, kv_cache_gib=KV_GIB)
     cmd, env = build_command(spec, port=0)
-    args = cmd[cmd.index("vllm.entrypoints.openai.api_server") + 1:]  # after any wrapper
+    args = cmd[cmd.index(ENGINE_MAIN) + 1:]  # after the wrappers
     drop = {"--host": 2, "--port": 2, "--disable-uvicorn-access-log": 1}
     kept, i = [], 0
     while i < len(args):

@@ -7,10 +7,12 @@ warning), never a failed start.
 
 - `lengths.json`: the learned output-length model (`scheduler.lengths.LengthModel`), saved at each
   re-plan; without it the shipped prior.
-- `start_times.json`: "model|tp" -> seconds from spawning an engine to a healthy /health as if it had
-  started alone (`alone_start_s` divides a start measured while n engines started by the pool's
-  contention factor, which the planner multiplies in again), smoothed over the starts seen
-  (`blend`), so the planner's load cost comes from real runs, also right after a restart.
+- `start_times.json`: "model|tp" (one core per rank on CPU, and every GPU engine) or "model|tpxT"
+  (T cores per rank, which start slower: `runtime.engines.api_server`) -> seconds from spawning an
+  engine to a healthy /health as if it had started alone (`alone_start_s` divides a start measured
+  while n engines started by the pool's contention factor, which the planner multiplies in again),
+  smoothed over the starts seen (`blend`), so the planner's load cost comes from real runs, also
+  right after a restart.
 - `profiles/<model>--tp<N>[-t<T>]--<device>.json`: measured latency profiles
   (`scheduler.latency.Profile`), T = cores per rank on CPU (files without `-t` are T = 1).
 - `calibration.json`: the online calibration (`scheduler.online`): per (model, tp, threads,
@@ -57,7 +59,7 @@ def save_length_model(state_dir: Path, model: LengthModel) -> Path:
 
 # --- measured engine start times ------------------------------------------------------------
 START_TIMES_FILE = "start_times.json"
-StartTimes = dict[tuple[str, int], float]
+StartTimes = dict[tuple[str, int, int], float]  # (model, tp, cores per rank) -> seconds
 
 
 def blend(old: float | None, new: float) -> float:
@@ -85,9 +87,10 @@ def load_start_times(state_dir: Path, name: str = START_TIMES_FILE) -> StartTime
         raw = json.loads(path.read_text())
         out: StartTimes = {}
         for key, seconds in raw.items():
-            model, _, tp = key.rpartition("|")
+            model, _, shape = key.rpartition("|")
+            tp, _, threads = shape.partition("x")
             if model and float(seconds) > 0:
-                out[(model, int(tp))] = float(seconds)
+                out[(model, int(tp), int(threads or 1))] = float(seconds)
         return out
     except FileNotFoundError:
         return {}
@@ -98,7 +101,13 @@ def load_start_times(state_dir: Path, name: str = START_TIMES_FILE) -> StartTime
 
 def save_start_times(state_dir: Path, times: StartTimes, name: str = START_TIMES_FILE) -> Path:
     return write_json_atomic(Path(state_dir) / name,
-                             {f"{m}|{tp}": round(s, 3) for (m, tp), s in sorted(times.items())})
+                             {start_key(*k): round(s, 3) for k, s in sorted(times.items())})
+
+
+def start_key(model: str, tp: int, threads: int) -> str:
+    """A shape's key in `start_times.json` (files written before threads were kept: all "model|tp",
+    which is threads = 1)."""
+    return f"{model}|{tp}" if threads == 1 else f"{model}|{tp}x{threads}"
 
 
 # --- online calibration -----------------------------------------------------------------------

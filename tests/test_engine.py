@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from runtime.config import Config
+from runtime.engines.api_server import ENGINE_MAIN, FORK_ENV
 from runtime.engines.devices import discover_pool
 from runtime.engines.engine import (Engine, EngineError, EngineSpec, VllmLauncher, build_command,
                                     shm_files)
@@ -143,6 +144,28 @@ async def test_whole_engine_confined_to_its_cores(pair):
 
 
 @aio
+async def test_one_core_engines_fork_their_engine_core_and_worker(pair):
+    """One core per rank: vLLM's engine core and worker are forked from the API server, not
+    spawned to import torch and vLLM again (`runtime.engines.api_server`), and the worker takes
+    the core and thread count vLLM's OpenMP setup meant for it."""
+    a, b = pair
+    for engine, core in ((a, 0), (b, 1)):
+        log = engine.log_path.read_text()
+        assert f"kept to cores [{core}], 1 thread(s)" in log
+        assert "spawn_main" not in _cmdlines(engine.pid)
+
+
+def _cmdlines(pgid: int) -> str:
+    out = []
+    for pid in group_pids(pgid):
+        try:
+            out.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return "\n".join(out)
+
+
+@aio
 async def test_engine_starts_in_a_spare_process(test_config: Config, tmp_path: Path):
     """A ready spare (vLLM's API server imported) becomes the engine: it serves, keeps to its core
     and niceness like a spawned engine, is replaced once the engine is up, and nothing of either
@@ -171,6 +194,7 @@ async def test_engine_starts_in_a_spare_process(test_config: Config, tmp_path: P
         workers = [p for p in group_pids(engine.pid) if p != engine.pid]  # all but the guard
         assert {os.getpriority(os.PRIO_PROCESS, p) for p in workers} == {base + 3}
         assert "(in spare process" in engine.log_path.read_text()
+        assert "kept to cores [1], 1 thread(s)" in engine.log_path.read_text()  # forked worker
         assert len(pool._spares) == 1 and pool._spares[0].pid != spare_pid  # replaced
         replacement = pool._spares[0].pid
     finally:
@@ -277,6 +301,18 @@ def test_build_command_cpu_and_cuda(test_config: Config):
     gpu = EngineSpec(**{**_spec(test_config, "small", (2, 3), tp=2).__dict__, "device_kind": "cuda"})
     cmd, env = build_command(gpu, port=1)
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and "--gpu-memory-utilization" in cmd
+    assert FORK_ENV not in env
+
+
+def test_only_one_core_ranks_fork(test_config: Config, monkeypatch):
+    """Fork (`runtime.engines.api_server`) where each rank has one core; a rank on several keeps
+    vLLM's spawn (its threads need the per-thread binding only a fresh process takes)."""
+    monkeypatch.setenv(FORK_ENV, "1")  # the gateway's own environment decides nothing
+    forks = {(cores, tp): build_command(_spec(test_config, "small", cores, tp=tp), 1)[1].get(FORK_ENV)
+             for cores, tp in (((0,), 1), ((0, 1), 2), ((0, 1), 1))}
+    assert forks == {((0,), 1): "1", ((0, 1), 2): "1", ((0, 1), 1): None}
+    cmd, _ = build_command(_spec(test_config, "small", (0,)), 1)
+    assert cmd[cmd.index(ENGINE_MAIN) - 1] == "-m"
 
 
 def test_discover_pool_cpu(test_config: Config):

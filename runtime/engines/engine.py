@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import aiohttp
 
 from runtime.config import ModelConfig
+from runtime.engines.api_server import ENGINE_MAIN, FORK_ENV
 from runtime.engines.procs import group_pids, set_autogroup_nice, set_pdeathsig
 from runtime.engines.shm import RECORD_DIR, SHM_DIR, clear_records, clear_unused, save_record, shm_names
 
@@ -159,12 +160,14 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable,
         args["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * (1 << 30))
         if spec.tp > 1:
             args["distributed_executor_backend"] = "mp"
+        if len(spec.devices) == spec.tp:  # one core per rank: fork, don't re-import (api_server)
+            env[FORK_ENV] = "1"
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
         args["gpu_memory_utilization"] = spec.gpu_memory_utilization
     args.update(m.engine_args)  # the config's extra args win
     # runtime.engines.guard leads the process group and takes it down if this process dies.
-    cmd = [python, "-m", "runtime.engines.guard", python, "-m", "vllm.entrypoints.openai.api_server"]
+    cmd = [python, "-m", "runtime.engines.guard", python, "-m", ENGINE_MAIN]
     for key, value in args.items():
         if value is not None:
             cmd += _flag(key, value)
@@ -180,6 +183,7 @@ def base_env() -> dict[str, str]:
         "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
     })
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env.pop(FORK_ENV, None)  # build_command decides it per engine
     # VLLM_CPU_KVCACHE_SPACE only takes whole GiB (and overrides the flag); the flag is exact.
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     return env

@@ -1,20 +1,20 @@
 """A spare engine process (child side): an interpreter that has already imported vLLM's API server.
 
-Why: most of an engine's start on CPU is three Python interpreters importing torch and vLLM one after
-another (API server, then the engine core it spawns, then its worker): ~7 s each on one core here,
-~20 s of a ~21 s start. vLLM's CPU platform forces the `spawn` start method, so the engine core and
-worker imports cannot be skipped; the API server's can, by importing it before the engine is needed.
-`runtime.engines.spares` keeps such processes ready (a pre-fork server's preload, for an engine).
+Why: most of an engine's start on CPU is Python interpreters importing torch and vLLM: the API server,
+then the engine core and worker it starts, ~7 s each on one core here. Where every rank has one core,
+`runtime.engines.api_server` has those two forked from the API server, so one import is all a start
+pays, and this does it before the engine is needed (a start then takes ~3 s); elsewhere they are
+spawned and import again (~15 s). `runtime.engines.spares` keeps such processes ready (a pre-fork
+server's preload, for an engine).
 
 Protocol (`python -m runtime.engines.guard python -m runtime.engines.spare_child`, stdin and stdout pipes):
 the process imports the API server, writes "ready" on stdout, then reads ONE JSON line from stdin:
 {"argv": [...], "env": {...}, "cores": [...], "nice": n, "log": path}. It sends its stdout and
-stderr to `log` (append; the engine core and workers it spawns inherit them), replaces its
+stderr to `log` (append; the engine core and workers it starts inherit them), replaces its
 environment with `env`, takes the CPU affinity `cores` (when given) and the niceness `nice` (it
 waits at nice 19; raising priority back needs CAP_SYS_NICE, and without it the engine keeps 19),
-and runs `python -m vllm.entrypoints.openai.api_server *argv` in this interpreter (`runpy`, with
-sys.argv and `__main__` as the command line would set them, so the spawned children import the
-same main module they would otherwise). EOF on stdin before a command: exit 0 (retired).
+and runs `python -m runtime.engines.api_server *argv` in this interpreter
+(`runtime.engines.api_server.run`). EOF on stdin before a command: exit 0 (retired).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import runpy
 import sys
 
-API_SERVER = "vllm.entrypoints.openai.api_server"
+from runtime.engines.api_server import VLLM_API_SERVER, run
+
 PRELOAD = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.serve.utils.api_utils",
            "vllm.utils.argparse_utils", "uvloop")
 SPARE_NICE = 19  # while waiting: import only on otherwise idle CPU
@@ -55,7 +55,7 @@ def _redirect(log: str) -> None:
 
 
 def main() -> int:
-    importlib.import_module(API_SERVER)  # the expensive part: torch, transformers, vLLM
+    importlib.import_module(VLLM_API_SERVER)  # the expensive part: torch, transformers, vLLM
     for name in PRELOAD:  # what its main() imports late; a module moved in another vLLM is skipped
         try:
             importlib.import_module(name)
@@ -76,8 +76,7 @@ def main() -> int:
     devnull = os.open(os.devnull, os.O_RDONLY)  # the command pipe is done with
     os.dup2(devnull, 0)
     os.close(devnull)
-    sys.argv = [API_SERVER, *cmd["argv"]]
-    runpy.run_module(API_SERVER, run_name="__main__", alter_sys=True)
+    run(cmd["argv"])
     return 0
 
 

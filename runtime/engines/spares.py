@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from runtime.engines.procs import group_cpu_s, set_autogroup_nice, set_pdeathsig
-from runtime.engines.spare_child import API_SERVER, SPARE_NICE
+from runtime.engines.api_server import ENGINE_MAIN
+from runtime.engines.spare_child import SPARE_NICE
 
 if TYPE_CHECKING:
     from runtime.config import Config
@@ -88,7 +89,7 @@ class Spare:
         """Turn the spare into the engine `cmd` (an api_server command line from
         `runtime.engines.engine.build_command`) at the absolute niceness `nice`; returns its process (the
         group leader, as a spawn's)."""
-        argv = cmd[cmd.index(API_SERVER) + 1:]
+        argv = cmd[cmd.index(ENGINE_MAIN) + 1:]
         msg = {"argv": argv, "env": env, "cores": list(cores), "nice": nice, "log": str(log_path)}
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(msg).encode() + b"\n")

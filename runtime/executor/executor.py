@@ -322,7 +322,7 @@ class PoolExecutor:
         alone_s = None
         if isinstance(start_s, (int, float)) and start_s > 0:
             assert self.pool is not None
-            key = (slot.model, slot.spec.tp)
+            key = (slot.model, slot.spec.tp, len(slot.spec.devices) // max(1, slot.spec.tp))
             # stored as the alone start: the planner multiplies it by the contention factor again
             alone_s = alone_start_s(start_s, self.pool.start_factor(slot.starting_with))
             spares = self._spares()

@@ -24,9 +24,13 @@ from scheduler.types import DevicePool, ModelSpec
 # vLLM CPU engine start (spawn, weights, KV allocation, warm-up) measured on this machine: 21-30 s;
 # planning with a zero reload cost would make re-plans churn engines for nothing.
 # an engine start on CPU before any was measured: one from a ready spare process (the planner adds
-# the import for a start that finds none, `scheduler.spares`); the demo models' spare starts took
-# 13.0-15.5 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`, profiles' load_time)
-DEFAULT_CPU_LOAD_S = 14.5
+# the import for a start that finds none, `scheduler.spares`). With one core per rank its engine
+# core and workers are forked, not spawned (`runtime.engines.api_server`): the demo models' starts
+# from an imported API server took 2.7-3.5 s on the 2-core development machine (5 Dec 2026); a rank
+# on several cores still spawns them, and those starts took 13.0-15.5 s (4 Dec 2026,
+# `bench/fresh.py`, profiles' load_time)
+DEFAULT_CPU_LOAD_S = 3.2
+DEFAULT_CPU_SPAWN_LOAD_S = 14.5
 # an engine stop (SIGTERM to its process group until it is gone) before any was measured: the demo
 # models' stops took 0.5-1.4 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`
 # events); the runtime starts nothing while one is in progress (`runtime.executor.slots`)
@@ -50,13 +54,14 @@ class LatencySource:
     `<state_dir>/profiles/` when one was measured, else on GPUs the committed operator-level model
     (`scheduler.gpu_profiles`), else the analytic roofline (`base`); that base corrected by the
     online calibration's `fits` (`scheduler.online.correction`). Load time: the engine start time
-    this runtime measured for (model, tp) when it has one (the truth on this machine), else the
-    profile's or GPU model's estimate, else DEFAULT_CPU_LOAD_S. Loaded before planning (the
+    this runtime measured for (model, tp, threads) when it has one (the truth on this machine), else
+    the shape's profile's or GPU model's estimate, else DEFAULT_CPU_LOAD_S (one core per rank) or
+    DEFAULT_CPU_SPAWN_LOAD_S. Loaded before planning (the
     profiler may have written a profile since), so the planner's thread does no I/O."""
 
     table: dict[tuple[str, int], LatencyModel]
     device: str
-    start_times: dict[tuple[str, int], float]
+    start_times: dict[tuple[str, int, int], float]  # (model, tp, threads) -> seconds
     threaded: dict[tuple[str, int, int], LatencyModel] = field(default_factory=dict)
     # a fresh engine's one-off slowness after it is healthy (its first requests, and every token
     # count it runs for the first time), from the profile's served calibration; charged with the
@@ -69,7 +74,7 @@ class LatencySource:
 
     @classmethod
     def load(cls, state_dir: Path, pool: DevicePool, models: Iterable[str],
-             start_times: dict[tuple[str, int], float],
+             start_times: dict[tuple[str, int, int], float],
              fits: Mapping[ShapeKey, ShapeFit] | None = None,
              caution: float = 0.0) -> "LatencySource":
         table, threaded, cold = {}, {}, {}
@@ -115,19 +120,23 @@ class LatencySource:
     def __call__(self, spec: ModelSpec, tp: int) -> LatencyModel:
         return self.threads(spec, tp, 1)
 
-    def _start_s(self, spec: ModelSpec, tp: int) -> float:
-        measured = self.start_times.get((spec.name, tp))
+    def _start_s(self, spec: ModelSpec, tp: int, threads: int = 1) -> float:
+        measured = self.start_times.get((spec.name, tp, threads))
         if measured is not None:
             return measured
-        lat = self.base(spec, tp)[0]
-        if lat.load_time_s > 0 or self.device != "cpu":
-            return lat.load_time_s
-        return DEFAULT_CPU_LOAD_S
+        if self.device != "cpu":
+            return self.base(spec, tp)[0].load_time_s
+        # a CPU profile's start counts for its own shape only: one core per rank forks, more spawn
+        own = self.table.get((spec.name, tp)) if threads == 1 else self.threaded.get(
+            (spec.name, tp, threads))
+        if own is not None and own.load_time_s > 0:
+            return own.load_time_s
+        return DEFAULT_CPU_LOAD_S if threads == 1 else DEFAULT_CPU_SPAWN_LOAD_S
 
     def threads(self, spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
         """Ranks on `threads` cores each: that shape's profile, else the assumed speed-up over
-        threads = 1, corrected by the online calibration. The start time is the (model, tp) one
-        either way (one engine starts alike), plus a fresh engine's one-off cost: the online
+        threads = 1, corrected by the online calibration. The start time is that shape's (one core
+        per rank starts faster, `_start_s`), plus a fresh engine's one-off cost: the online
         calibration's for a shape it fitted, else the profile's (`_cold_s`). A shape neither served
         nor profiled, of a model that has one that was, is priced `caution` slower."""
         lat, _ = self.base(spec, tp, threads)
@@ -137,7 +146,7 @@ class LatencySource:
         if self._cautious(spec.name, tp, threads):
             lat = scale_latency(lat, 1.0 + self.caution, 1.0 + self.caution)
         cold = self._cold_s(spec.name, tp, threads, fix)
-        return lat.with_load_time(self._start_s(spec, tp) + cold)
+        return lat.with_load_time(self._start_s(spec, tp, threads) + cold)
 
     def _cold_s(self, model: str, tp: int, threads: int, fix: Correction | None) -> float:
         """A fresh engine's one-off slowness: as measured on served engines of the shape, else the
@@ -187,8 +196,8 @@ class LatencySource:
                         "replay_err_after": round(after, 4), "fresh_engine_s": round(hit.cold_s, 3)}
         if self._cautious(spec.name, tp, threads):
             out["caution"] = self.caution
-        out["start_s"] = round(self._start_s(spec, tp), 3)
-        out["start"] = "measured" if (spec.name, tp) in self.start_times else (
+        out["start_s"] = round(self._start_s(spec, tp, threads), 3)
+        out["start"] = "measured" if (spec.name, tp, threads) in self.start_times else (
             "profile" if kind == "profile" or self.device != "cpu" else "default")
         return out
 

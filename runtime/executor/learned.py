@@ -55,8 +55,9 @@ class Learned:
         for cap in capped:
             self.lengths.observe(req.model, req.item.url, per_choice, cap)
 
-    def engine_started(self, key: tuple[str, int], alone_s: float) -> None:
-        """An engine of `key` (model, TP) started in `alone_s` alone, in a spare process."""
+    def engine_started(self, key: tuple[str, int, int], alone_s: float) -> None:
+        """An engine of `key` (model, TP, cores per rank) started in `alone_s` alone, in a spare
+        process."""
         self.start_times[key] = blend(self.start_times.get(key), alone_s)
 
     async def calibrate(self, pool: DevicePool, specs: Mapping[str, ModelSpec]) -> None:

@@ -166,7 +166,7 @@ def running_plans(keys: Iterable[ReplicaKey]) -> dict[str, ExecPlan]:
 
 def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], state_dir: Path,
                  reqs: Sequence[Req], lengths: LengthModel,
-                 start_times: dict[tuple[str, int], float], plan_no: int,
+                 start_times: dict[tuple[str, int, int], float], plan_no: int,
                  running: dict[str, ExecPlan], spares: tuple[float, ...] | None = None,
                  no_spare_s: float = 0.0,
                  fits: Mapping[ShapeKey, ShapeFit] | None = None,
@@ -197,7 +197,8 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     for m, (elapsed, n, in_spare) in (starting or {}).items():
         if m in problem.running:
             plan = problem.running[m]
-            expected = latency(specs[m], plan.tp).load_time_s * pool.start_factor(n)
+            expected = (latency.threads(specs[m], plan.tp, plan.threads).load_time_s
+                        * pool.start_factor(n))
             if spares is not None and not in_spare:
                 expected += no_spare_s
             problem.warmup[m] = max(1.0, expected - elapsed)

@@ -99,7 +99,7 @@ async def test_a_batchs_first_answers_correct_its_own_later_stages(tmp_path: Pat
     """Two models on one core run one after the other: the re-plan when the first finishes
     predicts the second from the first one's served requests (derived: the second never ran)."""
     cfg = make_cfg(tmp_path)
-    save_start_times(cfg.state_dir, {("a", 1): 0.02, ("b", 1): 0.02})
+    save_start_times(cfg.state_dir, {("a", 1, 1): 0.02, ("b", 1, 1): 0.02})
     specs = model_specs(cfg)
     # a machine on which the roofline is off by one factor for both models (what deriving one
     # model's correction from another's assumes): b's step costs what a's does times the
@@ -150,7 +150,7 @@ def test_an_unserved_tp_is_derived_from_the_models_served_one(tmp_path: Path) ->
 
     fits = {("a", 1, 1, "cpu"): dataclasses.replace(fit("a", 1, 2.0, 5.0), first_s=2.0),
             ("b", 1, 1, "cpu"): fit("b", 1, 1.0, 4.0), ("b", 2, 1, "cpu"): fit("b", 2, 1.5, 2.0)}
-    src = LatencySource.load(tmp_path, pool, ["a", "b"], {("a", 1): 10.0, ("a", 2): 12.0}, fits)
+    src = LatencySource.load(tmp_path, pool, ["a", "b"], {("a", 1, 1): 10.0, ("a", 2, 1): 12.0}, fits)
     roof = analytic_latency_model(specs["a"], 2, "cpu")
     lat = src(specs["a"], 2)
     assert lat.c1 == pytest.approx(roof.c1 * 3.0) and lat.c0 == pytest.approx(roof.c0 * 2.5)
@@ -289,7 +289,7 @@ def test_a_shape_never_served_pays_the_fresh_engine_cost_others_paid_at_it(tmp_p
         return ShapeFit(1.0, 1.0, 40, 1, 10.0, 2.0, 10.0, "roofline", coefficients(base), 40,
                         first_s=first_s)
 
-    starts = {("a", 1): 10.0, ("a", 2): 10.0, ("b", 1): 10.0, ("b", 2): 10.0}
+    starts = {("a", 1, 1): 10.0, ("a", 2, 1): 10.0, ("b", 1, 1): 10.0, ("b", 2, 1): 10.0}
     fits = {("a", 1, 1, "cpu"): fit("a", 1, 0.5), ("b", 2, 1, "cpu"): fit("b", 2, 2.5)}
     src = LatencySource.load(tmp_path, pool, ["a", "b"], starts, fits)
     assert src(specs["a"], 2).load_time_s == pytest.approx(12.5)  # b's TP 2 engines' cost

@@ -9,8 +9,8 @@ from runtime.executor_api import WorkItem
 from runtime.persist import load_length_model, save_length_model, save_profile
 from runtime.executor.pool_state import Req, ReqState, TransitionError
 from runtime.executor.planning import running_plans, sample_work
-from runtime.executor.latency_source import (DEFAULT_CPU_LOAD_S, DEFAULT_CPU_TP_COLD_S,
-                                             LatencySource)
+from runtime.executor.latency_source import (DEFAULT_CPU_LOAD_S, DEFAULT_CPU_SPAWN_LOAD_S,
+                                             DEFAULT_CPU_TP_COLD_S, LatencySource)
 from scheduler.latency import LatencyModel, Profile, analytic_latency_model
 from scheduler.lengths import LengthModel
 from scheduler.types import DevicePool, ModelSpec
@@ -45,7 +45,7 @@ def test_latency_source_prefers_profiles_and_measured_starts(tmp_path) -> None:
     pool = DevicePool("cpu", (0, 1), 1 << 28)
     measured = LatencyModel(1e-3, 2e-5, 0.0, 1e-7, 1e-4, load_time_s=12.0)
     save_profile(tmp_path, Profile("a", 1, "cpu", measured, {}))
-    src = LatencySource.load(tmp_path, pool, ["a"], {("a", 2): 40.0})
+    src = LatencySource.load(tmp_path, pool, ["a"], {("a", 2, 1): 40.0})
     assert src(SPEC, 1) == measured  # the stored profile, its load time included
     # no profile: analytic, with the start time this runtime measured and, never served at TP 2,
     # a TP-2 engine's first requests
@@ -54,6 +54,24 @@ def test_latency_source_prefers_profiles_and_measured_starts(tmp_path) -> None:
     assert tp2.load_time_s == 40.0 + DEFAULT_CPU_TP_COLD_S
     fresh = LatencySource.load(tmp_path / "none", pool, ["a"], {})
     assert fresh(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S
+
+
+def test_a_rank_on_several_cores_is_priced_its_own_slower_start(tmp_path) -> None:
+    """One core per rank forks its engine processes, a rank on several spawns them
+    (`runtime.engines.api_server`): a start measured (or profiled) for one shape is not the
+    other's."""
+    pool = DevicePool("cpu", (0, 1), 1 << 28)
+    fresh = LatencySource.load(tmp_path, pool, ["a"], {})
+    assert fresh.threads(SPEC, 1, 2).load_time_s == DEFAULT_CPU_SPAWN_LOAD_S
+    assert DEFAULT_CPU_SPAWN_LOAD_S > 3 * DEFAULT_CPU_LOAD_S
+    measured = LatencySource.load(tmp_path, pool, ["a"], {("a", 1, 1): 2.5, ("a", 1, 2): 13.0})
+    assert measured(SPEC, 1).load_time_s == 2.5
+    assert measured.threads(SPEC, 1, 2).load_time_s == 13.0
+    save_profile(tmp_path, Profile("a", 1, "cpu", LatencyModel(1e-3, 2e-5, 0.0, 1e-7, 1e-4,
+                                                                load_time_s=3.0), {}))
+    profiled = LatencySource.load(tmp_path, pool, ["a"], {})
+    assert profiled(SPEC, 1).load_time_s == 3.0
+    assert profiled.threads(SPEC, 1, 2).load_time_s == DEFAULT_CPU_SPAWN_LOAD_S
 
 
 def test_request_transitions_are_guarded() -> None:
@@ -92,7 +110,7 @@ def test_a_profiles_cold_start_cost_is_charged_with_the_start(tmp_path) -> None:
     save_profile(tmp_path, Profile("a", 1, "cpu", lat, {"served_calibration": cal}))
     src = LatencySource.load(tmp_path, pool, ["a"], {})
     assert src(SPEC, 1).load_time_s == pytest.approx(34.0)  # profile start + cold cost
-    measured = LatencySource.load(tmp_path, pool, ["a"], {("a", 1): 20.0})
+    measured = LatencySource.load(tmp_path, pool, ["a"], {("a", 1, 1): 20.0})
     assert measured(SPEC, 1).load_time_s == pytest.approx(24.0)  # measured start + cold cost
     assert measured(SPEC, 1).c1 == lat.c1
 
@@ -100,7 +118,7 @@ def test_a_profiles_cold_start_cost_is_charged_with_the_start(tmp_path) -> None:
 def test_build_problem_carries_the_spares_and_latency_no_longer_adds_the_import(tmp_path) -> None:
     """Start times are those of starts in a spare; the spare count and the import cost go to the
     planner, which hands the spares out over the stages (`scheduler.stages`)."""
-    latency = LatencySource({}, "cpu", {("a", 1): 15.0})
+    latency = LatencySource({}, "cpu", {("a", 1, 1): 15.0})
     assert latency(SPEC, 1).load_time_s == 15.0
     assert LatencySource({}, "cpu", {})(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S
     from runtime.executor.planning import build_problem

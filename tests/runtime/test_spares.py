@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from runtime.engines.api_server import ENGINE_MAIN
 from runtime.engines.procs import group_pids
 from runtime.engines.spare_child import SPARE_NICE
 from runtime.engines.spares import SparePool
@@ -32,7 +33,7 @@ async def test_take_hands_out_only_ready_spares_and_refill_replaces_them(tmp_pat
         assert os.getpriority(os.PRIO_PROCESS, a.pid) == min(19, os.getpriority(
             os.PRIO_PROCESS, 0) + SPARE_NICE)  # waits on idle CPU only
         log = tmp_path / "engine.log"
-        proc = await a.adopt(["x", "-m", "vllm.entrypoints.openai.api_server", "--port", "1"],
+        proc = await a.adopt(["x", "-m", ENGINE_MAIN, "--port", "1"],
                              dict(os.environ), (), 19, log)
         assert proc.pid == a.pid
         for _ in range(100):

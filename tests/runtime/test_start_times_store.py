@@ -8,9 +8,14 @@ from runtime.persist import START_TIMES_FILE as FILENAME, blend, load_start_time
 
 
 def test_round_trip_keeps_model_names_with_separators(tmp_path: Path) -> None:
-    times = {("tiny-a", 1): 21.5, ("org/model|x", 2): 40.25}
+    times = {("tiny-a", 1, 1): 21.5, ("org/model|x", 2, 1): 40.25, ("tiny-a", 1, 2): 14.0}
     save_start_times(tmp_path, times)
     assert load_start_times(tmp_path) == times
+
+
+def test_a_file_from_before_threads_were_kept_reads_as_one_core_per_rank(tmp_path: Path) -> None:
+    (tmp_path / FILENAME).write_text('{"a|1": 3.0, "a|2": 4.0, "a|1x2": 14.0}')
+    assert load_start_times(tmp_path) == {("a", 1, 1): 3.0, ("a", 2, 1): 4.0, ("a", 1, 2): 14.0}
 
 
 def test_missing_or_unreadable_file_gives_nothing(tmp_path: Path) -> None:
@@ -23,7 +28,7 @@ def test_missing_or_unreadable_file_gives_nothing(tmp_path: Path) -> None:
 
 def test_non_positive_entries_are_ignored(tmp_path: Path) -> None:
     (tmp_path / FILENAME).write_text('{"a|1": 0, "b|2": 12.5}')
-    assert load_start_times(tmp_path) == {("b", 2): 12.5}
+    assert load_start_times(tmp_path) == {("b", 2, 1): 12.5}
 
 
 def test_blend_moves_halfway() -> None:
@@ -105,7 +110,7 @@ async def test_executor_stores_concurrent_starts_as_alone_starts(tmp_path: Path)
     started = [e for e in ex.events("b") if e["event"] == "engine_started"]
     assert len(started) == 2 and all(e["starting_with"] == 2 for e in started)
     assert all(e["alone_start_s"] == e["start_s"] / 1.5 for e in started)
-    assert load_start_times(tmp_path / "state") == {("a", 1): round(0.3 / 1.5, 3)}
+    assert load_start_times(tmp_path / "state") == {("a", 1, 1): round(0.3 / 1.5, 3)}
 
 
 async def test_the_executor_rewrites_learned_state_only_when_it_changed(tmp_path: Path) -> None:
@@ -121,9 +126,9 @@ async def test_the_executor_rewrites_learned_state_only_when_it_changed(tmp_path
     state.mkdir(parents=True, exist_ok=True)
     await ex.learned.save()
     assert not (state / LENGTHS_FILE).exists() and not (state / FILENAME).exists()
-    ex.learned.start_times[("a", 1)] = 12.0
+    ex.learned.start_times[("a", 1, 1)] = 12.0
     await ex.learned.save()
-    assert load_start_times(state) == {("a", 1): 12.0}
+    assert load_start_times(state) == {("a", 1, 1): 12.0}
     (state / FILENAME).unlink()
     (state / LENGTHS_FILE).unlink()
     await ex.learned.save()  # nothing new since: not written again

@@ -10,7 +10,7 @@ import pytest
 from runtime.engines.engine import EngineSpec, build_command, cpu_bind_string
 from runtime.persist import load_profile, load_profiles, profile_path, save_profile
 from runtime.executor.planning import describe_stage, running_plans, stage_replicas
-from runtime.executor.latency_source import LatencySource
+from runtime.executor.latency_source import DEFAULT_CPU_SPAWN_LOAD_S, LatencySource
 from scheduler.latency import LatencyModel, Profile, assumed_threads_latency
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, Stage
 
@@ -51,13 +51,15 @@ def test_latency_source_uses_the_threads_profile_else_the_assumption(tmp_path: P
     save_profile(tmp_path, Profile("m", 1, "cpu", LAT))
     save_profile(tmp_path, Profile("m", 1, "cpu", fast, threads=2))
     pool = DevicePool("cpu", (0, 1), GiB, max_threads=2)
-    src = LatencySource.load(tmp_path, pool, ["m"], {("m", 1): 30.0})
+    src = LatencySource.load(tmp_path, pool, ["m"], {("m", 1, 2): 30.0})
     assert src.threads(spec, 1, 2) == fast.with_load_time(30.0)  # the measured start time wins
-    src = LatencySource.load(tmp_path, pool, ["m"], {})
-    assert src.threads(spec, 1, 2) == fast.with_load_time(LAT.load_time_s)
+    # the shape's own start: one core per rank forks its engine processes, two cores spawn them
+    src = LatencySource.load(tmp_path, pool, ["m"], {("m", 1, 1): 3.0})
+    assert src.threads(spec, 1, 2) == fast
     save_profile(tmp_path / "none", Profile("m", 1, "cpu", LAT))
     src = LatencySource.load(tmp_path / "none", pool, ["m"], {})
-    assert src.threads(spec, 1, 2) == assumed_threads_latency(LAT, spec, 1, 2)
+    assert src.threads(spec, 1, 2) == assumed_threads_latency(LAT, spec, 1, 2).with_load_time(
+        DEFAULT_CPU_SPAWN_LOAD_S)
 
 
 def test_replicas_and_running_plans_keep_threads() -> None:
