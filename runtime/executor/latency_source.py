@@ -26,10 +26,10 @@ from scheduler.types import DevicePool, ModelSpec
 # an engine start on CPU before any was measured: one from a ready spare process (the planner adds
 # the import for a start that finds none, `scheduler.spares`). With one core per rank its engine
 # core and workers are forked, not spawned (`runtime.engines.api_server`): the demo models' starts
-# from an imported API server took 2.7-3.5 s on the 2-core development machine (5 Dec 2026); a rank
-# on several cores still spawns them, and those starts took 13.0-15.5 s (4 Dec 2026,
-# `bench/fresh.py`, profiles' load_time)
-DEFAULT_CPU_LOAD_S = 3.2
+# in a spare took 3.5-4.0 s at TP 1 and TP 2 on the 2-core development machine; a rank on several
+# cores still spawns them, and those took 16.1-16.6 s (5 Dec 2026, `bench.makespan`'s
+# `refresh_start_times`, quiet machine)
+DEFAULT_CPU_LOAD_S = 3.7
 DEFAULT_CPU_SPAWN_LOAD_S = 14.5
 # an engine stop (SIGTERM to its process group until it is gone) before any was measured: the demo
 # models' stops took 0.5-1.4 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`
