@@ -48,7 +48,6 @@ from runtime.executor.pool_state import batch_reqs
 from runtime.executor.queues import idle_gateway_order
 from runtime.executor.planning import model_specs, plan_problem, refit_calibration, sample_work
 from runtime.executor.latency_source import LatencySource, latency_sources
-from runtime.engines.spares import IMPORT_S_GUESS, spare_count
 from scheduler.planner import STRATEGIES, Planner
 from scheduler.types import DevicePool, Schedule
 from scheduler.workloads import makespan_stats
@@ -108,12 +107,6 @@ def _endpoint_of(path: Path) -> str:
             return url if isinstance(url, str) else CHAT
     return CHAT
 
-
-def idle_spares(cfg: Config, pool: DevicePool) -> tuple[tuple[float, ...] | None, float]:
-    """What an idle gateway's executor tells the planner of its spare engine processes: every one
-    of them ready, and the import a start without one pays (the pool's guess: nothing measured)."""
-    n = spare_count(cfg, pool) if pool.kind == "cpu" else 0
-    return ((0.0,) * n, IMPORT_S_GUESS) if n else (None, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +227,9 @@ def plan_main(args: argparse.Namespace) -> int:
         return 1
     pool = planning_pool(args.devices, cfg, args.gpu)
     lengths = load_length_model(cfg.state_dir)
-    spares, no_spare_s = idle_spares(cfg, pool)
+    # an idle gateway's spares: none, or a ready zygote that forks one for every start; the
+    # planner prices both alike (`PoolExecutor._spare_state`)
+    spares, no_spare_s = None, 0.0
     specs = model_specs(cfg, pool.kind)
     fits = {}
     if cfg.scheduler.online_calibration:  # what `serve` fits before its next plan

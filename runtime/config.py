@@ -260,9 +260,10 @@ class DevicesConfig:
         "help": "CPU: run all of an engine's processes (API server, engine core, workers) on its "
                 "planned cores, not only its OpenMP threads"})
     spare_engines: int | None = field(default=None, metadata={
-        "help": "CPU: interpreters kept with vLLM's API server imported, so that an engine start "
-                "skips that import (~7 s each here, ~700 MB of memory each); unset = one per "
-                "core + 1, at most 3; 0 = none (GPUs: always none)",
+        "help": "CPU: processes kept with vLLM's API server imported, so that an engine start "
+                "skips that import (~7 s here): forks of one zygote that imports once (~640 MB), "
+                "~130 MB of memory each; unset = one per core + 1, at most 3; 0 = none (and no "
+                "zygote; GPUs: always none)",
         "example": 3})
     engine_linger_s: float = field(default=180.0, metadata={
         "help": "seconds an engine whose model has no work left stays up (warm) for the next "
@@ -284,7 +285,7 @@ class DevicesConfig:
         if self.spare_engines is not None:
             return self.spare_engines
         # one per device for a first stage that starts an engine on each, and one more for the
-        # next start (its replacement imports on idle CPU only, so it may not be ready in time)
+        # next start (replacements are forked at once, `runtime.engines.spares`)
         return min(3, n_devices + 1)
 
     def validate(self, where: str) -> None:

@@ -93,7 +93,7 @@ def shape_costs(ctx: Context, state: PlanState) -> dict[str, list[ShapeCost]]:
             opt = ctx.option(state, shape)
             cur = state.running.get(m)
             kept = cur is not None and (cur.tp, cur.dp, cur.threads) == (tp, dp, th)
-            start = state.warmup.get(m, 0.0) if kept else ctx.start_s(m, tp, 1)
+            start = state.warmup.get(m, 0.0) if kept else ctx.start_s(m, tp, 1, th)
             rows.append(ShapeCost(shape_devices(shape), opt.run.total_s, start))
         out[m] = rows
     return out

@@ -178,17 +178,19 @@ class Context:
             return Option(shape, warming, run, dp if warming > 0 else 0)
         extra = self.spare_charge(spare_pool.ready_count(state.spares), dp)
         stop = self.stop_s if cur is not None else 0.0  # priced alone: its own engine's stop
-        return Option(shape, self.start_s(m, tp, dp) + extra + stop, run, dp,
-                      self.est.load_time(m, tp), extra, stop)
+        return Option(shape, self.start_s(m, tp, dp, th) + extra + stop, run, dp,
+                      self.est.load_time(self.est.variant(m, th), tp), extra, stop)
 
     def spare_charge(self, spares: int | None, engines: int) -> float:
         """Extra start time of a model whose `engines` replicas start with `spares` ready (priced
         alone; `run_stage` hands the spares out over the whole stage)."""
         return self.no_spare_s if spares is not None and spares < engines else 0.0
 
-    def start_s(self, model: str, tp: int, starting: int) -> float:
-        """Start time of one (model, tp) engine while `starting` engines (itself included) start."""
-        return self.est.load_time(model, tp) * self.pool.start_factor(starting)
+    def start_s(self, model: str, tp: int, starting: int, threads: int = 1) -> float:
+        """Start time of one (model, tp, threads) engine while `starting` engines (itself included)
+        start: the shape's own (on CPU a rank on several cores starts slower than one on one)."""
+        return (self.est.load_time(self.est.variant(model, threads), tp)
+                * self.pool.start_factor(starting))
 
     def best_per_count(self, state: PlanState, model: str, max_devices: int | None = None) -> list[Option]:
         """Per device count, the option that finishes soonest (ties: smaller TP, fewer DP
@@ -235,7 +237,7 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
         else:
-            warm[p.model] = ctx.start_s(p.model, p.tp, starting) + ctx.spare_charge(
+            warm[p.model] = ctx.start_s(p.model, p.tp, starting, p.threads) + ctx.spare_charge(
                 spare_pool.ready_count(spares), p.dp) + (ctx.stop_s if stopped else 0.0)
             if spares is not None:
                 spares = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)

@@ -282,6 +282,53 @@ def test_killed_parent_takes_its_engine_down(tiny_model_dir: Path, tmp_path: Pat
         parent.kill()
 
 
+SPARE_CHILD = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from runtime.config import ModelConfig
+    from runtime.engines.engine import EngineSpec, VllmLauncher, base_env
+    from runtime.engines.spares import SparePool
+    async def main():
+        m = ModelConfig(name="tiny-a", path=sys.argv[1], max_model_len=512, max_num_seqs=4,
+                        max_num_batched_tokens=512, engine_args={"enforce_eager": True})
+        pool = SparePool(1, Path(sys.argv[2]), base_env)
+        launcher = VllmLauncher(spares=pool)
+        await launcher.start()
+        await pool.wait_ready(180)
+        e = await launcher.launch(EngineSpec(model=m, model_path=Path(sys.argv[1]), devices=(0,),
+                                             kv_cache_gib=0.1, log_path=Path(sys.argv[2]) / "e.log"))
+        assert e.spare_used
+        await pool.wait_ready(30)
+        print(e.pid, pool.zygote.pid, pool._spares[0].pid, flush=True)
+        await asyncio.sleep(600)
+    asyncio.run(main())
+""")
+
+
+def test_killed_parent_takes_its_spares_engines_and_zygote_down(tiny_model_dir: Path, tmp_path: Path):
+    """An engine started in a spare is not the gateway's child but the zygote's grandchild: its
+    guard watches the gateway, so a SIGKILLed gateway still takes it down, with the zygote and the
+    spare not taken yet, and what the engine had in /dev/shm."""
+    parent = subprocess.Popen([sys.executable, "-c", SPARE_CHILD, str(tiny_model_dir / "tiny-a"),
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        line = parent.stdout.readline()
+        assert len(line.split()) == 3, (tmp_path / "e.log").read_text()[-3000:]
+        groups = [int(x) for x in line.split()]
+        assert all(group_pids(g) for g in groups)
+        shm = shm_files(group_pids(groups[0]))
+        assert shm
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while any(group_pids(g) for g in groups) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for g in groups for p in group_pids(g)]
+        assert not [p for p in shm if os.path.exists(p)]
+    finally:
+        parent.kill()
+
+
 def test_build_command_cpu_and_cuda(test_config: Config):
     cmd, env = build_command(_spec(test_config, "small", (0, 1), tp=2), port=1234)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"

@@ -264,7 +264,7 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, timeout_s: float = 300, spare: "Spare | None" = None) -> None:
-        """Spawn the server (or turn `spare`, a ready `runtime.engines.spares.Spare`, into it) and wait
+        """Spawn the server (or turn `spare`, a `runtime.engines.spares.Spare`, into it) and wait
         until /health answers 200. Raises EngineError (log tail)."""
         if self._proc is not None:
             raise RuntimeError("engine already started")
@@ -513,12 +513,11 @@ class VllmLauncher:
         spare = self.spares.take() if self.spares is not None and spec.device_kind == "cpu" else None
         if spare is not None:
             self._in_spare.add(asked)
+            self.spares.refill()  # a fork: ready for the next start at once, and costs no CPU
         try:
             await engine.start(self.start_timeout_s, spare=spare)
         finally:
             self._in_spare.discard(asked)
-            if spare is not None:
-                self.spares.refill()  # not before: its import would compete with this start
         return engine
 
     def in_spare(self, spec: EngineSpec) -> bool:

@@ -5,7 +5,9 @@ is still starting (before uvicorn installs its handlers), and its engine-core/wo
 not watch their parent; a gateway killed during an engine start left the engine running. This guard
 runs CMD as its child in its own process group and, when its parent dies (PDEATHSIG, or its parent
 pid changes) or it receives SIGTERM, SIGTERMs the group, waits a grace period, then SIGKILLs what is
-left. It exits with CMD's exit code. Standard library only, so it starts in milliseconds.
+left. It exits with CMD's exit code. Standard library only, so it starts in milliseconds. A spare
+engine process forked by `runtime.engines.zygote` is led the same way (`supervise`), by a guard
+that watches the gateway instead of its parent (the zygote).
 
 Shared memory: a group that did not shut down by itself (SIGKILLed after the grace period, or whose
 processes died without cleanup) leaves vLLM's /dev/shm segments and semaphores behind, and with its
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from runtime.engines.procs import group_pids, set_pdeathsig
 from runtime.engines.shm import clear_unused, shm_names
@@ -36,10 +39,39 @@ def _others_in_group(pgid: int, parent: int) -> list[int]:
     return [pid for pid in group_pids(pgid) if pid not in (me, parent)]
 
 
+class Forked:
+    """A child this process forked (not spawned): what `supervise` needs of a `subprocess.Popen`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
 def main(cmd: list[str]) -> int:
     parent = os.getppid()
-    pgid = os.getpgid(0)
     set_pdeathsig()
+    return supervise(lambda: subprocess.Popen(cmd), lambda: os.getppid() == parent, parent)
+
+
+def supervise(start: Callable[[], "subprocess.Popen | Forked"], keep: Callable[[], bool],
+              parent: int) -> int:
+    """Run `start()`'s child in this process's group until it exits, or until this process gets
+    SIGTERM/SIGINT or `keep()` turns false (whoever it serves is gone); then take the group down
+    and clear what it left in /dev/shm. `parent`: a process of the group that is not waited for.
+    Returns the child's exit code (128 + signal when it was killed)."""
+    pgid = os.getpgid(0)
     stopping = False
 
     def shutdown(*_: object) -> None:
@@ -48,9 +80,9 @@ def main(cmd: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    child = subprocess.Popen(cmd)
+    child = start()
     while child.poll() is None and not stopping:
-        if os.getppid() != parent:
+        if not keep():
             stopping = True
             break
         time.sleep(POLL_S)

@@ -1,26 +1,23 @@
-"""A spare engine process (child side): an interpreter that has already imported vLLM's API server.
+"""A spare engine process (child side): what the zygote imports once (`preload`), and what a spare
+forked from it does with the command it is given (`become`).
 
 Why: most of an engine's start on CPU is Python interpreters importing torch and vLLM: the API server,
 then the engine core and worker it starts, ~7 s each on one core here. Where every rank has one core,
 `runtime.engines.api_server` has those two forked from the API server, so one import is all a start
-pays, and this does it before the engine is needed (a start then takes ~3 s); elsewhere they are
-spawned and import again (~15 s). `runtime.engines.spares` keeps such processes ready (a pre-fork
-server's preload, for an engine).
+pays; `runtime.engines.zygote` pays it once for every spare, before an engine is needed (a start then
+takes ~3.5 s instead of ~10.5 s). Elsewhere the two are spawned and import again (~16 s).
 
-Protocol (`python -m runtime.engines.guard python -m runtime.engines.spare_child`, stdin and stdout pipes):
-the process imports the API server, writes "ready" on stdout, then reads ONE JSON line from stdin:
-{"argv": [...], "env": {...}, "cores": [...], "nice": n, "log": path}. It sends its stdout and
-stderr to `log` (append; the engine core and workers it starts inherit them), replaces its
-environment with `env`, takes the CPU affinity `cores` (when given) and the niceness `nice` (it
-waits at nice 19; raising priority back needs CAP_SYS_NICE, and without it the engine keeps 19),
-and runs `python -m runtime.engines.api_server *argv` in this interpreter
-(`runtime.engines.api_server.run`). EOF on stdin before a command: exit 0 (retired).
+The command (one JSON line; `runtime.engines.spares.Spare.adopt`): {"argv": [...], "env": {...},
+"cores": [...], "nice": n, "log": path}. The spare sends its stdout and stderr to `log` (append; the
+engine core and workers it starts inherit them), replaces its environment with `env`, takes the CPU
+affinity `cores` (when given) and the niceness `nice` (it waits at nice 19; raising priority back
+needs CAP_SYS_NICE, and without it the engine keeps 19), and runs `python -m
+runtime.engines.api_server *argv` in this interpreter (`runtime.engines.api_server.run`).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 
@@ -54,19 +51,18 @@ def _redirect(log: str) -> None:
     os.close(fd)
 
 
-def main() -> int:
-    importlib.import_module(VLLM_API_SERVER)  # the expensive part: torch, transformers, vLLM
+def preload() -> None:
+    """The expensive part: torch, transformers, vLLM."""
+    importlib.import_module(VLLM_API_SERVER)
     for name in PRELOAD:  # what its main() imports late; a module moved in another vLLM is skipped
         try:
             importlib.import_module(name)
         except ImportError:
             pass
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    line = sys.stdin.readline()
-    if not line.strip():
-        return 0
-    cmd = json.loads(line)
+
+
+def become(cmd: dict) -> None:
+    """Turn this process into the engine `cmd` describes (the protocol's JSON line)."""
     _redirect(cmd["log"])
     os.environ.clear()
     os.environ.update(cmd["env"])
@@ -77,8 +73,3 @@ def main() -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
     run(cmd["argv"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

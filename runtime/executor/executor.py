@@ -309,9 +309,10 @@ class PoolExecutor:
 
     def _spare_state(self) -> tuple[tuple[float, ...] | None, float]:
         """For the planner: per spare engine process, the import it has left (0: ready; None: the
-        gateway keeps none), and what a start without one costs more (the API server's import)."""
+        gateway keeps none, or its zygote is ready and every start finds a spare, forked at once),
+        and what a start without one costs more (the API server's import)."""
         spares = self._spares()
-        if spares is None or spares.size <= 0:
+        if spares is None or spares.size <= 0 or spares.forks_ready():
             return None, 0.0
         return spares.import_left(), spares.import_s()
 

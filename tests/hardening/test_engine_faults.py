@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from runtime.engines.procs import group_pids, proc_stats
+from runtime.engines.procs import group_pids, proc_stats, tree_pids
 from runtime.engines.shm import shm_names, still_present
 from tests.hardening.test_faults import CHAT, REPO, Proc, free_port, get, lines, wait_for
 
@@ -45,8 +45,10 @@ def _resource_trackers(groups: set[int]) -> list[int]:
 
 
 def _children_groups(pid: int) -> set[int]:
-    """Process groups led by direct children of `pid` (engine and spare guards, the planner)."""
-    return {group for _, _, ppid, group in proc_stats() if ppid == pid}
+    """Process groups of `pid`'s descendants (engine and spare guards, the zygote and the spares
+    it forked, the planner)."""
+    tree = set(tree_pids(pid)) - {pid}
+    return {group for p, _, _, group in proc_stats() if p in tree}
 
 
 @pytest.mark.timeout(600)

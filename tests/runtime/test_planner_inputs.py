@@ -63,6 +63,9 @@ class NoReadySpares:
     def ready_count(self) -> int:
         return 0
 
+    def forks_ready(self) -> bool:  # the zygote still imports
+        return False
+
 
 async def test_a_replan_knows_a_start_that_found_no_spare_takes_the_import_longer(
         run, launcher, tmp_path) -> None:

@@ -67,6 +67,30 @@ def test_picks_one_engine_on_both_cores_when_its_profile_is_faster_and_starts_co
     assert p.plan("samullm").makespan_s == pytest.approx(25.0 + run.total_s)
 
 
+def test_a_threads_shape_is_priced_its_own_start() -> None:
+    """On CPU a rank on several cores starts slower than one on one core (its engine processes are
+    spawned, not forked: `runtime.engines.api_server`): the threads latency's load time is that
+    shape's start, in the options and in the schedule, so a slow start outweighs a faster rank."""
+    pool = DevicePool("cpu", (0, 1), GiB // 4, start_contention=0.0, max_threads=2)
+    work = {"small": [SimRequest(i, 100, 8) for i in range(96)]}
+
+    def threads_latency(spec: ModelSpec, tp: int, threads: int) -> LatencyModel:
+        base = dataclasses.replace(lat(spec, tp), load_time_s=3.5)
+        return dataclasses.replace(base, load_time_s=16.5,
+                                   **{c: getattr(base, c) / 1.8 for c in ("c0", "c1", "c2", "c3", "c4")})
+
+    def fast_start(spec: ModelSpec, tp: int) -> LatencyModel:
+        return dataclasses.replace(lat(spec, tp), load_time_s=3.5)
+
+    p = Planner(PlanningProblem({"small": SPEC}, work, pool, fast_start, lambda s, tp: GiB // 4,
+                                threads_latency=threads_latency))
+    state = p.initial_state()
+    assert p.ctx.option(state, ("small", 1, 1, 2)).warm_s == pytest.approx(16.5)
+    assert p.ctx.option(state, ("small", 1, 1)).warm_s == pytest.approx(3.5)
+    plans = p.plan("samullm").stages[0].plans
+    assert all(q.threads == 1 for q in plans)
+
+
 def test_threads_not_chosen_when_no_faster() -> None:
     plans = planner(1.0).plan("samullm").stages[0].plans
     assert all(q.threads == 1 for q in plans)
