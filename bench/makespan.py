@@ -296,8 +296,8 @@ def serving(cfg_path: Path, root: Path, tag: str, strategy: str, api_key: str = 
                     raise RuntimeError(f"gateway did not start; see {log_path}")
                 time.sleep(0.3)
         ready_s, import_s = wait_spares(port, deadline=time.monotonic() + 120)
-        print(f"  gateway ready: spare engine processes imported after {ready_s:.1f} s"
-              f" ({import_s} CPU s each at least)", flush=True)
+        print(f"  gateway ready: spare engine processes ready after {ready_s:.1f} s"
+              f" (the zygote's import: {import_s} CPU s)", flush=True)
         yield client, log_path
     finally:
         proc.send_signal(signal.SIGTERM)
