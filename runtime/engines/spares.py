@@ -178,6 +178,15 @@ class Zygote:
     def usable(self) -> bool:
         return self.ready.is_set() and self.alive()
 
+    async def wait_ready(self) -> bool:
+        """Until it is ready (True) or gone before that (False)."""
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            await asyncio.wait({ready, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        return self.usable()
+
     async def fork(self, fifo: Path, log_path: Path) -> Spare:
         """A new spare reading its command from `fifo` (created here) and writing to `log_path`."""
         assert self.proc.stdin is not None
@@ -277,14 +286,20 @@ class SparePool:
         log.info("spare zygote %d started (log %s)", proc.pid, log_path)
 
     async def _fill(self) -> None:
-        self._spares = [s for s in self._spares if s.usable()]
+        for dead in [s for s in self._spares if not s.usable()]:
+            self._spares.remove(dead)
+            with contextlib.suppress(OSError):
+                dead.fifo.unlink()
         if self.zygote is None or not self.zygote.alive():
             if self._closed:
                 return
             await self._start_zygote()
         zygote = self.zygote
         assert zygote is not None
-        await zygote.ready.wait()
+        if not await zygote.wait_ready():
+            log.warning("spare zygote %d exited before it was ready; see %s", zygote.pid,
+                        zygote.log_path)
+            return
         while not self._closed and zygote.usable() and len(self._spares) < self.size:
             self._n += 1
             name = f"spare-{os.getpid()}-{self._n}"

@@ -90,6 +90,8 @@ async def test_a_zygote_that_died_hands_out_nothing_and_a_dead_spare_is_skipped(
         assert pool.zygote is not None
         await asyncio.wait_for(pool.zygote.proc.wait(), 20)
         assert pool.take() is None and pool.ready_count() == 0
+        assert pool._filling is not None
+        await asyncio.wait_for(pool._filling, 10)  # gives up; never waits for it forever
     finally:
         await pool.close()
     pool = _pool(tmp_path, 1)
