@@ -31,6 +31,7 @@ from typing import Any, Callable
 from runtime.engines.engine import (LOG_TAIL_BYTES, EngineSpec, _signal_group, build_command,
                                     child_setup, free_port, read_tail)
 from runtime.engines.procs import group_pids
+from runtime.engines.shm import clear_unused, shm_names
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,11 +91,14 @@ class EngineHost:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, timeout_s: float = 30) -> int | None:
-        """SIGTERM the engine's group, SIGKILL what is left after `timeout_s` (the guards unlink
-        what it left in /dev/shm); returns the exit code."""
+        """SIGTERM the engine's group, SIGKILL what is left after `timeout_s`, then unlink what it
+        left in /dev/shm, as the local launcher does (`Engine.stop`): the group's guards, signalled
+        with it, note its names only after its processes may have dropped them (vLLM's message
+        queues of a forked engine were left so, two per engine); returns the exit code."""
         if self.proc is None:
             return None
         pgid = self.proc.pid
+        shm = shm_names(group_pids(pgid))
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while (self.proc.poll() is None or group_pids(pgid)) and time.monotonic() < deadline:
@@ -105,6 +109,10 @@ class EngineHost:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + 5
+        while group_pids(pgid) and time.monotonic() < deadline:  # SIGKILLed ones: milliseconds
+            time.sleep(0.05)
+        clear_unused(shm)
         return self.proc.returncode
 
     def log_tail(self, nbytes: int = LOG_TAIL_BYTES) -> str:

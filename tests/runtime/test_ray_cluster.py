@@ -154,6 +154,7 @@ def test_pooled_batch_runs_one_engine_per_node(cluster: TwoNodes, tiny_model_dir
     from openai import OpenAI
     from ray.util.placement_group import placement_group_table
 
+    before = set(os.listdir("/dev/shm"))
     _, proc, prefix = _gateway(cluster, tiny_model_dir, tmp_path)
     try:
         health = requests.get(f"{proc.url}/health").json()
@@ -184,6 +185,11 @@ def test_pooled_batch_runs_one_engine_per_node(cluster: TwoNodes, tiny_model_dir
         assert set(by_model) == set(MODELS) and set(by_model.values()) == {(0,), (1,)}
         _wait(lambda: not _live_groups(prefix), 60, "the engines' groups to go (linger 0)")
         assert (tmp_path / "state" / "start_times-ray.json").exists()
+        # a stopped engine leaves nothing in /dev/shm (vLLM's message queues are its psm_ files;
+        # the semaphores, sem.mp-*, could also be the gateway's own, which still runs)
+        engine_pids = [e["pid"] for e in started]
+        _wait(lambda: not any(group_pids(p) for p in engine_pids), 60, "the engines' processes")
+        assert not [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("psm_")]
     finally:
         proc.p.send_signal(signal.SIGTERM)
         proc.p.wait(60)
