@@ -11,14 +11,14 @@ the rank's process kept to its core, one thread. So when `build_command` sets FO
 per rank), this sets the start method back to `fork` after the platform chose `spawn`, and in each
 forked child applies what those variables say (`bind_after_fork`).
 
-Measured on the 2-core development machine (5 Dec 2026, /tmp experiments repeated in
-tests/test_engine.py's fork checks): a start after the API server's import took ~3 s instead of
-~15 s (medium and small at TP 1, small at TP 2), the same serving rate (medium TP 1, 64 requests of
-64 tokens: 5.7-5.9 s against 5.7-6.1 s; small TP 2: 1.1-1.3 s both). Forking without the binding
-ran two OpenMP threads on the one core and served 7x slower. A rank on several cores keeps `spawn`:
-without per-thread binding its threads float over its cores (small, one rank on both cores: 1.3-1.5 s
-against 1.0-1.1 s). Should a later vLLM lack the hook patched here, the server starts with `spawn`,
-as vLLM would, only slower (a warning says so).
+Measured on the 2-core development machine (5 Dec 2026; `bench/README.md`, "Engine starts"): a
+start in a spare took 3.5-4.0 s instead of 13-14.5 s (the demo models at TP 1 and TP 2), at the
+same serving rate (medium TP 1, 64 requests of 64 tokens: 5.7-5.9 s against 5.7 s spawned).
+Forking without the binding ran two OpenMP threads on the one core and served 7x slower
+(tests/runtime/test_api_server.py checks the binding). A rank on several cores keeps `spawn`:
+without per-thread binding its threads float over its cores (small, one rank on both cores:
+1.3-1.5 s against 1.0-1.1 s). Should a later vLLM lack the hook patched here, the server starts
+with `spawn`, as vLLM would, only slower (a warning says so).
 """
 
 from __future__ import annotations
