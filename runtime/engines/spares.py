@@ -107,8 +107,10 @@ class Spare:
         else:
             raise BrokenPipeError(f"spare {self.pid} never opened {self.fifo}")
         try:
-            os.set_blocking(fd, True)
-            os.write(fd, data)  # far below PIPE_BUF's atomic size... and the reader is waiting
+            os.set_blocking(fd, True)  # the spare waits in its read: this does not block long
+            view = memoryview(data)  # the environment makes it longer than one pipe buffer
+            while view:
+                view = view[os.write(fd, view):]
         finally:
             os.close(fd)
             with contextlib.suppress(OSError):
