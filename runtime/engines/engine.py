@@ -80,6 +80,11 @@ class EngineSpec:
     # CPU: every process of the engine runs on `devices` only (see `confined_cores`)
     confine: bool = True
 
+    @property
+    def threads(self) -> int:
+        """Devices per rank: CPU cores each rank runs on (1 on GPUs, one device per rank)."""
+        return max(1, len(self.devices) // max(1, self.tp))
+
     def confined_cores(self) -> tuple[int, ...]:
         """The CPU affinity of the whole engine, () = unrestricted. VLLM_CPU_OMP_THREADS_BIND pins
         only the workers' OpenMP threads; the API server and the engine-core process (which waits
@@ -160,7 +165,7 @@ def build_command(spec: EngineSpec, port: int, python: str = sys.executable,
         args["kv_cache_memory_bytes"] = int(spec.kv_cache_gib * (1 << 30))
         if spec.tp > 1:
             args["distributed_executor_backend"] = "mp"
-        if len(spec.devices) == spec.tp:  # one core per rank: fork, don't re-import (api_server)
+        if spec.threads == 1:  # one core per rank: fork, don't re-import (api_server)
             env[FORK_ENV] = "1"
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))

@@ -100,11 +100,10 @@ class Slot:
         return (self.model, self.spec.tp, tuple(self.spec.devices))
 
     def describe(self) -> dict[str, Any]:
-        threads = len(self.spec.devices) // max(1, self.spec.tp)  # CPU cores per rank
         out = {"slot": self.sid, "model": self.model, "tp": self.spec.tp,
                "devices": list(self.spec.devices)}
-        if threads > 1:
-            out["threads"] = threads
+        if self.spec.threads > 1:
+            out["threads"] = self.spec.threads
         out["pid"] = getattr(self.engine, "pid", None) if self.engine else None
         return out
 

@@ -323,7 +323,7 @@ class PoolExecutor:
         alone_s = None
         if isinstance(start_s, (int, float)) and start_s > 0:
             assert self.pool is not None
-            key = (slot.model, slot.spec.tp, len(slot.spec.devices) // max(1, slot.spec.tp))
+            key = (slot.model, slot.spec.tp, slot.spec.threads)
             # stored as the alone start: the planner multiplies it by the contention factor again
             alone_s = alone_start_s(start_s, self.pool.start_factor(slot.starting_with))
             spares = self._spares()
@@ -416,8 +416,7 @@ class PoolExecutor:
                                sent_s, now)
         if served is not None:
             assert self.pool is not None
-            threads = max(1, len(slot.spec.devices) // max(1, slot.spec.tp))
-            key = (slot.model, slot.spec.tp, threads, self.pool.signature)
+            key = (slot.model, slot.spec.tp, slot.spec.threads, self.pool.signature)
             self.learned.served.add(key, slot.sid, served)
 
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
