@@ -249,6 +249,14 @@ class DevicesConfig:
         "help": "GPU only: put an engine whose model has work for a later stage to sleep (level "
                 "1) instead of stopping it; needs engine_args { enable_sleep_mode = true } and "
                 "VLLM_SERVER_DEV_MODE=1; an engine that cannot sleep is stopped"})
+    cpu_sleep_gib: float | None = field(default=None, metadata={
+        "help": "CPU: host memory that sleeping engines may hold in all, in GiB. An engine whose "
+                "cores a new stage takes sleeps frozen (SIGSTOP: no CPU, its memory kept) instead "
+                "of stopping while this allows; a later stage that wants it back wakes it instead "
+                "of starting one, a small batch of its model wakes it as a guest beside the "
+                "stage's engines, and it stops once its model has had no work for "
+                "engine_linger_s; unset = a quarter of the host's memory; 0 = stop them",
+        "example": 6.0})
     max_threads_per_rank: int = field(default=0, metadata={
         "help": "CPU: most cores one TP rank may run on (OpenMP threads); 0 = every core, 1 = one"})
     start_contention: float | None = field(default=None, metadata={
@@ -293,6 +301,8 @@ class DevicesConfig:
             raise ConfigError(f"{where}.spare_engines: an integer in [0, 64]")
         if not 0 <= self.engine_linger_s <= 86400:
             raise ConfigError(f"{where}.engine_linger_s: seconds in [0, 86400]")
+        if self.cpu_sleep_gib is not None and not 0 <= self.cpu_sleep_gib <= 1 << 20:
+            raise ConfigError(f"{where}.cpu_sleep_gib: GiB in [0, 1048576]")
         if self.engine_nice is not None and not 0 <= self.engine_nice <= 19:
             raise ConfigError(f"{where}.engine_nice: an integer in [0, 19]")
         if self.max_threads_per_rank < 0:

@@ -24,7 +24,7 @@ from runtime.engines.api_server import ENGINE_MAIN, FORK_ENV
 from runtime.engines.devices import discover_pool
 from runtime.engines.engine import (Engine, EngineError, EngineSpec, VllmLauncher, build_command,
                                     shm_files)
-from runtime.engines.procs import group_pids
+from runtime.engines.procs import group_cpu_s, group_pids
 
 pytestmark = pytest.mark.engine
 aio = pytest.mark.asyncio(loop_scope="session")
@@ -210,13 +210,38 @@ async def test_start_failure_raises_with_log_tail(test_config: Config, tmp_path:
 
 
 @aio
+async def test_a_frozen_engine_uses_no_cpu_and_serves_once_thawed(pair):
+    """Sleep on CPU (`Engine.freeze`): every process but the guard stopped, none using CPU, the
+    memory kept; thawed, it answers at once."""
+    a, _ = pair
+    assert a.freezable and a.memory_bytes() > 100 * 2**20
+    assert a.freeze() and a.frozen
+    others = [p for p in group_pids(a.pid) if p != a.pid]
+    assert len(others) >= 3 and {_state(p) for p in others} == {"T"}
+    assert _state(a.pid) != "T"  # the guard keeps watching the gateway
+    cpu = group_cpu_s(a.pid)
+    await asyncio.sleep(1.0)
+    assert group_cpu_s(a.pid) - cpu < 0.05
+    assert a.thaw() and not a.frozen
+    t0 = time.monotonic()
+    status, body = await a.post("/v1/chat/completions", _chat("tiny-a", "still there?", 8))
+    assert status == 200 and body["usage"]["completion_tokens"] == 8
+    assert time.monotonic() - t0 < 5
+
+
+@aio
 async def test_stop_leaves_no_processes_or_shared_memory(pair):
+    """Also for a frozen engine: it is stopped as quickly (SIGCONT after the SIGTERM), not killed
+    after the guard's grace period."""
     a, b = pair
     pids = [p for e in (a, b) for p in group_pids(e.pid)]
     assert len(pids) >= 4  # api server + engine core + worker, per engine
     shm = shm_files(pids)  # vLLM's message queues; /dev/shm is shared with other engines
     assert shm
+    assert a.freeze()
+    t0 = time.monotonic()
     await asyncio.gather(a.stop(), b.stop())
+    assert time.monotonic() - t0 < 10  # frozen, it took 20.4 s (the guard's SIGKILL)
     await a.stop()  # idempotent
     assert not a.alive() and not b.alive()
     assert not group_pids(a.pid) and not group_pids(b.pid)

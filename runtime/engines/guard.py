@@ -91,6 +91,7 @@ def supervise(start: Callable[[], "subprocess.Popen | Forked"], keep: Callable[[
     if stopping:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGCONT)  # an engine asleep on CPU (frozen) acts on it only when running
     deadline = time.monotonic() + GRACE_S
     while _others_in_group(pgid, parent) and time.monotonic() < deadline:
         child.poll()  # reap the direct child so it does not count as alive

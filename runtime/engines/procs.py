@@ -1,6 +1,7 @@
 """The engines' process helpers, standard library only (the guard and the spare child import them
 and must start in milliseconds): the parent-death signal, autogroup niceness, and process groups read
-from /proc, and a whole process tree frozen to be killed (`freeze_tree`)."""
+from /proc, a whole process tree frozen to be killed (`freeze_tree`), and what processes hold in
+memory (`pss_bytes`, `host_memory_bytes`)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,25 @@ def live_pids(pids: list[int]) -> list[int]:
     """Those of `pids` that are still running (not gone, not zombies)."""
     wanted = set(pids)
     return [pid for pid, state, _, _ in proc_stats() if pid in wanted and state != "Z"]
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """Memory `pids` hold together, by proportional set size (a page shared by n processes counts
+    1/n to each: engines forked from one zygote share its pages), from /proc/<pid>/smaps_rollup;
+    processes gone count 0."""
+    total_kib = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total_kib += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            pass
+    return total_kib * 1024
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -95,6 +95,12 @@ class RayEngine(Engine):
         self._pg: Any = None
         self._actor: Any = None
 
+    @property
+    def freezable(self) -> bool:
+        """Its processes are on its node, behind the host actor: it is stopped, not put to sleep
+        (a freeze through the actor is not built)."""
+        return False
+
     async def start(self, timeout_s: float = 300, spare: Any = None) -> None:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

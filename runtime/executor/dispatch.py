@@ -34,22 +34,36 @@ DEATH_GRACE_S = 3.0  # how long a 5xx / dropped connection waits for the engine 
 class SlotState(enum.IntEnum):
     STARTING = 0
     RUNNING = 1
-    SLEEPING = 2  # GPU sleep mode level 1: weights offloaded, devices usable by others
+    # asleep, out of the plan, its devices usable by others: on GPUs vLLM's sleep mode level 1
+    # (weights offloaded), on CPU frozen (`Engine.freeze`: no CPU, its memory kept)
+    SLEEPING = 2
     STOPPING = 3
     STOPPED = 4
     FAILED = 5
+    # a CPU engine thawed beside the stage's engines, on cores they use, to serve small batches of
+    # its model only; out of the plan; asleep again when they are done (`slots.EngineSlots.visit`)
+    GUEST = 6
 
     @property
     def active(self) -> bool:
+        """Part of the plan being carried out (what a re-plan keeps or changes)."""
         return self in (SlotState.STARTING, SlotState.RUNNING)
+
+    @property
+    def serving(self) -> bool:
+        """Its dispatch loop sends requests: an engine death there is the executor's to handle."""
+        return self in (SlotState.RUNNING, SlotState.GUEST)
 
 
 # Who may follow whom. STOPPING -> STOPPING: a stop that an interrupted pass left half done is
-# finished by `close()` (`EngineSlots.stop(force=True)`). STOPPED and FAILED are final.
+# finished by `close()` (`EngineSlots.stop(force=True)`). STOPPED and FAILED are final. A guest
+# joins the plan (RUNNING) when a stage wants its engine where it is.
 SLOT_MOVES: dict[SlotState, tuple[SlotState, ...]] = {
     SlotState.STARTING: (SlotState.RUNNING, SlotState.STOPPING, SlotState.FAILED),
     SlotState.RUNNING: (SlotState.SLEEPING, SlotState.STOPPING, SlotState.FAILED),
-    SlotState.SLEEPING: (SlotState.RUNNING, SlotState.STOPPING),
+    SlotState.SLEEPING: (SlotState.RUNNING, SlotState.GUEST, SlotState.STOPPING),
+    SlotState.GUEST: (SlotState.SLEEPING, SlotState.RUNNING, SlotState.STOPPING,
+                      SlotState.FAILED),
     SlotState.STOPPING: (SlotState.STOPPING, SlotState.STOPPED),
     SlotState.STOPPED: (),
     SlotState.FAILED: (),
@@ -78,6 +92,7 @@ class Slot:
     # batch of its model (`[devices] engine_linger_s`, `slots.EngineSlots.apply`)
     idle_since: float | None = None
     launched_at: float = 0.0  # when its start began (executor clock): what a re-plan still waits for
+    sleep_bytes: int = 0  # what it holds in memory asleep on CPU (`slots.EngineSlots._sleep`)
     # takes its model's requests from the queue's end (every other replica of a model: prefix
     # affinity, `ModelQueues.pop`)
     tail: bool = False
@@ -158,12 +173,14 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
     """Keep `slot.limit` requests in flight; past it, a request of a small batch still goes when
     much bigger ones' can be aborted for it, and then none of theirs goes while the small ones
     run (`seats`: the aborted are re-queued)."""
-    while slot.state is SlotState.RUNNING:
+    while slot.state.serving:
         preempted: list[Req] = []
         by: list[Req] = []
+        # a guest takes small batches' requests only (their `priority` is at most the seats')
+        only = slot.inflight.small() if slot.state is SlotState.GUEST else None
         while not host.dispatch_paused and not _held(slot, host) and (
                 len(slot.inflight) < slot.limit or _may_preempt(slot, host)):
-            req = host.queues.pop(slot.model, slot.tail)
+            req = host.queues.pop(slot.model, slot.tail, at_most=only)
             if req is None:
                 break
             req.dispatch()
@@ -181,6 +198,8 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
         if preempted:
             host.requests_preempted(slot, preempted, by)
         host.check_drained(slot.model)
+        if only is not None and not slot.inflight and not host.queues.has_queued(slot.model, only):
+            return  # a guest whose small batches are done (it goes back to sleep)
         # no await between filling and clearing: a wake-up cannot be lost
         slot.wake.clear()
         held = slot.inflight.hold_left(host.clock.monotonic())
@@ -217,7 +236,7 @@ def _held(slot: Slot, host: SlotHost) -> bool:
 async def _watch_exit(slot: Slot, host: SlotHost) -> None:
     assert slot.engine is not None
     code = await slot.engine.wait_exit()
-    if slot.state is SlotState.RUNNING:  # an exit we did not ask for
+    if slot.state.serving:  # an exit we did not ask for
         host.slot_died(slot, f"engine process exited with code {code}")
 
 
@@ -300,13 +319,16 @@ def make_outcome(req: Req, status: int, body: dict[str, Any]) -> Outcome:
                    error=err, request_id=rid, attempts=req.attempts, extra={"body": body})
 
 
-# GPU sleep mode, level 1 (vLLM offloads the weights to host memory and drops the KV cache, so the
-# GPUs are free for another engine while this one waits to be needed again; waking is much faster
-# than a reload). vLLM serves /sleep and /wake_up only when the engine runs with
+# Sleep. On GPUs, vLLM's sleep mode level 1 (it offloads the weights to host memory and drops the
+# KV cache, so the GPUs are free for another engine while this one waits to be needed again; waking
+# is much faster than a reload). vLLM serves /sleep and /wake_up only when the engine runs with
 # `--enable-sleep-mode` (a model's `engine_args = { enable_sleep_mode = true }`) and the environment
-# has VLLM_SERVER_DEV_MODE=1. Enabled by `[devices] sleep_mode`; GPU only; untested on this CPU machine.
-# Any failure answers False and the executor stops the engine instead.
+# has VLLM_SERVER_DEV_MODE=1. Enabled by `[devices] sleep_mode`; untested on this CPU machine. On
+# CPU the engine is frozen (`Engine.freeze`, `[devices] cpu_sleep_gib`). Any failure answers False
+# and the executor stops the engine instead.
 async def sleep_engine(engine: Engine) -> bool:
+    if engine.spec.device_kind == "cpu":
+        return engine.freeze()
     try:
         status, _ = await engine.post("/sleep?level=1", {})
     except Exception as exc:  # an engine that cannot sleep is stopped instead
@@ -316,6 +338,8 @@ async def sleep_engine(engine: Engine) -> bool:
 
 
 async def wake_engine(engine: Engine) -> bool:
+    if engine.spec.device_kind == "cpu":
+        return engine.thaw()
     try:
         status, _ = await engine.post("/wake_up", {})
     except Exception as exc:

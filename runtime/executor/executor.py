@@ -52,7 +52,7 @@ from runtime.clock import SYSTEM, Clock, wait_event
 from runtime.config import STRATEGIES, Config
 from runtime.engines.devices import NodeChange, discover_pool
 from runtime.executor.deps import DEPENDENCY_FAILED, BatchGraph
-from runtime.executor.dispatch import Slot
+from runtime.executor.dispatch import Slot, SlotState
 from runtime.engines.engine import Launcher
 from runtime.executor_api import EventSink, Outcome, OutcomeSink, WorkItem
 from runtime.persist import alone_start_s
@@ -125,6 +125,7 @@ class PoolExecutor:
         self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
         self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
         self._linger: asyncio.Task | None = None  # wakes a pass when a warm engine's time is up
+        self._to_visit: set[str] = set()  # models whose sleeping engine may wake as a guest
         # `[scheduler] auto_profile = "idle"`: profiles missing shapes while idle (start())
         self._profile_launch = profile_launch
         self.auto_profile: AutoProfiler | None = None
@@ -273,7 +274,10 @@ class PoolExecutor:
         out: dict[str, Any] = {"idle_engines": [
             {"model": s.model, "tp": s.spec.tp, "devices": list(s.spec.devices),
              "idle_s": round(now - s.idle_since, 1)} for s in self.slots.idle()
-            if s.idle_since is not None]}
+            if s.idle_since is not None], "sleeping_engines": [
+            {"model": s.model, "tp": s.spec.tp, "devices": list(s.spec.devices),
+             "memory_gib": round(s.sleep_bytes / 2**30, 2), "guest": s.state is SlotState.GUEST}
+            for s in self.slots.asleep()]}
         spares = self._spares()
         if spares is not None:  # ready = an engine start now skips the API server's import
             out["spare_engines"] = {"ready": spares.ready_count(), "target": spares.size,
@@ -344,7 +348,7 @@ class PoolExecutor:
         self._request_pass(f"engine_start_failed:{slot.model}")
 
     def slot_died(self, slot: Slot, message: str) -> None:
-        if not slot.state.active:
+        if not (slot.state.active or slot.state.serving):
             return  # already stopping (we asked) or handled
         reqs = self.slots.fail(slot)
         self.emit("engine_failed", **slot.describe(), message=message, requeued=len(reqs))
@@ -406,6 +410,21 @@ class PoolExecutor:
         self._queued_at[req] = self.clock.monotonic()
         self.queues.push(req, front)
         self.slots.wake(req.model)
+        self._visit_soon(req.model)
+
+    def _visit_soon(self, model: str) -> None:
+        """Once the requests being queued now are all in (a batch's first request alone looks
+        like a small batch), let a small batch of `model` wake its sleeping engine as a guest
+        (`slots.EngineSlots.visit`)."""
+        if not self._to_visit:
+            asyncio.get_running_loop().call_soon(self._visit)
+        self._to_visit.add(model)
+
+    def _visit(self) -> None:
+        models, self._to_visit = self._to_visit, set()
+        if not self._closing:
+            for model in models:
+                self.slots.visit(model)
 
     def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None:
         """An engine answered `req` (sent at `sent_s`), just now: an observation of its speed."""

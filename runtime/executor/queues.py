@@ -66,11 +66,14 @@ class ModelQueues:
         q.appendleft(req) if front else q.append(req)
         self.finish_signalled[req.model] = False
 
-    def pop(self, model: str, tail: bool = False) -> Req | None:
-        """The next request for a replica of `model` (see the module docstring)."""
+    def pop(self, model: str, tail: bool = False, at_most: int | None = None) -> Req | None:
+        """The next request for a replica of `model` (see the module docstring); `at_most`: from
+        the batches whose `priority` is at most that only (small ones, for a guest engine)."""
         by_batch = self._q.get(model)
         while by_batch:
-            batch = self._next_batch(model, by_batch)
+            batch = self._next_batch(model, self._within(by_batch, at_most))
+            if not batch:
+                return None
             q = by_batch[batch]
             while q:
                 req = q.pop() if tail else q.popleft()
@@ -83,6 +86,12 @@ class ModelQueues:
                     return req
             self._leave(model, batch)
         return None
+
+    def _within(self, by_batch: dict[str, deque[Req]], at_most: int | None
+                ) -> dict[str, deque[Req]]:
+        if at_most is None:
+            return by_batch
+        return {b: q for b, q in by_batch.items() if q and self._priority(b, len(q) - 1) <= at_most}
 
     def priorities(self, model: str) -> dict[str, int]:
         """Per batch with requests of `model` queued, the `priority` its next one would get."""
@@ -111,9 +120,9 @@ class ModelQueues:
 
     def _pick(self, by_batch: dict[str, deque[Req]], now: int, since: dict[str, int]) -> str:
         """The batch whose request goes next (see the module docstring), `now` dispatches so far
-        and `since` the count when each batch was last served or joined."""
-        first = next(iter(by_batch))
-        if len(by_batch) == 1:
+        and `since` the count when each batch was last served or joined; "" when there is none."""
+        first = next(iter(by_batch), "")
+        if len(by_batch) <= 1:
             return first
         pick = [b for b in by_batch if b in self.urgent] if self.urgent else []
         if not self.fair:
@@ -154,16 +163,20 @@ class ModelQueues:
         if not by_batch:
             del self._q[model]
 
-    def has_queued(self, model: str) -> bool:
+    def has_queued(self, model: str, at_most: int | None = None) -> bool:
+        """Whether `model` has requests queued (of batches whose `priority` is at most `at_most`,
+        when given)."""
         by_batch = self._q.get(model)
+        found = False
         for batch in list(by_batch or ()):
             q = by_batch[batch]  # type: ignore[index]
             while q and q[0].state is not ReqState.QUEUED:
                 q.popleft()  # drop cancelled heads: the new head, if any, is queued
-            if q:
-                return True
-            self._leave(model, batch)
-        return False
+            if not q:
+                self._leave(model, batch)
+            elif at_most is None or self._priority(batch, len(q) - 1) <= at_most:
+                found = True
+        return found
 
     def queued(self, model: str) -> list[Req]:
         return [r for q in self._q.get(model, {}).values() for r in q

@@ -67,14 +67,15 @@ class InFlight(dict[Req, asyncio.Task]):
         # when the slot began holding its engine for small batches (None: it does not)
         self.held_since: float | None = None
 
-    def _small(self) -> int:
+    def small(self) -> int:
+        """The highest `priority` of a small batch (see the module docstring)."""
         return self.seats.bit_length()
 
     def victims(self, priority: int, batch: str, current: Mapping[str, int]) -> list[Req]:
         """The requests to abort now that one of `priority` of `batch` is sent, by `current`
         priority per batch with something queued (see the module docstring): every one of the
         big batches' in flight, in dispatch order; none when the batch is not small."""
-        small = self._small()
+        small = self.small()
         if priority > small:
             return []
         return [r for r in self
@@ -90,7 +91,7 @@ class InFlight(dict[Req, asyncio.Task]):
         if self.held_since is None:
             return None
         left = self.held_since + HOLD_MAX_S - now
-        small = self._small()
+        small = self.small()
         if left <= 0 or not any(r.priority <= small for r in self):
             self.held_since = None  # ended: timed out, or the small batches are done
             return None
@@ -101,6 +102,6 @@ class InFlight(dict[Req, asyncio.Task]):
         `batch` is big and no small batch has anything queued (aging chose it over them)."""
         if self.hold_left(now) is None:
             return False
-        small = self._small()
+        small = self.small()
         return current.get(batch, 0) >= small + PREEMPT_GAP and not any(
             p <= small for b, p in current.items() if b != batch)

@@ -1,5 +1,17 @@
 """The executor's engine replicas ("slots"): apply a plan's stage, start, stop, sleep, wake.
 
+Sleep on CPU: an engine whose cores a new stage takes is frozen (`Engine.freeze`) instead of stopped
+while the memory sleeping engines hold stays within `[devices] cpu_sleep_gib`: a CPU start costs
+3.5-4 s of a core (a forked one, 16 s spawned), a freeze and a wake nothing. A later stage that
+wants it back (same model, TP and cores) wakes it instead of starting one; a small batch of its
+model, arriving while no engine of that model is in the plan, wakes it as a *guest* (`visit`) on
+the cores it had, beside the engine now there, to serve small batches only (`queues.pop(at_most)`),
+and it goes back to sleep when they are done. Why: with both cores serving a big batch, a 20-request
+batch whose model's engine had stopped waited for a stage change (19-22 s against a 4.3 s target in
+`bench/fairness.py`, 5 Dec 2026), while taking a core from the big batch costs it a stop, a start and
+a restart. A guest costs the big batch only the small batch's own work. A sleeping engine whose
+model has had no work for `engine_linger_s` is stopped.
+
 `EngineSlots` is a part of the executor (composed, not mixed in): it owns the list of slots and
 every engine start, stop, sleep and wake; what it needs of the executor is `SlotOwner` (re-queue a
 request, record an event, hear of a failed start), which is also the slots' `dispatch.SlotHost`.
@@ -24,6 +36,7 @@ from runtime.config import Config
 from runtime.engines.devices import engine_device_kind
 from runtime.executor.dispatch import Slot, SlotHost, SlotState
 from runtime.engines.engine import EngineSpec
+from runtime.engines.procs import host_memory_bytes
 from runtime.executor.pool_state import Req
 from runtime.executor.planning import ReplicaKey, stage_replicas
 from runtime.persist import blend
@@ -70,6 +83,9 @@ class EngineSlots:
         self.dying: set[asyncio.Task] = set()
         self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
         self.stop_s: float | None = None  # an engine's stop as measured here (smoothed)
+        gib = cfg.devices.cpu_sleep_gib
+        # what sleeping CPU engines may hold in all (see the module docstring)
+        self.sleep_budget = host_memory_bytes() // 4 if gib is None else int(gib * 2**30)
 
     def __iter__(self):
         return iter(list(self.all))
@@ -149,23 +165,24 @@ class EngineSlots:
         for s in self.all:
             if s.model in has_work:
                 s.idle_since = None
+        asleep = (SlotState.SLEEPING, SlotState.GUEST)
         wake = {s.key: s for s in self.all
-                if s.state is SlotState.SLEEPING and s.key in desired and s.key not in keep}
+                if s.state in asleep and s.key in desired and s.key not in keep}
         new = [k for k in desired if k not in keep and k not in wake]
-        needed = {d for k in new for d in k[2]}
+        needed = {d for k in [*new, *wake] for d in k[2]}  # a woken engine needs its devices too
         stops, sleeps = [], []
         for s in self.all:
-            if s.key in keep or s.key in wake:
-                continue
-            if s.state.active and self._may_sleep(s, needed, has_work):
-                sleeps.append(s)
-            elif s.state is SlotState.RUNNING and self._may_linger(s, needed, has_work, now):
+            if s.key in keep or s.key in wake or s.state is SlotState.GUEST:
+                continue  # a guest sleeps again by itself once its small batches are done
+            if s.state is SlotState.RUNNING and self._may_linger(s, needed, has_work, now):
                 s.idle_since = now if s.idle_since is None else s.idle_since
-            elif s.state.active or s.state is SlotState.SLEEPING and (
-                    needed & set(s.spec.devices) or s.model not in has_work):
+            elif s.state.active and self._may_sleep(s, needed, has_work, now):
+                sleeps.append(s)
+            elif s.state.active or s.state is SlotState.SLEEPING and self._sleep_ends(
+                    s, needed, has_work, now):
                 stops.append(s)
         await asyncio.gather(*(self.stop(s, "re-plan") for s in stops),
-                             *(self._sleep(s) for s in sleeps))
+                             *(self._sleep(s, has_work, now) for s in sleeps))
         await settle(*self.dying)
         for slot in wake.values():
             await self._wake(slot)
@@ -240,35 +257,115 @@ class EngineSlots:
         """Engines kept warm: running, their model without work."""
         return [s for s in self.all if s.idle_since is not None and s.state is SlotState.RUNNING]
 
+    def asleep(self) -> list[Slot]:
+        """Engines asleep, or awake as guests (out of the plan either way)."""
+        return [s for s in self.all if s.state in (SlotState.SLEEPING, SlotState.GUEST)]
+
     def linger_ends(self) -> float | None:
-        """When the first warm engine's linger time runs out (executor clock), if any."""
-        ends = [s.idle_since + self.cfg.devices.engine_linger_s for s in self.idle()
-                if s.idle_since is not None]
+        """When the first warm or sleeping engine's linger time runs out (executor clock), if any."""
+        ends = [s.idle_since + self.cfg.devices.engine_linger_s
+                for s in self.idle() + self.asleep() if s.idle_since is not None]
         return min(ends, default=None)
 
-    # -- GPU sleep mode (see dispatch.sleep_engine) -----------------------------------------------
-    def _may_sleep(self, slot: Slot, needed: set[int], busy: set[str]) -> bool:
-        """Sleep instead of stop: a GPU engine whose model has work left for later, on devices the
-        new stage does not use (a sleeping engine still holds its CUDA context)."""
+    # -- sleep: GPU sleep mode, CPU frozen (see the module docstring, dispatch.sleep_engine) --------
+    def _may_sleep(self, slot: Slot, needed: set[int], busy: set[str], now: float) -> bool:
+        """Sleep instead of stop. GPU: an engine whose model has work left for later, on devices
+        the new stage does not use (a sleeping engine still holds its CUDA context). CPU: a
+        running engine that can freeze, unless its model has had no work for the linger time (the
+        memory it would hold is checked by `_sleep`)."""
+        if slot.spec.device_kind == "cpu":
+            linger = self.cfg.devices.engine_linger_s
+            return (slot.state is SlotState.RUNNING and self.sleep_budget > 0
+                    and slot.engine is not None and slot.engine.freezable
+                    and (slot.model in busy or slot.idle_since is None
+                         or now - slot.idle_since < linger))
         return (self.cfg.devices.sleep_mode and slot.spec.device_kind == "cuda"
                 and slot.model in busy and not needed & set(slot.spec.devices))
 
-    async def _sleep(self, slot: Slot) -> None:
+    def _sleep_ends(self, slot: Slot, needed: set[int], busy: set[str], now: float) -> bool:
+        """Whether a sleeping engine is stopped now. GPU: its devices are needed or its model has
+        no work left. CPU: its model has had no work for the linger time."""
+        if slot.spec.device_kind != "cpu":
+            return bool(needed & set(slot.spec.devices)) or slot.model not in busy
+        if slot.model in busy:
+            return False
+        slot.idle_since = now if slot.idle_since is None else slot.idle_since
+        return now - slot.idle_since >= self.cfg.devices.engine_linger_s
+
+    async def _sleep(self, slot: Slot, busy: set[str], now: float) -> None:
         slot.move(SlotState.SLEEPING)
         reqs = self._preempt(slot)
         await stop_task(slot.task)
-        assert slot.engine is not None
-        if await dispatch.sleep_engine(slot.engine):
-            self.owner.emit("engine_sleep", **slot.describe(), requeued=len(reqs))
+        slot.task = None
+        engine = slot.engine
+        assert engine is not None
+        if slot.spec.device_kind == "cpu":
+            held = sum(s.sleep_bytes for s in self.asleep() if s is not slot)
+            slot.sleep_bytes = await asyncio.to_thread(engine.memory_bytes)
+            if held + slot.sleep_bytes > self.sleep_budget:
+                why = (f"re-plan; sleeping engines would hold {(held + slot.sleep_bytes) / 2**30:.1f}"
+                       f" GiB, over [devices] cpu_sleep_gib")
+                slot.sleep_bytes = 0
+                await self.stop(slot, why)
+                return
+            if slot.model not in busy:  # stopped once its linger time is up (`_sleep_ends`)
+                slot.idle_since = now if slot.idle_since is None else slot.idle_since
+        if await dispatch.sleep_engine(engine):
+            self.owner.emit("engine_sleep", **slot.describe(), requeued=len(reqs),
+                            memory_gib=round(slot.sleep_bytes / 2**30, 2))
         else:
             await self.stop(slot, "sleep failed")
 
     async def _wake(self, slot: Slot) -> None:
         assert slot.engine is not None
+        if slot.state is SlotState.GUEST:  # awake already: it joins the plan, all batches now
+            slot.move(SlotState.RUNNING)
+            slot.sleep_bytes, slot.idle_since = 0, None
+            self.owner.emit("engine_wake", **slot.describe(), guest=True)
+            slot.wake.set()
+            return
         if await dispatch.wake_engine(slot.engine):
             slot.move(SlotState.RUNNING)
+            slot.sleep_bytes, slot.idle_since = 0, None
             self.owner.emit("engine_wake", **slot.describe())
             slot.task = asyncio.create_task(dispatch.serve_slot(slot, self.owner))
         else:
             await self.stop(slot, "wake failed")
             self.start(slot.key)
+
+    # -- guests (see the module docstring) ----------------------------------------------------------
+    def visit(self, model: str) -> None:
+        """A request of `model` was queued: when no engine of `model` is in the plan or a guest
+        already, and one sleeps frozen, wake it as a guest if a small batch of `model` has
+        requests queued."""
+        queues = self.owner.queues
+        if not queues.fair or any(s.model == model and (s.state.active or s.state is SlotState.GUEST)
+                                  for s in self.all):
+            return
+        slot = next((s for s in self.all if s.model == model and s.state is SlotState.SLEEPING
+                     and s.spec.device_kind == "cpu"), None)
+        if slot is None or slot.engine is None or not queues.has_queued(model, slot.inflight.small()):
+            return
+        if not slot.engine.thaw():  # it died asleep: reap it (a plan starts another when needed)
+            slot.move(SlotState.STOPPING)
+            self.reap(slot.engine)
+            slot.move(SlotState.STOPPED)
+            self.all.remove(slot)
+            return
+        slot.move(SlotState.GUEST)
+        self.owner.emit("engine_guest", **slot.describe())
+        slot.task = asyncio.create_task(self._serve_guest(slot), name=f"guest-{slot.sid}-{model}")
+
+    async def _serve_guest(self, slot: Slot) -> None:
+        await dispatch.serve_slot(slot, self.owner)
+        if slot.state is not SlotState.GUEST:
+            return  # it joined the plan (and still serves: this task is its dispatch loop), or died
+        assert slot.engine is not None
+        slot.move(SlotState.SLEEPING)
+        slot.task = None  # this one ends here: a stop must not wait for it
+        if await dispatch.sleep_engine(slot.engine):
+            self.owner.emit("engine_sleep", **slot.describe(), requeued=0, after="guest",
+                            memory_gib=round(slot.sleep_bytes / 2**30, 2))
+        else:
+            await self.stop(slot, "sleep failed")
+

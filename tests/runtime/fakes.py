@@ -31,6 +31,7 @@ class FakeEngine:
         self.served = 0
         self.stopped = False
         self.asleep = False
+        self.frozen = False  # CPU sleep: its processes stopped (SIGSTOP), its memory kept
         self.seats = max(1, spec.model.max_num_seqs)  # step_s mode: free seats, and who waits
         self.waiting: list[tuple[int, int, asyncio.Future]] = []
         self._order = itertools.count()
@@ -40,6 +41,25 @@ class FakeEngine:
 
     def alive(self) -> bool:
         return not self._exit.done()
+
+    # CPU sleep (`Engine.freeze`): only when the launcher is `freezable` (a Ray engine is not)
+    @property
+    def freezable(self) -> bool:
+        return self.launcher.freezable
+
+    def memory_bytes(self) -> int:
+        return self.launcher.memory_bytes
+
+    def freeze(self) -> bool:
+        if not self.alive():
+            return False
+        self.frozen = True
+        self.launcher.freezes.append(self.spec.model.name)
+        return True
+
+    def thaw(self) -> bool:
+        self.frozen = False
+        return self.alive()
 
     def kill(self, code: int = -9) -> None:
         """The process dies (as if SIGKILLed or OOM-killed)."""
@@ -96,6 +116,8 @@ class FakeEngine:
     async def post(self, url: str, body: dict) -> tuple[int, dict]:
         if not self.alive():
             raise EngineDied(f"engine {self.pid} is gone")
+        if self.frozen:  # a real one would not answer until thawed
+            self.launcher.overlaps.append(f"request sent to frozen {self.spec.model.name}")
         self.launcher.posts.append((self.spec.model.name, body.get("custom_tag") or url))
         if url in ("/sleep?level=1", "/wake_up"):  # vLLM's sleep-mode endpoints (dev mode)
             self.asleep = url != "/wake_up"
@@ -170,6 +192,9 @@ class FakeLauncher:
     overlaps: list[str] = field(default_factory=list)  # invariant violations: devices double-booked
     _pids: Any = field(default_factory=lambda: itertools.count(1000))
     spares: Any = None  # no spare engine processes
+    freezable: bool = False  # engines can sleep frozen on CPU (`Engine.freeze`)
+    memory_bytes: int = 2**30  # what each one holds while frozen
+    freezes: list[str] = field(default_factory=list)  # the model of each engine frozen, in order
     started: bool = False
     closed: bool = False
 
@@ -187,7 +212,7 @@ class FakeLauncher:
 
     async def launch(self, spec: EngineSpec) -> FakeEngine:
         for other in self.alive():
-            if set(other.spec.devices) & set(spec.devices):
+            if not other.frozen and set(other.spec.devices) & set(spec.devices):
                 self.overlaps.append(f"{spec.model.name}{spec.devices} vs "
                                      f"{other.spec.model.name}{other.spec.devices}")
         engine = FakeEngine(spec, self, next(self._pids))

@@ -1,0 +1,145 @@
+"""CPU engines sleep frozen (`slots.EngineSlots`, `Engine.freeze`): an engine whose cores a stage
+takes is frozen instead of stopped while `[devices] cpu_sleep_gib` allows, woken instead of started
+when a later stage wants it back, thawed as a guest beside the stage's engines for a small batch
+of its model, and stopped when its model has had no work for `engine_linger_s`.
+
+Test-double engines (`fakes.FakeLauncher(freezable=True)`); the fixture checks that no request
+went to a frozen engine and no device went to two engines that were not frozen."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from runtime.config import parse_config
+
+from .clocks import ManualClock
+from .test_executor import ARCHS, Sink, items, kinds, launcher, run  # noqa: F401  (fixtures)
+from .test_warm_engines import idle
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cfg_with(tmp_path: Path, **devices) -> object:
+    models = [{"name": name, "path": f"/nonexistent/{name}", "max_model_len": 1024,
+               "max_num_seqs": 4, "max_num_batched_tokens": 1024,
+               "arch": {**arch, "intermediate_size": 4 * arch["hidden_size"], "vocab_size": 2048}}
+              for name, arch in ARCHS.items()]
+    return parse_config({"server": {"state_dir": str(tmp_path / "state")},
+                         "devices": {"kind": "cpu", "cpu_kvcache_gib": 0.25, **devices},
+                         "models": models})
+
+
+async def until(cond, what: str) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+def engines(launcher, model: str) -> list:
+    return [e for e in launcher.engines if e.spec.model.name == model]
+
+
+async def a_frozen_for_b(run, launcher, tmp_path: Path, **devices) -> tuple:
+    """One core: a's engine ran a batch, then b's batch took the core; returns (executor, clock)."""
+    launcher.freezable = True
+    clock = ManualClock()
+    ex = await run(cfg=cfg_with(tmp_path, **devices), devices=1, clock=clock)
+    ex.submit("first", items("a", 5), Sink())
+    await asyncio.wait_for(ex.wait("first"), 30)
+    await idle(ex)
+    ex.submit("other", items("b", 3, prefix="o"), other := Sink())
+    await clock.advance(2)  # past the arrival pause
+    await asyncio.wait_for(ex.wait("other"), 30)
+    assert len(other.by_id()) == 3
+    return ex, clock
+
+
+async def test_an_engine_whose_core_a_stage_takes_sleeps_and_is_woken_not_started(
+        run, launcher, tmp_path) -> None:
+    ex, clock = await a_frozen_for_b(run, launcher, tmp_path)
+    [a] = engines(launcher, "a")
+    assert a.alive() and a.frozen  # asleep, not stopped
+    assert "engine_sleep" in kinds(ex.events("other"))
+    assert [s["model"] for s in ex.health()["sleeping_engines"]] == ["a"]
+    await idle(ex)  # b is done and kept warm
+    # a big batch of a (more than twice the seats): the stage wants a back on the core
+    ex.submit("again", items("a", 12, prefix="g"), again := Sink())
+    await clock.advance(2)
+    await asyncio.wait_for(ex.wait("again"), 30)
+    assert len(again.by_id()) == 12
+    assert engines(launcher, "a") == [a] and not a.frozen  # woken: no second start
+    assert "engine_wake" in kinds(ex.events("again"))
+    assert "engine_start" not in kinds(ex.events("again"))
+    [b] = engines(launcher, "b")
+    assert b.alive() and b.frozen  # b in turn gave the core up asleep
+
+
+async def test_a_small_batch_wakes_its_models_engine_as_a_guest_beside_the_stage(
+        run, launcher, tmp_path) -> None:
+    ex, clock = await a_frozen_for_b(run, launcher, tmp_path)
+    [a] = engines(launcher, "a")
+    launcher.delay_s["b"] = 0.05
+    ex.submit("big", items("b", 200, prefix="big"), big := Sink())  # b keeps the core busy
+    await clock.advance(2)
+    await until(lambda: len(big.outcomes) >= 4, "the big batch did not start")
+    ex.submit("small", items("a", 3, prefix="s"), small := Sink())
+    await asyncio.wait_for(ex.wait("small"), 10)
+    assert not engines(launcher, "b")[0].frozen  # the stage's engine served on beside the guest
+    assert len(small.by_id()) == 3 and all(o.ok for o in small.outcomes)
+    assert not ex._batches["big"].finished.is_set()  # served before the big batch ended
+    assert engines(launcher, "a") == [a]  # the frozen engine served it: no start
+    assert len(engines(launcher, "b")) == 1 and engines(launcher, "b")[0].alive()  # b kept on
+    await until(lambda: a.frozen, "the guest was not frozen again after its small batch")
+    assert "engine_guest" in kinds(ex.events("small"))
+    await asyncio.wait_for(ex.wait("big"), 30)
+    assert len(big.by_id()) == 200
+
+
+async def test_a_big_batch_of_a_sleeping_model_gets_no_guest(run, launcher, tmp_path) -> None:
+    ex, clock = await a_frozen_for_b(run, launcher, tmp_path)
+    [a] = engines(launcher, "a")
+    launcher.delay_s["b"] = 0.05
+    ex.submit("big", items("b", 200, prefix="big"), Sink())
+    await clock.advance(2)
+    ex.submit("bigger-a", items("a", 12, prefix="x"), Sink())  # not small: the plan decides
+    await asyncio.sleep(0.2)
+    assert a.frozen or "engine_wake" in kinds(ex.events("bigger-a"))
+    assert "engine_guest" not in kinds(ex.events("bigger-a"))
+
+
+async def test_no_memory_to_sleep_stops_the_engine(run, launcher, tmp_path) -> None:
+    launcher.memory_bytes = 2**30
+    ex, _ = await a_frozen_for_b(run, launcher, tmp_path, cpu_sleep_gib=0.5)
+    [a] = engines(launcher, "a")
+    assert not a.alive() and a.reaped and launcher.freezes == []
+    assert "engine_stop" in kinds(ex.events("other"))
+
+
+async def test_a_sleeping_engine_whose_model_has_no_work_stops_after_the_linger_time(
+        run, launcher, tmp_path) -> None:
+    ex, clock = await a_frozen_for_b(run, launcher, tmp_path)
+    [a] = engines(launcher, "a")
+    assert a.frozen
+    await clock.advance(ex.cfg.devices.engine_linger_s - 5)
+    assert a.alive()
+    await clock.advance(10)
+    await until(lambda: not a.alive(), "the sleeping engine outlived its linger time")
+    assert a.reaped and ex.health()["sleeping_engines"] == []
+
+
+async def test_engines_that_cannot_freeze_are_stopped(run, launcher, tmp_path) -> None:
+    launcher.freezable = False  # e.g. an engine on a Ray node
+    clock = ManualClock()
+    ex = await run(cfg=cfg_with(tmp_path), devices=1, clock=clock)
+    ex.submit("first", items("a", 5), Sink())
+    await asyncio.wait_for(ex.wait("first"), 30)
+    await idle(ex)
+    ex.submit("other", items("b", 3, prefix="o"), Sink())
+    await clock.advance(2)
+    await asyncio.wait_for(ex.wait("other"), 30)
+    assert launcher.alive("a") == [] and launcher.freezes == []
