@@ -147,16 +147,18 @@ def inside_s(events: list[dict], batch_id: str) -> float | None:
 
 def engine_up(events: list[dict], model: str, at_wall: float) -> bool:
     """Whether the gateway had an engine of `model` serving at unix time `at_wall` (its
-    engine_started before, and no stop or failure of that slot in between)."""
+    engine_started or engine_wake before, and no stop, failure or sleep of that slot in between).
+    An engine asleep is not serving: a batch that wakes it as a guest (`engine_guest`) found its
+    model not running, and is allowed one start, which its wake-up stands for."""
     up: set[int] = set()
     for e in sorted(events, key=lambda e: e["t"]):
         if e["t"] > at_wall:
             break
         if e.get("model") != model:
             continue
-        if e["event"] == "engine_started":
+        if e["event"] in ("engine_started", "engine_wake"):
             up.add(e["slot"])
-        elif e["event"] in ("engine_stop", "engine_failed"):
+        elif e["event"] in ("engine_stop", "engine_failed", "engine_sleep"):
             up.discard(e["slot"])
     return bool(up)
 

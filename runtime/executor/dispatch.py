@@ -140,6 +140,8 @@ class SlotHost(Protocol):
     # the engine answered `req` with 200 just now; it was sent at `sent_s` (host.clock)
     def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None: ...
     def check_drained(self, model: str) -> None: ...
+    # how many requests `slot` may hold in flight now (`slots.EngineSlots.inflight_cap`)
+    def inflight_cap(self, slot: Slot) -> int: ...
     async def finish(self, req: Req, outcome: Outcome) -> None: ...
 
 
@@ -178,8 +180,9 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
         by: list[Req] = []
         # a guest takes small batches' requests only (their `priority` is at most the seats')
         only = slot.inflight.small() if slot.state is SlotState.GUEST else None
+        cap = host.inflight_cap(slot)
         while not host.dispatch_paused and not _held(slot, host) and (
-                len(slot.inflight) < slot.limit or _may_preempt(slot, host)):
+                len(slot.inflight) < cap or _may_preempt(slot, host)):
             req = host.queues.pop(slot.model, slot.tail, at_most=only)
             if req is None:
                 break

@@ -390,6 +390,9 @@ class PoolExecutor:
                   for_batches=sorted({r.batch_id for r in by}),
                   preempted_batches=sorted({r.batch_id for r in reqs}))
 
+    def inflight_cap(self, slot: Slot) -> int:
+        return self.slots.inflight_cap(slot, self.queues.count(slot.model))
+
     def check_drained(self, model: str) -> None:
         if self.queues.finish_signalled.get(model, True) or self.queues.has_queued(model):
             return

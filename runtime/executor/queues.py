@@ -178,6 +178,11 @@ class ModelQueues:
                 found = True
         return found
 
+    def count(self, model: str) -> int:
+        """How many requests of `model` are queued, cancelled ones not yet skipped included (a
+        bound, in time proportional to its batches)."""
+        return sum(len(q) for q in self._q.get(model, {}).values())
+
     def queued(self, model: str) -> list[Req]:
         return [r for q in self._q.get(model, {}).values() for r in q
                 if r.state is ReqState.QUEUED]

@@ -104,6 +104,22 @@ class EngineSlots:
     def any_active(self) -> bool:
         return any(s.state.active for s in self.all)
 
+    def inflight_cap(self, slot: Slot, queued: int) -> int:
+        """How many requests `slot` may hold in flight, `queued` being its model's queue: its
+        `limit`, but no more than an even share of its model's work (queued and in flight) among
+        the replicas in the plan, starting ones included. Why: each takes up to 1.5 × its seats
+        at once, so the first of two replicas up took a whole 64-request queue and the other none
+        (medium as TP 1 × DP 2 in `bench/fresh.py`: 12.4 s served against 9.2 s planned, 5 Dec
+        2026); the planner splits a model's requests evenly among its replicas
+        (`scheduler.dag.split_replicas`). A guest is alone with its small batches."""
+        if slot.state is SlotState.GUEST:
+            return slot.limit
+        peers = [s for s in self.all if s.model == slot.model and s.state.active]
+        if len(peers) <= 1:
+            return slot.limit
+        work = queued + sum(len(s.inflight) for s in peers)
+        return max(1, min(slot.limit, math.ceil(work / len(peers))))
+
     def wake(self, model: str | None = None) -> None:
         """Wake the dispatch loops (of `model`'s slots only, when given)."""
         for s in self.all:
