@@ -105,6 +105,7 @@ def create_app(cfg: Config, executor: Executor, *,
             service = BatchService(cfg, db, store, ex, gm, clock, on_live_batches)
             gm.bind(db.count_by_status, service.queue_depth,
                     lambda: len(ex.health().get("idle_engines", ())))
+            gm.bind_sleeping(lambda: len(ex.health().get("sleeping_engines", ())))
             gm.bind_nodes(lambda: ex.health().get("nodes") or [])
             outbox = Outbox(db, cfg.webhooks)  # hooked before a resumed batch can end
             sender = WebhookSender(outbox, cfg.webhooks, gm)

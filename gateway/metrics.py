@@ -1,5 +1,5 @@
 """Prometheus metrics (`GET /metrics`): batches by status, requests done/failed per model, tokens,
-queue depth, engines kept warm, a cluster's nodes. Each app owns its registry, so several apps
+queue depth, engines kept warm or asleep, a cluster's nodes. Each app owns its registry, so several apps
 (tests) never clash."""
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ class GatewayMetrics:
 
     def bind_nodes(self, read: Callable[[], list[dict[str, Any]]]) -> None:
         self.registry.register(_NodesCollector(read))
+
+    def bind_sleeping(self, read: Callable[[], int]) -> None:
+        self.registry.register(_Gauge(
+            "samullm_sleeping_engines", "CPU engines asleep (frozen, their memory kept) or awake "
+            "as guests for small batches", read))
 
     def bind_webhooks(self, pending: Callable[[], int]) -> None:
         self.registry.register(_Gauge("samullm_webhook_pending",

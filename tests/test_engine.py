@@ -217,6 +217,10 @@ async def test_a_frozen_engine_uses_no_cpu_and_serves_once_thawed(pair):
     assert a.freezable and a.memory_bytes() > 100 * 2**20
     assert a.freeze() and a.frozen
     others = [p for p in group_pids(a.pid) if p != a.pid]
+    for _ in range(100):  # a signal is delivered asynchronously: a running one stops in a moment
+        if {_state(p) for p in others} == {"T"}:
+            break
+        await asyncio.sleep(0.01)
     assert len(others) >= 3 and {_state(p) for p in others} == {"T"}
     assert _state(a.pid) != "T"  # the guard keeps watching the gateway
     cpu = group_cpu_s(a.pid)
@@ -227,6 +231,15 @@ async def test_a_frozen_engine_uses_no_cpu_and_serves_once_thawed(pair):
     status, body = await a.post("/v1/chat/completions", _chat("tiny-a", "still there?", 8))
     assert status == 200 and body["usage"]["completion_tokens"] == 8
     assert time.monotonic() - t0 < 5
+    # as a guest on another core (`Engine.pin`), every thread but the guard's moves, and back
+    a.pin((1,))
+    others = {frozenset(os.sched_getaffinity(int(t))) for p in group_pids(a.pid) if p != a.pid
+              for t in os.listdir(f"/proc/{p}/task")}
+    assert others == {frozenset({1})}
+    status, _ = await a.post("/v1/chat/completions", _chat("tiny-a", "over there", 4))
+    assert status == 200
+    a.pin((0,))
+    assert _all_affinities(a.pid) == {frozenset({0})}
 
 
 @aio
@@ -268,6 +281,7 @@ CHILD = textwrap.dedent("""
         e = Engine(EngineSpec(model=m, model_path=Path(sys.argv[1]), devices=(0,),
                               kv_cache_gib=0.1, log_path=Path(sys.argv[2])))
         await e.start()
+        assert e.freeze()
         print(e.pid, flush=True)
         await asyncio.sleep(600)
     asyncio.run(main())
@@ -275,7 +289,9 @@ CHILD = textwrap.dedent("""
 
 
 def test_killed_parent_takes_its_engine_down(tiny_model_dir: Path, tmp_path: Path):
-    """A SIGKILLed gateway cannot run cleanup code: PR_SET_PDEATHSIG must take the engine down."""
+    """A SIGKILLed gateway cannot run cleanup code: PR_SET_PDEATHSIG must take the engine down,
+    asleep (frozen) too: its guard sends SIGCONT after the SIGTERM, so it goes well before the
+    guard's grace period (20 s) would SIGKILL it."""
     parent = subprocess.Popen([sys.executable, "-c", CHILD, str(tiny_model_dir / "tiny-a"),
                                str(tmp_path / "child.log")], stdout=subprocess.PIPE, text=True,
                               cwd=REPO)
@@ -287,7 +303,7 @@ def test_killed_parent_takes_its_engine_down(tiny_model_dir: Path, tmp_path: Pat
         assert shm
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 12
         while group_pids(pgid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not group_pids(pgid)

@@ -445,6 +445,20 @@ class Engine:
         self.frozen = True
         return True
 
+    def pin(self, cores: tuple[int, ...]) -> None:
+        """Keep every thread of its processes but the guard's on `cores` (a guest served beside
+        another stage's engine, `guests.Guests.visit`, and back home after)."""
+        for pid in self._engine_pids():
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    os.sched_setaffinity(int(tid), cores)
+                except OSError:  # gone since
+                    pass
+
     def thaw(self) -> bool:
         """Resume its processes (SIGCONT); whether it is still running."""
         if self._proc is not None:

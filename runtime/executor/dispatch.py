@@ -41,7 +41,7 @@ class SlotState(enum.IntEnum):
     STOPPED = 4
     FAILED = 5
     # a CPU engine thawed beside the stage's engines, on cores they use, to serve small batches of
-    # its model only; out of the plan; asleep again when they are done (`slots.EngineSlots.visit`)
+    # its model only; out of the plan; asleep again when they are done (`guests.Guests.visit`)
     GUEST = 6
 
     @property
@@ -93,6 +93,8 @@ class Slot:
     idle_since: float | None = None
     launched_at: float = 0.0  # when its start began (executor clock): what a re-plan still waits for
     sleep_bytes: int = 0  # what it holds in memory asleep on CPU (`slots.EngineSlots._sleep`)
+    # a guest's cores while it visits (`guests.Guests.visit`); its own are `spec.devices`
+    guest_cores: tuple[int, ...] = ()
     # takes its model's requests from the queue's end (every other replica of a model: prefix
     # affinity, `ModelQueues.pop`)
     tail: bool = False

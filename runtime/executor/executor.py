@@ -418,7 +418,7 @@ class PoolExecutor:
     def _visit_soon(self, model: str) -> None:
         """Once the requests being queued now are all in (a batch's first request alone looks
         like a small batch), let a small batch of `model` wake its sleeping engine as a guest
-        (`slots.EngineSlots.visit`)."""
+        (`guests.Guests.visit`)."""
         if not self._to_visit:
             asyncio.get_running_loop().call_soon(self._visit)
         self._to_visit.add(model)
@@ -427,7 +427,7 @@ class PoolExecutor:
         models, self._to_visit = self._to_visit, set()
         if not self._closing:
             for model in models:
-                self.slots.visit(model)
+                self.slots.guests.visit(model)
 
     def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None:
         """An engine answered `req` (sent at `sent_s`), just now: an observation of its speed."""

@@ -3,14 +3,9 @@
 Sleep on CPU: an engine whose cores a new stage takes is frozen (`Engine.freeze`) instead of stopped
 while the memory sleeping engines hold stays within `[devices] cpu_sleep_gib`: a CPU start costs
 3.5-4 s of a core (a forked one, 16 s spawned), a freeze and a wake nothing. A later stage that
-wants it back (same model, TP and cores) wakes it instead of starting one; a small batch of its
-model, arriving while no engine of that model is in the plan, wakes it as a *guest* (`visit`) on
-the cores it had, beside the engine now there, to serve small batches only (`queues.pop(at_most)`),
-and it goes back to sleep when they are done. Why: with both cores serving a big batch, a 20-request
-batch whose model's engine had stopped waited for a stage change (19-22 s against a 4.3 s target in
-`bench/fairness.py`, 5 Dec 2026), while taking a core from the big batch costs it a stop, a start and
-a restart. A guest costs the big batch only the small batch's own work. A sleeping engine whose
-model has had no work for `engine_linger_s` is stopped.
+wants it back (same model, TP and cores) wakes it instead of starting one, and a small batch of
+its model can wake it as a guest beside the stage's engines (`runtime.executor.guests`). A
+sleeping engine whose model has had no work for `engine_linger_s` is stopped.
 
 `EngineSlots` is a part of the executor (composed, not mixed in): it owns the list of slots and
 every engine start, stop, sleep and wake; what it needs of the executor is `SlotOwner` (re-queue a
@@ -35,6 +30,7 @@ from runtime.clock import Clock
 from runtime.config import Config
 from runtime.engines.devices import engine_device_kind
 from runtime.executor.dispatch import Slot, SlotHost, SlotState
+from runtime.executor.guests import Guests
 from runtime.engines.engine import EngineSpec
 from runtime.engines.procs import host_memory_bytes
 from runtime.executor.pool_state import Req
@@ -86,6 +82,7 @@ class EngineSlots:
         gib = cfg.devices.cpu_sleep_gib
         # what sleeping CPU engines may hold in all (see the module docstring)
         self.sleep_budget = host_memory_bytes() // 4 if gib is None else int(gib * 2**30)
+        self.guests = Guests(self)
 
     def __iter__(self):
         return iter(list(self.all))
@@ -335,6 +332,7 @@ class EngineSlots:
     async def _wake(self, slot: Slot) -> None:
         assert slot.engine is not None
         if slot.state is SlotState.GUEST:  # awake already: it joins the plan, all batches now
+            self.guests.home(slot)
             slot.move(SlotState.RUNNING)
             slot.sleep_bytes, slot.idle_since = 0, None
             self.owner.emit("engine_wake", **slot.describe(), guest=True)
@@ -348,40 +346,3 @@ class EngineSlots:
         else:
             await self.stop(slot, "wake failed")
             self.start(slot.key)
-
-    # -- guests (see the module docstring) ----------------------------------------------------------
-    def visit(self, model: str) -> None:
-        """A request of `model` was queued: when no engine of `model` is in the plan or a guest
-        already, and one sleeps frozen, wake it as a guest if a small batch of `model` has
-        requests queued."""
-        queues = self.owner.queues
-        if not queues.fair or any(s.model == model and (s.state.active or s.state is SlotState.GUEST)
-                                  for s in self.all):
-            return
-        slot = next((s for s in self.all if s.model == model and s.state is SlotState.SLEEPING
-                     and s.spec.device_kind == "cpu"), None)
-        if slot is None or slot.engine is None or not queues.has_queued(model, slot.inflight.small()):
-            return
-        if not slot.engine.thaw():  # it died asleep: reap it (a plan starts another when needed)
-            slot.move(SlotState.STOPPING)
-            self.reap(slot.engine)
-            slot.move(SlotState.STOPPED)
-            self.all.remove(slot)
-            return
-        slot.move(SlotState.GUEST)
-        self.owner.emit("engine_guest", **slot.describe())
-        slot.task = asyncio.create_task(self._serve_guest(slot), name=f"guest-{slot.sid}-{model}")
-
-    async def _serve_guest(self, slot: Slot) -> None:
-        await dispatch.serve_slot(slot, self.owner)
-        if slot.state is not SlotState.GUEST:
-            return  # it joined the plan (and still serves: this task is its dispatch loop), or died
-        assert slot.engine is not None
-        slot.move(SlotState.SLEEPING)
-        slot.task = None  # this one ends here: a stop must not wait for it
-        if await dispatch.sleep_engine(slot.engine):
-            self.owner.emit("engine_sleep", **slot.describe(), requeued=0, after="guest",
-                            memory_gib=round(slot.sleep_bytes / 2**30, 2))
-        else:
-            await self.stop(slot, "sleep failed")
-

@@ -32,6 +32,7 @@ class FakeEngine:
         self.stopped = False
         self.asleep = False
         self.frozen = False  # CPU sleep: its processes stopped (SIGSTOP), its memory kept
+        self.cores = tuple(spec.devices)  # where its threads run (`Engine.pin`)
         self.seats = max(1, spec.model.max_num_seqs)  # step_s mode: free seats, and who waits
         self.waiting: list[tuple[int, int, asyncio.Future]] = []
         self._order = itertools.count()
@@ -56,6 +57,9 @@ class FakeEngine:
         self.frozen = True
         self.launcher.freezes.append(self.spec.model.name)
         return True
+
+    def pin(self, cores: tuple[int, ...]) -> None:
+        self.cores = tuple(cores)
 
     def thaw(self) -> bool:
         self.frozen = False

@@ -143,3 +143,55 @@ async def test_engines_that_cannot_freeze_are_stopped(run, launcher, tmp_path) -
     await clock.advance(2)
     await asyncio.wait_for(ex.wait("other"), 30)
     assert launcher.alive("a") == [] and launcher.freezes == []
+
+
+def test_metrics_count_the_sleeping_engines() -> None:
+    from gateway.metrics import GatewayMetrics
+    gm = GatewayMetrics()
+    gm.bind(lambda: {}, lambda: 0, lambda: 0)
+    gm.bind_sleeping(lambda: 3)
+    assert b"samullm_sleeping_engines 3.0" in gm.render()
+
+
+def _slot(cfg, sid: int, model: str, cores: tuple[int, ...], state) -> "Slot":
+    from runtime.engines.engine import EngineSpec
+    from runtime.executor.dispatch import Slot
+    mc = cfg.model(model)
+    slot = Slot(sid, EngineSpec(model=mc, model_path=Path("."), devices=cores), limit=6)
+    slot.state = state
+    return slot
+
+
+def _inflight(slot, priority: int, n: int) -> None:
+    from runtime.executor.pool_state import Req
+    for i in range(n):
+        req = Req(f"batch-p{priority}", items(slot.model, 1, prefix=f"{slot.sid}-{priority}-{i}")[0])
+        req.priority = priority
+        slot.inflight[req] = None
+
+
+def test_a_guest_serves_on_the_core_whose_engines_serve_the_fewest_small_requests(tmp_path) -> None:
+    from runtime.executor.dispatch import SlotState
+    from runtime.executor.slots import EngineSlots
+    from scheduler.types import DevicePool
+    cfg = cfg_with(tmp_path)
+    slots = EngineSlots(cfg, owner=None, state_dir=tmp_path)  # type: ignore[arg-type]
+    slots.pool = DevicePool("cpu", (0, 1, 2), 2**30)
+    guest = _slot(cfg, 1, "a", (0,), SlotState.SLEEPING)
+    on0 = _slot(cfg, 2, "b", (0,), SlotState.RUNNING)  # serves a small batch (priority <= 3)
+    on1 = _slot(cfg, 3, "c", (1,), SlotState.RUNNING)  # serves a big one only
+    on2 = _slot(cfg, 4, "b", (2,), SlotState.STARTING)
+    slots.all = [guest, on0, on1, on2]
+    _inflight(on0, 2, 3)
+    _inflight(on1, 6, 6)
+    assert slots.guests.cores(guest) == (1,)
+    _inflight(on1, 1, 1)  # now core 1 serves a small request too: core 2 (only a start) is left
+    assert slots.guests.cores(guest) == (2,)
+    on2.state = SlotState.RUNNING
+    _inflight(on2, 3, 2)
+    assert slots.guests.cores(guest) == (1,)  # one small request against two and three
+    _inflight(on1, 0, 2)
+    _inflight(on2, 2, 1)  # three small requests on every core: it stays home
+    assert slots.guests.cores(guest) == (0,)
+    wide = _slot(cfg, 5, "a", (0, 1), SlotState.SLEEPING)
+    assert slots.guests.cores(wide) == (0, 1)  # a rank on several cores stays on its own

@@ -1,0 +1,107 @@
+"""Guests: a CPU engine asleep (frozen, `runtime.executor.slots`) woken to serve small batches of its
+model beside the stage's engines, on cores they use, out of the plan.
+
+A small batch of a model (one whose `priority` is at most the seats', `seats`), arriving while no
+engine of that model is in the plan, wakes that model's sleeping engine as a guest (`visit`): on
+its own cores or, for a one-core engine, on the core whose engines serve the fewest small batches'
+requests now (`cores`), beside the engine there. It takes small batches' requests only
+(`queues.pop(at_most)`) and goes back home to sleep when they are done; a stage that wants it
+where it sleeps makes it a member of the plan (`slots.EngineSlots._wake`).
+
+Why: with both cores serving a big batch, a 20-request batch whose model's engine had stopped
+waited for a stage change (19-22 s against a 4.3 s target in `bench/fairness.py`, 5 Dec 2026),
+while taking a core from the big batch costs it a stop, a start and a restart. A guest costs the
+big batch only the small batch's own work (the same run with guests: 0.5-0.6 s inside the gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from runtime.executor import dispatch
+from runtime.executor.dispatch import Slot, SlotState
+
+if TYPE_CHECKING:
+    from runtime.executor.slots import EngineSlots
+
+
+class Guests:
+    """The guest visits of `slots`' sleeping engines (composed into `EngineSlots`)."""
+
+    def __init__(self, slots: "EngineSlots") -> None:
+        self.slots = slots
+
+    def visit(self, model: str) -> None:
+        """A request of `model` was queued: when no engine of `model` is in the plan or a guest
+        already, and one sleeps frozen, wake it as a guest if a small batch of `model` has
+        requests queued."""
+        queues = self.slots.owner.queues
+        if not queues.fair or any(s.model == model and (s.state.active or s.state is SlotState.GUEST)
+                                  for s in self.slots.all):
+            return
+        slot = next((s for s in self.slots.all if s.model == model and s.state is SlotState.SLEEPING
+                     and s.spec.device_kind == "cpu"), None)
+        if slot is None or slot.engine is None or not queues.has_queued(model, slot.inflight.small()):
+            return
+        if not slot.engine.thaw():  # it died asleep: reap it (a plan starts another when needed)
+            slot.move(SlotState.STOPPING)
+            self.slots.reap(slot.engine)
+            slot.move(SlotState.STOPPED)
+            self.slots.all.remove(slot)
+            return
+        slot.guest_cores = self.cores(slot)
+        if slot.guest_cores != tuple(slot.spec.devices):
+            slot.engine.pin(slot.guest_cores)
+        slot.move(SlotState.GUEST)
+        self.slots.owner.emit("engine_guest", **slot.describe(), cores=list(slot.guest_cores))
+        slot.task = asyncio.create_task(self._serve_guest(slot), name=f"guest-{slot.sid}-{model}")
+
+    def cores(self, slot: Slot) -> tuple[int, ...]:
+        """Where a guest serves: a one-core engine on the core with the fewest small batches'
+        requests in flight (a guest there counts as a whole engine of them), then the fewest
+        engines starting, its own core first among equals. Why: two small batches that arrive
+        together on one core's two engines each take twice their time (the fairness bench's s6
+        and s2 at 22 s on 5 Dec: 0.60 s against 0.12 s alone for s6), while a big batch's
+        engine holds nothing back. A wider engine stays on its own cores (its ranks' OpenMP
+        threads are bound to them)."""
+        home = tuple(slot.spec.devices)
+        if len(home) != 1 or self.slots.pool is None:
+            return home
+        load = {d: [0, 0, d != home[0]] for d in self.slots.pool.ids}
+        for s in self.slots.all:
+            if s is slot:
+                continue
+            if s.state is SlotState.GUEST:
+                cores, small = s.guest_cores, s.inflight.seats
+            elif s.state.active:
+                cores = tuple(s.spec.devices)
+                small = sum(1 for r in s.inflight if r.priority <= s.inflight.small())
+            else:
+                continue
+            for d in cores:
+                if d in load:
+                    load[d][0] += small
+                    load[d][1] += s.state is SlotState.STARTING
+        return (min(load, key=lambda d: load[d]),) if load else home
+
+    def home(self, slot: Slot) -> None:
+        """A guest back on its own cores (to sleep, or to serve in the plan)."""
+        if slot.engine is not None and slot.guest_cores not in ((), tuple(slot.spec.devices)):
+            slot.engine.pin(tuple(slot.spec.devices))
+        slot.guest_cores = ()
+
+    async def _serve_guest(self, slot: Slot) -> None:
+        await dispatch.serve_slot(slot, self.slots.owner)
+        if slot.state is not SlotState.GUEST:
+            return  # it joined the plan (and still serves: this task is its dispatch loop), or died
+        assert slot.engine is not None
+        self.home(slot)
+        slot.move(SlotState.SLEEPING)
+        slot.task = None  # this one ends here: a stop must not wait for it
+        if await dispatch.sleep_engine(slot.engine):
+            self.slots.owner.emit("engine_sleep", **slot.describe(), requeued=0, after="guest",
+                                  memory_gib=round(slot.sleep_bytes / 2**30, 2))
+        else:
+            await self.slots.stop(slot, "sleep failed")
+
