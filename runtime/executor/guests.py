@@ -3,8 +3,8 @@ model beside the stage's engines, on cores they use, out of the plan.
 
 A small batch of a model (one whose `priority` is at most the seats', `seats`), arriving while no
 engine of that model is in the plan, wakes that model's sleeping engine as a guest (`visit`): on
-its own cores or, for a one-core engine, on the core whose engines serve the fewest small batches'
-requests now (`cores`), beside the engine there. It takes small batches' requests only
+its own cores or, for a one-core engine, on the core where no small batch is served and the
+plan's engines have the most time to spare (`cores`), beside the engine there. It takes small batches' requests only
 (`queues.pop(at_most)`) and goes back home to sleep when they are done; a stage that wants it
 where it sleeps makes it a member of the plan (`slots.EngineSlots._wake`).
 
@@ -58,31 +58,34 @@ class Guests:
         slot.task = asyncio.create_task(self._serve_guest(slot), name=f"guest-{slot.sid}-{model}")
 
     def cores(self, slot: Slot) -> tuple[int, ...]:
-        """Where a guest serves: a one-core engine on the core with the fewest small batches'
-        requests in flight (a guest there counts as a whole engine of them), then the fewest
-        engines starting, its own core first among equals. Why: two small batches that arrive
-        together on one core's two engines each take twice their time (the fairness bench's s6
-        and s2 at 22 s on 5 Dec: 0.60 s against 0.12 s alone for s6), while a big batch's
-        engine holds nothing back. A wider engine stays on its own cores (its ranks' OpenMP
-        threads are bound to them)."""
+        """Where a guest serves: a one-core engine on the core with the fewest engines serving
+        small batches now (guests, and engines holding for small batches, `seats`), then whose
+        engines' models the plan predicted to finish soonest (an idle one: now), its own core
+        first among equals. Why: a guest's work delays whatever shares its core, so it goes
+        where a small batch is not already served and where the big batch has the most slack
+        (the fairness bench on 5 Dec: two small batches together on tiny-a's core took 0.60 s
+        against 0.12 s alone; guests on tiny-a's core, whose share of the big batch ended last,
+        made the big batch 1.07× its alone time while medium's core had 1.8 s to spare). A
+        wider engine stays on its own cores (its ranks' OpenMP threads are bound to them)."""
         home = tuple(slot.spec.devices)
         if len(home) != 1 or self.slots.pool is None:
             return home
-        load = {d: [0, 0, d != home[0]] for d in self.slots.pool.ids}
+        now = self.slots.owner.clock.monotonic()
+        load = {d: [0, now, d != home[0]] for d in self.slots.pool.ids}
         for s in self.slots.all:
             if s is slot:
                 continue
             if s.state is SlotState.GUEST:
-                cores, small = s.guest_cores, s.inflight.seats
+                cores, small = s.guest_cores, 1
             elif s.state.active:
-                cores = tuple(s.spec.devices)
-                small = sum(1 for r in s.inflight if r.priority <= s.inflight.small())
+                cores, small = tuple(s.spec.devices), int(s.inflight.held_since is not None)
             else:
                 continue
+            ends = self.slots.finish_at.get(s.model, now) if s.idle_since is None else now
             for d in cores:
                 if d in load:
                     load[d][0] += small
-                    load[d][1] += s.state is SlotState.STARTING
+                    load[d][1] = max(load[d][1], ends)
         return (min(load, key=lambda d: load[d]),) if load else home
 
     def home(self, slot: Slot) -> None:

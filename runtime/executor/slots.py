@@ -83,6 +83,8 @@ class EngineSlots:
         # what sleeping CPU engines may hold in all (see the module docstring)
         self.sleep_budget = host_memory_bytes() // 4 if gib is None else int(gib * 2**30)
         self.guests = Guests(self)
+        # model -> when the stage applied last predicted it done (executor clock; `Guests.cores`)
+        self.finish_at: dict[str, float] = {}
 
     def __iter__(self):
         return iter(list(self.all))
@@ -174,6 +176,7 @@ class EngineSlots:
         and it has been idle less than `[devices] engine_linger_s` (on the executor's clock `now`):
         the next batch of its model then starts nothing."""
         desired = stage_replicas(stage) if stage is not None else {}
+        self.finish_at = {m: now + t for m, t in stage.predicted_finish_s.items()} if stage else {}
         keep = {s.key: s for s in self.all if s.state.active and s.key in desired}
         for s in self.all:
             if s.model in has_work:

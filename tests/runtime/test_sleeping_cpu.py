@@ -162,36 +162,33 @@ def _slot(cfg, sid: int, model: str, cores: tuple[int, ...], state) -> "Slot":
     return slot
 
 
-def _inflight(slot, priority: int, n: int) -> None:
-    from runtime.executor.pool_state import Req
-    for i in range(n):
-        req = Req(f"batch-p{priority}", items(slot.model, 1, prefix=f"{slot.sid}-{priority}-{i}")[0])
-        req.priority = priority
-        slot.inflight[req] = None
+class _Owner:
+    clock = ManualClock()
 
 
-def test_a_guest_serves_on_the_core_whose_engines_serve_the_fewest_small_requests(tmp_path) -> None:
+def test_a_guest_serves_where_no_small_batch_is_and_the_plan_has_most_slack(tmp_path) -> None:
     from runtime.executor.dispatch import SlotState
     from runtime.executor.slots import EngineSlots
     from scheduler.types import DevicePool
     cfg = cfg_with(tmp_path)
-    slots = EngineSlots(cfg, owner=None, state_dir=tmp_path)  # type: ignore[arg-type]
+    slots = EngineSlots(cfg, owner=_Owner(), state_dir=tmp_path)  # type: ignore[arg-type]
     slots.pool = DevicePool("cpu", (0, 1, 2), 2**30)
+    now = _Owner.clock.monotonic()
     guest = _slot(cfg, 1, "a", (0,), SlotState.SLEEPING)
-    on0 = _slot(cfg, 2, "b", (0,), SlotState.RUNNING)  # serves a small batch (priority <= 3)
-    on1 = _slot(cfg, 3, "c", (1,), SlotState.RUNNING)  # serves a big one only
-    on2 = _slot(cfg, 4, "b", (2,), SlotState.STARTING)
+    on0 = _slot(cfg, 2, "b", (0,), SlotState.RUNNING)
+    on1 = _slot(cfg, 3, "c", (1,), SlotState.RUNNING)
+    on2 = _slot(cfg, 4, "a", (2,), SlotState.STARTING)
     slots.all = [guest, on0, on1, on2]
-    _inflight(on0, 2, 3)
-    _inflight(on1, 6, 6)
-    assert slots.guests.cores(guest) == (1,)
-    _inflight(on1, 1, 1)  # now core 1 serves a small request too: core 2 (only a start) is left
+    slots.finish_at = {"b": now + 30, "c": now + 10, "a": now + 20}
+    assert slots.guests.cores(guest) == (1,)  # c ends first: the most slack
+    on1.inflight.hold(now)  # c's engine now serves a small batch
     assert slots.guests.cores(guest) == (2,)
-    on2.state = SlotState.RUNNING
-    _inflight(on2, 3, 2)
-    assert slots.guests.cores(guest) == (1,)  # one small request against two and three
-    _inflight(on1, 0, 2)
-    _inflight(on2, 2, 1)  # three small requests on every core: it stays home
+    on2.state = SlotState.GUEST
+    on2.guest_cores = (2,)
+    assert slots.guests.cores(guest) == (0,)  # one small batch everywhere: b, at home
+    on1.inflight.held_since, on2.state = None, SlotState.RUNNING
+    on0.idle_since = now  # b's engine has no work left: done now
+    slots.finish_at = {"c": now + 10, "a": now + 20}
     assert slots.guests.cores(guest) == (0,)
     wide = _slot(cfg, 5, "a", (0, 1), SlotState.SLEEPING)
     assert slots.guests.cores(wide) == (0, 1)  # a rank on several cores stays on its own
