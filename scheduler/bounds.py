@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from scheduler.placement import shape_devices, unpack
-from scheduler.stages import Context, PlanState
+from scheduler.stages import WAKE_S, Context, PlanState
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ def shape_costs(ctx: Context, state: PlanState) -> dict[str, list[ShapeCost]]:
     """Per model with work at `state`, every feasible shape's cost from `ctx`'s estimator (the
     runs the planner ranks its options with, read from its caches when it ran them already). A
     start is priced alone (`Context.start_s` with one engine starting) and in a ready spare; a
-    running engine of that very shape owes only what is left of its start (`PlanState.warmup`)."""
+    running engine of that very shape owes only what is left of its start (`PlanState.warmup`),
+    and one asleep in that shape its wake (`stages.WAKE_S`)."""
     out: dict[str, list[ShapeCost]] = {}
     for m in sorted(state.work):
         rows = []
@@ -93,7 +94,10 @@ def shape_costs(ctx: Context, state: PlanState) -> dict[str, list[ShapeCost]]:
             opt = ctx.option(state, shape)
             cur = state.running.get(m)
             kept = cur is not None and (cur.tp, cur.dp, cur.threads) == (tp, dp, th)
-            start = state.warmup.get(m, 0.0) if kept else ctx.start_s(m, tp, 1, th)
+            asleep = state.asleep.get(m)
+            wakes = asleep is not None and (asleep.tp, asleep.dp, asleep.threads) == (tp, dp, th)
+            start = (state.warmup.get(m, 0.0) if kept else WAKE_S if wakes
+                     else ctx.start_s(m, tp, 1, th))
             rows.append(ShapeCost(shape_devices(shape), opt.run.total_s, start))
         out[m] = rows
     return out

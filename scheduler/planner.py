@@ -123,6 +123,9 @@ class PlanningProblem:
     # engines up now whose model has no work here (kept warm; a start on their devices stops them)
     idle: dict[str, ExecPlan] = field(default_factory=dict)
     stop_s: float = 0.0  # an engine stop: starts wait for the stops of their stage (`stages`)
+    # engines asleep (CPU: frozen, their memory kept): a stage with the same plan wakes them in
+    # `stages.WAKE_S` instead of paying a start (`PlanState.asleep`); they hold no devices
+    asleep: dict[str, ExecPlan] = field(default_factory=dict)
     # `samullm` replaces a running engine (stops or reshapes it) only for a schedule predicted
     # shorter than the best that keeps them all by more than this (seconds + share of it): the
     # cost model's error is larger for a shape not served yet, and a start thrown away is lost
@@ -191,7 +194,8 @@ class Planner:
         idle = {m: e for m, e in p.running.items() if m not in work} | {
             m: e for m, e in p.idle.items() if m not in work}
         return PlanState(0.0, work, running, initial_warmup(p.warmup, running),
-                         slots_of(p.spares), idle=idle)
+                         slots_of(p.spares), idle=idle,
+                         asleep={m: e for m, e in p.asleep.items() if m in work and m not in running})
 
     def plan(self, strategy: str = "samullm") -> Schedule:
         if strategy not in STRATEGIES:
@@ -337,7 +341,7 @@ class Planner:
             rest = run_policy(self.ctx, after, choose, "samullm")
             return Schedule("samullm", [first] + rest.stages, rest.makespan_s, origin="search")
 
-        ranked = [(g, place(g.shapes, self.ctx.pool, state.running))
+        ranked = [(g, place(g.shapes, self.ctx.pool, state.preferred()))
                   for g in rank_groups(self.ctx, state, self.problem.top_k)]
         ranked = [(g, plans) for g, plans in ranked if plans is not None]
         drafts = [draft(plans) for _, plans in ranked[:2 * explore]]

@@ -45,7 +45,7 @@ def replay(ctx: Context, state: PlanState, schedule: Schedule,
             stages.append(stage)
     while state.work:
         m = ctx.first_movable(state)
-        plan = last.get(m) or place([ctx.best(state, m).shape], ctx.pool, state.running)[0]
+        plan = last.get(m) or place([ctx.best(state, m).shape], ctx.pool, state.preferred())[0]
         stage, state = run_stage(ctx, state, [plan], observe=observe)
         if stages is not None:
             stages.append(stage)

@@ -212,7 +212,7 @@ def rank_groups(ctx: Context, state: PlanState, top_k: int = 20) -> list[Group]:
     complete = [g for g in moves if _no_idle(g, todo, per_model, n)]
     ranked = _prune(complete) or sorted(moves or (g for g in groups if g.options), key=Group.key)
     ranked.sort(key=Group.est_key)
-    placeable = [g for g in ranked if place(g.shapes, ctx.pool, state.running) is not None]
+    placeable = [g for g in ranked if place(g.shapes, ctx.pool, state.preferred()) is not None]
     return placeable or ranked
 
 

@@ -52,6 +52,9 @@ from scheduler import spares as spare_pool
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 EPS = 1e-9
+# what waking an engine asleep costs before it serves (a CPU engine thawed: its next request was
+# answered in 0.08 s, as before it slept, `runtime.engines.engine`)
+WAKE_S = 0.05
 
 
 class InfeasibleError(ValueError):
@@ -72,7 +75,19 @@ class PlanState:
     timed: dict[str, Placed] = field(default_factory=dict)
     # engines up whose model has no work left (kept warm; stopped when a start needs their devices)
     idle: dict[str, ExecPlan] = field(default_factory=dict)
+    # engines asleep (CPU: frozen, `runtime.executor.slots`): a stage that runs the same plan (tp,
+    # dp, threads, devices) wakes them in `WAKE_S` instead of starting them; they hold no devices
+    asleep: dict[str, ExecPlan] = field(default_factory=dict)
     _waiting: Waiting | None = field(default=None, repr=False, compare=False)
+
+    def preferred(self) -> dict[str, ExecPlan]:
+        """The plans whose devices a placement keeps for the same shape: the engines running and
+        those asleep (woken where they are instead of started)."""
+        return {**self.asleep, **self.running}
+
+    def wakes(self, plan: ExecPlan) -> bool:
+        """Whether `plan` wakes an engine asleep (same plan) instead of starting one."""
+        return plan.same_shape(self.asleep.get(plan.model))
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,9 @@ class Context:
         if kept:
             warming = state.warmup.get(m, 0.0)
             return Option(shape, warming, run, dp if warming > 0 else 0)
+        asleep = state.asleep.get(m)
+        if asleep is not None and (asleep.tp, asleep.dp, asleep.threads) == (tp, dp, th):
+            return Option(shape, WAKE_S, run)  # placed where it sleeps (`PlanState.preferred`)
         extra = self.spare_charge(spare_pool.ready_count(state.spares), dp)
         stop = self.stop_s if cur is not None else 0.0  # priced alone: its own engine's stop
         return Option(shape, self.start_s(m, tp, dp, th) + extra + stop, run, dp,
@@ -229,13 +247,17 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     restarts, warm, runs, kept = [], {}, {}, {}
     for p in plans:
         kept[p.model] = p.same_shape(state.running.get(p.model))
+    woken = {p.model for p in plans if not kept[p.model] and state.wakes(p)}
     # engines starting together: every replica (re)started now, plus kept ones still warming up
-    starting = sum(p.dp for p in plans if not kept[p.model] or state.warmup.get(p.model, 0.0) > 0)
+    starting = sum(p.dp for p in plans if not kept[p.model] and p.model not in woken
+                   or state.warmup.get(p.model, 0.0) > 0)
     spares = state.spares
     stopped = stopped_by(state, plans, kept)
     for p in plans:
         if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
+        elif p.model in woken:  # woken once the engines it replaces are stopped
+            warm[p.model] = WAKE_S + (ctx.stop_s if stopped else 0.0)
         else:
             warm[p.model] = ctx.start_s(p.model, p.tp, starting, p.threads) + ctx.spare_charge(
                 spare_pool.ready_count(spares), p.dp) + (ctx.stop_s if stopped else 0.0)
@@ -287,7 +309,9 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     gone = {e.model for e in stopped}
     idle = {m: e for m, e in state.idle.items() if m not in gone} | {
         p.model: p for p in plans if p.model in done}
-    after = PlanState(state.t + dur, work, running, warmup, spares, placed, idle=idle)
+    asleep = {m: e for m, e in state.asleep.items() if m not in woken and m not in running}
+    after = PlanState(state.t + dur, work, running, warmup, spares, placed, idle=idle,
+                      asleep=asleep)
     if observe is not None:
         observe(StageRuns(stage, state, after, runs, placed, warm, kept))
     return stage, after
@@ -331,7 +355,7 @@ def run_policy(ctx: Context, state: PlanState, choose: Chooser, strategy: str) -
         if ctx.dag is not None and not any(ctx.waiting(state).released.get(s[0], 0.0) > 0
                                            for s in shapes):
             shapes = [ctx.best(state, ctx.first_movable(state), ctx.pool.count).shape]
-        plans = place(shapes, ctx.pool, state.running)
+        plans = place(shapes, ctx.pool, state.preferred())
         if not shapes or plans is None:
             raise InfeasibleError(f"{strategy}: chose an unplaceable stage {shapes}")
         stage, state = run_stage(ctx, state, plans)

@@ -667,7 +667,8 @@ class PoolExecutor:
         problem = plan_problem(self.cfg, self.pool, self._specs, self.state_dir, todo,
                                self.learned.lengths, self.learned.start_times, head.plans,
                                running_plans(alive), ready, no_spare_s, self.learned.fits,
-                               self.slots.starting(self.clock.monotonic()), self.slots.stop_s)
+                               self.slots.starting(self.clock.monotonic()), self.slots.stop_s,
+                               running_plans(s.key for s in self.slots.asleep()))
         work = problem.work
         t0 = self.clock.monotonic()
         try:

@@ -171,7 +171,8 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                  no_spare_s: float = 0.0,
                  fits: Mapping[ShapeKey, ShapeFit] | None = None,
                  starting: Mapping[str, tuple[float, int, bool]] | None = None,
-                 stop_s: float | None = None) -> PlanningProblem:
+                 stop_s: float | None = None,
+                 asleep: dict[str, ExecPlan] | None = None) -> PlanningProblem:
     """The problem of a pool's `plan_no`-th plan (1 = the first) over its unfinished `reqs`: the
     one way both `serve` (the executor, at every pass) and `samullm plan` build it, so that for the
     same input, config and state dir the two predict the same makespan. `fits`: the online
@@ -183,7 +184,8 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     `stop_s`: an engine stop as measured (None: `DEFAULT_STOP_S`); `running` may hold engines
     whose model has no work (kept warm: the problem's `idle`). Its `groups` are the requests'
     batches: `plan` then predicts each batch's completion (`batch_completion`), and the least
-    makespan any schedule could have (`lower_bound`)."""
+    makespan any schedule could have (`lower_bound`). `asleep`: the plans of the engines asleep
+    (`slots.EngineSlots.asleep`), woken instead of started by a stage with the same plan."""
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
     latency = LatencySource.load(state_dir, pool, list(work), start_times,
@@ -192,6 +194,7 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     problem = build_problem(cfg, pool, specs, latency, work, running, seed=seed + plan_no,
                             spares=spares, no_spare_s=no_spare_s,
                             stop_s=DEFAULT_STOP_S if stop_s is None else stop_s)
+    problem.asleep = {m: p for m, p in (asleep or {}).items() if m in work}
     problem.groups = batch_groups(reqs, work)
     problem.lower_bound = True
     for m, (elapsed, n, in_spare) in (starting or {}).items():
