@@ -93,9 +93,9 @@ def shape_costs(ctx: Context, state: PlanState) -> dict[str, list[ShapeCost]]:
             _, tp, dp, th = unpack(shape)
             opt = ctx.option(state, shape)
             cur = state.running.get(m)
-            kept = cur is not None and (cur.tp, cur.dp, cur.threads) == (tp, dp, th)
+            kept = cur is not None and cur.fits_in(tp, dp, th)
             asleep = state.asleep.get(m)
-            wakes = asleep is not None and (asleep.tp, asleep.dp, asleep.threads) == (tp, dp, th)
+            wakes = asleep is not None and asleep.fits_in(tp, dp, th)
             start = (state.warmup.get(m, 0.0) if kept else WAKE_S if wakes
                      else ctx.start_s(m, tp, 1, th))
             rows.append(ShapeCost(shape_devices(shape), opt.run.total_s, start))

@@ -75,7 +75,8 @@ def place(shapes: Sequence[Shape], pool: DevicePool,
           running: dict[str, ExecPlan] | None = None) -> list[ExecPlan] | None:
     """Concrete devices for `shapes`, or None when they do not fit the topology.
 
-    Shapes equal to a running plan's (tp, dp) first try to keep that plan's devices; if that makes the
+    Shapes equal to a running plan's (tp, dp), or with fewer replicas, first try to keep that plan's
+    devices (the first replicas'); if that makes the
     rest unplaceable, everything is placed afresh (the moved engines then restart). Replicas are
     placed largest TP first into the topology group with the fewest free devices that still fits
     (best fit), which is optimal for power-of-two TP sizes in equal power-of-two groups.
@@ -86,10 +87,11 @@ def place(shapes: Sequence[Shape], pool: DevicePool,
     for shape in shapes:
         m, tp, dp, th = unpack(shape)
         cur = running.get(m)
-        if cur is not None and (cur.tp, cur.dp, cur.threads) == (tp, dp, th) and cur.devices \
-                and not taken & set(cur.devices) and set(cur.devices) <= set(pool.ids):
-            kept[m] = cur.devices
-            taken |= set(cur.devices)
+        # the same shape, or fewer replicas of it: on (the first of) its replicas' devices
+        devs = cur.devices[:cur.width * dp] if cur is not None and cur.fits_in(tp, dp, th) else ()
+        if devs and not taken & set(devs) and set(devs) <= set(pool.ids):
+            kept[m] = devs
+            taken |= set(devs)
     placed = _pack(shapes, pool, kept)
     if placed is None and kept:
         placed = _pack(shapes, pool, {})

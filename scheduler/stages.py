@@ -86,8 +86,8 @@ class PlanState:
         return {**self.asleep, **self.running}
 
     def wakes(self, plan: ExecPlan) -> bool:
-        """Whether `plan` wakes an engine asleep (same plan) instead of starting one."""
-        return plan.same_shape(self.asleep.get(plan.model))
+        """Whether `plan` wakes engines asleep (each replica one) instead of starting them."""
+        return plan.within(self.asleep.get(plan.model))
 
 
 @dataclass(frozen=True)
@@ -186,13 +186,14 @@ class Context:
     def option(self, state: PlanState, shape: Shape) -> Option:
         m, tp, dp, th = unpack(shape)
         cur = state.running.get(m)
-        kept = cur is not None and (cur.tp, cur.dp, cur.threads) == (tp, dp, th)
+        # kept: the same shape, or fewer replicas of it (placed on its first replicas' devices)
+        kept = cur is not None and cur.fits_in(tp, dp, th)
         run = self.est.run(self.est.variant(m, th), tp, dp, state.work[m], kept)
         if kept:
             warming = state.warmup.get(m, 0.0)
             return Option(shape, warming, run, dp if warming > 0 else 0)
         asleep = state.asleep.get(m)
-        if asleep is not None and (asleep.tp, asleep.dp, asleep.threads) == (tp, dp, th):
+        if asleep is not None and asleep.fits_in(tp, dp, th):
             return Option(shape, WAKE_S, run)  # placed where it sleeps (`PlanState.preferred`)
         extra = self.spare_charge(spare_pool.ready_count(state.spares), dp)
         stop = self.stop_s if cur is not None else 0.0  # priced alone: its own engine's stop
@@ -246,7 +247,7 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     plans = [p for p in plans if p.model in state.work]
     restarts, warm, runs, kept = [], {}, {}, {}
     for p in plans:
-        kept[p.model] = p.same_shape(state.running.get(p.model))
+        kept[p.model] = p.within(state.running.get(p.model))
     woken = {p.model for p in plans if not kept[p.model] and state.wakes(p)}
     # engines starting together: every replica (re)started now, plus kept ones still warming up
     starting = sum(p.dp for p in plans if not kept[p.model] and p.model not in woken

@@ -196,6 +196,17 @@ class ExecPlan:
         return other is not None and (self.model, self.tp, self.dp, self.devices, self.threads) == (
             other.model, other.tp, other.dp, other.devices, other.threads)
 
+    def within(self, other: "ExecPlan | None") -> bool:
+        """Every replica of this plan is one of `other`'s (same model, TP and threads): the runtime
+        keeps (or wakes) an engine per replica (`runtime.executor.slots`), so fewer replicas of a
+        running plan start nothing."""
+        return other is not None and (self.model, self.tp, self.threads) == (
+            other.model, other.tp, other.threads) and set(self.replicas()) <= set(other.replicas())
+
+    def fits_in(self, tp: int, dp: int, threads: int) -> bool:
+        """Whether a shape (tp, dp, threads) can run on some of this plan's replicas."""
+        return (self.tp, self.threads) == (tp, threads) and dp <= self.dp
+
 
 @dataclass
 class Stage:

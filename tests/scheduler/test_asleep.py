@@ -61,3 +61,18 @@ def test_the_lower_bound_allows_for_a_wake() -> None:
     warm = plan(problem(lower_bound=True, asleep=asleep), "samullm")
     assert warm.lower_bound_s <= warm.makespan_s + 1e-9
     assert warm.lower_bound_s < cold.lower_bound_s - LOAD_S * 0.9
+
+
+def test_fewer_replicas_of_a_plan_keep_or_wake_its_engines() -> None:
+    """The runtime keeps (or wakes) one engine per replica: one replica of a two-replica plan,
+    running or asleep, starts nothing, and is placed on the first replica's devices."""
+    from scheduler.placement import make_shape, place
+    two = {m: ExecPlan(m, 1, 2, (0, 1)) for m in ("a-model", "b-model")}
+    [one] = place([make_shape("a-model", 1, 1, 1)], DevicePool("cpu", (0, 1), GiB), two)
+    assert one.devices == (0,) and one.within(two["a-model"])
+    assert not ExecPlan("a-model", 2, 1, (0, 1)).within(two["a-model"])  # TP 2: a start
+    for kind in ("asleep", "running"):
+        got = plan(problem(**{kind: two}), "samullm")
+        cold = plan(problem(), "samullm")
+        assert all(st.restarts == [] for st in got.stages), (kind, got.stages)
+        assert got.makespan_s < cold.makespan_s - LOAD_S * 0.9
