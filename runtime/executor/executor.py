@@ -390,6 +390,10 @@ class PoolExecutor:
                   for_batches=sorted({r.batch_id for r in by}),
                   preempted_batches=sorted({r.batch_id for r in reqs}))
 
+    def batch_open(self, batch_id: str) -> int:
+        batch = self._batches.get(batch_id)
+        return batch.open_count if batch is not None and not batch.finished.is_set() else 0
+
     def inflight_cap(self, slot: Slot) -> int:
         return self.slots.inflight_cap(slot, self.queues.count(slot.model))
 

@@ -1,8 +1,8 @@
 """Guests: a CPU engine asleep (frozen, `runtime.executor.slots`) woken to serve small batches of its
 model beside the stage's engines, on cores they use, out of the plan.
 
-A small batch of a model (one whose `priority` is at most the seats', `seats`), arriving while no
-engine of that model is in the plan, wakes that model's sleeping engine as a guest (`visit`): on
+A small batch (one with fewer than about twice the seats left in all, its `priority` on the model
+at most the seats', `seats`), arriving while no engine of its model is in the plan, wakes that model's sleeping engine as a guest (`visit`): on
 its own cores or, for a one-core engine, on the core where no small batch is served and the
 plan's engines have the most time to spare (`cores`), beside the engine there. It takes small batches' requests only
 (`queues.pop(at_most)`) and goes back home to sleep when they are done; a stage that wants it
@@ -42,7 +42,13 @@ class Guests:
             return
         slot = next((s for s in self.slots.all if s.model == model and s.state is SlotState.SLEEPING
                      and s.spec.device_kind == "cpu"), None)
-        if slot is None or slot.engine is None or not queues.has_queued(model, slot.inflight.small()):
+        if slot is None or slot.engine is None:
+            return
+        small = slot.inflight.small()
+        # a batch small as a whole: a pooled batch's share of a model is the plan's to serve (a
+        # guest serving it beside the plan made the fresh bench's batches 40 % faster than planned)
+        if not any(p <= small and self.slots.owner.batch_open(b).bit_length() <= small
+                   for b, p in queues.priorities(model).items()):
             return
         if not slot.engine.thaw():  # it died asleep: reap it (a plan starts another when needed)
             slot.move(SlotState.STOPPING)

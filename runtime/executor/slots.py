@@ -64,6 +64,7 @@ class SlotOwner(SlotHost, Protocol):
 
     def push(self, req: Req, front: bool = False) -> None: ...
     def emit(self, kind: str, **data: Any) -> None: ...
+    def batch_open(self, batch_id: str) -> int: ...  # its requests without an outcome yet
     clock: Clock
 
 

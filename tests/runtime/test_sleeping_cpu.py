@@ -192,3 +192,16 @@ def test_a_guest_serves_where_no_small_batch_is_and_the_plan_has_most_slack(tmp_
     assert slots.guests.cores(guest) == (0,)
     wide = _slot(cfg, 5, "a", (0, 1), SlotState.SLEEPING)
     assert slots.guests.cores(wide) == (0, 1)  # a rank on several cores stays on its own
+
+
+async def test_a_pooled_batchs_small_share_of_a_model_gets_no_guest(run, launcher, tmp_path) -> None:
+    """Small means the batch as a whole: 3 requests on a of a 40-request batch are the plan's."""
+    ex, clock = await a_frozen_for_b(run, launcher, tmp_path)
+    [a] = engines(launcher, "a")
+    launcher.delay_s["b"] = 0.05
+    ex.submit("big", items("b", 200, prefix="big"), Sink())
+    await clock.advance(2)
+    await until(lambda: not engines(launcher, "b")[0].frozen, "b did not run")
+    ex.submit("pooled", items("a", 3, prefix="p") + items("b", 37, prefix="pb"), Sink())
+    await asyncio.sleep(0.2)
+    assert "engine_guest" not in kinds(ex.events("pooled"))
