@@ -100,16 +100,20 @@ async def test_a_small_batch_wakes_its_models_engine_as_a_guest_beside_the_stage
     assert len(big.by_id()) == 200
 
 
-async def test_a_big_batch_of_a_sleeping_model_gets_no_guest(run, launcher, tmp_path) -> None:
+@pytest.mark.parametrize("work", [
+    lambda: items("a", 12, prefix="x"),  # not small: the plan decides
+    # small means the batch as a whole: 3 requests on a of a 40-request batch are the plan's
+    lambda: items("a", 3, prefix="p") + items("b", 37, prefix="pb")], ids=["big", "pooled-share"])
+async def test_a_batch_not_small_as_a_whole_gets_no_guest(run, launcher, tmp_path, work) -> None:
     ex, clock = await a_frozen_for_b(run, launcher, tmp_path)
     [a] = engines(launcher, "a")
     launcher.delay_s["b"] = 0.05
     ex.submit("big", items("b", 200, prefix="big"), Sink())
     await clock.advance(2)
-    ex.submit("bigger-a", items("a", 12, prefix="x"), Sink())  # not small: the plan decides
+    ex.submit("other", work(), Sink())
     await asyncio.sleep(0.2)
-    assert a.frozen or "engine_wake" in kinds(ex.events("bigger-a"))
-    assert "engine_guest" not in kinds(ex.events("bigger-a"))
+    assert a.frozen or "engine_wake" in kinds(ex.events("other"))
+    assert "engine_guest" not in kinds(ex.events("other"))
 
 
 async def test_no_memory_to_sleep_stops_the_engine(run, launcher, tmp_path) -> None:
@@ -192,16 +196,3 @@ def test_a_guest_serves_where_no_small_batch_is_and_the_plan_has_most_slack(tmp_
     assert slots.guests.cores(guest) == (0,)
     wide = _slot(cfg, 5, "a", (0, 1), SlotState.SLEEPING)
     assert slots.guests.cores(wide) == (0, 1)  # a rank on several cores stays on its own
-
-
-async def test_a_pooled_batchs_small_share_of_a_model_gets_no_guest(run, launcher, tmp_path) -> None:
-    """Small means the batch as a whole: 3 requests on a of a 40-request batch are the plan's."""
-    ex, clock = await a_frozen_for_b(run, launcher, tmp_path)
-    [a] = engines(launcher, "a")
-    launcher.delay_s["b"] = 0.05
-    ex.submit("big", items("b", 200, prefix="big"), Sink())
-    await clock.advance(2)
-    await until(lambda: not engines(launcher, "b")[0].frozen, "b did not run")
-    ex.submit("pooled", items("a", 3, prefix="p") + items("b", 37, prefix="pb"), Sink())
-    await asyncio.sleep(0.2)
-    assert "engine_guest" not in kinds(ex.events("pooled"))
