@@ -42,7 +42,10 @@ class Guests:
             return
         slot = next((s for s in self.slots.all if s.model == model and s.state is SlotState.SLEEPING
                      and s.spec.device_kind == "cpu"), None)
-        if slot is None or slot.engine is None:
+        # only one frozen already: a slot being put to sleep is SLEEPING while it awaits its
+        # memory reading, and woken then as a guest it was frozen under its guest's request
+        # (the makespan bench's even-split batch hung on it, 5 Dec 13:27)
+        if slot is None or slot.engine is None or not slot.engine.frozen:
             return
         small = slot.inflight.small()
         # a batch small as a whole: a pooled batch's share of a model is the plan's to serve (a
