@@ -196,3 +196,42 @@ def test_a_guest_serves_where_no_small_batch_is_and_the_plan_has_most_slack(tmp_
     assert slots.guests.cores(guest) == (0,)
     wide = _slot(cfg, 5, "a", (0, 1), SlotState.SLEEPING)
     assert slots.guests.cores(wide) == (0, 1)  # a rank on several cores stays on its own
+
+
+async def test_an_engine_being_put_to_sleep_is_not_woken_as_a_guest(tmp_path) -> None:
+    """Its sleep awaits the engine's memory reading with the slot already SLEEPING: a small batch
+    queued then must not wake it as a guest, or it is frozen under the guest's request (the
+    makespan bench's even-split batch hung so, 5 Dec)."""
+    from runtime.executor.dispatch import SlotState
+    from runtime.executor.pool_state import Req
+    from runtime.executor.queues import ModelQueues
+    from runtime.executor.slots import EngineSlots
+    from scheduler.types import DevicePool
+    from .fakes import FakeEngine, FakeLauncher
+
+    class Owner:
+        clock = ManualClock()
+        queues = ModelQueues("fair")
+        events: list[str] = []
+
+        def push(self, req, front=False):
+            self.queues.push(req, front)
+
+        def emit(self, kind, **data):
+            self.events.append(kind)
+
+        def batch_open(self, batch_id):
+            return 1
+
+    cfg = cfg_with(tmp_path)
+    owner = Owner()
+    slots = EngineSlots(cfg, owner=owner, state_dir=tmp_path)  # type: ignore[arg-type]
+    slots.pool = DevicePool("cpu", (0, 1), 2**30)
+    slot = _slot(cfg, 1, "a", (0,), SlotState.RUNNING)
+    slot.engine = FakeEngine(slot.spec, FakeLauncher(freezable=True), 7)
+    slots.all = [slot]
+    owner.queues.push(Req("small", items("a", 1, prefix="s")[0]))
+    asyncio.get_running_loop().call_soon(slots.guests.visit, "a")  # runs while the sleep awaits
+    await slots._sleep(slot, {"a"}, 0.0)
+    assert slot.state is SlotState.SLEEPING and slot.engine.frozen
+    assert "engine_guest" not in owner.events
