@@ -266,9 +266,12 @@ class EngineSlots:
 
     # -- warm engines between batches ---------------------------------------------------------------
     def _may_linger(self, slot: Slot, needed: set[int], busy: set[str], now: float) -> bool:
-        linger = self.cfg.devices.engine_linger_s
-        return (linger > 0 and slot.model not in busy and not needed & set(slot.spec.devices)
-                and (slot.idle_since is None or now - slot.idle_since < linger))
+        return (self.cfg.devices.engine_linger_s > 0 and slot.model not in busy
+                and not needed & set(slot.spec.devices) and self._linger_left(slot, now))
+
+    def _linger_left(self, slot: Slot, now: float) -> bool:
+        """Whether an engine idle since `slot.idle_since` (None: not idle) is within its linger time."""
+        return slot.idle_since is None or now - slot.idle_since < self.cfg.devices.engine_linger_s
 
     def idle(self) -> list[Slot]:
         """Engines kept warm: running, their model without work."""
@@ -291,11 +294,9 @@ class EngineSlots:
         running engine that can freeze, unless its model has had no work for the linger time (the
         memory it would hold is checked by `_sleep`)."""
         if slot.spec.device_kind == "cpu":
-            linger = self.cfg.devices.engine_linger_s
             return (slot.state is SlotState.RUNNING and self.sleep_budget > 0
                     and slot.engine is not None and slot.engine.freezable
-                    and (slot.model in busy or slot.idle_since is None
-                         or now - slot.idle_since < linger))
+                    and (slot.model in busy or self._linger_left(slot, now)))
         return (self.cfg.devices.sleep_mode and slot.spec.device_kind == "cuda"
                 and slot.model in busy and not needed & set(slot.spec.devices))
 
@@ -307,7 +308,7 @@ class EngineSlots:
         if slot.model in busy:
             return False
         slot.idle_since = now if slot.idle_since is None else slot.idle_since
-        return now - slot.idle_since >= self.cfg.devices.engine_linger_s
+        return not self._linger_left(slot, now)
 
     async def _sleep(self, slot: Slot, busy: set[str], now: float) -> None:
         slot.move(SlotState.SLEEPING)
