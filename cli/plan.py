@@ -46,7 +46,8 @@ from runtime.persist import (load_calibration, load_length_model, load_start_tim
 from runtime.executor.deps import BatchGraph
 from runtime.executor.pool_state import batch_reqs
 from runtime.executor.queues import idle_gateway_order
-from runtime.executor.planning import model_specs, plan_problem, refit_calibration, sample_work
+from runtime.executor.planning import (model_specs, plan_problem, refit_calibration, sample_work,
+                                       sleep_budget)
 from runtime.executor.latency_source import LatencySource, latency_sources
 from scheduler.planner import STRATEGIES, Planner
 from scheduler.types import DevicePool, Schedule
@@ -237,8 +238,12 @@ def plan_main(args: argparse.Namespace) -> int:
         fits = refit_calibration(cfg, pool, specs, cfg.state_dir, served.snapshot(), stored)
     # the problem an idle gateway's first plan of these requests solves (same draw, same seed)
     starts = load_start_times(cfg.state_dir, start_times_file(cfg.cluster.backend))
+    # an idle gateway's engines sleep when a stage replaces them (CPU, on this machine): its
+    # whole sleep budget is free (`slots.EngineSlots.sleep_room`)
+    budget = sleep_budget(cfg)
+    room = budget if pool.kind == "cpu" and cfg.cluster.backend == "local" and budget > 0 else None
     problem = plan_problem(cfg, pool, specs, cfg.state_dir, reqs, lengths,
-                           starts, 1, {}, spares, no_spare_s, fits)
+                           starts, 1, {}, spares, no_spare_s, fits, sleep_room=room)
     draws = [problem.work] + [sample_work(reqs, lengths, np.random.default_rng([seed, s]))
                               for s in range(2, samples + 1)]
     names = STRATEGIES if args.strategy == "all" else (args.strategy,)

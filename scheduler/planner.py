@@ -126,6 +126,11 @@ class PlanningProblem:
     # engines asleep (CPU: frozen, their memory kept): a stage with the same plan wakes them in
     # `stages.WAKE_S` instead of paying a start (`PlanState.asleep`); they hold no devices
     asleep: dict[str, ExecPlan] = field(default_factory=dict)
+    # the memory engines put to sleep may still take (bytes), and per model what one replica of
+    # its engines holds asleep: an engine a stage replaces sleeps while it fits, at no stop
+    # (`stages.put_to_sleep`); None: engines replaced are stopped (GPU, Ray)
+    sleep_room: float | None = None
+    engine_bytes: dict[str, float] = field(default_factory=dict)
     # `samullm` replaces a running engine (stops or reshapes it) only for a schedule predicted
     # shorter than the best that keeps them all by more than this (seconds + share of it): the
     # cost model's error is larger for a shape not served yet, and a start thrown away is lost
@@ -155,11 +160,13 @@ class Planner:
             order = self.dag.order  # upstream models first, ties largest first
             self.est.chains = self.dag.same_model
         self.ctx = Context(self.est, problem.pool, order, no_spare_s=problem.no_spare_s,
-                           dag=self.dag, stop_s=problem.stop_s)
+                           dag=self.dag, stop_s=problem.stop_s,
+                           engine_bytes=problem.engine_bytes)
         # stages are chosen with `ctx` (restarts estimated from the root runs) and every schedule
         # returned is re-run with `exact_ctx` (restarts simulated), which gives its stage times
         self.exact_ctx = Context(self.est.exact(), problem.pool, order, self.ctx._shapes,
-                                 problem.no_spare_s, self.dag, problem.stop_s)
+                                 problem.no_spare_s, self.dag, problem.stop_s,
+                                 problem.engine_bytes)
         self._done: dict[str, Schedule] = {}
         self._initial: PlanState | None = None
         # the search's best schedule that keeps every running engine (`_steady`), once searched
@@ -195,7 +202,8 @@ class Planner:
             m: e for m, e in p.idle.items() if m not in work}
         return PlanState(0.0, work, running, initial_warmup(p.warmup, running),
                          slots_of(p.spares), idle=idle,
-                         asleep={m: e for m, e in p.asleep.items() if m in work and m not in running})
+                         asleep={m: e for m, e in p.asleep.items() if m in work and m not in running},
+                         sleep_room=p.sleep_room)
 
     def plan(self, strategy: str = "samullm") -> Schedule:
         if strategy not in STRATEGIES:

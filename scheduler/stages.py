@@ -21,7 +21,9 @@ Stops: the runtime stops the engines a stage replaces (running ones it does not 
 devices it needs) and waits until they are gone before it starts any (`runtime.executor.slots`), so
 each engine a stage (re)starts while something stops pays `Context.stop_s` more. An engine whose
 model finished stays up idle (`PlanState.idle`: the runtime keeps it warm) until a start needs its
-devices.
+devices. Where engines sleep (CPU: frozen at once, `PlanState.sleep_room`), an engine replaced
+sleeps instead while the room allows (`put_to_sleep`): nothing waits for it, and a later stage of
+its plan wakes it (`PlanState.asleep`).
 
 Spare engine processes (`runtime.engines.spares`, CPU; `scheduler.spares`): each engine a stage starts
 takes a ready spare in plan order, and one that finds none pays `Context.no_spare_s` more; the
@@ -41,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from scheduler.dag import Dag, Waiting
 from scheduler.estimator import Estimator, PlanRun, Workload
@@ -78,6 +80,9 @@ class PlanState:
     # engines asleep (CPU: frozen, `runtime.executor.slots`): a stage that runs the same plan (tp,
     # dp, threads, devices) wakes them in `WAKE_S` instead of starting them; they hold no devices
     asleep: dict[str, ExecPlan] = field(default_factory=dict)
+    # the memory engines put to sleep may still take (bytes): an engine a stage replaces sleeps
+    # instead of stopping while it fits (`put_to_sleep`); None: every engine replaced is stopped
+    sleep_room: float | None = None
     _waiting: Waiting | None = field(default=None, repr=False, compare=False)
 
     def preferred(self) -> dict[str, ExecPlan]:
@@ -150,6 +155,15 @@ class Context:
     no_spare_s: float = 0.0  # what a start costs more without a ready spare (`PlanState.spares`)
     dag: Dag | None = None  # the requests' dependencies; None: none (and no arrival times)
     stop_s: float = 0.0  # what a start costs more while engines stop (the runtime waits for them)
+    # model -> the memory one replica of its engines holds asleep (`PlanState.sleep_room`)
+    engine_bytes: Mapping[str, float] = field(default_factory=dict)
+
+    def sleep_bytes(self, plan: ExecPlan) -> float:
+        return self.engine_bytes.get(plan.model, 0.0) * plan.dp
+
+    def sleeps(self, state: PlanState, plan: ExecPlan) -> bool:
+        """Whether the engines of `plan`, replaced now, would sleep (priced alone)."""
+        return state.sleep_room is not None and self.sleep_bytes(plan) <= state.sleep_room
 
     def first_movable(self, state: PlanState) -> str:
         """The first model left in `order` that can run on its own: with dependent work, one with
@@ -196,7 +210,8 @@ class Context:
         if asleep is not None and asleep.fits_in(tp, dp, th):
             return Option(shape, WAKE_S, run)  # placed where it sleeps (`PlanState.preferred`)
         extra = self.spare_charge(spare_pool.ready_count(state.spares), dp)
-        stop = self.stop_s if cur is not None else 0.0  # priced alone: its own engine's stop
+        # priced alone: its own engine's stop (none when it goes to sleep: a freeze is at once)
+        stop = self.stop_s if cur is not None and not self.sleeps(state, cur) else 0.0
         return Option(shape, self.start_s(m, tp, dp, th) + extra + stop, run, dp,
                       self.est.load_time(self.est.variant(m, th), tp), extra, stop)
 
@@ -254,14 +269,18 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
                    or state.warmup.get(p.model, 0.0) > 0)
     spares = state.spares
     stopped = stopped_by(state, plans, kept)
+    slept, room = put_to_sleep(ctx, state, stopped)
+    stop_s = ctx.stop_s if len(slept) < len(stopped) else 0.0  # starts wait for real stops only
     for p in plans:
         if kept[p.model]:
             warm[p.model] = state.warmup.get(p.model, 0.0)
         elif p.model in woken:  # woken once the engines it replaces are stopped
-            warm[p.model] = WAKE_S + (ctx.stop_s if stopped else 0.0)
+            warm[p.model] = WAKE_S + stop_s
+            if room is not None:
+                room += ctx.sleep_bytes(p)
         else:
             warm[p.model] = ctx.start_s(p.model, p.tp, starting, p.threads) + ctx.spare_charge(
-                spare_pool.ready_count(spares), p.dp) + (ctx.stop_s if stopped else 0.0)
+                spare_pool.ready_count(spares), p.dp) + stop_s
             if spares is not None:
                 spares = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)
             restarts.append(p.model)
@@ -310,9 +329,10 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     gone = {e.model for e in stopped}
     idle = {m: e for m, e in state.idle.items() if m not in gone} | {
         p.model: p for p in plans if p.model in done}
-    asleep = {m: e for m, e in state.asleep.items() if m not in woken and m not in running}
+    asleep = {m: e for m, e in state.asleep.items() if m not in woken and m not in running} | {
+        e.model: e for e in slept if e.model in work and e.model not in running}
     after = PlanState(state.t + dur, work, running, warmup, spares, placed, idle=idle,
-                      asleep=asleep)
+                      asleep=asleep, sleep_room=room)
     if observe is not None:
         observe(StageRuns(stage, state, after, runs, placed, warm, kept))
     return stage, after
@@ -325,6 +345,22 @@ def stopped_by(state: PlanState, plans: Sequence[ExecPlan], kept: dict[str, bool
     needed = {d for p in plans if not kept[p.model] for d in p.devices}
     return [e for m, e in state.running.items() if m not in keep] + [
         e for e in state.idle.values() if needed & set(e.devices)]
+
+
+def put_to_sleep(ctx: Context, state: PlanState, stopped: Sequence[ExecPlan]
+                 ) -> tuple[list[ExecPlan], float | None]:
+    """Of the engines `stopped` by a stage, those the runtime puts to sleep instead (CPU engines
+    frozen while the sleep budget allows, `runtime.executor.slots`), in order, and the room left
+    after them (None: engines are stopped, not put to sleep)."""
+    room = state.sleep_room
+    if room is None:
+        return [], None
+    slept = []
+    for e in stopped:
+        if ctx.sleep_bytes(e) <= room:
+            slept.append(e)
+            room -= ctx.sleep_bytes(e)
+    return slept, room
 
 
 def _stage_end(finish: dict[str, float], can_end: dict[str, float],

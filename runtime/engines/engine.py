@@ -518,6 +518,7 @@ class Launcher(Protocol):
     """What the executor needs of a launcher (`VllmLauncher`, or a test double)."""
 
     spares: "SparePool | None"  # spare engine processes it starts engines in (CPU), if any
+    freezable: bool  # its CPU engines can sleep frozen (`Engine.freezable`)
 
     async def start(self) -> None:
         """Before the first launch: clear what a killed predecessor left, start the spares."""
@@ -546,6 +547,7 @@ class VllmLauncher:
         self.log_dir = log_dir
         self.start_timeout_s = start_timeout_s
         self.python = python
+        self.freezable = True  # its engines' processes are on this machine
         self.spares = spares
         self._in_spare: set[int] = set()  # id() of the specs being launched in a spare
         self.shm_records = Path(state_dir) / RECORD_DIR if state_dir is not None else None

@@ -208,6 +208,7 @@ class RayLauncher:
     change of the cluster's nodes, the first read included (`start()`)."""
 
     spares = None  # spare engine processes are a local-machine thing
+    freezable = False  # `RayEngine.freezable`
 
     def __init__(self, cfg: Config, start_timeout_s: float = 300) -> None:
         self.cfg = cfg

@@ -672,7 +672,8 @@ class PoolExecutor:
                                self.learned.lengths, self.learned.start_times, head.plans,
                                running_plans(alive), ready, no_spare_s, self.learned.fits,
                                self.slots.starting(self.clock.monotonic()), self.slots.stop_s,
-                               running_plans(s.key for s in self.slots.asleep()))
+                               running_plans(s.key for s in self.slots.asleep()),
+                               self.slots.sleep_room(), self.slots.slept_bytes)
         work = problem.work
         t0 = self.clock.monotonic()
         try:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from runtime.config import Config
+from runtime.engines.procs import host_memory_bytes
 from runtime.executor.latency_source import DEFAULT_STOP_S, UNSERVED_CAUTION, LatencySource
 from runtime.executor.pool_state import Req, ReqState
 from runtime.endpoints import EMBEDDINGS
@@ -172,7 +173,9 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                  fits: Mapping[ShapeKey, ShapeFit] | None = None,
                  starting: Mapping[str, tuple[float, int, bool]] | None = None,
                  stop_s: float | None = None,
-                 asleep: dict[str, ExecPlan] | None = None) -> PlanningProblem:
+                 asleep: dict[str, ExecPlan] | None = None,
+                 sleep_room: float | None = None,
+                 slept_bytes: Mapping[str, float] | None = None) -> PlanningProblem:
     """The problem of a pool's `plan_no`-th plan (1 = the first) over its unfinished `reqs`: the
     one way both `serve` (the executor, at every pass) and `samullm plan` build it, so that for the
     same input, config and state dir the two predict the same makespan. `fits`: the online
@@ -185,7 +188,9 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
     whose model has no work (kept warm: the problem's `idle`). Its `groups` are the requests'
     batches: `plan` then predicts each batch's completion (`batch_completion`), and the least
     makespan any schedule could have (`lower_bound`). `asleep`: the plans of the engines asleep
-    (`slots.EngineSlots.asleep`), woken instead of started by a stage with the same plan."""
+    (`slots.EngineSlots.asleep`), woken instead of started by a stage with the same plan.
+    `sleep_room`: what the engines a stage replaces may still hold asleep (bytes; None: they are
+    stopped), `slept_bytes` what an engine of a model held asleep as measured (`engine_bytes`)."""
     seed = cfg.scheduler.seed
     work = sample_work(reqs, lengths, np.random.default_rng([seed, plan_no]))
     latency = LatencySource.load(state_dir, pool, list(work), start_times,
@@ -195,6 +200,9 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                             spares=spares, no_spare_s=no_spare_s,
                             stop_s=DEFAULT_STOP_S if stop_s is None else stop_s)
     problem.asleep = {m: p for m, p in (asleep or {}).items() if m in work}
+    if sleep_room is not None:
+        problem.sleep_room = sleep_room
+        problem.engine_bytes = engine_bytes(cfg, pool, specs, slept_bytes or {})
     problem.groups = batch_groups(reqs, work)
     problem.lower_bound = True
     for m, (elapsed, n, in_spare) in (starting or {}).items():
@@ -206,6 +214,27 @@ def plan_problem(cfg: Config, pool: DevicePool, specs: dict[str, ModelSpec], sta
                 expected += no_spare_s
             problem.warmup[m] = max(1.0, expected - elapsed)
     return problem
+
+
+def sleep_budget(cfg: Config) -> int:
+    """What CPU engines asleep may hold in all (bytes): `[devices] cpu_sleep_gib`, by default a
+    quarter of the host's memory (`slots.EngineSlots`)."""
+    gib = cfg.devices.cpu_sleep_gib
+    return host_memory_bytes() // 4 if gib is None else int(gib * 2**30)
+
+
+def engine_bytes(cfg: Config, pool: DevicePool, specs: Mapping[str, ModelSpec],
+                 measured: Mapping[str, float]) -> dict[str, float]:
+    """Per model, the memory one engine holds asleep: as `measured` (its processes' PSS when one
+    last went to sleep); else its weights and KV space plus the most that any measured engine
+    held beyond its own (the processes' base: ~0.1 GiB for the demo models on CPU)."""
+    kv = kv_bytes_fn(cfg, pool)
+
+    def own(spec: ModelSpec) -> float:
+        return spec.weight_bytes + kv(spec, 1)
+    base = max((b - own(specs[m]) for m, b in measured.items() if m in specs), default=0.0)
+    return {m: float(measured[m]) if m in measured else own(spec) + max(0.0, base)
+            for m, spec in specs.items()}
 
 
 def batch_groups(reqs: Sequence[Req], work: Mapping[str, Sequence[SimRequest]]

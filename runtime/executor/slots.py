@@ -32,9 +32,8 @@ from runtime.engines.devices import engine_device_kind
 from runtime.executor.dispatch import Slot, SlotHost, SlotState
 from runtime.executor.guests import Guests
 from runtime.engines.engine import EngineSpec
-from runtime.engines.procs import host_memory_bytes
 from runtime.executor.pool_state import Req
-from runtime.executor.planning import ReplicaKey, stage_replicas
+from runtime.executor.planning import ReplicaKey, sleep_budget, stage_replicas
 from runtime.persist import blend
 from scheduler.types import DevicePool, Stage
 
@@ -80,9 +79,9 @@ class EngineSlots:
         self.dying: set[asyncio.Task] = set()
         self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
         self.stop_s: float | None = None  # an engine's stop as measured here (smoothed)
-        gib = cfg.devices.cpu_sleep_gib
         # what sleeping CPU engines may hold in all (see the module docstring)
-        self.sleep_budget = host_memory_bytes() // 4 if gib is None else int(gib * 2**30)
+        self.sleep_budget = sleep_budget(cfg)
+        self.slept_bytes: dict[str, int] = {}  # model -> what its engine last held asleep
         self.guests = Guests(self)
         # model -> when the stage applied last predicted it done (executor clock; `Guests.cores`)
         self.finish_at: dict[str, float] = {}
@@ -281,6 +280,15 @@ class EngineSlots:
         """Engines asleep, or awake as guests (out of the plan either way)."""
         return [s for s in self.all if s.state in (SlotState.SLEEPING, SlotState.GUEST)]
 
+    def sleep_room(self) -> float | None:
+        """What the engines a stage replaces may still hold asleep (bytes, the planner's
+        `PlanningProblem.sleep_room`); None where they are stopped instead: not CPU, no budget,
+        or engines that cannot freeze (Ray's)."""
+        assert self.pool is not None
+        if self.pool.kind != "cpu" or self.sleep_budget <= 0 or not self.owner.launcher.freezable:
+            return None
+        return max(0.0, self.sleep_budget - sum(s.sleep_bytes for s in self.asleep()))
+
     def linger_ends(self) -> float | None:
         """When the first warm or sleeping engine's linger time runs out (executor clock), if any."""
         ends = [s.idle_since + self.cfg.devices.engine_linger_s
@@ -318,8 +326,10 @@ class EngineSlots:
         engine = slot.engine
         assert engine is not None
         if slot.spec.device_kind == "cpu":
-            held = sum(s.sleep_bytes for s in self.asleep() if s is not slot)
             slot.sleep_bytes = await asyncio.to_thread(engine.memory_bytes)
+            self.slept_bytes[slot.model] = slot.sleep_bytes
+            # after the reading: engines put to sleep together each see the others' memory
+            held = sum(s.sleep_bytes for s in self.asleep() if s is not slot)
             if held + slot.sleep_bytes > self.sleep_budget:
                 why = (f"re-plan; sleeping engines would hold {(held + slot.sleep_bytes) / 2**30:.1f}"
                        f" GiB, over [devices] cpu_sleep_gib")

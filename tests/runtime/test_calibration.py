@@ -236,7 +236,8 @@ async def test_plan_reads_the_calibrated_state_and_says_where_figures_come_from(
     assert all(r["base"].startswith("roofline") for r in rows.values())
     # serve, restarted on the same state dir, predicts what plan predicted
     rec = Recorder()
-    ex = PoolExecutor(cfg, FakeLauncher(start_delay_s=5.0), planner=rec)
+    # engines that sleep when a stage replaces them, as the real launcher's on CPU
+    ex = PoolExecutor(cfg, FakeLauncher(start_delay_s=5.0, freezable=True), planner=rec)
     await ex.start()
     try:
         ex.submit("input-0", [r.item for r in read_requests([str(inp)], cfg)], Sink())

@@ -33,6 +33,7 @@ class RecordingLauncher:
     def __init__(self, inner: VllmLauncher) -> None:
         self.inner = inner
         self.spares = inner.spares
+        self.freezable = inner.freezable
         self.engines: list[Engine] = []
 
     async def start(self) -> None:

@@ -235,3 +235,21 @@ async def test_an_engine_being_put_to_sleep_is_not_woken_as_a_guest(tmp_path) ->
     await slots._sleep(slot, {"a"}, 0.0)
     assert slot.state is SlotState.SLEEPING and slot.engine.frozen
     assert "engine_guest" not in owner.events
+
+
+async def test_engines_put_to_sleep_together_stay_within_the_budget(run, launcher, tmp_path) -> None:
+    """Two engines put to sleep by one stage: each checked the budget before the other's memory
+    was read, so both slept over it (found 5 Dec 2026); now the second one to be read stops."""
+    launcher.freezable, launcher.memory_bytes = True, 2**30
+    clock = ManualClock()
+    ex = await run(cfg=cfg_with(tmp_path, cpu_sleep_gib=1.5), devices=2, clock=clock)
+    ex.submit("first", items("a", 3) + items("b", 3, prefix="b"), Sink())
+    await clock.advance(2)
+    await asyncio.wait_for(ex.wait("first"), 30)
+    assert sorted(s["model"] for s in ex.health()["idle_engines"]) == ["a", "b"]  # one core each
+    ex.submit("big", items("c", 40, prefix="c"), big := Sink())  # c wants both cores
+    await clock.advance(2)
+    await asyncio.wait_for(ex.wait("big"), 30)
+    assert len(big.by_id()) == 40
+    frozen = [e for e in launcher.engines if e.alive() and e.frozen]
+    assert len(frozen) == 1, [(e.spec.model.name, e.alive(), e.frozen) for e in launcher.engines]
