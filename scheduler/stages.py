@@ -51,6 +51,7 @@ from scheduler.pipeline import Placed, left, simulate_stage
 from scheduler.placement import (Shape, make_shape, max_replicas, place, shape_devices,
                                  thread_counts, tp_degrees, unpack)
 from scheduler import spares as spare_pool
+from scheduler.growth import Growth, grow, grows, grows_into
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 EPS = 1e-9
@@ -209,6 +210,15 @@ class Context:
         asleep = state.asleep.get(m)
         if asleep is not None and asleep.fits_in(tp, dp, th):
             return Option(shape, WAKE_S, run)  # placed where it sleeps (`PlanState.preferred`)
+        if self.dag is None and grows(cur, tp, dp, th) and state.warmup.get(m, 0.0) <= 0:
+            new = dp - cur.dp  # its running replicas serve on while these start
+            extra = self.spare_charge(spare_pool.ready_count(state.spares), new)
+            g = grow(self.est, self.est.variant(m, th), tp, cur.dp, dp, state.work[m],
+                     self.start_s(m, tp, new, th) + extra)
+            if g.tail is None:  # done before the new replicas are up
+                return Option(shape, 0.0, g.head)
+            return Option(shape, g.warm_s, g.tail, new,
+                          self.est.load_time(self.est.variant(m, th), tp), extra)
         extra = self.spare_charge(spare_pool.ready_count(state.spares), dp)
         # priced alone: its own engine's stop (none when it goes to sleep: a freeze is at once)
         stop = self.stop_s if cur is not None and not self.sleeps(state, cur) else 0.0
@@ -264,8 +274,13 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     for p in plans:
         kept[p.model] = p.within(state.running.get(p.model))
     woken = {p.model for p in plans if not kept[p.model] and state.wakes(p)}
+    # grown by replicas: the running ones serve on while the new ones start (`scheduler.growth`)
+    old = {p.model: state.running[p.model] for p in plans
+           if ctx.dag is None and not kept[p.model] and p.model not in woken
+           and grows_into(state.running.get(p.model), p) and state.warmup.get(p.model, 0.0) <= 0}
+    new = {p.model: p.dp - (old[p.model].dp if p.model in old else 0) for p in plans}
     # engines starting together: every replica (re)started now, plus kept ones still warming up
-    starting = sum(p.dp for p in plans if not kept[p.model] and p.model not in woken
+    starting = sum(new[p.model] for p in plans if not kept[p.model] and p.model not in woken
                    or state.warmup.get(p.model, 0.0) > 0)
     spares = state.spares
     stopped = stopped_by(state, plans, kept)
@@ -280,16 +295,22 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
                 room += ctx.sleep_bytes(p)
         else:
             warm[p.model] = ctx.start_s(p.model, p.tp, starting, p.threads) + ctx.spare_charge(
-                spare_pool.ready_count(spares), p.dp) + stop_s
+                spare_pool.ready_count(spares), new[p.model]) + stop_s
             if spares is not None:
-                spares = spare_pool.take(spares, p.dp, warm[p.model], ctx.no_spare_s)
+                spares = spare_pool.take(spares, new[p.model], warm[p.model], ctx.no_spare_s)
             restarts.append(p.model)
     placed: dict[str, Placed] = {}
+    grown: dict[str, Growth] = {}
     if ctx.dag is None:
+        finish = {}
         for p in plans:
-            runs[p.model] = est.run(est.variant(p.model, p.threads), p.tp, p.dp,
-                                    state.work[p.model], kept[p.model])
-        finish = {m: warm[m] + runs[m].total_s for m in runs}
+            m, name = p.model, est.variant(p.model, p.threads)
+            if m in old:
+                grown[m] = grow(est, name, p.tp, old[m].dp, p.dp, state.work[m], warm[m])
+                runs[m], finish[m] = grown[m].run, grown[m].finish_s
+            else:
+                runs[m] = est.run(name, p.tp, p.dp, state.work[m], kept[m])
+                finish[m] = warm[m] + runs[m].total_s
         can_end = finish
     else:
         placed = simulate_stage(est, ctx.dag, state.t, state.work, plans, warm, kept, state.timed)
@@ -304,7 +325,11 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
         if m in done:
             continue
         ready_for = dur - warm[m]
-        if ready_for < 0:
+        if m in grown:
+            work[m] = grown[m].left(est, dur)
+            if ready_for < 0:
+                warmup[m] = -ready_for
+        elif ready_for < 0:
             warmup[m] = -ready_for
         elif ctx.dag is None:
             work[m] = est.advance(est.variant(m, p.threads), p.tp, p.dp, state.work[m], ready_for,
