@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from scheduler.placement import shape_devices, unpack
-from scheduler.stages import WAKE_S, Context, PlanState
+from scheduler.stages import Context, PlanState
+from scheduler.stops import WAKE_S
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def shape_costs(ctx: Context, state: PlanState) -> dict[str, list[ShapeCost]]:
     runs the planner ranks its options with, read from its caches when it ran them already). A
     start is priced alone (`Context.start_s` with one engine starting) and in a ready spare; a
     running engine of that very shape owes only what is left of its start (`PlanState.warmup`),
-    and one asleep in that shape its wake (`stages.WAKE_S`)."""
+    and one asleep in that shape its wake (`stops.WAKE_S`)."""
     out: dict[str, list[ShapeCost]] = {}
     for m in sorted(state.work):
         rows = []

@@ -124,11 +124,11 @@ class PlanningProblem:
     idle: dict[str, ExecPlan] = field(default_factory=dict)
     stop_s: float = 0.0  # an engine stop: starts wait for the stops of their stage (`stages`)
     # engines asleep (CPU: frozen, their memory kept): a stage with the same plan wakes them in
-    # `stages.WAKE_S` instead of paying a start (`PlanState.asleep`); they hold no devices
+    # `stops.WAKE_S` instead of paying a start (`PlanState.asleep`); they hold no devices
     asleep: dict[str, ExecPlan] = field(default_factory=dict)
     # the memory engines put to sleep may still take (bytes), and per model what one replica of
     # its engines holds asleep: an engine a stage replaces sleeps while it fits, at no stop
-    # (`stages.put_to_sleep`); None: engines replaced are stopped (GPU, Ray)
+    # (`stops.put_to_sleep`); None: engines replaced are stopped (GPU, Ray)
     sleep_room: float | None = None
     engine_bytes: dict[str, float] = field(default_factory=dict)
     # `samullm` replaces a running engine (stops or reshapes it) only for a schedule predicted

@@ -17,13 +17,8 @@ remaining start-up is left as it was charged). An option (`Context.option`), pri
 its own replicas; a candidate group re-prices its options' starts with the group's count
 (`Option.in_group`, used by `scheduler.search`), and `run_stage` charges the whole stage.
 
-Stops: the runtime stops the engines a stage replaces (running ones it does not keep, idle ones on
-devices it needs) and waits until they are gone before it starts any (`runtime.executor.slots`), so
-each engine a stage (re)starts while something stops pays `Context.stop_s` more. An engine whose
-model finished stays up idle (`PlanState.idle`: the runtime keeps it warm) until a start needs its
-devices. Where engines sleep (CPU: frozen at once, `PlanState.sleep_room`), an engine replaced
-sleeps instead while the room allows (`put_to_sleep`): nothing waits for it, and a later stage of
-its plan wakes it (`PlanState.asleep`).
+Stops and sleeps (`scheduler.stops`): the engines a stage replaces are stopped, or put to sleep
+where engines sleep, and starts wait for the stops.
 
 Spare engine processes (`runtime.engines.spares`, CPU; `scheduler.spares`): each engine a stage starts
 takes a ready spare in plan order, and one that finds none pays `Context.no_spare_s` more; the
@@ -52,12 +47,10 @@ from scheduler.placement import (Shape, make_shape, max_replicas, place, shape_d
                                  thread_counts, tp_degrees, unpack)
 from scheduler import spares as spare_pool
 from scheduler.growth import Growth, grow, grows, grows_into
+from scheduler.stops import WAKE_S, put_to_sleep, stopped_by
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 EPS = 1e-9
-# what waking an engine asleep costs before it serves (a CPU engine thawed: its next request was
-# answered in 0.08 s, as before it slept, `runtime.engines.engine`)
-WAKE_S = 0.05
 
 
 class InfeasibleError(ValueError):
@@ -361,31 +354,6 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     if observe is not None:
         observe(StageRuns(stage, state, after, runs, placed, warm, kept))
     return stage, after
-
-
-def stopped_by(state: PlanState, plans: Sequence[ExecPlan], kept: dict[str, bool]) -> list[ExecPlan]:
-    """The engines up at `state` that a stage of `plans` stops (as `runtime.executor.slots` does):
-    running ones it does not keep, and idle ones on devices an engine it (re)starts needs."""
-    keep = {p.model for p in plans if kept[p.model]}
-    needed = {d for p in plans if not kept[p.model] for d in p.devices}
-    return [e for m, e in state.running.items() if m not in keep] + [
-        e for e in state.idle.values() if needed & set(e.devices)]
-
-
-def put_to_sleep(ctx: Context, state: PlanState, stopped: Sequence[ExecPlan]
-                 ) -> tuple[list[ExecPlan], float | None]:
-    """Of the engines `stopped` by a stage, those the runtime puts to sleep instead (CPU engines
-    frozen while the sleep budget allows, `runtime.executor.slots`), in order, and the room left
-    after them (None: engines are stopped, not put to sleep)."""
-    room = state.sleep_room
-    if room is None:
-        return [], None
-    slept = []
-    for e in stopped:
-        if ctx.sleep_bytes(e) <= room:
-            slept.append(e)
-            room -= ctx.sleep_bytes(e)
-    return slept, room
 
 
 def _stage_end(finish: dict[str, float], can_end: dict[str, float],

@@ -338,6 +338,7 @@ class PoolExecutor:
         self.emit("engine_started", **slot.describe(), start_s=start_s,
                    starting_with=slot.starting_with, alone_start_s=alone_s,
                    spare=slot.engine.spare_used)
+        self.slots.rebalance(slot, self.queues.count(slot.model))
 
     def slot_start_failed(self, slot: Slot, message: str) -> None:
         self.slots.fail(slot)

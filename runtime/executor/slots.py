@@ -119,6 +119,31 @@ class EngineSlots:
         work = queued + sum(len(s.inflight) for s in peers)
         return max(1, min(slot.limit, math.ceil(work / len(peers))))
 
+    def rebalance(self, slot: Slot, queued: int) -> None:
+        """A replica just up or woken (`slot`) takes over what its model's other replicas hold
+        past their engines' seats and past an even share (`inflight_cap`, `queued` being the
+        model's queue): requests their engines have not begun (vLLM runs at most its seats at
+        once; the newest sent wait in its queue), aborted and put back at the queue's head, where
+        `slot` takes them first. Why: a plan grown by a replica keeps the running one
+        (`scheduler.growth`), which held 1.5 × its seats; the new one got only the queue's rest
+        (`bench.fresh`, 5 Dec 2026: 15 of medium's 63 requests, the planner splitting them even)."""
+        if slot.state is not SlotState.RUNNING:
+            return
+        for peer in self.all:
+            if peer is slot or peer.model != slot.model or peer.state is not SlotState.RUNNING:
+                continue
+            held = len(peer.inflight)
+            n = min(held - self.inflight_cap(peer, queued), held - peer.inflight.seats)
+            if n <= 0:
+                continue
+            moved = list(peer.inflight)[-n:]
+            for req in moved:
+                peer.inflight.pop(req).cancel()
+            self.requeue(moved)
+            queued += n
+            self.owner.emit("requests_moved", **peer.describe(), requests=n,
+                            to=list(slot.spec.devices))
+
     def wake(self, model: str | None = None) -> None:
         """Wake the dispatch loops (of `model`'s slots only, when given)."""
         for s in self.all:
@@ -357,6 +382,7 @@ class EngineSlots:
             slot.move(SlotState.RUNNING)
             slot.sleep_bytes, slot.idle_since = 0, None
             self.owner.emit("engine_wake", **slot.describe())
+            self.rebalance(slot, self.owner.queues.count(slot.model))
             slot.task = asyncio.create_task(dispatch.serve_slot(slot, self.owner))
         else:
             await self.stop(slot, "wake failed")

@@ -1,5 +1,5 @@
 """Engines asleep (`PlanningProblem.asleep`, CPU engines frozen by the runtime): a stage that runs
-the same plan wakes them in `stages.WAKE_S` instead of paying a start, on the devices they sleep
+the same plan wakes them in `stops.WAKE_S` instead of paying a start, on the devices they sleep
 on; another shape, or another placement, starts as before."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from scheduler.planner import PlanningProblem, plan
-from scheduler.stages import WAKE_S
+from scheduler.stops import WAKE_S
 from scheduler.types import DevicePool, ExecPlan, SimRequest
 from tests.scheduler.test_planner import cpu_spec, lat_fn
 
