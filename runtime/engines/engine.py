@@ -55,7 +55,9 @@ if TYPE_CHECKING:
     from runtime.engines.spares import Spare, SparePool
 
 log = logging.getLogger(__name__)
-HEALTH_POLL_S = 0.5
+# how often a starting engine's /health is asked: a refused connect costs ~1 ms of CPU, and a
+# start is measured (and planned from) in these steps (at 0.5 s, starts read 3.52, 4.02 … 7.03 s)
+HEALTH_POLL_S = 0.05
 LOG_TAIL_BYTES = 6000
 
 
