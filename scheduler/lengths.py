@@ -28,6 +28,11 @@ import numpy as np
 
 from scheduler.data import load_json
 
+# prompt estimates (`LengthModel.prompt_scale`): the estimate's own weight before any count, in
+# tokens, and the decay of every earlier answer at each new one (the newest ~512 weigh most)
+PROMPT_PRIOR_TOKENS = 1000.0
+PROMPT_DECAY = 1.0 - 1.0 / 512
+PROMPT_SCALE_BOUNDS = (0.1, 10.0)
 PRIOR_WEIGHT = 50.0  # W: pseudo-observations the prior is worth before any data
 PRIOR_HALF = 50.0  # n0: observations after which the prior's weight has halved
 EMBEDDINGS = "/v1/embeddings"
@@ -131,12 +136,33 @@ class LengthDistribution:
 
 class LengthModel:
     """Output-length distributions per (model, endpoint), each created on first use from the
-    endpoint's prior. Embedding requests produce no tokens: they cost one prefill (length 1)."""
+    endpoint's prior. Embedding requests produce no tokens: they cost one prefill (length 1).
+
+    Also the correction of prompt estimates per (model, endpoint): validation estimates a prompt
+    from its characters (`gateway.tokens`), and the engines' counts teach the ratio, weighted to
+    the newest answers (`prompt_scale`). `bench.fresh`'s prompts (random vocabulary words) were
+    estimated 25 % long, so their prefill was planned 25 % long."""
 
     def __init__(self, priors: dict[str, np.ndarray] | None = None) -> None:
         """`priors`: endpoint → decode-length quantile table; None = the shipped trace tables."""
         self.priors = priors
         self.dists: dict[tuple[str, str], LengthDistribution] = {}
+        # (model, endpoint) -> decayed sums of (estimated, counted) prompt tokens, prior included
+        self.prompts: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def observe_prompt(self, model: str, endpoint: str, estimated: int, counted: int) -> None:
+        """An answer whose prompt the engine counted `counted` tokens, estimated `estimated`."""
+        if estimated <= 0 or counted <= 0:
+            return
+        est, got = self.prompts.get((model, endpoint), (PROMPT_PRIOR_TOKENS, PROMPT_PRIOR_TOKENS))
+        self.prompts[(model, endpoint)] = (est * PROMPT_DECAY + estimated,
+                                           got * PROMPT_DECAY + counted)
+
+    def prompt_scale(self, model: str, endpoint: str) -> float:
+        """What an estimated prompt of (model, endpoint) is multiplied by to plan (1: none seen)."""
+        est, got = self.prompts.get((model, endpoint), (1.0, 1.0))
+        lo, hi = PROMPT_SCALE_BOUNDS
+        return min(hi, max(lo, got / est))
 
     def _prior_for(self, endpoint: str) -> np.ndarray:
         if self.priors is not None:
@@ -162,7 +188,9 @@ class LengthModel:
 
     def to_dict(self) -> dict[str, Any]:
         return {"distributions": [{"model": m, "endpoint": e, "dist": d.to_dict()}
-                                  for (m, e), d in sorted(self.dists.items())]}
+                                  for (m, e), d in sorted(self.dists.items())],
+                "prompts": [{"model": m, "endpoint": e, "estimated": est, "counted": got}
+                            for (m, e), (est, got) in sorted(self.prompts.items())]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], priors: dict[str, np.ndarray] | None = None
@@ -170,4 +198,7 @@ class LengthModel:
         lm = cls(priors)
         for item in d.get("distributions", []):
             lm.dists[(item["model"], item["endpoint"])] = LengthDistribution.from_dict(item["dist"])
+        for item in d.get("prompts", []):
+            lm.prompts[(item["model"], item["endpoint"])] = (float(item["estimated"]),
+                                                             float(item["counted"]))
         return lm

@@ -1,6 +1,7 @@
 """What a gateway learns while it serves, kept under its state dir across restarts.
 
-- Output lengths (`LengthModel`): each finished request's tokens, censored when it hit its cap.
+- Output lengths (`LengthModel`): each finished request's tokens, censored when it hit its cap;
+  and its prompt as the engine counted it, which corrects validation's estimates.
 - Engine starts per (model, TP): each measured start, stored as the start alone (the planner
   multiplies it by the contention factor again) and in a spare process, blended with the earlier.
 - Served requests per engine shape and the online calibration fitted to them (`scheduler.online`):
@@ -44,10 +45,15 @@ class Learned:
         self._saved = self._state()
 
     def observe(self, req: Req, outcome: Outcome) -> None:
-        """Feed a finished request's output length to the length model (censored when capped)."""
+        """Feed a finished request's output length to the length model (censored when capped),
+        and its prompt as the engine counted it against validation's estimate."""
+        usage = usage_of(outcome.response_body)
+        if usage.prompt:  # upstream outputs in its prompt were counted, not estimated
+            self.lengths.observe_prompt(req.model, req.item.url, req.item.prompt_tokens,
+                                        usage.prompt - req.known_tokens)
         if req.item.url == EMBEDDINGS:
             return
-        tokens = usage_of(outcome.response_body).output
+        tokens = usage.output
         if tokens is None:
             return
         capped = hit_length_cap(outcome.response_body)

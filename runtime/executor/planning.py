@@ -117,7 +117,8 @@ class KvBytes:
 def sample_work(reqs: Sequence[Req], lengths: LengthModel,
                 rng: np.random.Generator) -> dict[str, list[SimRequest]]:
     """SimRequests per model (rid = position in `reqs`), output lengths drawn from `lengths` and
-    capped by each request's max_tokens; an embedding request is one forward pass (length 1).
+    capped by each request's max_tokens, prompt estimates corrected by what the engines counted
+    (`LengthModel.prompt_scale`); an embedding request is one forward pass (length 1).
     A dependent request's prompt is its own tokens plus the outputs of its upstream requests that
     finished; those still in `reqs` are its `upstream` (the planner adds their drawn outputs and
     starts it after their predicted finish)."""
@@ -129,12 +130,14 @@ def sample_work(reqs: Sequence[Req], lengths: LengthModel,
     work: dict[str, list[SimRequest]] = {}
     for (model, url), idx in sorted(groups.items()):
         caps = np.array([max(1, reqs[i].item.max_tokens) for i in idx], dtype=np.int64)
+        scale = lengths.prompt_scale(model, url)  # estimates as the engines count them
         if url == EMBEDDINGS:
             outs = np.ones(len(idx), dtype=np.int64)
         else:
             outs = np.minimum(lengths.sample(model, url, caps, rng), caps)
         work.setdefault(model, []).extend(
-            SimRequest(rid=i, prompt_len=max(1, reqs[i].item.prompt_tokens + reqs[i].known_tokens),
+            SimRequest(rid=i, prompt_len=max(1, round(reqs[i].item.prompt_tokens * scale)
+                                             + reqs[i].known_tokens),
                        output_len=max(1, int(o)), upstream=_upstream(reqs, i, index),
                        prefix=reqs[i].item.prefix)
             for i, o in zip(idx, outs))

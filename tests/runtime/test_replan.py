@@ -130,3 +130,27 @@ def test_build_problem_carries_the_spares_and_latency_no_longer_adds_the_import(
     problem = build_problem(*args, spares=(0.0, 3.5), no_spare_s=7.0)
     assert (problem.spares, problem.no_spare_s) == ((0.0, 3.5), 7.0)
     assert build_problem(*args).spares is None
+
+
+def test_sample_work_scales_prompt_estimates_by_what_engines_counted() -> None:
+    lm = LengthModel()
+    for _ in range(500):
+        lm.observe_prompt("a", "/v1/chat/completions", estimated=100, counted=50)
+    r = req(90)  # estimated 100 prompt tokens
+    r.known_tokens = 7  # upstream outputs: counted, not estimated
+    [got] = sample_work([r], lm, np.random.default_rng(0))["a"]
+    assert got.prompt_len == pytest.approx(100 * lm.prompt_scale("a", "/v1/chat/completions") + 7,
+                                           abs=1) and got.prompt_len < 60
+
+
+async def test_served_prompts_teach_the_estimate_and_are_kept(tmp_path) -> None:
+    """Each answer's counted prompt (the fake engine says 5 tokens, validation estimated 20) moves
+    the model's prompt scale, and it is saved with the lengths."""
+    from tests.runtime.fakes import FakeLauncher
+    from tests.runtime.test_executor import items, make_cfg, run_once
+    ex = await run_once(make_cfg(tmp_path), FakeLauncher(), DevicePool("cpu", (0,), 1 << 28),
+                        items("a", 40))
+    scale = ex.learned.lengths.prompt_scale("a", "/v1/chat/completions")
+    assert 0.25 < scale < 0.9
+    saved = load_length_model(tmp_path / "state")
+    assert saved.prompt_scale("a", "/v1/chat/completions") == pytest.approx(scale)

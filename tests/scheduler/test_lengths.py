@@ -120,3 +120,23 @@ def test_sampling_is_deterministic_given_the_generator():
     a = m.sample("x", CHAT, caps, np.random.default_rng(11))
     b = m.sample("x", CHAT, caps, np.random.default_rng(11))
     assert np.array_equal(a, b)
+
+
+def test_prompt_estimates_are_corrected_by_what_engines_counted() -> None:
+    """Validation estimates prompts from characters (`gateway.tokens`); the engines' counts teach
+    each (model, endpoint) the ratio. `bench.fresh`'s prompts (random vocabulary words) were
+    estimated 25 % long (18,684 tokens against 14,916 for medium's 64 of batch 2, 5 Dec 2026),
+    which planned their prefill 25 % long."""
+    lm = LengthModel()
+    assert lm.prompt_scale("m", CHAT) == 1.0  # nothing seen: the estimate as it is
+    lm.observe_prompt("m", CHAT, estimated=100, counted=80)
+    assert 0.8 < lm.prompt_scale("m", CHAT) < 1.0  # one answer moves it, a prior holds it back
+    for _ in range(200):
+        lm.observe_prompt("m", CHAT, estimated=100, counted=80)
+    assert lm.prompt_scale("m", CHAT) == pytest.approx(0.8, abs=0.01)
+    assert lm.prompt_scale("other", CHAT) == 1.0
+    for _ in range(2000):  # the texts change: the newest answers weigh most
+        lm.observe_prompt("m", CHAT, estimated=100, counted=120)
+    assert lm.prompt_scale("m", CHAT) == pytest.approx(1.2, abs=0.02)
+    back = LengthModel.from_dict(json.loads(json.dumps(lm.to_dict())))
+    assert back.prompt_scale("m", CHAT) == lm.prompt_scale("m", CHAT)
