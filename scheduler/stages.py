@@ -276,7 +276,7 @@ def run_stage(ctx: Context, state: PlanState, plans: Sequence[ExecPlan],
     starting = sum(new[p.model] for p in plans if not kept[p.model] and p.model not in woken
                    or state.warmup.get(p.model, 0.0) > 0)
     spares = state.spares
-    stopped = stopped_by(state, plans, kept)
+    stopped = stopped_by(state, plans, {m: k or m in old for m, k in kept.items()})
     slept, room = put_to_sleep(ctx, state, stopped)
     stop_s = ctx.stop_s if len(slept) < len(stopped) else 0.0  # starts wait for real stops only
     for p in plans:

@@ -25,9 +25,11 @@ WAKE_S = 0.05
 
 def stopped_by(state: PlanState, plans: Sequence[ExecPlan], kept: dict[str, bool]) -> list[ExecPlan]:
     """The engines up at `state` that a stage of `plans` stops (as `runtime.executor.slots` does):
-    running ones it does not keep, and idle ones on devices an engine it (re)starts needs."""
+    running ones it does not keep (`kept`: the model's running engines all stay, the plan the
+    same, fewer replicas of it, or more: `scheduler.growth`), and idle ones on devices an engine
+    it starts needs."""
     keep = {p.model for p in plans if kept[p.model]}
-    needed = {d for p in plans if not kept[p.model] for d in p.devices}
+    needed = {d for p in plans if not p.within(state.running.get(p.model)) for d in p.devices}
     return [e for m, e in state.running.items() if m not in keep] + [
         e for e in state.idle.values() if needed & set(e.devices)]
 

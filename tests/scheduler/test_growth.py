@@ -4,6 +4,8 @@ and no restart of them."""
 
 from __future__ import annotations
 
+import pytest
+
 from scheduler.growth import grow
 from scheduler.planner import Planner, plan
 from scheduler.stages import run_stage
@@ -56,3 +58,18 @@ def test_samullm_grows_the_long_model_onto_the_core_the_short_one_frees() -> Non
     last = got.stages[-1]
     assert [(p.model, p.dp) for p in last.plans] == [("a-model", 2)], got.stages
     assert got.stages[0].plans[0].same_shape(ONE) and last.plans[0].devices == (0, 1)
+
+
+@pytest.mark.parametrize("room", [None, 4 * 2**30])
+def test_a_growth_stops_and_puts_to_sleep_nothing(room) -> None:
+    """The running replicas of a grown plan are kept: the stage waits for no stop of them (priced
+    2 s here) and does not put them to sleep."""
+    pr = problem(running={"a-model": ONE}, stop_s=2.0, sleep_room=room,
+                 engine_bytes={"a-model": 2**30, "b-model": 2**30})
+    pr.work = many(1024)
+    planner = Planner(pr)
+    ctx, state = planner.exact_ctx, planner.initial_state()
+    stage, after = run_stage(ctx, state, [TWO])
+    g = grow(ctx.est, "a-model", 1, 1, 2, state.work["a-model"], ctx.start_s("a-model", 1, 1))
+    assert stage.predicted_finish_s["a-model"] == pytest.approx(g.finish_s)
+    assert after.asleep == {} and after.sleep_room == room
