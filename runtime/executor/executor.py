@@ -648,18 +648,21 @@ class PoolExecutor:
             await self.learned.save()
             return
         assert head is not None
-        schedule = await self._plan(head, todo, reasons)
-        if schedule is None:
-            return
         has_work = {r.model for r in todo}
-        await self.slots.apply(schedule.stages[0] if schedule.stages else None, has_work,
-                               self.clock.monotonic())
+        # the small batches a guest serves are out of the plan, as the guest is (`Guests.takes`)
+        todo = [r for r in todo if not self.slots.guests.takes(r.model, r.batch_id)]
+        schedule = await self._plan(head, todo, reasons) if todo else None
+        if schedule is None and todo:
+            return
+        await self.slots.apply(schedule.stages[0] if schedule and schedule.stages else None,
+                               has_work, self.clock.monotonic())
         self._arm_linger()
         if not self.slots.any_active() and not self.slots.dying and not self._reasons:
             # nothing runs and nothing will produce an event: the plan left queued work stranded.
             # Not when a pass is already asked for: an engine died or a node left while this one
             # applied its plan, and the next one plans for that (it failed them on 5 Dec).
-            for req in [r for r in head.open_reqs() if r.state is ReqState.QUEUED]:
+            for req in [r for r in head.open_reqs() if r.state is ReqState.QUEUED
+                        and not self.slots.guests.takes(r.model, r.batch_id)]:
                 self._fail_queued(req, "planning_failed", "the plan runs no engine for this model")
 
     async def _plan(self, head: Pool, todo: list[Req], reasons: list[str]) -> Schedule | None:

@@ -253,3 +253,49 @@ async def test_engines_put_to_sleep_together_stay_within_the_budget(run, launche
     assert len(big.by_id()) == 40
     frozen = [e for e in launcher.engines if e.alive() and e.frozen]
     assert len(frozen) == 1, [(e.spec.model.name, e.alive(), e.frozen) for e in launcher.engines]
+
+
+async def test_a_small_batch_a_guest_serves_is_left_out_of_the_plan(launcher, tmp_path) -> None:
+    """The re-plan on a small batch's arrival plans without the requests its model's guest serves:
+    planned, they made a stage that put the big batch's running engine to sleep for them (its 48
+    requests in flight aborted, their progress lost; the fairness bench's big batch 1.14× its
+    alone time, 5 Dec 2026 15:50), where the guest beside it was serving them already."""
+    from runtime.executor.executor import PoolExecutor
+    from scheduler.planner import plan
+    from scheduler.types import DevicePool
+    problems = []
+
+    def recording(problem, strategy):
+        problems.append(problem)
+        return plan(problem, strategy)
+
+    launcher.freezable = True
+    clock = ManualClock()
+    ex = PoolExecutor(cfg_with(tmp_path), launcher, planner=recording, clock=clock,
+                      pool=DevicePool("cpu", (0,), 2**28))
+    await ex.start()
+    try:
+        ex.submit("first", items("a", 5), Sink())
+        await asyncio.wait_for(ex.wait("first"), 30)
+        await idle(ex)
+        launcher.delay_s["b"] = 0.05
+        ex.submit("big", items("b", 200, prefix="big"), big := Sink())  # b takes the core
+        await clock.advance(2)
+        await until(lambda: len(big.outcomes) >= 4, "the big batch did not start")
+        [a] = engines(launcher, "a")
+        assert a.frozen
+        before = len(problems)
+        ex.submit("small", items("a", 3, prefix="s"), small := Sink())
+        await until(lambda: "engine_guest" in kinds(ex.events("small")), "no guest")
+        await clock.advance(2)  # past the arrival pause: the re-plan
+        await until(lambda: len(problems) > before, "no re-plan on the small batch's arrival")
+        # every plan since the guest woke: without a (the guest's), b kept (never put to sleep)
+        assert all("a" not in p.work for p in problems[before:]), [sorted(p.work) for p in problems]
+        assert "engine_sleep" not in [e["event"] for e in ex.events("big")
+                                      if e.get("model") == "b"]
+        await asyncio.wait_for(ex.wait("small"), 10)
+        assert len(small.by_id()) == 3
+        assert not engines(launcher, "b")[0].frozen
+        await asyncio.wait_for(ex.wait("big"), 30)
+    finally:
+        await ex.close()
