@@ -2,11 +2,13 @@
 model beside the stage's engines, on cores they use, out of the plan.
 
 A small batch (one with fewer than about twice the seats left in all, its `priority` on the model
-at most the seats', `seats`), arriving while no engine of its model is in the plan, wakes that model's sleeping engine as a guest (`visit`): on
-its own cores or, for a one-core engine, on the core where no small batch is served and the
-plan's engines have the most time to spare (`cores`), beside the engine there. It takes small batches' requests only
-(`queues.pop(at_most)`) and goes back home to sleep when they are done; a stage that wants it
-where it sleeps makes it a member of the plan (`slots.EngineSlots._wake`).
+at most the seats', `seats`), arriving while no engine of its model is in the plan, wakes that
+model's sleeping engine as a guest (`visit`): on its own cores or, for a one-core engine, on the
+core where no small batch is served and the plan's engines have the most time to spare (`cores`),
+beside the engine there. It takes small batches' requests only (`queues.pop(at_most)`), which are
+left out of the plan while it serves them (`takes`), and goes back home to sleep when they are
+done; a stage that wants it where it sleeps makes it a member of the plan
+(`slots.EngineSlots._wake`).
 
 Why: with both cores serving a big batch, a 20-request batch whose model's engine had stopped
 waited for a stage change (19-22 s against a 4.3 s target in `bench/fairness.py`, 5 Dec 2026),
