@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Iterable, Protocol
 
 
 class Clock(Protocol):
@@ -40,11 +40,18 @@ SYSTEM = SystemClock()
 
 async def wait_event(clock: Clock, event: asyncio.Event, timeout_s: float) -> bool:
     """Wait until `event` is set or `timeout_s` passed on `clock`; True when the event came first."""
-    waiter = asyncio.ensure_future(event.wait())
+    return await wait_events(clock, (event,), timeout_s)
+
+
+async def wait_events(clock: Clock, events: Iterable[asyncio.Event], timeout_s: float) -> bool:
+    """Wait until one of `events` is set or `timeout_s` passed on `clock`; True when an event
+    came first."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
     timer = asyncio.ensure_future(clock.sleep(timeout_s))
     try:
-        await asyncio.wait((waiter, timer), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((*waiters, timer), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        waiter.cancel()
+        for w in waiters:
+            w.cancel()
         timer.cancel()
-    return waiter.done() and not waiter.cancelled()
+    return any(w.done() and not w.cancelled() for w in waiters)

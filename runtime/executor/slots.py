@@ -119,6 +119,12 @@ class EngineSlots:
         work = queued + sum(len(s.inflight) for s in peers)
         return max(1, min(slot.limit, math.ceil(work / len(peers))))
 
+    def serves_small(self, model: str, open_requests: int) -> bool:
+        """Whether an engine of `model` is up and serving (in the plan, or a guest) and a batch
+        with `open_requests` left is small on its seats (`seats`): served at once, by the hold."""
+        return any(s.model == model and s.state.serving and s.engine is not None
+                   and open_requests.bit_length() <= s.inflight.small() for s in self.all)
+
     def rebalance(self, slot: Slot, queued: int) -> None:
         """A replica just up or woken (`slot`) takes over what its model's other replicas hold
         past their engines' seats and past an even share (`inflight_cap`, `queued` being the
