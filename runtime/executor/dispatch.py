@@ -144,6 +144,8 @@ class SlotHost(Protocol):
     def check_drained(self, model: str) -> None: ...
     # how many requests `slot` may hold in flight now (`slots.EngineSlots.inflight_cap`)
     def inflight_cap(self, slot: Slot) -> int: ...
+    # a batch's size as the seats compare batches (`seats`)
+    def batch_size(self, batch_id: str) -> int: ...
     async def finish(self, req: Req, outcome: Outcome) -> None: ...
 
 
@@ -192,8 +194,7 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
             slot.idle_since = None  # serving again (a warm engine's next batch): not idle
             req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
             if _preempts(slot, host):
-                victims = slot.inflight.victims(req.priority, req.batch_id,
-                                                host.queues.priorities(slot.model))
+                victims = slot.inflight.victims(req.priority, req.batch_id, _sizes(slot, host))
                 for victim in victims:
                     slot.inflight.pop(victim).cancel()
                 if victims:
@@ -225,8 +226,7 @@ def _may_preempt(slot: Slot, host: SlotHost) -> bool:
     if not _preempts(slot, host):
         return False
     nxt = host.queues.next_priority(slot.model)
-    return nxt is not None and bool(slot.inflight.victims(
-        *nxt, host.queues.priorities(slot.model)))
+    return nxt is not None and bool(slot.inflight.victims(*nxt, _sizes(slot, host)))
 
 
 def _held(slot: Slot, host: SlotHost) -> bool:
@@ -235,7 +235,16 @@ def _held(slot: Slot, host: SlotHost) -> bool:
         return False
     nxt = host.queues.next_priority(slot.model)
     return nxt is not None and slot.inflight.holds(
-        nxt[1], host.queues.priorities(slot.model), host.clock.monotonic())
+        nxt[1], _sizes(slot, host, in_flight=False), host.clock.monotonic())
+
+
+def _sizes(slot: Slot, host: SlotHost, in_flight: bool = True) -> dict[str, int]:
+    """The size (`SlotHost.batch_size`) of each batch with requests of the slot's model queued,
+    and with `in_flight` of each with requests in flight on the slot (`seats`)."""
+    batches = set(host.queues.priorities(slot.model))
+    if in_flight:
+        batches.update(r.batch_id for r in slot.inflight)
+    return {b: host.batch_size(b) for b in batches}
 
 
 async def _watch_exit(slot: Slot, host: SlotHost) -> None:

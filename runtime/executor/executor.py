@@ -399,6 +399,14 @@ class PoolExecutor:
         batch = self._batches.get(batch_id)
         return batch.open_count if batch is not None and not batch.finished.is_set() else 0
 
+    def batch_size(self, batch_id: str) -> int:
+        """A batch's size as the seats compare batches (`seats`): what it has open in all, on
+        every model, to a power of two as a request's `priority` is; -1 when it was moved up for
+        its deadline (`deadlines`)."""
+        if batch_id in self.queues.urgent:
+            return -1
+        return self.batch_open(batch_id).bit_length()
+
     def inflight_cap(self, slot: Slot) -> int:
         return self.slots.inflight_cap(slot, self.queues.count(slot.model))
 
@@ -411,7 +419,9 @@ class PoolExecutor:
             return
         self.queues.finish_signalled[model] = True
         self.emit("model_finished", model=model)
-        self._request_pass(f"model_finished:{model}")
+        # a model no engine of the plan serves (a guest's: out of the plan) changes no plan
+        if any(s.model == model and s.state.active for s in self.slots):
+            self._request_pass(f"model_finished:{model}")
 
     async def finish(self, req: Req, outcome: Outcome) -> None:
         req.report()

@@ -20,13 +20,19 @@ costs the big batch least too, since an engine's step costs about as much per se
 as at 32, and what it loses is only the aborted requests' tokens so far.
 
 So the slot *holds* its engine for small batches. vLLM does not say which requests it runs, and
-the hold need not know: it aborts every in-flight request of the big batches. A batch is *small* here
-when its `priority` is at most the seats' bit length (fewer than twice the seats left), *big*
-when its current one (what it has queued now, `queues`) is `PREEMPT_GAP` above that (more than
-4× the seats queued). When a small batch's request is sent to a slot where big batches have
-requests in flight, the slot aborts all of those, running or waiting in the engine (the running
-ones' tokens so far are what it costs), and re-queues them at the head of their batch
-(`dispatch.dispatch_loop`). Then, while small batches' requests are in flight there and for at
+the hold need not know: it aborts every in-flight request of the big batches. A batch's *size*
+here is what it has open in all, on every model, to a power of two as a `priority` is
+(`SlotHost.batch_size`). It is *small* when that and its request's `priority` are at most the
+seats' bit length (fewer than twice the seats left), *big* when its size is `PREEMPT_GAP` above
+that (more than 4× the seats open). The size is the whole batch's, not its queue of this model:
+a 2,000-request batch whose share of `medium` had drained to a few dozen requests there, with
+hundreds still open on `small`, counted as small on `medium`, and a 20-request batch waited for
+its seats (6.1 s against 1.6 s alone, `bench/fairness.py --mix`, 5 Dec 2026); what a batch has
+left anywhere is what its completion waits for.
+
+When a small batch's request is sent to a slot where big batches have requests in flight, the
+slot aborts all of those, running or waiting in the engine (the running ones' tokens so far are
+what it costs), and re-queues them at the head of their batch (`dispatch.dispatch_loop`). Then, while small batches' requests are in flight there and for at
 most `HOLD_MAX_S`, it sends no big batch's request, unless a small batch still has requests
 queued and the fair queues' aging chose the big one over it anyway (so the hold never starves a
 big batch that the queues would serve). The bound is for a small batch of a few long answers,
@@ -35,8 +41,8 @@ which would otherwise keep an engine of many seats on a handful of sequences.
 Small batches never preempt each other: the priority each request carries is what its batch had
 left when it went, and compared across batches that drain quickly those made five 20-request
 batches abort 61 of each other's requests in 0.4 s (5 Dec 2026, `bench/fairness.py --mix`, when
-tiny-a's engine came up to all five at once). A big batch that drained to 4× the seats is not
-preempted any more. With `fairness = "fifo"` every priority is 0: nothing is preempted or held.
+tiny-a's engine came up to all five at once). A big batch that drained to 4× the seats (in all)
+is not preempted any more. With `fairness = "fifo"` every priority is 0: nothing is preempted or held.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from typing import Mapping
 from runtime.executor.pool_state import Req
 
 # what a big batch's priority is above a small one's at least (powers of two of what they have
-# left, see the module docstring): 32 seats, a batch with up to 63 left preempts one with 129 or
-# more queued
+# open, see the module docstring): 32 seats, a batch with up to 63 open preempts one with 128
+# or more open
 PREEMPT_GAP = 2
 # longest a slot keeps big batches' requests back for small ones after preempting them: several
 # times what a 20-request batch of short answers takes alone (0.1-0.3 s on the demo models), and
@@ -73,10 +79,10 @@ class InFlight(dict[Req, asyncio.Task]):
 
     def victims(self, priority: int, batch: str, current: Mapping[str, int]) -> list[Req]:
         """The requests to abort now that one of `priority` of `batch` is sent, by `current`
-        priority per batch with something queued (see the module docstring): every one of the
-        big batches' in flight, in dispatch order; none when the batch is not small."""
+        size per batch (see the module docstring): every one of the big batches' in flight, in
+        dispatch order; none when the batch is not small."""
         small = self.small()
-        if priority > small:
+        if priority > small or current.get(batch, priority) > small:
             return []
         return [r for r in self
                 if r.batch_id != batch and current.get(r.batch_id, 0) >= small + PREEMPT_GAP]
@@ -98,8 +104,9 @@ class InFlight(dict[Req, asyncio.Task]):
         return left
 
     def holds(self, batch: str, current: Mapping[str, int], now: float) -> bool:
-        """Whether `batch`'s next request is kept back (see the module docstring): a hold is on,
-        `batch` is big and no small batch has anything queued (aging chose it over them)."""
+        """Whether `batch`'s next request is kept back (see the module docstring), by `current`
+        size per batch with something queued: a hold is on, `batch` is big and no small batch
+        has anything queued (aging chose it over them)."""
         if self.hold_left(now) is None:
             return False
         small = self.small()

@@ -200,3 +200,33 @@ async def test_the_hold_for_a_small_batch_of_long_answers_ends_after_its_bound(
     assert len(big.by_id()) == 80 and len(small.by_id()) == 1
     during = [tag for tag, done in launcher.posts[first_small(launcher) + 1:] if done == 0]
     assert during and all(t.startswith("big-") for t in during)
+
+
+async def test_a_big_batch_whose_share_of_a_model_drained_is_still_preempted(tmp_path) -> None:
+    """A batch is big or small as a whole: a 210-request batch with only 10 requests of model
+    `a` (6 in flight, 4 queued: a small queue there) is still preempted on `a`'s engine by a
+    3-request batch. Judged by its queue of `a` alone it was not, and the small batch waited
+    for its seats: the fairness bench's s7 on `medium`, whose share of the big batch had drained
+    while the batch still had hundreds open on `small` (6.1 s against 1.6 s alone, 5 Dec 2026)."""
+    cfg = make_cfg(tmp_path, max_num_seqs=4)
+    launcher = FakeLauncher(start_delay_s=0.02, step_s={"a": 0.05, "b": 0.01}, output_tokens=8)
+    launcher.posts = Posts(launcher)
+    ex = PoolExecutor(cfg, launcher, pool=DevicePool("cpu", (0, 1), 1 << 28))
+    await ex.start()
+    try:
+        big, small = Sink(), Sink()
+        ex.submit("big", items("a", 10, prefix="big-") + items("b", 200, prefix="big-"), big)
+        while not any(s.model == "a" and len(s.inflight) == s.limit for s in ex.slots):
+            await asyncio.sleep(0.01)
+        held = next(len(s.inflight) for s in ex.slots if s.model == "a")
+        ex.submit("small", items("a", 3, prefix="small-"), small)
+        await asyncio.wait_for(ex.wait("small"), 30)
+        await asyncio.wait_for(ex.wait("big"), 60)
+    finally:
+        await ex.close()
+    assert len(big.by_id()) == 210 and len(small.by_id()) == 3
+    events = [e for e in ex.events("small") if e["event"] == "requests_preempted"]
+    assert events and events[0]["preempted_batches"] == ["big"]
+    # every one it had in flight there (the seats and some waiting), and those the queue's
+    # fair pick sent between the small batch's requests
+    assert sum(e["requeued"] for e in events) >= held > 4
