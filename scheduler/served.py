@@ -71,9 +71,13 @@ class _Buf:
     a replay reproduces exactly and which tells per-token from per-step costs best) and, after
     `cut_s` once requests were dropped, the newest ones."""
 
-    def __init__(self, served: Iterable[Served] = (), cut_s: float | None = None) -> None:
+    def __init__(self, served: Iterable[Served] = (), cut_s: float | None = None,
+                 end_s: float | None = None) -> None:
         self.served = sorted(served, key=_sent)
         self.cut_s = cut_s
+        # requests of the engine aborted from then on (`ServedLog.interrupt`): answers after it
+        # are not matched
+        self.end_s = end_s
 
     def drop(self, n: int, head: int) -> int:
         """Drop up to n of the oldest requests after the head; returns how many went."""
@@ -86,11 +90,12 @@ class _Buf:
 
     def runs(self) -> list[Run]:
         if self.cut_s is None:
-            return [Run(tuple(self.served))] if self.served else []
+            return [Run(tuple(self.served), end_s=self.end_s)] if self.served else []
         at = bisect.bisect_left(self.served, self.cut_s, key=_sent)
         head, tail = tuple(self.served[:at]), tuple(self.served[at:])
-        return ([Run(head, end_s=self.cut_s)] if head else []) + (
-            [Run(tail, trimmed=True)] if tail else [])
+        head_end = self.cut_s if self.end_s is None else min(self.cut_s, self.end_s)
+        return ([Run(head, end_s=head_end)] if head else []) + (
+            [Run(tail, trimmed=True, end_s=self.end_s)] if tail else [])
 
 
 class ServedLog:
@@ -112,7 +117,7 @@ class ServedLog:
         """A log holding stored windows (their runs are closed: new engines add runs of their own)."""
         log = cls(window)
         for key, w in windows.items():
-            log._runs[key] = [_Buf(r.served, -math.inf if r.trimmed else r.end_s)
+            log._runs[key] = [_Buf(r.served, -math.inf if r.trimmed else r.end_s, r.end_s)
                               for r in w.runs if r.served]
             log._seen[key] = w.seen
             log._trim(key)
@@ -129,6 +134,16 @@ class ServedLog:
         self._seen[key] = self._seen.get(key, 0) + 1
         self.version += 1
         self._trim(key)
+
+    def interrupt(self, key: ShapeKey, run: Hashable, since_s: float) -> None:
+        """Requests of `run` in flight were aborted, the first of them sent at `since_s`: its
+        engine did work no answer records from then on. Its answers after `since_s` are not
+        matched, and what it serves next is a run of its own whose first requests queued behind
+        that work (as behind requests dropped from the window: `Run.trimmed`)."""
+        buf = self._open.get((key, run))
+        if buf is not None:
+            buf.end_s = since_s if buf.end_s is None else min(buf.end_s, since_s)
+        self._open[(key, run)] = _Buf(cut_s=-math.inf)
 
     def _trim(self, key: ShapeKey) -> None:
         runs = self._runs[key]

@@ -191,6 +191,7 @@ async def dispatch_loop(slot: Slot, host: SlotHost) -> None:
             if req is None:
                 break
             req.dispatch()
+            req.sent_s = None  # set when its task sends it
             slot.idle_since = None  # serving again (a warm engine's next batch): not idle
             req.task = slot.inflight[req] = asyncio.create_task(_run_request(slot, req, host))
             if _preempts(slot, host):
@@ -270,7 +271,7 @@ async def _run_request(slot: Slot, req: Req, host: SlotHost) -> None:
             error={"code": "input_unreadable", "message": f"the request's input line could not be "
                    f"read back: {type(exc).__name__}: {exc}"}))
         return
-    sent_s = host.clock.monotonic()
+    sent_s = req.sent_s = host.clock.monotonic()
     try:
         status, body = await slot.engine.post(req.item.url, payload)
     except EngineDied as exc:

@@ -391,6 +391,7 @@ class PoolExecutor:
         """Running requests aborted so that small batches' (`by`) run at once (`seats`): back at
         the head of their batch's queue, in order (`slots.EngineSlots.requeue`)."""
         self.slots.requeue(reqs)
+        self.requests_aborted(slot, reqs)
         self.emit("requests_preempted", model=slot.model, slot=slot.sid, requeued=len(reqs),
                   for_batches=sorted({r.batch_id for r in by}),
                   preempted_batches=sorted({r.batch_id for r in reqs}))
@@ -448,6 +449,19 @@ class PoolExecutor:
             for model in models:
                 self.slots.guests.visit(model)
 
+    def requests_aborted(self, slot: Slot, reqs: list[Req]) -> None:
+        """`reqs`, in flight on `slot`, were aborted (preempted, moved to another replica, or
+        their engine put to sleep): it did work no answer will record, which the online
+        calibration must not read as a slower engine (`ServedLog.interrupt`)."""
+        sent = [r.sent_s for r in reqs if r.sent_s is not None]
+        if sent and self.cfg.scheduler.online_calibration:
+            self.learned.served.interrupt(self._shape_key(slot), slot.sid, min(sent))
+
+    def _shape_key(self, slot: Slot) -> tuple[str, int, int, str]:
+        """The engine shape `slot` runs, as the online calibration keys it."""
+        assert self.pool is not None
+        return (slot.model, slot.spec.tp, slot.spec.threads, self.pool.signature)
+
     def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None:
         """An engine answered `req` (sent at `sent_s`), just now: an observation of its speed."""
         if not self.cfg.scheduler.online_calibration:
@@ -456,9 +470,7 @@ class PoolExecutor:
         served = served_record(body, req.item.prompt_tokens, self._queued_at.get(req, sent_s),
                                sent_s, now)
         if served is not None:
-            assert self.pool is not None
-            key = (slot.model, slot.spec.tp, slot.spec.threads, self.pool.signature)
-            self.learned.served.add(key, slot.sid, served)
+            self.learned.served.add(self._shape_key(slot), slot.sid, served)
 
     def _fail_queued(self, req: Req, code: str, message: str) -> None:
         """An error outcome for a request that no engine will answer."""

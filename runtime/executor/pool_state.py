@@ -52,6 +52,7 @@ class Req:
     known_tokens: int = 0  # output tokens of the upstream requests finished (planning: prompt)
     # the engine's queue order (vLLM `priority`, lower first), set when it is dispatched (`queues`)
     priority: int = 0
+    sent_s: float | None = None  # when this attempt was sent to its engine (executor clock)
 
     @property
     def model(self) -> str:

@@ -64,6 +64,8 @@ class SlotOwner(SlotHost, Protocol):
     def push(self, req: Req, front: bool = False) -> None: ...
     def emit(self, kind: str, **data: Any) -> None: ...
     def batch_open(self, batch_id: str) -> int: ...  # its requests without an outcome yet
+    # in-flight requests of `slot` were aborted (the online calibration is told)
+    def requests_aborted(self, slot: Slot, reqs: list[Req]) -> None: ...
     clock: Clock
 
 
@@ -146,6 +148,7 @@ class EngineSlots:
             for req in moved:
                 peer.inflight.pop(req).cancel()
             self.requeue(moved)
+            self.owner.requests_aborted(peer, moved)
             queued += n
             self.owner.emit("requests_moved", **peer.describe(), requests=n,
                             to=list(slot.spec.devices))
@@ -175,6 +178,7 @@ class EngineSlots:
         """Abort the slot's in-flight requests and put them back at the head of their queue."""
         reqs = self.take_inflight(slot)
         self.requeue(reqs)
+        self.owner.requests_aborted(slot, reqs)
         return reqs
 
     def requeue(self, reqs: list[Req]) -> None:

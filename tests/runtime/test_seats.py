@@ -230,3 +230,8 @@ async def test_a_big_batch_whose_share_of_a_model_drained_is_still_preempted(tmp
     # every one it had in flight there (the seats and some waiting), and those the queue's
     # fair pick sent between the small batch's requests
     assert sum(e["requeued"] for e in events) >= held > 4
+    # the aborted requests' work is no answer's (they went before any answer here): a's
+    # answers are not replayed as a fresh engine's whole run, which would read that work as a
+    # slower engine; they are a run whose first requests queued behind it (`ServedLog.interrupt`)
+    (a,) = [w for k, w in ex.learned.served.snapshot().items() if k[0] == "a"]
+    assert a.runs and all(r.trimmed or r.end_s is not None for r in a.runs)

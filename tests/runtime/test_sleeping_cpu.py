@@ -231,6 +231,9 @@ async def test_an_engine_being_put_to_sleep_is_not_woken_as_a_guest(tmp_path) ->
         def batch_open(self, batch_id):
             return 1
 
+        def requests_aborted(self, slot, reqs):
+            pass
+
     cfg = cfg_with(tmp_path)
     owner = Owner()
     slots = EngineSlots(cfg, owner=owner, state_dir=tmp_path)  # type: ignore[arg-type]
