@@ -376,6 +376,7 @@ class EngineSlots:
         if await dispatch.sleep_engine(engine):
             self.owner.emit("engine_sleep", **slot.describe(), requeued=len(reqs),
                             memory_gib=round(slot.sleep_bytes / 2**30, 2))
+            self.guests.visit(slot.model)  # for small batches re-queued above (not woken asleep)
         else:
             await self.stop(slot, "sleep failed")
 

@@ -206,10 +206,13 @@ def test_a_guest_serves_where_no_small_batch_is_and_the_plan_has_most_slack(tmp_
     assert slots.guests.cores(wide) == (0, 1)  # a rank on several cores stays on its own
 
 
-async def test_an_engine_being_put_to_sleep_is_not_woken_as_a_guest(tmp_path) -> None:
+async def test_an_engine_being_put_to_sleep_is_woken_as_a_guest_only_once_frozen(
+        tmp_path, monkeypatch) -> None:
     """Its sleep awaits the engine's memory reading with the slot already SLEEPING: a small batch
     queued then must not wake it as a guest, or it is frozen under the guest's request (the
-    makespan bench's even-split batch hung so, 5 Dec)."""
+    makespan bench's even-split batch hung so, 5 Dec). Once frozen, the sleep looks again: the
+    small batch's requests it had in flight were re-queued while it went to sleep, and nothing
+    queued later would wake it (the fairness bench's s5 waited 14.9 s so, 5 Dec 23:05)."""
     from runtime.executor.dispatch import SlotState
     from runtime.executor.pool_state import Req
     from runtime.executor.queues import ModelQueues
@@ -241,11 +244,18 @@ async def test_an_engine_being_put_to_sleep_is_not_woken_as_a_guest(tmp_path) ->
     slot = _slot(cfg, 1, "a", (0,), SlotState.RUNNING)
     slot.engine = FakeEngine(slot.spec, FakeLauncher(freezable=True), 7)
     slots.all = [slot]
+    served = []
+
+    async def serve(slot):  # the guest's dispatch loop needs the whole executor: not here
+        served.append(slot.sid)
+    monkeypatch.setattr(slots.guests, "_serve_guest", serve)
     owner.queues.push(Req("small", items("a", 1, prefix="s")[0]))
     asyncio.get_running_loop().call_soon(slots.guests.visit, "a")  # runs while the sleep awaits
     await slots._sleep(slot, {"a"}, 0.0)
-    assert slot.state is SlotState.SLEEPING and slot.engine.frozen
-    assert "engine_guest" not in owner.events
+    await asyncio.sleep(0)
+    # frozen first (engine_sleep), then woken as a guest for the small batch, and serving
+    assert owner.events[-2:] == ["engine_sleep", "engine_guest"], owner.events
+    assert slot.state is SlotState.GUEST and not slot.engine.frozen and served == [1]
 
 
 async def test_engines_put_to_sleep_together_stay_within_the_budget(run, launcher, tmp_path) -> None:
