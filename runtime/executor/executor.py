@@ -390,8 +390,7 @@ class PoolExecutor:
     def requests_preempted(self, slot: Slot, reqs: list[Req], by: list[Req]) -> None:
         """Running requests aborted so that small batches' (`by`) run at once (`seats`): back at
         the head of their batch's queue, in order (`slots.EngineSlots.requeue`)."""
-        self.slots.requeue(reqs)
-        self.requests_aborted(slot, reqs)
+        self.slots.requeue(slot, reqs)
         self.emit("requests_preempted", model=slot.model, slot=slot.sid, requeued=len(reqs),
                   for_batches=sorted({r.batch_id for r in by}),
                   preempted_batches=sorted({r.batch_id for r in reqs}))
@@ -683,7 +682,7 @@ class PoolExecutor:
         reqs = batch.open_reqs
         if any(r.state is ReqState.WAITING for r in reqs):
             return False
-        return all(self.slots.serves_small(m, batch.open_count) for m in {r.model for r in reqs})
+        return all(self.slots.serves_small(m, batch.batch_id) for m in {r.model for r in reqs})
 
     def _serving(self) -> bool:
         """Whether some engine has requests in flight."""

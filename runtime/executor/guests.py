@@ -50,7 +50,7 @@ class Guests:
         if slot is None or slot.engine is None or not slot.engine.frozen:
             return
         small = slot.inflight.small()
-        if not any(p <= small and self._small(b, small) for b, p in queues.priorities(model).items()):
+        if not any(p <= small and self.small(b, small) for b, p in queues.priorities(model).items()):
             return
         if not slot.engine.thaw():  # it died asleep: reap it (a plan starts another when needed)
             slot.move(SlotState.STOPPING)
@@ -65,7 +65,7 @@ class Guests:
         self.slots.owner.emit("engine_guest", **slot.describe(), cores=list(slot.guest_cores))
         slot.task = asyncio.create_task(self._serve_guest(slot), name=f"guest-{slot.sid}-{model}")
 
-    def _small(self, batch: str, small: int) -> bool:
+    def small(self, batch: str, small: int) -> bool:
         """Whether `batch` is small as a whole. A pooled batch's share of a model is the plan's to
         serve: a guest serving it beside the plan made the fresh bench's batches 40 % faster than
         planned."""
@@ -78,7 +78,7 @@ class Guests:
         fairness bench's big batch 1.14× its alone time, 5 Dec 2026 15:50) while the guest
         beside it served them already."""
         return any(s.model == model and s.state is SlotState.GUEST
-                   and self._small(batch, s.inflight.small()) for s in self.slots.all)
+                   and self.small(batch, s.inflight.small()) for s in self.slots.all)
 
     def cores(self, slot: Slot) -> tuple[int, ...]:
         """Where a guest serves: a one-core engine on the core with the fewest engines serving

@@ -121,11 +121,11 @@ class EngineSlots:
         work = queued + sum(len(s.inflight) for s in peers)
         return max(1, min(slot.limit, math.ceil(work / len(peers))))
 
-    def serves_small(self, model: str, open_requests: int) -> bool:
-        """Whether an engine of `model` is up and serving (in the plan, or a guest) and a batch
-        with `open_requests` left is small on its seats (`seats`): served at once, by the hold."""
+    def serves_small(self, model: str, batch: str) -> bool:
+        """Whether an engine of `model` is up and serving (in the plan, or a guest) and `batch`
+        is small on its seats as a whole (`Guests.small`): served at once, by the hold."""
         return any(s.model == model and s.state.serving and s.engine is not None
-                   and open_requests.bit_length() <= s.inflight.small() for s in self.all)
+                   and self.guests.small(batch, s.inflight.small()) for s in self.all)
 
     def rebalance(self, slot: Slot, queued: int) -> None:
         """A replica just up or woken (`slot`) takes over what its model's other replicas hold
@@ -147,8 +147,7 @@ class EngineSlots:
             moved = list(peer.inflight)[-n:]
             for req in moved:
                 peer.inflight.pop(req).cancel()
-            self.requeue(moved)
-            self.owner.requests_aborted(peer, moved)
+            self.requeue(peer, moved)
             queued += n
             self.owner.emit("requests_moved", **peer.describe(), requests=n,
                             to=list(slot.spec.devices))
@@ -177,16 +176,17 @@ class EngineSlots:
     def _preempt(self, slot: Slot) -> list[Req]:
         """Abort the slot's in-flight requests and put them back at the head of their queue."""
         reqs = self.take_inflight(slot)
-        self.requeue(reqs)
-        self.owner.requests_aborted(slot, reqs)
+        self.requeue(slot, reqs)
         return reqs
 
-    def requeue(self, reqs: list[Req]) -> None:
-        """Put aborted in-flight `reqs` (in dispatch order) back at the head of their queue, in
-        order. A preemption is not a failure: no retry is consumed (the attempt is counted)."""
+    def requeue(self, slot: Slot, reqs: list[Req]) -> None:
+        """Put `reqs`, aborted in flight on `slot` (in dispatch order), back at the head of their
+        queue, in order, and tell the online calibration (`requests_aborted`). A preemption is
+        not a failure: no retry is consumed (the attempt is counted)."""
         for req in reversed(reqs):
             req.requeue()
             self.owner.push(req, front=True)
+        self.owner.requests_aborted(slot, reqs)
 
     def reap(self, engine: Any) -> asyncio.Task:
         """Stop `engine` in a task of its own that nothing cancels: a stop cut short by a cancel
