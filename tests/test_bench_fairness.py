@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.fairness import engine_up
+from bench.fairness import engine_up, judged, summary_table
 
 
 def _e(t: float, event: str, slot: int = 2, model: str = "small") -> dict:
@@ -18,3 +18,38 @@ def test_an_engine_asleep_is_not_serving_and_a_guest_wake_does_not_count() -> No
     assert engine_up(events, "small", 25)  # woken into the plan
     assert not engine_up(events, "small", 31)
     assert not engine_up(events, "tiny-a", 3)
+
+
+def _repeat(big_fair: float, big_alone: float, s0_inside: float, s1_s: float) -> dict:
+    """A mix repeat: s0 on `medium` found its engine up (judged inside the gateway), s1 on
+    `small` did not (judged by its client's time, plus the model's start allowance)."""
+    return {"smalls": [{"name": "s0", "key": "bench-key-team-b", "model": "medium", "at": 1.0},
+                       {"name": "s1", "key": "bench-key-team-c", "model": "small", "at": 2.0}],
+            "fair": {"big_s": big_fair, "makespan_s": big_fair,
+                     "small": {"s0": {"s": 9.0, "inside_s": s0_inside, "model_up": True},
+                               "s1": {"s": s1_s, "inside_s": 0.5, "model_up": False}}},
+            "fifo": {"big_s": 40.0, "makespan_s": 40.0,
+                     "small": {"s0": {"s": 30.0, "inside_s": 29.0, "model_up": True},
+                               "s1": {"s": 30.0, "inside_s": 29.0, "model_up": False}}},
+            "alone": {"big_s": big_alone, "small": {"s0": 1.0, "s1": 0.5},
+                      "inside_s": {"s0": 0.8, "s1": 0.4}, "start_allowance_s": {
+                          "medium": 5.0, "small": 4.0}}}
+
+
+def test_a_repeat_is_judged_per_small_batch_and_against_the_big_and_pool_limits() -> None:
+    ok = judged(_repeat(big_fair=41.0, big_alone=40.0, s0_inside=1.6, s1_s=4.9))
+    assert ok["small"]["s0"] == {"target_s": 1.6, "met": True}  # 2x 0.8 inside, not 2x 1.0 + 5
+    assert ok["small"]["s1"]["target_s"] == 5.0 and ok["small"]["s1"]["met"]  # 2x 0.5 + 4 s
+    assert ok["met"] and ok["small_met"] == 2
+    late = judged(_repeat(big_fair=42.5, big_alone=40.0, s0_inside=1.7, s1_s=5.1))
+    assert late["small_met"] == 0 and not late["met"]
+    assert late["big"]["fair"] == 42.5 / 40.0 and late["pool"] == 42.5 / 40.0
+
+
+def test_the_summary_gives_each_repeat_and_the_medians() -> None:
+    reps = [_repeat(41.0, 40.0, 1.6, 4.9), _repeat(42.5, 40.0, 1.7, 5.1),
+            _repeat(40.0, 40.0, 1.5, 4.0)]
+    rows = summary_table(reps)
+    assert rows[2].startswith("| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | yes |")
+    assert rows[3].startswith("| 2 | 0 of 2 | 1.06× (1.00×) | 1.062× | 40.0 | no |")
+    assert rows[-1] == "| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | 2 of 3 |"
