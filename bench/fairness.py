@@ -296,20 +296,23 @@ def summary_table(repeats: list[dict]) -> list[str]:
     the same code moved the big batch from 37 s to 48 s and the pool in arrival order from 38 s
     to 62 s (6 Dec 2026), so one repeat's verdict is mostly the machine's."""
     rows = ["| repeat | small batches met | big: fair vs alone (arrival order's) | "
-            "pool: fair vs arrival order | big alone s | every target |",
-            "|---:|---:|---:|---:|---:|---|"]
+            "pool: fair vs arrival order | big alone s | every target | "
+            "probe s: fair / fifo / alone |",
+            "|---:|---:|---:|---:|---:|---|---|"]
     verdicts = [judged(r) for r in repeats]
     for k, (r, v) in enumerate(zip(repeats, verdicts)):
+        probes = " / ".join(f"{r[n]['probe_s']:.3f}" if "probe_s" in r[n] else "–"
+                            for n in ("fair", "fifo", "alone"))
         rows.append(f"| {k + 1} | {v['small_met']} of {len(v['small'])} | "
                     f"{v['big']['fair']:.2f}× ({v['big']['fifo']:.2f}×) | {v['pool']:.3f}× | "
-                    f"{r['alone']['big_s']:.1f} | {'yes' if v['met'] else 'no'} |")
+                    f"{r['alone']['big_s']:.1f} | {'yes' if v['met'] else 'no'} | {probes} |")
     med = statistics.median
     rows.append(f"| median | {med(v['small_met'] for v in verdicts):g} of "
                 f"{len(verdicts[0]['small'])} | {med(v['big']['fair'] for v in verdicts):.2f}× "
                 f"({med(v['big']['fifo'] for v in verdicts):.2f}×) | "
                 f"{med(v['pool'] for v in verdicts):.3f}× | "
                 f"{med(r['alone']['big_s'] for r in repeats):.1f} | "
-                f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} |")
+                f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} | – |")
     return rows
 
 
@@ -326,12 +329,16 @@ def run_mix(args: argparse.Namespace, root: Path, fair_cfg: Path, fifo_cfg: Path
         for name, cfg in (("fair", with_keys(fair_cfg, "mix-fair.toml")),
                           ("fifo", with_keys(fifo_cfg, "mix-fifo.toml"))):
             load = mk.wait_quiet(args.max_load, args.max_wait)
-            out[name] = mix_scene(cfg, root, name, big, smalls) | {"load": load}
+            probe = mk.machine_probe_s()
+            out[name] = mix_scene(cfg, root, name, big, smalls) | {"load": load,
+                                                                   "probe_s": probe}
             print(f"  repeat {rep + 1}, mix {name}: big {out[name]['big_s']:.1f} s, makespan "
-                  f"{out[name]['makespan_s']:.1f} s (load {load:.2f})", flush=True)
+                  f"{out[name]['makespan_s']:.1f} s (load {load:.2f}, probe {probe:.3f} s)",
+                  flush=True)
         load = mk.wait_quiet(args.max_load, args.max_wait)
+        probe = mk.machine_probe_s()
         out["alone"] = mix_alone(with_keys(fair_cfg, "mix-alone.toml"), root, big, smalls)
-        out["alone"]["load"] = load
+        out["alone"] |= {"load": load, "probe_s": probe}
         repeats.append(out)
         (root / "fairness-mix.json").write_text(json.dumps({"repeats": repeats}, indent=1))
         print(f"repeat {rep + 1}:")

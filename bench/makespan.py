@@ -27,6 +27,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -486,6 +487,21 @@ def describe_events(run: GatewayRun) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+
+def machine_probe_s(repeats: int = 3) -> float:
+    """Seconds a fixed pure-Python loop takes here (the least of `repeats`), taken before a
+    scene: the machine's speed moved by 1.5-2.5x within minutes on 6 Dec 2026 with nothing else
+    running and no steal time reported (the big batch of `bench.fairness --mix` in arrival order
+    took 37 s, then 62 s, then 92 s), so a table states it beside the scene's figures."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(1_000_000):
+            acc += i * i
+        best = min(best, time.perf_counter() - t0)
+    return best
+
 
 def wait_quiet(max_load: float, max_wait_s: float) -> float:
     t0 = time.monotonic()

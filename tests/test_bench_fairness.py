@@ -50,6 +50,6 @@ def test_the_summary_gives_each_repeat_and_the_medians() -> None:
     reps = [_repeat(41.0, 40.0, 1.6, 4.9), _repeat(42.5, 40.0, 1.7, 5.1),
             _repeat(40.0, 40.0, 1.5, 4.0)]
     rows = summary_table(reps)
-    assert rows[2].startswith("| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | yes |")
+    assert rows[2] == "| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | yes | – / – / – |"
     assert rows[3].startswith("| 2 | 0 of 2 | 1.06× (1.00×) | 1.062× | 40.0 | no |")
-    assert rows[-1] == "| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | 2 of 3 |"
+    assert rows[-1] == "| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | 2 of 3 | – |"
