@@ -13,6 +13,9 @@ warning), never a failed start.
   while n engines started by the pool's contention factor, which the planner multiplies in again),
   smoothed over the starts seen (`blend`), so the planner's load cost comes from real runs, also
   right after a restart.
+- `stop_time.json`: {"stop_s": seconds} an engine's stop took (SIGTERM to reaped, smoothed by
+  `blend`): starts wait for the stops of their stage, so the planner prices them; kept, a restart
+  prices them as measured rather than by `latency_source.DEFAULT_STOP_S`.
 - `profiles/<model>--tp<N>[-t<T>]--<device>.json`: measured latency profiles
   (`scheduler.latency.Profile`), T = cores per rank on CPU (files without `-t` are T = 1).
 - `calibration.json`: the online calibration (`scheduler.online`): per (model, tp, threads,
@@ -108,6 +111,31 @@ def start_key(model: str, tp: int, threads: int) -> str:
     """A shape's key in `start_times.json` (files written before threads were kept: all "model|tp",
     which is threads = 1)."""
     return f"{model}|{tp}" if threads == 1 else f"{model}|{tp}x{threads}"
+
+
+STOP_TIME_FILE = "stop_time.json"
+
+
+def stop_time_file(backend: str = "local") -> str:
+    """Where a backend's engine stop time is kept (a Ray actor's stop is not a process's)."""
+    return STOP_TIME_FILE if backend == "local" else f"stop_time-{backend}.json"
+
+
+def load_stop_time(state_dir: Path, name: str = STOP_TIME_FILE) -> float | None:
+    """The engine stop measured before (seconds, smoothed), or None: none measured, or a file
+    that cannot be read (the planner's default then, as before any stop)."""
+    try:
+        seconds = float(json.loads((Path(state_dir) / name).read_text())["stop_s"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable %s (%s)", name, exc)
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def save_stop_time(state_dir: Path, seconds: float, name: str = STOP_TIME_FILE) -> Path:
+    return write_json_atomic(Path(state_dir) / name, {"stop_s": round(seconds, 3)})
 
 
 # --- online calibration -----------------------------------------------------------------------

@@ -461,6 +461,9 @@ class PoolExecutor:
         assert self.pool is not None
         return (slot.model, slot.spec.tp, slot.spec.threads, self.pool.signature)
 
+    def engine_stopped(self, seconds: float) -> None:
+        self.learned.engine_stopped(seconds)
+
     def request_served(self, slot: Slot, req: Req, sent_s: float, body: dict[str, Any]) -> None:
         """An engine answered `req` (sent at `sent_s`), just now: an observation of its speed."""
         if not self.cfg.scheduler.online_calibration:
@@ -744,7 +747,7 @@ class PoolExecutor:
         problem = plan_problem(self.cfg, self.pool, self._specs, self.state_dir, todo,
                                self.learned.lengths, self.learned.start_times, head.plans,
                                running_plans(alive), ready, no_spare_s, self.learned.fits,
-                               self.slots.starting(self.clock.monotonic()), self.slots.stop_s,
+                               self.slots.starting(self.clock.monotonic()), self.learned.stop_s,
                                running_plans(s.key for s in self.slots.asleep()),
                                self.slots.sleep_room(), self.slots.slept_bytes)
         work = problem.work

@@ -4,6 +4,7 @@
   and its prompt as the engine counted it, which corrects validation's estimates.
 - Engine starts per (model, TP): each measured start, stored as the start alone (the planner
   multiplies it by the contention factor again) and in a spare process, blended with the earlier.
+- An engine's stop, blended likewise: starts wait for their stage's stops.
 - Served requests per engine shape and the online calibration fitted to them (`scheduler.online`):
   refitted before every plan, in a thread (a fit replays its shape's window of served requests).
 
@@ -24,8 +25,8 @@ from runtime.executor.planning import refit_calibration
 from runtime.executor.pool_state import Req
 from runtime.executor_api import Outcome
 from runtime.persist import (blend, load_calibration, load_length_model, load_start_times,
-                             save_calibration, save_length_model, save_start_times,
-                             start_times_file)
+                             load_stop_time, save_calibration, save_length_model,
+                             save_start_times, save_stop_time, start_times_file, stop_time_file)
 from runtime.usage import hit_length_cap, usage_of
 from scheduler.types import DevicePool, ModelSpec
 
@@ -41,6 +42,9 @@ class Learned:
         self.lengths = load_length_model(state_dir)
         self.start_file = start_times_file(cfg.cluster.backend)
         self.start_times = load_start_times(state_dir, self.start_file)
+        self.stop_file = stop_time_file(cfg.cluster.backend)
+        # an engine's stop as measured (smoothed); None: none yet (`planning.plan_problem`)
+        self.stop_s = load_stop_time(state_dir, self.stop_file)
         self.served, self.fits = load_calibration(state_dir, cfg.scheduler.calibration_window)
         self._saved = self._state()
 
@@ -66,6 +70,10 @@ class Learned:
         process."""
         self.start_times[key] = blend(self.start_times.get(key), alone_s)
 
+    def engine_stopped(self, seconds: float) -> None:
+        """An engine took `seconds` to stop (SIGTERM to reaped)."""
+        self.stop_s = blend(self.stop_s, seconds)
+
     async def calibrate(self, pool: DevicePool, specs: Mapping[str, ModelSpec]) -> None:
         """Refit the latency corrections to the requests served since the last pass."""
         if not self.cfg.scheduler.online_calibration:
@@ -75,10 +83,10 @@ class Learned:
 
     def _state(self) -> tuple:
         return (self.lengths.to_dict(), dict(self.start_times), self.served.version,
-                dict(self.fits))
+                dict(self.fits), self.stop_s)
 
     async def save(self) -> None:
-        """Lengths, start times and calibration, when something new was learned (best effort:
+        """Lengths, start and stop times and calibration, when something new was learned (best effort:
         kept in memory and saved again at the next pass when the disk refuses)."""
         state = self._state()
         if state == self._saved:
@@ -86,11 +94,13 @@ class Learned:
         try:
             await asyncio.to_thread(save_length_model, self.state_dir, self.lengths)
             await asyncio.to_thread(save_start_times, self.state_dir, state[1], self.start_file)
-            if state[2:] != self._saved[2:]:
+            if state[4] is not None and state[4] != self._saved[4]:
+                await asyncio.to_thread(save_stop_time, self.state_dir, state[4], self.stop_file)
+            if state[2:4] != self._saved[2:4]:
                 await asyncio.to_thread(save_calibration, self.state_dir,
                                         self.served.snapshot(), state[3])
         except OSError as exc:
-            log.warning("could not save learned lengths/start times/calibration (%s); kept in "
-                        "memory", exc)
+            log.warning("could not save learned lengths/start and stop times/calibration (%s); "
+                        "kept in memory", exc)
             return
         self._saved = state

@@ -34,7 +34,6 @@ from runtime.executor.guests import Guests
 from runtime.engines.engine import EngineSpec
 from runtime.executor.pool_state import Req
 from runtime.executor.planning import ReplicaKey, sleep_budget, stage_replicas
-from runtime.persist import blend
 from scheduler.types import DevicePool, Stage
 
 INFLIGHT_FACTOR = 1.5  # requests kept in flight per engine, relative to its max_num_seqs
@@ -66,6 +65,7 @@ class SlotOwner(SlotHost, Protocol):
     def batch_open(self, batch_id: str) -> int: ...  # its requests without an outcome yet
     # in-flight requests of `slot` were aborted (the online calibration is told)
     def requests_aborted(self, slot: Slot, reqs: list[Req]) -> None: ...
+    def engine_stopped(self, seconds: float) -> None: ...  # an engine's stop took `seconds`
     clock: Clock
 
 
@@ -80,7 +80,6 @@ class EngineSlots:
         self._sid = itertools.count(1)
         self.dying: set[asyncio.Task] = set()
         self._reaping: dict[int, asyncio.Task] = {}  # id(engine) -> its stop task
-        self.stop_s: float | None = None  # an engine's stop as measured here (smoothed)
         # what sleeping CPU engines may hold in all (see the module docstring)
         self.sleep_budget = sleep_budget(cfg)
         self.slept_bytes: dict[str, int] = {}  # model -> what its engine last held asleep
@@ -289,7 +288,7 @@ class EngineSlots:
         if slot.engine is not None:
             await asyncio.shield(self.reap(slot.engine))
             if not resumed:  # what the next starts wait for (`planning.plan_problem`)
-                self.stop_s = blend(self.stop_s, self.owner.clock.monotonic() - t0)
+                self.owner.engine_stopped(self.owner.clock.monotonic() - t0)
         slot.move(SlotState.STOPPED)
         if slot in self.all:
             self.all.remove(slot)

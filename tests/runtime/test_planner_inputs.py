@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from runtime.executor import executor as executor_mod
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S, DEFAULT_STOP_S
@@ -104,3 +106,15 @@ async def test_the_planner_is_told_the_idle_engines_and_what_a_stop_takes(launch
     assert seen[0].idle == {} and seen[0].stop_s == DEFAULT_STOP_S
     assert set(seen[1].idle) == {"a"} and seen[1].idle["a"].devices == (0,)
     assert set(seen[2].idle) == {"b"} and 0.3 <= seen[2].stop_s < 0.3 + 0.5 * DEFAULT_STOP_S
+    # a restarted gateway plans with the stop it measured, not the default (it was kept in
+    # memory only: a restart priced every stop at 1.0 s where 0.36 s had been measured)
+    measured = seen[2].stop_s
+    again = PoolExecutor(make_cfg(tmp_path), launcher, planner=recording,
+                         pool=DevicePool("cpu", (0,), int(0.25 * 2**30)))
+    await again.start()
+    try:
+        again.submit("w", items("a", 2, prefix="w"), Sink())
+        await asyncio.wait_for(again.wait("w"), 30)
+    finally:
+        await again.close()
+    assert seen[3].stop_s == pytest.approx(measured, abs=1e-3)
