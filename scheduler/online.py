@@ -40,8 +40,10 @@ behind dropped ones: matched from the answer after those (times relative to it),
 Shapes never served (`correction`): the same model's fitted shapes, each times the ratio between
 the two shapes that other models' fits show on this device kind (TP 2 against TP 1, 2 threads
 against 1), or times 1 when no other model ran both and the two bases are of one family (measured
-or modelled); else, for a model never served, the other models' fits at this very shape. Nothing
-is derived from a derived correction. Pure: no I/O, no clock.
+or modelled); else, for a model never served, the other models' fits at this very shape; else
+every fit of the base's family on this device kind (geometric means), so that no shape is left
+at its bare base beside shapes corrected. Nothing is derived from a derived correction. Pure: no
+I/O, no clock.
 
 Why end-to-end times and not vLLM's own per-request metrics or `/metrics`: the executor's clock
 sees every engine of every kind alike, and a request's end-to-end time (queueing in the engine,
@@ -385,4 +387,15 @@ def correction(fits: Mapping[ShapeKey, ShapeFit], key: ShapeKey, kind: str) -> C
         return Correction(_geo([f.token_scale for _, f in others]),
                           _geo([f.step_scale for _, f in others]), "derived",
                           f"from {', '.join(k[0] for k, _ in others)} at this shape")
+    # nothing served at this shape nor of this model: what every served shape of the base's
+    # family says. Left uncorrected beside shapes that are, it was priced by its base alone next
+    # to them: the machine serving 1.6x slower than the profiles made a never-served TP 2 look
+    # 1.6x faster than the TP 1 whose scales other models lent it (fairness bench, 6 Dec 2026)
+    every = sorted((k, f) for k, f in fits.items()
+                   if k[3] == dev and family(f.kind) == family(kind))
+    if every:
+        return Correction(_geo([f.token_scale for _, f in every]),
+                          _geo([f.step_scale for _, f in every]), "derived",
+                          "from every served shape: " + ", ".join(
+                              f"{k[0]} {shape_name(k)}" for k, _ in every))
     return None

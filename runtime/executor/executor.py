@@ -65,6 +65,7 @@ from runtime.executor.planning import (batch_completion, describe_schedule, desc
                                        lower_bound, model_specs, plan_problem,
                                        running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
+from scheduler.online import shape_name
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
 
@@ -776,6 +777,10 @@ class PoolExecutor:
                    **({} if bound is None else {"lower_bound_s": bound}),
                    **({} if done is None else {"batches_predicted_s": done}),
                    planning_time_s=round(self.clock.monotonic() - t0, 4),
+                   # what the online calibration held (why a prediction moved between passes)
+                   calibration={f"{k[0]} {shape_name(k)}": [round(f.token_scale, 3),
+                                                            round(f.step_scale, 3), f.served]
+                                for k, f in sorted(self.learned.fits.items())},
                    remaining={m: len(w) for m, w in work.items()},
                    running=[{"model": k[0], "tp": k[1], "devices": list(k[2])} for k in alive])
         for kind, bid, data in self.deadlines.check(self.clock.time(), head.plans, done or {}):

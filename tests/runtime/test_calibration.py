@@ -115,6 +115,11 @@ async def test_a_batchs_first_answers_correct_its_own_later_stages(tmp_path: Pat
     (left,) = replan.work  # the model that had not run yet
     fix = replan.latency.correction(replan.models[left], 1)
     assert fix is not None and fix.source == "derived" and "at this shape" in fix.detail
+    # the re-plan's event says what the calibration held: the first model's fit at TP 1
+    (event,) = [e for e in ex.events("b") if e["event"] == "replan"]
+    ((shape, (token, step, served)),) = event["calibration"].items()
+    (ran,) = {"a", "b"} - {left}
+    assert shape == f"{ran} TP1" and served >= 8 and token > 0 and step > 0
     measured = event_time(ex, "b", "batch_finished") - event_time(ex, "b", "replan")
     calibrated, before = errors(replan, measured, f"{left} after the re-plan")
     assert abs(calibrated) < 0.25 and before < -0.5
@@ -232,7 +237,11 @@ async def test_plan_reads_the_calibrated_state_and_says_where_figures_come_from(
     assert rows[("tiny", 1, 1)]["served"] == 12 and rows[("tiny", 1, 1)]["step_scale"] > 2
     assert rows[("tiny", 2, 1)]["source"] == "derived"  # from tiny TP 1
     assert rows[("small", 1, 1)]["detail"] == "from tiny at this shape"
-    assert rows[("small", 2, 1)]["source"] == "roofline"  # nothing served tells about it
+    # nothing served at TP 2 nor of small: what every served shape says (tiny's TP 1), as
+    # small's TP 1 has it, so the two compare as their bases do
+    assert rows[("small", 2, 1)]["source"] == "derived"
+    assert rows[("small", 2, 1)]["detail"] == "from every served shape: tiny TP1"
+    assert rows[("small", 2, 1)]["step_scale"] == rows[("small", 1, 1)]["step_scale"]
     assert all(r["base"].startswith("roofline") for r in rows.values())
     # serve, restarted on the same state dir, predicts what plan predicted
     rec = Recorder()

@@ -241,3 +241,24 @@ def test_windows_and_fits_round_trip_through_json() -> None:
     assert refit(back_w, {key: (BASE, "roofline", LIMITS)}, back_f) is back_f
     with pytest.raises(ValueError):
         windows_from_dict({"version": 2, "shapes": []})
+
+
+def test_a_shape_no_model_served_is_corrected_like_the_shapes_that_were() -> None:
+    """medium never served, tiny-a served at TP 1 only: medium's TP 1 took tiny-a's scales and its
+    TP 2 none, so medium TP 2 looked 1.6x faster beside TP 1 than its profiles say, and a re-plan
+    3 s into the fairness bench's mix put both running engines to sleep for a medium engine on
+    both cores (73 s predicted against 43 s; the big batch took 60 s against 40 s alone, 6 Dec
+    2026). A shape nothing tells about gets what every served shape of its family says (the
+    machine serving slower or faster than its bases), so the shapes compare as their bases do."""
+    fits = {("tiny-a", 1, 1, "cpu"): _fit(1.6, 0.9, "profile")}
+    tp1 = correction(fits, ("medium", 1, 1, "cpu"), "profile")
+    tp2 = correction(fits, ("medium", 2, 1, "cpu"), "profile")
+    assert tp1 is not None and tp2 is not None and tp2.source == "derived"
+    assert (tp2.token_scale, tp2.step_scale) == (tp1.token_scale, tp1.step_scale) == (1.6, 0.9)
+    assert "every served shape" in tp2.detail
+    # the geometric mean of all the family's fits; the other family's say nothing
+    more = fits | {("small", 2, 1, "cpu"): _fit(0.4, 3.6, "profile"),
+                   ("small", 1, 1, "cpu"): _fit(9.0, 9.0, "roofline")}
+    t2 = correction(more, ("medium", 1, 2, "cpu"), "profile")
+    assert t2 is not None and (t2.token_scale, t2.step_scale) == pytest.approx((0.8, 1.8))
+    assert correction(fits, ("medium", 2, 1, "a100"), "profile") is None  # another device kind
