@@ -292,9 +292,9 @@ def mix_table(out: dict) -> list[str]:
 
 
 def summary_table(repeats: list[dict]) -> list[str]:
-    """Every repeat's verdicts in a row, then the medians: on this machine one gateway's run of
-    the same code moved the big batch from 37 s to 48 s and the pool in arrival order from 38 s
-    to 62 s (6 Dec 2026), so one repeat's verdict is mostly the machine's."""
+    """Every repeat's verdicts in a row, then the medians: one run's plans may swing on the
+    first answers (6 Dec 2026: the same code's big batch took 40 s, then 49 s, then 60 s), and
+    its small batches' verdicts turn on tenths of a second, so one repeat decides little."""
     rows = ["| repeat | small batches met | big: fair vs alone (arrival order's) | "
             "pool: fair vs arrival order | big alone s | every target | "
             "probe s: fair / fifo / alone |",
