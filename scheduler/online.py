@@ -41,8 +41,10 @@ Shapes never served (`correction`): the same model's fitted shapes, each times t
 the two shapes that other models' fits show on this device kind (TP 2 against TP 1, 2 threads
 against 1), or times 1 when no other model ran both and the two bases are of one family (measured
 or modelled); else, for a model never served, the other models' fits at this very shape; else
-every fit of the base's family on this device kind (geometric means), so that no shape is left
-at its bare base beside shapes corrected. Nothing is derived from a derived correction. Pure: no
+every fit of the base's family on this device kind, so that no shape is left at its bare base
+beside shapes corrected. Another model's fit lends its overall factor (`overall`: measured over
+the base's replay, both scales alike), not its split into per-token and per-step terms, which one
+batch of like requests hardly tells. Nothing is derived from a derived correction. Pure: no
 I/O, no clock.
 
 Why end-to-end times and not vLLM's own per-request metrics or `/metrics`: the executor's clock
@@ -73,6 +75,9 @@ EQUAL_WEIGHT = 1e-4  # pull toward token_scale = step_scale (relative to all the
 PRIOR = 1e-6  # pull of the scales toward 1: only to keep the problem well posed
 COLD_GAIN = 0.25  # fresh engines are taken to pay a start cost when that fits 4x better
 NEW_SHAPE_MAX_S = 2.0  # bound on a fresh engine's one-off cost per token count (measured ~0.09 s)
+# a period matched from an answer on is evidence only where its replay (under the scales so far)
+# spans at least this share of what was measured after that answer (`_rounds`)
+MIN_REPLAYED = 0.1
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,12 @@ def _rounds(base: LatencyModel, limits: EngineLimits, periods: Sequence[tuple[in
             span = float(m[u - 1] - ref[4])
             if span <= 0:
                 continue
+            if lead and float(fin[u - 1] - fin[r]) < MIN_REPLAYED * span:
+                # matched from an answer on, the replay has these answers come with it where
+                # the engine gave them later: work the window never saw held its seats, a wave
+                # the replay lacks. Fitted, such increments read as an engine many times slower
+                # (28x from 16 answers of a woken `medium` engine, 6 Dec 2026): not evidence
+                continue
             blocks.append((np.column_stack([pp - ref[0], dd - ref[1], nn - ref[2]])[lead:u],
                            ((m - ref[4]) - (idle - ref[3]))[lead:u], span))
             if p.fresh:
@@ -349,6 +360,14 @@ def shape_name(key: ShapeKey) -> str:
     return f"TP{key[1]}" + (f"x{key[2]} threads" if key[2] > 1 else "")
 
 
+def overall(fit: ShapeFit) -> float:
+    """How much slower than its base the shape served: its measured time over the base's replay
+    of it (the scales' geometric mean when there is no replayed time)."""
+    if fit.before_s > 0 and fit.measured_s > 0:
+        return fit.measured_s / fit.before_s
+    return math.sqrt(fit.token_scale * fit.step_scale)
+
+
 def _geo(xs: Sequence[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
@@ -381,11 +400,15 @@ def correction(fits: Mapping[ShapeKey, ShapeFit], key: ShapeKey, kind: str) -> C
     if ests:
         return Correction(_geo([e[0] for e in ests]), _geo([e[1] for e in ests]), "derived",
                           f"from {model} " + "; ".join(notes))
+    # another model's fit lends its overall factor, not its two scales: how a shape's time splits
+    # into per-token and per-step terms is all but unidentifiable from one batch of like
+    # requests (tiny-a fitted 5.15 / 0.02 where it ran 1.76x its profile, 6 Dec 2026), and on
+    # another model's split the pair would move it by anything from 0.02x to 5x
     others = sorted((k, f) for k, f in fits.items()
                     if k[0] != model and k[1:] == key[1:] and f.kind == kind)
     if others:
-        return Correction(_geo([f.token_scale for _, f in others]),
-                          _geo([f.step_scale for _, f in others]), "derived",
+        lent = _geo([overall(f) for _, f in others])
+        return Correction(lent, lent, "derived",
                           f"from {', '.join(k[0] for k, _ in others)} at this shape")
     # nothing served at this shape nor of this model: what every served shape of the base's
     # family says. Left uncorrected beside shapes that are, it was priced by its base alone next
@@ -394,8 +417,8 @@ def correction(fits: Mapping[ShapeKey, ShapeFit], key: ShapeKey, kind: str) -> C
     every = sorted((k, f) for k, f in fits.items()
                    if k[3] == dev and family(f.kind) == family(kind))
     if every:
-        return Correction(_geo([f.token_scale for _, f in every]),
-                          _geo([f.step_scale for _, f in every]), "derived",
+        lent = _geo([overall(f) for _, f in every])
+        return Correction(lent, lent, "derived",
                           "from every served shape: " + ", ".join(
                               f"{k[0]} {shape_name(k)}" for k, _ in every))
     return None

@@ -197,8 +197,9 @@ def test_refit_reuses_a_current_fit_and_redoes_a_stale_one() -> None:
     assert refit({}, {}, {other: fits[key]}) == {other: fits[key]}
 
 
-def _fit(token: float, step: float, kind: str = "roofline") -> ShapeFit:
-    return ShapeFit(token, step, 50, 1, 10.0, 5.0, 10.0, kind, coefficients(BASE), 50)
+def _fit(token: float, step: float, kind: str = "roofline", measured: float = 10.0) -> ShapeFit:
+    """A fit whose served time was `measured` against 5 s replayed under the base."""
+    return ShapeFit(token, step, 50, 1, measured, 5.0, measured, kind, coefficients(BASE), 50)
 
 
 def test_an_unserved_shape_is_derived_from_the_models_served_shapes() -> None:
@@ -216,9 +217,11 @@ def test_an_unserved_shape_is_derived_from_the_models_served_shapes() -> None:
                        "roofline, threads assumed")
     assert alone is not None and (alone.token_scale, alone.step_scale) == (2.0, 4.0)
     # a model never served: the other models' fits at this shape
-    c = correction(fits, ("c", 1, 1, "cpu"), "roofline")
+    # (their overall factors, measured over replayed: 2 for each of _fit's)
+    c = correction(fits | {("b", 1, 1, "cpu"): _fit(1.0, 3.0, measured=24.0)},
+                   ("c", 1, 1, "cpu"), "roofline")
     assert c is not None and c.detail == "from a, b at this shape"
-    assert (c.token_scale, c.step_scale) == pytest.approx((math.sqrt(2.0), math.sqrt(12.0)))
+    assert (c.token_scale, c.step_scale) == pytest.approx((math.sqrt(2.0 * 4.8),) * 2)
     # a profiled shape is not corrected by the roofline's scales of the same model, nor of others
     assert correction({("a", 1, 1, "cpu"): _fit(2.0, 4.0)}, ("a", 2, 1, "cpu"), "profile") is None
     assert correction(fits, ("c", 1, 1, "cpu"), "profile") is None
@@ -250,15 +253,34 @@ def test_a_shape_no_model_served_is_corrected_like_the_shapes_that_were() -> Non
     both cores (73 s predicted against 43 s; the big batch took 60 s against 40 s alone, 6 Dec
     2026). A shape nothing tells about gets what every served shape of its family says (the
     machine serving slower or faster than its bases), so the shapes compare as their bases do."""
-    fits = {("tiny-a", 1, 1, "cpu"): _fit(1.6, 0.9, "profile")}
+    # tiny-a served 1.6x its profile (measured 8 s against 5 s replayed), split as 5.15 / 0.02
+    fits = {("tiny-a", 1, 1, "cpu"): _fit(5.15, 0.02, "profile", measured=8.0)}
     tp1 = correction(fits, ("medium", 1, 1, "cpu"), "profile")
     tp2 = correction(fits, ("medium", 2, 1, "cpu"), "profile")
     assert tp1 is not None and tp2 is not None and tp2.source == "derived"
-    assert (tp2.token_scale, tp2.step_scale) == (tp1.token_scale, tp1.step_scale) == (1.6, 0.9)
+    # lent as its overall factor on both terms: medium's own split is not tiny-a's
+    assert (tp2.token_scale, tp2.step_scale) == (tp1.token_scale, tp1.step_scale)
+    assert (tp2.token_scale, tp2.step_scale) == pytest.approx((1.6, 1.6))
     assert "every served shape" in tp2.detail
     # the geometric mean of all the family's fits; the other family's say nothing
-    more = fits | {("small", 2, 1, "cpu"): _fit(0.4, 3.6, "profile"),
-                   ("small", 1, 1, "cpu"): _fit(9.0, 9.0, "roofline")}
+    more = fits | {("small", 2, 1, "cpu"): _fit(0.4, 3.6, "profile", measured=2.5),
+                   ("small", 1, 1, "cpu"): _fit(9.0, 9.0, "roofline", measured=45.0)}
     t2 = correction(more, ("medium", 1, 2, "cpu"), "profile")
-    assert t2 is not None and (t2.token_scale, t2.step_scale) == pytest.approx((0.8, 1.8))
+    assert t2 is not None and (t2.token_scale, t2.step_scale) == pytest.approx((0.8 ** 0.5,) * 2)
     assert correction(fits, ("medium", 2, 1, "a100"), "profile") is None  # another device kind
+
+
+def test_a_wave_the_replay_lacks_does_not_read_as_a_many_times_slower_engine() -> None:
+    """A run matched from an answer on (its start queued behind requests the window does not
+    hold): the engine answered its last 8 requests 0.6 s after the rest, a wave later than the
+    replay has them (work the window never saw held seats), where the replay has them one step
+    after the reference answer. Fitted, those increments read as an engine 50x slower than it
+    was (28x from 16 answers of a woken `medium` engine, the fairness bench of 6 Dec 2026)."""
+    reqs = [SimRequest(i, 39, 32, arrival_s=0.0) for i in range(24)]
+    reqs += [SimRequest(24 + j, 39, 33 if j >= 4 else 32, arrival_s=0.8) for j in range(8)]
+    fin = simulate(reqs, LIMITS, BASE).finish_times_s
+    served = tuple(sorted((Served(0.0, r.arrival_s, fin[r.rid] + (0.6 if r.rid >= 24 else 0.0),
+                                  39, r.output_len) for r in reqs), key=lambda s: s.sent_s))
+    fit = fit_shape(BASE, "roofline", LIMITS,
+                    ShapeWindow((Run(served, trimmed=True),), len(served)))
+    assert fit is None or max(fit.token_scale, fit.step_scale) < 3.0
