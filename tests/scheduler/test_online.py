@@ -279,8 +279,9 @@ def test_a_wave_the_replay_lacks_does_not_read_as_a_many_times_slower_engine() -
     reqs = [SimRequest(i, 39, 32, arrival_s=0.0) for i in range(24)]
     reqs += [SimRequest(24 + j, 39, 33 if j >= 4 else 32, arrival_s=0.8) for j in range(8)]
     fin = simulate(reqs, LIMITS, BASE).finish_times_s
-    served = tuple(sorted((Served(0.0, r.arrival_s, fin[r.rid] + (0.6 if r.rid >= 24 else 0.0),
-                                  39, r.output_len) for r in reqs), key=lambda s: s.sent_s))
+    late = {r.rid: 0.6 if r.rid >= 24 else 0.0 for r in reqs}
+    served = tuple(sorted((Served(r.arrival_s, r.arrival_s, fin[r.rid] + late[r.rid], 39,
+                                  r.output_len) for r in reqs), key=lambda s: s.sent_s))
     fit = fit_shape(BASE, "roofline", LIMITS,
                     ShapeWindow((Run(served, trimmed=True),), len(served)))
     assert fit is None or max(fit.token_scale, fit.step_scale) < 3.0
