@@ -169,8 +169,11 @@ def engine_up(events: list[dict], model: str, at_wall: float) -> bool:
     return bool(up)
 
 
-def mix_scene(cfg: Path, root: Path, tag: str, big: list[dict], smalls: list[dict]) -> dict:
-    with mk.serving(cfg, root, f"mix-{tag}", "samullm", api_key=KEYS[0]) as (client, log):
+def mix_scene(cfg: Path, root: Path, tag: str, big: list[dict], smalls: list[dict],
+              rep: int = 1) -> dict:
+    """The mix on one gateway; its log is `logs/gateway-mix-<tag>-r<rep>-samullm.log` (each
+    repeat's kept: a verdict is read off its events)."""
+    with mk.serving(cfg, root, f"mix-{tag}-r{rep}", "samullm", api_key=KEYS[0]) as (client, log):
         cl = clients_of(client)
         big_id = upload(cl[KEYS[0]], mk.write_jsonl(root / f"mix-{tag}-big.jsonl", big))
         ids = {sb["name"]: upload(cl[sb["key"]], mk.write_jsonl(
@@ -330,8 +333,8 @@ def run_mix(args: argparse.Namespace, root: Path, fair_cfg: Path, fifo_cfg: Path
                           ("fifo", with_keys(fifo_cfg, "mix-fifo.toml"))):
             load = mk.wait_quiet(args.max_load, args.max_wait)
             probe = mk.machine_probe_s()
-            out[name] = mix_scene(cfg, root, name, big, smalls) | {"load": load,
-                                                                   "probe_s": probe}
+            out[name] = mix_scene(cfg, root, name, big, smalls, rep + 1) | {
+                "load": load, "probe_s": probe}
             print(f"  repeat {rep + 1}, mix {name}: big {out[name]['big_s']:.1f} s, makespan "
                   f"{out[name]['makespan_s']:.1f} s (load {load:.2f}, probe {probe:.3f} s)",
                   flush=True)
