@@ -108,7 +108,7 @@ class PoolExecutor:
         self.clock = clock
         self.launcher = launcher
         self.deadlines = Deadlines()  # completion windows: batches at risk are moved up
-        self.queues = ModelQueues(cfg.scheduler.fairness, self.deadlines.urgent)
+        self.queues = ModelQueues(cfg.scheduler.fairness, self.deadlines.urgent, self.batch_open)
         self.pool = pool  # None: discovered by start()
         self.state_dir = Path(state_dir) if state_dir is not None else cfg.state_dir
         self._planner = planner
