@@ -65,9 +65,9 @@ from runtime.executor.planning import (batch_completion, describe_schedule, desc
                                        lower_bound, model_specs, plan_problem,
                                        running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
-from scheduler.online import shape_name
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
+from scheduler.unserved import shape_name
 
 log = logging.getLogger(__name__)
 KEEP_FINISHED_BATCHES = 1000  # finished batches whose events stay available

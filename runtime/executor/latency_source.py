@@ -16,10 +16,11 @@ from runtime.persist import load_profile
 from scheduler.calibration import scale_latency
 from scheduler.gpu_profiles import gpu_latency_model
 from scheduler.latency import LatencyModel, analytic_latency_model, assumed_threads_latency
-from scheduler.online import Correction, ShapeFit, correction
+from scheduler.online import ShapeFit
 from scheduler.served import ShapeKey
 from scheduler.placement import thread_counts, tp_degrees
 from scheduler.types import DevicePool, ModelSpec
+from scheduler.unserved import Correction, correction
 
 # vLLM CPU engine start (spawn, weights, KV allocation, warm-up) measured on this machine: 21-30 s;
 # planning with a zero reload cost would make re-plans churn engines for nothing.
@@ -53,7 +54,7 @@ class LatencySource:
     """Latency per (model, tp) for the planner. Per-iteration costs: the profile stored under
     `<state_dir>/profiles/` when one was measured, else on GPUs the committed operator-level model
     (`scheduler.gpu_profiles`), else the analytic roofline (`base`); that base corrected by the
-    online calibration's `fits` (`scheduler.online.correction`). Load time: the engine start time
+    online calibration's `fits` (`scheduler.unserved.correction`). Load time: the engine start time
     this runtime measured for (model, tp, threads) when it has one (the truth on this machine), else
     the shape's profile's or GPU model's estimate, else DEFAULT_CPU_LOAD_S (one core per rank) or
     DEFAULT_CPU_SPAWN_LOAD_S. Loaded before planning (the

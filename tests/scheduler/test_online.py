@@ -1,4 +1,4 @@
-"""Online calibration (scheduler.served, scheduler.online): the fit recovers an engine's known
+"""Online calibration (scheduler.served, scheduler.online, scheduler.unserved): the fit recovers an engine's known
 speed from what it served, windows stay bounded, unserved shapes are derived from served ones."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import pytest
 
 from scheduler.calibration import scale_latency
 from scheduler.latency import LatencyModel
-from scheduler.online import (ShapeFit, coefficients, correction, fit_shape, refit,
-                              windows_from_dict, windows_to_dict)
+from scheduler.online import (ShapeFit, coefficients, fit_shape, refit, windows_from_dict,
+                              windows_to_dict)
 from scheduler.served import Run, Served, ServedLog, ShapeWindow, busy_periods
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.types import ModelSpec, SimRequest
+from scheduler.unserved import correction
 
 SPEC = ModelSpec("small", 4, 256, 4, 2, 1024, 2048, max_model_len=1024, max_num_seqs=16,
                  max_num_batched_tokens=1024)
