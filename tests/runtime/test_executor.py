@@ -620,13 +620,13 @@ async def test_cancel_and_close_do_not_wait_for_a_full_disk(run, launcher) -> No
 
 
 async def test_each_request_carries_its_batchs_priority_to_the_engine(run, launcher) -> None:
-    """Sent bodies carry `priority` (what the request's batch has left queued, to a power of two:
-    `queues`), and the stored body is not touched (a re-send computes it again)."""
+    """Sent bodies carry `priority` (what the request's batch has left, open on every model, to
+    a power of two: `queues`), and the stored body is not touched (a re-send computes it again)."""
     ex = await run(devices=1)
     big, small = items("a", 30), items("a", 2, prefix="s")
     ex.submit("big", big, Sink())
     ex.submit("small", small, Sink())
     await asyncio.wait_for(asyncio.gather(ex.wait("big"), ex.wait("small")), 30)
     sent = {b["custom_tag"]: b["priority"] for b in launcher.bodies}
-    assert (sent["sa-0"], sent["sa-1"], sent["a-0"]) == (1, 0, (30 - 1).bit_length())
+    assert (sent["sa-0"], sent["sa-1"], sent["a-0"]) == (2 .bit_length(),) * 2 + (30 .bit_length(),)
     assert all("priority" not in it.body for it in big + small)
