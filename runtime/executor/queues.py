@@ -5,10 +5,10 @@ behind whoever submitted 800 requests first. So each model's queue is one queue 
 replica takes its next request from the batch with the least left, aged (`fairness = "fair"`:
 shortest remaining first, which minimises the batches' mean completion time): a batch's claim is
 what it has left in all, on every model (`left_of`, the executor's open requests; by its queue
-of this model alone, a 2,000-request batch with a dozen left for `medium` went before a
-20-request batch there, which waited for a wave of the big one's answers: 4.1 s against 0.9 s
-alone), minus `AGING` for every dispatch that went to another batch since it was last
-served (or joined), so a small batch arriving behind a big one is dispatched at once, and the big
+of this model alone, a 2,000-request batch with a few left queued for `medium` and 61 in flight
+there went before a 20-request batch, which waited at the in-flight cap for answers: 4.1 s
+against 0.9 s alone, its preemption 2.3 s late), minus `AGING` for every dispatch that went to
+another batch since it was last served (or joined), so a small batch arriving behind a big one is dispatched at once, and the big
 one goes again within (its size - the other's) / (AGING - 1) dispatches: never starved, whatever
 arrives. A batch that had nothing queued joins again with no claim for the time it was away. The
 engines never idle for it (any batch with work is served). `fairness = "fifo"`: the earliest batch

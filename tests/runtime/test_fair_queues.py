@@ -168,10 +168,11 @@ def test_serving_order_puts_in_flight_first_then_the_queues_turns_then_the_waiti
 def test_a_batchs_claim_is_what_it_has_left_on_every_model() -> None:
     """A 2,000-request batch with 12 requests left queued for `medium` and 400 open on other
     models is not the shorter one beside a 20-request batch: by its queue of `medium` it went
-    first, so the small batch waited at the engine's in-flight cap for the big one's answers (a
-    32-request wave of 4 s on `medium`: 4.07 s inside the gateway against 0.87 s alone, the
-    fairness bench of 6 Dec 2026). Its completion waits for all it has left, as the seats count
-    it (`SlotHost.batch_size`); the requests' `priority` is that size too."""
+    first, and the small batch waited at the engine's in-flight cap for the big one's answers
+    (the fairness bench of 6 Dec 2026: 4.07 s inside the gateway against 0.87 s alone, its
+    preemption 2.3 s late, aborting 61 of the big batch's requests on `medium`). Its completion
+    waits for all it has left, as the seats count it (`SlotHost.batch_size`); the requests'
+    `priority` is that size too."""
     left = {"big": 412, "small": 20}
     q = ModelQueues(left_of=left.__getitem__)
     fill(q, "big", 12)
