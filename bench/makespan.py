@@ -490,9 +490,9 @@ def describe_events(run: GatewayRun) -> list[str]:
 
 def machine_probe_s(repeats: int = 3) -> float:
     """Seconds a fixed pure-Python loop takes here (the least of `repeats`), taken before a
-    scene, so that a table can tell a slow machine from a slow plan: on 6 Dec 2026 the big batch
-    of `bench.fairness --mix` in arrival order took 37 s, then 62 s, then 92 s, while alone it
-    took 37-41 s (the plans had swung, `scheduler.unserved.correction`)."""
+    scene. It catches a machine whose CPU is taken, not everything that slows the engines: on 6
+    Dec 2026 the big batch of `bench.fairness --mix` alone took 37.0 s and 45.8 s on one plan
+    with the probe at 0.052-0.053 s both times, so compare repeats' medians, not one run."""
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
