@@ -50,7 +50,8 @@ class Guests:
         if slot is None or slot.engine is None or not slot.engine.frozen:
             return
         small = slot.inflight.small()
-        if not any(p <= small and self.small(b, small) for b, p in queues.priorities(model).items()):
+        if not any(p <= small and self.small(b, small)
+                   for b, p in queues.priorities(model).items()):
             return
         if not slot.engine.thaw():  # it died asleep: reap it (a plan starts another when needed)
             slot.move(SlotState.STOPPING)

@@ -86,8 +86,8 @@ class Learned:
                 dict(self.fits), self.stop_s)
 
     async def save(self) -> None:
-        """Lengths, start and stop times and calibration, when something new was learned (best effort:
-        kept in memory and saved again at the next pass when the disk refuses)."""
+        """Lengths, start and stop times and calibration, when something new was learned (best
+        effort: kept in memory and saved again at the next pass when the disk refuses)."""
         state = self._state()
         if state == self._saved:
             return

@@ -8,10 +8,10 @@ what it has left in all, on every model (`left_of`, the executor's open requests
 of this model alone, a 2,000-request batch with a few left queued for `medium` and 61 in flight
 there went before a 20-request batch, which waited at the in-flight cap for answers: 4.1 s
 against 0.9 s alone, its preemption 2.3 s late), minus `AGING` for every dispatch that went to
-another batch since it was last served (or joined), so a small batch arriving behind a big one is dispatched at once, and the big
-one goes again within (its size - the other's) / (AGING - 1) dispatches: never starved, whatever
-arrives. A batch that had nothing queued joins again with no claim for the time it was away. The
-engines never idle for it (any batch with work is served). `fairness = "fifo"`: the earliest batch
+another batch since it was last served (or joined), so a small batch arriving behind a big one
+is dispatched at once, and the big one goes again within (its size - the other's) / (AGING - 1)
+dispatches: never starved, whatever arrives. A batch that had nothing queued joins again with
+no claim for the time it was away. The engines never idle for it (any batch with work is served). `fairness = "fifo"`: the earliest batch
 first, in arrival order. Either way a batch predicted to miss its completion window (`urgent`,
 `runtime.executor.deadlines`) goes before the others.
 

@@ -1,5 +1,6 @@
-"""Online calibration (scheduler.served, scheduler.online, scheduler.unserved): the fit recovers an engine's known
-speed from what it served, windows stay bounded, unserved shapes are derived from served ones."""
+"""Online calibration (scheduler.served, scheduler.online, scheduler.unserved): the fit recovers
+an engine's known speed from what it served, windows stay bounded, unserved shapes are derived
+from served ones."""
 
 from __future__ import annotations
 
