@@ -11,8 +11,8 @@ against 0.9 s alone, its preemption 2.3 s late), minus `AGING` for every dispatc
 another batch since it was last served (or joined), so a small batch arriving behind a big one
 is dispatched at once, and the big one goes again within (its size - the other's) / (AGING - 1)
 dispatches: never starved, whatever arrives. A batch that had nothing queued joins again with
-no claim for the time it was away. The engines never idle for it (any batch with work is served). `fairness = "fifo"`: the earliest batch
-first, in arrival order. Either way a batch predicted to miss its completion window (`urgent`,
+no claim for the time it was away. The engines never idle for it (any batch with work is
+served). `fairness = "fifo"`: the earliest batch first, in arrival order. Either way a batch predicted to miss its completion window (`urgent`,
 `runtime.executor.deadlines`) goes before the others.
 
 An engine holds more requests than it runs (`slots.INFLIGHT_FACTOR`); those wait in vLLM's own
