@@ -12,8 +12,9 @@ another batch since it was last served (or joined), so a small batch arriving be
 is dispatched at once, and the big one goes again within (its size - the other's) / (AGING - 1)
 dispatches: never starved, whatever arrives. A batch that had nothing queued joins again with
 no claim for the time it was away. The engines never idle for it (any batch with work is
-served). `fairness = "fifo"`: the earliest batch first, in arrival order. Either way a batch predicted to miss its completion window (`urgent`,
-`runtime.executor.deadlines`) goes before the others.
+served). `fairness = "fifo"`: the earliest batch first, in arrival order. Either way a batch
+predicted to miss its completion window (`urgent`, `runtime.executor.deadlines`) goes before the
+others.
 
 An engine holds more requests than it runs (`slots.INFLIGHT_FACTOR`); those wait in vLLM's own
 queue, which the engines order by `priority` (`runtime.engines.engine.build_command`): each
