@@ -33,6 +33,13 @@ engine's replayed steps run for the first time (a third column, N, of the same l
 `first_s`, the lateness of a fresh engine's first answer (its first period then matched from that
 answer on). The planner charges both with an engine's start (`ShapeFit.cold_s`).
 
+Requests still in flight when the window is taken (`scheduler.served.Pending`) are replayed beside
+the answers, to their output caps, and never matched: the last answers shared their steps with
+them (a wave's prefill ran between two decode steps), and a replay without them read those
+answers' lateness as per-step cost: `medium`'s first wave read as 0.02x per token and 5.5x per
+step, and over 17 runs the rest of its run came out 0.39-1.47x (median 1.19x) of what it took;
+0.95-1.22x (1.06x) with them (6 Dec 2026).
+
 A run whose middle was dropped from the window (`scheduler.served`) is replayed as two: its start,
 matched up to the first dropped request's send, and its newest requests, whose first ones queued
 behind dropped ones: matched from the answer after those (times relative to it), not from its start.
@@ -153,11 +160,12 @@ def windows_from_dict(d: dict[str, Any]
 
 
 # --- the fit ---------------------------------------------------------------------------------
-def _progress(res: SimResult, base: LatencyModel, a: float, b: float, seen: set[int] | None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per replayed finish, sorted: (P, D, N, idle) with replayed finish = idle + a·P + b·D; N
-    counts the steps up to it with a token count the engine had not run before (`seen`, updated;
-    None: an engine whose start is not in the window, taken as warm)."""
+def _progress(res: SimResult, base: LatencyModel, a: float, b: float, seen: set[int] | None,
+              pending: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per replayed finish, sorted, of all but the `pending` rids: (P, D, N, idle) with replayed
+    finish = idle + a·P + b·D; N counts the steps up to it with a token count the engine had not
+    run before (`seen`, updated; None: an engine whose start is not in the window, taken as
+    warm)."""
     assert res.iterations is not None
     arr = np.array([(r.start_s, r.duration_s, r.num_tokens, r.prefill_attn_work,
                      r.decode_ctx_sum, r.batch_size) for r in res.iterations], dtype=float)
@@ -172,7 +180,9 @@ def _progress(res: SimResult, base: LatencyModel, a: float, b: float, seen: set[
         seen.update(int(c) for c in counts)
     n = np.cumsum(new)
     ends = start + dur
-    fin = np.sort(np.fromiter(res.finish_times_s.values(), dtype=float))
+    skip = set(pending)
+    fin = np.sort(np.array([t for r, t in res.finish_times_s.items() if r not in skip],
+                           dtype=float))
     k = np.clip(np.searchsorted(ends, fin), 0, len(ends) - 1)
     km = np.maximum(k - 1, 0)  # the nearest end (a jump's records add up their own rounding)
     k = np.where(np.abs(ends[km] - fin) < np.abs(ends[k] - fin), km, k)
@@ -249,7 +259,7 @@ def _rounds(base: LatencyModel, limits: EngineLimits, periods: Sequence[tuple[in
                 res = simulate(p.requests, limits, lat, record=True)
             except ValueError:  # a request this engine could not hold: not this shape's evidence
                 continue
-            pp, dd, nn, idle = _progress(res, base, a, b, seen.get(ri))
+            pp, dd, nn, idle = _progress(res, base, a, b, seen.get(ri), p.pending)
             fin = idle + a * pp + b * dd + sh * nn  # the replayed finishes, sorted
             m = np.asarray(p.measured)
             lead = p.skip or int(i in cold)  # answers before the matched increments

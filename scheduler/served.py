@@ -5,15 +5,17 @@ sent, when its answer came (on one clock, the executor's), its prompt and output
 answer's `usage`). `ServedLog` keeps `window` of them per engine shape, (model, tp, threads,
 device kind) = `ShapeKey`, grouped per engine run: of each run its start (a fresh engine, which a
 replay reproduces exactly) and its newest requests. `busy_periods` cuts a run where its engine had
-nothing in flight, the unit a fit replays. Pure: no I/O, no clock (times are given).
+nothing in flight, the unit a fit replays. A snapshot may carry the requests in flight (`Pending`):
+replayed, never matched, never stored. Pure: no I/O, no clock (times are given).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 from scheduler.types import SimRequest
 
@@ -33,6 +35,17 @@ class Served:
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A request in flight when the window was taken: no answer yet, but it held a seat (or a place
+    in the engine's queue) and its prefill ran beside the answered ones."""
+
+    queued_s: float
+    sent_s: float
+    prompt_tokens: int
+    max_tokens: int  # its output cap: it is replayed to it, past every answer matched
+
+
+@dataclass(frozen=True)
 class Run:
     """Served requests of one engine, by send time, that a replay may start from empty."""
 
@@ -41,6 +54,9 @@ class Run:
     trimmed: bool = False
     # requests sent from then on were dropped from the window: answers after it are not matched
     end_s: float | None = None
+    # requests in flight on its engine when the window was taken (`ServedLog.snapshot`): never
+    # kept or saved, only replayed
+    pending: tuple[Pending, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,10 +75,11 @@ class Period:
     skip: int = 0  # leading answers queued behind requests dropped from the window
     upto: int | None = None  # None: all; else the answers before requests dropped were sent
     fresh: bool = False  # the first period of a fresh engine (it pays one-off costs)
+    pending: tuple[int, ...] = ()  # rids of requests in flight at the snapshot: not matched
 
 
 # --- the window ------------------------------------------------------------------------------
-def _sent(s: Served) -> float:
+def _sent(s: Served | Pending) -> float:
     return s.sent_s
 
 
@@ -153,10 +170,26 @@ class ServedLog:
             if extra > 0:  # nothing but its head left: the whole run goes
                 extra -= len(runs.pop(0).served)
 
-    def snapshot(self) -> dict[ShapeKey, ShapeWindow]:
-        """An immutable copy (a fit may run in another thread while requests are added)."""
-        return {k: ShapeWindow(tuple(r for b in runs for r in b.runs()), self._seen.get(k, 0))
-                for k, runs in self._runs.items()}
+    def snapshot(self, pending: Mapping[tuple[ShapeKey, Hashable], Sequence[Pending]] | None = None
+                 ) -> dict[ShapeKey, ShapeWindow]:
+        """An immutable copy (a fit may run in another thread while requests are added). With
+        `pending`, the requests in flight per (shape, run) go with that run's newest requests:
+        without them a replay of its last answers lacks the requests that shared their steps (a
+        wave's prefill, 0.7 s on `medium`, read as a 5x slower step: 6 Dec 2026)."""
+        open_of = {id(b): k for k, b in self._open.items()}  # buf -> its (shape, run)
+        out = {}
+        for key, bufs in self._runs.items():
+            runs: list[Run] = []
+            for b in bufs:
+                mine = b.runs()
+                more = (pending or {}).get(open_of.get(id(b)), ()) if mine else ()
+                if more:  # in flight behind its newest run's start (a trimmed one's: its tail)
+                    t0 = mine[-1].served[0].sent_s
+                    mine[-1] = dataclasses.replace(mine[-1], pending=tuple(sorted(
+                        (q for q in more if q.sent_s >= t0), key=lambda q: q.sent_s)))
+                runs += mine
+            out[key] = ShapeWindow(tuple(runs), self._seen.get(key, 0))
+        return out
 
 
 def run_to_dict(run: Run) -> dict[str, Any]:
@@ -178,26 +211,35 @@ def run_from_dict(d: dict[str, Any]) -> Run:
 
 
 def busy_periods(run: Run) -> list[Period]:
-    """The run cut where its engine had nothing in flight; arrivals and answers from each start."""
-    groups: list[list[Served]] = []
+    """The run cut where its engine had nothing in flight; arrivals and answers from each start.
+    Its pending requests are replayed (to their output cap) and never matched."""
+    groups: list[list[Served | Pending]] = []
     end = -math.inf
-    for s in sorted(run.served, key=_sent):
+    for s in sorted((*run.served, *run.pending), key=_sent):
         if not groups or s.sent_s >= end:
             groups.append([])
         groups[-1].append(s)
-        end = max(end, s.done_s)
+        end = max(end, s.done_s if isinstance(s, Served) else math.inf)
     out = []
     for i, g in enumerate(groups):
         t0 = g[0].sent_s
-        reqs = tuple(SimRequest(j, max(1, s.prompt_tokens), max(1, s.output_tokens),
+        reqs = tuple(SimRequest(j, max(1, s.prompt_tokens), max(1, _output(s)),
                                 arrival_s=min(max(0.0, s.queued_s - t0), s.sent_s - t0))
                      for j, s in enumerate(g))
+        answered = [s for s in g if isinstance(s, Served)]
+        if not answered:
+            continue
         skip = 0
         if i == 0 and run.trimmed:
-            first = min(s.done_s for s in g)
-            skip = sum(s.sent_s < first for s in g)
-        done = sorted(s.done_s for s in g)
+            first = min(s.done_s for s in answered)
+            skip = sum(s.sent_s < first for s in answered)
+        done = sorted(s.done_s for s in answered)
         upto = None if run.end_s is None else bisect.bisect_right(done, run.end_s)
         out.append(Period(reqs, tuple(d - t0 for d in done), skip, upto,
-                          i == 0 and not run.trimmed))
+                          i == 0 and not run.trimmed,
+                          tuple(j for j, s in enumerate(g) if isinstance(s, Pending))))
     return out
+
+
+def _output(s: Served | Pending) -> int:
+    return s.output_tokens if isinstance(s, Served) else s.max_tokens

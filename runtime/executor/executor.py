@@ -46,7 +46,7 @@ import logging
 import math
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 from runtime.clock import SYSTEM, Clock, wait_event, wait_events
 from runtime.config import STRATEGIES, Config
@@ -63,10 +63,11 @@ from runtime.executor.learned import Learned
 from runtime.executor.queues import ModelQueues, serving_order
 from runtime.executor.planning import (batch_completion, describe_schedule, describe_stage,
                                        lower_bound, model_specs, plan_problem,
-                                       running_plans, served_record)
+                                       pending_record, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
 from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool, Schedule
+from scheduler.served import Pending, ShapeKey
 from scheduler.unserved import shape_name
 
 log = logging.getLogger(__name__)
@@ -457,7 +458,7 @@ class PoolExecutor:
         if sent and self.cfg.scheduler.online_calibration:
             self.learned.served.interrupt(self._shape_key(slot), slot.sid, min(sent))
 
-    def _shape_key(self, slot: Slot) -> tuple[str, int, int, str]:
+    def _shape_key(self, slot: Slot) -> ShapeKey:
         """The engine shape `slot` runs, as the online calibration keys it."""
         assert self.pool is not None
         return (slot.model, slot.spec.tp, slot.spec.threads, self.pool.signature)
@@ -593,7 +594,17 @@ class PoolExecutor:
 
     async def _calibrate(self) -> None:
         if self.pool is not None:
-            await self.learned.calibrate(self.pool, self._specs)
+            await self.learned.calibrate(self.pool, self._specs, self._in_flight())
+
+    def _in_flight(self) -> dict[tuple[ShapeKey, Hashable], list[Pending]]:
+        """Per (engine shape, run) the requests in flight now: a refit replays them beside the
+        answers they shared steps with (`ServedLog.snapshot`)."""
+        out: dict[tuple[ShapeKey, Hashable], list[Pending]] = {}
+        for slot in self.slots:
+            reqs = [pending_record(r, self._queued_at.get(r, math.inf)) for r in slot.inflight]
+            if sent := [p for p in reqs if p is not None]:
+                out[(self._shape_key(slot), slot.sid)] = sent
+        return out
 
     def _forget(self, batch: BatchState) -> None:
         """Drop a finished batch's requests (its events stay for `events()`); bound the history."""

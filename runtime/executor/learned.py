@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Hashable, Mapping, Sequence
 
 from runtime.config import Config
 from runtime.endpoints import EMBEDDINGS
@@ -28,6 +28,7 @@ from runtime.persist import (blend, load_calibration, load_length_model, load_st
                              load_stop_time, save_calibration, save_length_model,
                              save_start_times, save_stop_time, start_times_file, stop_time_file)
 from runtime.usage import hit_length_cap, usage_of
+from scheduler.served import Pending, ShapeKey
 from scheduler.types import DevicePool, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,15 @@ class Learned:
         """An engine took `seconds` to stop (SIGTERM to reaped)."""
         self.stop_s = blend(self.stop_s, seconds)
 
-    async def calibrate(self, pool: DevicePool, specs: Mapping[str, ModelSpec]) -> None:
-        """Refit the latency corrections to the requests served since the last pass."""
+    async def calibrate(self, pool: DevicePool, specs: Mapping[str, ModelSpec],
+                        pending: Mapping[tuple[ShapeKey, Hashable], Sequence[Pending]]) -> None:
+        """Refit the latency corrections to the requests served since the last pass; `pending`:
+        the requests in flight per (shape, engine run), which shared the last answers' steps."""
         if not self.cfg.scheduler.online_calibration:
             return
         self.fits = await asyncio.to_thread(refit_calibration, self.cfg, pool, specs,
-                                            self.state_dir, self.served.snapshot(), self.fits)
+                                            self.state_dir, self.served.snapshot(pending),
+                                            self.fits)
 
     def _state(self) -> tuple:
         return (self.lengths.to_dict(), dict(self.start_times), self.served.version,

@@ -31,7 +31,7 @@ from runtime.endpoints import EMBEDDINGS
 from runtime.usage import usage_of
 from scheduler.lengths import LengthModel
 from scheduler.online import ShapeFit, refit
-from scheduler.served import Served, ShapeKey, ShapeWindow
+from scheduler.served import Pending, Served, ShapeKey, ShapeWindow
 from scheduler.placement import gpu_kv_bytes_per_rank
 from scheduler.planner import PlanningProblem
 from scheduler.simulator import EngineLimits, kv_blocks
@@ -90,6 +90,15 @@ def served_record(body: Any, prompt_tokens: int, queued_s: float, sent_s: float,
         prompt -= usage.cached
     return Served(min(queued_s, sent_s), sent_s, done_s, prompt,
                   usage.output if usage.output else 1)
+
+
+def pending_record(req: Req, queued_s: float) -> Pending | None:
+    """A request in flight (sent, no answer yet) as the online calibration replays it: to its
+    output cap, which its true length cannot pass; None when it was not sent."""
+    if req.sent_s is None:
+        return None
+    return Pending(min(queued_s, req.sent_s), req.sent_s, max(1, req.item.prompt_tokens),
+                   max(1, req.item.max_tokens))
 
 
 def kv_bytes_fn(cfg: Config, pool: DevicePool) -> Callable[[ModelSpec, int], int]:

@@ -309,3 +309,32 @@ def test_a_shape_never_served_pays_the_fresh_engine_cost_others_paid_at_it(tmp_p
                                {("a", 1, 1, "cpu"): fits[("a", 1, 1, "cpu")]})
     # nobody served TP 2: a CPU engine's first requests at TP 2 cost what the profiles here paid
     assert alone(specs["a"], 2).load_time_s == pytest.approx(10.0 + DEFAULT_CPU_TP_COLD_S)
+
+
+async def test_a_refit_replays_the_requests_each_engine_has_in_flight(tmp_path: Path) -> None:
+    """Before a plan the executor refits with every engine's requests in flight: sent, not
+    answered, each to its output cap (`scheduler.served.Pending`)."""
+    cfg = make_cfg(tmp_path)
+    save_start_times(cfg.state_dir, {("a", 1, 1): 0.02, ("b", 1, 1): 0.02})
+    pool = DevicePool("cpu", (0, 1), int(cfg.devices.cpu_kvcache_gib * 2**30))
+    launcher = FakeLauncher(start_delay_s=0.02, step_s={"a": 0.001, "b": 0.01}, output_tokens=8)
+    ex = PoolExecutor(cfg, launcher, pool=pool, planner=Recorder())
+    seen: list[dict] = []
+    refit = ex.learned.calibrate
+
+    async def spy(pool, specs, pending):
+        seen.append({k: list(v) for k, v in pending.items()})
+        await refit(pool, specs, pending)
+
+    ex.learned.calibrate = spy  # type: ignore[method-assign]
+    await ex.start()
+    try:
+        ex.submit("b", items("a", 2) + items("b", 40, start=3), Sink())
+        await asyncio.wait_for(ex.wait("b"), 30)
+    finally:
+        await ex.close()
+    # the re-plan when `a` finished: b's engine had its requests in flight (1.5 x 4 seats)
+    flying = [v for s in seen for k, v in s.items() if k[0] == ("b", 1, 1, "cpu")]
+    assert flying and all(0 < len(v) <= 6 for v in flying)
+    assert all(p.max_tokens == 16 and p.prompt_tokens == 20 and p.queued_s <= p.sent_s
+               for v in flying for p in v)

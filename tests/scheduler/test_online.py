@@ -15,7 +15,7 @@ from scheduler.calibration import scale_latency
 from scheduler.latency import LatencyModel
 from scheduler.online import (ShapeFit, coefficients, fit_shape, refit, windows_from_dict,
                               windows_to_dict)
-from scheduler.served import Run, Served, ServedLog, ShapeWindow, busy_periods
+from scheduler.served import Pending, Run, Served, ServedLog, ShapeWindow, busy_periods
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.types import ModelSpec, SimRequest
 from scheduler.unserved import correction
@@ -183,6 +183,62 @@ def test_the_fit_recovers_an_engine_fed_as_the_executor_feeds_it(window: int) ->
     assert fit is not None and abs(fit.replay_errors()[1]) < 0.03
     assert fit.token_scale == pytest.approx(2.0, rel=0.1)
     assert fit.step_scale == pytest.approx(6.0, rel=0.1)
+
+
+@pytest.mark.parametrize("answered", [20, 40, 80])
+def test_requests_in_flight_are_replayed_beside_the_answers_they_shared_steps_with(
+        answered: int) -> None:
+    """A window taken mid-run, as the executor refits before a plan: the engine's last answers
+    shared their steps with requests still in flight (their prefill ran between two decode steps).
+    Replayed without them, a (3, 5) engine's first 40-80 answers read as (1.7, 14) here, and the
+    fairness bench's `medium` as 5x slower steps from its first wave; replayed beside them, to
+    their output caps (not their true lengths, unknown then), the scales are the engine's."""
+    true = scale_latency(BASE, 3.0, 5.0)
+    served = served_by(true, n=200, in_flight=24)
+    now = sorted(s.done_s for s in served)[answered - 1]
+    log = ServedLog()
+    for s in served:
+        if s.done_s <= now:
+            log.add(("small", 1, 1, "cpu"), 1, s)
+    flying = [Pending(s.queued_s, s.sent_s, s.prompt_tokens, 400) for s in served
+              if s.sent_s <= now < s.done_s]
+    assert len(flying) == 24
+    (w,) = log.snapshot({(("small", 1, 1, "cpu"), 1): flying}).values()
+    fit = fit_shape(BASE, "roofline", LIMITS, w)
+    assert fit is not None and fit.served >= answered  # (ties: answers of one step)
+    if answered >= 40:  # 20 answers, most of one wave, tell the two terms apart less well
+        assert fit.token_scale == pytest.approx(3.0, rel=0.02)
+        assert fit.step_scale == pytest.approx(5.0, rel=0.02)
+    # what a plan needs: the whole run as the planner simulates it (from 20 answers: 3 % short,
+    # where without the requests in flight it was 1.45x)
+    reqs = [SimRequest(i, s.prompt_tokens, s.output_tokens) for i, s in enumerate(served)]
+    predicted = simulate(reqs, LIMITS, scale_latency(BASE, fit.token_scale, fit.step_scale))
+    assert predicted.total_time_s == pytest.approx(simulate(reqs, LIMITS, true).total_time_s,
+                                                   rel=0.03)
+
+
+def test_requests_in_flight_go_with_their_engines_newest_run_and_are_never_stored() -> None:
+    log = ServedLog(window=100)
+    key = ("m", 1, 1, "cpu")
+    for i in range(3):
+        log.add(key, "old", Served(0, i, i + 1, 10, 4))
+        log.add(key, "new", Served(10, 10 + i, 11 + i, 10, 4))
+    flying = {(key, "new"): [Pending(10, 10.5, 10, 64), Pending(5, 9.0, 10, 64)],
+              (key, "gone"): [Pending(0, 0, 10, 64)], (("x", 1, 1, "cpu"), "new"): []}
+    old, new = log.snapshot(flying)[key].runs
+    # sent before the run's first request: not behind its start (a long request of a trimmed
+    # run's dropped middle), left out
+    assert old.pending == () and new.pending == (Pending(10, 10.5, 10, 64),)
+    (period,) = busy_periods(new)
+    assert len(period.requests) == 4 and period.pending == (1,)  # sent second: rid 1
+    assert period.measured == (1.0, 2.0, 3.0)  # its answer is never matched
+    assert all(r.pending == () for r in log.snapshot()[key].runs)
+    assert "pending" not in json.dumps(windows_to_dict(log.snapshot(flying), {}))
+    # a run interrupted (its in-flight requests aborted): what it sends next is a run of its own
+    log.interrupt(key, "new", 12.0)
+    log.add(key, "new", Served(13, 13, 14, 10, 4))
+    *_, cut, after = log.snapshot({(key, "new"): [Pending(13, 13.5, 10, 64)]})[key].runs
+    assert cut.pending == () and after.pending == (Pending(13, 13.5, 10, 64),)
 
 
 def test_refit_reuses_a_current_fit_and_redoes_a_stale_one() -> None:
