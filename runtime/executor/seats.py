@@ -32,11 +32,17 @@ left anywhere is what its completion waits for.
 
 When a small batch's request is sent to a slot where big batches have requests in flight, the
 slot aborts all of those, running or waiting in the engine (the running ones' tokens so far are
-what it costs), and re-queues them at the head of their batch (`dispatch.dispatch_loop`). Then, while small batches' requests are in flight there and for at
-most `HOLD_MAX_S`, it sends no big batch's request, unless a small batch still has requests
-queued and the fair queues' aging chose the big one over it anyway (so the hold never starves a
-big batch that the queues would serve). The bound is for a small batch of a few long answers,
-which would otherwise keep an engine of many seats on a handful of sequences.
+what it costs), and re-queues them at the head of their batch (`dispatch.dispatch_loop`).
+Then, while small batches' requests are in flight there, it sends no big batch's request, unless
+a small batch still has requests queued and the fair queues' aging chose the big one over it
+anyway (so the hold never starves a big batch that the queues would serve). The hold is bounded
+by what it leaves unused: `HOLD_MAX_S` seconds of all the engine's seats (the share the small
+batches leave empty, over time), and `HOLD_CAP_S` in all. That is for a small batch of a few
+long answers, which would otherwise keep an engine of many seats on a handful of sequences; a
+batch that fills most seats is held longer. A bound of 2 s of time ended the hold for
+a 20-request batch on a `medium` engine that had just started: the big batch's 48 requests were
+sent again, their prefill ran between the small batch's last decode steps, and it took 3.3 s
+against 0.8 s alone (`bench/fairness.py --mix`, 6 Dec 2026).
 
 Small batches never preempt each other: the priority each request carries is what its batch had
 left when it went, and compared across batches that drain quickly those made five 20-request
@@ -56,10 +62,14 @@ from runtime.executor.pool_state import Req
 # open, see the module docstring): 32 seats, a batch with up to 63 open preempts one with 128
 # or more open
 PREEMPT_GAP = 2
-# longest a slot keeps big batches' requests back for small ones after preempting them: several
-# times what a 20-request batch of short answers takes alone (0.1-0.3 s on the demo models), and
-# short against a big batch's run (the fairness bench's big batch: 45-50 s)
+# what a hold may leave unused of its engine, in seconds of all its seats: the seats the small
+# batches leave empty, integrated over the hold. Several times what a 20-request batch of short
+# answers takes alone (0.1-0.3 s on the demo models, 0.8 s on `medium`), short against a big
+# batch's run (the fairness bench's: 40-45 s). A 20-request batch on 32 seats is held up to
+# 5.3 s, one request of a long answer 2.1 s
 HOLD_MAX_S = 2.0
+# the longest hold, however full the small batches keep the seats
+HOLD_CAP_S = 10.0
 
 
 class InFlight(dict[Req, asyncio.Task]):
@@ -72,6 +82,10 @@ class InFlight(dict[Req, asyncio.Task]):
         self.seats = max(1, seats)
         # when the slot began holding its engine for small batches (None: it does not)
         self.held_since: float | None = None
+        # seat-seconds the hold left unused so far (in seconds of all seats), counted up to
+        # `_counted_at` (`hold_left`)
+        self._unused_s = 0.0
+        self._counted_at = 0.0
 
     def small(self) -> int:
         """The highest `priority` of a small batch (see the module docstring)."""
@@ -90,16 +104,26 @@ class InFlight(dict[Req, asyncio.Task]):
     def hold(self, now: float) -> None:
         """Start holding the engine for the small batches in flight (their requests preempted
         the big ones' at `now`, a monotonic time)."""
-        self.held_since = now
+        self.held_since = self._counted_at = now
+        self._unused_s = 0.0
 
     def hold_left(self, now: float) -> float | None:
-        """Seconds the hold has left at most (None: no hold)."""
+        """Seconds the hold has left at most (None: no hold): until its seats' unused time
+        reaches HOLD_MAX_S at the present share of them the small batches leave empty, or until
+        HOLD_CAP_S. The share since the last count is taken as the present one (the dispatch
+        loop counts at each answer; an answer between counts is charged early: the hold ends
+        sooner, never later)."""
         if self.held_since is None:
             return None
-        left = self.held_since + HOLD_MAX_S - now
         small = self.small()
-        if left <= 0 or not any(r.priority <= small for r in self):
-            self.held_since = None  # ended: timed out, or the small batches are done
+        empty = 1.0 - min(1.0, sum(r.priority <= small for r in self) / self.seats)
+        self._unused_s += max(0.0, now - self._counted_at) * empty
+        self._counted_at = max(self._counted_at, now)
+        left = self.held_since + HOLD_CAP_S - now
+        if empty > 0:
+            left = min(left, (HOLD_MAX_S - self._unused_s) / empty)
+        if left <= 0 or empty >= 1.0:
+            self.held_since = None  # ended: its bound, or the small batches are done
             return None
         return left
 

@@ -1,7 +1,8 @@
 """Which in-flight requests an engine runs (`runtime.executor.seats.InFlight`, vLLM's admission
 emulated), and the preemption that gives a small batch an engine a big batch saturates: the big
 batch's requests in flight there are re-queued and answered once, none of its requests is sent
-while the small batch runs (for at most `HOLD_MAX_S`), and `fifo` preempts nothing."""
+while the small batch runs (within what the hold leaves unused: `HOLD_MAX_S`), and `fifo` preempts
+nothing."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import dataclasses
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.pool_state import Req
 from runtime.executor.queues import ModelQueues
-from runtime.executor.seats import HOLD_MAX_S, PREEMPT_GAP, InFlight
+from runtime.executor.seats import HOLD_CAP_S, HOLD_MAX_S, PREEMPT_GAP, InFlight
 from runtime.executor_api import WorkItem
 from scheduler.types import DevicePool
 
@@ -64,11 +67,39 @@ def test_the_engine_is_held_for_the_small_batch_until_it_is_done_or_the_hold_end
     # fair queues' aging chose the big one over it, and the hold does not undo that
     del fl[small[0]]
     assert fl.holds("big", now, 10.6)
-    assert not fl.holds("big", now, 10.0 + HOLD_MAX_S + 0.01)  # a long small batch: bounded
+    # a long small batch: bounded by the seats it leaves unused (0.5 of them until 10.5, then
+    # 0.75 counted from 10.5: the one left alone)
+    end = 10.5 + (HOLD_MAX_S - 0.25) / 0.75
+    assert fl.holds("big", now, end - 0.01) and fl.hold_left(end - 0.01) == pytest.approx(0.01)
+    assert not fl.holds("big", now, end + 0.01)
     fl.hold(20.0)
     del fl[small[1]]
     assert not fl.holds("big", now, 20.1)  # the small batch is done
     assert fl.hold_left(20.1) is None
+
+
+def test_a_small_batch_that_fills_most_seats_is_held_longer_than_one_that_leaves_them_empty(
+        ) -> None:
+    """The hold is bounded by what it leaves unused: HOLD_MAX_S of all the seats. A bound of
+    HOLD_MAX_S in time ended the hold for a 20-request batch on a `medium` engine of 32 seats
+    that had just started: its last decode steps then ran beside the big batch's prefill (3.3 s
+    against 0.8 s alone, 6 Dec 2026)."""
+    fl = InFlight(32)
+    now = {"big": 6 + PREEMPT_GAP}
+    for r in [req("small", i, 5) for i in range(20)]:
+        fl[r] = None  # type: ignore[assignment]
+    fl.hold(0.0)
+    end = HOLD_MAX_S / (12 / 32)  # 12 of 32 seats empty: 5.3 s
+    assert fl.holds("big", now, HOLD_MAX_S + 1.0) and fl.holds("big", now, end - 0.01)
+    assert not fl.holds("big", now, end + 0.01)
+    # every seat taken by small batches: nothing unused, held up to HOLD_CAP_S
+    full = InFlight(4)
+    for r in [req("small", i, 2) for i in range(4)]:
+        full[r] = None  # type: ignore[assignment]
+    full.hold(0.0)
+    assert full.holds("big", {"big": 3 + PREEMPT_GAP}, HOLD_CAP_S - 0.01)
+    assert full.hold_left(HOLD_CAP_S - 1.0) == pytest.approx(1.0)
+    assert not full.holds("big", {"big": 3 + PREEMPT_GAP}, HOLD_CAP_S + 0.01)
 
 
 def test_small_batches_arriving_together_preempt_only_the_big_one() -> None:
