@@ -169,6 +169,36 @@ def engine_up(events: list[dict], model: str, at_wall: float) -> bool:
     return bool(up)
 
 
+def engine_cores(events: list[dict]) -> dict[str, set[int]]:
+    """Per model, the cores its engines ran on (every `engine_started`'s devices)."""
+    cores: dict[str, set[int]] = {}
+    for e in events:
+        if e["event"] == "engine_started":
+            cores.setdefault(e["model"], set()).update(e.get("devices", ()))
+    return cores
+
+
+def small_work(out: dict) -> float | None:
+    """The small batches' own work as a share of what the big batch's alone run had: the sum of
+    each one's time inside the gateway alone times its model's cores there, over all the cores
+    times the big batch's alone time. A gateway that gives the small batches their work and
+    keeps every core busy finishes the big batch about that much later than alone, unless the
+    alone run left cores idle (its engine starts, a tail on one core) for that work to fill: with
+    the small batches served, 1 + this is about the best the big batch's ratio can be then.
+    None when the alone runs did not say."""
+    alone = out["alone"]
+    inside, cores, total = alone.get("inside_s", {}), alone.get("cores"), alone.get("big_cores")
+    if not cores or not total:
+        return None
+    work = 0.0
+    for sb in out["smalls"]:
+        t, c = inside.get(sb["name"]), cores.get(sb["model"])
+        if t is None or c is None:
+            return None
+        work += t * c
+    return work / (total * alone["big_s"])
+
+
 def mix_scene(cfg: Path, root: Path, tag: str, big: list[dict], smalls: list[dict],
               rep: int = 1) -> dict:
     """The mix on one gateway; its log is `logs/gateway-mix-<tag>-r<rep>-samullm.log` (each
@@ -229,12 +259,14 @@ def mix_alone(cfg: Path, root: Path, big: list[dict], smalls: list[dict]) -> dic
             out["start_allowance_s"][model] = max(0.0, cold - out["small"][group[0]["name"]])
         events = mk.executor_events(log)
         out["inside_s"] = {name: inside_s(events, bid) for name, bid in ids.items()}
-    with mk.serving(cfg, root, "mix-big-alone", "samullm", api_key=KEYS[0]) as (client, _log):
+        out["cores"] = {m: len(c) for m, c in engine_cores(events).items()}
+    with mk.serving(cfg, root, "mix-big-alone", "samullm", api_key=KEYS[0]) as (client, log):
         cl = clients_of(client)
         b: dict = {}
         timed(cl[KEYS[0]], upload(cl[KEYS[0]], mk.write_jsonl(root / "mix-alone-big.jsonl", big)),
               big, "big alone", b)
         out["big_s"] = b["end"] - b["start"]
+        out["big_cores"] = len(set().union(*engine_cores(mk.executor_events(log)).values()))
     return out
 
 
@@ -256,6 +288,7 @@ def judged(out: dict) -> dict:
     big = {name: out[name]["big_s"] / out["alone"]["big_s"] for name in ("fair", "fifo")}
     return {"small": small, "small_met": sum(v["met"] for v in small.values()), "big": big,
             "pool": out["fair"]["makespan_s"] / out["fifo"]["makespan_s"],
+            "small_work": small_work(out),
             "met": all(v["met"] for v in small.values()) and big["fair"] <= BIG_LIMIT
             and out["fair"]["makespan_s"] <= POOL_LIMIT * out["fifo"]["makespan_s"]}
 
@@ -291,6 +324,9 @@ def mix_table(out: dict) -> list[str]:
                 f"{out['fifo']['makespan_s']:.1f} s ({verdict['pool']:.3f}×; target ≤ "
                 f"{POOL_LIMIT:.2f}×); engine-start allowance per model: "
                 + ", ".join(f"{m} {v:.1f} s" for m, v in allow.items()))
+    if verdict["small_work"] is not None:
+        rows.append(f"the small batches' own work: {verdict['small_work']:.1%} of the big "
+                    f"batch's alone run (its cores × its time; `small_work`)")
     return rows
 
 
@@ -299,24 +335,31 @@ def summary_table(repeats: list[dict]) -> list[str]:
     first answers (6 Dec 2026: the same code's big batch took 40 s, then 49 s, then 60 s), and
     its small batches' verdicts turn on tenths of a second, so one repeat decides little."""
     rows = ["| repeat | small batches met | big: fair vs alone (arrival order's) | "
-            "pool: fair vs arrival order | big alone s | every target | "
+            "pool: fair vs arrival order | big alone s | small batches' work | every target | "
             "probe s: fair / fifo / alone |",
-            "|---:|---:|---:|---:|---:|---|---|"]
+            "|---:|---:|---:|---:|---:|---:|---|---|"]
     verdicts = [judged(r) for r in repeats]
     for k, (r, v) in enumerate(zip(repeats, verdicts)):
         probes = " / ".join(f"{r[n]['probe_s']:.3f}" if "probe_s" in r[n] else "–"
                             for n in ("fair", "fifo", "alone"))
         rows.append(f"| {k + 1} | {v['small_met']} of {len(v['small'])} | "
                     f"{v['big']['fair']:.2f}× ({v['big']['fifo']:.2f}×) | {v['pool']:.3f}× | "
-                    f"{r['alone']['big_s']:.1f} | {'yes' if v['met'] else 'no'} | {probes} |")
+                    f"{r['alone']['big_s']:.1f} | {_share(v['small_work'])} | "
+                    f"{'yes' if v['met'] else 'no'} | {probes} |")
     med = statistics.median
+    works = [v["small_work"] for v in verdicts if v["small_work"] is not None]
     rows.append(f"| median | {med(v['small_met'] for v in verdicts):g} of "
                 f"{len(verdicts[0]['small'])} | {med(v['big']['fair'] for v in verdicts):.2f}× "
                 f"({med(v['big']['fifo'] for v in verdicts):.2f}×) | "
                 f"{med(v['pool'] for v in verdicts):.3f}× | "
                 f"{med(r['alone']['big_s'] for r in repeats):.1f} | "
+                f"{_share(med(works) if works else None)} | "
                 f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} | – |")
     return rows
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"+{x:.1%}"
 
 
 def run_mix(args: argparse.Namespace, root: Path, fair_cfg: Path, fifo_cfg: Path,

@@ -1,8 +1,9 @@
-"""The fairness bench's judgement of whether a small batch found its model's engine serving."""
+"""The fairness bench's judgement: whether a small batch found its model's engine serving, each
+repeat's verdicts, and the small batches' own work against the big batch's alone run."""
 
 from __future__ import annotations
 
-from bench.fairness import engine_up, judged, summary_table
+from bench.fairness import engine_cores, engine_up, judged, small_work, summary_table
 
 
 def _e(t: float, event: str, slot: int = 2, model: str = "small") -> dict:
@@ -33,7 +34,8 @@ def _repeat(big_fair: float, big_alone: float, s0_inside: float, s1_s: float) ->
                                "s1": {"s": 30.0, "inside_s": 29.0, "model_up": False}}},
             "alone": {"big_s": big_alone, "small": {"s0": 1.0, "s1": 0.5},
                       "inside_s": {"s0": 0.8, "s1": 0.4}, "start_allowance_s": {
-                          "medium": 5.0, "small": 4.0}}}
+                          "medium": 5.0, "small": 4.0},
+                      "cores": {"medium": 2, "small": 1}, "big_cores": 2}}
 
 
 def test_a_repeat_is_judged_per_small_batch_and_against_the_big_and_pool_limits() -> None:
@@ -50,6 +52,23 @@ def test_the_summary_gives_each_repeat_and_the_medians() -> None:
     reps = [_repeat(41.0, 40.0, 1.6, 4.9), _repeat(42.5, 40.0, 1.7, 5.1),
             _repeat(40.0, 40.0, 1.5, 4.0)]
     rows = summary_table(reps)
-    assert rows[2] == "| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | yes | – / – / – |"
-    assert rows[3].startswith("| 2 | 0 of 2 | 1.06× (1.00×) | 1.062× | 40.0 | no |")
-    assert rows[-1] == "| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | 2 of 3 | – |"
+    assert rows[2] == "| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | yes | – / – / – |"
+    assert rows[3].startswith("| 2 | 0 of 2 | 1.06× (1.00×) | 1.062× | 40.0 | +2.5% | no |")
+    assert rows[-1] == "| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | 2 of 3 | – |"
+
+
+def test_the_small_batches_work_is_their_alone_time_on_their_cores_over_the_big_batchs_run() -> None:
+    """s0 alone: 0.8 s inside on medium's two cores, s1 0.4 s on small's one: 2.0 core-seconds
+    against the big batch's 40 s on two cores, 2.5 %: a gateway that gives them that work finishes
+    the big batch about 2.5 % later unless its alone run left a core idle."""
+    rep = _repeat(41.0, 40.0, 1.6, 4.9)
+    assert small_work(rep) == (0.8 * 2 + 0.4 * 1) / (2 * 40.0)
+    assert judged(rep)["small_work"] == small_work(rep)
+    del rep["alone"]["cores"]  # a run from before the cores were recorded
+    assert small_work(rep) is None
+    events = [{"t": 1, "event": "engine_started", "model": "medium", "devices": [0]},
+              {"t": 2, "event": "engine_started", "model": "medium", "devices": [1]},
+              {"t": 3, "event": "engine_started", "model": "medium", "devices": [0]},
+              {"t": 4, "event": "engine_sleep", "model": "small", "devices": [1]},
+              {"t": 5, "event": "engine_started", "model": "small", "devices": [1]}]
+    assert engine_cores(events) == {"medium": {0, 1}, "small": {1}}
