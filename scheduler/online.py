@@ -21,7 +21,12 @@ measured answer of a period is matched with its k-th replayed finish (the progre
 of equal work may come in any order), least squares in seconds relative to the period's length,
 each period weighted by its share of the time, within SCALE_BOUNDS, with weak pulls toward
 token_scale = step_scale (what requests of one shape cannot tell apart moves both alike) and
-toward 1. When requests arrive while the engine runs, the schedule depends on the scales: the fit
+toward 1. Over a profile the first pull is stronger (PROFILE_EQUAL_WEIGHT): the profile measured
+the split at many batch sizes, while a batch of like requests, its waves and their sub-waves, told
+it apart only by what the replay does not model; a 1e-4 pull let those push `medium`'s fits to
+0.5x per token and 3.5x per step from its first 64-160 answers, and the rest of its run came out
+13 % long (median over 23 runs; 6 % with the stronger pull). When requests arrive while the engine
+runs, the schedule depends on the scales: the fit
 is replayed again under the new ones (at most FIT_ROUNDS); when every request was queued from the
 start (a batch's requests wait for its engine to start) the first round is exact.
 
@@ -72,6 +77,9 @@ MIN_SERVED = 8  # answers matched before a shape's fit is used
 FIT_ROUNDS = 4
 SCALE_BOUNDS = (0.02, 50.0)  # against a roofline, not a profile: wider than the profiler's
 EQUAL_WEIGHT = 1e-4  # pull toward token_scale = step_scale (relative to all the data's weight 1)
+# the same over a profile, which measured the per-token/per-step split at many batch sizes on this
+# machine: what like requests cannot tell apart stays as the profile has it (`fit_shape`)
+PROFILE_EQUAL_WEIGHT = 3e-2
 PRIOR = 1e-6  # pull of the scales toward 1: only to keep the problem well posed
 COLD_GAIN = 0.25  # fresh engines are taken to pay a start cost when that fits 4x better
 NEW_SHAPE_MAX_S = 2.0  # bound on a fresh engine's one-off cost per token count (measured ~0.09 s)
@@ -204,16 +212,17 @@ def fit_shape(base: LatencyModel, kind: str, limits: EngineLimits, window: Shape
         return None
     # the plain hypothesis first, then a fresh engine's one-off costs, each kept only when it
     # fits COLD_GAIN times better: a flexible model would absorb any mismatch of the replay
-    fit = _rounds(base, limits, periods, fresh_runs, set(), False)
+    eq = PROFILE_EQUAL_WEIGHT if kind.startswith("profile") else EQUAL_WEIGHT
+    fit = _rounds(base, limits, periods, fresh_runs, set(), False, equal=eq)
     if fit is None:
         return None
-    shaped = _rounds(base, limits, periods, fresh_runs, set(), True, fit.scales)
+    shaped = _rounds(base, limits, periods, fresh_runs, set(), True, fit.scales, equal=eq)
     if shaped is not None and shaped.scales[2] > 0 and shaped.cost < COLD_GAIN * fit.cost:
         fit = dataclasses.replace(shaped, before=fit.before)
     first_s = 0.0
     if fit.firsts:  # fresh engines answer late once, then run as warm ones
         cold = _rounds(base, limits, periods, fresh_runs, set(fit.firsts), fit.scales[2] > 0,
-                       fit.scales)
+                       fit.scales, equal=eq)
         if cold is not None and cold.firsts:
             late = [x for x, _ in cold.firsts.values()]
             c = max(0.0, sum(late) / len(late))
@@ -243,7 +252,8 @@ class _Fit:
 
 def _rounds(base: LatencyModel, limits: EngineLimits, periods: Sequence[tuple[int, Period]],
             fresh_runs: set[int], cold: set[int], shapes: bool,
-            scales: tuple[float, float, float] = (1.0, 1.0, 0.0)) -> _Fit | None:
+            scales: tuple[float, float, float] = (1.0, 1.0, 0.0), equal: float = EQUAL_WEIGHT
+            ) -> _Fit | None:
     """Replay and solve until the scales settle; `cold` periods are matched from their first
     answer on; with `shapes`, the engines of `fresh_runs` (run indices) pay for every token count
     new to them (new_shape_s, else 0)."""
@@ -287,7 +297,7 @@ def _rounds(base: LatencyModel, limits: EngineLimits, periods: Sequence[tuple[in
         total = sum(span for _, _, span in blocks)
         weights = [math.sqrt(span / total) / (span * math.sqrt(max(1, len(y))))
                    for _, y, span in blocks]
-        (na, nb, nsh), cost = _solve(blocks, weights, shapes)
+        (na, nb, nsh), cost = _solve(blocks, weights, shapes, equal)
         done = (abs(na / a - 1) < 1e-3 and abs(nb / b - 1) < 1e-3
                 and abs(nsh - sh) <= 1e-3 * max(sh, 1e-3))
         a, b, sh = na, nb, nsh
@@ -299,14 +309,14 @@ def _rounds(base: LatencyModel, limits: EngineLimits, periods: Sequence[tuple[in
 
 
 def _solve(blocks: Sequence[tuple[np.ndarray, np.ndarray, float]], weights: Sequence[float],
-           shapes: bool) -> tuple[tuple[float, float, float], float]:
+           shapes: bool, equal: float = EQUAL_WEIGHT) -> tuple[tuple[float, float, float], float]:
     """((token_scale, step_scale, new_shape_s), cost) for rows (P, D, N) -> seconds, each period's
     rows weighted (`weights`: its share of the time over its length: relative errors), with the
     weak pulls; without `shapes` the N column is left out (new_shape_s = 0)."""
     k = 3 if shapes else 2
     rows = [x[:, :k] * w for (x, _, _), w in zip(blocks, weights)]
     rhs = [y * w for (_, y, _), w in zip(blocks, weights)]
-    q, e = PRIOR, EQUAL_WEIGHT
+    q, e = PRIOR, equal
     rows.append(np.array([[q, 0.0, 0.0], [0.0, q, 0.0], [e, -e, 0.0], [0.0, 0.0, q]])[:, :k])
     rhs.append(np.array([q, q, 0.0, 0.0]))
     lo, hi = SCALE_BOUNDS

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from scheduler.calibration import scale_latency
 from scheduler.latency import LatencyModel
 from scheduler.online import (ShapeFit, coefficients, fit_shape, refit, windows_from_dict,
                               windows_to_dict)
-from scheduler.served import Pending, Run, Served, ServedLog, ShapeWindow, busy_periods
+from scheduler.served import (Pending, Run, Served, ServedLog, ShapeWindow, busy_periods,
+                              run_from_dict)
 from scheduler.simulator import EngineLimits, kv_blocks, simulate
 from scheduler.types import ModelSpec, SimRequest
 from scheduler.unserved import correction
@@ -239,6 +241,31 @@ def test_requests_in_flight_go_with_their_engines_newest_run_and_are_never_store
     log.add(key, "new", Served(13, 13, 14, 10, 4))
     *_, cut, after = log.snapshot({(key, "new"): [Pending(13, 13.5, 10, 64)]})[key].runs
     assert cut.pending == () and after.pending == (Pending(13, 13.5, 10, 64),)
+
+
+@pytest.mark.parametrize("at_s", [10.0, 15.0])
+def test_like_requests_keep_the_profiles_split_and_predict_the_rest_of_the_run(at_s: float
+                                                                                ) -> None:
+    """A real `medium` engine's run (`medium_run.json`: 300 like requests, 40 tokens in and 32 out,
+    in waves of 32 and their sub-waves), fitted over its profile from the answers of its first
+    10 or 15 s and the requests then in flight: the rest of the run is predicted within 5 %. With
+    the weak pull toward equal scales a roofline gets, the fit went to 0.46x per token and 2.7x
+    per step and the rest came out 10 % long (13 % in the median of 23 such runs)."""
+    fixture = json.loads((Path(__file__).parent / "medium_run.json").read_text())
+    base, limits = LatencyModel(*fixture["base"]), EngineLimits(**fixture["limits"])
+    run = run_from_dict(fixture["run"])
+    (whole,) = busy_periods(run)
+    answered = tuple(s for s in run.served if s.done_s <= at_s)
+    flying = tuple(Pending(s.queued_s, s.sent_s, s.prompt_tokens, 32) for s in run.served
+                   if s.sent_s <= at_s < s.done_s)
+    fit = fit_shape(base, "profile", limits,
+                    ShapeWindow((Run(answered, pending=flying),), len(answered)))
+    assert fit is not None and 0.5 < fit.token_scale / fit.step_scale < 2.0
+    replay = sorted(simulate(whole.requests, limits, scale_latency(
+        base, fit.token_scale, fit.step_scale)).finish_times_s.values())
+    k = len(answered) - 1
+    rest = (replay[-1] - replay[k]) / (whole.measured[-1] - whole.measured[k])
+    assert rest == pytest.approx(1.0, abs=0.05)
 
 
 def test_refit_reuses_a_current_fit_and_redoes_a_stale_one() -> None:
