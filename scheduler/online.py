@@ -25,9 +25,9 @@ toward 1. Over a profile the first pull is stronger (PROFILE_EQUAL_WEIGHT): the 
 the split at many batch sizes, while a batch of like requests, its waves and their sub-waves, told
 it apart only by what the replay does not model; a 1e-4 pull let those push `medium`'s fits to
 0.5x per token and 3.5x per step from its first 64-160 answers, and the rest of its run came out
-13 % long (median over 23 runs; 6 % with the stronger pull). When requests arrive while the engine
-runs, the schedule depends on the scales: the fit
-is replayed again under the new ones (at most FIT_ROUNDS); when every request was queued from the
+13-14 % long (median over 26 runs; 6 % with the stronger pull: `bench/early_fit.py`). When
+requests arrive while the engine runs, the schedule depends on the scales: the fit is replayed
+again under the new ones (at most FIT_ROUNDS); when every request was queued from the
 start (a batch's requests wait for its engine to start) the first round is exact.
 
 A fresh engine pays one-off costs, then runs as a warm one (`scheduler.calibration`: a CPU engine
@@ -43,7 +43,7 @@ the answers, to their output caps, and never matched: the last answers shared th
 them (a wave's prefill ran between two decode steps), and a replay without them read those
 answers' lateness as per-step cost: `medium`'s first wave read as 0.02x per token and 5.5x per
 step, and over 17 runs the rest of its run came out 0.39-1.47x (median 1.19x) of what it took;
-0.95-1.22x (1.06x) with them (6 Dec 2026).
+0.95-1.22x (1.06x) with them (6 Dec 2026; `bench/early_fit.py`).
 
 A run whose middle was dropped from the window (`scheduler.served`) is replayed as two: its start,
 matched up to the first dropped request's send, and its newest requests, whose first ones queued
