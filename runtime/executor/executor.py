@@ -66,8 +66,8 @@ from runtime.executor.planning import (batch_completion, describe_schedule, desc
                                        pending_record, running_plans, served_record)
 from runtime.executor.slots import EngineSlots, settle
 from scheduler.planner import PlanningProblem, plan
-from scheduler.types import DevicePool, Schedule
 from scheduler.served import Pending, ShapeKey
+from scheduler.types import DevicePool, Schedule
 from scheduler.unserved import shape_name
 
 log = logging.getLogger(__name__)

@@ -322,3 +322,57 @@ async def test_a_small_batch_a_guest_serves_is_left_out_of_the_plan(launcher, tm
         await asyncio.wait_for(ex.wait("big"), 30)
     finally:
         await ex.close()
+
+
+async def test_an_engine_a_stage_replaces_is_not_woken_as_a_guest_for_its_own_models_work(
+        tmp_path, monkeypatch) -> None:
+    """A stage that moves model a from one core to an engine on both puts a's engine to sleep
+    first; the batch it served, down to fewer requests than twice the seats, counts as small. It
+    must not wake that engine as a guest beside the new one: on the cores the new engine starts
+    on, it served the batch's last 63 requests while the new engine sat idle (`bench/fresh.py`,
+    6 Dec 2026: 21.5 s for them, the batch 34.3 s against 21 s predicted)."""
+    from runtime.executor.dispatch import SlotState
+    from runtime.executor.pool_state import Req
+    from runtime.executor.queues import ModelQueues
+    from runtime.executor.slots import EngineSlots
+    from scheduler.types import DevicePool, ExecPlan, Stage
+    from .fakes import FakeEngine, FakeLauncher
+
+    class Owner:
+        clock = ManualClock()
+        queues = ModelQueues("fair")
+        events: list[str] = []
+
+        def push(self, req, front=False):
+            self.queues.push(req, front)
+
+        def emit(self, kind, **data):
+            self.events.append(kind)
+
+        def batch_open(self, batch_id):
+            return 1
+
+        def requests_aborted(self, slot, reqs):
+            pass
+
+    cfg = cfg_with(tmp_path)
+    owner = Owner()
+    slots = EngineSlots(cfg, owner=owner, state_dir=tmp_path)  # type: ignore[arg-type]
+    slots.pool = DevicePool("cpu", (0, 1), 2**30)
+    slot = _slot(cfg, 1, "a", (0,), SlotState.RUNNING)
+    slot.engine = FakeEngine(slot.spec, FakeLauncher(freezable=True), 7)
+    slots.all = [slot]
+    started = []
+    monkeypatch.setattr(slots, "start", started.append)
+    owner.queues.push(Req("tail", items("a", 1, prefix="t")[0]))  # small by now
+    stage = Stage([ExecPlan("a", 1, 1, (0, 1), threads=2)], 0.0, 10.0)
+    await slots.apply(stage, {"a"}, 0.0)
+    await asyncio.sleep(0)
+    assert started == [("a", 1, (0, 1))]
+    assert slot.state is SlotState.SLEEPING and slot.engine.frozen
+    assert "engine_guest" not in owner.events, owner.events
+    # a stage without a: a small batch of a wakes it as a guest again
+    monkeypatch.setattr(slots.guests, "_serve_guest", lambda s: asyncio.sleep(0))
+    await slots.apply(None, {"a"}, 0.0)
+    slots.guests.visit("a")
+    assert owner.events[-1] == "engine_guest" and slot.state is SlotState.GUEST
