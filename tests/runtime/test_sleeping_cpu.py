@@ -206,6 +206,46 @@ def test_a_guest_serves_where_no_small_batch_is_and_the_plan_has_most_slack(tmp_
     assert slots.guests.cores(wide) == (0, 1)  # a rank on several cores stays on its own
 
 
+class _SlotsOwner:
+    """What `EngineSlots` asks of its executor, for tests of the slots alone."""
+
+    def __init__(self) -> None:
+        from runtime.executor.queues import ModelQueues
+        self.clock = ManualClock()
+        self.queues = ModelQueues("fair")
+        self.events: list[str] = []
+
+    def push(self, req, front=False):
+        self.queues.push(req, front)
+
+    def emit(self, kind, **data):
+        self.events.append(kind)
+
+    def batch_open(self, batch_id):
+        return 1
+
+    def requests_aborted(self, slot, reqs):
+        pass
+
+
+def _one_running_engine(tmp_path: Path) -> tuple:
+    """Slots on two cores with one engine of model a running on core 0, freezable; returns
+    (owner, slots, its slot)."""
+    from runtime.executor.dispatch import SlotState
+    from runtime.executor.slots import EngineSlots
+    from scheduler.types import DevicePool
+    from .fakes import FakeEngine, FakeLauncher
+
+    cfg = cfg_with(tmp_path)
+    owner = _SlotsOwner()
+    slots = EngineSlots(cfg, owner=owner, state_dir=tmp_path)  # type: ignore[arg-type]
+    slots.pool = DevicePool("cpu", (0, 1), 2**30)
+    slot = _slot(cfg, 1, "a", (0,), SlotState.RUNNING)
+    slot.engine = FakeEngine(slot.spec, FakeLauncher(freezable=True), 7)
+    slots.all = [slot]
+    return owner, slots, slot
+
+
 async def test_an_engine_being_put_to_sleep_is_woken_as_a_guest_only_once_frozen(
         tmp_path, monkeypatch) -> None:
     """Its sleep awaits the engine's memory reading with the slot already SLEEPING: a small batch
@@ -215,35 +255,8 @@ async def test_an_engine_being_put_to_sleep_is_woken_as_a_guest_only_once_frozen
     queued later would wake it (the fairness bench's s5 waited 14.9 s so, 5 Dec 23:05)."""
     from runtime.executor.dispatch import SlotState
     from runtime.executor.pool_state import Req
-    from runtime.executor.queues import ModelQueues
-    from runtime.executor.slots import EngineSlots
-    from scheduler.types import DevicePool
-    from .fakes import FakeEngine, FakeLauncher
 
-    class Owner:
-        clock = ManualClock()
-        queues = ModelQueues("fair")
-        events: list[str] = []
-
-        def push(self, req, front=False):
-            self.queues.push(req, front)
-
-        def emit(self, kind, **data):
-            self.events.append(kind)
-
-        def batch_open(self, batch_id):
-            return 1
-
-        def requests_aborted(self, slot, reqs):
-            pass
-
-    cfg = cfg_with(tmp_path)
-    owner = Owner()
-    slots = EngineSlots(cfg, owner=owner, state_dir=tmp_path)  # type: ignore[arg-type]
-    slots.pool = DevicePool("cpu", (0, 1), 2**30)
-    slot = _slot(cfg, 1, "a", (0,), SlotState.RUNNING)
-    slot.engine = FakeEngine(slot.spec, FakeLauncher(freezable=True), 7)
-    slots.all = [slot]
+    owner, slots, slot = _one_running_engine(tmp_path)
     served = []
 
     async def serve(slot):  # the guest's dispatch loop needs the whole executor: not here
@@ -333,35 +346,9 @@ async def test_an_engine_a_stage_replaces_is_not_woken_as_a_guest_for_its_own_mo
     6 Dec 2026: 21.5 s for them, the batch 34.3 s against 21 s predicted)."""
     from runtime.executor.dispatch import SlotState
     from runtime.executor.pool_state import Req
-    from runtime.executor.queues import ModelQueues
-    from runtime.executor.slots import EngineSlots
-    from scheduler.types import DevicePool, ExecPlan, Stage
-    from .fakes import FakeEngine, FakeLauncher
+    from scheduler.types import ExecPlan, Stage
 
-    class Owner:
-        clock = ManualClock()
-        queues = ModelQueues("fair")
-        events: list[str] = []
-
-        def push(self, req, front=False):
-            self.queues.push(req, front)
-
-        def emit(self, kind, **data):
-            self.events.append(kind)
-
-        def batch_open(self, batch_id):
-            return 1
-
-        def requests_aborted(self, slot, reqs):
-            pass
-
-    cfg = cfg_with(tmp_path)
-    owner = Owner()
-    slots = EngineSlots(cfg, owner=owner, state_dir=tmp_path)  # type: ignore[arg-type]
-    slots.pool = DevicePool("cpu", (0, 1), 2**30)
-    slot = _slot(cfg, 1, "a", (0,), SlotState.RUNNING)
-    slot.engine = FakeEngine(slot.spec, FakeLauncher(freezable=True), 7)
-    slots.all = [slot]
+    owner, slots, slot = _one_running_engine(tmp_path)
     started = []
     monkeypatch.setattr(slots, "start", started.append)
     owner.queues.push(Req("tail", items("a", 1, prefix="t")[0]))  # small by now
