@@ -33,6 +33,9 @@ class Guests:
 
     def __init__(self, slots: "EngineSlots") -> None:
         self.slots = slots
+        # the models of the stage being carried out (set as `EngineSlots.apply` begins): never a
+        # guest's (`visit`)
+        self.planned: set[str] = set()
 
     def visit(self, model: str) -> None:
         """A request of `model` was queued: when no engine of `model` is in the plan or a guest
@@ -42,7 +45,7 @@ class Guests:
         if not queues.fair or any(s.model == model and (s.state.active or s.state is SlotState.GUEST)
                                   for s in self.slots.all):
             return
-        if model in self.slots.planned:
+        if model in self.planned:
             # the stage being applied runs `model` on an engine it has yet to start or wake: the
             # one it put to sleep for that, woken as a guest on the cores the new one starts on,
             # served the same batch's last 63 requests beside it (`bench/fresh.py`, 6 Dec 2026:

@@ -86,9 +86,6 @@ class EngineSlots:
         self.guests = Guests(self)
         # model -> when the stage applied last predicted it done (executor clock; `Guests.cores`)
         self.finish_at: dict[str, float] = {}
-        # the models the stage being carried out runs (set as `apply` begins): a guest never
-        # serves one of them (`guests.Guests.visit`)
-        self.planned: set[str] = set()
 
     def __iter__(self):
         return iter(list(self.all))
@@ -213,7 +210,7 @@ class EngineSlots:
         and it has been idle less than `[devices] engine_linger_s` (on the executor's clock `now`):
         the next batch of its model then starts nothing."""
         desired = stage_replicas(stage) if stage is not None else {}
-        self.planned = {k[0] for k in desired}
+        self.guests.planned = {k[0] for k in desired}
         self.finish_at = {m: now + t for m, t in stage.predicted_finish_s.items()} if stage else {}
         keep = {s.key: s for s in self.all if s.state.active and s.key in desired}
         for s in self.all:
