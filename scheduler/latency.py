@@ -177,13 +177,14 @@ class Profile:
 # cost are divided: (compute: the GEMMs c1 and prefill attention c2; memory: the decode KV reads c3
 # and the weight-reading share of c0; fixed: the rest of c0 and the per-sequence c4). Fitted
 # (`bench/derive_cpu_roofline.py`) to the 2-thread profiles of the demo models (tiny-a, small,
-# medium; `samullm profile --quick` with the served calibration, 4 Dec 2026, 2-core development
-# machine) against their 1-thread ones: compute 1.80x and memory 1.57x faster on two cores, fixed
-# costs 1.51x slower (the API server and engine-core processes then share those cores). So medium
-# (weights and GEMMs dominate) steps ~1.5x faster and tiny-a's ~1.2x slower, as profiled; the
-# earlier assumption (every compute term 2 ** 0.25 = 1.19x faster, from `small` alone) priced
-# medium's 2-thread engine 43 % too slow, and a fresh gateway put it at TP 2 instead.
-CPU_THREADS_EXPONENTS = (0.85, 0.65, -0.59)
+# medium; `samullm profile --quick` with the served calibration, 5 Dec 2026, this 2-core machine,
+# beside the CPU roofline of that day below) against their 1-thread ones: compute 1.62x faster on
+# two cores, memory reads no faster (0.99x), fixed costs 1.08x slower (the API server and
+# engine-core processes then share those cores); the 2-thread profiles' grid steps are met within
+# a median 0.88-1.10x. The exponents of 4 Dec (0.85, 0.65, -0.59), fitted before the engines'
+# set-up of 5 Dec, priced them 0.81-1.17x. Before those, every compute term was assumed 2 ** 0.25
+# = 1.19x faster (from `small` alone): medium's 2-thread engine priced 43 % too slow.
+CPU_THREADS_EXPONENTS = (0.70, -0.02, -0.11)
 
 
 def assumed_threads_latency(lat: LatencyModel, spec: ModelSpec, tp: int,
@@ -212,13 +213,17 @@ def weight_read_share(spec: ModelSpec, tp: int) -> float:
 #  per-sequence overhead s, all-reduce cost per layer and step at TP > 1 s).
 # CPU: fitted (`bench/derive_cpu_roofline.py`) to the profiles of the demo models (tiny-a, small,
 # medium at TP 1 and 2, one core per rank; `samullm profile --quick` with the served calibration)
-# on the 2-core development machine, 4 Dec 2026: 146 GFLOP/s, 9.3 GB/s, 2.0 ms per step, 92 us
-# per layer's all-reduces at TP 2; the profiles' step times on a grid of decode and prefill steps
-# are met within a median 0.95-1.07x (the earlier guesses, 20 GFLOP/s and 4 ms per step,
-# predicted 1.7-2.3x too slow: a fresh gateway's first plan was twice the measured makespan).
+# on this 2-core machine, 5 Dec 2026 (21:46-22:03), as engines have run since 5 Dec (one-core
+# ranks forked from the spare, every process on its planned cores): 65 GFLOP/s, 13 GB/s, 4.0 ms
+# per step, 111 us per sequence, 2.1 ms per layer's all-reduces at TP 2; the profiles' step times
+# on a grid of decode and prefill steps are met within a median 0.95-1.07x. The constants fitted on
+# 4 Dec, before that engine set-up (146 GFLOP/s, 9.3 GB/s, 2.0 ms, 40 us, 92 us), priced these
+# profiles' steps 0.54-0.83x at TP 1 and 0.22-0.31x at TP 2: a fresh gateway's first batch came
+# out 26 % longer than predicted (`bench.fresh`, 6 Dec 05:00). The earlier guesses (20 GFLOP/s,
+# 4 ms per step) predicted 1.7-2.3x too slow.
 # GPUs: dense fp16 peak × ~50% achieved, published HBM bandwidth.
-CPU_FLOPS, CPU_BW, CPU_FIXED_S = 1.46e11, 9.28e9, 2.03e-3
-CPU_PER_SEQ_S, CPU_ALLREDUCE_S = 4.03e-5, 9.15e-5
+CPU_FLOPS, CPU_BW, CPU_FIXED_S = 6.479e10, 1.305e10, 3.995e-3
+CPU_PER_SEQ_S, CPU_ALLREDUCE_S = 1.115e-4, 2.080e-3
 DEVICE_ROOFLINE: dict[str, tuple[float, float, float, float, float]] = {
     "cpu": (CPU_FLOPS, CPU_BW, CPU_FIXED_S, CPU_PER_SEQ_S, CPU_ALLREDUCE_S),
     "a100": (312e12 * 0.5, 2.039e12, 4e-3, 2e-5, 2e-5),
