@@ -27,10 +27,14 @@ from scheduler.unserved import Correction, correction
 # an engine start on CPU before any was measured: one from a ready spare process (the planner adds
 # the import for a start that finds none, `scheduler.spares`). With one core per rank its engine
 # core and workers are forked, not spawned (`runtime.engines.api_server`): the demo models' starts
-# in a spare took 3.5-4.0 s at TP 1 and TP 2 on the 2-core development machine; a rank on several
-# cores still spawns them, and those took 16.1-16.6 s (5 Dec 2026, `bench.makespan`'s
-# `refresh_start_times`, quiet machine)
-DEFAULT_CPU_LOAD_S = 3.7
+# in a spare at TP 1, as the planner stores them (`alone_start_s`: with the contention of starts
+# beside them taken out), took a median 4.6 s on this 2-core machine (4.5-4.7 s per model; 53 starts
+# in the fairness and fresh benches' runs of 6 Dec 2026), 3.5-4.0 s on 5 Dec. At 3.7 s, the first
+# plan of `bench.fresh`'s sequential strategy (three stages, each starting its engines) was
+# predicted 21-25 % short, and 4.6 s shorter than the same plan priced with the profiles and the
+# starts measured. A rank on several cores still spawns them, and those took 16.1-16.6 s (5 Dec
+# 2026, `bench.makespan`'s `refresh_start_times`, quiet machine)
+DEFAULT_CPU_LOAD_S = 4.6
 DEFAULT_CPU_SPAWN_LOAD_S = 14.5
 # an engine stop (SIGTERM to its process group until it is gone) before any was measured: the demo
 # models' stops took 0.5-1.4 s on the 2-core development machine (4 Dec 2026, `bench/fresh.py`
