@@ -1,14 +1,14 @@
 """`PoolExecutor`: runs pooled batches on vLLM engines and re-plans at every real event.
 
 One control task owns every engine start and stop. Events (a batch submitted, a model's queue
-drained, an engine died or failed to start, a cancel) are coalesced into *passes*; each pass builds
-a planning problem from the observed state (`runtime.executor.planning`), calls the planner and
-applies only the FIRST stage of the returned schedule: engines whose (model, tp, devices) are
-unchanged keep running, the others are stopped (their in-flight requests go back to the queue and
-are re-run from scratch), the new ones start concurrently (`runtime.executor.slots`). Later stages
-are re-decided at the next event, with what has been learned since. Pools: batches of one strategy
-are planned together; batches of another strategy wait for the pool ahead of them (FIFO by
-submission, `runtime.executor.pool_state`).
+drained, an engine died or failed to start, a cancel) are coalesced into *passes*, arrivals paced
+(`runtime.executor.passes`); each pass builds a planning problem from the observed state
+(`runtime.executor.planning`), calls the planner and applies only the FIRST stage of the returned
+schedule: engines whose (model, tp, devices) are unchanged keep running, the others are stopped
+(their in-flight requests go back to the queue and are re-run from scratch), the new ones start
+concurrently (`runtime.executor.slots`). Later stages are re-decided at the next event, with what
+has been learned since. Pools: batches of one strategy are planned together; batches of another
+strategy wait for the pool ahead of them (FIFO by submission, `runtime.executor.pool_state`).
 
 Each engine replica pulls from its model's shared queue (`runtime.executor.dispatch`). A request is
 done once its batch's sink returned; its output length then updates the `LengthModel`. Every answer
@@ -17,11 +17,8 @@ tokens): before each plan the latency model is refitted to them, and all that is
 engine starts, calibration) is saved under the state dir at each pass and survives restarts
 (`runtime.executor.learned`).
 
-Storage: a request counts only once its outcome is durable (the sink returned). While the sink
-raises (a full disk under the journal), its outcome is kept and retried with backoff, and dispatch
-pauses for every batch (they share the state dir): engines finish what they hold, nothing new is sent,
-and the batch resumes when an append succeeds again. A cancel or a shutdown stops the retries: the
-cancelled batch reports such requests as cancelled; after a shutdown they re-run on the next start.
+Storage: a request counts only once its outcome is durable (the sink returned); while the sink
+raises, outcomes are retried and dispatch pauses (`runtime.executor.outcome_store`).
 
 Failures: an engine that dies has its in-flight requests re-queued (each at most
 `limits.max_retries` times, then an `engine_failed` error outcome) and the pass restarts one; an engine
@@ -34,8 +31,9 @@ reasons, predicted makespan and its lower bound, engine start/started/stop/faile
 `events(batch_id)` and logged.
 
 Long: the executor's control loop and every event it reacts to (submit, cancel, engine
-started/failed/died, storage stalls) in one place, so their ordering can be read together; slots,
-dispatch, request state and planning live in their own modules.
+started/failed/died, node changes, outcomes delivered, dependents released) in one place, so their
+ordering can be read together; slots, dispatch, request state, planning, the pacing of passes and
+the storing of outcomes live in their own modules.
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
-from runtime.clock import SYSTEM, Clock, wait_event, wait_events
+from runtime.clock import SYSTEM, Clock
 from runtime.config import STRATEGIES, Config
 from runtime.engines.devices import NodeChange, discover_pool
 from runtime.executor.deps import DEPENDENCY_FAILED, BatchGraph
@@ -60,6 +58,8 @@ from runtime.executor.pool_state import BatchState, Pool, Req, ReqState, batch_r
 from runtime.executor.autoprofile import AutoProfiler, ProfileLaunch, missing_shapes
 from runtime.executor.deadlines import Deadlines
 from runtime.executor.learned import Learned
+from runtime.executor.outcome_store import OutcomeStore
+from runtime.executor.passes import Passes
 from runtime.executor.queues import ModelQueues, serving_order
 from runtime.executor.planning import (batch_completion, describe_schedule, describe_stage,
                                        lower_bound, model_specs, plan_problem,
@@ -72,14 +72,6 @@ from scheduler.unserved import shape_name
 
 log = logging.getLogger(__name__)
 KEEP_FINISHED_BATCHES = 1000  # finished batches whose events stay available
-ARRIVAL_PASS_INTERVAL_S = 1.0  # least time between the end of a pass and one for new batches only
-ARRIVALS = ("batch_submitted:", "released:")  # pass reasons that may wait for that interval
-# longest a pass for small batches that running engines serve at once waits for them to be done
-# (`_small_arrivals_served`): what a 20-request batch takes on a busy engine (0.1-0.5 s; 1.4-3.3 s
-# on `medium`, whose engine is held for it up to 5.3 s: `seats`), with room. At 2 s, a pass for
-# one on `medium` planned (0.4 s of CPU) while it still ran (6 Dec 2026)
-SMALL_ARRIVAL_WAIT_S = 6.0
-STORE_RETRY_S = (0.1, 2.0)  # first and longest wait between attempts to store an outcome
 
 Planner = Callable[[PlanningProblem, str], Schedule]
 # what a pass plans: requests queued, sent, or waiting for upstream ones (their start is predicted)
@@ -123,15 +115,12 @@ class PoolExecutor:
         self._delivering: set[asyncio.Task] = set()
         self.slots = EngineSlots(cfg, self, self.state_dir)
         self.slots.pool = pool
-        self._reasons: list[str] = []
-        self._pass_waiters: list[asyncio.Future] = []
-        self._wake = asyncio.Event()
-        self._more_reasons = asyncio.Event()  # pulsed with `_wake` (`_small_arrivals_served`)
+        self.passes = Passes(clock, self)  # the reasons for the next pass, paced (`passes`)
         self._control: asyncio.Task | None = None
         self._closing = False
         self._queued_at: weakref.WeakKeyDictionary[Req, float] = weakref.WeakKeyDictionary()
-        self._stalled: set[Req] = set()  # requests whose outcome the sink refused (not durable yet)
-        self._store_retry = asyncio.Event()  # pulsed to retry stalled outcomes now
+        # outcomes until durable; dispatch paused while one is not (`outcome_store`)
+        self.outcomes = OutcomeStore(clock, self.emit, lambda: self.slots.wake())
         self._linger: asyncio.Task | None = None  # wakes a pass when a warm engine's time is up
         self._to_visit: set[str] = set()  # models whose sleeping engine may wake as a guest
         # `[scheduler] auto_profile = "idle"`: profiles missing shapes while idle (start())
@@ -143,7 +132,7 @@ class PoolExecutor:
 
     @property
     def dispatch_paused(self) -> bool:
-        return bool(self._stalled)
+        return self.outcomes.paused
 
     # -- Executor protocol -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -208,7 +197,7 @@ class PoolExecutor:
         if batch is None or batch.finished.is_set():
             return
         batch.cancelled = True
-        self._pulse_store_retry()  # its stalled outcomes stop waiting for the disk
+        self.outcomes.retry_now()  # its stalled outcomes stop waiting for the disk
         aborted: list[asyncio.Task] = []
         for slot in self.slots:
             for req in [r for r in slot.inflight if r.batch_id == batch_id]:
@@ -257,7 +246,7 @@ class PoolExecutor:
         self._closing = True
         if self.auto_profile is not None:
             await self.auto_profile.close()
-        self._pulse_store_retry()
+        self.outcomes.close()
         if self._linger is not None:
             self._linger.cancel()
         if self._control is not None:
@@ -273,9 +262,7 @@ class PoolExecutor:
         await self.launcher.close()
         await self._calibrate()
         await self.learned.save()
-        for waiter in self._pass_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.passes.close()
 
     def health(self) -> dict[str, Any]:
         now = self.clock.monotonic()
@@ -493,7 +480,7 @@ class PoolExecutor:
         batch = self._batches[req.batch_id]
         if outcome.ok:
             self.learned.observe(req, outcome)
-        if not await self._store(batch, req, outcome):
+        if not await self.outcomes.store(batch, req, outcome):
             if batch.cancelled:  # reported as never run; counted like the cancelled ones
                 req.abandon()
                 self._forget(batch)
@@ -508,35 +495,6 @@ class PoolExecutor:
             self._forget(batch)
         if self._pools and batch in self._pools[0].batches and not self._pools[0].has_open():
             self._request_pass("pool_finished")
-
-    async def _store(self, batch: BatchState, req: Req, outcome: Outcome) -> bool:
-        """Hand the outcome to the batch's sink until it is durable (True), or until a cancel of
-        the batch or the executor's close makes that moot (False). Pauses dispatch meanwhile."""
-        wait = STORE_RETRY_S[0]
-        try:
-            while True:
-                try:
-                    await batch.sink(outcome)
-                    return True
-                except Exception as exc:  # ENOSPC under the journal, most likely
-                    if batch.cancelled or self._closing:
-                        return False
-                    if not self._stalled:
-                        self.emit("storage_stalled", message=f"{type(exc).__name__}: {exc}")
-                        log.error("outcomes cannot be stored (%s): dispatch paused until they can",
-                                  exc)
-                    self._stalled.add(req)
-                await wait_event(self.clock, self._store_retry, wait)
-                wait = min(STORE_RETRY_S[1], wait * 2)
-        finally:
-            if req in self._stalled:
-                self._stalled.discard(req)
-                if not self._stalled:
-                    self._pulse_store_retry()
-                    if not self._closing:
-                        self.emit("storage_resumed")
-                        log.warning("outcomes are stored again: dispatch resumed")
-                    self.slots.wake()
 
     def _arm_linger(self) -> None:
         """Ask for a pass when the first warm engine's linger time runs out (it is then stopped)."""
@@ -589,11 +547,6 @@ class PoolExecutor:
                 self._request_pass(f"released:{m}")
             self.check_drained(m)
 
-    def _pulse_store_retry(self) -> None:
-        """Wake every stalled outcome for an attempt now (space came back, a cancel, a close)."""
-        self._store_retry.set()
-        self._store_retry.clear()
-
     async def _calibrate(self) -> None:
         if self.pool is not None:
             await self.learned.calibrate(self.pool, self._specs, self._in_flight())
@@ -621,89 +574,42 @@ class PoolExecutor:
     # -- control ----------------------------------------------------------------------------------
     def _request_pass(self, reason: str) -> asyncio.Future:
         """Ask the control task for a re-plan; the future resolves when a pass after now completed."""
-        fut = asyncio.get_running_loop().create_future()
-        self._reasons.append(reason)
-        self._pass_waiters.append(fut)
-        self._wake.set()
-        self._more_reasons.set()
-        return fut
+        return self.passes.ask(reason)
 
     async def _control_loop(self) -> None:
-        last_pass_end = -math.inf
         while True:
-            await self._wake.wait()
-            if all(r.startswith(ARRIVALS) for r in self._reasons) and self._serving():
-                # New batches alone do not need a pass at once (their requests for running models
-                # are dispatched already); a stream of small batches would otherwise keep the
-                # planner busy back to back and starve the gateway of CPU. Likewise dependents
-                # released one by one for a model without an engine. Engine events and model
-                # finishes never wait, nor does a batch that finds nothing in flight (there is
-                # no busy gateway to spare, and its ETA starts with its plan). Arrivals during
-                # the pause join the same pass.
-                pause = last_pass_end + ARRIVAL_PASS_INTERVAL_S - self.clock.monotonic()
-                if pause > 0:
-                    await self.clock.sleep(pause)
-                await self._small_arrivals_served()
-            self._wake.clear()
-            reasons, self._reasons = self._reasons, []
-            waiters, self._pass_waiters = self._pass_waiters, []
+            reasons, waiters = await self.passes.next()  # paced (`passes`)
             try:
-                if not all(self._arrived_and_done(r) for r in reasons):
+                if self.passes.needed(reasons):
                     await self._pass(reasons)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("executor pass failed (reasons %s)", reasons)
             finally:
-                last_pass_end = self.clock.monotonic()
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
+                self.passes.done(waiters)
 
-    async def _small_arrivals_served(self) -> None:
-        """Wait, at most SMALL_ARRIVAL_WAIT_S, while the coming pass is only for small batches
-        that running engines serve without a plan (`_served_at_once`); once they are all done
-        the pass is dropped (`_arrived_and_done`): the plan is what it was before them. Why: such
-        a batch's requests go out at once (the seats' hold, or a guest), and the pass for it only
-        took the CPU they ran on: in the fairness bench a 0.42 s re-plan at s6's arrival ran while
-        its 20 requests were served (0.48 s inside the gateway against 0.12 s alone, 5 Dec 2026)."""
-        end = self.clock.monotonic() + SMALL_ARRIVAL_WAIT_S
-        while self._reasons and all(self._served_at_once(r) for r in self._reasons):
-            left = end - self.clock.monotonic()
-            if left <= 0 or all(self._arrived_and_done(r) for r in self._reasons):
-                return
-            # until one of them is done, another reason comes, or the time is up
-            self._more_reasons.clear()
-            await wait_events(self.clock, [self._more_reasons] + [
-                self._batches[r.split(":", 1)[1]].finished for r in self._reasons
-                if not self._arrived_and_done(r)], left)
+    # -- what passes.PassHost asks of us -----------------------------------------------------------
+    def serving(self) -> bool:
+        """Whether some engine has requests in flight."""
+        return any(s.inflight for s in self.slots)
 
-    def _arrived_and_done(self, reason: str) -> bool:
-        """Whether `reason` is a batch's arrival and that batch is done already."""
-        if not reason.startswith("batch_submitted:"):
-            return False
-        batch = self._batches.get(reason.split(":", 1)[1])
-        return batch is None or batch.finished.is_set()
+    def finished_event(self, batch_id: str) -> asyncio.Event | None:
+        batch = self._batches.get(batch_id)
+        return batch.finished if batch is not None else None
 
-    def _served_at_once(self, reason: str) -> bool:
-        """Whether `reason` is the arrival of a batch that needs no plan: done already, or in the
-        active pool, nothing of it waiting for upstream requests, and small (`seats`) on an
-        engine of each of its models that is up and serving (in the plan, or a guest)."""
-        if self._arrived_and_done(reason):
-            return True
-        if not reason.startswith("batch_submitted:") or not self._pools:
-            return False
-        batch = self._batches[reason.split(":", 1)[1]]
-        if batch not in self._pools[0].batches or not self._pools[0].active:
+    def served_at_once(self, batch_id: str) -> bool:
+        """Whether the batch needs no plan: in the active pool, nothing of it waiting for upstream
+        requests, and small (`seats`) on an engine of each of its models that is up and serving
+        (in the plan, or a guest)."""
+        batch = self._batches.get(batch_id)
+        if batch is None or not self._pools or not self._pools[0].active \
+                or batch not in self._pools[0].batches:
             return False
         reqs = batch.open_reqs
         if any(r.state is ReqState.WAITING for r in reqs):
             return False
         return all(self.slots.serves_small(m, batch.batch_id) for m in {r.model for r in reqs})
-
-    def _serving(self) -> bool:
-        """Whether some engine has requests in flight."""
-        return any(s.inflight for s in self.slots)
 
     def _active_pool(self) -> Pool | None:
         """Retire finished pools; activate the next one (its requests enter the queues)."""
@@ -743,7 +649,7 @@ class PoolExecutor:
         await self.slots.apply(schedule.stages[0] if schedule and schedule.stages else None,
                                has_work, self.clock.monotonic())
         self._arm_linger()
-        if not self.slots.any_active() and not self.slots.dying and not self._reasons:
+        if not self.slots.any_active() and not self.slots.dying and not self.passes.reasons:
             # nothing runs and nothing will produce an event: the plan left queued work stranded.
             # Not when a pass is already asked for: an engine died or a node left while this one
             # applied its plan, and the next one plans for that (it failed them on 5 Dec).

@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from runtime.config import Config, parse_config
-from runtime.executor import executor as executor_mod
+from runtime.executor import outcome_store
+from runtime.executor import passes as passes_mod
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.slots import INFLIGHT_FACTOR
 from gateway.lines import LineRef
@@ -294,7 +295,7 @@ async def test_a_stream_of_new_batches_is_planned_in_few_passes(run, launcher) -
     def plans() -> list[dict]:
         return [e for e in ex.events("first") if e["event"] in ("plan", "replan")]
     assert len(plans()) == 1 and clock.sleeping == 1  # the control task waits out the pause
-    await clock.advance(executor_mod.ARRIVAL_PASS_INTERVAL_S)
+    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S)
     while len(plans()) < 2:
         await asyncio.sleep(0.005)
     assert sorted(plans()[1]["reasons"]) == sorted(f"batch_submitted:s{i}" for i in range(20))
@@ -317,7 +318,7 @@ async def test_a_small_batch_served_at_once_gets_no_pass_of_its_own(run, launche
     ex.submit("small", items("a", 2, prefix="s"), sink := Sink())
     await asyncio.wait_for(ex.wait("small"), 10)  # served, the manual clock still
     assert len(sink.outcomes) == 2 and all(o.ok for o in sink.outcomes)
-    await clock.advance(executor_mod.ARRIVAL_PASS_INTERVAL_S + executor_mod.SMALL_ARRIVAL_WAIT_S)
+    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S + passes_mod.SMALL_ARRIVAL_WAIT_S)
     await asyncio.sleep(0.1)
     plans = [e for e in ex.events("first") if e["event"] in ("plan", "replan")]
     assert len(plans) == 1, [p["reasons"] for p in plans]
@@ -337,15 +338,15 @@ async def test_a_small_batch_still_served_after_the_wait_is_planned(run, launche
         return [e["reasons"] for e in ex.events("first") if e["event"] in ("plan", "replan")]
     ex.submit("small", items("a", 2, prefix="s"), Sink())
     await asyncio.sleep(0.02)
-    await clock.advance(executor_mod.ARRIVAL_PASS_INTERVAL_S)
+    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S)
     assert len(reasons()) == 1  # waiting while it is served
-    await clock.advance(executor_mod.SMALL_ARRIVAL_WAIT_S)
+    await clock.advance(passes_mod.SMALL_ARRIVAL_WAIT_S)
     while len(reasons()) < 2:
         await asyncio.sleep(0.005)
     assert reasons()[1] == ["batch_submitted:small"] and not ex._batches["small"].finished.is_set()
     ex.submit("other", items("b", 2, prefix="o"), Sink())  # b: no engine up, the pass plans one
     await asyncio.sleep(0.02)
-    await clock.advance(executor_mod.ARRIVAL_PASS_INTERVAL_S)
+    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S)
     while len(reasons()) < 3:
         await asyncio.sleep(0.005)
     assert reasons()[2] == ["batch_submitted:other"]
@@ -590,14 +591,14 @@ async def test_a_result_that_cannot_be_made_durable_pauses_the_batch(run, launch
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.2)  # what the engines held is answered; nothing new is sent meanwhile
     sent, refused = len(launcher.posts), sink.refused
-    await clock.advance(executor_mod.STORE_RETRY_S[0] * 0.9)
+    await clock.advance(outcome_store.STORE_RETRY_S[0] * 0.9)
     assert sink.refused == refused, "retried before its backoff"
     await clock.advance(30.0)  # backoff 0.1, 0.2, ... 2 s: about 20 attempts per stalled outcome
     assert sink.refused > refused, "never retried"
     assert len(launcher.posts) == sent, "requests were dispatched while results could not be stored"
     assert not ex._batches["x"].finished.is_set()
     sink.full = False
-    await clock.advance(executor_mod.STORE_RETRY_S[1])
+    await clock.advance(outcome_store.STORE_RETRY_S[1])
     await asyncio.wait_for(ex.wait("x"), 30)
     got = sink.by_id()
     assert set(got) == {f"a-{i}" for i in range(80)} and all(o.ok for o in got.values())

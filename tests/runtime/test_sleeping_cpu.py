@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runtime.config import parse_config
-from runtime.executor.executor import SMALL_ARRIVAL_WAIT_S
+from runtime.executor.passes import SMALL_ARRIVAL_WAIT_S
 
 from .clocks import ManualClock
 from .test_executor import ARCHS, Sink, items, kinds, launcher, run  # noqa: F401  (fixtures)
