@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import makespan as mk  # noqa: E402
+from bench.probe import ProbeSampler, machine_probe_s  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 
@@ -336,12 +337,11 @@ def summary_table(repeats: list[dict]) -> list[str]:
     its small batches' verdicts turn on tenths of a second, so one repeat decides little."""
     rows = ["| repeat | small batches met | big: fair vs alone (arrival order's) | "
             "pool: fair vs arrival order | big alone s | small batches' work | every target | "
-            "probe s: fair / fifo / alone |",
+            "probe s, before (during): fair / fifo / alone |",
             "|---:|---:|---:|---:|---:|---:|---|---|"]
     verdicts = [judged(r) for r in repeats]
     for k, (r, v) in enumerate(zip(repeats, verdicts)):
-        probes = " / ".join(f"{r[n]['probe_s']:.3f}" if "probe_s" in r[n] else "–"
-                            for n in ("fair", "fifo", "alone"))
+        probes = " / ".join(_probes(r[n]) for n in ("fair", "fifo", "alone"))
         rows.append(f"| {k + 1} | {v['small_met']} of {len(v['small'])} | "
                     f"{v['big']['fair']:.2f}× ({v['big']['fifo']:.2f}×) | {v['pool']:.3f}× | "
                     f"{r['alone']['big_s']:.1f} | {_share(v['small_work'])} | "
@@ -356,6 +356,13 @@ def summary_table(repeats: list[dict]) -> list[str]:
                 f"{_share(med(works) if works else None)} | "
                 f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} | – |")
     return rows
+
+
+def _probes(scene: dict) -> str:
+    """The probe before a scene and the median of those during it (`bench.probe`)."""
+    before = f"{scene['probe_s']:.3f}" if "probe_s" in scene else "–"
+    during = scene.get("probe_during_s")
+    return before if during is None else f"{before} ({during:.3f})"
 
 
 def _share(x: float | None) -> str:
@@ -375,16 +382,18 @@ def run_mix(args: argparse.Namespace, root: Path, fair_cfg: Path, fifo_cfg: Path
         for name, cfg in (("fair", with_keys(fair_cfg, "mix-fair.toml")),
                           ("fifo", with_keys(fifo_cfg, "mix-fifo.toml"))):
             load = mk.wait_quiet(args.max_load, args.max_wait)
-            probe = mk.machine_probe_s()
-            out[name] = mix_scene(cfg, root, name, big, smalls, rep + 1) | {
-                "load": load, "probe_s": probe}
+            probe = machine_probe_s()
+            with ProbeSampler() as during:
+                out[name] = mix_scene(cfg, root, name, big, smalls, rep + 1)
+            out[name] |= {"load": load, "probe_s": probe} | during.summary()
             print(f"  repeat {rep + 1}, mix {name}: big {out[name]['big_s']:.1f} s, makespan "
-                  f"{out[name]['makespan_s']:.1f} s (load {load:.2f}, probe {probe:.3f} s)",
-                  flush=True)
+                  f"{out[name]['makespan_s']:.1f} s (load {load:.2f}, probe {probe:.3f} s, during "
+                  f"{out[name].get('probe_during_s', float('nan')):.3f} s)", flush=True)
         load = mk.wait_quiet(args.max_load, args.max_wait)
-        probe = mk.machine_probe_s()
-        out["alone"] = mix_alone(with_keys(fair_cfg, "mix-alone.toml"), root, big, smalls)
-        out["alone"] |= {"load": load, "probe_s": probe}
+        probe = machine_probe_s()
+        with ProbeSampler() as during:
+            out["alone"] = mix_alone(with_keys(fair_cfg, "mix-alone.toml"), root, big, smalls)
+        out["alone"] |= {"load": load, "probe_s": probe} | during.summary()
         repeats.append(out)
         (root / "fairness-mix.json").write_text(json.dumps({"repeats": repeats}, indent=1))
         print(f"repeat {rep + 1}:")

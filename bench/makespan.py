@@ -27,7 +27,6 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 import signal
 import socket
@@ -487,21 +486,6 @@ def describe_events(run: GatewayRun) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-
-def machine_probe_s(repeats: int = 3) -> float:
-    """Seconds a fixed pure-Python loop takes here (the least of `repeats`), taken before a
-    scene. It catches a machine whose CPU is taken, not everything that slows the engines: on 6
-    Dec 2026 the big batch of `bench.fairness --mix` alone took 37.0 s and 45.8 s on one plan
-    with the probe at 0.052-0.053 s both times, so compare repeats' medians, not one run."""
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        acc = 0
-        for i in range(1_000_000):
-            acc += i * i
-        best = min(best, time.perf_counter() - t0)
-    return best
-
 
 def wait_quiet(max_load: float, max_wait_s: float) -> float:
     t0 = time.monotonic()

@@ -55,6 +55,9 @@ def test_the_summary_gives_each_repeat_and_the_medians() -> None:
     assert rows[2] == "| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | yes | – / – / – |"
     assert rows[3].startswith("| 2 | 0 of 2 | 1.06× (1.00×) | 1.062× | 40.0 | +2.5% | no |")
     assert rows[-1] == "| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | 2 of 3 | – |"
+    reps[0]["fair"] |= {"probe_s": 0.053, "probe_during_s": 0.0914}  # a spell after it began
+    reps[0]["alone"] |= {"probe_s": 0.052}  # a run from before the samples were taken
+    assert summary_table(reps)[2].endswith("| 0.053 (0.091) / – / 0.052 |")
 
 
 def test_the_small_batches_work_is_their_alone_time_on_their_cores_over_the_big_batchs_run() -> None:
