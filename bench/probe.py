@@ -6,7 +6,8 @@ probe before a scene does not catch a spell that starts after it: in repeat 1 of
 of 6 Dec 07:13 the probe before the fair scene read 0.053 s, and by 20 s into it tiny-a's engine
 had run 2.06x its profile (1.28x in the next repeat). So `ProbeSampler` also times the loop every
 few seconds in a child process while a scene runs (about 1 % of one core: 0.05 s every 5 s), and
-the bench reports the median of those samples beside the probe before.
+the bench reports the median of those samples beside the probe before (`loop_s`: what they
+compare with).
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ SAMPLE_EVERY_S = 5.0  # between the samples taken while a scene runs
 
 
 def loop_s(n: int = LOOP) -> float:
-    """Seconds the probe loop takes once."""
-    t0 = time.perf_counter()
+    """CPU seconds the probe loop takes once (its time on an idle machine; on a busy one, the
+    time-sharing of its core left out). A busy machine runs it slower per CPU second too: 0.056-
+    0.080 s beside three busy processes at nice 5 against 0.053 s idle, and 0.068-0.090 s (wall
+    time) in the scenes of the fairness mix of 6 Dec 07:32, whose probe before read 0.051-0.063 s.
+    So compare the samples of scenes alike in load (fair, arrival order, alone), not a sample
+    with the probe before."""
+    t0 = time.process_time()
     acc = 0
     for i in range(n):
         acc += i * i
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def machine_probe_s(repeats: int = 3) -> float:
