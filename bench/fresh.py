@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench import makespan as mk
+from bench.probe import ProbeSampler
 from runtime.persist import load_calibration
 
 BATCHES = (  # submitted in this order to one gateway; model -> requests
@@ -78,8 +79,9 @@ def run_series(cfg_path: Path, root: Path, strategy: str, profiles: bool,
             with open(path, "rb") as f:
                 fobj = client.files.create(file=f, purpose="batch")
             t0 = time.monotonic()
-            batch = mk.run_to_end(client, fobj.id, {"strategy": strategy}, timeout_s,
-                                  f"{tag} {strategy} {name}")
+            with ProbeSampler() as during:  # the machine's speed through the batch
+                batch = mk.run_to_end(client, fobj.id, {"strategy": strategy}, timeout_s,
+                                      f"{tag} {strategy} {name}")
             measured = time.monotonic() - t0
             mk.check_output(client.files.content(batch.output_file_id).text, reqs, name)
             events = [e for e in mk.executor_events(log_path) if batch.id in e.get("batches", ())]
@@ -87,11 +89,13 @@ def run_series(cfg_path: Path, root: Path, strategy: str, profiles: bool,
             rows.append({"batch": name, "requests": len(reqs), "measured_s": measured,
                          "predicted_s": plan.get("predicted_makespan_s"),
                          "lower_bound_s": plan.get("lower_bound_s"),
-                         "calibrated": calibrated_shapes(state), "events": events})
+                         "calibrated": calibrated_shapes(state), "events": events,
+                         **during.summary()})
             r = rows[-1]
             print(f"  {strategy:<10} {'profiles' if profiles else 'fresh':<8} {name:<12} "
                   f"measured {measured:6.1f} s  predicted {r['predicted_s'] or float('nan'):6.1f} s"
-                  f"  bound {r['lower_bound_s'] or float('nan'):6.1f} s; calibration after it: "
+                  f"  bound {r['lower_bound_s'] or float('nan'):6.1f} s  probe during "
+                  f"{r.get('probe_during_s', float('nan')):.3f} s; calibration after it: "
                   f"{', '.join(r['calibrated']) or 'nothing'}", flush=True)
     return rows
 
@@ -104,8 +108,8 @@ def error(r: dict) -> float | None:
 def table(results: dict) -> list[str]:
     """The Markdown table of a results dict (`fresh.json`), then the targets."""
     out = ["| strategy | batch | state | measured s | predicted s | error | bound s | "
-           "measured / bound | profiles' measured / this |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+           "measured / bound | profiles' measured / this | probe during s |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s, runs in results["runs"].items():
         fresh, prof = runs.get("fresh", []), runs.get("profiles", [])
         for state, rows in (("fresh", fresh), ("profiles", prof)):
@@ -118,8 +122,14 @@ def table(results: dict) -> list[str]:
                            f"{r['measured_s']:.1f} | {f'{pred:.1f}' if pred else '–'} | "
                            f"{'–' if err is None else f'{err:+.0%}'} | "
                            f"{mk.bound_cells(r['measured_s'], r.get('lower_bound_s'))} | "
-                           f"{'–' if vs is None else f'{vs:.2f}×'} |")
+                           f"{'–' if vs is None else f'{vs:.2f}×'} | {_probe(r)} |")
     return out + [""] + targets(results)
+
+
+def _probe(row: dict) -> str:
+    """The median of the probe samples taken while the batch ran (`bench.probe`): scenes of
+    like load that read alike ran on a machine of like speed."""
+    return f"{row['probe_during_s']:.3f}" if "probe_during_s" in row else "–"
 
 
 def targets(results: dict) -> list[str]:
