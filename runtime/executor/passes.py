@@ -28,8 +28,8 @@ from typing import Protocol
 from runtime.clock import Clock, wait_events
 
 ARRIVAL_PASS_INTERVAL_S = 1.0  # least time between the end of a pass and one for new batches only
-ARRIVALS = ("batch_submitted:", "released:")  # pass reasons that may wait for that interval
-SUBMITTED = "batch_submitted:"
+SUBMITTED = "batch_submitted:"  # the reason a batch's arrival gives (`arrived`)
+ARRIVALS = (SUBMITTED, "released:")  # pass reasons that may wait for that interval
 # longest a pass for small batches that running engines serve at once waits for them to be done:
 # what a 20-request batch takes on a busy engine (0.1-0.5 s; 1.4-3.3 s on `medium`, whose engine
 # is held for it up to 5.3 s: `seats`), with room. At 2 s, a pass for one on `medium` planned
@@ -115,15 +115,12 @@ class Passes:
             left = end - self.clock.monotonic()
             if left <= 0 or all(self._arrived_and_done(r) for r in self.reasons):
                 return
-            # until one of them is done, another reason comes, or the time is up
+            # until one of them is done, another reason comes, or the time is up (each reason is
+            # an arrival here; one not done has its batch's event, not set yet)
             self._more.clear()
-            events = [self._more]
-            for r in self.reasons:
-                if not self._arrived_and_done(r):
-                    finished = self.host.finished_event(arrived(r) or "")
-                    if finished is not None:
-                        events.append(finished)
-            await wait_events(self.clock, events, left)
+            await wait_events(self.clock, [self._more] + [
+                self.host.finished_event(arrived(r)) for r in self.reasons
+                if not self._arrived_and_done(r)], left)
 
     def _arrived_and_done(self, reason: str) -> bool:
         batch_id = arrived(reason)
