@@ -53,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.makespan import (CHAT, REPO, add_run, add_wait_args, check_output, describe_events,
-                            describe_plan, ensure_profiles, executor_events, free_port,
-                            offline_plan, print_table, refresh_start_times, run_gateway, table,
-                            trace_pairs, wait_quiet, run_to_end, serving, word_tokens,
-                            write_config, write_jsonl, write_models)
+from bench.demo_setup import (CHAT, REPO, ensure_profiles, prepare, refresh_start_times,
+                              trace_pairs, word_tokens, write_config, write_jsonl)
+from bench.gateway_run import (add_wait_args, check_output, executor_events, free_port, run_gateway,
+                               run_to_end, serving, wait_quiet)
+from bench.makespan import add_run, describe_events, describe_plan, offline_plan, print_table, table
 from runtime.placeholders import generated_text, placeholder, substitute
 
 # per role: (most prompt tokens of its own, most output tokens); the worst dependent prompt is the
@@ -354,10 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         if set(names) - set(known):
             ap.error(f"unknown {what} {sorted(set(names) - set(known))} (of {', '.join(known)})")
     apps = {a: APPS[a] for a in args.apps.split(",")}
-    root = args.root.resolve()
-    for d in ("logs", "runs"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    paths = write_models(root)
+    root, paths = prepare(args.root)
     cfg_path = write_config(root, paths, free_port())
     models = sorted({m for a in apps.values() for m in (*a.upstream, a.downstream)})
     if not args.skip_profiles:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import demo_setup as setup  # noqa: E402
+from bench import gateway_run as gw  # noqa: E402
 from bench import makespan as mk  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +67,7 @@ def plan_table(data: Path | None, requests: int, nodes: list[int], gpus: int) ->
 
 def backend_config(root: Path, paths: dict[str, Path], name: str) -> Path:
     devices, cluster = BACKENDS[name]
-    cfg = mk.write_config(root, paths, mk.free_port(), (), f"{name}.toml")
+    cfg = setup.write_config(root, paths, gw.free_port(), (), f"{name}.toml")
     text = cfg.read_text().replace("[devices]\n", "[devices]\nengine_linger_s = 0\n"
                                    "max_threads_per_rank = 1\n" + devices, 1)
     cfg.write_text(text.replace("ids = []\n", "") + cluster)
@@ -73,29 +75,29 @@ def backend_config(root: Path, paths: dict[str, Path], name: str) -> Path:
 
 
 def run_gateway(cfg: Path, root: Path, inp: Path, expected: list[dict], timeout_s: float,
-                tag: str, state: Path) -> mk.GatewayRun:
+                tag: str, state: Path) -> gw.GatewayRun:
     """One pooled batch through a fresh `samullm serve` on `state` (samullm strategy)."""
-    with mk.serving(cfg, root, tag, "samullm", state=state) as (client, log_path):
+    with gw.serving(cfg, root, tag, "samullm", state=state) as (client, log_path):
         with open(inp, "rb") as f:
             fobj = client.files.create(file=f, purpose="batch")
         t0 = time.monotonic()
-        batch = mk.run_to_end(client, fobj.id, {"strategy": "samullm"}, timeout_s, tag)
+        batch = gw.run_to_end(client, fobj.id, {"strategy": "samullm"}, timeout_s, tag)
         makespan = time.monotonic() - t0
-        mk.check_output(client.files.content(batch.output_file_id).text, expected, tag)
-    return mk.GatewayRun("samullm", makespan, len(expected), mk.executor_events(log_path))
+        gw.check_output(client.files.content(batch.output_file_id).text, expected, tag)
+    return gw.GatewayRun("samullm", makespan, len(expected), gw.executor_events(log_path))
 
 
 def run(root: Path, data: Path | None, quick: bool, repeats: int, timeout_s: float,
         backends: list[str]) -> list[dict]:
-    paths = mk.write_models(root)
+    paths = setup.write_models(root)
     base = backend_config(root, paths, "local")
-    mk.SHAPES = ((1, 1),)  # the shape both backends run: TP 1 on one core (one core per node)
-    mk.ensure_profiles(base, root, sorted(MIXED), quick)
-    words = mk.word_tokens(paths["tiny-a"])
-    reqs = mk.make_requests(MIXED, data, 0.25, 0, words)
-    smoke = mk.make_requests(SMOKE, data, 0.25, 7, words)
-    inp = mk.write_jsonl(root / "cluster-mixed.jsonl", reqs)
-    smoke_inp = mk.write_jsonl(root / "cluster-smoke.jsonl", smoke)
+    setup.SHAPES = ((1, 1),)  # the shape both backends run: TP 1 on one core (one core per node)
+    setup.ensure_profiles(base, root, sorted(MIXED), quick)
+    words = setup.word_tokens(paths["tiny-a"])
+    reqs = setup.make_requests(MIXED, data, 0.25, 0, words)
+    smoke = setup.make_requests(SMOKE, data, 0.25, 7, words)
+    inp = setup.write_jsonl(root / "cluster-mixed.jsonl", reqs)
+    smoke_inp = setup.write_jsonl(root / "cluster-smoke.jsonl", smoke)
     rows = []
     for rep in range(repeats):
         for name in backends:
@@ -103,7 +105,7 @@ def run(root: Path, data: Path | None, quick: bool, repeats: int, timeout_s: flo
             state = Path(tempfile.mkdtemp(prefix=f"state-{name}-", dir=root / "runs"))
             (state / "profiles").symlink_to(root / "state" / "profiles")
             run_gateway(cfg, root, smoke_inp, smoke, timeout_s, f"smoke-{name}", state)
-            load = mk.wait_quiet(99, 0)
+            load = gw.wait_quiet(99, 0)
             got = run_gateway(cfg, root, inp, reqs, timeout_s, f"{name}-r{rep}", state)
             starts = [e.get("start_s") for e in got.events if e["event"] == "engine_started"]
             rows.append({"backend": name, "measured_s": got.makespan_s,

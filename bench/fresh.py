@@ -4,7 +4,7 @@ A newcomer runs no `samullm profile`: the planner starts from the analytic roofl
 engine start, and corrects both from what the engines serve (`scheduler.online`, kept in
 `<state>/calibration.json`; measured starts beside it). This bench measures how soon that is right:
 for each strategy, ONE `samullm serve` on a fresh state dir with NO profiles gets three pooled
-batches of different mixes of the three demo model sizes (`bench.makespan`'s tiny-a, small and
+batches of different mixes of the three demo model sizes (`bench.demo_setup`'s tiny-a, small and
 medium; trace lengths x `--scale`, outputs forced with `ignore_eos` + `max_tokens` and checked),
 each created after the previous one completed, so batches 2 and 3 are planned with what batch 1
 taught. Per batch: predicted (its first `plan` event) against measured (`batches.create` to the
@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import demo_setup as setup
+from bench import gateway_run as gw
 from bench import makespan as mk
 from bench.probe import ProbeSampler
 from runtime.persist import load_calibration
@@ -73,18 +75,18 @@ def run_series(cfg_path: Path, root: Path, strategy: str, profiles: bool,
     tag = f"fresh-{'profiles' if profiles else 'none'}"
     state = state_dir(root, f"{tag}-{strategy}", profiles)
     rows = []
-    with mk.serving(cfg_path, root, tag, strategy, state=state) as (client, log_path):
+    with gw.serving(cfg_path, root, tag, strategy, state=state) as (client, log_path):
         for name, reqs in batches:
-            path = mk.write_jsonl(root / "runs" / f"{tag}-{strategy}-{name}.jsonl", reqs)
+            path = setup.write_jsonl(root / "runs" / f"{tag}-{strategy}-{name}.jsonl", reqs)
             with open(path, "rb") as f:
                 fobj = client.files.create(file=f, purpose="batch")
             t0 = time.monotonic()
             with ProbeSampler() as during:  # the machine's speed through the batch
-                batch = mk.run_to_end(client, fobj.id, {"strategy": strategy}, timeout_s,
+                batch = gw.run_to_end(client, fobj.id, {"strategy": strategy}, timeout_s,
                                       f"{tag} {strategy} {name}")
             measured = time.monotonic() - t0
-            mk.check_output(client.files.content(batch.output_file_id).text, reqs, name)
-            events = [e for e in mk.executor_events(log_path) if batch.id in e.get("batches", ())]
+            gw.check_output(client.files.content(batch.output_file_id).text, reqs, name)
+            events = [e for e in gw.executor_events(log_path) if batch.id in e.get("batches", ())]
             plan = first_plan(events, batch.id)
             rows.append({"batch": name, "requests": len(reqs), "measured_s": measured,
                          "predicted_s": plan.get("predicted_makespan_s"),
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None,
                     help="shared data dir (traces/splitwise_conv.csv); default: shipped prior tables")
-    ap.add_argument("--root", type=Path, default=mk.REPO / ".samullm" / "bench-makespan",
+    ap.add_argument("--root", type=Path, default=setup.REPO / ".samullm" / "bench-makespan",
                     help="models, profiles, logs and results (default: bench.makespan's)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--scale", type=float, default=0.25, help="trace lengths x this (4k -> 1k ctx)")
@@ -171,21 +173,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="compare with the profiles stored under <root>/state (none are made)")
     ap.add_argument("--no-profiles-run", action="store_true",
                     help="only the fresh series (no comparison with full profiles)")
-    mk.add_wait_args(ap, timeout_s=600)
+    gw.add_wait_args(ap, timeout_s=600)
     ap.add_argument("--table", type=Path, default=None, help="print the table of a results file")
     args = ap.parse_args(argv)
     if args.table:
         print("\n".join(table(json.loads(args.table.read_text()))))
         return 0
-    root = args.root.resolve()
-    for d in ("logs", "runs"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    paths = mk.write_models(root)
-    cfg_path = mk.write_config(root, {m: paths[m] for m in MODELS}, mk.free_port(), (),
+    root, paths = setup.prepare(args.root)
+    cfg_path = setup.write_config(root, {m: paths[m] for m in MODELS}, gw.free_port(), (),
                                "fresh.toml")
     scale = SMOKE_SCALE if args.smoke else args.scale_requests
-    words = mk.word_tokens(paths["tiny-a"])
-    batches = [(name, mk.make_requests({m: max(1, round(n * scale)) for m, n in mix.items()},
+    words = setup.word_tokens(paths["tiny-a"])
+    batches = [(name, setup.make_requests({m: max(1, round(n * scale)) for m, n in mix.items()},
                                        args.data, args.scale, args.seed + k, words))
                for k, (name, mix) in enumerate(BATCHES)]
     results: dict = {"batches": [{"batch": n, "models": dict(mix)} for n, mix in BATCHES],
@@ -194,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     states = ("fresh",) if args.no_profiles_run else ("fresh", "profiles")
     for state in states:
         if state == "profiles" and not args.skip_profiles:
-            mk.ensure_profiles(cfg_path, root, list(MODELS), args.quick_profile)
+            setup.ensure_profiles(cfg_path, root, list(MODELS), args.quick_profile)
         for s in args.strategies.split(","):
-            load = mk.wait_quiet(args.max_load, args.max_wait)
+            load = gw.wait_quiet(args.max_load, args.max_wait)
             print(f"\n== {s}, {'no profiles' if state == 'fresh' else 'full profiles'} "
                   f"(load {load:.2f})", flush=True)
             rows = run_series(cfg_path, root, s, state == "profiles", batches, args.timeout)

@@ -36,9 +36,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import demo_setup as setup  # noqa: E402
+from bench import gateway_run as gw  # noqa: E402
 from bench import makespan as mk  # noqa: E402
 
-CHAT = "/v1/chat/completions"
 WORKLOADS = ("system", "few-shot", "unshared", "repeat")
 REPEATS = 3  # batches of the `repeat` workload
 
@@ -48,7 +49,7 @@ def _words(words: list[str], rng: np.random.Generator, n: int) -> str:
 
 
 def _line(cid: str, model: str, messages: list[dict], max_tokens: int) -> dict:
-    return {"custom_id": cid, "method": "POST", "url": CHAT,
+    return {"custom_id": cid, "method": "POST", "url": setup.CHAT,
             "body": {"model": model, "messages": messages, "max_tokens": max_tokens,
                      "ignore_eos": True, "temperature": 1.0}}
 
@@ -69,7 +70,7 @@ def make_workload(name: str, words: list[str], data: Path | None, seed: int) -> 
                             + _words(words, rng, 30)}], 32) for i in range(96)]
         return [out[i] for i in rng.permutation(len(out))]
     if name == "unshared":
-        return mk.make_requests({"tiny-a": 64, "small": 64}, data, 0.25, seed, words)
+        return setup.make_requests({"tiny-a": 64, "small": 64}, data, 0.25, seed, words)
     if name == "repeat":
         return [_line(f"r-{i}", "small", [{"role": "user", "content": _words(words, rng, 120)}],
                       32) for i in range(64)]
@@ -110,7 +111,7 @@ def simulated_hits(cfg_path: Path, inp: Path) -> tuple[int, int]:
     from scheduler.types import SimRequest
 
     cfg = load_config(cfg_path)
-    res = validate_file(inp, CHAT, cfg, TokenCounter(cfg))
+    res = validate_file(inp, setup.CHAT, cfg, TokenCounter(cfg))
     if not res.ok:
         raise RuntimeError(f"{inp}: {res.errors[:3]}")
     specs = model_specs(cfg, "cpu")
@@ -121,7 +122,7 @@ def simulated_hits(cfg_path: Path, inp: Path) -> tuple[int, int]:
         spec = specs[model]
         reqs = [SimRequest(rid=i, prompt_len=it.prompt_tokens, output_len=max(1, it.max_tokens),
                            prefix=it.prefix) for i, it in enumerate(items) if it.model == model]
-        lim = EngineLimits.for_spec(spec, kv_blocks(spec, 1, int(mk.KV_GIB * (1 << 30))))
+        lim = EngineLimits.for_spec(spec, kv_blocks(spec, 1, int(setup.KV_GIB * (1 << 30))))
         r = simulate(reqs, lim, lat)
         hits, total = hits + r.prefix_hit_tokens, total + r.prefix_queries_tokens
     return hits, total
@@ -134,17 +135,17 @@ def rate(h: int, t: int) -> float | None:
 def run_repeat(cfg_path: Path, root: Path, inp: Path, reqs: list[dict], timeout_s: float) -> dict:
     """The same batch REPEATS times on one gateway: wall time and engines started, each."""
     out = []
-    with mk.serving(cfg_path, root, "repeat", "samullm") as (client, log_path):
+    with gw.serving(cfg_path, root, "repeat", "samullm") as (client, log_path):
         with open(inp, "rb") as f:
             fobj = client.files.create(file=f, purpose="batch")
         for k in range(REPEATS):
-            before = len([e for e in mk.executor_events(log_path) if e["event"] == "engine_start"])
+            before = len([e for e in gw.executor_events(log_path) if e["event"] == "engine_start"])
             t0 = time.monotonic()
-            batch = mk.run_to_end(client, fobj.id, None, timeout_s, f"repeat {k + 1}")
+            batch = gw.run_to_end(client, fobj.id, None, timeout_s, f"repeat {k + 1}")
             wall = time.monotonic() - t0
             text = client.files.content(batch.output_file_id).text
-            mk.check_output(text, reqs, f"repeat {k + 1}")
-            events = mk.executor_events(log_path)
+            gw.check_output(text, reqs, f"repeat {k + 1}")
+            events = gw.executor_events(log_path)
             starts = len([e for e in events if e["event"] == "engine_start"]) - before
             plans = [e for e in events if e["event"] in ("plan", "replan")]
             out.append({"measured_s": wall, "engine_starts": starts,
@@ -173,38 +174,35 @@ def main(argv: list[str] | None = None) -> int:
         for line in table(json.loads(args.table.read_text())):
             print(line)
         return 0
-    root = args.root.resolve()
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    (root / "runs").mkdir(parents=True, exist_ok=True)
-    paths = mk.write_models(root)
-    cfg_path = mk.write_config(root, paths, mk.free_port())
+    root, paths = setup.prepare(args.root)
+    cfg_path = setup.write_config(root, paths, gw.free_port())
     names = args.workloads.split(",")
-    words = mk.word_tokens(paths["tiny-a"])
+    words = setup.word_tokens(paths["tiny-a"])
     built = {n: make_workload(n, words, args.data, args.seed + i) for i, n in enumerate(names)}
     if not args.skip_profiles:
-        mk.ensure_profiles(cfg_path, root, sorted({r["body"]["model"] for w in built.values()
+        setup.ensure_profiles(cfg_path, root, sorted({r["body"]["model"] for w in built.values()
                                                    for r in w}), args.quick_profile)
     results: list[dict[str, Any]] = []
     out_path = root / "prefix.json"
     for name, reqs in built.items():
-        inp = mk.write_jsonl(root / f"prefix-{name}.jsonl", reqs)
+        inp = setup.write_jsonl(root / f"prefix-{name}.jsonl", reqs)
         models = sorted({r["body"]["model"] for r in reqs})
         print(f"\n== {name}: {len(reqs)} requests on {', '.join(models)}", flush=True)
         row: dict[str, Any] = {"workload": name, "requests": len(reqs), "models": models,
                                "simulated_hit_rate": rate(*simulated_hits(cfg_path, inp))}
-        load = mk.wait_quiet(args.max_load, args.max_wait)
+        load = gw.wait_quiet(args.max_load, args.max_wait)
         if name == "repeat":
             row["samullm"] = run_repeat(cfg_path, root, inp, reqs, args.timeout)
         else:
-            with mk.serving(cfg_path, root, f"prefix-{name}", "samullm") as (client, log_path):
+            with gw.serving(cfg_path, root, f"prefix-{name}", "samullm") as (client, log_path):
                 with open(inp, "rb") as f:
                     fobj = client.files.create(file=f, purpose="batch")
                 t0 = time.monotonic()
-                batch = mk.run_to_end(client, fobj.id, None, args.timeout, name)
+                batch = gw.run_to_end(client, fobj.id, None, args.timeout, name)
                 wall = time.monotonic() - t0
                 text = client.files.content(batch.output_file_id).text
-                mk.check_output(text, reqs, name)
-                plan = next((e for e in mk.executor_events(log_path) if e["event"] == "plan"), {})
+                gw.check_output(text, reqs, name)
+                plan = next((e for e in gw.executor_events(log_path) if e["event"] == "plan"), {})
             row["samullm"] = {"measured_s": wall, "predicted_s": plan.get("predicted_makespan_s"),
                               "lower_bound_s": plan.get("lower_bound_s"),
                               "hit_rate": rate(*measured_hits(text)), "load": load}
@@ -212,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"rate {row['samullm']['hit_rate']} (simulated {row['simulated_hit_rate']})",
                   flush=True)
         if not args.no_anchor:
-            load = mk.wait_quiet(args.max_load, args.max_wait)
+            load = gw.wait_quiet(args.max_load, args.max_wait)
             total, per = mk.run_anchor(root, paths, reqs, f"prefix-{name}")
             row["run_batch"] = {"measured_s": total, "per_model_s": per, "load": load,
                                 "hit_rate": rate(*run_batch_hits(root, f"prefix-{name}", models))}

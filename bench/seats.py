@@ -1,6 +1,6 @@
 """A small batch on an engine a big batch saturates: what each way of making room costs each batch.
 
-One real `small` engine (the demo model of `bench.makespan`), started by the gateway's own launcher
+One real `small` engine (the demo model of `bench.demo_setup`), started by the gateway's own launcher
 on one core at the engines' niceness, 32 seats. A big batch of `--big` 64-token requests is kept 48
 in flight (the gateway's `slots.limit`) at priority 9, an aborted one sent again at the head, as
 the gateway re-queues it; 4 s in, a small batch of 20 requests of 16 tokens (priority 0) is sent
@@ -32,13 +32,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import makespan as mk  # noqa: E402
+from bench import demo_setup as setup  # noqa: E402
 from runtime.config import DEFAULT_CPU_ENGINE_NICE, parse_config  # noqa: E402
 from runtime.engines.engine import Engine, EngineSpec, VllmLauncher  # noqa: E402
 from runtime.executor.slots import INFLIGHT_FACTOR  # noqa: E402
 
 SCENARIOS = ("alone", "big-alone", "priority", "abort-20", "hold")
-CHAT = "/v1/chat/completions"
 
 
 def body(words: list[str], i: int, tokens: int, priority: int) -> dict:
@@ -50,7 +49,7 @@ def body(words: list[str], i: int, tokens: int, priority: int) -> dict:
 
 async def small_batch(engine: Engine, words: list[str]) -> float:
     t0 = time.monotonic()
-    got = await asyncio.gather(*(engine.post(CHAT, body(words, 1000 + i, 16, 0)) for i in range(20)))
+    got = await asyncio.gather(*(engine.post(setup.CHAT, body(words, 1000 + i, 16, 0)) for i in range(20)))
     assert all(status == 200 for status, _ in got), got[:1]
     return time.monotonic() - t0
 
@@ -76,7 +75,7 @@ async def scenario(engine: Engine, words: list[str], name: str, seats: int, n_bi
         while todo or inflight:
             while todo and len(inflight) < limit and sending.is_set():
                 k = todo.pop(0)
-                task = asyncio.create_task(engine.post(CHAT, body(words, k, 64, 9)))
+                task = asyncio.create_task(engine.post(setup.CHAT, body(words, k, 64, 9)))
                 inflight[task] = k
                 task.add_done_callback(answered)
             await asyncio.sleep(0.005)
@@ -103,18 +102,19 @@ async def scenario(engine: Engine, words: list[str], name: str, seats: int, n_bi
 
 async def run(repeats: int, core: int, n_big: int) -> dict:
     root = REPO / ".samullm" / "bench-makespan"
-    paths = mk.write_models(root)
-    words = mk.word_tokens(paths["tiny-a"])
+    paths = setup.write_models(root)
+    words = setup.word_tokens(paths["tiny-a"])
     cfg = parse_config({"server": {"state_dir": str(root / "state")},
-                        "devices": {"kind": "cpu", "cpu_kvcache_gib": mk.KV_GIB},
+                        "devices": {"kind": "cpu", "cpu_kvcache_gib": setup.KV_GIB},
                         "models": [{"name": "small", "path": str(paths["small"]),
-                                    "dtype": "float32", "max_model_len": mk.MAX_MODEL_LEN,
-                                    "max_num_seqs": mk.MAX_SEQS,
-                                    "max_num_batched_tokens": mk.MAX_BATCHED,
-                                    "engine_args": dict(mk.ENGINE_ARGS)}]})
+                                    "dtype": "float32", "max_model_len": setup.MAX_MODEL_LEN,
+                                    "max_num_seqs": setup.MAX_SEQS,
+                                    "max_num_batched_tokens": setup.MAX_BATCHED,
+                                    "engine_args": dict(setup.ENGINE_ARGS)}]})
     mc = cfg.model("small")
-    spec = EngineSpec(model=mc, model_path=paths["small"], devices=(core,), kv_cache_gib=mk.KV_GIB,
-                      nice=DEFAULT_CPU_ENGINE_NICE, log_path=root / "logs" / "bench-seats.log")
+    spec = EngineSpec(model=mc, model_path=paths["small"], devices=(core,),
+                      kv_cache_gib=setup.KV_GIB, nice=DEFAULT_CPU_ENGINE_NICE,
+                      log_path=root / "logs" / "bench-seats.log")
     launcher = VllmLauncher(log_dir=root / "logs")
     await launcher.start()
     out: dict[str, list[tuple[float | None, float | None]]] = {s: [] for s in SCENARIOS}

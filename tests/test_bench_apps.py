@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench.apps import APPS, CAPS, App, Source, level_requests, levels, make_app, read_outputs
-from bench.makespan import CHAT, MAX_MODEL_LEN, MODELS, word_tokens, write_jsonl
+from bench.demo_setup import CHAT, MAX_MODEL_LEN, MODELS, word_tokens, write_jsonl
 from bench.paper_workloads import (ENSEMBLE, FUSER, GRADER, SUMMARISER, LengthSource,
                                    chain_summary, ensemble_fuser, gpu_pool, problem, union)
 from gateway.tokens import TokenCounter
@@ -79,7 +79,7 @@ def test_read_outputs():
 
 @pytest.mark.parametrize("name", sorted(APPS))
 def test_prompts_fit_the_context_with_upstream_outputs_at_1_3_tokens_each(name):
-    """Own words are one token each (`bench.makespan.word_tokens`); an upstream output of k tokens
+    """Own words are one token each (`bench.demo_setup.word_tokens`); an upstream output of k tokens
     re-tokenizes to at most ~1.3 k; chat template and instruction words: 64 more at most."""
     reqs = app_reqs(name, n=16)
     out = {r["custom_id"]: r["body"]["max_tokens"] for r in reqs}

@@ -3,7 +3,7 @@ repeat's verdicts, and the small batches' own work against the big batch's alone
 
 from __future__ import annotations
 
-from bench.fairness import engine_cores, engine_up, judged, small_work, summary_table
+from bench.fairness_verdict import engine_cores, engine_up, judged, small_work, summary_table
 
 
 def _e(t: float, event: str, slot: int = 2, model: str = "small") -> dict:

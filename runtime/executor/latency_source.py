@@ -33,7 +33,7 @@ from scheduler.unserved import Correction, correction
 # plan of `bench.fresh`'s sequential strategy (three stages, each starting its engines) was
 # predicted 21-25 % short, and 4.6 s shorter than the same plan priced with the profiles and the
 # starts measured. A rank on several cores still spawns them, and those took 16.1-16.6 s (5 Dec
-# 2026, `bench.makespan`'s `refresh_start_times`, quiet machine)
+# 2026, `bench.demo_setup`'s `refresh_start_times`, quiet machine)
 DEFAULT_CPU_LOAD_S = 4.6
 DEFAULT_CPU_SPAWN_LOAD_S = 14.5
 # an engine stop (SIGTERM to its process group until it is gone) before any was measured: the demo

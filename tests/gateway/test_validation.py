@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bench.makespan import word_tokens
+from bench.demo_setup import word_tokens
 from gateway.tokens import TokenCounter
 from gateway.validation import validate_file
 

@@ -28,7 +28,7 @@ from tools.profiler import profile_model
 
 from .clocks import ManualClock
 from .fakes import FakeLauncher
-from .test_executor import Sink, items
+from .executor_kit import Sink, items
 
 pytestmark = pytest.mark.timeout(60)
 ARCH = {"num_layers": 2, "hidden_size": 128, "num_heads": 2, "num_kv_heads": 2,

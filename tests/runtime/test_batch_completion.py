@@ -17,7 +17,7 @@ from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 from .clocks import ManualClock
 from .fakes import FakeLauncher
-from .test_executor import Sink, items, make_cfg
+from .executor_kit import Sink, items, make_cfg
 
 pytestmark = pytest.mark.timeout(90)
 

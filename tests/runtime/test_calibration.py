@@ -29,7 +29,7 @@ from scheduler.planner import PlanningProblem, plan
 from scheduler.types import DevicePool
 
 from .fakes import FakeLauncher
-from .test_executor import ARCHS, Sink, items, make_cfg, run_once
+from .executor_kit import ARCHS, Sink, items, make_cfg, run_once
 
 pytestmark = pytest.mark.timeout(60)
 STEP_S = 0.02  # the fake engines' seconds per output token: ~4.5x the roofline's step of model a

@@ -25,7 +25,7 @@ from scheduler.placement import place
 
 from .clocks import ManualClock
 from .fakes import FakeLauncher
-from .test_executor import Sink, items, make_cfg
+from .executor_kit import Sink, items, make_cfg
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from scheduler.types import DevicePool
 
 from .clocks import ManualClock
 from .fakes import FakeLauncher
-from .test_executor import Sink, items, make_cfg
+from .executor_kit import Sink, items, make_cfg
 
 pytestmark = pytest.mark.timeout(90)
 

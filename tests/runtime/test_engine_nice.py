@@ -10,7 +10,7 @@ import pytest
 from runtime.engines.engine import child_setup
 from scheduler.types import DevicePool
 from tests.runtime.fakes import FakeLauncher
-from tests.runtime.test_executor import items, make_cfg, run_once
+from tests.runtime.executor_kit import items, make_cfg, run_once
 
 
 def test_child_setup_adds_niceness_to_the_process() -> None:

@@ -1,7 +1,8 @@
 """The executor's state machine with the test-double launcher and the real planner.
 
 Every test also checks, on teardown, that no device was ever given to two live engines and that no
-engine is left running."""
+engine is left running (the `run` fixture, `conftest.py`). When a pass is planned is tested in
+`test_passes.py`, and outcomes that cannot be stored in `test_outcome_store.py`."""
 
 from __future__ import annotations
 
@@ -9,123 +10,21 @@ import asyncio
 import dataclasses
 import json
 import math
-from collections import Counter
-from pathlib import Path
-from typing import Any, AsyncIterator
 
 import pytest
-import pytest_asyncio
 
-from runtime.config import Config, parse_config
-from runtime.executor import outcome_store
-from runtime.executor import passes as passes_mod
+from gateway.lines import LineRef
 from runtime.executor.executor import PoolExecutor
 from runtime.executor.slots import INFLIGHT_FACTOR
-from gateway.lines import LineRef
 from runtime.executor_api import Outcome, WorkItem
 from runtime.persist import load_length_model
 from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
 from .clocks import ManualClock
+from .executor_kit import CHAT, Sink, items, kinds, make_cfg
 from .fakes import FakeLauncher
 
 pytestmark = pytest.mark.timeout(60)
-
-ARCHS = {
-    "a": {"num_layers": 2, "hidden_size": 128, "num_heads": 2, "num_kv_heads": 1},
-    "b": {"num_layers": 4, "hidden_size": 256, "num_heads": 4, "num_kv_heads": 2},
-    "c": {"num_layers": 8, "hidden_size": 512, "num_heads": 8, "num_kv_heads": 2},
-}
-CHAT = "/v1/chat/completions"
-
-
-def make_cfg(tmp_path: Path, *, max_num_seqs: int = 4, max_retries: int = 2,
-             strategy: str = "samullm") -> Config:
-    models = [{"name": name, "path": f"/nonexistent/{name}", "max_model_len": 1024,
-               "max_num_seqs": max_num_seqs, "max_num_batched_tokens": 1024,
-               "arch": {**arch, "intermediate_size": 4 * arch["hidden_size"], "vocab_size": 2048}}
-              for name, arch in ARCHS.items()]
-    # one max-length sequence needs ~20 GiB of KV: fits no engine of 0.25 GiB
-    models.append({"name": "huge", "path": "/nonexistent/huge", "max_model_len": 32768,
-                   "arch": {"num_layers": 80, "hidden_size": 8192, "num_heads": 64,
-                            "num_kv_heads": 8, "intermediate_size": 28672, "vocab_size": 32000}})
-    return parse_config({"server": {"state_dir": str(tmp_path / "state")},
-                         "devices": {"kind": "cpu", "cpu_kvcache_gib": 0.25},
-                         "limits": {"max_retries": max_retries},
-                         "scheduler": {"strategy": strategy}, "models": models})
-
-
-def items(model: str, n: int, prefix: str = "", start: int = 1, **body: Any) -> list[WorkItem]:
-    out = []
-    for i in range(n):
-        b = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
-             "custom_tag": f"{prefix}{model}-{i}", **body}
-        out.append(WorkItem(line=start + i, custom_id=f"{prefix}{model}-{i}", model=model, url=CHAT,
-                            body=b, prompt_tokens=20, max_tokens=16))
-    return out
-
-
-class Sink:
-    """Records outcomes in delivery order; slow on purpose (a journal fsyncs)."""
-
-    def __init__(self, log: list[tuple[str, Outcome]] | None = None, batch: str = "") -> None:
-        self.outcomes: list[Outcome] = []
-        self.log = log if log is not None else []
-        self.batch = batch
-
-    async def __call__(self, outcome: Outcome) -> None:
-        await asyncio.sleep(0.001)
-        self.outcomes.append(outcome)
-        self.log.append((self.batch, outcome))
-
-    def by_id(self) -> dict[str, Outcome]:
-        counts = Counter(o.custom_id for o in self.outcomes)
-        assert max(counts.values(), default=1) == 1, f"duplicate outcomes: {counts.most_common(3)}"
-        return {o.custom_id: o for o in self.outcomes}
-
-
-async def run_once(cfg: Config, launcher: FakeLauncher, pool: DevicePool, work: list[WorkItem],
-                   planner: Any = None, batch: str = "b") -> PoolExecutor:
-    """Start an executor, run one batch of `work` to the end, close it; returns it (its events stay)."""
-    ex = PoolExecutor(cfg, launcher, pool=pool, **({"planner": planner} if planner else {}))
-    await ex.start()
-    try:
-        ex.submit(batch, work, Sink())
-        await asyncio.wait_for(ex.wait(batch), 30)
-    finally:
-        await ex.close()
-    return ex
-
-
-@pytest.fixture
-def launcher() -> FakeLauncher:
-    return FakeLauncher(delay_s={"a": 0.01, "b": 0.02, "c": 0.03})
-
-
-@pytest_asyncio.fixture(loop_scope="function")
-async def run(tmp_path: Path, launcher: FakeLauncher) -> AsyncIterator[Any]:
-    made: list[PoolExecutor] = []
-
-    async def factory(cfg: Config | None = None, devices: int = 4,
-                      clock: ManualClock | None = None) -> PoolExecutor:
-        cfg = cfg or make_cfg(tmp_path)
-        pool = DevicePool("cpu", tuple(range(devices)), int(cfg.devices.cpu_kvcache_gib * 2**30))
-        # the executor's own waits (arrival pause, storage backoff) take no real time
-        ex = PoolExecutor(cfg, launcher, pool=pool, clock=clock or ManualClock(auto=True))
-        await ex.start()
-        made.append(ex)
-        return ex
-
-    yield factory
-    for ex in made:
-        await ex.close()
-    assert launcher.overlaps == [], "a device was given to two live engines"
-    assert launcher.alive() == [], "engines left running after close()"
-    assert all(e.reaped for e in launcher.engines), "an engine's process group was never reaped"
-
-
-def kinds(events: list[dict]) -> list[str]:
-    return [e["event"] for e in events]
 
 
 async def test_pooled_batches_complete_exactly_once(run, launcher: FakeLauncher) -> None:
@@ -276,94 +175,6 @@ async def test_a_dropped_connection_to_a_live_engine_is_retried(run, launcher, m
     assert "engine_failed" not in kinds(ex.events("x"))  # the engine lived throughout
     assert len(launcher.engines) == 1
 
-
-async def test_a_stream_of_new_batches_is_planned_in_few_passes(run, launcher) -> None:
-    """Arrivals alone wait for ARRIVAL_PASS_INTERVAL_S after the last pass and share one pass (the
-    executor's clock moves only when told: nothing is planned for them before it does)."""
-    launcher.delay_s["a"] = 0.05
-    clock = ManualClock()
-    ex = await run(devices=1, clock=clock)
-    ex.submit("first", items("a", 300), Sink())  # ~2.5 s of work: in the pool throughout
-    while not launcher.posts:
-        await asyncio.sleep(0.005)
-    sinks = []
-    for i in range(20):  # 8 requests: not small on 4 seats (a small one gets no pass at all)
-        ex.submit(f"s{i}", items("a", 8, prefix=f"s{i}"), sink := Sink())
-        sinks.append(sink)
-    await asyncio.sleep(0.1)
-
-    def plans() -> list[dict]:
-        return [e for e in ex.events("first") if e["event"] in ("plan", "replan")]
-    assert len(plans()) == 1 and clock.sleeping == 1  # the control task waits out the pause
-    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S)
-    while len(plans()) < 2:
-        await asyncio.sleep(0.005)
-    assert sorted(plans()[1]["reasons"]) == sorted(f"batch_submitted:s{i}" for i in range(20))
-    await asyncio.wait_for(asyncio.gather(*(ex.wait(f"s{i}") for i in range(20))), 30)
-    assert all(len(s.outcomes) == 8 and all(o.ok for o in s.outcomes) for s in sinks)
-    await ex.wait("first")
-    assert len(plans()) == 2
-
-
-async def test_a_small_batch_served_at_once_gets_no_pass_of_its_own(run, launcher) -> None:
-    """A small batch of a model whose engine is up is served without a plan (the seats' hold);
-    a pass for it only took the CPU it was served on (the fairness bench's s6, 5 Dec 2026). Its
-    pass waits while it is served, and is dropped once it is done (the plan is as it was)."""
-    launcher.delay_s["a"] = 0.05
-    clock = ManualClock()
-    ex = await run(devices=1, clock=clock)
-    ex.submit("first", items("a", 300), Sink())  # in the pool throughout
-    while not launcher.posts:
-        await asyncio.sleep(0.005)
-    ex.submit("small", items("a", 2, prefix="s"), sink := Sink())
-    await asyncio.wait_for(ex.wait("small"), 10)  # served, the manual clock still
-    assert len(sink.outcomes) == 2 and all(o.ok for o in sink.outcomes)
-    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S + passes_mod.SMALL_ARRIVAL_WAIT_S)
-    await asyncio.sleep(0.1)
-    plans = [e for e in ex.events("first") if e["event"] in ("plan", "replan")]
-    assert len(plans) == 1, [p["reasons"] for p in plans]
-
-
-async def test_a_small_batch_still_served_after_the_wait_is_planned(run, launcher) -> None:
-    """The wait for a small batch served at once is bounded: one still running after
-    SMALL_ARRIVAL_WAIT_S gets its pass; so does one whose model has no engine up."""
-    launcher.delay_s.update(a=3.0, b=0.01)  # real seconds: the advances below take about 1 s
-    clock = ManualClock()
-    ex = await run(devices=1, clock=clock)
-    ex.submit("first", items("a", 300), Sink())
-    while not launcher.posts:
-        await asyncio.sleep(0.005)
-
-    def reasons() -> list[list[str]]:
-        return [e["reasons"] for e in ex.events("first") if e["event"] in ("plan", "replan")]
-    ex.submit("small", items("a", 2, prefix="s"), Sink())
-    await asyncio.sleep(0.02)
-    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S)
-    assert len(reasons()) == 1  # waiting while it is served
-    await clock.advance(passes_mod.SMALL_ARRIVAL_WAIT_S)
-    while len(reasons()) < 2:
-        await asyncio.sleep(0.005)
-    assert reasons()[1] == ["batch_submitted:small"] and not ex._batches["small"].finished.is_set()
-    ex.submit("other", items("b", 2, prefix="o"), Sink())  # b: no engine up, the pass plans one
-    await asyncio.sleep(0.02)
-    await clock.advance(passes_mod.ARRIVAL_PASS_INTERVAL_S)
-    while len(reasons()) < 3:
-        await asyncio.sleep(0.005)
-    assert reasons()[2] == ["batch_submitted:other"]
-
-
-async def test_a_batch_after_an_idle_spell_is_planned_at_once(run, launcher) -> None:
-    """The arrival pause spares a busy gateway back-to-back passes; with nothing in flight there is
-    nothing to spare, and a batch sent right after the last one completed is planned at once (the
-    bench sent batch 2 0.1 s after batch 1 ended: its plan came 0.9 s later, its ETA was late)."""
-    clock = ManualClock()
-    ex = await run(devices=1, clock=clock)
-    ex.submit("first", items("a", 3), Sink())
-    await asyncio.wait_for(ex.wait("first"), 10)
-    await asyncio.sleep(0.3)  # the pass after the pool finished has run (the manual clock is still)
-    ex.submit("second", items("b", 3), sink := Sink())  # b has no engine: it needs a pass
-    await asyncio.wait_for(ex.wait("second"), 10)  # the manual clock never moved
-    assert len(sink.outcomes) == 3
 
 
 async def test_cancel_mid_run_aborts_and_frees_every_engine(run, launcher: FakeLauncher) -> None:
@@ -561,63 +372,6 @@ async def test_bodies_are_read_from_the_input_file_when_sent(run, tmp_path) -> N
     assert all(got[f"f-{i}"].ok for i in range(3))
     assert got["gone"].status_code is None and got["gone"].error["code"] == "input_unreadable"
 
-
-class FullDiskSink(Sink):
-    """A journal on a disk that is full until `free()`: every append raises ENOSPC."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.full = False
-        self.refused = 0
-
-    async def __call__(self, outcome: Outcome) -> None:
-        if self.full:
-            self.refused += 1
-            raise OSError(28, "No space left on device")
-        await super().__call__(outcome)
-
-
-async def test_a_result_that_cannot_be_made_durable_pauses_the_batch(run, launcher) -> None:
-    """Issue 12, item 1: a sink that raises (ENOSPC) does not count the request; dispatch pauses
-    while results cannot be stored and resumes when space returns; each custom_id exactly once."""
-    launcher.delay_s.update(a=0.02)
-    clock = ManualClock()
-    ex = await run(clock=clock)
-    ex.submit("x", items("a", 80), sink := FullDiskSink())
-    while len(sink.outcomes) < 5:
-        await asyncio.sleep(0.005)
-    sink.full = True
-    while sink.refused == 0:
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.2)  # what the engines held is answered; nothing new is sent meanwhile
-    sent, refused = len(launcher.posts), sink.refused
-    await clock.advance(outcome_store.STORE_RETRY_S[0] * 0.9)
-    assert sink.refused == refused, "retried before its backoff"
-    await clock.advance(30.0)  # backoff 0.1, 0.2, ... 2 s: about 20 attempts per stalled outcome
-    assert sink.refused > refused, "never retried"
-    assert len(launcher.posts) == sent, "requests were dispatched while results could not be stored"
-    assert not ex._batches["x"].finished.is_set()
-    sink.full = False
-    await clock.advance(outcome_store.STORE_RETRY_S[1])
-    await asyncio.wait_for(ex.wait("x"), 30)
-    got = sink.by_id()
-    assert set(got) == {f"a-{i}" for i in range(80)} and all(o.ok for o in got.values())
-    ev = kinds(ex.events("x"))
-    assert "storage_stalled" in ev and "storage_resumed" in ev
-
-
-async def test_cancel_and_close_do_not_wait_for_a_full_disk(run, launcher) -> None:
-    launcher.delay_s.update(a=0.02)
-    ex = await run()
-    ex.submit("x", items("a", 40), sink := FullDiskSink())
-    ex.submit("y", items("a", 40, prefix="y"), sink_y := FullDiskSink())
-    while len(sink.outcomes) < 3:
-        await asyncio.sleep(0.005)
-    sink.full = sink_y.full = True
-    while sink.refused == 0:
-        await asyncio.sleep(0.005)
-    await asyncio.wait_for(ex.cancel("x"), 5)  # its undurable outcomes are dropped, not awaited
-    await asyncio.wait_for(ex.close(), 10)  # y's are given up too: they re-run after a restart
 
 
 async def test_each_request_carries_its_batchs_priority_to_the_engine(run, launcher) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from runtime.executor_api import Outcome, WorkItem
 
-from .test_executor import CHAT, Sink, kinds, launcher, run  # noqa: F401  (fixtures)
+from .executor_kit import CHAT, Sink, kinds
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,7 +155,7 @@ async def test_dependents_released_for_a_model_without_an_engine_get_one(run, la
     from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
     from .clocks import ManualClock
-    from .test_executor import make_cfg
+    from .executor_kit import make_cfg
     calls = []
 
     def scripted(problem, strategy):  # upstream only in the first two passes, then what is left

@@ -15,7 +15,7 @@ from runtime.executor.latency_source import DEFAULT_CPU_LOAD_S, DEFAULT_STOP_S
 from scheduler.types import DevicePool
 
 from .clocks import ManualClock
-from .test_executor import Sink, items, launcher, make_cfg, run  # noqa: F401 (fixtures)
+from .executor_kit import Sink, items, make_cfg
 
 
 async def warmups_of_a_replan_during_a_start(launcher, tmp_path) -> list[dict]:

@@ -16,7 +16,7 @@ from runtime.executor.planning import KvBytes, build_problem
 from runtime.executor.latency_source import LatencySource
 from scheduler.planner import plan
 from scheduler.types import DevicePool, ModelSpec, SimRequest
-from tests.runtime.test_executor import Sink, items, make_cfg
+from tests.runtime.executor_kit import Sink, items, make_cfg
 from tests.runtime.fakes import FakeLauncher
 
 SPECS = {m: ModelSpec(m, num_layers=2 * k, hidden_size=128 * k, num_heads=2, num_kv_heads=1,

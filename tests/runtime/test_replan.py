@@ -123,7 +123,7 @@ def test_build_problem_carries_the_spares_and_latency_no_longer_adds_the_import(
     assert LatencySource({}, "cpu", {})(SPEC, 1).load_time_s == DEFAULT_CPU_LOAD_S
     from runtime.executor.planning import build_problem
     from scheduler.types import SimRequest
-    from tests.runtime.test_executor import make_cfg
+    from tests.runtime.executor_kit import make_cfg
 
     pool = DevicePool("cpu", (0, 1), 1 << 28)
     args = (make_cfg(tmp_path), pool, {"a": SPEC}, latency, {"a": [SimRequest(0, 10, 10)]}, {}, 0)
@@ -147,7 +147,7 @@ async def test_served_prompts_teach_the_estimate_and_are_kept(tmp_path) -> None:
     """Each answer's counted prompt (the fake engine says 5 tokens, validation estimated 20) moves
     the model's prompt scale, and it is saved with the lengths."""
     from tests.runtime.fakes import FakeLauncher
-    from tests.runtime.test_executor import items, make_cfg, run_once
+    from tests.runtime.executor_kit import items, make_cfg, run_once
     ex = await run_once(make_cfg(tmp_path), FakeLauncher(), DevicePool("cpu", (0,), 1 << 28),
                         items("a", 40))
     scale = ex.learned.lengths.prompt_scale("a", "/v1/chat/completions")

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from .test_executor import Sink, items, launcher, make_cfg, run  # noqa: F401  (fixtures)
+from .executor_kit import Sink, items, make_cfg
 
 pytestmark = pytest.mark.timeout(60)
 

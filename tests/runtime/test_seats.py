@@ -21,7 +21,7 @@ from runtime.executor_api import WorkItem
 from scheduler.types import DevicePool
 
 from .fakes import FakeLauncher
-from .test_executor import Sink, items, make_cfg
+from .executor_kit import Sink, items, make_cfg
 
 CHAT = "/v1/chat/completions"
 

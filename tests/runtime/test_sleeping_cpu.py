@@ -17,7 +17,7 @@ from runtime.config import parse_config
 from runtime.executor.passes import SMALL_ARRIVAL_WAIT_S
 
 from .clocks import ManualClock
-from .test_executor import ARCHS, Sink, items, kinds, launcher, run  # noqa: F401  (fixtures)
+from .executor_kit import ARCHS, Sink, items, kinds
 from .test_warm_engines import idle
 
 pytestmark = pytest.mark.timeout(60)

@@ -113,7 +113,7 @@ async def test_executor_prices_and_records_starts_by_whether_a_spare_was_used(tm
     without a spare is stored as the start in a spare would have been (the two kinds do not mix)."""
     from scheduler.types import DevicePool
     from tests.runtime.fakes import FakeLauncher
-    from tests.runtime.test_executor import items, make_cfg, run_once
+    from tests.runtime.executor_kit import items, make_cfg, run_once
 
     class Pool:  # what the executor reads of a SparePool
         size = 3

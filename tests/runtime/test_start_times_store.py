@@ -47,7 +47,7 @@ async def test_executor_plans_with_start_times_measured_before_a_restart(tmp_pat
     from scheduler.types import DevicePool
 
     from .fakes import FakeLauncher
-    from .test_executor import Sink, items, make_cfg
+    from .executor_kit import Sink, items, make_cfg
 
     cfg = make_cfg(tmp_path)
     pool = DevicePool("cpu", (0, 1), int(cfg.devices.cpu_kvcache_gib * 2**30))
@@ -97,7 +97,7 @@ async def test_executor_stores_concurrent_starts_as_alone_starts(tmp_path: Path)
     from scheduler.types import DevicePool, ExecPlan, Schedule, Stage
 
     from .fakes import FakeLauncher
-    from .test_executor import items, make_cfg, run_once
+    from .executor_kit import items, make_cfg, run_once
 
     cfg = make_cfg(tmp_path)
     pool = DevicePool("cpu", (0, 1), int(cfg.devices.cpu_kvcache_gib * 2**30), start_contention=0.5)
@@ -119,7 +119,7 @@ async def test_the_executor_rewrites_learned_state_only_when_it_changed(tmp_path
     from runtime.persist import LENGTHS_FILE
 
     from .fakes import FakeLauncher
-    from .test_executor import make_cfg
+    from .executor_kit import make_cfg
     cfg = make_cfg(tmp_path)
     ex = PoolExecutor(cfg, FakeLauncher())
     state = cfg.state_dir

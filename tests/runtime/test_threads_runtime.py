@@ -15,7 +15,7 @@ from scheduler.latency import LatencyModel, Profile, assumed_threads_latency
 from scheduler.types import DevicePool, ExecPlan, ModelSpec, Schedule, Stage
 
 from .fakes import FakeLauncher
-from .test_executor import items, make_cfg, run_once
+from .executor_kit import items, make_cfg, run_once
 
 GiB = 1 << 30
 LAT = LatencyModel(0.01, 1e-4, 1e-7, 1e-7, 1e-5, load_time_s=20.0)

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from .clocks import ManualClock
-from .test_executor import Sink, items, kinds, launcher, run  # noqa: F401  (fixtures)
+from .executor_kit import Sink, items, kinds
 
 pytestmark = pytest.mark.timeout(60)
 
