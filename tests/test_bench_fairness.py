@@ -52,9 +52,12 @@ def test_the_summary_gives_each_repeat_and_the_medians() -> None:
     reps = [_repeat(41.0, 40.0, 1.6, 4.9), _repeat(42.5, 40.0, 1.7, 5.1),
             _repeat(40.0, 40.0, 1.5, 4.0)]
     rows = summary_table(reps)
-    assert rows[2] == "| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | yes | – / – / – |"
-    assert rows[3].startswith("| 2 | 0 of 2 | 1.06× (1.00×) | 1.062× | 40.0 | +2.5% | no |")
-    assert rows[-1] == "| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | 2 of 3 | – |"
+    assert rows[2] == ("| 1 | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | yes (≤ 1.075×) "
+                       "| yes | – / – / – |")
+    assert rows[3].startswith("| 2 | 0 of 2 | 1.06× (1.00×) | 1.062× | 40.0 | +2.5% | yes "
+                              "(≤ 1.075×) | no |")
+    assert rows[-1] == ("| median | 2 of 2 | 1.02× (1.00×) | 1.025× | 40.0 | +2.5% | 3 of 3 "
+                        "| 2 of 3 | – |")
     reps[0]["fair"] |= {"probe_s": 0.053, "probe_during_s": 0.0914}  # a spell after it began
     reps[0]["alone"] |= {"probe_s": 0.052}  # a run from before the samples were taken
     assert summary_table(reps)[2].endswith("| 0.053 (0.091) / – / 0.052 |")
@@ -75,3 +78,18 @@ def test_the_small_batches_work_is_their_alone_time_on_their_cores_over_the_big_
               {"t": 4, "event": "engine_sleep", "model": "small", "devices": [1]},
               {"t": 5, "event": "engine_started", "model": "small", "devices": [1]}]
     assert engine_cores(events) == {"medium": {0, 1}, "small": {1}}
+
+
+def test_the_big_batch_is_also_judged_against_alone_plus_the_small_batches_work() -> None:
+    """The issue's 5 % cannot hold where the small batches' own work is more than that (it is
+    marked blocked on it): beside it, the big batch is judged against alone + that work + 5 %,
+    the target proposed there. Here the work is 2.5 % of the alone run: 1.075x."""
+    close = judged(_repeat(big_fair=42.5, big_alone=40.0, s0_inside=1.6, s1_s=4.9))
+    assert close["big"]["fair"] > 1.05 and not close["met"]  # the issue's target: missed
+    assert close["big_with_work"] == {"limit": 1.05 + 0.025, "met": True}
+    late = judged(_repeat(big_fair=44.0, big_alone=40.0, s0_inside=1.6, s1_s=4.9))
+    assert late["big_with_work"]["met"] is False
+    unknown = _repeat(41.0, 40.0, 1.6, 4.9)
+    del unknown["alone"]["cores"]
+    assert judged(unknown)["big_with_work"] is None
+    assert summary_table([unknown])[2].split(" | ")[6] == "–"
