@@ -87,9 +87,8 @@ def run_gateway(cfg: Path, root: Path, inp: Path, expected: list[dict], timeout_
     return gw.GatewayRun("samullm", makespan, len(expected), gw.executor_events(log_path))
 
 
-def run(root: Path, data: Path | None, quick: bool, repeats: int, timeout_s: float,
-        backends: list[str]) -> list[dict]:
-    paths = setup.write_models(root)
+def run(root: Path, paths: dict[str, Path], data: Path | None, quick: bool, repeats: int,
+        timeout_s: float, backends: list[str]) -> list[dict]:
     base = backend_config(root, paths, "local")
     setup.SHAPES = ((1, 1),)  # the shape both backends run: TP 1 on one core (one core per node)
     setup.ensure_profiles(base, root, sorted(MIXED), quick)
@@ -138,9 +137,8 @@ def main() -> int:
     if args.plan:
         plan_table(data, args.requests, args.nodes, args.gpus)
     if args.run:
-        root = args.root.resolve()
-        (root / "runs").mkdir(parents=True, exist_ok=True)
-        rows = run(root, data, args.quick_profile, args.repeats, args.timeout,
+        root, paths = setup.prepare(args.root)
+        rows = run(root, paths, data, args.quick_profile, args.repeats, args.timeout,
                    args.backends.split(","))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
